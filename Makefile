@@ -21,10 +21,10 @@ $(BIN)/.installed: setup.py settings.ini
 
 setup: $(BIN)/.installed
 
-# The main job on the embedded default.
+# The main job on the embedded default: stage 2 (stage 1 first when needed) through the deepspeed launcher.
 run: setup
-	$(BIN)/qllava validate-data --demo pathology --show-labels 2
-	$(BIN)/qllava validate-data --demo imu --show-labels 1
+	mkdir -p runs
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/papermill nbs/train.ipynb runs/out.ipynb -p stage finetune
 
 # The whole test suite: notebooks are the source, so first check the package is what they export.
 test: setup
