@@ -49,9 +49,9 @@ def test_faults_end_with_every_item_reviewed_or_flagged(tmp_path, monkeypatch):
     q = lambda i: answers[questions[i]["question_id"]]   # the model's answer text is unique to its question
     faults = {q(3): ["429", "429", "500"], q(10): ["500"], q(20): ["timeout"], q(30): ["429", "timeout"],
               q(40): ["garbage"], q(50): ["echo"], q(60): ["500", "500"], q(70): ["429"]}
-    with LocalJudge(reply=quilt_replay(), faults=faults, hang=3.0) as judge:
+    with LocalJudge(reply=quilt_replay(), faults=faults, hang=4.0) as judge:
         counts = review(**quilt_inputs(), output=tmp_path / "reviews.jsonl", model="gpt-4", base_url=judge.url,
-                        concurrency=16, max_retries=4, timeout=1.0)
+                        concurrency=16, max_retries=4, timeout=2.0)
         stats = dict(judge.stats)
     recs = jl(tmp_path / "reviews.jsonl")
     # none lost, none duplicated, in question order, ids as published
