@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from qllava.core import DataError
 from qllava.metrics import (normalize_answer, exact_match, f1_precision_recall, sentence_bleu, vqa_metrics,
-                            choice_metrics, parse_choice, metrics_cli, evaluate_files)
+                            choice_metrics, parse_choice, metrics_cli, evaluate_files, closed_hit, closed_hit_strict)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,18 +76,24 @@ def test_bleu_matches_nltk_when_available():
 
 
 def test_yes_no_rule():
-    gt = [{"id": i, "answer": a, "answer_type": "CLOSED"} for i, a in enumerate(["yes", "no", "yes", "no", "yes", "No."])]
+    # the published Quilt-VQA rule: "no" when the answer holds the word "no" or "not", otherwise "yes"
+    gt = [{"id": i, "answer": a, "answer_type": "CLOSED"} for i, a in enumerate(["yes", "no", "yes", "no", "yes", "No.", "no", "no"])]
     pred = [{"question_id": i, "text": t} for i, t in enumerate([
-        "Yes, it is.",          # hit
-        "No!",                  # hit
-        "Yesterday's slide",    # neither yes nor no as a word: miss
-        "No, not yes",          # contains both; gt word present: hit
-        "It is positive",       # no yes/no: miss
-        "no",                   # gt "No." normalises to "no": hit
+        "Yes, it is.",                  # yes == yes: hit
+        "No!",                          # no == no: hit
+        "Yesterday's slide",            # no negation -> yes: hit (the rule is lenient)
+        "No, not yes",                  # negation -> no: hit
+        "It is not positive",           # "not" -> no, gt yes: miss
+        "no",                           # gt "No." normalises to "no": hit
+        "It isn't involved",            # "isn't" is not "not" -> yes: miss
+        "There is nothing (none)",      # "none" becomes "0", "nothing" is not "no" -> yes: miss
     ])]
     m = vqa_metrics(gt, pred)
-    assert m["yes_no_accuracy"] == pytest.approx(100 * 4 / 6)
-    assert m["n_closed"] == 6 and m["n_open"] == 0 and m["f1"] is None
+    assert m["yes_no_accuracy"] == 5 / 8 * 100
+    # the stricter rule of the earlier reference: must say yes/no as a word, and the ground-truth word
+    assert m["yes_no_accuracy_strict"] == 4 / 8 * 100     # hits: 0, 1, 3, 5
+    assert m["n_closed"] == 8 and m["n_open"] == 0 and m["f1"] is None and m["bleu"] is None
+    assert closed_hit("Not at all.", "no") == 1 and closed_hit_strict("Not at all.", "no") == 0
 
 
 def test_quilt_yes_no_answer_option():
@@ -104,6 +110,21 @@ def test_open_other_type_and_bleu_average():
     pred = [{"question_id": 1, "text": "a carcinoma."}, {"question_id": 2, "text": "spleen"}]
     m = vqa_metrics(gt, pred)
     assert m["n_open"] == 2 and m["exact_match"] == 50.0 and m["f1"] == 50.0 and m["bleu_1"] == 50.0
+
+
+def test_anchor_cuts_predictions_to_the_anchor_length():
+    gt = [{"id": 1, "answer": "adenocarcinoma", "answer_type": "OPEN"}, {"id": 2, "answer": "yes", "answer_type": "CLOSED"}]
+    pred = [{"question_id": 1, "text": "Adenocarcinoma, moderately differentiated"}, {"question_id": 2, "text": "Yes, but not here"}]
+    anchor = [{"question_id": 2, "text": "Yes."}, {"question_id": 1, "text": "The adenocarcinoma"}]   # normalised: 3 and 14 chars
+    m = vqa_metrics(gt, pred, anchor=anchor)
+    assert m["exact_match"] == 100.0 and m["yes_no_accuracy"] == 100.0      # "adenocarcinoma", "yes"
+    assert vqa_metrics(gt, pred)["yes_no_accuracy"] == 0.0                  # uncut, "not" makes it a no
+    with pytest.raises(DataError, match="no prediction for ids 2"):
+        vqa_metrics(gt, pred, anchor=anchor[1:])
+    mc = [{"id": 0, "answer": "B"}]
+    long = [{"question_id": 0, "text": "B then C."}]                       # two letters: unparsable uncut
+    assert choice_metrics(mc, long)["unparsed"] == 1
+    assert choice_metrics(mc, long, anchor=[{"question_id": 0, "text": "A"}])["choice_accuracy"] == 100.0
 
 
 def test_mismatched_ids_are_named():
