@@ -197,3 +197,15 @@ def test_azure_client_against_local_server(tmp_path, monkeypatch):
     assert counts["reviewed"] == 2
     assert all(p.startswith("/openai/deployments/my-gpt4-deployment/chat/completions") and k == SECRET for p, k in paths)
     assert_no_secret(tmp_path)
+
+
+def test_review_called_from_a_running_event_loop(tmp_path, monkeypatch):
+    "Inside Jupyter an event loop is already running; `review` must still work (it runs its own loop in a thread)."
+    import asyncio
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    inputs = _tiny_inputs(tmp_path)
+    async def notebook_cell():
+        with LocalJudge() as judge:
+            return review(*inputs, tmp_path / "o.jsonl", base_url=judge.url)
+    counts = asyncio.run(notebook_cell())
+    assert counts["reviewed"] == 6 and len(load_reviews(tmp_path / "o.jsonl")) == 6
