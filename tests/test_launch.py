@@ -92,10 +92,14 @@ def test_torchrun_two_node_launchers_on_loopback(tmp_path):
     "Two torchrun node launchers (nnodes=2) meet at a c10d rendezvous on 127.0.0.1 and form one group."
     script, out = _script(tmp_path, "rank.py", RANK_SCRIPT), tmp_path / "out"
     out.mkdir()
-    base = LaunchSpec(launcher="torchrun", nodes=2, gpus_per_node=0, cpu_ranks=1, master_addr="127.0.0.1",
-                      master_port=free_port(), rdzv_id=f"test-{os.getpid()}")
-    errors = _two_nodes([base, base], [script, str(out), "torch"], [tmp_path / "node0", tmp_path / "node1"])
+    port = free_port()
+    specs = [LaunchSpec(launcher="torchrun", nodes=2, gpus_per_node=0, cpu_ranks=1, master_addr="127.0.0.1",
+                        master_port=port, rdzv_id=f"test-{os.getpid()}", node_rank=i) for i in range(2)]
+    assert build_command(specs[0], ["x.py"]) == build_command(specs[1], ["x.py"])  # c10d: the same command on every node
+    run_dir = tmp_path / "run"  # shared by both nodes, as on a cluster file system
+    errors = _two_nodes(specs, [script, str(out), "torch"], [run_dir, run_dir])
     assert errors == [None, None], errors
+    assert (run_dir / "launch.node0.log").exists() and (run_dir / "launch.node1.log").exists()
     ranks = _ranks(out)
     assert [r["rank"] for r in ranks] == [0, 1]
     assert all(r["world"] == 2 and r["sum"] == 3.0 for r in ranks)
@@ -109,9 +113,9 @@ def test_deepspeed_hostfile_two_node_launchers_on_loopback(tmp_path):
     port = free_port()
     specs = [LaunchSpec(launcher="deepspeed", nodes=2, gpus_per_node=0, cpu_ranks=1, hosts=["node0", "node1"],
                         ssh=False, node_rank=i, master_addr="127.0.0.1", master_port=port) for i in range(2)]
-    errors = _two_nodes(specs, [script, str(out), "deepspeed"], [tmp_path / "node0", tmp_path / "node1"])
+    errors = _two_nodes(specs, [script, str(out), "deepspeed"], [tmp_path / "run", tmp_path / "run"])
     assert errors == [None, None], errors
-    assert (tmp_path / "node0" / "hostfile").read_text() == "node0 slots=1\nnode1 slots=1\n"
+    assert (tmp_path / "run" / "hostfile").read_text() == "node0 slots=1\nnode1 slots=1\n"
     ranks = _ranks(out)
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 and r["sum"] == 3.0 for r in ranks)
 
