@@ -12,10 +12,10 @@ from .core import CheckpointError, ConfigError
 
 # %% auto #0
 __all__ = ['MANIFEST', 'COMPONENTS', 'LLAVA_LLM_TYPES', 'safe_torch_load', 'load_state_file', 'load_folder_weights',
-           'make_manifest', 'read_manifest', 'projector_prefix', 'projector_state_dict', 'save_projector',
-           'load_projector', 'save_checkpoint', 'load_tokenizer_from', 'load_checkpoint', 'load_model',
-           'read_llava_config', 'llava_text_config', 'split_llava_state_dict', 'import_llava', 'llava_hf_state_dict',
-           'export_hf', 'import_llava_cli', 'export_hf_cli', 'extract_projector_cli']
+           'make_manifest', 'read_manifest', 'projector_modality', 'projector_prefix', 'projector_state_dict',
+           'save_projector', 'load_projector', 'save_checkpoint', 'load_tokenizer_from', 'load_checkpoint',
+           'load_model', 'read_llava_config', 'llava_text_config', 'split_llava_state_dict', 'import_llava',
+           'llava_hf_state_dict', 'export_hf', 'import_llava_cli', 'export_hf_cli', 'extract_projector_cli']
 
 # %% ../nbs/14_checkpoint.ipynb #69f85b0e
 def safe_torch_load(path) -> dict:
@@ -100,9 +100,13 @@ def read_manifest(folder) -> dict:
     return m
 
 # %% ../nbs/14_checkpoint.ipynb #b4ca5342
-def projector_prefix(model, modality:str="image") -> str:
+def projector_modality(model, modality:str|None=None) -> str:
+    "`modality`, or the model's first projector's when None (a sensor-only LLaSA model has just `sensor`)."
+    return modality or next(iter(model.projectors))
+
+def projector_prefix(model, modality:str|None=None) -> str:
     "Original key prefix of `modality`'s projector (`model.mm_projector.` for the first / image modality)."
-    mods = list(model.projectors)
+    mods, modality = list(model.projectors), projector_modality(model, modality)
     if modality not in mods: raise ConfigError(f"the model has no {modality} projector (it has {mods}).")
     return "model.mm_projector." if modality == "image" or modality == mods[0] else f"model.{modality}_projector."
 
@@ -115,8 +119,9 @@ def _from_original_keys(sd:dict, ours:list) -> dict:
     if all(k.startswith("0.") for k in ours): return {f"0.{k}": v for k, v in sd.items()}
     return sd
 
-def projector_state_dict(model, modality:str="image", include_embed_tokens:bool|None=None) -> dict:
+def projector_state_dict(model, modality:str|None=None, include_embed_tokens:bool|None=None) -> dict:
     "The projector's tensors under their original LLaVA names (+ `model.embed_tokens.weight` with im_start/end)."
+    modality = projector_modality(model, modality)
     kind, pre = model.config.projector_kind(modality), projector_prefix(model, modality)
     sd = {pre + k: v.detach().cpu().contiguous().clone() for k, v in _to_original_keys(model.projectors[modality].state_dict(), kind).items()}
     if include_embed_tokens if include_embed_tokens is not None else model.config.use_im_start_end:
@@ -125,10 +130,11 @@ def projector_state_dict(model, modality:str="image", include_embed_tokens:bool|
 
 def save_projector(model, # a QllavaForCausalLM
                    folder, # output folder
-                   modality:str="image", # whose projector
+                   modality:str|None=None, # whose projector; None = the model's first
                    include_embed_tokens:bool|None=None) -> list: # default: when the model uses im_start/end
     "Write `mm_projector.bin` (torch.save of a tensor dict) and `mm_projector.safetensors`, original key names."
     from safetensors.torch import save_file
+    modality = projector_modality(model, modality)
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     sd = projector_state_dict(model, modality, include_embed_tokens)
     stem = "mm_projector" if projector_prefix(model, modality) == "model.mm_projector." else f"{modality}_projector"
@@ -138,9 +144,10 @@ def save_projector(model, # a QllavaForCausalLM
 
 def load_projector(model, # a QllavaForCausalLM (changed in place)
                    path, # a .bin / .safetensors projector file, or a folder holding one
-                   modality:str="image"): # whose projector
+                   modality:str|None=None): # whose projector; None = the model's first
     "Load a projector file with original key names (ours or published ones) into `model`."
     path = Path(path)
+    modality = projector_modality(model, modality)
     if path.is_dir():
         stem = "mm_projector" if projector_prefix(model, modality) == "model.mm_projector." else f"{modality}_projector"
         cands = [path / f"{stem}.safetensors", path / f"{stem}.bin"]
@@ -428,7 +435,7 @@ def extract_projector_cli(argv:list[str]|None=None) -> int:
     ap = argparse.ArgumentParser(prog="qllava extract-projector", description=extract_projector_cli.__doc__)
     ap.add_argument("checkpoint", help="qllava checkpoint folder")
     ap.add_argument("out_dir", help="folder for mm_projector.bin and mm_projector.safetensors")
-    ap.add_argument("--modality", default="image", help="whose projector (image or sensor)")
+    ap.add_argument("--modality", default=None, help="whose projector (image or sensor; default: the model's first)")
     a = ap.parse_args(argv)
     files = save_projector(load_checkpoint(a.checkpoint), a.out_dir, a.modality)
     print(f"wrote {', '.join(str(Path(a.out_dir) / f) for f in files)}")
