@@ -183,8 +183,13 @@ def test_records_survive_pickling_and_fork(tmp_path):
     import pickle
     (tmp_path/"d.jsonl").write_text("\n".join(json.dumps({"id": i}) for i in range(10)))
     r = load_records(tmp_path/"d.jsonl"); r[0]
-    r2 = pickle.loads(pickle.dumps(r))
-    assert r2[9] == {"id": 9} and r2._fd is not r._fd or r2._fd is None
+    assert r._fd is not None
+    r2 = pickle.loads(pickle.dumps(r))                               # spawn-style workers get a copy without the descriptor
+    assert r2._fd is None and r2[9] == {"id": 9}
+    import multiprocessing as mp                                     # fork-style workers reopen the file in the child
+    ctx = mp.get_context("fork"); q = ctx.Queue()
+    p = ctx.Process(target=lambda: q.put((r[5], r._pid == os.getpid()))); p.start(); p.join(30)
+    assert q.get(timeout=5) == ({"id": 5}, True)
 
 
 # ---------------------------------------------------------------- sampler
@@ -396,6 +401,7 @@ def test_dataset_errors_name_file_record_and_id(tmp_path, tok):
     np.save(tmp_path/"media/sT.npy", np.zeros((6, 100), np.float32))
     (tmp_path/"train.json").write_text(json.dumps(bad))
     ds = _ds(tmp_path, tok)
+    assert len(ds.lengths) == 11 and ds.modalities[7:] == ["image", "image", "image", "sensor"]   # no media file opened
     for i, part in ((7, "nope.png, record 7, id 'gone': image file not found"), (8, "record 8, id 'escape': the media path '../train.json' leads outside"),
                     (9, "record 9, id 'count': the conversation has 1 image placeholder(s) for 2"),
                     (10, "sT.npy, record 10, id 'sensT': the array has shape (6, 100), which looks channels-first")):
