@@ -100,25 +100,48 @@ def test_broken_json_line_in_jsonl(tmp_path, media):
              json.dumps({"id": "r4", "conversations": [{"from": "robot", "value": "hi"}]})]
     f = write(tmp_path, lines, "data.jsonl")
     rep = validate_data(f, media)
-    # both problems are found: the scan does not stop at the broken line
+    # both problems are found: the scan does not stop at the broken line; indices are load_records' (blank lines skipped)
     assert [(p.kind, p.record) for p in rep.problems] == [("unreadable_json", 2), ("unknown_role", 4)], rep.summary()
-    assert str(rep.problems[0]).startswith(f"{f}:2: line 3 column ")
+    assert str(rep.problems[0]).startswith(f"{f}:2: ") and "line 3" in rep.problems[0].message
     assert rep.n_records == 5 and rep.bad_records == {2, 4}
+
+def test_broken_record_in_json_list(tmp_path, media):
+    body = ",\n".join([json.dumps(good(0)), '{"id": "r1", "conversations": oops}', json.dumps(good(2)), json.dumps(rec(3, image="gone.png"))])
+    f = tmp_path / "data.json"; f.write_text("[\n" + body + "\n]\n")
+    rep = validate_data(f, media)
+    assert [(p.kind, p.record) for p in rep.problems] == [("unreadable_json", 1), ("media_missing", 3)], rep.summary()
+    assert str(rep.problems[0]).startswith(f"{f}:1: ") and "line 3" in rep.problems[0].message
+    assert raise_if_invalid(rep, skip_bad_records=True) == {1, 3}
 
 def test_broken_json_list(tmp_path, media):
     f = tmp_path / "data.json"
-    f.write_text(json.dumps([good(0), good(1)], indent=1)[:-3] + "\n  {oops}\n]")
+    f.write_text("[\n" + json.dumps(good(0)) + "\n" + json.dumps(good(1)) + "\n]\n")   # missing comma between records
     rep = validate_data(f, media)
     assert [p.kind for p in rep.problems] == ["unreadable_json"] and rep.problems[0].record is None
     p = rep.problems[0]
-    assert str(p).startswith(f"{f}: line ") and "column" in p.message
+    assert str(p).startswith(f"{f}: ") and "line 3, column 1" in p.message, str(p)
     assert not rep.ok and rep.file_error and rep.n_ok == 0
     with pytest.raises(DataError, match="cannot be read"): raise_if_invalid(rep, skip_bad_records=True)
 
 def test_top_level_not_a_list(tmp_path, media):
-    f = tmp_path / "data.json"; f.write_text('[1, 2]')
+    f = tmp_path / "data.json"; f.write_text('{"a": 1,\n "b": 2}')   # one object over two lines: neither a list nor JSONL
     rep = validate_data(f, media)
-    assert [(p.kind, p.record) for p in rep.problems] == [("not_object", 0), ("not_object", 1)]
+    assert [(p.kind, p.record) for p in rep.problems] == [("unreadable_json", 0), ("unreadable_json", 1)], rep.summary()
+
+def test_list_of_non_objects(tmp_path, media):
+    f = tmp_path / "data.json"; f.write_text('[{"id": "r0"}, 2, "three"]')
+    rep = validate_data(f, media)
+    assert [(p.kind, p.record) for p in rep.problems] == [("no_conversations", 0), ("not_object", 1), ("not_object", 2)]
+    f.write_text('[1, 2]')
+    rep = validate_data(f, media)
+    assert [(p.kind, p.record) for p in rep.problems] == [("empty_file", None)] and "2 items but no record object" in rep.problems[0].message
+
+@pytest.mark.parametrize("text", ["[]", "", "\n\n"])
+def test_empty_file(tmp_path, media, text):
+    f = tmp_path / "data.json"; f.write_text(text)
+    rep = validate_data(f, media)
+    assert [(p.kind, p.record) for p in rep.problems] == [("empty_file", None)] and not rep.ok
+    assert str(rep.problems[0]).startswith(f"{f}: ") and rep.file_error
 
 def test_record_not_an_object(tmp_path, media):
     check_one(dataset_with(tmp_path, ["human", "hi"]), media, "not_object", rid=None, contains=["list"])
@@ -212,7 +235,7 @@ def test_symlink_out_of_media_folder(tmp_path, media):
     check_one(dataset_with(tmp_path, rec(2, image="link.png")), media, "media_path_escapes", contains=["outside the media folder"])
 
 def test_shared_bad_file_reported_for_every_record(tmp_path, media):
-    f = write(tmp_path, [rec(i, image="corrupt.png") for i in range(3)] + [good(0)])
+    f = write(tmp_path, [rec(i, image="corrupt.png") for i in range(3)] + [good(4)])
     rep = validate_data(f, media)
     assert [(p.kind, p.record) for p in rep.problems] == [("media_unreadable", i) for i in range(3)]
 
@@ -257,7 +280,7 @@ def test_plain_template_refuses_multi_turn(tmp_path, media):
 
 # ---------------------------------------------------------------- the whole report
 def test_collects_every_problem(tmp_path, media):
-    bad = [rec(0, image="gone.png"), rec(1, image="corrupt.png"), rec(2, a=""), rec(3, q="What?", image="ok.png"),
+    bad = [rec(0, image="gone.png"), rec(1, image="corrupt.png"), rec(2, q="Hi?", a=""), rec(3, q="What?", image="ok.png"),
            rec(4), {"id": "r5"}, good(6), rec(7, image="../outside.png"), rec(8, q="<sensor>\nA?", sensor="nan.npy")]
     f = write(tmp_path, bad)
     rep = validate_data(f, media)
@@ -289,7 +312,9 @@ def test_show_labels_marks_only_the_answer(tmp_path, media):
                                           {"from": "human", "value": "Second question?"}, {"from": "gpt", "value": "Second answer."}]}]
     f = write(tmp_path, recs)
     txt = show_labels(f, 2, n_media_tokens={"image": 7}, color=False)
-    assert "[[The DAB stain is brown." in txt and "[[First answer." in txt and "[[Second answer." in txt
+    # the space before an answer belongs to its first token ("▁The"), which is supervised: shown as the model learns it
+    sup = [seg.split("]]")[0].strip() for seg in txt.split("[[")[2:]]
+    assert sup == ["The DAB stain is brown.</s>", "First answer.</s>", "Second answer.</s>"], txt
     assert "Which stain is brown?" in txt and "Second question?" in txt
     for human in ("Which stain", "First question", "Second question"):
         for seg in txt.split("[[")[1:]: assert human not in seg.split("]]")[0]
@@ -298,10 +323,17 @@ def test_show_labels_marks_only_the_answer(tmp_path, media):
     col = show_labels(f, 1, n_media_tokens={"image": 7}, color=True)
     assert "\x1b[" in col and "[[" not in col
 
+def test_show_labels_names_records_it_cannot_render(tmp_path, media):
+    f = write(tmp_path, [json.dumps(good(0)), "{broken", json.dumps({"id": "r2", "conversations": [{"from": "bot", "value": "x"}]})], "d.jsonl")
+    txt = show_labels(f, 3, color=False)
+    assert f"{f}:1 ---\n(cannot render: the JSON line is unreadable)" in txt
+    assert f"{f}:2 (id 'r2') ---\n(cannot render: turn 0 has the unknown role" in txt
+
 def test_show_labels_plain_template(tmp_path, media):
     f = write(tmp_path, [rec(0, image="ok.png", q="<image>\nDescribe.", a="A brown tile.")])
     txt = show_labels(f, 1, template="plain", n_media_tokens={"image": 5}, color=False)
-    assert "[[A brown tile." in txt and "Describe." not in txt and "<image x5>" in txt
+    assert [seg.split("]]")[0].strip() for seg in txt.split("[[")[2:]] == ["A brown tile."], txt
+    assert "Describe." not in txt and "<image x5>" in txt
 
 
 # ---------------------------------------------------------------- CLI
