@@ -302,6 +302,27 @@ def test_sampler_arguments_and_torch_distributed_default(tmp_path):
     finally: dist.destroy_process_group()
 
 
+def _dist_rank(rank, world, init, lens, mods, q):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        s = ModalityLengthGroupedSampler(lens, 4, seed=5, modalities=mods)       # rank and world from torch.distributed
+        q.put((rank, s.num_replicas, s.rank, list(s)))
+    finally: dist.destroy_process_group()
+
+def test_sampler_shards_under_torch_distributed(tmp_path):
+    import multiprocessing as mp
+    lens, mods = _lens(40, 20, 12)
+    ctx = mp.get_context("fork"); q = ctx.Queue()
+    procs = [ctx.Process(target=_dist_rank, args=(r, 2, f"file://{tmp_path/'pg2'}", lens, mods, q)) for r in range(2)]
+    for p in procs: p.start()
+    got = sorted(q.get(timeout=60) for _ in procs)
+    for p in procs: p.join(30)
+    assert [(g[1], g[2]) for g in got] == [(2, 0), (2, 1)]
+    assert got[0][3] == _epoch(lens, 4, 2, mods, seed=5)[0] and got[1][3] == _epoch(lens, 4, 2, mods, seed=5)[1]
+    assert sorted(i for g in got for b in g[3] for i in b) == list(range(72))
+
+
 # ---------------------------------------------------------------- collator
 
 def test_collator_shapes_and_padding():
