@@ -229,14 +229,11 @@ def check_structure(rec, # one record, as read from the file
 
 # %% ../nbs/07_validate.ipynb #cab236ed
 def resolve_media(value:str, # the path as written in the record
-                  folder:Path): # the resolved media folder
-    "(path to open, None) when `value` stays inside `folder`, else (None, why not)."
-    p = Path(value)
-    if p.is_absolute(): return None, f"{value!r} is an absolute path"
-    full = folder / p
-    real = full.resolve()
-    if not real.is_relative_to(folder): return None, f"{value!r} resolves to {real}, outside the media folder {folder}"
-    return full, None
+                  folder:Path): # the media folder
+    "(path to open, None) when `value` stays inside `folder`, else (None, why not), decided as training decides."
+    from qllava.dataset import resolve_media_path
+    try: return resolve_media_path(value, folder), None
+    except DataError as e: return None, e.problem
 
 # %% ../nbs/07_validate.ipynb #3dbd4485
 def preset_media_tokens(preset:dict) -> int:
