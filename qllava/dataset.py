@@ -37,14 +37,16 @@ def _unescaped_quotes(buf):
     import numpy as np
     q = np.flatnonzero(buf == 34)
     cand = q[q > 0]
-    cand = cand[buf[cand - 1] == 92]               # quotes right after a backslash: rare, checked one by one
-    esc = []
-    for p in cand.tolist():
-        k = p - 1
-        while k >= 0 and buf[k] == 92: k -= 1
-        if (p - 1 - k) % 2: esc.append(p)
-    return np.setdiff1d(q, np.asarray(esc, q.dtype), assume_unique=True) if esc else q
+    cand = cand[buf[cand - 1] == 92]               # quotes right after a backslash
+    run, live, k = np.zeros(len(cand), np.int64), np.ones(len(cand), bool), 1
+    while live.any():                              # length of the backslash run before each: one pass per run length
+        pos = cand - k
+        live &= (pos >= 0) & (buf[np.maximum(pos, 0)] == 92)
+        run += live; k += 1
+    esc = cand[run % 2 == 1]
+    return np.setdiff1d(q, esc, assume_unique=True) if len(esc) else q
 
+# %% ../nbs/06_dataset.ipynb #81ad30cd
 def _json_list_index(buf, mm):
     "(starts, ends) of the top-level objects of a JSON list in `buf`, or None when the file is not shaped like that."
     import numpy as np
