@@ -398,6 +398,10 @@ def raise_if_invalid(report:ValidationReport, # from `validate_data`
     if report.ok: return set()
     if skip_bad_records and not report.file_error: return set(report.bad_records)
     errs = [p for p in report.problems if p.severity == "error"]
+    firsts = {}
+    for p in errs: firsts.setdefault(p.kind, p)                           # the first problem of every kind is quoted first
+    firsts = list(firsts.values())
+    errs = firsts + [p for p in errs if all(p is not q for q in firsts)]
     counts = ", ".join(f"{k}: {n}" for k,n in report.counts.items() if KINDS[k][0] == "error")
     listed = "\n".join(f"  {p}" for p in errs[:n_listed]) + (f"\n  ... and {report.n_errors-n_listed} more" if report.n_errors > n_listed else "")
     if report.file_error:
