@@ -320,12 +320,46 @@ def _first_supervised(labels) -> int:
 
 _TOKENIZABLE = {"empty_answer", "media_count_mismatch", "bad_media_field"}  # structural problems render() still accepts
 
+def _record_problems(records, file:str, folder:Path, check_media:bool):
+    "Structure, duplicate ids and media paths of every record: (problems per record, records to tokenize, media to open)."
+    per_rec = [[] for _ in records]
+    to_tokenize, wanted, seen = [], defaultdict(list), {}   # wanted: (modality, path) -> indices of the records using it
+    for i, rec in enumerate(records):
+        if rec is _UNREADABLE: continue
+        probs = check_structure(rec, i, file)
+        per_rec[i] += probs
+        rid = rec.get("id")
+        if rid is not None:
+            key = json.dumps(rid, sort_keys=True, default=repr)
+            if key in seen: per_rec[i].append(Problem(file, i, rid, "duplicate_id", f"id {rid!r} is also used by record {seen[key]}"))
+            else: seen[key] = i
+        if not any(p.kind == "bad_media_field" for p in probs):
+            for m, vals in media_refs(rec).items():
+                for v in vals:
+                    full, why = resolve_media(v, folder)
+                    if why: per_rec[i].append(Problem(file, i, rid, "media_path_escapes", why))
+                    elif check_media: wanted[(m, full)].append(i)
+        if all(p.kind in _TOKENIZABLE for p in probs): to_tokenize.append(i)   # else the template refuses it: already reported
+    return per_rec, to_tokenize, wanted
+
+def _supervision_problems(records, idx, per_rec, tok, tmpl, nmt, max_length, use_im_start_end, file):
+    "Tokenize records `idx` as training does; add no_supervision / truncated / bad_conversation problems to `per_rec`."
+    for i, s in _tokenize_all(records, idx, tok, tmpl, nmt, max_length, use_im_start_end, file):
+        rid = records[i].get("id")
+        if isinstance(s, DataError): per_rec[i].append(Problem(file, i, rid, "bad_conversation", s.problem, fix=s.fix))
+        elif s.n_supervised == 0:
+            if not any(p.kind == "empty_answer" for p in per_rec[i]):
+                per_rec[i].append(Problem(file, i, rid, "no_supervision", _no_supervision_message(records[i], s, tok, tmpl, nmt, max_length, use_im_start_end)))
+        elif s.truncated:
+            cut = "".join(f" and {n} {_placeholders()[m]} block(s) are cut away" for m, n in s.media_dropped.items())
+            per_rec[i].append(Problem(file, i, rid, "truncated", f"the sample is longer than max_length {max_length}; {s.n_supervised} supervised tokens are kept{cut}"))
+
 def validate_data(data_path, # a JSON list or JSONL file of LLaVA records
                   media_folder=None, # folder the media paths are relative to (default: the data file's folder)
                   tokenizer="llama-demo", # tokenizer name / folder, or a tokenizer
                   template="vicuna_v1", # conversation template name (or a Template)
                   max_length:int=2048, # model_max_length: samples are truncated to it
-                  n_media_tokens:dict|None=None, # tokens per placeholder, e.g. {"image": 576} (default: the tiny presets')
+                  n_media_tokens:dict|None=None, # tokens per placeholder, e.g. {"image": 576} (default: the presets')
                   use_im_start_end:bool=False, # wrap media in <im_start>/<im_end> (as training will)
                   check_media:bool=True, # open and decode every media file (False: only check the paths)
                   max_problems:int|None=None, # keep at most this many problems in the report (all are counted)
@@ -335,57 +369,24 @@ def validate_data(data_path, # a JSON list or JSONL file of LLaVA records
                   sensor_preset:str="tiny-limu", # encoder preset giving the sensor processor and default media tokens
                  ) -> ValidationReport:
     "Scan the whole data set and report every problem, with its file, record, id and fix."
-    path = Path(data_path)
+    path, f = Path(data_path), str(data_path)
     if not path.is_file(): raise DataError("the data file does not exist.", file=path, fix="pass the path of a JSON or JSONL file of records.")
     folder = Path(media_folder if media_folder is not None else path.parent).resolve()
     tok, tmpl, nmt, tok_name = _setup(tokenizer, template, n_media_tokens, use_im_start_end, image_preset, sensor_preset)
-    f = str(data_path)
     rep = ValidationReport(f, tmpl.name, dict(tokenizer=tok_name, max_length=max_length, media_tokens=nmt,
-                                                media_folder=str(folder), check_media=check_media), max_problems=max_problems)
+                                              media_folder=str(folder), check_media=check_media), max_problems=max_problems)
     read = ValidationReport(f)
     records = read_records(path, read)
     rep.n_records = len(records)
-    per_rec = [[] for _ in records]           # problems per record, merged in file order at the end
+    per_rec, to_tokenize, wanted = _record_problems(records, f, folder, check_media)
     for p in read.problems:
         if p.record is None: rep.add(p)
-        else: per_rec[p.record].append(p)
-    to_tokenize = []                           # records the template can render
-    wanted = defaultdict(list)                 # (modality, path) -> [(record, value)]
-    seen_ids = {}
-    for i, rec in enumerate(records):
-        if rec is _UNREADABLE: continue
-        probs = check_structure(rec, i, f)
-        per_rec[i] += probs
-        if not isinstance(rec, dict): continue
-        rid = rec.get("id")
-        key = json.dumps(rid, sort_keys=True, default=repr) if rid is not None else None
-        if key is not None:
-            if key in seen_ids: per_rec[i].append(Problem(f, i, rid, "duplicate_id", f"id {rid!r} is also used by record {seen_ids[key]}"))
-            else: seen_ids[key] = i
-        if any(p.kind == "bad_media_field" for p in probs): continue
-        for m, vals in media_refs(rec).items():
-            for v in vals:
-                full, why = resolve_media(v, folder)
-                if why: per_rec[i].append(Problem(f, i, rid, "media_path_escapes", why))
-                elif check_media: wanted[(m, full)].append(i)
-        if any(p.kind not in _TOKENIZABLE for p in probs): continue  # the template would refuse it: already reported
-        to_tokenize.append(i)
-    for i, s in _tokenize_all(records, to_tokenize, tok, tmpl, nmt, max_length, use_im_start_end, f):
-        rid = records[i].get("id")
-        if isinstance(s, DataError): per_rec[i].append(Problem(f, i, rid, "bad_conversation", s.problem, fix=s.fix)); continue
-        if s.n_supervised == 0 and not any(p.kind == "empty_answer" for p in per_rec[i]):
-            per_rec[i].append(Problem(f, i, rid, "no_supervision", _no_supervision_message(records[i], s, tok, tmpl, nmt, max_length, use_im_start_end)))
-        elif s.truncated and s.n_supervised:
-            cut = "".join(f" and {n} {_placeholders()[m]} block(s) are cut away" for m, n in s.media_dropped.items())
-            per_rec[i].append(Problem(f, i, rid, "truncated", f"the sample is longer than max_length {max_length}; {s.n_supervised} supervised tokens are kept{cut}"))
-    if check_media and wanted:
+        else: per_rec[p.record].insert(0, p)
+    _supervision_problems(records, to_tokenize, per_rec, tok, tmpl, nmt, max_length, use_im_start_end, f)
+    if wanted:
         procs = processors if processors is not None else default_processors(image_preset, sensor_preset)
-        bad = check_media_files({k: None for k in wanted}, procs, num_workers)
-        for key, res in bad.items():
-            if res is None: continue
-            for i in wanted[key]:
-                rec = records[i]
-                per_rec[i].append(Problem(f, i, rec.get("id"), res[0], res[1]))
+        for key, res in check_media_files(wanted, procs, num_workers).items():
+            for i in wanted[key] if res else (): per_rec[i].append(Problem(f, i, records[i].get("id"), *res))
     for probs in per_rec:
         for p in probs: rep.add(p)
     return rep
