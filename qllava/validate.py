@@ -312,7 +312,7 @@ def _no_supervision_message(rec, s, tok, tmpl, nmt, max_length, use_im_start_end
     full = tokenize_conversation(rec["conversations"], tok, tmpl, nmt, None, use_im_start_end=use_im_start_end)
     media = ", ".join(f"{_placeholders()[m]} = {nmt[m]} tokens" for m in full.media_counts)
     return (f"after truncation to max_length {max_length} no supervised token is left: the sample is {len(full)} tokens"
-            + (f" with each {media}" if media else "") + f" and its first answer starts after token {_first_supervised(full.labels)}")
+            + (f" with each {media}" if media else "") + f" and its first answer starts at token {_first_supervised(full.labels)}")
 
 def _first_supervised(labels) -> int:
     nz = (labels != -100).nonzero()
