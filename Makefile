@@ -17,6 +17,9 @@ $(BIN)/.installed: setup.py settings.ini
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e '.[train,dev]'
+	# DeepSpeed's CPU communication op, compiled once here: otherwise every launch JIT-compiles it (minutes, under a lock)
+	DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(BIN)/pip install -q --no-build-isolation --no-deps --force-reinstall \
+	    --no-binary deepspeed "deepspeed==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("deepspeed"))')"
 	touch $@
 
 setup: $(BIN)/.installed
@@ -24,7 +27,7 @@ setup: $(BIN)/.installed
 # The main job on the embedded default: stage 2 (stage 1 first when needed) through the deepspeed launcher.
 run: setup
 	mkdir -p runs
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/papermill nbs/train.ipynb runs/out.ipynb -p stage finetune
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/papermill --log-output nbs/train.ipynb runs/out.ipynb -p stage finetune
 
 # The whole test suite: notebooks are the source, so first check the package is what they export.
 test: setup
