@@ -101,11 +101,11 @@ def test_two_ranks_shard_the_data_and_follow_the_single_process_curve(data, proj
         per_rank = [[i for rec in seen[r] if rec["epoch"] == epoch for i in rec["records"]] for r in (0, 1)]
         assert per_rank[0] and per_rank[1] and not set(per_rank[0]) & set(per_rank[1])
         assert sorted(per_rank[0] + per_rank[1]) == list(range(N_RECORDS + 1))
-    # same global batch (8), same samples per step: the curves agree within 3 % per step (token weighting of the
-    # mean loss differs slightly between one rank of 8 and two ranks of 4)
+    # same global batch (8), same samples per step, loss = mean over every supervised token of the global batch:
+    # the 2-rank curve equals the 1-process curve up to float summation order (stated tolerance: 0.2 % per step)
     a, b = losses(one_process), losses(out)
     assert len(a) == len(b) == summary["steps"]
-    np.testing.assert_allclose(b, a, rtol=0.03)
+    np.testing.assert_allclose(b, a, rtol=2e-3)
     assert b[-1] < b[0]
     # ZeRO-3 saves gathered full weights: the checkpoint loads and has every LLM tensor at full size
     from qllava.checkpoint import load_model
