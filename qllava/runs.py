@@ -52,6 +52,9 @@ def check_parameters(values:dict, # parameter name -> value, as the notebook hol
     for k, v in values.items():
         if isinstance(v, str) and any(s in v.lower() for s in ("sk-", "api_key=")):
             raise ConfigError(f"parameter {k} looks like it holds a secret. Fix: put keys in the environment, never in parameters.")
+    neg = [k for k in ("global_batch_size", "learning_rate", "mm_projector_lr", "num_train_epochs", "lora_r", "lora_alpha",
+                       "model_max_length", "num_gpus", "num_nodes") if k in values and values[k] < 0]
+    if neg: raise ConfigError(f"parameter {neg[0]}={values[neg[0]]!r} is negative. Fix: a positive value, or 0 for the preset's.")
     if values.get("modality", "image") not in DEMO_ENCODERS:
         raise ConfigError(f"modality {values['modality']!r}: use image or sensor.")
     if values.get("launcher", "deepspeed") not in ("deepspeed", "torchrun", "slurm"):
@@ -187,7 +190,7 @@ def heldout_accuracy(run_dir, # a stage-2 run folder
                      questions, gt, media_folder, # held-out VQA questions, ground truth, media folder
                      blank:bool=False, # ask with blanked media (the control)
                      batch_size:int=16, max_new_tokens:int=16) -> dict:
-    "Greedy answers to the held-out questions, scored: closed yes/no accuracy and open-answer accuracy (%)."
+    "Greedy answers to the held-out questions, scored: closed yes/no accuracy and one-word open-answer accuracy (%)."
     import torch
     from qllava.conversation import get_template, generation_prompt
     from qllava.generate import answer_batch
@@ -208,7 +211,8 @@ def heldout_accuracy(run_dir, # a stage-2 run folder
     for q, p in zip(qs, preds):
         g = truth[q["question_id"]]
         if g.get("answer_type", "").upper() == "CLOSED": closed.append(closed_hit(p, str(g.get("yes_no_answer") or g["answer"]).lower()))
-        else: open_.append(int(normalize_answer(str(g["answer"])) in normalize_answer(p).split()))
+        elif len(normalize_answer(str(g["answer"])).split()) == 1:  # a one-word answer (the activity): is it named?
+            open_.append(int(normalize_answer(str(g["answer"])) in normalize_answer(p).split()))
     pct = lambda xs: round(100 * sum(xs) / len(xs), 2) if xs else None
     return {"closed_accuracy": pct(closed), "n_closed": len(closed), "open_accuracy": pct(open_), "n_open": len(open_),
             "answers": [dict(question_id=q["question_id"], text=q["text"], answer=p, gt=truth[q["question_id"]]["answer"]) for q, p in zip(qs, preds)]}
