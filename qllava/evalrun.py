@@ -125,8 +125,9 @@ def plan_eval(values:dict) -> EvalPlan:
         from qllava.answer import read_questions
         qs = read_questions(files["question_file"])[:v["limit"]]
         ids = {q["question_id"] for q in qs}
-        files["question_file"] = _subset(files["question_file"], run_dir / "questions.jsonl", ids, "question_id")
-        files["gt_file"] = _subset(files["gt_file"], run_dir / f"gt{Path(files['gt_file']).suffix or '.json'}", ids, "id")
+        n = v["limit"]
+        files["question_file"] = _subset(files["question_file"], run_dir / f"questions-first{n}.jsonl", ids, "question_id")
+        files["gt_file"] = _subset(files["gt_file"], run_dir / f"gt-first{n}{Path(files['gt_file']).suffix or '.json'}", ids, "id")
     demo = not any(v[k] for k in ("question_file", "gt_file", "captions_file", "reference_answers"))
     return EvalPlan(values=v, demo=demo, checkpoint=str(ck), modality=v["modality"], run_dir=str(run_dir),
                     answers_file=v["answers_file"] or str(run_dir / "answers.jsonl"), reviews_file=str(run_dir / "reviews.jsonl"),
@@ -137,7 +138,8 @@ def checkpoint_fingerprint(folder) -> dict:
     "Manifest hash and (size, mtime) of each weight file of a checkpoint folder (cheap: weights are not read)."
     from qllava.report import sha256
     folder = Path(folder)
-    out = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.rglob("*"))
+    weights = [*folder.glob("*"), *folder.glob("adapter/*")]  # the folder's own files, not nested runs or step checkpoints
+    out = {str(p.relative_to(folder)): [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(weights)
            if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt")}
     for name in ("qllava_manifest.json", "config.json", "adapter/adapter_config.json"):
         if (folder / name).is_file(): out[name] = sha256(folder / name)
@@ -193,11 +195,16 @@ def answers_table(plan:EvalPlan, n:int|None=None):
 
 def run_metrics(plan:EvalPlan) -> dict:
     "`qllava.metrics` on the answers; Quilt's yes_no_answer rule when every closed record has one."
-    from qllava.metrics import evaluate_files, read_json_records
-    gt = read_json_records(plan.gt_file)
+    from qllava.metrics import read_json_records, vqa_metrics, choice_metrics
+    from qllava.answer import read_answers, read_questions
+    ids = {q["question_id"] for q in read_questions(plan.question_file)}
+    gt = [g for g in read_json_records(plan.gt_file) if g.get("id") in ids]
+    pred = [r for r in read_answers(plan.answers_file, repair=False) if r["question_id"] in ids]  # this plan's questions only
+    kw = dict(gt_file=plan.gt_file, pred_file=plan.answers_file)
+    if gt and not any("answer_type" in g for g in gt): return choice_metrics(gt, pred, **kw)
     closed = [g for g in gt if g.get("answer_type") == "CLOSED"]
     quilt = bool(closed) and all(g.get("yes_no_answer") is not None for g in closed)
-    return evaluate_files(plan.gt_file, plan.answers_file, quilt=quilt)
+    return vqa_metrics(gt, pred, quilt=quilt, **kw)
 
 _METRIC_NAMES = {"yes_no_accuracy": "closed: yes/no accuracy", "yes_no_accuracy_strict": "closed: yes/no accuracy (strict rule)",
                  "exact_match": "open: exact match", "f1": "open: F1", "precision": "open: precision", "recall": "open: recall",
@@ -244,7 +251,6 @@ def run_review(plan:EvalPlan, # from `plan_eval`
                ) -> dict: # {"judge", "counts", "summary"}
     "Review the answers against the reference answers with the judge (a local stand-in when there is no key); summarise."
     from qllava.review import LocalJudge, review
-    from qllava.summarize import summarize_files
     judge = judge or judge_setup(plan.values)
     v = plan.values
     kw = dict(model=judge["model"], concurrency=v["judge_concurrency"])
@@ -255,7 +261,13 @@ def run_review(plan:EvalPlan, # from `plan_eval`
     else:
         counts = review(plan.question_file, plan.captions_file, plan.reference_answers, plan.answers_file, plan.reviews_file,
                         base_url=judge["base_url"], **kw)
-    return {"judge": judge, "counts": dict(counts), "summary": summarize_files(plan.reviews_file, plan.captions_file)}
+    from qllava.answer import read_questions
+    from qllava.metrics import read_json_records
+    from qllava.review import load_reviews
+    from qllava.summarize import summarize_reviews
+    ids = {q["question_id"] for q in read_questions(plan.question_file)}
+    reviews = [r for r in load_reviews(plan.reviews_file) if r["question_id"] in ids]  # this plan's questions only
+    return {"judge": judge, "counts": dict(counts), "summary": summarize_reviews(reviews, read_json_records(plan.captions_file), file=plan.reviews_file)}
 
 def review_chart(result:dict):
     "The summary bar chart, titled with the judge that produced it."
