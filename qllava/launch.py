@@ -538,8 +538,14 @@ def run(command:list[str], # the command, e.g. from build_command
 
 # %% ../nbs/20_launch.ipynb #bb7975fc
 def launch_env(spec:LaunchSpec) -> dict:
-    "The environment a launch adds for its ranks: the spec's env, plus gloo and a thread count on CPU ranks."
+    "The environment a launch adds for its ranks: the spec's env, gloo and a thread count on CPU ranks, a JIT-op cache."
     env = dict(spec.env)
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and spec.launcher != "python":
+        # DeepSpeed JIT-compiles ops (the CPU shm comm op, fused optimisers) into a cache keyed by Python and CUDA
+        # version only: two checkouts on one machine rebuild each other's ops (minutes each). One cache per interpreter.
+        import hashlib
+        key = hashlib.sha1(str(Path(spec.python).absolute()).encode()).hexdigest()[:10]
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home()/".cache"/"torch_extensions"/f"qllava-{key}"))
     if spec.include and spec.launcher == "torchrun":  # torchrun has no device filter: show the ranks only these GPUs
         env.setdefault("CUDA_VISIBLE_DEVICES", spec.include.split(":")[1] if ":" in spec.include else "")
     if not spec.include and not spec.gpus_per_node and spec.launcher != "python":
