@@ -540,7 +540,7 @@ def run(command:list[str], # the command, e.g. from build_command
 def launch_env(spec:LaunchSpec) -> dict:
     "The environment a launch adds for its ranks: the spec's env, gloo and a thread count on CPU ranks, a JIT-op cache."
     env = dict(spec.env)
-    if "TORCH_EXTENSIONS_DIR" not in os.environ and spec.launcher != "python":
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
         # DeepSpeed JIT-compiles ops (the CPU shm comm op, fused optimisers) into a cache keyed by Python and CUDA
         # version only: two checkouts on one machine rebuild each other's ops (minutes each). One cache per interpreter.
         import hashlib
@@ -562,11 +562,11 @@ def launch(entry_args:list[str], # what would follow `python`, e.g. ['-m', 'qlla
            **kwargs) -> Path|SlurmJob: # more options of `run` (echo, progress, tail, cwd ...), or `submit` for Slurm
     "Launch `entry_args` as `spec` says: here (streamed; returns the run folder) or as a Slurm job."
     run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
-    spec = spec or LaunchSpec()
+    spec, submit = spec or LaunchSpec(), kwargs.pop("submit", True)
     if slurm is not None:
         script = run_dir/"job.sbatch"
         script.write_text(sbatch_script(spec, slurm, [entry_args], run_dir.resolve()))
-        return submit_sbatch(script, submit=kwargs.get("submit", True))
+        return submit_sbatch(script, submit=submit)
     spec = resolve_spec(spec)
     if spec.launcher == "deepspeed" and spec.nodes > 1 and not spec.hostfile:
         tmp = run_dir/f".hostfile.{os.getpid()}.{time.monotonic_ns()}"  # atomic: other nodes' launchers may read it now
