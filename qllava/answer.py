@@ -139,7 +139,7 @@ def resolve_template(name:str|None, # a template or original conv-mode name; Non
                      ) -> str:
     "The qllava template name for a `--conv-mode` value."
     from qllava.conversation import get_template
-    if not name or name == "default": return model_template
+    if not name or name == "default": name = model_template
     return get_template(CONV_MODES.get(name, name)).name
 
 def question_text(q:dict) -> str:
