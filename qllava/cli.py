@@ -47,3 +47,7 @@ def main(argv:list[str]|None=None) -> int:
     try: return resolve(argv[0])(argv[1:]) or 0
     except QllavaError as e:
         print(f"qllava {argv[0]}: error: {e}", file=sys.stderr); return 2
+
+# %% ../nbs/90_cli.ipynb #79857d2a
+if __name__ == "__main__" and "ipykernel" not in sys.modules:  # `python -m qllava.cli ...`, e.g. under a launcher
+    sys.exit(main())
