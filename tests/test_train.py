@@ -182,5 +182,5 @@ def test_bad_data_fails_the_launch_before_training_naming_the_record(data, tmp_p
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     args = flags(data, tmp_path / "out", "pretrain", data_path=tmp_path / "bad.json")
     with pytest.raises(LaunchError) as e: ds_launch(args, tmp_path / "out")
-    assert "record 5" in str(e.value) and "missing.png" in str(e.value)
+    assert "bad.json:5 (id 'q5')" in str(e.value) and "missing.png" in str(e.value)
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
