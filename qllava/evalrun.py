@@ -174,10 +174,13 @@ def run_answers(plan:EvalPlan, # from `plan_eval`
             bar = tqdm(total=total, desc="answering", unit="q", file=sys.stdout, mininterval=2.0, ascii=True, ncols=90)
         bar.update(done - bar.n)
     v = plan.values
+    import warnings
     try:
-        return answer_questions(plan.checkpoint, plan.question_file, plan.media_folder, plan.answers_file, batch_size=v["batch_size"],
-                                max_new_tokens=v["max_new_tokens"], template=v["template"] or None, blank_media=v["blank_media"],
-                                progress=tick)
+        with warnings.catch_warnings():  # tqdm.auto, imported on the way, warns about missing widgets in a saved notebook
+            warnings.filterwarnings("ignore", message="IProgress not found")
+            return answer_questions(plan.checkpoint, plan.question_file, plan.media_folder, plan.answers_file, batch_size=v["batch_size"],
+                                    max_new_tokens=v["max_new_tokens"], template=v["template"] or None, blank_media=v["blank_media"],
+                                    progress=tick)
     finally:
         if bar is not None: bar.close()
 
