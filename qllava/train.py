@@ -306,8 +306,11 @@ def build_loader(ds, keep:list[int], cfg:TrainConfig, per_device:int, rank:int, 
     sampler = ModalityLengthGroupedSampler([lengths[i] for i in keep], batch_size=per_device, num_replicas=world, rank=rank,
                                            seed=cfg.seed, group_by_modality=cfg.group_by_modality_length,
                                            modalities=[mods[i] for i in keep])
+    import torch
+    # its own generator: creating an iterator then draws no number from the global RNG that dropout uses, so a
+    # resumed run (which creates one mid-epoch) keeps the same random stream as an uninterrupted one
     loader = DataLoader(Subset(ds, keep), batch_sampler=sampler, collate_fn=DataCollator(ds.tokenizer.pad_token_id),
-                        num_workers=cfg.dataloader_num_workers)
+                        num_workers=cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     return loader, sampler
 
 def build_eval_loader(ds, cfg:TrainConfig, rank:int, world:int):
