@@ -340,7 +340,9 @@ def closed_qa(key:str, vals:dict) -> tuple[str, str, str]|None:
     level = vals["dab_level" if measure == "dab" else "h_level"]
     if level == "moderate": return None
     yes = level == side
-    return q, "yes" if yes else "no", ("Yes, " if yes else "No, ") + PATHO_CLOSED_REASONS[(measure, level)].format(**vals)
+    # the measured level comes first, the verdict last: the answer reasons from what the image shows to yes / no
+    reason = PATHO_CLOSED_REASONS[(measure, level)].format(**vals)
+    return q, "yes" if yes else "no", reason[0].upper() + reason[1:-1] + (", so yes." if yes else ", so no.")
 
 # %% ../nbs/03_demo.ipynb #6c78a3ff
 def _pick(rng, items):
