@@ -9,21 +9,23 @@ from pathlib import Path
 from .core import ConfigError, QllavaError
 
 # %% auto #0
-__all__ = ['SWEEP_PARAMETERS', 'SWEPT', 'SWEEP_OWNS', 'METRICS', 'LAUNCHERS', 'LORA_STAGES', 'STAGE1_KEYS', 'lora_alpha_for',
-           'check_sweep', 'run_slug', 'combinations', 'sweep_dir_of', 'read_sweep', 'write_sweep', 'plan_sweep',
-           'stage1_plans', 'ensure_stage1', 'train_notebook_path', 'run_finished', 'last_lines', 'run_combination',
-           'run_parallel', 'slurm_header', 'sweep_array_script', 'stage1_script', 'submit_slurm', 'run_metrics',
-           'collect', 'results_table', 'varied_parameters', 'plot_metric', 'run_sweep', 'stage1_for_sweep', 'sweep_cli']
+__all__ = ['SWEEP_PARAMETERS', 'SWEPT', 'SWEEP_OWNS', 'METRICS', 'EVAL_OWNS', 'LAUNCHERS', 'LORA_STAGES', 'STAGE1_KEYS',
+           'lora_alpha_for', 'check_sweep', 'run_slug', 'combinations', 'sweep_dir_of', 'read_sweep', 'write_sweep',
+           'plan_sweep', 'stage1_plans', 'ensure_stage1', 'train_notebook_path', 'run_finished', 'last_lines',
+           'run_combination', 'run_parallel', 'slurm_header', 'sweep_array_script', 'stage1_script', 'submit_slurm',
+           'run_metrics', 'collect', 'results_table', 'varied_parameters', 'plot_metric', 'run_sweep',
+           'stage1_for_sweep', 'sweep_cli']
 
 # %% ../nbs/45_sweep.ipynb #5d736587
 SWEEP_PARAMETERS = dict(
     learning_rate=[0.0], mm_projector_lr=[0.0], num_train_epochs=[0.0], lora_r=[0], lora_alpha="2*r",
     stage=["finetune"], modality=["image"], pretrain_mm_mlp_adapter="", train_parameters={}, metric="closed_accuracy",
-    launcher="local-sequential", parallel=1, retry_failed=True, sweep_name="sweep", runs_dir="runs",
-    train_notebook="", slurm_partition="", slurm_time="04:00:00", slurm_gpus=0, slurm_setup="")
+    launcher="local-sequential", parallel=1, retry_failed=True, evaluate=False, eval_parameters={}, sweep_name="sweep",
+    runs_dir="runs", train_notebook="", slurm_partition="", slurm_time="04:00:00", slurm_gpus=0, slurm_setup="")
 SWEPT = ("stage", "modality", "learning_rate", "mm_projector_lr", "num_train_epochs", "lora_r")
 SWEEP_OWNS = ("run_name", "runs_dir", "pretrain_mm_mlp_adapter")  # train parameters the sweep sets itself
 METRICS = {"closed_accuracy": "max", "open_accuracy": "max", "judge_score": "max", "eval_loss": "min", "final_loss": "min"}
+EVAL_OWNS = ("checkpoint", "modality", "run_dir")  # eval-notebook parameters the sweep sets per run
 LAUNCHERS = ("local-sequential", "local-parallel", "slurm")
 LORA_STAGES = ("lora", "qlora")
 
@@ -59,6 +61,11 @@ def check_sweep(values:dict, # sweep parameter name -> value, as the notebook ho
     bad = sorted(set(tp) - set(TRAIN_PARAMETERS) | (set(tp) & (set(SWEPT) | set(SWEEP_OWNS) | {"lora_alpha"})))
     if bad: raise ConfigError(f"train_parameters {bad}: not train-notebook parameters the sweep leaves to you. Fix: sweep "
                               f"{', '.join(SWEPT)} with their own lists; other names: {', '.join(sorted(set(TRAIN_PARAMETERS) - set(SWEPT) - set(SWEEP_OWNS) - {'lora_alpha'}))}.")
+    ep = values.get("eval_parameters", {})
+    if not isinstance(ep, dict) or set(ep) & set(EVAL_OWNS):
+        raise ConfigError(f"eval_parameters={ep!r} should be a dict of eval-notebook parameters other than {', '.join(EVAL_OWNS)}.")
+    if values.get("metric") == "judge_score" and not values.get("evaluate"):
+        raise ConfigError("metric judge_score comes from the eval notebook's review. Fix: set evaluate True (or rank by another metric).")
     if values.get("metric", "closed_accuracy") not in METRICS:
         raise ConfigError(f"metric {values['metric']!r}: use one of {', '.join(METRICS)}.")
     if values.get("launcher", "local-sequential") not in LAUNCHERS:
@@ -170,14 +177,20 @@ def _same(a, b) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool): return math.isclose(a, b)
     return a == b
 
+def _executed(nb_path) -> bool:
+    try: nb = json.loads(Path(nb_path).read_text())
+    except (OSError, ValueError): return False
+    return not nb.get("metadata", {}).get("papermill", {}).get("exception")
+
 def run_finished(run_dir, # a combination's run folder
-                 parameters:dict|None=None) -> bool: # the combination's train parameters (checked against run.json)
+                 parameters:dict|None=None, # the combination's train parameters (checked against run.json)
+                 evaluate:bool=False) -> bool: # also require the executed eval notebook and its eval.json
     "Whether the run folder holds a complete record (run.json for these parameters + an executed notebook without error)."
     d = Path(run_dir)
-    try:
-        rec, nb = json.loads((d / "run.json").read_text()), json.loads((d / "train.ipynb").read_text())
+    try: rec = json.loads((d / "run.json").read_text())
     except (OSError, ValueError): return False
-    if not rec.get("finished") or nb.get("metadata", {}).get("papermill", {}).get("exception"): return False
+    if not rec.get("finished") or not _executed(d / "train.ipynb"): return False
+    if evaluate and not ((d / "eval" / "eval.json").is_file() and _executed(d / "eval.ipynb")): return False
     got = rec.get("parameters", {})
     return all(_same(got.get(k), x) for k, x in (parameters or {}).items())
 
@@ -197,13 +210,21 @@ def run_combination(sweep_dir, # the sweep folder (holds sweep.json)
     run = rec["runs"][index]
     run_dir = Path(sweep_dir) / run["name"]
     params = {**run["parameters"], "runs_dir": str(sweep_dir)}
-    if run_finished(run_dir, run["parameters"]): return {"status": "finished", "skipped": True}
+    evaluate = bool(rec["parameters"].get("evaluate"))
+    if run_finished(run_dir, run["parameters"], evaluate): return {"status": "finished", "skipped": True}
     run_dir.mkdir(parents=True, exist_ok=True)
     t0, res = time.time(), {}
     log(f"== run {index} {run['name']}: executing the train notebook")
     try:
-        pm.execute_notebook(str(train_notebook_path(rec["parameters"].get("train_notebook", ""))), str(run_dir / "train.ipynb"),
-                            parameters=params, progress_bar=False, cwd=str(run_dir))
+        if not run_finished(run_dir, run["parameters"], evaluate=False):
+            pm.execute_notebook(str(train_notebook_path(rec["parameters"].get("train_notebook", ""))), str(run_dir / "train.ipynb"),
+                                parameters=params, progress_bar=False, cwd=str(run_dir))
+        if rec["parameters"].get("evaluate"):
+            log(f"== run {index} {run['name']}: executing the eval notebook")
+            pm.execute_notebook(str(train_notebook_path(rec["parameters"].get("train_notebook", "")).with_name("eval.ipynb")),
+                                str(run_dir / "eval.ipynb"), progress_bar=False, cwd=str(run_dir),
+                                parameters={**rec["parameters"].get("eval_parameters", {}), "checkpoint": str(run_dir),
+                                            "modality": run["parameters"]["modality"], "run_dir": str(run_dir / "eval")})
         res = {"status": "finished"}
     except pm.PapermillExecutionError as e:
         res = {"status": "failed", "error": last_lines(f"{e.ename}: {e.evalue}")}
@@ -313,6 +334,11 @@ def run_metrics(run_dir) -> dict:
     last = (r.get("stages") or [{}])[-1].get("summary", {})
     m = {k: last.get(k) for k in ("final_loss", "eval_loss") if last.get(k) is not None}
     m.update({k: x for k, x in (r.get("metrics") or {}).items() if isinstance(x, (int, float)) and not isinstance(x, bool)})
+    e = Path(run_dir) / "eval" / "eval.json"
+    if e.is_file():  # the eval notebook's record: its metrics, and the judge's relative score as judge_score
+        em = json.loads(e.read_text()).get("metrics") or {}
+        m.update({f"eval_{k}" if k in m else k: x for k, x in em.items() if isinstance(x, (int, float)) and not isinstance(x, bool)})
+        if em.get("review_relative") is not None: m["judge_score"] = em["review_relative"]
     return m
 
 def collect(sweep_dir, log=None) -> dict:
@@ -321,7 +347,7 @@ def collect(sweep_dir, log=None) -> dict:
     for r in rec["runs"]:
         d = Path(sweep_dir) / r["name"]
         st = json.loads((d / "sweep_status.json").read_text()) if (d / "sweep_status.json").is_file() else {}
-        if run_finished(d, r["parameters"]):
+        if run_finished(d, r["parameters"], bool(rec["parameters"].get("evaluate"))):
             r.update(status="finished", metrics=run_metrics(d), error=None)
             r["seconds"] = st.get("seconds", r.get("seconds"))
         elif st.get("status") == "failed":
@@ -374,7 +400,7 @@ def run_sweep(values:dict, log=print) -> dict:
     rec = plan_sweep(values)
     v, d = rec["parameters"], Path(rec["sweep_dir"])
     for r in rec["runs"]:  # a finished run's folder is the truth, whatever an older sweep.json said
-        if run_finished(d / r["name"], r["parameters"]): r["status"] = "finished"
+        if run_finished(d / r["name"], r["parameters"], v["evaluate"]): r["status"] = "finished"
         elif r["status"] == "finished": r["status"] = "pending"
     write_sweep(d, rec)
     todo = [r["index"] for r in rec["runs"] if r["status"] == "pending" or (r["status"] == "failed" and v["retry_failed"])]
