@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "train": ("qllava.train:train_cli", "train one stage (pretrain / finetune / lora / qlora) with the original LLaVA flags"),
     "launch": ("qllava.launch:launch_cli", "run an entry under deepspeed / torchrun, or write and submit a Slurm job"),
     "merge-lora": ("qllava.train:merge_lora_cli", "fold a LoRA run's adapters into a full checkpoint"),
+    "answer": ("qllava.answer:answer_cli", "answer VQA questions with a checkpoint: batched, resumable, sharded (the original model_vqa)"),
     "metrics": ("qllava.metrics:metrics_cli", "VQA metrics: yes/no accuracy, exact match, F1, recall, BLEU, choice accuracy"),
     "review": ("qllava.review:review_cli", "LLM-judge review of answers against reference answers (any OpenAI-compatible API)"),
     "summarize": ("qllava.summarize:summarize_cli", "per-category / per-subspecialty summary of judge reviews"),
