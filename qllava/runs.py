@@ -145,9 +145,11 @@ def plan_training(values:dict) -> TrainPlan:
                   mm_projector_type=v["projector"], deepspeed=v["deepspeed"], seed=v["seed"])
     user = {k: v[k] for k in ("global_batch_size", "learning_rate", "mm_projector_lr", "num_train_epochs", "lora_r",
                               "lora_alpha", "model_max_length") if v[k]}
-    def stage_flags(st:str, data:str, folder:str, out:Path, extra:dict):
+    def stage_flags(st:str, data:str, folder:str, out:Path, extra:dict, asked:bool=True):
         prof = DEMO_PROFILE[(st, mod)] if demo else {}
-        return _flags({"stage": st, **common, "data_path": data, "image_folder": folder, **prof, **user, **extra,
+        # the user's rates / epochs / batch are for the stage asked; the shared demo stage 1 keeps the demo profile
+        mine = user if asked else {k: x for k, x in user.items() if k == "model_max_length"}
+        return _flags({"stage": st, **common, "data_path": data, "image_folder": folder, **prof, **mine, **extra,
                        "output_dir": str(out)}) + shlex.split(v["extra_args"])
     if demo:
         from qllava.presets import demo_paths
@@ -172,7 +174,7 @@ def plan_training(values:dict) -> TrainPlan:
         s1 = runs / f"demo-pretrain-{mod}"
         adapter = str(s1 / "mm_projector.bin")
         if not Path(adapter).exists():
-            plan.stages.append(StagePlan("pretrain", str(s1), stage_flags("pretrain", data["pretrain"], folder, s1, {}),
+            plan.stages.append(StagePlan("pretrain", str(s1), stage_flags("pretrain", data["pretrain"], folder, s1, {}, asked=False),
                                          f"no stage-1 projector for the demo yet ({adapter}): stage 1 runs first"))
     extra = {"pretrain_mm_mlp_adapter": adapter, "eval_data_path": eval_records}
     plan.stages.append(StagePlan(stage, str(run_dir), stage_flags(stage, data2, folder, run_dir, extra), f"stage 2 ({stage}) as asked"))

@@ -357,14 +357,15 @@ def collect(sweep_dir, log=None) -> dict:
     return rec
 
 def results_table(rec:dict, metric:str|None=None):
-    "The runs ranked by the metric (best first; failed and pending runs last), with final loss and swept values."
+    "The runs ranked by the metric (best first, ties by final loss; failed and pending runs last), with swept values."
     import pandas as pd
     metric = metric or rec["metric"]
     swept = varied_parameters(rec)
     rows = [{"run": r["name"], "status": r["status"], metric: r["metrics"].get(metric), "final_loss": r["metrics"].get("final_loss"),
              **{k: r["parameters"].get(k) for k in swept}, "seconds": r.get("seconds"), "index": r["index"]} for r in rec["runs"]]
     df = pd.DataFrame(rows)
-    df = df.sort_values(metric, ascending=METRICS.get(metric, "max") == "min", na_position="last", kind="stable")
+    by = [metric] + (["final_loss"] if metric != "final_loss" else [])  # ties (e.g. equal accuracies) go to the lower loss
+    df = df.sort_values(by, ascending=[METRICS.get(metric, "max") == "min", True][:len(by)], na_position="last", kind="stable")
     df.insert(0, "rank", range(1, len(df) + 1))
     return df.set_index("rank")
 

@@ -1,0 +1,136 @@
+"""Hyperparameter sweeps end to end: real papermill executing nbs/sweep.ipynb and nbs/train.ipynb, the real DeepSpeed
+launcher with 2 CPU ranks, nothing mocked.
+
+Kept cheap: the IMU demo, one epoch per run, one stage-1 projector made once for the module (the way a sweep makes
+it), no blank-media control. One of the four combinations carries a learning rate the train notebook refuses, so
+the sweep has to report it and finish the other three.
+"""
+import json, os, shutil, subprocess, sys, time
+from pathlib import Path
+
+import pytest
+
+from qllava import runs, sweep
+from qllava.launch import SlurmSpec
+
+pytestmark = pytest.mark.timeout(1200)
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+LRS = [2e-3, 1e-3, 5e-4, -1.0]  # the last one is refused by the train notebook's parameter check
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    "The shared stage-1 IMU projector, made once for the module by the sweep's own stage-1 step."
+    d = tmp_path_factory.mktemp("stage1")
+    rec = sweep.plan_sweep({"runs_dir": str(d), "modality": ["sensor"]})
+    adapters = sweep.ensure_stage1(rec)
+    assert Path(adapters["sensor"]).is_file()
+    return adapters["sensor"]
+
+
+def sweep_values(runs_dir, adapter, **kw):
+    return {"learning_rate": LRS, "num_train_epochs": [1.0], "modality": ["sensor"], "stage": ["finetune"],
+            "pretrain_mm_mlp_adapter": adapter, "metric": "open_accuracy", "runs_dir": str(runs_dir),
+            "sweep_name": "imu-lr", **kw}
+
+
+@pytest.fixture(scope="module")
+def swept(stage1, tmp_path_factory):
+    "The sweep notebook executed by papermill: 4 combinations, one of them failing."
+    import papermill as pm
+    d = tmp_path_factory.mktemp("sweeps")
+    t0 = time.time()
+    pm.execute_notebook(str(ROOT / "nbs" / "sweep.ipynb"), str(d / "sweep.ipynb"), parameters=sweep_values(d, stage1),
+                        progress_bar=False, cwd=str(d))
+    return d, d / "imu-lr", time.time() - t0
+
+
+def test_four_run_sweep_ranks_three_finished_runs_and_reports_the_failed_one(swept):
+    d, sd, seconds = swept
+    rec = json.loads((sd / "sweep.json").read_text())
+    status = {r["parameters"]["learning_rate"]: r["status"] for r in rec["runs"]}
+    assert status == {2e-3: "finished", 1e-3: "finished", 5e-4: "finished", -1.0: "failed"}
+    failed = next(r for r in rec["runs"] if r["status"] == "failed")
+    assert any("learning_rate=-1.0 is negative" in l for l in failed["error"]), failed["error"]
+    for r in rec["runs"]:
+        if r["status"] != "finished": continue
+        run_dir = sd / r["name"]
+        assert sweep.run_finished(run_dir, r["parameters"])  # executed notebook + run.json for these parameters
+        assert r["metrics"]["open_accuracy"] is not None and r["metrics"]["final_loss"] > 0
+        assert json.loads((run_dir / "run.json").read_text())["parameters"]["blank_media_control"] is False
+        assert [s["name"] for s in json.loads((run_dir / "run.json").read_text())["stages"]] == ["finetune"]  # stage 1 shared
+    table = sweep.results_table(rec)
+    done = table[table.status == "finished"]
+    ranked = list(zip(-done["open_accuracy"], done["final_loss"]))  # best accuracy first, ties by lower final loss
+    assert ranked == sorted(ranked) and table.iloc[-1]["status"] == "failed"
+    assert (sd / "metric.png").stat().st_size > 1000 and (sd / "tasks.tsv").read_text().count("\n") == 5
+    nb = json.loads((d / "sweep.ipynb").read_text())
+    outs = [o for c in nb["cells"] for o in c.get("outputs", [])]
+    assert any("image/png" in o.get("data", {}) for o in outs)  # the metric plot (and the IMU sample plot)
+    html = "".join("".join(o.get("data", {}).get("text/html", "")) for o in outs)
+    assert "open_accuracy" in html and "final_loss" in html and "rank" in html
+    text = "".join("".join(o.get("text", "")) for o in outs) + "".join("".join(o.get("data", {}).get("text/markdown", "")) for o in outs)
+    assert "learning_rate=-1.0 is negative" in text  # the failed run's last lines, in the notebook
+    print(f"4-run sweep (3 runs + 1 failing) took {seconds:.0f} s")
+
+
+def test_rerun_runs_nothing_new(swept, stage1):
+    d, sd, _ = swept
+    before = {p: p.stat().st_mtime for p in sd.glob("*/train.ipynb")}
+    t0 = time.time()
+    rec = sweep.run_sweep(sweep_values(d, stage1, retry_failed=False))
+    assert rec["executed"] == [] and time.time() - t0 < 30
+    assert {p: p.stat().st_mtime for p in sd.glob("*/train.ipynb")} == before
+    assert [r["status"] for r in rec["runs"]].count("finished") == 3
+    # the same through the array task entry point: a finished combination is skipped at once
+    p = subprocess.run([sys.executable, "-m", "qllava.sweep", "task", str(sd), "0"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert {p: p.stat().st_mtime for p in sd.glob("*/train.ipynb")} == before
+
+
+def test_runs_lists_and_compares_the_sweep_runs(swept):
+    d, sd, _ = swept
+    df = runs.list_runs(sd)
+    assert len(df) == 3 and set(df["modality"]) == {"sensor"} and df["open_accuracy"].notna().all()
+    p = subprocess.run([sys.executable, "-m", "qllava.sweep", "status", str(sd)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "failed" in p.stdout and "finetune-sensor-lr0.002-plr0-ep1" in p.stdout
+
+
+EXPECTED_ARRAY = """#!/bin/bash
+#SBATCH --job-name=qllava-imu
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=4
+#SBATCH --time=02:00:00
+#SBATCH --partition=gpu
+#SBATCH --output=/scratch/sweeps/imu/slurm-%A_%a.out
+#SBATCH --array=0-3%2
+# written by qllava.sweep: task i runs combination i of tasks.tsv
+set -euo pipefail
+module load cuda/12.4
+source .venv/bin/activate
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+python -m qllava.sweep task /scratch/sweeps/imu "$SLURM_ARRAY_TASK_ID"
+"""
+
+
+def test_slurm_array_script_matches_expected_text():
+    s = sweep.sweep_array_script("/scratch/sweeps/imu", 4, SlurmSpec(job_name="qllava-imu", time="02:00:00", partition="gpu",
+                                 array_parallel=2, setup=["module load cuda/12.4", "source .venv/bin/activate"]), gpus_per_node=4)
+    assert s == EXPECTED_ARRAY
+
+
+def test_slurm_launcher_writes_scripts_and_says_how_to_submit(tmp_path, capsys):
+    if shutil.which("sbatch"): pytest.skip("sbatch exists here: the sweep would really submit")
+    v = {"learning_rate": [1e-3, 2e-3], "modality": ["sensor"], "launcher": "slurm", "runs_dir": str(tmp_path),
+         "sweep_name": "s", "slurm_gpus": 2, "slurm_partition": "gpu"}
+    rec = sweep.run_sweep(v)
+    sd = tmp_path / "s"
+    assert rec["slurm"]["tasks"] == [0, 1] and [r["status"] for r in rec["runs"]] == ["pending", "pending"]
+    array = (sd / "sweep_array.sbatch").read_text()
+    assert "#SBATCH --array=0-1" in array and "#SBATCH --gpus-per-node=2" in array and "#SBATCH --partition=gpu" in array
+    assert "qllava.sweep stage1" in (sd / "stage1.sbatch").read_text()  # no projector yet: stage 1 is its own job
+    out = capsys.readouterr().out
+    assert f"jid=$(sbatch --parsable {sd}/stage1.sbatch) && sbatch --dependency=afterok:$jid {sd}/sweep_array.sbatch" in out
+    assert (sd / "tasks.tsv").read_text().splitlines()[2].startswith("1\tfinetune-sensor-lr0.002-plr0-ep0\t")
