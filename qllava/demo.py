@@ -8,17 +8,17 @@ import argparse, json, shutil
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['LEVELS', 'PATHO_CAPTION_PROMPTS', 'PATHO_CAPTIONS', 'PATHO_CLOSED', 'PATHO_CLOSED_REASONS', 'PATHO_OPEN',
-           'PATHO_TEXT_QA', 'ACTIVITIES', 'ACTIVITY_PHRASES', 'IMU_CAPTION_PROMPTS', 'IMU_CAPTIONS', 'IMU_OPEN',
-           'IMU_ACTIVITY_Q', 'IMU_INTENSITY_Q', 'IMU_TEXT_QA', 'CONVERSATION_TEXT', 'LLAMA_SPECIALS', 'BYTE_TOKENS',
-           'BYTEBPE_SPECIALS', 'TOKENIZER_MAX_LENGTH', 'IMU_WINDOW', 'IMU_CHANNELS', 'CLIP_MEAN', 'CLIP_STD', 'TILE',
-           'TRAIN_STRIDE', 'EVAL_STRIDE', 'EVAL_X', 'TRAIN_X', 'PATHO_SEED', 'IMU_SEED', 'DEMO_PARTS', 'write_json',
-           'write_jsonl', 'demo_text_corpus', 'train_llama_tokenizer', 'train_bytebpe_tokenizer', 'save_tokenizer',
-           'build_tokenizers', 'imu_windows', 'preset_specs', 'sensor_stats', 'build_presets', 'ihc_image',
-           'stain_masks', 'tile_origins', 'tile_measures', 'tertile_cuts', 'level_of', 'tile_values', 'closed_qa',
-           'patho_finetune_conversation', 'text_only_conversation', 'build_pathology', 'imu_measures', 'imu_values',
-           'imu_activity_qa', 'imu_intensity_qa', 'imu_finetune_conversations', 'build_imu', 'sources_md',
-           'build_demo_data', 'make_demo', 'make_demo_cli']
+__all__ = ['LEVELS', 'PATHO_CAPTION_PROMPTS', 'PATHO_CAPTIONS', 'PATHO_CLOSED', 'PATHO_ASKED', 'PATHO_CLOSED_REASONS',
+           'PATHO_OPEN', 'PATHO_TEXT_QA', 'ACTIVITIES', 'ACTIVITY_PHRASES', 'IMU_CAPTION_PROMPTS', 'IMU_CAPTIONS',
+           'IMU_OPEN', 'IMU_ACTIVITY_Q', 'IMU_INTENSITY_Q', 'IMU_TEXT_QA', 'CONVERSATION_TEXT', 'LLAMA_SPECIALS',
+           'BYTE_TOKENS', 'BYTEBPE_SPECIALS', 'TOKENIZER_MAX_LENGTH', 'IMU_WINDOW', 'IMU_CHANNELS', 'CLIP_MEAN',
+           'CLIP_STD', 'TILE', 'TRAIN_STRIDE', 'EVAL_STRIDE', 'EVAL_X', 'TRAIN_X', 'PATHO_SEED', 'IMU_SEED',
+           'DEMO_PARTS', 'write_json', 'write_jsonl', 'demo_text_corpus', 'train_llama_tokenizer',
+           'train_bytebpe_tokenizer', 'save_tokenizer', 'build_tokenizers', 'imu_windows', 'preset_specs',
+           'sensor_stats', 'build_presets', 'ihc_image', 'stain_masks', 'tile_origins', 'tile_measures', 'tertile_cuts',
+           'level_of', 'tile_values', 'closed_qa', 'patho_finetune_conversation', 'text_only_conversation',
+           'build_pathology', 'imu_measures', 'imu_values', 'imu_activity_qa', 'imu_intensity_qa',
+           'imu_finetune_conversations', 'build_imu', 'sources_md', 'build_demo_data', 'make_demo', 'make_demo_cli']
 
 # %% ../nbs/03_demo.ipynb #c6798dc7
 def write_json(obj, path:str|Path, # output file (parents created)
@@ -58,6 +58,8 @@ PATHO_CLOSED = {
     "nuclei_many": ("Are hematoxylin-stained nuclei abundant in this tile?", "hema", "high"),
     "nuclei_few": ("Are hematoxylin-stained nuclei sparse in this tile?", "hema", "low"),
 }
+# the closed questions the demo asks (one phrasing per measure: the verdict then follows from the stated level alone)
+PATHO_ASKED = ("dab_strong", "nuclei_many")
 # answers by (measure, side the tile is on)
 PATHO_CLOSED_REASONS = {
     ("dab", "high"): "the DAB staining is strong: {dab_pct}% of the tile is brown.",
@@ -370,10 +372,10 @@ def patho_finetune_conversation(vals:dict, rng,
                                ) -> list[dict]:
     "A multi-turn stage-2 conversation about one tile: a DAB and a nuclei question (closed when the level is clear) and maybe a description."
     turns, counter = [], {} if counter is None else counter
-    for keys, open_i, lv in ((("dab_strong", "dab_weak"), (1, 3), "dab_level"), (("nuclei_many", "nuclei_few"), (2,), "h_level")):
+    for keys, open_i, lv in ((("dab_strong",), (1, 3), "dab_level"), (("nuclei_many",), (2,), "h_level")):
         c = counter.get((lv, vals[lv]), 0)
         counter[(lv, vals[lv])] = c + 1
-        qa = closed_qa(keys[c % 2], vals)
+        qa = closed_qa(keys[c % len(keys)], vals)
         if qa is None:
             q, a = PATHO_OPEN[_pick(rng, open_i)]
             qa = (q, None, a.format(**vals))
@@ -395,7 +397,7 @@ def text_only_conversation(qas:list, rng) -> list[dict]:
 # %% ../nbs/03_demo.ipynb #9dec5ae1
 def build_pathology(out:str|Path, # the demo folder; files go to out/pathology/
                     seed:int=PATHO_SEED, # seed of every random choice
-                    n_closed_each:int=5, # eval: yes tiles (and as many no tiles) per closed question
+                    n_closed_each:int=9, # eval: yes tiles (and as many no tiles) per closed question (the strip has 9 clear "no" nuclei tiles)
                     n_open:int=15, # eval: number of open description questions
                    ) -> dict:
     "Cut, measure and describe the IHC tiles; write images, pretrain.json, finetune.json and the eval files. Returns counts."
@@ -432,7 +434,7 @@ def build_pathology(out:str|Path, # the demo folder; files go to out/pathology/
         pool = sorted(pool, key=lambda m: ((m["y"], m["x"]) in used, float(rng.random())))[:n]
         used.update((m["y"], m["x"]) for m in pool)
         return pool
-    for key in PATHO_CLOSED:
+    for key in PATHO_ASKED:
         for ans in ("yes", "no"):
             pool = [m for m in evals if (qa := closed_qa(key, m["vals"])) is not None and qa[1] == ans]
             questions += [(m, key) for m in take(pool, n_closed_each)]

@@ -16,8 +16,9 @@ def _jsonl(p): return [json.loads(l) for l in Path(p).read_text().splitlines() i
 
 
 def _yes_no(text):
-    first = re.split(r"[\s,.]", text.strip(), maxsplit=1)[0].lower()
-    return first if first in ("yes", "no") else None
+    "The verdict of a closed answer: its first word (\"Yes, ...\") or its last (\"..., so yes.\")."
+    words = [w for w in re.split(r"[\s,.]+", text.strip().lower()) if w]
+    return next((w for w in (words[0], words[-1]) if w in ("yes", "no")), None) if words else None
 
 
 @pytest.fixture(scope="module")
