@@ -214,9 +214,9 @@ def run_combination(sweep_dir, # the sweep folder (holds sweep.json)
     if run_finished(run_dir, run["parameters"], evaluate): return {"status": "finished", "skipped": True}
     run_dir.mkdir(parents=True, exist_ok=True)
     t0, res = time.time(), {}
-    log(f"== run {index} {run['name']}: executing the train notebook")
     try:
         if not run_finished(run_dir, run["parameters"], evaluate=False):
+            log(f"== run {index} {run['name']}: executing the train notebook")
             pm.execute_notebook(str(train_notebook_path(rec["parameters"].get("train_notebook", ""))), str(run_dir / "train.ipynb"),
                                 parameters=params, progress_bar=False, cwd=str(run_dir))
         if rec["parameters"].get("evaluate"):
