@@ -11,9 +11,10 @@ from .core import ConfigError, QllavaError
 
 # %% auto #0
 __all__ = ['TRAIN_PARAMETERS', 'ALLOWED_PARAMETERS', 'SECRET_NAMES', 'DEMO_ENCODERS', 'DEMO_DATA', 'SENSOR_EPOCHS',
-           'DEMO_PROFILE', 'check_parameters', 'injected_names', 'StagePlan', 'TrainPlan', 'vqa_to_records',
-           'plan_training', 'load_trained', 'heldout_accuracy', 'planned_config', 'planned_hyperparameters',
-           'stage_results', 'launch_stage', 'run_plan', 'stage_summary', 'record_run', 'list_runs', 'runs_cli']
+           'DEMO_PROFILE', 'RUN_HYPERPARAMETERS', 'check_parameters', 'injected_names', 'StagePlan', 'TrainPlan',
+           'vqa_to_records', 'plan_training', 'load_trained', 'heldout_accuracy', 'planned_config',
+           'planned_hyperparameters', 'stage_results', 'launch_stage', 'run_plan', 'stage_summary', 'record_run',
+           'list_runs', 'runs_cli']
 
 # %% ../nbs/41_runs.ipynb #8c090adc
 TRAIN_PARAMETERS = dict(
@@ -198,7 +199,7 @@ def load_trained(run_dir):
 def heldout_accuracy(run_dir, # a stage-2 run folder
                      questions, gt, media_folder, # held-out VQA questions, ground truth, media folder
                      blank:bool=False, # ask with blanked media (the control)
-                     batch_size:int=16, max_new_tokens:int=16) -> dict:
+                     batch_size:int=16, max_new_tokens:int=64) -> dict:  # room for the reasoning before the verdict
     "Greedy answers to the held-out questions, scored: closed yes/no accuracy and one-word open-answer accuracy (%)."
     import torch
     from qllava.conversation import get_template, generation_prompt
@@ -304,6 +305,8 @@ def record_run(plan:TrainPlan, metrics:dict|None=None, notebook:str|None=None) -
     (run_dir / "run.json").write_text(json.dumps(rec, indent=1, default=str))
     return run_dir / "run.json"
 
+RUN_HYPERPARAMETERS = ("learning_rate", "mm_projector_lr", "num_train_epochs", "global_batch_size", "lora_r", "lora_alpha")
+
 def list_runs(runs_dir="runs"):
     "Every run folder's record under `runs_dir` as one table (parameters, final loss, evaluation metrics)."
     import pandas as pd
@@ -311,8 +314,11 @@ def list_runs(runs_dir="runs"):
     for f in sorted(Path(runs_dir).glob("**/run.json")):
         r = json.loads(f.read_text())
         last = (r.get("stages") or [{}])[-1].get("summary", {}) if r.get("kind") == "train" else {}
+        cfg = (r.get("stages") or [{}])[-1].get("config", {}) if r.get("kind") == "train" else {}
         rows.append({"run": str(f.parent.relative_to(runs_dir)), "kind": r.get("kind"), "stage": r.get("parameters", {}).get("stage"),
-                     "modality": r.get("parameters", {}).get("modality"), "final_loss": last.get("final_loss"),
+                     "modality": r.get("parameters", {}).get("modality"),
+                     **{k: cfg.get(k) for k in RUN_HYPERPARAMETERS},  # as the last stage resolved them (what a sweep varies)
+                     "final_loss": last.get("final_loss"),
                      "eval_loss": last.get("eval_loss"), **{k: v for k, v in (r.get("metrics") or {}).items() if not isinstance(v, (dict, list))},
                      "finished": r.get("finished")})
     return pd.DataFrame(rows)
