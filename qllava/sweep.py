@@ -66,6 +66,9 @@ def check_sweep(values:dict, # sweep parameter name -> value, as the notebook ho
         raise ConfigError(f"eval_parameters={ep!r} should be a dict of eval-notebook parameters other than {', '.join(EVAL_OWNS)}.")
     if values.get("metric") == "judge_score" and not values.get("evaluate"):
         raise ConfigError("metric judge_score comes from the eval notebook's review. Fix: set evaluate True (or rank by another metric).")
+    if tp.get("launcher") == "slurm":
+        raise ConfigError("train_parameters launcher slurm would submit a job from inside each run. Fix: set the sweep's launcher "
+                          "to slurm (one job array) and leave the runs' launcher at deepspeed or torchrun.")
     if values.get("metric", "closed_accuracy") not in METRICS:
         raise ConfigError(f"metric {values['metric']!r}: use one of {', '.join(METRICS)}.")
     if values.get("launcher", "local-sequential") not in LAUNCHERS:
@@ -87,6 +90,7 @@ def combinations(values:dict) -> list[dict]:
     v = {**SWEEP_PARAMETERS, **values}
     extra = {k: x for k, x in v["train_parameters"].items() if isinstance(x, (list, tuple))}
     fixed = {k: x for k, x in v["train_parameters"].items() if k not in extra}
+    if v["launcher"] == "slurm" and v["slurm_gpus"]: fixed.setdefault("num_gpus", v["slurm_gpus"])  # each task's ranks
     keys = list(SWEPT) + list(extra)
     out, seen = [], set()
     for vals in itertools.product(*[v[k] if k in SWEPT else extra[k] for k in keys]):
