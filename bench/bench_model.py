@@ -107,8 +107,9 @@ def bench_train(model, tok, hf, args) -> dict:
            "embed_lookup_only": lookup_only}
     for f in fns.values(): f()  # warm-up
     times = {k: [] for k in fns}
-    for _ in range(args.steps):  # interleaved, so load changes hit every variant alike
-        for k, f in fns.items(): times[k] += timeit(f, 1)
+    order = list(fns)
+    for r in range(args.steps):  # interleaved and rotated, so load changes and order effects hit every variant alike
+        for k in order[r % len(order):] + order[:r % len(order)]: times[k] += timeit(fns[k], 1)
     model.zero_grad(set_to_none=True); hf.zero_grad(set_to_none=True)
     model.eval(); hf.eval()
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -117,6 +118,7 @@ def bench_train(model, tok, hf, args) -> dict:
                       "trainable_params": sum(p.numel() for p in params)},
             "seconds_median": {k: round(v, 4) for k, v in med.items()},
             "seconds_all": {k: [round(x, 4) for x in v] for k, v in times.items()},
+            "seconds_min": {k: round(min(v), 4) for k, v in times.items()},
             "merge_share_of_step_pct": round(100 * med["merge_only"] / med["qllava"], 3),
             "qllava_vs_bare_llm_pct": round(100 * (med["qllava"] / med["bare_llm"] - 1), 1),
             "qllava_vs_transformers_llava_pct": round(100 * (med["qllava"] / med["transformers_llava"] - 1), 1)}
@@ -133,11 +135,15 @@ def bench_generate(model, tok, args) -> dict:
         media.append(torch.randn(*model.encoders["image"].input_shape, generator=g) if has else None)
     kw = dict(max_new_tokens=args.max_new, stop_strings=[])
     answer_batch(model, tok, prompts[:2], media[:2], **kw)  # warm-up
-    t0 = time.perf_counter(); batched = answer_batch(model, tok, prompts, media, batch_size=args.gen_n, **kw); tb = time.perf_counter() - t0
-    t0 = time.perf_counter(); single = [answer_batch(model, tok, [p], [m], **kw)[0] for p, m in zip(prompts, media)]; ts = time.perf_counter() - t0
+    tbs, tss = [], []
+    for _ in range(args.gen_reps):  # alternate the two modes; the best of each is least disturbed by other load
+        t0 = time.perf_counter(); batched = answer_batch(model, tok, prompts, media, batch_size=args.gen_n, **kw); tbs.append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); single = [answer_batch(model, tok, [p], [m], **kw)[0] for p, m in zip(prompts, media)]; tss.append(time.perf_counter() - t0)
+    tb, ts = min(tbs), min(tss)
     return {"prompts": args.gen_n, "max_new_tokens": args.max_new, "batched_seconds": round(tb, 3), "one_at_a_time_seconds": round(ts, 3),
             "batched_answers_per_s": round(args.gen_n / tb, 3), "one_at_a_time_answers_per_s": round(args.gen_n / ts, 3),
             "speedup": round(ts / tb, 2), "identical_answers": batched == single,
+            "batched_seconds_all": [round(x, 3) for x in tbs], "one_at_a_time_seconds_all": [round(x, 3) for x in tss],
             "n_different": sum(a != b for a, b in zip(batched, single)), "new_tokens_total": sum(len(tok(a, add_special_tokens=False).input_ids) for a in batched)}
 
 
@@ -160,8 +166,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llm", default="preset:bench-llama"); ap.add_argument("--encoder", default="preset:bench-vit-b32")
     ap.add_argument("--batch", type=int, default=4); ap.add_argument("--text-len", type=int, default=48)
-    ap.add_argument("--steps", type=int, default=3); ap.add_argument("--gen-n", type=int, default=16)
-    ap.add_argument("--max-new", type=int, default=16); ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5); ap.add_argument("--gen-n", type=int, default=16)
+    ap.add_argument("--max-new", type=int, default=32); ap.add_argument("--gen-reps", type=int, default=2)
+    ap.add_argument("--gen-models", default="preset:bench-llama+preset:bench-vit-b32,preset:tiny-llama+preset:tiny-clip",
+                    help="comma-separated LLM+ENCODER pairs for the generation benchmark"); ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -172,39 +180,50 @@ def main(argv=None):
     print(f"LLM {args.llm} ({llm_params/1e6:.1f}M), encoder {args.encoder} ({enc_params/1e6:.1f}M), attention {model.llm.config._attn_implementation}")
     train = bench_train(model, tok, hf, args)
     print(json.dumps(train["seconds_median"]))
-    gen = bench_generate(model, tok, args)
-    print(json.dumps(gen))
+    gens = []
+    for spec in args.gen_models.split(","):  # generation on the bench shapes and on tiny shapes (overhead-bound)
+        llm, enc = spec.split("+")
+        gm, gt = (model, tok) if (llm, enc) == (args.llm, args.encoder) else build_model(llm, {"image": enc}, seed=0)
+        g = bench_generate(gm.eval(), gt, args) | {"llm": llm, "encoder": enc,
+                                                  "llm_params_M": round(sum(p.numel() for p in gm.llm.parameters()) / 1e6, 1)}
+        print(json.dumps(g)); gens.append(g)
+    gen = gens[0]
     res = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                        "cpus": os.cpu_count()},
            "models": {"llm": args.llm, "llm_params_M": round(llm_params / 1e6, 1), "encoder": args.encoder,
                       "encoder_params_M": round(enc_params / 1e6, 1), "projector": "mlp2x_gelu",
                       "attention": model.llm.config._attn_implementation},
-           "train_step": train, "generation": gen,
+           "train_step": train, "generation": gens,
            "targets": {"merge_overhead_le_5pct": train["merge_share_of_step_pct"] <= 5.0,
-                       "batched_speedup_ge_4x": gen["speedup"] >= 4.0, "identical_answers": gen["identical_answers"]}}
+                       "batched_speedup_ge_4x": {f"{g['llm']}+{g['encoder']}": g["speedup"] >= 4.0 for g in gens},
+                       "identical_answers": all(g["identical_answers"] for g in gens)}}
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
     (out / "model.json").write_text(json.dumps(res, indent=1))
     s, b = train["seconds_median"], train["batch"]
     md = [f"# Model benchmark", "",
           f"{res['models']['llm']} ({res['models']['llm_params_M']}M) + {res['models']['encoder']} ({res['models']['encoder_params_M']}M, frozen) + mlp2x_gelu; "
           f"CPU, {res['machine']['threads']} threads, torch {torch.__version__}, attention {res['models']['attention']}.", "",
-          f"## Training step (forward + backward), batch {b['B']} x {b['L']} tokens, {b['images']} images x {b['media_tokens_per_image']} tokens, median of {args.steps}", "",
-          "| variant | seconds / step | vs qllava |", "|---|---:|---:|"]
+          f"## Training step (forward + backward), batch {b['B']} x {b['L']} tokens, {b['images']} images x {b['media_tokens_per_image']} tokens, {args.steps} interleaved rounds", "",
+          "| variant | median s / step | min s / step | median vs qllava |", "|---|---:|---:|---:|"]
     for k, label in [("qllava", "qllava QllavaForCausalLM (encoder + projector + merge + LLM)"),
                      ("bare_llm", "bare LLM on the same merged embeddings (no encoder / projector / merge)"),
                      ("transformers_llava", "transformers LlavaForConditionalGeneration, same weights"),
-                     ("merge_only", "the merge alone: masked scatter of the features + count check (fwd + bwd)"),
+                     ("merge_only", "the merge alone: index_put of the features at the placeholders + count check (fwd + bwd)"),
                      ("embed_lookup_only", "token-embedding lookup (fwd + bwd), part of any LLM step"),
                      ("loop_splice_only", "for context: per-sample Python splice of the same features (fwd + bwd)")]:
-        md.append(f"| {label} | {s[k]:.4f} | {100 * s[k] / s['qllava']:.1f} % |")
+        md.append(f"| {label} | {s[k]:.4f} | {train['seconds_min'][k]:.4f} | {100 * s[k] / s['qllava']:.1f} % |")
     md += ["", f"Merge overhead: **{train['merge_share_of_step_pct']} %** of the qllava step (target <= 5 %). "
                f"qllava vs bare LLM: {train['qllava_vs_bare_llm_pct']:+} % (the difference is the frozen encoder's forward and the projector); "
                f"qllava vs transformers' Llava: {train['qllava_vs_transformers_llava_pct']:+} %.", "",
-           f"## Answers per second ({gen['prompts']} prompts, greedy, {gen['max_new_tokens']} new tokens max)", "",
-           "| mode | seconds | answers / s |", "|---|---:|---:|",
-           f"| batched (one left-padded batch of {gen['prompts']}) | {gen['batched_seconds']} | {gen['batched_answers_per_s']} |",
-           f"| one at a time | {gen['one_at_a_time_seconds']} | {gen['one_at_a_time_answers_per_s']} |", "",
-           f"Speed-up **{gen['speedup']}x** (target >= 4x); answers identical: **{gen['identical_answers']}**."]
+           f"## Answers per second ({gen['prompts']} prompts, 3 of 4 with an image, greedy, {gen['max_new_tokens']} new tokens max, best of {args.gen_reps} alternating runs)", "",
+           "| model | batched (one left-padded batch) answers / s | one at a time answers / s | speed-up | identical answers |",
+           "|---|---:|---:|---:|:---:|"]
+    for g in gens:
+        md.append(f"| {g['llm']} ({g['llm_params_M']}M) + {g['encoder']} | {g['batched_answers_per_s']} ({g['batched_seconds']} s) | "
+                  f"{g['one_at_a_time_answers_per_s']} ({g['one_at_a_time_seconds']} s) | **{g['speedup']}x** | {g['identical_answers']} |")
+    md += ["", "Target: >= 4x batched vs one at a time with identical answers. On CPU the prompt prefill (image tokens included) "
+               "costs the same FLOPs either way, so the gain comes from decoding; it grows with the number of new tokens "
+               "and is largest where per-step overhead, not arithmetic, dominates (as on a GPU)."]
     (out / "model.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return res
