@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "metrics": ("qllava.metrics:metrics_cli", "VQA metrics: yes/no accuracy, exact match, F1, recall, BLEU, choice accuracy"),
     "review": ("qllava.review:review_cli", "LLM-judge review of answers against reference answers (any OpenAI-compatible API)"),
     "summarize": ("qllava.summarize:summarize_cli", "per-category / per-subspecialty summary of judge reviews"),
+    "sweep": ("qllava.sweep:sweep_cli", "hyperparameter sweeps of the train notebook: local (sequential / parallel) or a Slurm job array"),
     "runs": ("qllava.runs:runs_cli", "list and compare run folders"),
     "make-demo": ("qllava.demo:make_demo_cli", "rebuild the shipped demo data and tokenizers from PyPI-packaged sources"),
 }
