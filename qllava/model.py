@@ -77,13 +77,14 @@ def get_llm_preset(name:str) -> dict:
     return cfg
 
 def get_tokenizer(tokenizer="llama-demo", # a tokenizer object, a shipped name, a folder or a hub id
-                  use_im_start_end:bool=False): # also add <im_start>/<im_end>
+                  use_im_start_end:bool=False, # also add <im_start>/<im_end>
+                  template=None): # conversation template: its answer terminator becomes one token if it is not yet
     "A tokenizer with the media placeholder tokens and a pad token added (idempotent)."
     from qllava.tokenize import prepare_tokenizer
     if isinstance(tokenizer, (str, Path)):
         from qllava.presets import load_tokenizer
         tokenizer = load_tokenizer(str(tokenizer))
-    return prepare_tokenizer(tokenizer, use_im_start_end=use_im_start_end)
+    return prepare_tokenizer(tokenizer, use_im_start_end=use_im_start_end, template=template)
 
 def media_token_id(tokenizer, modality:str) -> int:
     "Token id of the placeholder of `modality` (`<image>` / `<sensor>`)."
@@ -270,7 +271,7 @@ def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a loca
                 ) -> tuple: # (model, tokenizer)
     "Build a `QllavaForCausalLM` and its prepared tokenizer, offline for presets and local folders."
     encoders = dict(encoders if encoders is not None else {"image": "preset:tiny-clip"})
-    tokenizer = get_tokenizer(tokenizer, use_im_start_end=use_im_start_end)
+    tokenizer = get_tokenizer(tokenizer, use_im_start_end=use_im_start_end, template=template)
     attn = attn_implementation or default_attn_implementation()
     torch.manual_seed(seed)
     if llm.startswith("preset:"):
@@ -282,7 +283,8 @@ def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a loca
         try: llm_model = AutoModelForCausalLM.from_pretrained(llm, attn_implementation=attn, dtype=dtype)
         except OSError as e: raise CheckpointError(f"{llm}: cannot load a causal LM from here ({e}). Fix: give a preset:NAME, "
                                                    "a folder with config.json + weights, or a hub id cached locally.") from None
-    resize_embeddings(llm_model, len(tokenizer))
+    if len(tokenizer) > llm_model.get_input_embeddings().weight.shape[0]:  # grow for the added tokens, never shrink
+        resize_embeddings(llm_model, len(tokenizer))
     if stop_strings is None:
         try:
             from qllava.conversation import get_template
