@@ -46,11 +46,19 @@ def read_metrics(run_dir) -> "pd.DataFrame":
     return pd.DataFrame([json.loads(l) for l in p.read_text().splitlines() if l.strip()])
 
 def plot_curves(metrics, title:str=""):
-    "Loss (train and held-out) and learning-rate curves side by side; returns the matplotlib figure."
+    "Loss (train and held-out), learning-rate and (when logged) held-out accuracy curves; returns the figure."
     import matplotlib
     if "ipykernel" not in sys.modules: matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
+    acc = [c for c in ("closed_accuracy", "open_accuracy") if c in metrics and metrics[c].notna().any()]
+    fig, axes = plt.subplots(1, 3 if acc else 2, figsize=(15 if acc else 10, 3.2))
+    a, b = axes[0], axes[1]
+    if acc:
+        for c in acc:
+            ev = metrics[metrics[c].notna()]
+            axes[2].plot(ev["step"], ev[c], marker="o", label=c.replace("_", " "))
+        axes[2].set_xlabel("optimiser step"); axes[2].set_ylabel("%"); axes[2].set_ylim(0, 100)
+        axes[2].legend(); axes[2].set_title("held-out answers")
     tr = metrics[metrics["loss"].notna()] if "loss" in metrics else metrics.iloc[:0]
     a.plot(tr["step"], tr["loss"], marker=".", label="train loss")
     if "eval_loss" in metrics:

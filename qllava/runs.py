@@ -178,6 +178,8 @@ def plan_training(values:dict) -> TrainPlan:
             plan.stages.append(StagePlan("pretrain", str(s1), stage_flags("pretrain", data["pretrain"], folder, s1, {}, asked=False),
                                          f"no stage-1 projector for the demo yet ({adapter}): stage 1 runs first"))
     extra = {"pretrain_mm_mlp_adapter": adapter, "eval_data_path": eval_records}
+    if demo and v["deepspeed"] not in ("zero3", "zero3_offload"):  # held-out accuracy in the curves as training goes
+        extra.update(eval_questions=plan.eval_questions, eval_gt=plan.eval_gt, eval_steps=50)
     plan.stages.append(StagePlan(stage, str(run_dir), stage_flags(stage, data2, folder, run_dir, extra), f"stage 2 ({stage}) as asked"))
     if v["blank_media_control"]:
         ctrl = run_dir / "control-blank-media"
@@ -201,31 +203,9 @@ def heldout_accuracy(run_dir, # a stage-2 run folder
                      blank:bool=False, # ask with blanked media (the control)
                      batch_size:int=16, max_new_tokens:int=64) -> dict:  # room for the reasoning before the verdict
     "Greedy answers to the held-out questions, scored: closed yes/no accuracy and one-word open-answer accuracy (%)."
-    import torch
-    from qllava.conversation import get_template, generation_prompt
-    from qllava.generate import answer_batch
-    from qllava.metrics import closed_hit, normalize_answer
+    from qllava.train import vqa_accuracy
     model, tok = load_trained(run_dir)
-    tmpl = get_template(model.config.template)
-    qs = [json.loads(l) for l in Path(questions).read_text().splitlines() if l.strip()]
-    truth = {g["id"]: g for g in json.loads(Path(gt).read_text())}
-    media, prompts = [], []
-    for q in qs:
-        mod = "image" if "image" in q else "sensor"
-        x = model.encoders[mod].processor(Path(media_folder) / q[mod])
-        media.append({mod: x * 0 if blank else x})
-        text = q["text"] if f"<{mod}>" in q["text"] else f"<{mod}>\n{q['text']}"
-        prompts.append(generation_prompt(tmpl, text))
-    preds = answer_batch(model, tok, prompts, media, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    closed, open_ = [], []
-    for q, p in zip(qs, preds):
-        g = truth[q["question_id"]]
-        if g.get("answer_type", "").upper() == "CLOSED": closed.append(closed_hit(p, str(g.get("yes_no_answer") or g["answer"]).lower()))
-        elif len(normalize_answer(str(g["answer"])).split()) == 1:  # a one-word answer (the activity): is it named?
-            open_.append(int(normalize_answer(str(g["answer"])) in normalize_answer(p).split()))
-    pct = lambda xs: round(100 * sum(xs) / len(xs), 2) if xs else None
-    return {"closed_accuracy": pct(closed), "n_closed": len(closed), "open_accuracy": pct(open_), "n_open": len(open_),
-            "answers": [dict(question_id=q["question_id"], text=q["text"], answer=p, gt=truth[q["question_id"]]["answer"]) for q, p in zip(qs, preds)]}
+    return vqa_accuracy(model, tok, questions, gt, media_folder, blank=blank, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
 # %% ../nbs/41_runs.ipynb #a39f51f7
 def planned_config(stage:StagePlan, values:dict):

@@ -13,9 +13,9 @@ from .core import ConfigError, DataError, QllavaError, asset
 __all__ = ['STAGE_PRESETS', 'DEEPSPEED_PRESETS', 'CKPT_DIR', 'TrainConfig', 'resolve_config', 'resolve_batch', 'config_parser',
            'parse_config', 'init_distributed', 'seed_everything', 'hardware_precision', 'deepspeed_config',
            'apply_stage', 'trainable_summary', 'param_groups', 'media_settings', 'build_dataset', 'build_loader',
-           'build_eval_loader', 'RunLog', 'build_run', 'evaluate_loss', 'save_resumable', 'find_resume',
-           'load_resumable', 'train_loop', 'save_final', 'fit', 'load_lora_run', 'merge_lora', 'merge_lora_cli',
-           'train_cli']
+           'build_eval_loader', 'RunLog', 'build_run', 'vqa_accuracy', 'evaluate_vqa', 'evaluate_loss',
+           'save_resumable', 'find_resume', 'load_resumable', 'train_loop', 'save_final', 'fit', 'load_lora_run',
+           'merge_lora', 'merge_lora_cli', 'train_cli']
 
 # %% ../nbs/21_train.ipynb #07e1271e
 @dataclass
@@ -29,6 +29,9 @@ class TrainConfig:
     image_folder: str|None = None # folder the records' media paths are relative to
     eval_data_path: str|None = None # optional held-out records: eval loss every eval_steps
     eval_steps: int = 0 # run the held-out evaluation every N optimiser steps (0 = only at the end)
+    eval_questions: str|None = None # held-out VQA questions (JSONL): greedy closed / one-word accuracy at each evaluation
+    eval_gt: str|None = None # their ground truth (Quilt-VQA style JSON: id, answer, answer_type, yes_no_answer)
+    eval_max_new_tokens: int = 64 # answer length for that accuracy
     vision_tower: str|None = "preset:tiny-clip" # encoder spec (hf-clip:, open_clip:, limu-bert:, preset:)
     mm_projector_type: str = "mlp2x_gelu" # linear | mlpNx_gelu | identity
     tune_mm_mlp_adapter: bool|None = None # train only the projector (stage 1)
@@ -105,6 +108,11 @@ def resolve_config(cfg:TrainConfig) -> TrainConfig:
     if cfg.bits < 16 and not cfg.lora_enable:
         raise ConfigError(f"--bits {cfg.bits} quantises the base LLM, which can then only be trained with LoRA. Fix: add --lora_enable True or use --stage qlora.")
     if cfg.bf16 and cfg.fp16: raise ConfigError("--bf16 and --fp16 are exclusive; choose one.")
+    if bool(cfg.eval_questions) != bool(cfg.eval_gt):
+        raise ConfigError("--eval_questions and --eval_gt go together: the questions to answer and their ground truth.")
+    if cfg.eval_questions and cfg.deepspeed in ("zero3", "zero3_offload"):
+        raise ConfigError("answering held-out questions during training needs every weight on one rank, which ZeRO-3 "
+                          "partitions. Fix: use --deepspeed zero2 for such runs, or run eval.ipynb on the saved checkpoint.")
     return cfg
 
 # %% ../nbs/21_train.ipynb #4bbce55f
@@ -430,6 +438,48 @@ def _load_model(cfg:TrainConfig, modality:str):
                        select_layer=cfg.mm_vision_select_layer, select_feature=cfg.mm_vision_select_feature,
                        use_im_start_end=cfg.mm_use_im_start_end)
 
+def vqa_accuracy(model, tokenizer, # a QllavaForCausalLM and its tokenizer
+                 questions, gt, media_folder, # VQA question JSONL, ground truth JSON, media folder
+                 blank:bool=False, # ask with blanked media (the no-media control)
+                 batch_size:int=16, max_new_tokens:int=64) -> dict:
+    "Greedy answers to VQA questions, scored: closed yes/no accuracy (published rule) and one-word answer accuracy (%)."
+    from qllava.conversation import get_template, generation_prompt
+    from qllava.generate import answer_batch
+    from qllava.metrics import closed_hit, normalize_answer  # the evaluation layer's rule, so both numbers agree
+    tmpl = get_template(model.config.template)
+    qs = [json.loads(l) for l in Path(questions).read_text().splitlines() if l.strip()]
+    truth = {g["id"]: g for g in json.loads(Path(gt).read_text())}
+    media, prompts = [], []
+    for q in qs:
+        mod = "image" if "image" in q else "sensor"
+        x = model.encoders[mod].processor(Path(media_folder) / q[mod])
+        media.append({mod: x * 0 if blank else x})
+        prompts.append(generation_prompt(tmpl, q["text"] if f"<{mod}>" in q["text"] else f"<{mod}>\n{q['text']}"))
+    preds = answer_batch(model, tokenizer, prompts, media, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    closed, one_word = [], []
+    for q, p in zip(qs, preds):
+        g = truth[q["question_id"]]
+        if str(g.get("answer_type", "")).upper() == "CLOSED": closed.append(closed_hit(p, str(g.get("yes_no_answer") or g["answer"]).lower()))
+        elif len(normalize_answer(str(g["answer"])).split()) == 1:  # a one-word answer (e.g. the activity): is it named?
+            one_word.append(int(normalize_answer(str(g["answer"])) in normalize_answer(p).split()))
+    pct = lambda xs: round(100 * sum(xs) / len(xs), 2) if xs else None
+    return {"closed_accuracy": pct(closed), "n_closed": len(closed), "open_accuracy": pct(one_word), "n_open": len(one_word),
+            "answers": [dict(question_id=q["question_id"], text=q["text"], answer=p, gt=truth[q["question_id"]]["answer"]) for q, p in zip(qs, preds)]}
+
+def evaluate_vqa(run:dict) -> dict:
+    "Held-out VQA accuracy during training: rank 0 answers greedily (weights are whole below ZeRO-3), the others wait."
+    import torch.distributed as dist
+    cfg, engine = run["cfg"], run["engine"]
+    out = {}
+    if run["rank"] == 0:
+        engine.module.eval()
+        r = vqa_accuracy(engine.module, run["tokenizer"], cfg.eval_questions, cfg.eval_gt, cfg.image_folder,
+                         blank=cfg.blank_media, max_new_tokens=cfg.eval_max_new_tokens)
+        out = {k: r[k] for k in ("closed_accuracy", "open_accuracy") if r[k] is not None}
+        engine.module.train()
+    if dist.is_initialized(): dist.barrier()
+    return out
+
 def evaluate_loss(run:dict) -> float:
     "Mean held-out loss over all ranks (token-weighted)."
     import torch
@@ -532,9 +582,10 @@ def train_loop(run:dict, log=print) -> dict:
                 dt = time.time() - t0
                 runlog(step=step, epoch=round(epoch + micro / per_epoch, 4), loss=last_loss, lr=engine.get_lr()[0],
                        samples_per_s=_all_sum(seen_samples) / dt, tokens_per_s=_all_sum(seen_tokens) / dt)
-            if run["eval_loader"] is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
+            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < run["total_steps"]:
                 heartbeat("held-out evaluation", step)
-                runlog(step=step, eval_loss=evaluate_loss(run))
+                if run["eval_loader"] is not None: runlog(step=step, eval_loss=evaluate_loss(run))
+                if cfg.eval_questions: runlog(step=step, **evaluate_vqa(run))
             if cfg.save_steps and step % cfg.save_steps == 0 and step < run["total_steps"]:
                 heartbeat("saving a resumable checkpoint", step)
                 done = micro + accum > per_epoch
@@ -545,6 +596,9 @@ def train_loop(run:dict, log=print) -> dict:
                  peak_memory_mb=round(_all_mean(_peak_memory_mb()), 1))
     if run["eval_loader"] is not None:
         final["eval_loss"] = evaluate_loss(run); runlog(step=step, eval_loss=final["eval_loss"])
+    if cfg.eval_questions:
+        heartbeat("held-out questions", step)
+        acc = evaluate_vqa(run); final.update(acc); runlog(step=step, **acc)
     return final
 
 # %% ../nbs/21_train.ipynb #1bbcb05a

@@ -184,3 +184,26 @@ def test_bad_data_fails_the_launch_before_training_naming_the_record(data, tmp_p
     with pytest.raises(LaunchError) as e: ds_launch(args, tmp_path / "out")
     assert "bad.json:5 (id 'q5')" in str(e.value) and "missing.png" in str(e.value)
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_held_out_loss_and_accuracy_land_in_the_logs_during_training(data, projector, tmp_path):
+    qs = [{"question_id": f"h{i}", "image": f"{i}.png", "text": "Is the tile red?"} for i in range(8)]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(q) for q in qs))
+    (tmp_path / "gt.json").write_text(json.dumps([{"id": f"h{i}", "answer": "yes" if i % 2 == 0 else "no",
+                                                    "answer_type": "CLOSED", "yes_no_answer": "yes" if i % 2 == 0 else "no"} for i in range(8)]))
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "qllava.train", *flags(data, out, pretrain_mm_mlp_adapter=projector / "mm_projector.bin",
+                        eval_data_path=data / "ft.json", eval_questions=tmp_path / "q.jsonl", eval_gt=tmp_path / "gt.json",
+                        eval_steps=3, eval_max_new_tokens=4)], env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in recs if "eval_loss" in x]
+    accs = [x for x in recs if "closed_accuracy" in x]
+    assert [x["step"] for x in evals][:2] == [3, 6] and len(accs) >= 2
+    assert all(0 <= x["closed_accuracy"] <= 100 for x in accs)
+    s = json.loads((out / "summary.json").read_text())
+    assert "eval_loss" in s and "closed_accuracy" in s
+    # ZeRO-3 partitions the weights, so answering during training is refused before anything starts
+    bad = subprocess.run([sys.executable, "-m", "qllava.train", *flags(data, tmp_path / "z3", deepspeed="zero3",
+                          eval_questions=tmp_path / "q.jsonl", eval_gt=tmp_path / "gt.json")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "ZeRO-3" in bad.stderr
