@@ -54,5 +54,5 @@ def main(argv:list[str]|None=None) -> int:
         print(f"qllava {argv[0]}: error: {e}", file=sys.stderr); return 2
 
 # %% ../nbs/90_cli.ipynb #79857d2a
-if __name__ == "__main__" and "ipykernel" not in sys.modules:  # `python -m qllava.cli ...`, e.g. under a launcher
+if __name__ == "__main__" and "__file__" in globals():  # `python -m qllava.cli ...` (a notebook cell has no __file__)
     sys.exit(main())

@@ -686,7 +686,7 @@ def train_cli(argv:list[str]|None=None) -> int:
     return 0
 
 # %% ../nbs/21_train.ipynb #d70af1f9
-if __name__ == "__main__" and not hasattr(sys, "ps1") and "ipykernel" not in sys.modules:
+if __name__ == "__main__" and "__file__" in globals():  # `python -m qllava.train` (a notebook cell has no __file__)
     try: sys.exit(train_cli(sys.argv[1:]))
     except QllavaError as e:  # a user-fixable problem: its message, not a stack trace
         print(f"qllava train: error: {e}", file=sys.stderr, flush=True); sys.exit(2)
