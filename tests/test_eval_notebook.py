@@ -63,6 +63,8 @@ class RecordingJudge(LocalJudge):
 
 
 def test_eval_notebook_shows_everything_and_never_leaks_the_key(ckpts, tmp_path, monkeypatch, caplog):
+    from qllava.presets import demo_paths
+    n_q = sum(1 for l in demo_paths("pathology")["eval_questions"].read_text().splitlines() if l.strip())
     caplog.set_level(logging.INFO)
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)   # the kernel inherits it and sends it to the judge over HTTP
     run_dir = tmp_path / "runs" / "eval-demo"
@@ -70,7 +72,7 @@ def test_eval_notebook_shows_everything_and_never_leaks_the_key(ckpts, tmp_path,
     with RecordingJudge(reply=reference_overlap_judge) as judge:
         execute(out, tmp_path, checkpoint=str(ckpts / "finetune-image"), run_dir=str(run_dir), max_new_tokens=8,
                 judge_base_url=judge.url, judge_model="judge-under-test")
-    assert judge.auth == f"Bearer {SECRET}" and judge.stats["ok"] == 55      # the key was used ...
+    assert judge.auth == f"Bearer {SECRET}" and judge.stats["ok"] == n_q      # the key was used ...
     text, pngs = outputs(out)
     assert "yes_no_accuracy" in text and "open: F1" in text                # the metrics table
     assert "relative (%)" in text and "subspecialty" in text                # the review summary
@@ -79,10 +81,10 @@ def test_eval_notebook_shows_everything_and_never_leaks_the_key(ckpts, tmp_path,
     assert "patho-q000" in text and "sha256: eval_questions.jsonl" in text   # answers table, provenance
     rec = json.loads((run_dir / "eval.json").read_text())
     assert rec["kind"] == "eval" and rec["judge"]["kind"] == "endpoint" and rec["metrics"]["review_judge"] == "judge-under-test"
-    assert rec["metrics"]["n_closed"] + rec["metrics"]["n_open"] == 55 and rec["review"]["all"]["n"] == 55
+    assert rec["metrics"]["n_closed"] + rec["metrics"]["n_open"] == n_q and rec["review"]["all"]["n"] == n_q
     assert any(k.endswith("eval_gt.json") for k in rec["provenance"]["files"])
     answers = [json.loads(l) for l in (run_dir / "answers.jsonl").read_text().splitlines()]
-    assert len(answers) == 55 and len({a["question_id"] for a in answers}) == 55
+    assert len(answers) == n_q and len({a["question_id"] for a in answers}) == n_q
     assert_no_secret(tmp_path, caplog)                                      # ... and never written
 
 
