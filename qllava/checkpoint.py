@@ -11,33 +11,17 @@ from torch import nn
 from .core import CheckpointError, ConfigError
 
 # %% auto #0
-__all__ = ['MANIFEST', 'COMPONENTS', 'LLAVA_LLM_TYPES', 'safe_torch_load', 'load_state_file', 'load_folder_weights',
-           'make_manifest', 'read_manifest', 'projector_modality', 'projector_prefix', 'projector_state_dict',
-           'save_projector', 'load_projector', 'save_checkpoint', 'load_tokenizer_from', 'load_checkpoint',
-           'load_model', 'read_llava_config', 'llava_text_config', 'split_llava_state_dict', 'import_llava',
-           'llava_hf_state_dict', 'export_hf', 'import_llava_cli', 'export_hf_cli', 'extract_projector_cli']
+__all__ = ['MANIFEST', 'COMPONENTS', 'LLAVA_LLM_TYPES', 'load_state_file', 'load_folder_weights', 'make_manifest',
+           'read_manifest', 'projector_modality', 'projector_prefix', 'projector_state_dict', 'save_projector',
+           'load_projector', 'save_checkpoint', 'load_tokenizer_from', 'load_checkpoint', 'load_model',
+           'read_llava_config', 'llava_text_config', 'split_llava_state_dict', 'import_llava', 'llava_hf_state_dict',
+           'export_hf', 'import_llava_cli', 'export_hf_cli', 'extract_projector_cli']
 
 # %% ../nbs/14_checkpoint.ipynb #69f85b0e
-def safe_torch_load(path) -> dict:
-    "`torch.load(path, weights_only=True)`; a pickle needing more than tensors raises `CheckpointError`."
-    import pickle
-    path = Path(path)
-    if not path.is_file(): raise CheckpointError(f"{path}: no such file.")
-    try: return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to load: the pickle needs more than plain tensors ({first}). "
-                              "Unpickling arbitrary objects can run code. Fix: if you trust the file, convert it "
-                              "to a dict of tensors or to .safetensors in a separate trusted environment.") from None
-
 def load_state_file(path) -> dict:
-    "Tensors of one `.safetensors` or `.bin`/`.pt` file."
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        try: return load_file(str(path))
-        except Exception as e: raise CheckpointError(f"{path}: not a readable safetensors file ({e}).") from None
-    return safe_torch_load(path)
+    "Tensors of one `.safetensors` or `.bin`/`.pt` file; pickles only through `torch.load(weights_only=True)`."
+    from qllava.encoders import load_weights_file  # the one safe reader, shared with encoder checkpoints
+    return load_weights_file(path)
 
 # %% ../nbs/14_checkpoint.ipynb #6da6f22f
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

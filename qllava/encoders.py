@@ -60,7 +60,7 @@ def load_weights_file(path, # a .safetensors file, or a .bin/.pt/.pth/.ckpt pick
     "Read a state dict on CPU; pickles only through `torch.load(weights_only=True)`, refusing anything that needs more."
     import pickle
     p = Path(path).expanduser()
-    if not p.is_file(): raise CheckpointError(f"{p}: no such checkpoint file. Fix: check the path in the encoder spec.")
+    if not p.is_file(): raise CheckpointError(f"{p}: no such checkpoint file. Fix: check the path.")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
         try: return load_file(str(p))
