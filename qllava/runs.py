@@ -67,8 +67,6 @@ def check_parameters(values:dict, # parameter name -> value, as the notebook hol
         raise ConfigError(f"modality {values['modality']!r}: use image or sensor.")
     if values.get("launcher", "deepspeed") not in ("deepspeed", "torchrun", "slurm"):
         raise ConfigError(f"launcher {values['launcher']!r}: use deepspeed, torchrun or slurm.")
-    if values.get("launcher") == "torchrun" and values.get("deepspeed") not in ("", "none") and values.get("num_nodes", 1) > 1:
-        pass  # torchrun starts the ranks; DeepSpeed's engine still runs inside each
     return values
 
 # %% ../nbs/41_runs.ipynb #75314a35
