@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from .core import CheckpointError, ConfigError
+from .presets import default_tokenizer
 
 # %% auto #0
 __all__ = ['MANIFEST', 'COMPONENTS', 'LLAVA_LLM_TYPES', 'load_state_file', 'load_folder_weights', 'make_manifest',
@@ -200,7 +201,7 @@ def load_checkpoint(folder, # a qllava checkpoint folder
         model = QllavaForCausalLM(config)
     else:  # e.g. a stage-1 projector-only folder: rebuild the base LLM (and encoders) it was trained on
         if not config.base_llm: raise CheckpointError(f"{folder}: the manifest has no LLM weights and no base_llm to rebuild from.")
-        tok = load_tokenizer_from(folder) if man.get("tokenizer") else "llama-demo"
+        tok = load_tokenizer_from(folder) if man.get("tokenizer") else default_tokenizer(config.base_llm)
         model, _ = build_model(config.base_llm, config.encoders, config.projector, tokenizer=tok, seed=config.seed or 0,
                                template=config.template, stop_strings=config.stop_strings, select_layer=config.select_layer,
                                select_feature=config.select_feature, use_im_start_end=config.use_im_start_end)
@@ -373,9 +374,10 @@ def export_hf(model, # a QllavaForCausalLM with one CLIP-family image encoder an
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out_dir)
     if tokenizer is not None:
-        from transformers import CLIPImageProcessor, LlavaProcessor
+        from transformers import LlavaImageProcessor, LlavaProcessor
         S = enc.media["image_size"] if hasattr(enc, "media") else clip.config.image_size
-        ip = CLIPImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S},
+        # do_pad: pad to square with int(mean*255) before resizing, as training did (a crop would cut non-square images)
+        ip = LlavaImageProcessor(do_pad=True, size={"shortest_edge": S}, crop_size={"height": S, "width": S},
                                 image_mean=list(enc.media.get("image_mean")) if hasattr(enc, "media") else None,
                                 image_std=list(enc.media.get("image_std")) if hasattr(enc, "media") else None)
         proc = LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=clip.config.patch_size,

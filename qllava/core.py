@@ -9,7 +9,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['OFFLINE_ENV', 'QllavaError', 'DataError', 'ConfigError', 'CheckpointError', 'LaunchError', 'assets_dir', 'asset',
-           'set_offline']
+           'set_offline', 'ArgumentParser']
 
 # %% ../nbs/00_core.ipynb #e284ee10
 class QllavaError(Exception):
@@ -61,3 +61,16 @@ def set_offline(env:dict|None=None) -> dict:
     env = os.environ if env is None else env
     env.update(OFFLINE_ENV)
     return env
+
+# %% ../nbs/00_core.ipynb #aa3076bb
+import argparse
+
+class ArgumentParser(argparse.ArgumentParser):
+    "argparse without prefix abbreviations; every `--long_flag` is also accepted as `--long-flag` (and the reverse)."
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+    def add_argument(self, *names, **kwargs):
+        alts = ["--" + (n[2:].replace("_", "-") if "_" in n else n[2:].replace("-", "_")) for n in names if n.startswith("--")]
+        alts = [a for a in dict.fromkeys(alts) if a not in names and a not in self._option_string_actions]
+        return super().add_argument(*names, *alts, **kwargs)

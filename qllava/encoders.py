@@ -104,7 +104,8 @@ def make_processor(modality:str, # "image" or "sensor"
                    media:dict): # image_size/image_mean/image_std, or window/channels[/mean/std]
     "The qllava.media processor for an encoder's declared preprocessing."
     from qllava.media import ImageProcessor, SensorProcessor
-    if modality == "image": return ImageProcessor(media["image_size"], tuple(media["image_mean"]), tuple(media["image_std"]))
+    if modality == "image": return ImageProcessor(media["image_size"], tuple(media["image_mean"]), tuple(media["image_std"]),
+                                                  aspect_ratio=media.get("aspect_ratio", "pad"))
     return SensorProcessor(media["window"], media["channels"], mean=media.get("mean"), std=media.get("std"))
 
 # %% ../nbs/10_encoders.ipynb #da34d7a4

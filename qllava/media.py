@@ -82,8 +82,8 @@ class ImageProcessor:
 
     @property
     def fill(self) -> tuple:
-        "The mean colour as 0..255 RGB: the padding colour, which normalises to (almost exactly) zero."
-        return tuple(int(round(m * 255)) for m in self.mean)
+        "The mean colour as 0..255 RGB, truncated as the original LLaVA's `int(x*255)`: the padding colour (normalises to ~0)."
+        return tuple(int(m * 255) for m in self.mean)
 
     def transform(self):
         "The torchvision pipeline from a square-ready PIL image to the normalised tensor (built once)."

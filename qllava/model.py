@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from .core import CheckpointError, ConfigError, DataError
+from .presets import default_tokenizer
 
 # %% auto #0
 __all__ = ['MEDIA_BATCH_KEYS', 'default_attn_implementation', 'QllavaConfig', 'get_encoder', 'get_projector', 'get_llm_preset',
@@ -258,7 +259,7 @@ def resize_embeddings(llm:nn.Module, # a transformers causal LM
 def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a local folder of a causal LM
                 encoders:dict|None=None, # modality -> encoder spec, e.g. {"image": "preset:tiny-clip"}
                 projector:str="mlp2x_gelu", # projector kind (`linear`, `mlpNx_gelu`, `identity`)
-                tokenizer="llama-demo", # tokenizer object, shipped name, folder or hub id
+                tokenizer=None, # tokenizer object, shipped name, folder or hub id (default: the LLM's own; llama-demo for presets)
                 seed:int=0, # seed for every randomly initialised part
                 template:str="vicuna_v1", # conversation template name
                 stop_strings:list|None=None, # answer stop strings (default: the template's)
@@ -271,7 +272,7 @@ def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a loca
                 ) -> tuple: # (model, tokenizer)
     "Build a `QllavaForCausalLM` and its prepared tokenizer, offline for presets and local folders."
     encoders = dict(encoders if encoders is not None else {"image": "preset:tiny-clip"})
-    tokenizer = get_tokenizer(tokenizer, use_im_start_end=use_im_start_end, template=template)
+    tokenizer = get_tokenizer(default_tokenizer(llm) if tokenizer is None else tokenizer, use_im_start_end=use_im_start_end, template=template)
     attn = attn_implementation or default_attn_implementation()
     torch.manual_seed(seed)
     if llm.startswith("preset:"):

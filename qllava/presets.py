@@ -9,11 +9,25 @@ from pathlib import Path
 from .core import ConfigError, assets_dir, asset
 
 # %% auto #0
-__all__ = ['SHIPPED_TOKENIZERS', 'DEMO_MODALITIES', 'load_tokenizer', 'preset_names', 'get_preset', 'llama_param_count',
-           'demo_paths']
+__all__ = ['SHIPPED_TOKENIZERS', 'DEMO_MODALITIES', 'default_tokenizer', 'load_tokenizer', 'preset_names', 'get_preset',
+           'llama_param_count', 'demo_paths']
 
 # %% ../nbs/02_presets.ipynb #169e0ccc
 SHIPPED_TOKENIZERS = ("llama-demo", "bytebpe-demo")
+
+def default_tokenizer(llm:str, # the LLM: `preset:NAME`, a hub id or a folder
+                     ) -> str:
+    "The tokenizer an LLM trains with unless told otherwise: its own; the shipped demo one for `preset:` LLMs."
+    return "llama-demo" if str(llm).startswith("preset:") else str(llm)
+
+def _missing_tokenizer_packages(folder:str) -> list[str]:
+    "Packages a SentencePiece-only folder (tokenizer.model, no tokenizer.json) needs that are not installed."
+    import importlib.util
+    p = Path(folder)
+    if not p.is_dir() or (p / "tokenizer.json").exists() or not (p / "tokenizer.model").exists(): return []
+    need = {"sentencepiece": "sentencepiece", "google.protobuf": "protobuf"}
+    return [pkg for mod, pkg in need.items() if importlib.util.find_spec(mod.split(".")[0]) is None
+            or (mod == "google.protobuf" and importlib.util.find_spec(mod) is None)]
 
 def load_tokenizer(name_or_path:str="llama-demo", # a shipped name, a local tokenizer folder, or a hub id
                    **kwargs, # passed on to `AutoTokenizer.from_pretrained`
@@ -28,8 +42,12 @@ def load_tokenizer(name_or_path:str="llama-demo", # a shipped name, a local toke
                           f"Fix: use one of the shipped tokenizers {', '.join(SHIPPED_TOKENIZERS)}, a folder holding tokenizer.json, "
                           "or a hub id such as 'lmsys/vicuna-7b-v1.5' (downloaded beforehand when offline).")
     else: folder = name
+    if missing := _missing_tokenizer_packages(folder):
+        raise ConfigError(f"{name!r} holds only a SentencePiece tokenizer.model, which needs {' and '.join(missing)}. "
+                          f"Fix: pip install {' '.join(missing)}.")
+    kwargs.setdefault("trust_remote_code", False)  # a tokenizer folder must never run code of its own
     try: tok = AutoTokenizer.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         raise ConfigError(f"cannot load the tokenizer {name!r}: {e}. Fix: check the folder or hub id; offline, "
                           f"download it first or use a shipped tokenizer ({', '.join(SHIPPED_TOKENIZERS)}).") from None
     if not getattr(tok, "is_fast", False):

@@ -232,6 +232,31 @@ def test_export_hf_identical_logits_and_greedy(mm, tmp_path):
     assert hf_answers == answers and all(answers)
 
 
+def test_export_hf_processor_pads_like_training(mm, tmp_path):
+    "A non-square (80x48) image: the exported processor pads with int(mean*255) as training does, so logits agree."
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor, CLIPImageProcessor, LlavaForConditionalGeneration
+    model, tok = mm
+    save_checkpoint(model, tmp_path / "ck", tokenizer=tok)
+    assert export_hf_cli([str(tmp_path / "ck"), str(tmp_path / "hf")]) == 0
+    pil = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8))
+    ours = model.encoders["image"].processor(pil)[None]
+    exact = AutoImageProcessor.from_pretrained(tmp_path / "hf", use_fast=False)(pil, return_tensors="pt").pixel_values
+    fast = AutoImageProcessor.from_pretrained(tmp_path / "hf")(pil, return_tensors="pt").pixel_values
+    torch.testing.assert_close(exact, ours, rtol=0, atol=1e-5)          # PIL backend: the same pixels
+    assert (fast - ours).abs().max() < 0.05                               # torchvision bicubic: within resampling noise
+    S = ours.shape[-1]
+    crop = CLIPImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S})(pil, return_tensors="pt").pixel_values
+    assert (crop - ours).abs().max() > 0.5                                # what the old centre-cropping export gave
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    b = _batch(model); ids, mask = b["input_ids"][:1], b["attention_mask"][:1]
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=mask, pixel_values=exact).logits
+        mine = model(input_ids=ids, attention_mask=mask, images=ours).logits
+    torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-5)
+
+
 def test_export_refuses_what_llava_cannot_hold(tmp_path):
     from qllava.core import ConfigError
     lin, _ = build_model(projector="linear", seed=0)
