@@ -10,18 +10,20 @@ from pathlib import Path
 from .core import ConfigError, DataError, QllavaError, asset
 
 # %% auto #0
-__all__ = ['STAGE_PRESETS', 'DEEPSPEED_PRESETS', 'CKPT_DIR', 'TrainConfig', 'resolve_config', 'resolve_batch', 'config_parser',
-           'parse_config', 'init_distributed', 'seed_everything', 'hardware_precision', 'deepspeed_config',
-           'apply_stage', 'trainable_summary', 'param_groups', 'media_settings', 'build_dataset', 'build_loader',
-           'build_eval_loader', 'RunLog', 'build_run', 'vqa_accuracy', 'evaluate_vqa', 'evaluate_loss',
-           'save_resumable', 'find_resume', 'load_resumable', 'train_loop', 'save_final', 'fit', 'load_lora_run',
-           'merge_lora', 'merge_lora_cli', 'train_cli']
+__all__ = ['STAGE_PRESETS', 'CHOICES', 'REPORTERS', 'FLAG_ALIASES', 'DEEPSPEED_PRESETS', 'PUBLISHED_GLOBAL_BATCH',
+           'ASPECT_RATIOS', 'CKPT_DIR', 'TrainConfig', 'infer_stage', 'report_targets', 'resolve_config',
+           'resolve_batch', 'config_parser', 'parse_config', 'init_distributed', 'seed_everything',
+           'hardware_precision', 'deepspeed_config', 'apply_stage', 'trainable_summary', 'param_groups',
+           'media_settings', 'build_dataset', 'build_loader', 'build_eval_loader', 'open_reporters', 'RunLog',
+           'flag_notes', 'step_schedule', 'set_aspect_ratio', 'build_run', 'vqa_accuracy', 'evaluate_vqa',
+           'evaluate_loss', 'save_resumable', 'find_resume', 'load_resumable', 'train_loop', 'save_final', 'fit',
+           'load_lora_run', 'merge_lora', 'merge_lora_cli', 'train_cli']
 
 # %% ../nbs/21_train.ipynb #07e1271e
 @dataclass
 class TrainConfig:
     "Every setting of a training run; field names are the original LLaVA flags, `None` = the stage preset's value."
-    stage: str = "finetune" # pretrain | finetune | lora | qlora
+    stage: str|None = None # pretrain | finetune | lora | qlora; default: from the original flags (--tune_mm_mlp_adapter: pretrain, --lora_enable: lora, with --bits 4: qlora), else finetune
     model_name_or_path: str = "preset:tiny-llama" # base LLM: hub id, local folder, preset:NAME, or a qllava checkpoint
     tokenizer: str|None = None # tokenizer name or folder; default: the model's own (llama-demo for presets)
     version: str|None = None # conversation template (plain for pretrain, v1 otherwise)
@@ -29,6 +31,7 @@ class TrainConfig:
     image_folder: str|None = None # folder the records' media paths are relative to
     eval_data_path: str|None = None # optional held-out records: eval loss every eval_steps
     eval_steps: int = 0 # run the held-out evaluation every N optimiser steps (0 = only at the end)
+    evaluation_strategy: str|None = None # no | steps | epoch (transformers' flag; --eval_strategy too): no = no held-out evaluation, epoch = after each epoch
     eval_questions: str|None = None # held-out VQA questions (JSONL): greedy closed / one-word accuracy at each evaluation
     eval_gt: str|None = None # their ground truth (Quilt-VQA style JSON: id, answer, answer_type, yes_no_answer)
     eval_max_new_tokens: int = 64 # answer length for that accuracy
@@ -40,7 +43,8 @@ class TrainConfig:
     mm_vision_select_feature: str = "patch" # patch | cls_patch
     mm_use_im_start_end: bool = False # wrap each media block in <im_start> / <im_end>
     mm_use_im_patch_token: bool = False # add the <im_patch> token to the tokenizer (LLaVA compatibility)
-    image_aspect_ratio: str = "pad" # pad (to square with the mean colour) | resize
+    image_aspect_ratio: str|None = None # pad (to square with the mean colour) | square (the original's default, also None: short side resized, centre crop) | resize (stretch); preset: square for pretrain, pad for stage 2
+    mm_patch_merge_type: str = "flat" # flat: one token per patch (LLaVA-1.5); LLaVA-NeXT's anyres merges are not supported
     group_by_modality_length: bool = False # modality-pure, length-grouped batches
     bf16: bool = False # bfloat16 training (only where the hardware has it)
     fp16: bool = False # float16 training (GPU only)
@@ -52,7 +56,8 @@ class TrainConfig:
     per_device_train_batch_size: int|None = None # micro-batch per rank; derived from the global batch when None
     gradient_accumulation_steps: int|None = None # derived from the global batch when None
     per_device_eval_batch_size: int = 4 # micro-batch for held-out evaluation
-    save_steps: int = 0 # save a resumable checkpoint every N optimiser steps (0 = only at the end)
+    save_strategy: str = "steps" # steps (every save_steps) | epoch (after each epoch) | no (only the final artifacts)
+    save_steps: float = 0 # save a resumable checkpoint every N optimiser steps (0 = only at the end; below 1 = that fraction of the run)
     save_total_limit: int = 1 # how many resumable checkpoints to keep
     learning_rate: float|None = None # peak learning rate
     weight_decay: float|None = None # AdamW weight decay
@@ -63,13 +68,21 @@ class TrainConfig:
     gradient_checkpointing: bool = False # recompute activations in the backward pass
     dataloader_num_workers: int = 0 # DataLoader worker processes
     lazy_preprocess: bool = True # tokenise on access (always on; kept for flag compatibility)
-    report_to: str = "none" # none (metrics go to metrics.jsonl); wandb / tensorboard when installed
+    report_to: str = "none" # none | tensorboard | wandb | all (comma-separated too); metrics.jsonl is always written
     lora_enable: bool|None = None # train LoRA adapters on the LLM's linear layers
     lora_r: int|None = None # LoRA rank
     lora_alpha: int|None = None # LoRA alpha
     lora_dropout: float = 0.05 # LoRA dropout
+    lora_bias: str = "none" # none | all | lora_only: which biases train with LoRA
     mm_projector_lr: float|None = None # separate projector learning rate (LoRA recipe: 2e-5)
     bits: int = 16 # 16 | 8 | 4 (4 = QLoRA base, needs bitsandbytes and CUDA)
+    double_quant: bool = True # QLoRA: also quantise the quantisation constants (bitsandbytes bnb_4bit_use_double_quant)
+    quant_type: str = "nf4" # QLoRA: nf4 | fp4 (bitsandbytes bnb_4bit_quant_type)
+    freeze_backbone: bool = False # keep the LLM frozen in stage 2 (only the projector, and LoRA adapters if any, train)
+    freeze_mm_mlp_adapter: bool = False # keep the projector frozen (stage 2 with a fixed stage-1 projector)
+    optim: str = "adamw_torch" # optimiser: adamw_torch (also adamw_hf, adamw_torch_fused): AdamW, betas (0.9, 0.999), eps 1e-8
+    attn_implementation: str|None = None # sdpa | eager | flash_attention_2 (default: flash_attention_2 on CUDA when installed, else sdpa)
+    cache_dir: str|None = None # Hugging Face cache folder to read hub models from (sets HF_HUB_CACHE for this run)
     deepspeed: str|None = "zero2" # zero2 | zero3 | zero3_offload | path to a DeepSpeed JSON | none
     seed: int = 42 # seeds python, numpy, torch and the sampler
     skip_bad_records: bool = False # drop records that fail validation (and report the counts) instead of refusing
@@ -80,26 +93,58 @@ class TrainConfig:
 
 # %% ../nbs/21_train.ipynb #2f57660a
 STAGE_PRESETS = {
-    "pretrain": dict(version="plain", tune_mm_mlp_adapter=True, lora_enable=False, global_batch_size=256,
+    "pretrain": dict(version="plain", tune_mm_mlp_adapter=True, lora_enable=False, global_batch_size=256, image_aspect_ratio="square",
                      learning_rate=1e-3, weight_decay=0.0, warmup_ratio=0.03, lr_scheduler_type="cosine",
                      num_train_epochs=1, model_max_length=2048),
-    "finetune": dict(version="v1", tune_mm_mlp_adapter=False, lora_enable=False, global_batch_size=128,
+    "finetune": dict(version="v1", tune_mm_mlp_adapter=False, lora_enable=False, global_batch_size=128, image_aspect_ratio="pad",
                      learning_rate=2e-5, weight_decay=0.0, warmup_ratio=0.03, lr_scheduler_type="cosine",
                      num_train_epochs=1, model_max_length=2048),
-    "lora": dict(version="v1", tune_mm_mlp_adapter=False, lora_enable=True, lora_r=128, lora_alpha=256,
+    "lora": dict(version="v1", tune_mm_mlp_adapter=False, lora_enable=True, lora_r=128, lora_alpha=256, image_aspect_ratio="pad",
                  global_batch_size=128, learning_rate=2e-4, mm_projector_lr=2e-5, weight_decay=0.0,
                  warmup_ratio=0.03, lr_scheduler_type="cosine", num_train_epochs=1, model_max_length=2048),
-    "qlora": dict(version="v1", tune_mm_mlp_adapter=False, lora_enable=True, lora_r=128, lora_alpha=256, bits=4,
+    "qlora": dict(version="v1", tune_mm_mlp_adapter=False, lora_enable=True, lora_r=128, lora_alpha=256, bits=4, image_aspect_ratio="pad",
                   global_batch_size=128, learning_rate=2e-4, mm_projector_lr=2e-5, weight_decay=0.0,
                   warmup_ratio=0.03, lr_scheduler_type="cosine", num_train_epochs=1, model_max_length=2048),
 }
 
+# the accepted values of the original flags that take one of a few words: flag -> allowed values
+CHOICES = {"evaluation_strategy": ("no", "steps", "epoch", None), "save_strategy": ("no", "steps", "epoch"),
+           "mm_patch_merge_type": ("flat",), "optim": ("adamw_torch", "adamw_hf", "adamw_torch_fused"),
+           "lora_bias": ("none", "all", "lora_only"), "quant_type": ("nf4", "fp4"),
+           "image_aspect_ratio": ("pad", "square", "None", "resize", "crop"),
+           "attn_implementation": (None, "sdpa", "eager", "flash_attention_2")}
+REPORTERS = ("tensorboard", "wandb")  # --report_to targets besides metrics.jsonl (`all` = both)
+
+def infer_stage(cfg:TrainConfig) -> str:
+    "The stage the original flags describe when `--stage` is not given (the original scripts never pass it)."
+    if cfg.stage is not None: return cfg.stage
+    if cfg.tune_mm_mlp_adapter: return "pretrain"
+    if cfg.lora_enable: return "qlora" if cfg.bits == 4 else "lora"
+    return "finetune"
+
+def report_targets(report_to:str) -> list[str]:
+    "The reporters `--report_to` names (`none` -> [], `all` -> every one); unknown names are refused."
+    names = [s.strip() for s in str(report_to or "none").replace(",", " ").split()]
+    if names in ([], ["none"]): return []
+    if names == ["all"]: return list(REPORTERS)
+    bad = [n for n in names if n not in REPORTERS]
+    if bad: raise ConfigError(f"--report_to {report_to}: unknown {', '.join(bad)}. Fix: use none, all, or any of {', '.join(REPORTERS)}.")
+    return names
+
 def resolve_config(cfg:TrainConfig) -> TrainConfig:
     "Fill every `None` from the stage preset; reject unknown stages and contradictory settings."
+    cfg = dataclasses.replace(cfg, stage=infer_stage(cfg))
     if cfg.stage not in STAGE_PRESETS:
         raise ConfigError(f"unknown stage {cfg.stage!r}. Fix: use one of {', '.join(STAGE_PRESETS)}.")
-    preset = STAGE_PRESETS[cfg.stage]
+    preset = dict(STAGE_PRESETS[cfg.stage])
+    if cfg.per_device_train_batch_size and cfg.gradient_accumulation_steps and cfg.global_batch_size is None:
+        preset.pop("global_batch_size")  # the user fixed per-device x accumulation (as the original scripts do): honour it
     cfg = dataclasses.replace(cfg, **{k: v for k, v in preset.items() if getattr(cfg, k) is None})
+    for k, allowed in CHOICES.items():
+        if getattr(cfg, k) not in allowed:
+            raise ConfigError(f"--{k} {getattr(cfg, k)}: qllava supports {', '.join(str(a) for a in allowed if a is not None)}. "
+                              f"Fix: pass one of those (or leave the flag out).")
+    report_targets(cfg.report_to)
     if cfg.stage == "pretrain" and cfg.lora_enable:
         raise ConfigError("stage pretrain trains the projector only; --lora_enable contradicts it. Fix: use --stage lora.")
     if cfg.tune_mm_mlp_adapter and cfg.lora_enable:
@@ -152,20 +197,32 @@ def _to_bool(s) -> bool:
     if str(s).lower() in ("0", "false", "no", "n", "off"): return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
 
-def _field_type(f):
-    t = str(f.type)
-    if "bool" in t: return _to_bool
-    if "int" in t and "float" not in t: return int
-    if "float" in t: return float
-    return str
+def _parse_type(hint):
+    "The argparse `type` for a field annotation (`int`, `float|None`, `bool|None`, ...): its first non-None member."
+    import types, typing
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else [hint]
+    t = args[0]
+    return _to_bool if t is bool else t
+
+# flags of the original scripts that name a TrainConfig field differently: alias -> field
+FLAG_ALIASES = {"eval_strategy": "evaluation_strategy"}
 
 def config_parser() -> argparse.ArgumentParser:
-    "An argparse parser with one `--flag` per `TrainConfig` field, described by the field's inline comment."
-    p = argparse.ArgumentParser(prog="qllava train", description="Train a LLaVA-style model (stage 1 or 2) on DeepSpeed.")
+    "An argparse parser with one `--flag` per `TrainConfig` field (also `--dashed-spelling`), helped by the field's comment and default."
+    import typing
+    from fastcore.docments import docments
+    from qllava.core import ArgumentParser
+    import qllava.train as this  # under `python -m qllava.train` this module is __main__, whose source docments cannot read
+    hints, docs = typing.get_type_hints(TrainConfig), docments(this.TrainConfig, full=False)
+    p = ArgumentParser(prog="qllava train", description="Train a LLaVA-style model (stage 1 or 2) on DeepSpeed. Flags are the "
+                       "original LLaVA scripts' names; a value left out takes the stage preset's (the published recipe).")
+    alias_of = {v: k for k, v in FLAG_ALIASES.items()}
     for f in fields(TrainConfig):
-        kw = dict(type=_field_type(f), default=None, dest=f.name)
-        if kw["type"] is _to_bool: kw.update(nargs="?", const=True)
-        p.add_argument(f"--{f.name}", **kw)
+        typ = _parse_type(hints[f.name])
+        kw = dict(type=typ, default=None, dest=f.name, metavar=typ.__name__.strip("_").upper() if typ is not _to_bool else "BOOL",
+                  help=f"{docs.get(f.name) or ''} (default: {'the stage preset' if f.default is None else repr(f.default)})".replace("%", "%%"))
+        if typ is _to_bool: kw.update(nargs="?", const=True)
+        p.add_argument(f"--{f.name}", *([f"--{alias_of[f.name]}"] if f.name in alias_of else []), **kw)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     return p
 
@@ -173,7 +230,11 @@ def parse_config(argv:list[str]|None=None) -> TrainConfig:
     "A `TrainConfig` from command-line flags (the original flag names)."
     ns, unknown = config_parser().parse_known_args(argv)
     if unknown:
-        raise ConfigError(f"unknown training flag(s) {' '.join(unknown)}. Fix: see `qllava train --help` for the flags.")
+        import difflib
+        known = [f.name for f in fields(TrainConfig)]
+        hints = [f"{u} (did you mean --{m[0]}?)" if (m := difflib.get_close_matches(u.lstrip("-").split("=")[0].replace("-", "_"), known, 1)) else u
+                 for u in unknown if u.startswith("-")] or unknown
+        raise ConfigError(f"unknown training flag(s) {', '.join(hints)}. Fix: see `qllava train --help` for the flags.")
     given = {k: v for k, v in vars(ns).items() if v is not None and k != "local_rank"}
     return TrainConfig(**given)
 
@@ -236,17 +297,21 @@ def deepspeed_config(name_or_path:str|None, # zero2 | zero3 | zero3_offload | a 
 def apply_stage(model, cfg:TrainConfig):
     "Freeze / unfreeze the model's parts for the stage, adding LoRA adapters when asked; returns the model."
     model.requires_grad_(False)
-    model.projectors.requires_grad_(True)
-    if cfg.tune_mm_mlp_adapter: return model
+    model.projectors.requires_grad_(not cfg.freeze_mm_mlp_adapter)
+    if cfg.tune_mm_mlp_adapter:
+        if cfg.freeze_mm_mlp_adapter: raise ConfigError("--tune_mm_mlp_adapter trains only the projector, which --freeze_mm_mlp_adapter freezes: nothing would learn. Fix: drop one of them.")
+        return model
     if cfg.lora_enable:
         from peft import LoraConfig, get_peft_model
         targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.llm.named_modules()
                           if type(m).__name__ in ("Linear", "Linear4bit", "Linear8bitLt") and "lm_head" not in n})
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=targets, bias="none", task_type="CAUSAL_LM")
+                          target_modules=targets, bias=cfg.lora_bias, task_type="CAUSAL_LM")
         model.llm = get_peft_model(model.llm, lcfg)
-    else:
+    elif not cfg.freeze_backbone:
         model.llm.requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("--freeze_backbone and --freeze_mm_mlp_adapter leave nothing to train. Fix: drop one, or add --lora_enable True.")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.llm.enable_input_require_grads() if hasattr(model.llm, "enable_input_require_grads") else None
@@ -365,18 +430,77 @@ def _to_device(batch:dict, device, blank:bool=False) -> dict:
             if k in out: out[k] = out[k].new_zeros(out[k].shape)
     return out
 
+def open_reporters(names:list[str], out:Path, cfg:TrainConfig|None=None) -> dict:
+    "The `--report_to` writers, opened on rank 0: tensorboard event files in `out/tensorboard`, a wandb run in `out/wandb`."
+    writers = {}
+    for name in names:
+        try:
+            if name == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+                writers[name] = SummaryWriter(log_dir=str(out / "tensorboard"))
+            elif name == "wandb":
+                import wandb
+                (out / "wandb").mkdir(parents=True, exist_ok=True)
+                writers[name] = wandb.init(project=os.environ.get("WANDB_PROJECT", "qllava"), name=out.name, dir=str(out),
+                                           config=asdict(cfg) if cfg is not None else None, reinit=True)
+        except ImportError as e:
+            raise ConfigError(f"--report_to {name} needs the {name} package ({e}). Fix: pip install {name}, or pass --report_to none.") from None
+    return writers
+
 class RunLog:
-    "Appends JSON lines to `metrics.jsonl` (rank 0) and prints the launcher's progress line for train steps."
-    def __init__(self, out:Path, rank:int, total_steps:int):
-        self.path, self.rank, self.total = out / "metrics.jsonl", rank, total_steps
+    "Appends JSON lines to `metrics.jsonl` (rank 0), mirrors them to the `--report_to` writers, prints the progress line."
+    def __init__(self, out:Path, rank:int, total_steps:int, writers:dict|None=None):
+        self.path, self.rank, self.total, self.writers = out / "metrics.jsonl", rank, total_steps, writers or {}
     def __call__(self, **rec):
         if self.rank != 0: return
         from qllava.launch import report_progress
         rec = {"time": round(time.time(), 3), **rec}
         with open(self.path, "a") as f: f.write(json.dumps(rec) + "\n")
+        scalars = {k: v for k, v in rec.items() if k not in ("time", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if "tensorboard" in self.writers:
+            for k, v in scalars.items(): self.writers["tensorboard"].add_scalar(f"train/{k}", v, rec.get("step", 0))
+        if "wandb" in self.writers: self.writers["wandb"].log({f"train/{k}": v for k, v in scalars.items()}, step=rec.get("step", 0))
         if "loss" in rec: report_progress(rec["step"], self.total, loss=round(rec["loss"], 4), lr=rec.get("lr"))
+    def close(self):
+        "Flush and close the writers."
+        for name, w in self.writers.items(): w.close() if name == "tensorboard" else w.finish()
+        self.writers = {}
 
 # %% ../nbs/21_train.ipynb #3c13815d
+PUBLISHED_GLOBAL_BATCH = {st: p["global_batch_size"] for st, p in STAGE_PRESETS.items()}
+
+def flag_notes(cfg:TrainConfig, world:int) -> list[str]:
+    "One line for each given flag that has no effect here or departs from the published recipe (logged at setup)."
+    notes = []
+    pub = PUBLISHED_GLOBAL_BATCH[cfg.stage]
+    if cfg.global_batch_size != pub:
+        notes.append(f"note: global batch {cfg.global_batch_size} ({cfg.per_device_train_batch_size} per device x "
+                     f"{cfg.gradient_accumulation_steps} accumulation x {world} ranks) differs from the published {pub} of stage {cfg.stage}.")
+    if not cfg.lazy_preprocess: notes.append("note: --lazy_preprocess False has no effect: records are always tokenised on access.")
+    if cfg.image_aspect_ratio != "pad" and "limu" in (cfg.vision_tower or ""):
+        notes.append(f"note: --image_aspect_ratio {cfg.image_aspect_ratio} has no effect on sensor windows.")
+    if cfg.bits == 16 and (cfg.quant_type != "nf4" or not cfg.double_quant):
+        notes.append("note: --double_quant / --quant_type only matter with --bits 4 (QLoRA).")
+    return notes
+
+def step_schedule(cfg:TrainConfig, steps_per_epoch:int, total:int) -> tuple[int,int]:
+    "(save a resumable checkpoint every N steps, evaluate every N steps) from the strategies; 0 = not before the end."
+    if cfg.save_strategy == "no": save = 0
+    elif cfg.save_strategy == "epoch": save = steps_per_epoch
+    else: save = math.ceil(cfg.save_steps * total) if 0 < cfg.save_steps < 1 else int(cfg.save_steps)  # HF: < 1 = a fraction
+    ev = {"no": 0, "epoch": steps_per_epoch}.get(cfg.evaluation_strategy, cfg.eval_steps)
+    return save, ev
+
+ASPECT_RATIOS = {"pad": "pad", "square": "crop", "None": "crop", "crop": "crop", "resize": "resize"}  # flag -> media.ImageProcessor's
+
+def set_aspect_ratio(model, image_aspect_ratio:str|None):
+    "Make every image encoder's processor pad, crop (the original's `square`) or stretch, as the run asks."
+    mode = ASPECT_RATIOS.get(str(image_aspect_ratio or "pad"), "pad")
+    for e in model.encoders.values():
+        if e.modality == "image": e.media = {**e.media, "aspect_ratio": mode}; e._processor = None
+    model.config.image_aspect_ratio = "pad" if mode == "pad" else str(image_aspect_ratio)
+    return model
+
 def build_run(cfg:TrainConfig, log=print) -> dict:
     "Setup: distributed state, resolved config, model with the stage applied, data loaders, DeepSpeed engine."
     import torch, deepspeed
@@ -395,8 +519,11 @@ def build_run(cfg:TrainConfig, log=print) -> dict:
         except ImportError: raise ConfigError("--bits 4 (QLoRA) needs bitsandbytes and a CUDA GPU. Fix: pip install 'qllava[gpu]' on a GPU machine, or use --stage lora.") from None
         if not torch.cuda.is_available(): raise ConfigError("--bits 4 (QLoRA) needs a CUDA GPU; this machine has none. Fix: use --stage lora here.")
     seed_everything(cfg.seed)
+    for note in flag_notes(cfg, world): log(note)
+    writers = open_reporters(report_targets(cfg.report_to), Path(cfg.output_dir), cfg) if rank == 0 else {}
     modality = "sensor" if "limu" in (cfg.vision_tower or "") else "image"
     model, tok = _load_model(cfg, modality)
+    set_aspect_ratio(model, cfg.image_aspect_ratio)
     if cfg.pretrain_mm_mlp_adapter:
         from qllava.checkpoint import load_projector
         load_projector(model, cfg.pretrain_mm_mlp_adapter)
@@ -414,6 +541,7 @@ def build_run(cfg:TrainConfig, log=print) -> dict:
         raise ConfigError(f"{len(keep)} records give {len(loader)} micro-batches of {per_device} per rank, fewer than the "
                           f"{accum} accumulation steps of one optimiser step (global batch {global_bs}). Fix: lower --global_batch_size.")
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_train_epochs)
+    save_every, eval_every = step_schedule(cfg, steps_per_epoch, total)
     groups = param_groups(model, cfg)
     opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
     sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
@@ -422,7 +550,8 @@ def build_run(cfg:TrainConfig, log=print) -> dict:
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
     return dict(cfg=cfg, rank=rank, world=world, model=model, engine=engine, tokenizer=tok, loader=loader, keep=keep,
                 sampler=sampler, eval_loader=eval_loader, steps_per_epoch=steps_per_epoch, total_steps=total,
-                ds_config=ds_cfg, data_counts=counts, modality=modality)
+                ds_config=ds_cfg, data_counts=counts, modality=modality, writers=writers, save_every=save_every,
+                eval_every=eval_every)
 
 def _load_model(cfg:TrainConfig, modality:str):
     "The model to train: a preset / hub LLM with a fresh projector, or a qllava checkpoint folder (stage 2 from stage 1)."
@@ -434,7 +563,8 @@ def _load_model(cfg:TrainConfig, modality:str):
         model, tok = load_model(p)
         return model, prepare_tokenizer(tok, use_im_start_end=cfg.mm_use_im_start_end)
     return build_model(llm=cfg.model_name_or_path, encoders={modality: cfg.vision_tower}, projector=cfg.mm_projector_type,
-                       tokenizer=cfg.tokenizer or "llama-demo", seed=cfg.seed, template=cfg.version,
+                       attn_implementation=cfg.attn_implementation,
+                       tokenizer=cfg.tokenizer, seed=cfg.seed, template=cfg.version,
                        select_layer=cfg.mm_vision_select_layer, select_feature=cfg.mm_vision_select_feature,
                        use_im_start_end=cfg.mm_use_im_start_end)
 
@@ -540,7 +670,7 @@ def train_loop(run:dict, log=print) -> dict:
     cfg, engine, rank = run["cfg"], run["engine"], run["rank"]
     loader, sampler, accum = run["loader"], run["sampler"], cfg.gradient_accumulation_steps
     out = Path(cfg.output_dir); out.mkdir(parents=True, exist_ok=True)
-    runlog = RunLog(out, rank, run["total_steps"])
+    runlog = RunLog(out, rank, run["total_steps"], run.get("writers"))
     step, epoch, micro_done = 0, 0, 0
     resume = find_resume(cfg)
     if resume is not None:
@@ -582,11 +712,11 @@ def train_loop(run:dict, log=print) -> dict:
                 dt = time.time() - t0
                 runlog(step=step, epoch=round(epoch + micro / per_epoch, 4), loss=last_loss, lr=engine.get_lr()[0],
                        samples_per_s=_all_sum(seen_samples) / dt, tokens_per_s=_all_sum(seen_tokens) / dt)
-            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < run["total_steps"]:
+            if run["eval_every"] and step % run["eval_every"] == 0 and step < run["total_steps"]:
                 heartbeat("held-out evaluation", step)
                 if run["eval_loader"] is not None: runlog(step=step, eval_loss=evaluate_loss(run))
                 if cfg.eval_questions: runlog(step=step, **evaluate_vqa(run))
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < run["total_steps"]:
+            if run["save_every"] and step % run["save_every"] == 0 and step < run["total_steps"]:
                 heartbeat("saving a resumable checkpoint", step)
                 done = micro + accum > per_epoch
                 save_resumable(run, step, epoch + done, 0 if done else micro)
@@ -599,6 +729,7 @@ def train_loop(run:dict, log=print) -> dict:
     if cfg.eval_questions:
         heartbeat("held-out questions", step)
         acc = evaluate_vqa(run); final.update(acc); runlog(step=step, **acc)
+    runlog.close()
     return final
 
 # %% ../nbs/21_train.ipynb #1bbcb05a
@@ -682,7 +813,9 @@ def merge_lora_cli(argv:list[str]|None=None) -> int:
 def train_cli(argv:list[str]|None=None) -> int:
     "`qllava train` / `python -m qllava.train`: one stage, configured by the original LLaVA flags."
     if argv is not None and any(a in ("-h", "--help") for a in argv): config_parser().print_help(); return 0
-    fit(parse_config(argv))
+    cfg = parse_config(argv)
+    if cfg.cache_dir: os.environ["HF_HUB_CACHE"] = str(Path(cfg.cache_dir).expanduser())  # before transformers is imported
+    fit(cfg)
     return 0
 
 # %% ../nbs/21_train.ipynb #d70af1f9

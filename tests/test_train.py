@@ -61,10 +61,21 @@ def losses(run_dir):
 def projector(data, tmp_path_factory):
     "A stage-1 run (1 process, no launcher): only the projector may change."
     out = tmp_path_factory.mktemp("pretrain")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "qllava.train", *flags(data, out, "pretrain", save_steps=2, save_total_limit=1)],
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    subprocess.run([sys.executable, "-m", "qllava.train", *flags(data, out, "pretrain", save_steps=2, save_total_limit=1,
+                                                                report_to="tensorboard,wandb")],
                    check=True, env=env, capture_output=True, text=True)
     return out
+
+
+def test_report_to_tensorboard_and_wandb_get_the_same_losses(projector):
+    "--report_to (the original scripts pass wandb): every logged loss reaches tensorboard and an offline wandb run."
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(str(next((projector / "tensorboard").glob("events.out.tfevents.*")))); ev.Reload()
+    tb = [round(e.value, 4) for e in ev.Scalars("train/loss")]
+    assert tb and tb == [round(x, 4) for x in losses(projector)]
+    runs = list((projector / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
 def test_stage1_changes_only_the_projector(projector):
