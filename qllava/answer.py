@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, json, math, os, sys, time, uuid
 from pathlib import Path
-from .core import CheckpointError, ConfigError, DataError, QllavaError
+from .core import CheckpointError, ConfigError, DataError, QllavaError, ArgumentParser
 
 # %% auto #0
 __all__ = ['MEDIA_KEYS', 'CONV_MODES', 'short_uuid', 'read_questions', 'question_modality', 'get_chunk', 'repair_tail',
@@ -336,7 +336,7 @@ _CLI_FLAGS = {"batch_size": "--batch-size", "max_new_tokens": "--max_new_tokens"
 # %% ../nbs/33_answer.ipynb #f2f4d425
 def answer_cli(argv:list[str]|None=None) -> int:
     "`qllava answer`: answer a question JSONL with a checkpoint (the original model_vqa flags, batched and resumable)."
-    ap = argparse.ArgumentParser(prog="qllava answer", description=answer_cli.__doc__)
+    ap = ArgumentParser(prog="qllava answer", description=answer_cli.__doc__)
     ap.add_argument("--model-path", required=True, help="qllava checkpoint (or LoRA run) folder")
     ap.add_argument("--model-base", default=None, help=argparse.SUPPRESS)  # original flag; a qllava folder knows its base
     ap.add_argument("--question-file", required=True, help="question JSONL: question_id, image | sensor, text")

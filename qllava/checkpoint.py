@@ -8,7 +8,7 @@ import json, re
 from pathlib import Path
 import torch
 from torch import nn
-from .core import CheckpointError, ConfigError
+from .core import CheckpointError, ConfigError, ArgumentParser
 from .presets import default_tokenizer
 
 # %% auto #0
@@ -390,7 +390,7 @@ def export_hf(model, # a QllavaForCausalLM with one CLIP-family image encoder an
 def import_llava_cli(argv:list[str]|None=None) -> int:
     "qllava import-llava: convert an original LLaVA checkpoint folder into a qllava checkpoint."
     import argparse
-    ap = argparse.ArgumentParser(prog="qllava import-llava", description=import_llava.__doc__)
+    ap = ArgumentParser(prog="qllava import-llava", description=import_llava.__doc__)
     ap.add_argument("folder", help="original LLaVA checkpoint folder (config.json with mm_* fields + weights)")
     ap.add_argument("out_dir", help="qllava checkpoint folder to write")
     ap.add_argument("--encoder", help="encoder spec overriding mm_vision_tower (e.g. hf-clip:/path/to/clip)")
@@ -405,7 +405,7 @@ def import_llava_cli(argv:list[str]|None=None) -> int:
 def export_hf_cli(argv:list[str]|None=None) -> int:
     "qllava export-hf: write a qllava checkpoint as a transformers LlavaForConditionalGeneration folder."
     import argparse
-    ap = argparse.ArgumentParser(prog="qllava export-hf", description=export_hf.__doc__)
+    ap = ArgumentParser(prog="qllava export-hf", description=export_hf.__doc__)
     ap.add_argument("checkpoint", help="qllava checkpoint folder")
     ap.add_argument("out_dir", help="transformers Llava folder to write")
     a = ap.parse_args(argv)
@@ -418,7 +418,7 @@ def export_hf_cli(argv:list[str]|None=None) -> int:
 def extract_projector_cli(argv:list[str]|None=None) -> int:
     "qllava extract-projector: write mm_projector.bin/.safetensors (original key names) from a qllava checkpoint."
     import argparse
-    ap = argparse.ArgumentParser(prog="qllava extract-projector", description=extract_projector_cli.__doc__)
+    ap = ArgumentParser(prog="qllava extract-projector", description=extract_projector_cli.__doc__)
     ap.add_argument("checkpoint", help="qllava checkpoint folder")
     ap.add_argument("out_dir", help="folder for mm_projector.bin and mm_projector.safetensors")
     ap.add_argument("--modality", default=None, help="whose projector (image or sensor; default: the model's first)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, os, re, shlex, shutil, socket, sys, time
 from dataclasses import dataclass, field, replace, asdict
 from pathlib import Path
-from .core import ConfigError, LaunchError
+from .core import ConfigError, LaunchError, ArgumentParser
 
 # %% auto #0
 __all__ = ['PROGRESS_PREFIX', 'RUN_DIR_ENV', 'BACKEND_ENV', 'LAUNCHERS', 'DEFAULT_PORT', 'progress_line', 'parse_progress',
@@ -586,7 +586,7 @@ def launch_cli(argv:list[str]|None=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     entry = argv[argv.index("--")+1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    ap = argparse.ArgumentParser(prog="qllava launch", description=launch_cli.__doc__,
+    ap = ArgumentParser(prog="qllava launch", description=launch_cli.__doc__,
                                  epilog="Everything after -- is the entry, as after `python`: -m qllava.train --stage finetune")
     ap.add_argument("--run-dir", required=True, help="run folder (launch.log, progress.jsonl, heartbeat/)")
     ap.add_argument("--launcher", default="deepspeed", choices=LAUNCHERS)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, json, math, re, sys
 from collections import Counter
 from pathlib import Path
-from .core import DataError
+from .core import DataError, ArgumentParser
 
 # %% auto #0
 __all__ = ['CONTRACTIONS', 'NUMBER_WORDS', 'ARTICLES', 'PUNCT', 'BLEU_WEIGHTS', 'normalize_answer', 'exact_match',
@@ -253,7 +253,7 @@ def format_metrics(m:dict) -> str:
 
 def metrics_cli(argv:list[str]|None=None) -> int:
     "`qllava metrics`: VQA metrics of an answers file against ground truth."
-    ap = argparse.ArgumentParser(prog="qllava metrics", description="VQA metrics (exact match, F1, BLEU, yes/no and multiple-choice accuracy) as published.")
+    ap = ArgumentParser(prog="qllava metrics", description="VQA metrics (exact match, F1, BLEU, yes/no and multiple-choice accuracy) as published.")
     ap.add_argument("--gt", required=True, help="ground truth: JSON list or JSONL with id, answer (or conversations), answer_type")
     ap.add_argument("--pred", required=True, help="answers JSONL with question_id and text")
     ap.add_argument("--quilt", action="store_true", help="closed questions use the yes_no_answer field (Quilt-VQA)")

@@ -8,7 +8,7 @@ import argparse, asyncio, json, os, re, sys, threading, time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from .core import DataError, ConfigError
+from .core import DataError, ConfigError, ArgumentParser
 
 # %% auto #0
 __all__ = ['DEFAULT_SYSTEM', 'DEFAULT_RULE', 'KEY_VARS', 'ReviewPrompt', 'load_prompt', 'build_content', 'parse_scores',
@@ -365,7 +365,7 @@ class LocalJudge:
 # %% ../nbs/31_review.ipynb #c90a5c40
 def review_cli(argv:list[str]|None=None) -> int:
     "`qllava review`: LLM-judge review of a model's answers against reference answers."
-    ap = argparse.ArgumentParser(prog="qllava review", description="Ask a judge model to score reference and model answers (resumable).")
+    ap = ArgumentParser(prog="qllava review", description="Ask a judge model to score reference and model answers (resumable).")
     ap.add_argument("-q", "--question", required=True, help="questions JSONL (question_id, text, category)")
     ap.add_argument("-c", "--context", required=True, help="context captions JSONL (question_id, text)")
     ap.add_argument("-a", "--answer-list", nargs=2, required=True, metavar=("REF", "OURS"), help="reference answers and model answers JSONL")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, os, shlex, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from .core import ConfigError, QllavaError
+from .core import ConfigError, QllavaError, ArgumentParser
 
 # %% auto #0
 __all__ = ['TRAIN_PARAMETERS', 'ALLOWED_PARAMETERS', 'SECRET_NAMES', 'DEMO_ENCODERS', 'DEMO_DATA', 'SENSOR_EPOCHS',
@@ -304,7 +304,7 @@ def list_runs(runs_dir="runs"):
 def runs_cli(argv:list[str]|None=None) -> int:
     "`qllava runs [RUNS_DIR] [--json]`: list and compare run folders."
     import argparse
-    p = argparse.ArgumentParser(prog="qllava runs", description="List and compare the runs under a folder.")
+    p = ArgumentParser(prog="qllava runs", description="List and compare the runs under a folder.")
     p.add_argument("runs_dir", nargs="?", default="runs"); p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     df = list_runs(a.runs_dir)

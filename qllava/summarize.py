@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, json, sys
 from pathlib import Path
-from .core import DataError
+from .core import DataError, ArgumentParser
 
 # %% auto #0
 __all__ = ['summarize_reviews', 'summary_table', 'plot_summary', 'summarize_files', 'summarize_cli']
@@ -87,7 +87,7 @@ def summarize_files(reviews_file, # reviews JSONL
 
 def summarize_cli(argv:list[str]|None=None) -> int:
     "`qllava summarize`: judge-review summary per category, subspecialty and overall."
-    ap = argparse.ArgumentParser(prog="qllava summarize", description="Mean judge scores (x10) and relative score per category, subspecialty and overall.")
+    ap = ArgumentParser(prog="qllava summarize", description="Mean judge scores (x10) and relative score per category, subspecialty and overall.")
     ap.add_argument("reviews", help="reviews JSONL (qllava review, or a published review file)")
     ap.add_argument("--captions", default=None, help="captions JSONL with question_id and type (subspecialty)")
     ap.add_argument("--json", action="store_true", help="print one JSON object keyed by category, subspecialty and all")

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import itertools, json, math, os, re, shlex, subprocess, sys, time
 from pathlib import Path
-from .core import ConfigError, QllavaError
+from .core import ConfigError, QllavaError, ArgumentParser
 
 # %% auto #0
 __all__ = ['SWEEP_PARAMETERS', 'SWEPT', 'SWEEP_OWNS', 'METRICS', 'EVAL_OWNS', 'LAUNCHERS', 'LORA_STAGES', 'STAGE1_KEYS',
@@ -443,7 +443,7 @@ def stage1_for_sweep(sweep_dir, log=print) -> dict:
 def sweep_cli(argv:list[str]|None=None) -> int:
     "`qllava sweep run|task|stage1|status`: run, continue or inspect a hyperparameter sweep."
     import argparse
-    p = argparse.ArgumentParser(prog="qllava sweep", description="Hyperparameter sweeps over the train notebook.")
+    p = ArgumentParser(prog="qllava sweep", description="Hyperparameter sweeps over the train notebook.")
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("run", help="run a sweep from a JSON file of sweep parameters"); a.add_argument("params")
     a = sub.add_parser("task", help="run one combination (Slurm array task)"); a.add_argument("sweep_dir"); a.add_argument("index", type=int)

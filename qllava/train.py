@@ -804,7 +804,8 @@ def merge_lora(run_dir, # output_dir of a LoRA run
 
 def merge_lora_cli(argv:list[str]|None=None) -> int:
     "`qllava merge-lora RUN_DIR OUT_DIR`"
-    p = argparse.ArgumentParser(prog="qllava merge-lora", description="Merge a LoRA run's adapters into a full checkpoint.")
+    from qllava.core import ArgumentParser
+    p = ArgumentParser(prog="qllava merge-lora", description="Merge a LoRA run's adapters into a full checkpoint.")
     p.add_argument("run_dir"); p.add_argument("out_dir")
     a = p.parse_args(argv)
     merge_lora(a.run_dir, a.out_dir); print(f"merged checkpoint written to {a.out_dir}")

@@ -8,7 +8,7 @@ import json, os, sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from .core import DataError, ConfigError
+from .core import DataError, ConfigError, ArgumentParser
 
 # %% auto #0
 __all__ = ['KINDS', 'Problem', 'ValidationReport', 'read_records', 'media_refs', 'check_structure', 'resolve_media',
@@ -504,7 +504,7 @@ def _demo_jobs(modality:str) -> list:
 def validate_data_cli(argv:list[str]|None=None) -> int:
     "`qllava validate-data`: check data sets, print every problem; exit 1 when errors were found."
     import argparse
-    ap = argparse.ArgumentParser(prog="qllava validate-data",
+    ap = ArgumentParser(prog="qllava validate-data",
         description="Check LLaVA-format data before training: every problem with file, record, id and fix.")
     ap.add_argument("data", nargs="*", help="data file(s): a JSON list or JSONL of records")
     ap.add_argument("--media-folder", help="folder the media paths are relative to (default: the data file's folder)")

@@ -99,3 +99,17 @@ def test_help_explains_every_flag():
     assert "(default: the stage preset)" in flat and "(default: 'zero2')" in flat
     assert "peak learning rate" in flat and "--per-device-train-batch-size" in flat
     assert train_cli(["--help"]) == 0
+
+
+def test_every_command_takes_both_spellings_and_no_abbreviations(capsys):
+    "The original scripts write --image_folder, our docs --media-folder: either spelling works, for every command."
+    from qllava.validate import validate_data_cli
+    from qllava.metrics import metrics_cli
+    d = demo_paths("pathology")
+    outs = []
+    for spelling in ("--media-folder", "--media_folder"):
+        assert validate_data_cli([str(d["pretrain"]), spelling, str(d["media_folder"]), "--template", "plain", "--max_length", "512"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0]
+    with pytest.raises(SystemExit): metrics_cli(["--gt", str(d["eval_gt"]), "--pre", "x.jsonl"])  # --pre is not --pred
+    assert "required: --pred" in capsys.readouterr().err
