@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from .core import CheckpointError, ConfigError, ArgumentParser
-from .presets import default_tokenizer
+from .presets import default_tokenizer, save_tokenizer
 
 # %% auto #0
 __all__ = ['MANIFEST', 'COMPONENTS', 'LLAVA_LLM_TYPES', 'load_state_file', 'load_folder_weights', 'make_manifest',
@@ -177,7 +177,7 @@ def save_checkpoint(model, # a QllavaForCausalLM
     PreTrainedModel.save_pretrained(model, folder, state_dict=sd, max_shard_size=max_shard_size, **kwargs)
     if "projectors" in comps:
         for m in model.projectors: save_projector(model, folder, m)
-    if tokenizer is not None: tokenizer.save_pretrained(folder)
+    if tokenizer is not None: save_tokenizer(tokenizer, folder)  # loads back identical (its legacy flag kept)
     files = [p.name for p in folder.iterdir() if p.name != MANIFEST]
     (folder / MANIFEST).write_text(json.dumps(make_manifest(model, stage, comps, files, tokenizer is not None), indent=1))
     return folder
@@ -384,6 +384,7 @@ def export_hf(model, # a QllavaForCausalLM with one CLIP-family image encoder an
                               vision_feature_select_strategy=cfg.vision_feature_select_strategy, image_token="<image>",
                               num_additional_image_tokens=1)
         proc.save_pretrained(out_dir)
+        save_tokenizer(tokenizer, out_dir)  # the processor's copy would lose the tokenizer's legacy flag
     return out_dir
 
 # %% ../nbs/14_checkpoint.ipynb #66a3c526

@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "sweep": ("qllava.sweep:sweep_cli", "hyperparameter sweeps of the train notebook: local (sequential / parallel) or a Slurm job array"),
     "runs": ("qllava.runs:runs_cli", "list and compare run folders"),
     "make-demo": ("qllava.demo:make_demo_cli", "rebuild the shipped demo data and tokenizers from PyPI-packaged sources"),
+    "make-testbed": ("qllava.testbed:make_testbed_cli", "build an offline hub cache of shrunk stand-ins of the recipe's hub models (Vicuna v1.5 with its real tokenizer, QuiltNet-B-32, CLIP-L/14-336)"),
 }
 
 def usage() -> str:

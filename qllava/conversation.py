@@ -121,7 +121,7 @@ def _render_two(t, turns):
     out = [Span(t.system + t.sep, False, "system")]
     for i in range(0, len(turns), 2):
         out.append(Span(f"{t.roles[0]}: {turns[i]}{t.sep}{t.roles[1]}:", False, "human"))
-        if i + 1 < len(turns): out += [Span(" ", False, "human"), Span(turns[i+1] + t.sep2, True, "gpt")]
+        if i + 1 < len(turns): out.append(Span(" " + turns[i+1] + t.sep2, True, "gpt"))
     return out
 
 def _render_llama_2(t, turns):
@@ -130,7 +130,7 @@ def _render_llama_2(t, turns):
         q = turns[i]
         if i == 0 and t.system: q = f"<<SYS>>\n{t.system}\n<</SYS>>\n\n{q}"
         out.append(Span(("" if i == 0 else t.sep) + f"[INST] {q} [/INST]", False, "human"))
-        if i + 1 < len(turns): out += [Span(" ", False, "human"), Span(f"{turns[i+1]} {t.sep2}", True, "gpt")]
+        if i + 1 < len(turns): out.append(Span(f" {turns[i+1]} {t.sep2}", True, "gpt"))
     return out
 
 def _render_mpt(t, turns):

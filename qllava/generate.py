@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from .core import ConfigError, DataError
 from .model import MEDIA_BATCH_KEYS
+from .tokenize import encode_chunked
 
 # %% auto #0
 __all__ = ['expand_media_tokens', 'encode_prompts', 'collect_media', 'generation_config', 'cut_at_stop', 'answer_batch']
@@ -32,7 +33,8 @@ def encode_prompts(tokenizer, # tokenizer prepared with the media tokens
     "Tokenize prompts, expand media placeholders, pad on the left."
     if config.use_im_start_end: prompts = [p if "<im_start>" in p else _wrap_all(p, config) for p in prompts]
     n = {config.media_token_ids[m]: config.encoder_num_tokens[m] for m in config.media_token_ids}
-    seqs = [expand_media_tokens(torch.tensor(x, dtype=torch.long), n) for x in tokenizer(list(prompts)).input_ids]
+    # tokenised as in training (and as the original's model_vqa): chunk by chunk around the placeholders
+    seqs = [expand_media_tokens(torch.tensor(x, dtype=torch.long), n) for x, _, _ in encode_chunked(tokenizer, list(prompts))]
     L = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), L), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)

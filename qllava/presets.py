@@ -9,11 +9,11 @@ from pathlib import Path
 from .core import ConfigError, assets_dir, asset
 
 # %% auto #0
-__all__ = ['SHIPPED_TOKENIZERS', 'DEMO_MODALITIES', 'default_tokenizer', 'load_tokenizer', 'preset_names', 'get_preset',
-           'llama_param_count', 'demo_paths']
+__all__ = ['SHIPPED_TOKENIZERS', 'SPM_PREFIX', 'DEMO_MODALITIES', 'default_tokenizer', 'load_tokenizer', 'save_tokenizer',
+           'preset_names', 'get_preset', 'llama_param_count', 'demo_paths']
 
 # %% ../nbs/02_presets.ipynb #169e0ccc
-SHIPPED_TOKENIZERS = ("llama-demo", "bytebpe-demo")
+SHIPPED_TOKENIZERS = ("llama-demo", "bytebpe-demo", "llama2-spm")  # llama2-spm: the real LLaMA-2 / Vicuna v1.5 vocabulary
 
 def default_tokenizer(llm:str, # the LLM: `preset:NAME`, a hub id or a folder
                      ) -> str:
@@ -22,12 +22,27 @@ def default_tokenizer(llm:str, # the LLM: `preset:NAME`, a hub id or a folder
 
 def _missing_tokenizer_packages(folder:str) -> list[str]:
     "Packages a SentencePiece-only folder (tokenizer.model, no tokenizer.json) needs that are not installed."
-    import importlib.util
+    import importlib
     p = Path(folder)
     if not p.is_dir() or (p / "tokenizer.json").exists() or not (p / "tokenizer.model").exists(): return []
-    need = {"sentencepiece": "sentencepiece", "google.protobuf": "protobuf"}
-    return [pkg for mod, pkg in need.items() if importlib.util.find_spec(mod.split(".")[0]) is None
-            or (mod == "google.protobuf" and importlib.util.find_spec(mod) is None)]
+    missing = []
+    for mod, pkg in {"sentencepiece": "sentencepiece", "google.protobuf": "protobuf"}.items():
+        try: importlib.import_module(mod)
+        except ImportError: missing.append(pkg)
+    return missing
+
+def _tokenizer_config(folder:str) -> dict:
+    "The tokenizer_config.json of a local folder or a cached hub id ({} when there is none)."
+    p = Path(folder) / "tokenizer_config.json"
+    if not p.is_file():
+        try:
+            from transformers.utils import cached_file
+            p = cached_file(folder, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+        except Exception: p = None  # not cached / not a hub id: AutoTokenizer below says what is wrong
+        if p is None: return {}
+    try: return json.loads(Path(p).read_text())
+    except (OSError, json.JSONDecodeError): return {}
 
 def load_tokenizer(name_or_path:str="llama-demo", # a shipped name, a local tokenizer folder, or a hub id
                    **kwargs, # passed on to `AutoTokenizer.from_pretrained`
@@ -46,6 +61,9 @@ def load_tokenizer(name_or_path:str="llama-demo", # a shipped name, a local toke
         raise ConfigError(f"{name!r} holds only a SentencePiece tokenizer.model, which needs {' and '.join(missing)}. "
                           f"Fix: pip install {' '.join(missing)}.")
     kwargs.setdefault("trust_remote_code", False)  # a tokenizer folder must never run code of its own
+    tcfg = _tokenizer_config(folder)
+    if "legacy" not in tcfg and str(tcfg.get("tokenizer_class", "")).startswith("LlamaTokenizer"):
+        kwargs.setdefault("legacy", True)  # no `legacy` key: the original LLaVA's transformers (4.37) then uses legacy=True
     try: tok = AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, ImportError) as e:
         raise ConfigError(f"cannot load the tokenizer {name!r}: {e}. Fix: check the folder or hub id; offline, "
@@ -53,7 +71,62 @@ def load_tokenizer(name_or_path:str="llama-demo", # a shipped name, a local toke
     if not getattr(tok, "is_fast", False):
         raise ConfigError(f"the tokenizer {name!r} is not a fast tokenizer; qllava computes labels from token offsets. "
                           "Fix: provide a folder with tokenizer.json.")
+    if not _tokenizer_file(folder, "tokenizer.json") and (spm := _tokenizer_file(folder, "tokenizer.model")):
+        _merges_by_score(tok, spm)
+        tok.init_kwargs[SPM_PREFIX] = True
+    elif tcfg.get(SPM_PREFIX): tok.init_kwargs[SPM_PREFIX] = True
     return tok
+
+# marks a tokenizer built from a SentencePiece tokenizer.model: SentencePiece (the original's slow tokenizer) gives text
+# that starts with a space a prefix "▁" too, a `tokenizers` Metaspace does not (`tokenize.encode_chunked` adds it)
+SPM_PREFIX = "qllava_sentencepiece_prefix"
+
+def _tokenizer_file(folder:str, name:str) -> Path|None:
+    "`name` inside a local folder or a cached hub repo, if it is there."
+    p = Path(folder) / name
+    if p.is_file(): return p
+    try:
+        from transformers.utils import cached_file
+        f = cached_file(folder, name, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    except Exception: return None  # not a hub id in the cache
+    return Path(f) if f else None
+
+def _merges_by_score(tok, spm_file:Path):
+    "Rank a SentencePiece BPE's merges by piece score, as SentencePiece does (transformers 5 converts them by piece id)."
+    # written by hand: no library converts tokenizer.model to a `tokenizers` BPE with score-ranked merges (measured: transformers
+    # 5.24's conversion splits runs of spaces unlike SentencePiece, e.g. "tissue  nuclei" -> ▁▁ n uc lei instead of ▁ ▁nuclei)
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers.models import BPE
+    from transformers.tokenization_utils_base import generate_merges
+    backend = tok.backend_tokenizer
+    if type(backend.model).__name__ != "BPE": return tok
+    m = pb.ModelProto(); m.ParseFromString(Path(spm_file).read_bytes())
+    if m.trainer_spec.model_type != m.trainer_spec.BPE: return tok
+    vocab = {p.piece: i for i, p in enumerate(m.pieces)}
+    scores = {p.piece: p.score for p in m.pieces if p.type in (p.NORMAL, p.USER_DEFINED)}
+    backend.model = BPE(vocab=vocab, merges=generate_merges(vocab, scores), unk_token=m.pieces[m.trainer_spec.unk_id].piece,
+                        fuse_unk=True, byte_fallback=m.trainer_spec.byte_fallback)
+    return tok
+
+# %% ../nbs/02_presets.ipynb #3391c855
+_PROBE = "USER: <image>\nHello world 2023 ASSISTANT: 2023 yes</s>USER: x\n\n  y ASSISTANT: é µm ok</s>"
+
+def save_tokenizer(tokenizer, # the (prepared) tokenizer a model trained with
+                   folder, # where to write it (a checkpoint folder)
+                  ) -> Path:
+    "`tokenizer.save_pretrained(folder)` plus the flags that make it load back identical (checked on a probe text)."
+    folder = Path(folder); tokenizer.save_pretrained(str(folder))
+    f = folder / "tokenizer_config.json"
+    cfg = json.loads(f.read_text())
+    for k in ("legacy", "add_prefix_space"):
+        if getattr(tokenizer, k, None) is not None: cfg[k] = getattr(tokenizer, k)
+    if tokenizer.init_kwargs.get(SPM_PREFIX): cfg[SPM_PREFIX] = True  # built from a tokenizer.model (see load_tokenizer)
+    f.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    again = load_tokenizer(str(folder))
+    if again(_PROBE).input_ids != tokenizer(_PROBE).input_ids:
+        raise ConfigError(f"{folder}: the saved tokenizer does not load back identical ({type(tokenizer).__name__}). "
+                          "Fix: report this with the tokenizer's source; pass --tokenizer explicitly when loading the checkpoint.")
+    return folder
 
 # %% ../nbs/02_presets.ipynb #750ab7c9
 def preset_names() -> list[str]:

@@ -11,7 +11,7 @@ from .conversation import (MEDIA_PLACEHOLDERS, IM_START, IM_END, IM_PATCH, Templ
                                  get_template, render, spans_text)
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'prepare_tokenizer', 'media_token_id', 'TokenizedSample', 'tokenize_conversation',
+__all__ = ['IGNORE_INDEX', 'prepare_tokenizer', 'media_token_id', 'TokenizedSample', 'encode_chunked', 'tokenize_conversation',
            'tokenize_conversations']
 
 # %% ../nbs/04_tokenize.ipynb #1e3c327d
@@ -112,13 +112,60 @@ def _expand(ids:np.ndarray, sup:np.ndarray, tokenizer, n_media_tokens:dict, max_
             counts, dropped, cut < len(ids))
 
 # %% ../nbs/04_tokenize.ipynb #e6378d59
-def _encode(tokenizer, texts:list[str]) -> list[tuple]:
+def _encode_whole(tokenizer, texts:list[str]) -> list[tuple]:
     "[(ids, offsets, special_tokens_mask)] of each text, special tokens (BOS ...) added as the tokenizer does."
     bt = getattr(tokenizer, "backend_tokenizer", None)
     if bt is not None and bt.padding is None and bt.truncation is None:
         return [(e.ids, e.offsets, e.special_tokens_mask) for e in bt.encode_batch(texts, add_special_tokens=True)]
     enc = tokenizer(texts, return_offsets_mapping=True, return_special_tokens_mask=True, add_special_tokens=True)
     return list(zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]))
+
+# %% ../nbs/04_tokenize.ipynb #76f9036f
+from .conversation import _PLACEHOLDER_RE
+
+def _dummy_prefix(tokenizer) -> bool:
+    "Whether the tokenizer stands for a SentencePiece model (built from tokenizer.model) whose Metaspace adds the prefix `▁`."
+    import json as _json
+    from qllava.presets import SPM_PREFIX
+    if not tokenizer.init_kwargs.get(SPM_PREFIX): return False  # a tokenizer.json tokenizer: the original used it as it is
+    pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+    if pre is None: return False
+    d = _json.loads(pre.__getstate__() if isinstance(pre.__getstate__(), str) else pre.__getstate__().decode())
+    parts = d.get("pretokenizers", [d])
+    return any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never" for p in parts)
+
+def encode_chunked(tokenizer, # fast tokenizer passed through `prepare_tokenizer`
+                   texts:list[str], # prompt texts with media placeholders
+                  ) -> list[tuple]: # [(ids, offsets, special_tokens_mask)] per text
+    "Tokenize as the original's `tokenizer_image_token`: each chunk between media placeholders on its own, one BOS, one id per placeholder."
+    added = tokenizer.get_added_vocab()
+    if any(p not in added for t in texts for p in _PLACEHOLDER_RE.findall(t)):
+        raise ConfigError("the tokenizer has no media placeholder tokens. Fix: call qllava.tokenize.prepare_tokenizer(tokenizer) first.")
+    pieces, chunks = [], []                                     # per text: [(chunk start, placeholder text or None)]
+    for t in texts:
+        start, parts = 0, []
+        for m in _PLACEHOLDER_RE.finditer(t):
+            parts.append((start, t[start:m.start()], None)); parts.append((m.start(), m.group(0), m.group(0))); start = m.end()
+        parts.append((start, t[start:], None))
+        pieces.append(parts); chunks += [c for _, c, ph in parts if ph is None]
+    # SentencePiece gives every chunk a dummy-prefix "▁", also before a leading space; a `tokenizers` Metaspace adds none to
+    # text that starts with a space. An extra space in front makes the same pieces (written by hand: no tokenizers option does it)
+    lead = _dummy_prefix(tokenizer)
+    extra = [lead and c.startswith(" ") for c in chunks]
+    encoded, out, k = _encode_whole(tokenizer, [" " + c if x else c for c, x in zip(chunks, extra)]), [], 0
+    for parts in pieces:
+        ids, offs, special, drop = [], [], [], 0
+        for j, (start, text, ph) in enumerate(parts):
+            if ph is not None:
+                ids.append(added[ph]); offs.append((start, start + len(text))); special.append(1); continue
+            e_ids, e_offs, e_sp = encoded[k]
+            if extra[k]: e_offs = [(max(a - 1, 0), max(b - 1, 1 if s == 0 else 0)) for (a, b), s in zip(e_offs, e_sp)]
+            k += 1
+            if j == 0: drop = 1 if e_ids and e_ids[0] == tokenizer.bos_token_id else 0   # later chunks lose their BOS
+            else: e_ids, e_offs, e_sp = e_ids[drop:], e_offs[drop:], e_sp[drop:]
+            ids += list(e_ids); offs += [(a + start, b + start) for a, b in e_offs]; special += list(e_sp)
+        out.append((ids, offs, special))
+    return out
 
 # %% ../nbs/04_tokenize.ipynb #2d34816b
 def _finish(text, ids, labels, counts, dropped, truncated, max_length, require_supervision, where):
@@ -144,7 +191,7 @@ def tokenize_conversation(conversations:list[dict], # LLaVA turns [{"from": "hum
     where = dict(file=file, record=record, record_id=record_id)
     spans = render(template, conversations, use_im_start_end=use_im_start_end, **where)
     text = spans_text(spans)
-    ids, offsets, special = _encode(tokenizer, [text])[0]
+    ids, offsets, special = encode_chunked(tokenizer, [text])[0]
     out = _expand(np.asarray(ids, dtype=np.int64), _span_labels(spans, offsets, special), tokenizer, n_media_tokens, max_length, **where)
     return _finish(text, *out, max_length, require_supervision, where)
 
@@ -165,7 +212,7 @@ def tokenize_conversations(conversations:list[list[dict]], # one list of turns p
                  for i, c in enumerate(conversations)]
     texts = [spans_text(sp) for sp in all_spans]
     out = []
-    for i, (sp, (ids, offsets, special)) in enumerate(zip(all_spans, _encode(tokenizer, texts))):
+    for i, (sp, (ids, offsets, special)) in enumerate(zip(all_spans, encode_chunked(tokenizer, texts))):
         where = dict(file=file, record=record_offset + i, record_id=rid(i))
         res = _expand(np.asarray(ids, dtype=np.int64), _span_labels(sp, offsets, special), tokenizer, n_media_tokens, max_length, **where)
         out.append(_finish(texts[i], *res, max_length, require_supervision, where))
