@@ -12,14 +12,15 @@ from .core import CheckpointError, ConfigError, DataError
 # %% auto #0
 __all__ = ['EVAL_PARAMETERS', 'DEMO_DATA', 'KEY_ENV_VARS', 'LOCAL_JUDGE_NAME', 'looks_like_key', 'check_eval_parameters',
            'EvalPlan', 'plan_eval', 'checkpoint_fingerprint', 'prepare_run_dir', 'run_answers', 'answers_table',
-           'run_metrics', 'metrics_table', 'reference_overlap_judge', 'judge_setup', 'run_review', 'review_chart',
-           'gallery', 'png', 'record_eval']
+           'run_metrics', 'metrics_table', 'reference_overlap_judge', 'judge_setup', 'run_review', 'review_warnings',
+           'review_chart', 'gallery', 'png', 'record_eval']
 
 # %% ../nbs/34_evalrun.ipynb #6b0d10c9
 EVAL_PARAMETERS = dict(
     checkpoint="runs/finetune-image", modality="image", question_file="", media_folder="", gt_file="", captions_file="",
     reference_answers="", batch_size=16, max_new_tokens=128, template="", limit=0, blank_media=False, judge_model="gpt-4",
-    judge_base_url="", judge_concurrency=8, answers_file="", run_dir="", gallery_size=6)
+    judge_base_url="", judge_concurrency=8, judge_timeout=60.0, judge_max_retries=5,
+    judge_redo_flagged=False, answers_file="", run_dir="", gallery_size=6)
 DEMO_DATA = {"image": "pathology", "sensor": "imu"}
 KEY_ENV_VARS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY")
 _SECRET_NAME = re.compile(r"key|secret|passw|credential|auth|bearer|(^|_)token($|_)", re.I)
@@ -56,6 +57,10 @@ def check_eval_parameters(values:dict, # allowed parameter name -> value, as the
     if values.get("modality", "image") not in DEMO_DATA: raise ConfigError(f"modality {values['modality']!r}: use image or sensor.")
     for k in ("batch_size", "max_new_tokens", "judge_concurrency"):
         if k in values and values[k] < 1: raise ConfigError(f"parameter {k}={values[k]} must be at least 1.")
+    if values.get("judge_timeout", 1) <= 0:
+        raise ConfigError(f"parameter judge_timeout={values['judge_timeout']} must be more than 0 (seconds per judge call). Fix: -p judge_timeout 60")
+    if values.get("judge_max_retries", 0) < 0:
+        raise ConfigError(f"parameter judge_max_retries={values['judge_max_retries']} must be 0 or more. Fix: -p judge_max_retries 5")
     return values
 
 # %% ../nbs/34_evalrun.ipynb #7486daa6
@@ -256,11 +261,12 @@ def run_review(plan:EvalPlan, # from `plan_eval`
     from qllava.review import LocalJudge, review
     judge = judge or judge_setup(plan.values)
     v = plan.values
-    kw = dict(model=judge["model"], concurrency=v["judge_concurrency"])
+    kw = dict(model=judge["model"], concurrency=v["judge_concurrency"], timeout=v["judge_timeout"], max_retries=v["judge_max_retries"],
+              redo_flagged=v["judge_redo_flagged"], log=print)  # the openai client's own per-call timeout and retries
     if judge["kind"] == "local":
         with LocalJudge(reply=reference_overlap_judge) as server:
             counts = review(plan.question_file, plan.captions_file, plan.reference_answers, plan.answers_file, plan.reviews_file,
-                            base_url=server.url, timeout=30.0, **kw)
+                            base_url=server.url, **kw)
     else:
         counts = review(plan.question_file, plan.captions_file, plan.reference_answers, plan.answers_file, plan.reviews_file,
                         base_url=judge["base_url"], **kw)
@@ -271,6 +277,34 @@ def run_review(plan:EvalPlan, # from `plan_eval`
     ids = {q["question_id"] for q in read_questions(plan.question_file)}
     reviews = [r for r in load_reviews(plan.reviews_file) if r["question_id"] in ids]  # this plan's questions only
     return {"judge": judge, "counts": dict(counts), "summary": summarize_reviews(reviews, read_json_records(plan.captions_file), file=plan.reviews_file)}
+
+def review_warnings(plan:EvalPlan, # from `plan_eval`
+                    result:dict, # from `run_review`
+                    show:int=5, # question_ids listed per note
+                   ) -> list[str]:
+    "Markdown notes on reviews without scores (failed calls, flagged replies, with their question_ids) and on reviews asked again."
+    from qllava.review import load_reviews, review_status
+    from qllava.answer import read_questions
+    v, c = plan.values, result["counts"]
+    ids = {q["question_id"] for q in read_questions(plan.question_file)}
+    recs = [r for r in load_reviews(plan.reviews_file) if r["question_id"] in ids]  # this plan's questions only
+    def qids(status):
+        rs = [r["question_id"] for r in recs if review_status(r) == status]
+        return len(rs), ", ".join(f"`{q}`" for q in rs[:show]) + (" ..." if len(rs) > show else "")
+    out = []
+    (nf, f_ids), (ng, g_ids) = qids("failed"), qids("flagged")
+    if nf:
+        r = v["judge_max_retries"]
+        out.append(f"**{nf} judge {'call' if nf == 1 else 'calls'} failed** after {r} {'retry' if r == 1 else 'retries'} each (judge_timeout "
+                   f"{v['judge_timeout']} s; question_ids {f_ids}; recorded in `{plan.reviews_file}`): they are left out of the scores "
+                   "(the table's `failed` column). Fix: run the notebook again to retry them (answers and finished reviews are kept); "
+                   "raise `judge_timeout` or `judge_max_retries` if the judge is slow or overloaded.")
+    if ng:
+        out.append(f"**{ng} judge {'reply' if ng == 1 else 'replies'} had no readable score line** (flagged; question_ids {g_ids}; in "
+                   f"`{plan.reviews_file}`): left out of the scores. Fix: `-p judge_redo_flagged True` asks the judge again for them.")
+    if c.get("stale"):
+        out.append(f"{c['stale']} earlier reviews in `{plan.reviews_file}` were made with other answers, judge or prompt, and were asked again.")
+    return out
 
 def review_chart(result:dict):
     "The summary bar chart, titled with the judge that produced it."
@@ -334,7 +368,7 @@ def record_eval(plan:EvalPlan, metrics:dict, review_result:dict|None=None, noteb
         judge = {k: review_result["judge"][k] for k in ("kind", "model", "label")}
         a = review_result["summary"].get("all", {})
         flat |= {"review_judge": "local" if judge["kind"] == "local" else judge["model"], "review_score1": a.get("score1"),
-                 "review_score2": a.get("score2"), "review_relative": a.get("relative"), "review_flagged": a.get("flagged")}
+                 "review_score2": a.get("score2"), "review_relative": a.get("relative"), "review_flagged": a.get("flagged"), "review_failed": a.get("failed")}
     ck = Path(plan.checkpoint)
     files = [*plan.source_files, plan.question_file, plan.gt_file, plan.answers_file, plan.reviews_file,
              *[str(ck / n) for n in ("qllava_manifest.json", "config.json")]]

@@ -4,7 +4,7 @@
 
 # %% ../nbs/31_review.ipynb #7002ad2b
 from __future__ import annotations
-import argparse, asyncio, json, os, re, sys, threading, time
+import argparse, asyncio, hashlib, json, os, re, sys, threading, time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +12,9 @@ from .core import DataError, ConfigError, ArgumentParser
 
 # %% auto #0
 __all__ = ['DEFAULT_SYSTEM', 'DEFAULT_RULE', 'KEY_VARS', 'ReviewPrompt', 'load_prompt', 'build_content', 'parse_scores',
-           'review_items', 'redact', 'make_client', 'load_reviews', 'write_reviews', 'review_record', 'review_async',
-           'review', 'split_content', 'overlap_judge', 'replay_judge', 'LocalJudge', 'review_cli']
+           'review_items', 'review_fingerprint', 'changed_parts', 'redact', 'make_client', 'review_status',
+           'load_reviews', 'write_reviews', 'check_output', 'review_record', 'plan_resume', 'review_async', 'review',
+           'split_content', 'overlap_judge', 'replay_judge', 'LocalJudge', 'review_cli', 'review_notes']
 
 # %% ../nbs/31_review.ipynb #45bd6c98
 DEFAULT_SYSTEM = "You are an impartial expert reviewer who grades answers to questions about medical images."
@@ -80,23 +81,26 @@ def _read_jsonl(path) -> list[dict]:
 def _by_qid(records:list[dict], path, what:str) -> dict:
     out = {}
     for i,r in enumerate(records):
-        if "question_id" not in r: raise DataError(f"{what} record has no question_id.", file=path, record=i, fix="add question_id to every line.")
-        if r["question_id"] in out: raise DataError(f"question_id {r['question_id']!r} appears twice.", file=path, record=i, fix="keep one line per question.")
+        if not isinstance(r, dict) or "question_id" not in r:
+            raise DataError(f"{what} record has no question_id.", file=path, record=i, fix="add question_id to every line.")
+        if r["question_id"] in out:
+            raise DataError(f"question_id {r['question_id']!r} appears twice.", file=path, record=i, fix="keep one line per question.")
         out[r["question_id"]] = r
     return out
+
+def _digest(*texts:str) -> str: return hashlib.sha256("\x1f".join(texts).encode("utf-8")).hexdigest()[:16]
 
 def review_items(question_file, # questions JSONL: question_id, text, category
                  context_file, # captions JSONL: question_id, text
                  answer1_file, # reference answers JSONL (Assistant 1)
                  answer2_file, # model answers JSONL (Assistant 2)
                  prompt:ReviewPrompt|None=None) -> list[dict]:
-    "One dict per question: the review record's ids and category, plus the `messages` for the judge."
+    "One dict per question: the review record's ids and category, the `messages` for the judge and the `digests` of its inputs."
     prompt = prompt or ReviewPrompt()
-    questions = _read_jsonl(question_file)
+    questions = _by_qid(_read_jsonl(question_file), question_file, "question")
     maps = {f: _by_qid(_read_jsonl(f), f, what) for f,what in ((context_file, "context"), (answer1_file, "answer"), (answer2_file, "answer"))}
     items = []
-    for idx,q in enumerate(questions):
-        qid = q.get("question_id")
+    for idx,(qid,q) in enumerate(questions.items()):
         missing = [str(f) for f,m in maps.items() if qid not in m]
         if missing: raise DataError(f"question_id {qid!r} is missing from {', '.join(missing)}.", file=question_file, record=idx, record_id=qid,
                                     fix="give every question a caption and both answers (rerun `qllava answer`, it resumes).")
@@ -107,8 +111,25 @@ def review_items(question_file, # questions JSONL: question_id, text, category
         content = build_content(cap["text"], q["text"], a1["text"], a2["text"], prompt)
         items.append({"id": idx + 1, "question_id": qid, "answer1_id": a1.get("answer_id", qid), "answer2_id": a2.get("answer_id", qid),
                       "category": q.get("category"),
-                      "messages": [{"role": "system", "content": prompt.system}, {"role": "user", "content": content}]})
+                      "messages": [{"role": "system", "content": prompt.system}, {"role": "user", "content": content}],
+                      "digests": {"prompt": _digest(prompt.system, prompt.rule, prompt.role), "context": _digest(cap["text"]),
+                                  "question": _digest(q["text"]), "answer1": _digest(a1["text"]), "answer2": _digest(a2["text"])}})
     return items
+
+# %% ../nbs/31_review.ipynb #6c2e1d3b
+def review_fingerprint(item:dict, # from `review_items`
+                       model:str, # judge model (Azure: deployment name)
+                      ) -> dict:
+    "What a review depends on: the judge model, and the digests of the prompt, caption, question and both answers."
+    return {"judge_model": model, **item["digests"]}
+
+def changed_parts(rec:dict, # a stored review
+                  fingerprint:dict, # `review_fingerprint` of the item it would stand for now
+                 ) -> list[str]:
+    "The parts of `fingerprint` that differ from the one stored with `rec`; `['fingerprint']` when it has none."
+    old = rec.get("fingerprint")
+    if not isinstance(old, dict): return ["fingerprint"]
+    return [k for k in fingerprint if old.get(k) != fingerprint[k]]
 
 # %% ../nbs/31_review.ipynb #b9d57541
 KEY_VARS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY")
@@ -139,6 +160,13 @@ def make_client(base_url:str|None=None, # any OpenAI-compatible endpoint, e.g. h
                ):
     "An `openai.AsyncOpenAI` (or `AsyncAzureOpenAI`) client whose key comes from the environment."
     if api_key is not None: _refuse_key()
+    if base_url and azure_endpoint:
+        raise ConfigError("--base-url and --azure-endpoint were both given; a judge is either an OpenAI-compatible server or an "
+                          "Azure OpenAI resource. Fix: pass only one: --base-url URL for OpenAI or a compatible server (vLLM, "
+                          "Ollama), or --azure-endpoint URL (with --api-version) for Azure OpenAI.")
+    if base_url and api_version:
+        raise ConfigError("--api-version applies to Azure OpenAI only, and --base-url names an OpenAI-compatible server. "
+                          "Fix: drop --api-version, or use --azure-endpoint instead of --base-url.")
     import openai
     azure_endpoint = azure_endpoint or (None if base_url else os.environ.get("AZURE_OPENAI_ENDPOINT"))
     if azure_endpoint:
@@ -154,19 +182,42 @@ def make_client(base_url:str|None=None, # any OpenAI-compatible endpoint, e.g. h
     return openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
 
 # %% ../nbs/31_review.ipynb #0e65d1b8
+def review_status(rec:dict, # a review record
+                 ) -> str:
+    "'failed' (the call failed, or the original scripts' [-1, -1]), 'flagged' (no scores in 0-10) or 'scored'."
+    t = rec.get("tuple")
+    nums = isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in t)
+    if rec.get("failed") or (nums and any(x < 0 for x in t)): return "failed"
+    return "scored" if nums and all(x <= 10 for x in t) and not rec.get("flagged") else "flagged"
+
+_REVIEW_FIX = ("a reviews file holds one review per line (`qllava review` writes them; the published review files work too): "
+               "check that this is a reviews file and not an answers or questions file.")
+
 def load_reviews(path, # a reviews JSONL
                  keep_failed:bool=True, # keep records of failed calls
+                 strict:bool=False, # raise on a line that is not JSON, instead of dropping it
+                 notes:list|None=None, # when given, gets one message per dropped line
                 ) -> list[dict]:
-    "The valid review records of a file, one per question_id (the last wins), in file order."
+    "The review records of a file, one per question_id (the last wins), in file order."
     path = Path(path)
     if not path.exists(): return []
+    if path.is_dir(): raise DataError("is a directory, not a reviews file.", file=path, fix="pass the reviews JSONL file.")
     by_qid = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for i,line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip(): continue
         try: rec = json.loads(line)
-        except json.JSONDecodeError: continue   # a line cut off by a kill
-        if not isinstance(rec, dict) or "question_id" not in rec: continue
-        if rec.get("failed") and not keep_failed: continue
-        if rec.get("failed") and rec["question_id"] in by_qid: continue   # never let a failure hide a review
+        except json.JSONDecodeError as e:
+            if strict: raise DataError(f"line {i+1} is not valid JSON ({e}).", file=path, record=i,
+                                       fix="rerun `qllava review` with the same arguments: it drops a line cut off by a killed run "
+                                           "and reviews that question again (or delete the line).") from None
+            if notes is not None: notes.append(f"{path}, line {i+1}: not valid JSON (cut off by a killed run?); dropped, its question is reviewed again.")
+            continue
+        if not isinstance(rec, dict) or "question_id" not in rec or "tuple" not in rec:
+            what = "a JSON object" if not isinstance(rec, dict) else "question_id" if "question_id" not in rec else "tuple"
+            raise DataError(f"line {i+1} is not a review (it has no {what}).", file=path, record=i, fix=_REVIEW_FIX)
+        failed = review_status(rec) == "failed"
+        if failed and not keep_failed: continue
+        if failed and rec["question_id"] in by_qid: continue   # never let a failure hide a review
         by_qid.pop(rec["question_id"], None); by_qid[rec["question_id"]] = rec
     return list(by_qid.values())
 
@@ -176,6 +227,22 @@ def write_reviews(path, records:list[dict]):
     with open(tmp, "w", encoding="utf-8") as f:
         for r in sorted(records, key=lambda r: (r.get("id") is None, r.get("id") or 0)): f.write(json.dumps(r) + "\n")
     os.replace(tmp, path)
+
+def check_output(output, # the reviews JSONL to write
+                 inputs:tuple=(), # the files the review reads
+                ) -> Path:
+    "`output` as a Path; ConfigError when it is a folder, sits under a file, or is one of `inputs`."
+    p = Path(output)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory; the output is the reviews JSONL file itself. Fix: name a file, e.g. -o {p / 'reviews.jsonl'}.")
+    parent = next((a for a in p.parents if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"{p}: {parent} is a file, so nothing can be written under it. Fix: choose an output path in a folder.")
+    for f in inputs:
+        if f is not None and p.resolve() == Path(f).resolve():
+            raise ConfigError(f"{p}: is also an input of the review; writing the reviews would overwrite it. "
+                              f"Fix: choose another output file, e.g. -o {p.with_name(p.stem + '-reviews.jsonl')}.")
+    return p
 
 # %% ../nbs/31_review.ipynb #e03de87e
 def review_record(item:dict, # from `review_items`
@@ -189,16 +256,51 @@ def review_record(item:dict, # from `review_items`
     rec |= {"content": redact(reply), "tuple": scores}
     return rec if scores is not None else rec | {"flagged": True}
 
-async def _judge(client, item:dict, model:str, temperature:float, max_tokens:int) -> dict:
+async def _judge(client, item:dict, model:str, temperature:float, max_tokens:int, output=None) -> dict:
     import openai
     try:
         resp = await client.chat.completions.create(model=model, messages=item["messages"], temperature=temperature, max_tokens=max_tokens)
         return review_record(item, reply=resp.choices[0].message.content or "")
     except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-        raise ConfigError(redact(f"the judge refused the request ({type(e).__name__}: {e}). Fix: check the key in the environment, "
-                                 f"the --base-url / --azure-endpoint and the --model (or Azure deployment) name.")) from None
+        raise ConfigError(redact(f"question_id {item['question_id']!r}: the judge refused the request ({type(e).__name__}: {e}); "
+                                 f"the reviews finished so far are kept in {output}. Fix: check the key in the environment, "
+                                 f"the --base-url / --azure-endpoint and the --model (or Azure deployment) name, then run again.")) from None
     except (openai.APIError, IndexError, AttributeError) as e:
         return review_record(item, error=f"{type(e).__name__}: {e}")
+
+def _plural(n:int, one:str, many:str) -> str: return f"{n} {one if n == 1 else many}"
+
+def plan_resume(items:list[dict], # from `review_items`
+                old:list[dict], # `load_reviews` of the output
+                model:str, # judge model
+                redo_flagged:bool=False, # ask again for flagged replies
+               ) -> tuple[list[dict], list[dict], Counter, Counter]:
+    "(reviews to keep, items to ask, counts, changed parts): what a run does with the reviews already in its output."
+    old_by = {r["question_id"]: r for r in old}
+    ids = {it["question_id"] for it in items}
+    keep = [r for r in old if r["question_id"] not in ids and review_status(r) != "failed"]   # outside this run: untouched
+    todo, counts, changed = [], Counter(skipped=0), Counter()
+    for it in items:
+        r = old_by.get(it["question_id"])
+        if r is None or review_status(r) == "failed": todo.append(it); continue
+        parts = changed_parts(r, review_fingerprint(it, model))
+        if parts: changed.update(parts); counts["stale"] += 1; todo.append(it); continue
+        if redo_flagged and review_status(r) == "flagged": counts["redo"] += 1; todo.append(it); continue
+        keep.append(r | {k: it[k] for k in ("id", "answer1_id", "answer2_id", "category")})   # ids follow the question file
+        counts["skipped"] += 1
+    return keep, todo, counts, changed
+
+def _stale_note(output, counts:Counter, changed:Counter) -> str|None:
+    notes, bare = [], changed["fingerprint"]
+    if counts["stale"] - bare:
+        why = ", ".join(f"{k} changed for {n}" for k,n in changed.items() if k != "fingerprint")
+        notes.append(f"{output}: {_plural(counts['stale'] - bare, 'review was', 'reviews were')} made with other inputs ({why}): asking the judge again.")
+    if bare:
+        notes.append(f"{output}: {_plural(bare, 'review has', 'reviews have')} no fingerprint (written by the original scripts, an older "
+                     "qllava or another tool), so nothing shows they match these inputs: asking the judge again.")
+    if counts["redo"]: notes.append(f"{output}: asking again for {_plural(counts['redo'], 'flagged reply', 'flagged replies')} (redo_flagged).")
+    if notes: notes[-1] += f" {counts['skipped']} kept."
+    return " ".join(notes) or None
 
 async def review_async(items:list[dict], # from `review_items`
                        output, # reviews JSONL, appended to
@@ -208,21 +310,29 @@ async def review_async(items:list[dict], # from `review_items`
                        temperature:float=0.2, # judge sampling temperature
                        max_tokens:int=1024, # longest reply
                        progress=None, # callable(done:int, total:int, counts:Counter) or None
+                       redo_flagged:bool=False, # also ask again for replies that had no readable scores
+                       log=None, # callable(message:str) for what is dropped or asked again, or None
                       ) -> Counter:
-    "Review the items not yet in `output`; return counts of reviewed / flagged / failed / skipped."
-    output = Path(output); output.parent.mkdir(parents=True, exist_ok=True)
-    kept = load_reviews(output, keep_failed=False)
-    write_reviews(output, kept)                     # drop failed and cut-off lines before appending
-    done = {r["question_id"] for r in kept}
-    todo = [it for it in items if it["question_id"] not in done]
-    counts = Counter(skipped=len(items) - len(todo))
+    "Review the items without a matching review in `output`; return counts of reviewed / flagged / failed / skipped / stale / redo."
+    output = check_output(output)
+    notes = []
+    old = load_reviews(output, notes=notes)
+    keep, todo, counts, changed = plan_resume(items, old, model, redo_flagged)
+    for n in notes + [_stale_note(output, counts, changed)]:
+        if n and log: log(n)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_reviews(output, keep)                 # drop failed, stale and cut-off lines before appending
+    except OSError as e:
+        raise ConfigError(f"{output}: cannot be written ({e.strerror or e}). Fix: choose an output path in a folder you can write to.") from None
+    fps = {it["question_id"]: review_fingerprint(it, model) for it in todo}
     sem = asyncio.Semaphore(max(1, concurrency))
     with open(output, "a", encoding="utf-8") as f:
         async def one(item):
-            async with sem: rec = await _judge(client, item, model, temperature, max_tokens)
-            f.write(json.dumps(rec) + "\n"); f.flush()  # one line per review, written as soon as it arrives
+            async with sem: rec = await _judge(client, item, model, temperature, max_tokens, output)
+            f.write(json.dumps(rec | {"fingerprint": fps[item["question_id"]]}) + "\n"); f.flush()  # one line per review, written as soon as it arrives
             counts["failed" if rec.get("failed") else "flagged" if rec.get("flagged") else "reviewed"] += 1
-            if progress: progress(sum(counts.values()) - counts["skipped"], len(todo), counts)
+            if progress: progress(counts["reviewed"] + counts["flagged"] + counts["failed"], len(todo), counts)
         tasks = [asyncio.ensure_future(one(it)) for it in todo]
         try:
             if tasks: await asyncio.gather(*tasks)
@@ -252,15 +362,21 @@ def review(question_file, context_file, answer1_file, answer2_file, # inputs, jo
            temperature:float=0.2, max_tokens:int=1024,
            limit:int|None=None, # review only the first `limit` questions
            progress=None, # callable(done, total, counts)
+           redo_flagged:bool=False, # also ask again for replies that had no readable scores
+           log=None, # callable(message:str) for what is dropped or asked again
            api_key=None, # refused: keys come from the environment
           ) -> Counter:
-    "Review every question of the inputs into `output`, resuming by question_id."
+    "Review every question of the inputs into `output`, keeping the reviews whose fingerprint still matches."
     if api_key is not None: _refuse_key()
+    for name, v, ok, want in (("timeout", timeout, timeout > 0, "more than 0 seconds"), ("max_retries", max_retries, max_retries >= 0, "0 or more"),
+                              ("concurrency", concurrency, concurrency >= 1, "at least 1")):
+        if not ok: raise ConfigError(f"{name}={v!r}: must be {want}. Fix: pass --{name.replace('_', '-')} with such a value.")
+    check_output(output, (question_file, context_file, answer1_file, answer2_file, prompt_file))
     items = review_items(question_file, context_file, answer1_file, answer2_file, load_prompt(prompt_file))[:limit]
     async def go():
         client = make_client(base_url, azure_endpoint, api_version, timeout=timeout, max_retries=max_retries)
         async with client:
-            return await review_async(items, output, client, model, concurrency, temperature, max_tokens, progress)
+            return await review_async(items, output, client, model, concurrency, temperature, max_tokens, progress, redo_flagged, log)
     return _run_sync(go())
 
 # %% ../nbs/31_review.ipynb #af175585
@@ -369,7 +485,8 @@ def review_cli(argv:list[str]|None=None) -> int:
     ap.add_argument("-q", "--question", required=True, help="questions JSONL (question_id, text, category)")
     ap.add_argument("-c", "--context", required=True, help="context captions JSONL (question_id, text)")
     ap.add_argument("-a", "--answer-list", nargs=2, required=True, metavar=("REF", "OURS"), help="reference answers and model answers JSONL")
-    ap.add_argument("-o", "--output", required=True, help="reviews JSONL; resumed by question_id when it exists")
+    ap.add_argument("-o", "--output", required=True, help="reviews JSONL; resumed when it exists: a review is kept while its fingerprint "
+                    "(judge model, prompt, caption, question, both answers) matches, asked again otherwise")
     ap.add_argument("-m", "--model", "--eval-engine", dest="model", default="gpt-4", help="judge model (Azure: deployment name)")
     ap.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, Ollama)")
     ap.add_argument("--azure-endpoint", default=None, help="Azure OpenAI endpoint (key from AZURE_OPENAI_API_KEY)")
@@ -381,6 +498,8 @@ def review_cli(argv:list[str]|None=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--temperature", type=float, default=0.2)
     ap.add_argument("--limit", type=int, default=None, help="review only the first N questions")
+    ap.add_argument("--redo-flagged", "--redo-failed", dest="redo_flagged", action="store_true",
+                    help="also ask again for replies without readable scores (failed calls are always asked again)")
     ap.add_argument("--api-key", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.api_key is not None: _refuse_key()
@@ -391,10 +510,36 @@ def review_cli(argv:list[str]|None=None) -> int:
     counts = review(args.question, args.context, *args.answer_list, args.output, model=args.model, base_url=args.base_url,
                     azure_endpoint=args.azure_endpoint, api_version=args.api_version, concurrency=args.concurrency,
                     max_retries=args.max_retries, timeout=args.timeout, prompt_file=args.prompt_file, temperature=args.temperature,
-                    max_tokens=args.max_tokens, limit=args.limit, progress=progress)
+                    max_tokens=args.max_tokens, limit=args.limit, progress=progress, redo_flagged=args.redo_flagged,
+                    log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"{args.output}: {counts['reviewed']} scored, {counts['flagged']} flagged, {counts['failed']} failed, "
-          f"{counts['skipped']} already done ({time.time() - t0:.1f} s)", file=sys.stderr)
-    if counts["failed"]:
-        print(f"{counts['failed']} calls failed after {args.max_retries} retries; run the same command again to retry them.", file=sys.stderr)
-        return 1
-    return 0
+          f"{counts['skipped']} already done" + (f", {counts['stale']} asked again because their inputs changed" if counts["stale"] else "")
+          + f" ({time.time() - t0:.1f} s)", file=sys.stderr)
+    for note in review_notes(args.output, max_retries=args.max_retries): print(note, file=sys.stderr)
+    return 1 if counts["failed"] else 0
+
+_TRANSIENT = {"APITimeoutError", "APIConnectionError", "RateLimitError", "InternalServerError"}
+
+def review_notes(output, # a reviews JSONL
+                 max_retries:int|None=None, # the retries each failed call had, for the message
+                 show:int=5, # question_ids listed per kind
+                ) -> list[str]:
+    "What still needs attention in `output`: failed calls and flagged replies, with their question_ids and the fix."
+    recs = load_reviews(output)
+    ids = lambda rs: ", ".join(repr(r["question_id"]) for r in rs[:show]) + (f" ... ({len(rs)} in all)" if len(rs) > show else "")
+    failed = [r for r in recs if review_status(r) == "failed"]
+    flagged = [r for r in recs if review_status(r) == "flagged"]
+    notes = []
+    if failed:
+        errs = Counter((r.get("error") or "the original scripts' [-1, -1]").split(":")[0] for r in failed)
+        notes.append(f"{output}: {_plural(len(failed), 'call', 'calls')} failed" + (f" after {_plural(max_retries, 'retry', 'retries')}" if max_retries is not None else "")
+                     + f" (question_ids {ids(failed)}; {', '.join(f'{k} x{n}' for k,n in errs.items())}): recorded as failed and left out "
+                     "of the means. Fix: run the same command again to retry them (what is done is kept); raise --timeout or "
+                     "--max-retries if the judge is slow or overloaded" + ("" if set(errs) <= _TRANSIENT else
+                     "; a request the judge itself rejected (e.g. BadRequestError) fails again until --model, --max-tokens or "
+                     "the prompt change") + ".")
+    if flagged:
+        notes.append(f"{output}: {_plural(len(flagged), 'reply has', 'replies have')} no readable score line (question_ids {ids(flagged)}): "
+                     "flagged and left out of the means. Fix: rerun with --redo-flagged to ask again, or a --prompt-file that "
+                     "asks for the scores first.")
+    return notes

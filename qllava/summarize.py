@@ -7,15 +7,16 @@ from __future__ import annotations
 import argparse, json, sys
 from pathlib import Path
 from .core import DataError, ArgumentParser
+from .review import load_reviews, review_status
 
 # %% auto #0
 __all__ = ['summarize_reviews', 'summary_table', 'plot_summary', 'summarize_files', 'summarize_cli']
 
 # %% ../nbs/32_summarize.ipynb #e39ee3ae
 def _group_stats(kind:str, recs:list[dict]) -> dict:
-    scored = [r["tuple"] for r in recs if isinstance(r.get("tuple"), (list, tuple)) and len(r["tuple"]) == 2 and not r.get("flagged")]
-    failed = sum(1 for r in recs if r.get("failed"))
-    out = {"group": kind, "n": len(recs), "flagged": len(recs) - len(scored) - failed, "failed": failed}
+    status = [review_status(r) for r in recs]
+    scored = [r["tuple"] for r,s in zip(recs, status) if s == "scored"]
+    out = {"group": kind, "n": len(recs), "flagged": status.count("flagged"), "failed": status.count("failed")}
     if not scored: return out | {"score1": None, "score2": None, "relative": None, "mean1": None, "mean2": None}
     m1 = sum(float(t[0]) for t in scored) / len(scored)
     m2 = sum(float(t[1]) for t in scored) / len(scored)
@@ -70,6 +71,7 @@ def plot_summary(summary:dict, # from `summarize_reviews`
     ax.bar([i - w/2 for i in x], s1, w, label=labels[0], color="#9aa7b8")
     ax.bar([i + w/2 for i in x], s2, w, label=labels[1], color="#c0504d")
     for i,k in zip(x, names):
+        if summary[k]["relative"] is None: continue   # a reference mean of 0
         ax.annotate(f"{summary[k]['relative']:.1f}%", (i, max(s1[i], s2[i])), ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(list(x), names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("mean judge score x 10"); ax.set_ylim(0, 110); ax.set_title(title); ax.legend(fontsize=8, loc="upper right")
@@ -80,10 +82,10 @@ def summarize_files(reviews_file, # reviews JSONL
                     captions_file=None, # captions JSONL with question_id and type
                    ) -> dict:
     "`summarize_reviews` on files (one review per question_id; a failed call superseded by a later review counts once)."
-    from qllava.review import load_reviews
     from qllava.metrics import read_json_records
     if not Path(reviews_file).exists(): raise DataError("file not found.", file=reviews_file, fix="check the path.")
-    return summarize_reviews(load_reviews(reviews_file), read_json_records(captions_file) if captions_file else None, file=reviews_file)
+    reviews = load_reviews(reviews_file, strict=True)   # a line that is not a review: DataError with the file and line
+    return summarize_reviews(reviews, read_json_records(captions_file) if captions_file else None, file=reviews_file)
 
 def summarize_cli(argv:list[str]|None=None) -> int:
     "`qllava summarize`: judge-review summary per category, subspecialty and overall."

@@ -111,3 +111,30 @@ def test_key_as_parameter_is_refused(ckpts, tmp_path, params, said):
     assert e.value.ename == "ConfigError" and said in e.value.evalue and "environment" in e.value.evalue
     assert SECRET not in e.value.evalue
     assert not (tmp_path / "runs").exists()  # stopped before anything ran
+
+
+def test_judge_timeout_and_retries_reach_the_client(ckpts, tmp_path, monkeypatch):
+    "A judge slower than judge_timeout: each call is tried 1 + judge_max_retries times, then counted as failed (no hang)."
+    for k in ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT"): monkeypatch.delenv(k, raising=False)
+    out = tmp_path / "eval-slow.ipynb"
+    run_dir = tmp_path / "runs" / "eval-slow"
+    import time
+    with LocalJudge(latency=20.0) as judge:
+        t0 = time.time()
+        execute(out, tmp_path, checkpoint=str(ckpts / "finetune-image"), run_dir=str(run_dir), limit=3, max_new_tokens=4,
+                gallery_size=1, judge_base_url=judge.url, judge_model="slow-judge", judge_timeout=0.5, judge_max_retries=2)
+        took = time.time() - t0
+        requests = judge.stats["requests"]
+    assert requests == 3 * (1 + 2)                  # the retries reached the client ...
+    assert took < 120                               # ... and the timeout did: a 20 s judge never answered
+    rec = json.loads((run_dir / "eval.json").read_text())
+    assert rec["parameters"]["judge_timeout"] == 0.5 and rec["parameters"]["judge_max_retries"] == 2
+    assert rec["review_counts"]["failed"] == 3 and rec["review"]["all"]["failed"] == 3
+    text, _ = outputs(out)
+    assert "3 judge calls failed" in text and "judge_timeout" in text
+
+
+def test_judge_timeout_must_be_positive(ckpts, tmp_path):
+    with pytest.raises(PapermillExecutionError) as e:
+        execute(tmp_path / "bad.ipynb", tmp_path, checkpoint=str(ckpts / "finetune-image"), judge_timeout=0.0)
+    assert e.value.ename == "ConfigError" and "judge_timeout=0.0 must be more than 0" in e.value.evalue

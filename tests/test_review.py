@@ -209,3 +209,133 @@ def test_review_called_from_a_running_event_loop(tmp_path, monkeypatch):
             return review(*inputs, tmp_path / "o.jsonl", base_url=judge.url)
     counts = asyncio.run(notebook_cell())
     assert counts["reviewed"] == 6 and len(load_reviews(tmp_path / "o.jsonl")) == 6
+
+
+# --- resuming is safe: a review is kept only while what it judged is unchanged ------------------------------------
+
+def _rewrite(path, change):
+    rows = jl(path)
+    Path(path).write_text("".join(json.dumps(change(dict(r))) + "\n" for r in rows))
+
+
+def test_rerun_with_other_answers_model_or_prompt_reviews_again(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    q, c, a1, a2 = _tiny_inputs(tmp_path)
+    out = tmp_path / "r.jsonl"
+    with LocalJudge() as judge:
+        args = ["-q", str(q), "-c", str(c), "-a", str(a1), str(a2), "-o", str(out), "--base-url", judge.url, "-m", "judge-a"]
+        assert review_cli(args) == 0
+        first = {r["question_id"]: r for r in jl(out)}
+        assert all(r["fingerprint"]["judge_model"] == "judge-a" for r in first.values())
+        # same inputs: nothing is asked again
+        n = judge.stats["requests"]
+        assert review_cli(args) == 0 and judge.stats["requests"] == n
+        assert "6 already done" in capsys.readouterr().err
+        # another answers file (two answers differ): those two are reviewed again, the other four kept
+        _rewrite(a2, lambda r: r | {"text": "glands, clearly"} if r["question_id"] in ("q1", "q4") else r)
+        assert review_cli(args) == 0
+        err = capsys.readouterr().err
+        assert judge.stats["requests"] == n + 2
+        assert "2 reviews were made with other inputs (answer2 changed for 2)" in err and "4 already done" in err
+        recs = {r["question_id"]: r for r in jl(out)}
+        assert recs["q1"]["tuple"] != first["q1"]["tuple"] and recs["q0"] == first["q0"]
+        # another judge model: every review is asked again
+        n = judge.stats["requests"]
+        assert review_cli(args[:-1] + ["judge-b"]) == 0
+        assert judge.stats["requests"] == n + 6 and "judge_model changed for 6" in capsys.readouterr().err
+        # another prompt: every review is asked again
+        (tmp_path / "rule.txt").write_text("Score both from 1 to 10, scores first.")
+        n = judge.stats["requests"]
+        assert review_cli(args[:-1] + ["judge-b", "--prompt-file", str(tmp_path / "rule.txt")]) == 0
+        assert judge.stats["requests"] == n + 6 and "prompt changed for 6" in capsys.readouterr().err
+    assert [r["question_id"] for r in jl(out)] == [f"q{i}" for i in range(6)]
+
+
+def test_reviews_without_fingerprint_are_reviewed_again(tmp_path, monkeypatch):
+    "A file written by the original scripts (or an older qllava) cannot prove what it judged: it is reviewed again."
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    inputs = _tiny_inputs(tmp_path)
+    out = tmp_path / "r.jsonl"
+    out.write_text("".join(json.dumps({"id": i + 1, "question_id": f"q{i}", "answer1_id": f"q{i}", "answer2_id": f"x{i}",
+                                       "category": "detail", "content": "8 2\nold", "tuple": [8.0, 2.0]}) + "\n" for i in range(6)))
+    with LocalJudge() as judge:
+        counts = review(*inputs, out, base_url=judge.url)
+    assert counts["stale"] == 6 and counts["reviewed"] == 6 and judge.stats["requests"] == 6
+    assert all("fingerprint" in r and r["content"] != "8 2\nold" for r in jl(out))
+
+
+def test_redo_flagged_asks_again_for_unreadable_replies(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    q, c, a1, a2 = _tiny_inputs(tmp_path)
+    out = tmp_path / "r.jsonl"
+    with LocalJudge(faults={"slide 3?": ["garbage"]}) as judge:
+        args = ["-q", str(q), "-c", str(c), "-a", str(a1), str(a2), "-o", str(out), "--base-url", judge.url]
+        assert review_cli(args) == 0
+        err = capsys.readouterr().err
+        assert "1 flagged" in err and "q3" in err and "--redo-flagged" in err
+        n = judge.stats["requests"]
+        assert review_cli(args) == 0 and judge.stats["requests"] == n       # kept by default
+        assert review_cli(args + ["--redo-flagged"]) == 0 and judge.stats["requests"] == n + 1
+    recs = {r["question_id"]: r for r in jl(out)}
+    assert recs["q3"]["tuple"] and not recs["q3"].get("flagged") and len(recs) == 6
+
+
+def _main(argv, capsys):
+    from qllava.cli import main
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+def test_output_that_is_a_directory_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    q, c, a1, a2 = _tiny_inputs(tmp_path)
+    with LocalJudge() as judge:
+        rc, err = _main(["review", "-q", str(q), "-c", str(c), "-a", str(a1), str(a2), "-o", str(tmp_path), "--base-url", judge.url], capsys)
+        assert judge.stats["requests"] == 0
+    assert rc == 2 and "Traceback" not in err
+    assert f"{tmp_path}: is a directory" in err and "Fix:" in err and "reviews.jsonl" in err
+    # an input file given as the output would be overwritten: refused too
+    rc, err = _main(["review", "-q", str(q), "-c", str(c), "-a", str(a1), str(a2), "-o", str(a2), "--base-url", "http://127.0.0.1:9/v1"], capsys)
+    assert rc == 2 and f"{a2}" in err and "input" in err and "Fix:" in err and len(jl(a2)) == 6
+    # a file that holds something else than reviews (say the answers) is never overwritten
+    other = tmp_path / "answers-copy.jsonl"; other.write_text(a2.read_text())
+    rc, err = _main(["review", "-q", str(q), "-c", str(c), "-a", str(a1), str(a2), "-o", str(other), "--base-url", "http://127.0.0.1:9/v1"], capsys)
+    assert rc == 2 and f"{other}" in err and "not a review" in err and "Fix:" in err
+    assert other.read_text() == a2.read_text()
+
+
+def test_base_url_with_azure_endpoint_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    q, c, a1, a2 = _tiny_inputs(tmp_path)
+    rc, err = _main(["review", "-q", str(q), "-c", str(c), "-a", str(a1), str(a2), "-o", str(tmp_path / "o.jsonl"),
+                     "--base-url", "http://127.0.0.1:9/v1", "--azure-endpoint", "https://x.openai.azure.com"], capsys)
+    assert rc == 2 and "--base-url" in err and "--azure-endpoint" in err and "Fix:" in err
+    with pytest.raises(ConfigError, match="both"):
+        make_client(base_url="http://127.0.0.1:9/v1", azure_endpoint="https://x.openai.azure.com")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_failures_name_their_question_ids_and_the_fix(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    q, c, a1, a2 = _tiny_inputs(tmp_path)
+    with LocalJudge(faults={"slide 2?": ["500"] * 3}) as judge:
+        rc = review_cli(["-q", str(q), "-c", str(c), "-a", str(a1), str(a2), "-o", str(tmp_path / "o.jsonl"),
+                         "--base-url", judge.url, "--max-retries", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "q2" in err and "InternalServerError" in err and str(tmp_path / "o.jsonl") in err
+    assert "run the same command again" in err
+    # a rejected key names the question it stopped at and where the finished reviews are
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with LocalJudge(faults={"slide 4?": ["401"]}) as judge:
+        with pytest.raises(ConfigError) as e:
+            review(q, c, a1, a2, tmp_path / "o2.jsonl", base_url=judge.url, concurrency=1)
+    assert "'q4'" in str(e.value) and str(tmp_path / "o2.jsonl") in str(e.value) and "Fix:" in str(e.value)
+    assert SECRET not in str(e.value)
+
+
+def test_question_file_without_question_id_is_named(tmp_path):
+    q, c, a1, a2 = _tiny_inputs(tmp_path)
+    q.write_text(q.read_text() + json.dumps({"text": "orphan?"}) + "\n")
+    from qllava.core import DataError
+    with pytest.raises(DataError, match=r"q.jsonl, record 6: .*no question_id.*Fix:"):
+        review(q, c, a1, a2, tmp_path / "o.jsonl", base_url="http://127.0.0.1:9/v1")

@@ -101,3 +101,36 @@ def test_flagged_and_failed_are_left_out_of_the_means(tmp_path):
 def test_reviews_without_captions_are_named(tmp_path):
     with pytest.raises(DataError, match=r"question_ids \['z'\] have no caption"):
         summarize_reviews([{"question_id": "z", "category": "conv", "tuple": [1, 1]}], [{"question_id": "a", "type": "Bone"}])
+
+
+def _write(path, rows):
+    Path(path).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_corrupt_line_fails_naming_file_and_line(tmp_path, capsys):
+    rows = [{"id": i + 1, "question_id": f"q{i}", "category": "conv", "content": "8 4", "tuple": [8.0, 4.0]} for i in range(4)]
+    p = _write(tmp_path / "r.jsonl", [rows[0], rows[1], '{"id": 3, "question_id": "q2", "categ', rows[3]])
+    with pytest.raises(DataError) as e:
+        summarize_files(p)
+    msg = str(e.value)
+    assert str(p) in msg and "line 3" in msg and "Fix:" in msg and "qllava review" in msg
+    from qllava.cli import main
+    assert main(["summarize", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "line 3" in err and "Traceback" not in err
+    # a line that is JSON but no review (an answers file passed by mistake) is named the same way
+    p = _write(tmp_path / "a.jsonl", [rows[0], {"question_id": "q1", "text": "an answer", "answer_id": "x"}])
+    with pytest.raises(DataError, match=r"a.jsonl, record 1: line 2 is not a review"):
+        summarize_files(p)
+
+
+def test_original_failure_value_is_counted_failed_and_left_out_of_the_means(tmp_path):
+    "The original scripts write [-1, -1] when they cannot read the scores: that is a failure, not a score."
+    rows = [{"id": 1, "question_id": "a", "category": "conv", "content": "8 4\n", "tuple": [8.0, 4.0]},
+            {"id": 2, "question_id": "b", "category": "conv", "content": "Assistant 1 is better.", "tuple": [-1, -1]},
+            {"id": 3, "question_id": "c", "category": "detail", "content": "6 6\n", "tuple": [6.0, 6.0]}]
+    s = summarize_files(_write(tmp_path / "r.jsonl", rows), _write(tmp_path / "c.jsonl", [{"question_id": q, "type": "Bone"} for q in "abc"]))
+    assert (s["conv"]["n"], s["conv"]["failed"], s["conv"]["flagged"], s["conv"]["score1"], s["conv"]["score2"]) == (2, 1, 0, 80.0, 40.0)
+    assert (s["all"]["n"], s["all"]["failed"], s["all"]["mean1"], s["all"]["mean2"]) == (3, 1, 7.0, 5.0)
+    assert summary_table(s).loc["all", "failed"] == 1
