@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, json, math, os, sys, time, uuid
 from pathlib import Path
 from .core import CheckpointError, ConfigError, DataError, QllavaError, ArgumentParser
+from .dataset import resolve_media_path
 
 # %% auto #0
 __all__ = ['MEDIA_KEYS', 'CONV_MODES', 'short_uuid', 'read_questions', 'question_modality', 'get_chunk', 'repair_tail',
@@ -163,7 +164,7 @@ def check_media(questions:list[dict], # questions to answer
         if m not in encoders:
             raise ConfigError(f"question {q['question_id']!r} in {question_file} has {m} media but the model has only "
                               f"{', '.join(encoders) or 'no'} encoder(s). Fix: answer it with a model that has a {m} encoder.")
-        p = folder / q[m]
+        p = resolve_media_path(q[m], folder, file=question_file, record=i, record_id=q["question_id"])  # never outside the folder
         if not p.is_file():
             raise DataError(f"{m} file {str(p)!r} not found.", file=question_file, record=i, record_id=q["question_id"],
                             fix="check --image-folder and the path in the question (it is relative to that folder).")
@@ -171,10 +172,10 @@ def check_media(questions:list[dict], # questions to answer
 def load_batch_media(model, questions:list[dict], media_folder, blank:bool=False, question_file=None) -> list:
     "Per question: None or {modality: tensor}, processed by the model's encoders (zeros when `blank`)."
     out = []
-    for q in questions:
+    for i, q in enumerate(questions):
         m = question_modality(q)
         if m is None: out.append(None); continue
-        path = Path(media_folder or ".") / q[m]
+        path = resolve_media_path(q[m], Path(media_folder or "."), file=question_file, record=i, record_id=q["question_id"])
         try: x = model.encoders[m].processor(path)
         except DataError as e:
             raise DataError(f"{m} file {str(path)!r}: {e.problem}", file=question_file, record_id=q["question_id"], fix=e.fix) from None

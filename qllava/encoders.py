@@ -33,11 +33,13 @@ def resolve_spec(spec:str, # e.g. "preset:tiny-clip", "openai/clip-vit-large-pat
     kind, sep, target = spec.partition(":")
     if sep and kind in ENCODER_KINDS:
         if not target.strip(): raise ConfigError(f"encoder spec {spec!r} names no model after '{kind}:'. Fix: {SPEC_HELP}.")
-        return kind, target.strip()
+        target = target.strip()
+        # a local folder or file is made absolute: a checkpoint that records the spec must load from any working folder
+        return kind, str(Path(target).expanduser().resolve()) if kind != "preset" and Path(target).expanduser().exists() else target
     if spec.startswith(("hf-hub:", "local-dir:")): return "open_clip", spec
     if not spec: raise ConfigError(f"the encoder spec is empty. Fix: {SPEC_HELP}.")
     p = Path(spec).expanduser()
-    if p.is_dir(): return ("open_clip", f"local-dir:{p}") if (p/"open_clip_config.json").exists() else ("hf-clip", str(p))
+    if p.is_dir(): return ("open_clip", f"local-dir:{p.resolve()}") if (p/"open_clip_config.json").exists() else ("hf-clip", str(p.resolve()))
     if p.suffix in WEIGHT_SUFFIXES:
         raise ConfigError(f"encoder spec {spec!r} is a weights file, which does not say which tower it holds. "
                           f"Fix: write limu-bert:{spec} or open_clip:ARCH@{spec} (e.g. open_clip:ViT-B-32@{spec}).")

@@ -162,3 +162,14 @@ def test_clear_errors(ckpt, data, tmp_path):
     r = subprocess.run(cli_cmd("--model-path", tmp_path / "nothing-here", "--question-file", qf, "--answers-file", tmp_path / "b.jsonl"),
                        env=ENV, capture_output=True, text=True)
     assert r.returncode == 2 and "no such checkpoint folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_media_paths_never_leave_the_image_folder(tmp_path):
+    "A question naming ../../x.png or an absolute path is refused, as training refuses such a record."
+    from qllava.core import DataError
+    from qllava.answer import check_media
+    (tmp_path / "imgs").mkdir(); (tmp_path / "secret.png").write_bytes(b"x")
+    for bad in ["../secret.png", str(tmp_path / "secret.png")]:
+        q = [{"question_id": "q7", "image": bad, "text": "What is shown?"}]
+        with pytest.raises(DataError, match="q7") as e: check_media(q, tmp_path / "imgs", {"image": None}, "Q.jsonl")
+        assert "outside the media folder" in str(e.value) or "absolute" in str(e.value)
