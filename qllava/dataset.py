@@ -265,6 +265,7 @@ class MultimodalDataset:
         self.processors, self.n_media_tokens = dict(processors or {}), dict(n_media_tokens or {})
         self.max_length, self.use_im_start_end, self.on_error, self.n_calibration = max_length, use_im_start_end, on_error, n_calibration
         self.skipped, self.dropped = {}, {}    # index -> reason: bad data / no supervision left after truncation
+        self.missing_ids = []                  # indices of records without an "id" (filled by the scan)
         self._stats = None
 
     def __len__(self): return len(self.records)
@@ -281,7 +282,7 @@ def _mm_scan(self):
         try: sample.append(self.records[i])
         except DataError: pass
     a, c, b = fit_length_model(sample, self.tokenizer, self.template, self.use_im_start_end)
-    lengths, groups = np.zeros(n, np.int64), []
+    lengths, groups, no_id = np.zeros(n, np.int64), [], []
     it = iter(self.records)
     for i in range(n):
         try: rec = next(it)
@@ -294,6 +295,7 @@ def _mm_scan(self):
                 raise DataError(f"the record is a {type(rec).__name__}, not an object.", file=self.file, record=i)
             if rec is not None: self.skipped[i] = f"record {i} is not an object"
             lengths[i] = 1; groups.append("text"); continue
+        if rec.get("id") is None or rec.get("id") == "": no_id.append(i)
         try: mf = media_files(rec, self.file, i)
         except DataError as e:
             if self.on_error == "raise": raise
@@ -302,7 +304,11 @@ def _mm_scan(self):
         est = a + c * turns + b * chars + sum(self.n_media_tokens.get(m, 0) * len(v) for m, v in mf.items())
         lengths[i] = max(1, min(int(round(est)), self.max_length or 1 << 62))
         groups.append("+".join(sorted(mf)) or "text")
-    self._stats = (lengths, groups, (a, c, b))
+    self._stats, self.missing_ids = (lengths, groups, (a, c, b)), no_id
+    if no_id and os.environ.get("RANK", "0") == "0":   # once per run (rank 0): it lands in the training log
+        log.warning("%d of %d records of %s have no \"id\" (record %s%s): answers, reviews and skip lists name records by id. "
+                    "Fix: give every record a unique \"id\".", len(no_id), n, self.file or "the data",
+                    ", ".join(map(str, no_id[:5])), " ..." if len(no_id) > 5 else "")
     return self._stats
 
 def _safe_iter(records, start, n, ds):

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json, os, re, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from .core import CheckpointError, ConfigError, DataError
+from .core import CheckpointError, ConfigError, DataError, check_types, need_path, refuse_secrets, unknown_parameters
 
 # %% auto #0
-__all__ = ['EVAL_PARAMETERS', 'DEMO_DATA', 'KEY_ENV_VARS', 'LOCAL_JUDGE_NAME', 'looks_like_key', 'check_eval_parameters',
-           'EvalPlan', 'plan_eval', 'checkpoint_fingerprint', 'prepare_run_dir', 'run_answers', 'answers_table',
-           'run_metrics', 'metrics_table', 'reference_overlap_judge', 'judge_setup', 'run_review', 'review_warnings',
-           'review_chart', 'gallery', 'png', 'record_eval']
+__all__ = ['EVAL_PARAMETERS', 'DEMO_DATA', 'KEY_ENV_VARS', 'EVAL_FILES', 'LOCAL_JUDGE_NAME', 'check_eval_parameters',
+           'check_eval_files', 'EvalPlan', 'plan_eval', 'checkpoint_fingerprint', 'prepare_run_dir', 'run_answers',
+           'answers_table', 'run_metrics', 'metrics_table', 'reference_overlap_judge', 'judge_setup', 'run_review',
+           'review_warnings', 'review_chart', 'gallery', 'png', 'record_eval']
 
 # %% ../nbs/34_evalrun.ipynb #6b0d10c9
 EVAL_PARAMETERS = dict(
@@ -22,45 +22,48 @@ EVAL_PARAMETERS = dict(
     judge_base_url="", judge_concurrency=8, judge_timeout=60.0, judge_max_retries=5,
     judge_redo_flagged=False, answers_file="", run_dir="", gallery_size=6)
 DEMO_DATA = {"image": "pathology", "sensor": "imu"}
-KEY_ENV_VARS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY")
-_SECRET_NAME = re.compile(r"key|secret|passw|credential|auth|bearer|(^|_)token($|_)", re.I)
-_SECRET_VALUE = re.compile(r"(^|[^a-z])(sk-[A-Za-z0-9_\-]{6,}|sk_[A-Za-z0-9]{16,})|api[_-]?key\s*=|bearer\s+\S{8,}", re.I)
-
-def looks_like_key(value) -> bool:
-    "Whether a parameter value looks like an API key (`sk-...`, `api_key=...`, `Bearer ...`, or a key set in the environment)."
-    if not isinstance(value, str) or len(value) < 8: return False
-    if _SECRET_VALUE.search(value): return True
-    return any(os.environ.get(v) and len(os.environ[v]) >= 8 and os.environ[v] in value for v in KEY_ENV_VARS)
+KEY_ENV_VARS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY")  # where the judge's key is read from (never a parameter)
+EVAL_FILES = {"question_file": ("file", "question file (JSONL of question_id, image or sensor, text)"),
+              "media_folder": ("folder", "media folder the question media paths are relative to"),
+              "gt_file": ("file", "ground-truth file (id, answer, answer_type)"),
+              "captions_file": ("file", "captions file (question_id, text)"),
+              "reference_answers": ("file", "reference answers JSONL")}
 
 def check_eval_parameters(values:dict, # allowed parameter name -> value, as the notebook holds them
                           injected:dict|None=None, # name -> value of what papermill injected (`injected_names` + globals)
                           ) -> dict:
-    "Refuse keys (by name or by value), unknown names and wrong types; returns the values."
+    "Refuse secrets (by name or value), unknown names, wrong types, unknown choices and out-of-range numbers; returns the values."
+    from qllava.conversation import TEMPLATES, TEMPLATE_ALIASES
     given = {**(injected or {}), **values}
-    for k, v in given.items():  # first: the message must never repeat a key, and must say where keys belong
-        if _SECRET_NAME.search(k) or looks_like_key(v):
-            raise ConfigError(f"parameter {k!r} looks like an API key (by its {'name' if _SECRET_NAME.search(k) else 'value'}); "
-                              "keys are never notebook parameters, because papermill writes parameters into the output "
-                              "notebook. Fix: export OPENAI_API_KEY (or AZURE_OPENAI_API_KEY) in the environment of the "
-                              "kernel and drop the parameter; delete the output notebook, which holds the value you passed.")
-    unknown = sorted(set(given) - set(EVAL_PARAMETERS))
-    if unknown:
-        import difflib
-        hint = {u: difflib.get_close_matches(u, EVAL_PARAMETERS, 1) for u in unknown}
-        raise ConfigError("unknown parameter(s): " + ", ".join(u + (f" (did you mean {h[0]}?)" if h else "") for u, h in hint.items())
-                          + f". Fix: use one of {', '.join(EVAL_PARAMETERS)}.")
-    for k, v in values.items():
-        want = type(EVAL_PARAMETERS[k])
-        if want is float and isinstance(v, int) and not isinstance(v, bool): continue
-        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
-            raise ConfigError(f"parameter {k}={v!r} should be a {want.__name__}.")
-    if values.get("modality", "image") not in DEMO_DATA: raise ConfigError(f"modality {values['modality']!r}: use image or sensor.")
+    refuse_secrets(given)  # first: no later message may repeat a key
+    unknown_parameters(given, EVAL_PARAMETERS)
+    check_types(values, EVAL_PARAMETERS)
+    if values.get("modality", "image") not in DEMO_DATA:
+        raise ConfigError(f"modality {values['modality']!r} is not one of {', '.join(DEMO_DATA)}. Fix: -p modality image.")
+    known = sorted(TEMPLATES) + sorted(TEMPLATE_ALIASES)
+    if values.get("template") and values["template"] not in known:
+        raise ConfigError(f"template {values['template']!r} is not a conversation template. Fix: use one of {', '.join(known)}, or \"\" for the checkpoint's.")
     for k in ("batch_size", "max_new_tokens", "judge_concurrency"):
-        if k in values and values[k] < 1: raise ConfigError(f"parameter {k}={values[k]} must be at least 1.")
+        if k in values and values[k] < 1: raise ConfigError(f"parameter {k}={values[k]} must be at least 1. Fix: -p {k} {EVAL_PARAMETERS[k]}")
+    for k, zero in (("limit", "all questions"), ("gallery_size", "no gallery")):
+        if values.get(k, 0) < 0: raise ConfigError(f"parameter {k}={values[k]} must be 0 or more (0: {zero}). Fix: -p {k} {EVAL_PARAMETERS[k]}")
     if values.get("judge_timeout", 1) <= 0:
         raise ConfigError(f"parameter judge_timeout={values['judge_timeout']} must be more than 0 (seconds per judge call). Fix: -p judge_timeout 60")
     if values.get("judge_max_retries", 0) < 0:
         raise ConfigError(f"parameter judge_max_retries={values['judge_max_retries']} must be 0 or more. Fix: -p judge_max_retries 5")
+    url = values.get("judge_base_url", "")
+    if url not in ("", "local") and not re.match(r"https?://", url):
+        raise ConfigError(f"judge_base_url {url!r} is not an http(s) URL. Fix: -p judge_base_url http://HOST:PORT/v1, local, or \"\" (OpenAI with a key).")
+    return values
+
+def check_eval_files(values:dict) -> dict:
+    "Raise `CheckpointError` / `DataError` at once for a checkpoint folder or a given evaluation file that does not exist."
+    ck = values.get("checkpoint", EVAL_PARAMETERS["checkpoint"])
+    if not Path(ck).is_dir():
+        raise CheckpointError(f"{ck}: no such checkpoint folder. Fix: train one first (papermill nbs/train.ipynb "
+                              f"runs/train.ipynb writes runs/finetune-image), or pass -p checkpoint FOLDER.")
+    for k, (kind, what) in EVAL_FILES.items():
+        if values.get(k): need_path(values[k], k, kind, fix=f"pass -p {k} with an existing {what}, or \"\" for the demo's.")
     return values
 
 # %% ../nbs/34_evalrun.ipynb #7486daa6
@@ -89,9 +92,7 @@ class EvalPlan:
         return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
 
 def _need(path, what:str, param:str) -> str:
-    if not Path(path).exists():
-        raise DataError(f"{what} not found.", file=path, fix=f"check the {param} parameter (\"\" = the demo's file).")
-    return str(path)
+    return str(need_path(path, param, "path", fix=f"pass -p {param} with an existing {what} (\"\" = the demo's file)."))
 
 def _subset(src, dst:Path, ids:set, key:str):
     "Write the records of `src` (JSON list or JSONL) whose `key` is in `ids` to `dst`, same format."
@@ -103,12 +104,9 @@ def _subset(src, dst:Path, ids:set, key:str):
 
 def plan_eval(values:dict) -> EvalPlan:
     "Resolve the eval notebook's parameters into files to read and write (demo files for empty paths)."
-    v = {**EVAL_PARAMETERS, **check_eval_parameters(dict(values))}
+    v = {**EVAL_PARAMETERS, **check_eval_files(check_eval_parameters(dict(values)))}  # in a second, before torch loads
     from qllava.checkpoint import read_manifest
     ck = Path(v["checkpoint"])
-    if not ck.is_dir():
-        raise CheckpointError(f"{ck}: no such checkpoint folder. Fix: train one first (papermill nbs/train.ipynb "
-                              f"runs/train.ipynb writes runs/finetune-image), or pass -p checkpoint FOLDER.")
     if not (ck / "adapter").is_dir():
         encs = read_manifest(ck).get("encoders") or {}
         if v["modality"] not in encs:

@@ -7,14 +7,15 @@ from __future__ import annotations
 import json, os, re, shlex, shutil, socket, sys, time
 from dataclasses import dataclass, field, replace, asdict
 from pathlib import Path
-from .core import ConfigError, LaunchError, ArgumentParser
+from .core import ConfigError, LaunchError, ArgumentParser, is_secret_name, mask_command, secret_masker
 
 # %% auto #0
 __all__ = ['PROGRESS_PREFIX', 'RUN_DIR_ENV', 'BACKEND_ENV', 'LAUNCHERS', 'DEFAULT_PORT', 'progress_line', 'parse_progress',
            'env_rank', 'report_progress', 'heartbeat', 'read_heartbeats', 'dist_backend', 'LaunchSpec', 'free_port',
            'gpu_count', 'resolve_spec', 'ShellVar', 'shell_join', 'split_entry', 'hostfile_text', 'build_command',
-           'is_secret_name', 'SlurmSpec', 'sbatch_script', 'SlurmJob', 'submit_sbatch', 'kill_tree', 'hung_ranks',
-           'FirstTraceback', 'progress_bar', 'run', 'launch_env', 'launch', 'launch_cli']
+           'SlurmSpec', 'sbatch_script', 'SlurmJob', 'submit_sbatch', 'kill_tree', 'hung_ranks', 'FirstTraceback',
+           'signal_name', 'exit_status', 'describe_exit', 'RankWatch', 'LauncherReport', 'rank_failure', 'progress_bar',
+           'run', 'launch_env', 'launch', 'launch_cli']
 
 # %% ../nbs/20_launch.ipynb #d5f0dfea
 PROGRESS_PREFIX = "QLLAVA_PROGRESS"     # a progress line is this prefix, a space, then one JSON object
@@ -239,12 +240,6 @@ def build_command(spec:LaunchSpec, # a resolved spec (see `resolve_spec`)
     return cmd + (["-m"] if is_mod else []) + [target, *args]
 
 # %% ../nbs/20_launch.ipynb #ed17e46f
-_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION", re.I)
-
-def is_secret_name(name:str) -> bool:
-    "Whether an environment variable's name says its value must never be written or logged."
-    return bool(_SECRET.search(name))
-
 @dataclass
 class SlurmSpec:
     "The sbatch options of a job; nodes and GPUs come from the `LaunchSpec`."
@@ -333,11 +328,8 @@ def submit_sbatch(script, # path of an sbatch script
 
 # %% ../nbs/20_launch.ipynb #c38de128
 def _redactor(env:dict):
-    "A function that masks the values of secret-looking variables of `env` in a line of output."
-    vals = sorted({str(v) for k, v in env.items() if is_secret_name(k) and len(str(v)) >= 6}, key=len, reverse=True)
-    if not vals: return lambda s: s
-    pat = re.compile("|".join(map(re.escape, vals)))
-    return lambda s: pat.sub("***", s)
+    "A function masking secrets in a line of output: `env`'s secret variables' values and key-shaped tokens (`qllava.core.secret_masker`)."
+    return secret_masker(env)
 
 def kill_tree(pid:int, # the child started in its own session
               grace:float=5.0): # seconds between SIGTERM and SIGKILL
@@ -401,6 +393,133 @@ class FirstTraceback:
         if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b", bare) or len(self.lines) >= self.max_lines:
             self.done = True
 
+# %% ../nbs/20_launch.ipynb #800ddb4b
+def signal_name(n:int) -> str:
+    "The name of signal number `n`, e.g. `SIGKILL` for 9 (`signal n` for a number without one)."
+    import signal
+    try: return signal.Signals(n).name
+    except ValueError: return f"signal {n}"
+
+def exit_status(pid:int) -> dict|None:
+    "How process `pid` ended, read from /proc while it is a zombie (ended, not yet reaped): `{'signal': n}` or `{'exit_code': n}`; None while it runs or once it is gone."
+    try: s = Path(f"/proc/{pid}/stat").read_text()
+    except OSError: return None
+    f = s[s.rindex(")") + 2:].split()   # fields 3.. of proc(5); field 52 is the wait status (exit_code)
+    if f[0] != "Z" or len(f) < 50: return None
+    st = int(f[49])
+    return {"signal": st & 0x7f} if st & 0x7f else {"exit_code": (st >> 8) & 0xff}
+
+def describe_exit(status:dict|None) -> str:
+    "How a process ended, in words: 'was killed by SIGKILL (signal 9)', 'exited with exit code 3'."
+    if not status: return "ended (how is not known)"
+    if "signal" in status: return f"was killed by {signal_name(status['signal'])} (signal {status['signal']})"
+    return f"exited with exit code {status['exit_code']}"
+
+_SIGNAL_FIX = {
+    "SIGKILL": "nobody sent kill -9 and no scheduler limit was hit? Then it was most likely the kernel's out-of-memory killer "
+               "(`dmesg | grep -i 'killed process'` or `journalctl -k` says so): lower the per-device batch or model_max_length, "
+               "turn on --gradient_checkpointing True, or use -p deepspeed zero3_offload.",
+    "SIGSEGV": "a crash in native code (CUDA, NCCL, a C extension): rerun the same entry with launcher 'python' (one process) "
+               "to get its native backtrace, and check that torch, deepspeed and the driver versions fit together.",
+    "SIGBUS": "usually shared memory running out (/dev/shm is small in containers): give the container more --shm-size, or "
+              "use fewer dataloader workers.",
+    "SIGABRT": "a C++ abort (an assertion in torch, NCCL or gloo): its message is in the lines above.",
+    "SIGTERM": "something asked it to stop: a scheduler (a Slurm time or memory limit, preemption) or a user.",
+    "SIGINT": "it was interrupted (Ctrl-C).",
+}
+
+# %% ../nbs/20_launch.ipynb #51ca5a9d
+class RankWatch:
+    "Follows the rank processes (those with `RANK` set) a launcher starts on this machine: the order they end in, and how."
+    def __init__(self, root:int, # pid of the launcher; its descendants are searched
+                 every:float=0.05): # seconds between looks at each rank where pidfds are not available
+        import threading
+        self.root, self.every, self.ranks, self.ended = root, every, {}, []   # ranks: pid -> rank
+        self._fds, self._polled, self._skip, self._stop = {}, set(), set(), threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _discover(self):
+        import psutil
+        try: procs = psutil.Process(self.root).children(recursive=True)
+        except psutil.Error: return
+        for p in procs:
+            if p.pid in self.ranks or p.pid in self._skip: continue
+            try: ppid, rank = p.ppid(), p.environ().get("RANK", "")
+            except (psutil.Error, OSError): continue
+            if ppid in self.ranks or ppid in self._skip: self._skip.add(p.pid); continue  # a rank's own child (data worker, compiler)
+            if not rank.isdigit(): continue   # a launcher process, or a rank not started yet: looked at again later
+            self.ranks[p.pid] = int(rank)
+            try: self._fds[os.pidfd_open(p.pid)] = p.pid   # readable the moment the process ends (Linux >= 5.3)
+            except (AttributeError, OSError): self._polled.add(p.pid)
+
+    def _end(self, pid:int, status:dict|None):
+        self.ended.append({"rank": self.ranks[pid], "pid": pid, "time": time.time(), "status": status})
+
+    def _loop(self):
+        import select
+        t0, last = time.monotonic(), 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            period = 0.1 if now - t0 < 30 else 0.5   # look often while ranks start: one that dies at once is still seen
+            if now - last >= period: self._discover(); last = now
+            for pid in list(self._polled):   # no pidfd: look at each rank; a zombie still says how it ended
+                st = exit_status(pid)
+                if st is not None or not Path(f"/proc/{pid}").exists(): self._polled.discard(pid); self._end(pid, st)
+            if self._fds:
+                ready, _, _ = select.select(list(self._fds), [], [], period)
+                for fd in ready:
+                    pid = self._fds.pop(fd); os.close(fd)
+                    self._end(pid, exit_status(pid))   # read at once: the launcher has not reaped it yet
+            else: self._stop.wait(self.every if self._polled else period)
+
+    def stop(self):
+        "Stop watching (closes the pidfds)."
+        self._stop.set(); self._thread.join(2)
+        for fd in self._fds: os.close(fd)
+        self._fds = {}
+
+    def failures(self) -> list[dict]:
+        "The ranks seen to end without exit code 0, first first: {'rank', 'pid', 'time', 'status'}."
+        return sorted((e for e in self.ended if e["status"] and e["status"] != {"exit_code": 0}), key=lambda e: e["time"])
+
+
+# %% ../nbs/20_launch.ipynb #c1d42bab
+class LauncherReport:
+    "What a launcher printed about a failed rank: deepspeed's `exits with return code = -9`, torchrun's root-cause `rank :` / `exitcode :`."
+    def __init__(self): self.return_code, self.rank, self._root = None, None, False
+    def __call__(self, line:str):
+        bare = re.sub(r"^\[[^\]]*\]\s*", "", line)
+        if m := re.search(r"exits with return code = (-?\d+)", bare):
+            if self.return_code is None: self.return_code = int(m.group(1))
+        if "Root Cause (first observed failure)" in bare: self._root = True   # torchrun's summary: its first block is the cause
+        if not self._root: return
+        if (m := re.match(r"\s*exitcode\s*:\s*(-?\d+)", bare)) and self.return_code is None: self.return_code = int(m.group(1))
+        if (m := re.match(r"\s*rank\s*:\s*(\d+)", bare)) and self.rank is None: self.rank = int(m.group(1))
+
+def _status_of(rc:int) -> dict: return {"signal": -rc} if rc < 0 else {"exit_code": rc}
+
+def rank_failure(failures:list[dict], # `RankWatch.failures()`: the ranks seen to fail, first first
+                 report:LauncherReport|None=None) -> tuple[dict,str,str]|None: # what the launcher printed
+    "(the rank that failed first, what happened, the fix), by rank and signal or exit code; None when nothing names one."
+    rc = report.return_code if report is not None and report.return_code not in (None, 0) else None
+    if rc is not None and report.rank is not None:   # torchrun names the first failure itself: trust it, with the pid seen
+        seen = [f for f in failures if f["rank"] == report.rank]
+        culprit = seen[0] if seen else {"rank": report.rank, "pid": None, "status": _status_of(rc)}
+    elif rc is not None:   # deepspeed gives the first failure's return code: the first rank seen to end that way
+        seen = [f for f in failures if f["status"] == _status_of(rc)]
+        culprit = seen[0] if seen else {"rank": None, "pid": None, "status": _status_of(rc)}
+    elif failures: culprit = failures[0]
+    else: return None
+    who = "a rank" if culprit["rank"] is None else f"rank {culprit['rank']}" + (f" (pid {culprit['pid']})" if culprit["pid"] else "")
+    status = culprit["status"]
+    if "signal" in status:
+        name = signal_name(status["signal"])
+        return (culprit, f"{who} {describe_exit(status)}, and the launcher stopped the other ranks (their errors, such as gloo's or "
+                f"NCCL's 'connection reset', follow from it)", _SIGNAL_FIX.get(name, f"find out what sent {name} to the rank."))
+    return (culprit, f"{who} failed first: it {describe_exit(status)}, and the launcher stopped the other ranks",
+            "the cause is that rank's error in the lines above (the first error printed by a rank is usually the real one).")
+
 # %% ../nbs/20_launch.ipynb #5cf5391b
 class _LineSink:
     "A file for tqdm that prints each redraw as one plain line (for saved notebooks and logs, where \\r piles up)."
@@ -460,13 +579,13 @@ def run(command:list[str], # the command, e.g. from build_command
     log = Path(log) if log else run_dir/f"{name}.log"
     env = {k: str(v) for k, v in (env or {}).items()}
     child_env = {**os.environ, **env, RUN_DIR_ENV: str(run_dir.resolve()), "PYTHONUNBUFFERED": "1"}
-    redact, lines, first = _redactor(child_env), collections.deque(maxlen=tail), FirstTraceback()
+    redact, lines, first, report = _redactor(child_env), collections.deque(maxlen=tail), FirstTraceback(), LauncherReport()
     started = time.time()
-    rec = {"command": [redact(str(c)) for c in command], "cwd": str(cwd or os.getcwd()), "env_set": sorted(env),
+    rec = {"command": mask_command(command, child_env), "cwd": str(cwd or os.getcwd()), "env_set": sorted(env),
            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(record or {})}
     bar, say, last_check, hung, code = None, None, 0.0, None, None
     with open(log, "a", encoding="utf-8") as flog, open(run_dir/"progress.jsonl", "a") as fprog:
-        flog.write(f"# qllava.launch {rec['started']}\n# command: {redact(shell_join(command))}\n"
+        flog.write(f"# qllava.launch {rec['started']}\n# command: {shell_join(rec['command'])}\n"
                    f"# environment set (values not logged): {' '.join(sorted(env)) or '-'}\n")
         flog.flush()
         try:
@@ -477,6 +596,7 @@ def run(command:list[str], # the command, e.g. from build_command
             raise LaunchError(f"cannot start {command[0]!r}: {e.strerror or e}. Fix: check that the program exists "
                               "(for a virtualenv give its python, e.g. LaunchSpec(python='/path/.venv/bin/python')) "
                               "and that cwd exists.") from None
+        watch = RankWatch(proc.pid)  # which rank ends first, and how (exit code or signal), read as it ends
         q = queue.Queue()
         def pump():
             for line in proc.stdout: q.put(line)
@@ -500,7 +620,7 @@ def run(command:list[str], # the command, e.g. from build_command
                             bar.set_postfix({k: v for k, v in p.items() if k not in ("step", "total")}, refresh=False)
                             bar.update(p["step"] - bar.n)  # tqdm throttles redraws, so a long run keeps a short output
                     else:
-                        lines.append(line); first(line)
+                        lines.append(line); first(line); report(line)
                         if echo: say(line) if say else print(line, flush=True)
                 now = time.time()
                 if proc.poll() is not None:  # the launcher is gone; allow grandchildren a moment to flush
@@ -516,24 +636,33 @@ def run(command:list[str], # the command, e.g. from build_command
                         kill_tree(proc.pid, grace)
                         break
         except BaseException:  # KeyboardInterrupt from the notebook, or our own bug: never leave ranks behind
-            kill_tree(proc.pid, grace)
+            kill_tree(proc.pid, grace); watch.stop()
             raise
         finally:
             if bar is not None: bar.close()
         code = proc.wait()
         try: os.killpg(proc.pid, 9)  # ranks the launcher left behind in its group (it is gone, so nothing else is)
         except (ProcessLookupError, PermissionError): pass
-        rec.update(exit_code=code, seconds=round(time.time() - started, 2), hung=hung)
+        watch.stop()
+        failed = rank_failure(watch.failures(), report) if code != 0 and not hung else None
+        rec.update(exit_code=code, seconds=round(time.time() - started, 2), hung=hung, failed_rank=failed[0] if failed else None)
         flog.write(f"# exit code {code} after {rec['seconds']} s\n")
     (run_dir/f"{name}.json").write_text(json.dumps(rec, indent=1))
     if hung:
         raise _failure(f"a rank stopped sending heartbeats, so the launch was stopped.\n{hung}\n", code, lines, log,
                        "see what the hung rank does after the phase it last reported (a collective the other ranks never "
                        "reach, a dead data worker, a lock); raise hang_timeout if that phase can legitimately take longer.", first.lines)
+    if failed:
+        culprit, what, fix = failed
+        signalled = "signal" in culprit["status"]   # the other ranks' errors are consequences: no 'first error' from them
+        e = _failure(f"the launch failed: {what}", code, lines, log, fix, None if signalled else first.lines)
+        e.failed_rank = culprit
+        raise e
     if code != 0:
-        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-        raise _failure(f"the launched command failed with {how}", code, lines, log,
-                       "the cause is in the lines above (the first error printed by a rank is usually the real one).", first.lines)
+        how = f"was killed by {signal_name(-code)} (signal {-code})" if code < 0 else f"failed with exit code {code}"
+        fix = _SIGNAL_FIX.get(signal_name(-code), "") if code < 0 else ""
+        raise _failure(f"the launched command {how}", code, lines, log,
+                       fix or "the cause is in the lines above (the first error printed by a rank is usually the real one).", first.lines)
     return run_dir
 
 # %% ../nbs/20_launch.ipynb #bb7975fc
@@ -573,7 +702,7 @@ def launch(entry_args:list[str], # what would follow `python`, e.g. ['-m', 'qlla
         tmp.write_text(hostfile_text(spec.hosts, spec.ranks_per_node)); os.replace(tmp, run_dir/"hostfile")
         spec = replace(spec, hostfile=str((run_dir/"hostfile").resolve()))
     cmd = build_command(spec, entry_args)
-    if kwargs.get("echo", True): print(f"launching {spec.world_size} rank(s) with {spec.launcher}: {shell_join(cmd)}", flush=True)
+    if kwargs.get("echo", True): print(f"launching {spec.world_size} rank(s) with {spec.launcher}: {shell_join(mask_command(cmd, {**os.environ, **spec.env}))}", flush=True)
     one = spec.nodes == 1  # with many nodes the run folder may be shared (one launcher per node): per-node log names
     name = "launch" if one else f"launch.node{spec.node_rank}" if spec.node_rank is not None else f"launch.{socket.gethostname()}"
     return run(cmd, run_dir, env=launch_env(spec), hang_timeout=hang_timeout, expect_ranks=spec.ranks_per_node if one else None,

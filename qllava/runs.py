@@ -4,17 +4,19 @@
 
 # %% ../nbs/41_runs.ipynb #835022a9
 from __future__ import annotations
-import json, os, shlex, sys, time
+import json, os, re, shlex, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from .core import ConfigError, QllavaError, ArgumentParser
+from .core import (ConfigError, DataError, QllavaError, ArgumentParser, injected_names, need_path, refuse_secrets,
+    unknown_parameters, check_types)
+from .presets import preset_names
+from .train import DEEPSPEED_PRESETS, STAGE_PRESETS
 
 # %% auto #0
-__all__ = ['TRAIN_PARAMETERS', 'ALLOWED_PARAMETERS', 'SECRET_NAMES', 'DEMO_ENCODERS', 'DEMO_DATA', 'SENSOR_EPOCHS',
-           'DEMO_PROFILE', 'RUN_HYPERPARAMETERS', 'check_parameters', 'injected_names', 'StagePlan', 'TrainPlan',
-           'vqa_to_records', 'plan_training', 'load_trained', 'heldout_accuracy', 'planned_config',
-           'planned_hyperparameters', 'stage_results', 'launch_stage', 'run_plan', 'stage_summary', 'record_run',
-           'list_runs', 'runs_cli']
+__all__ = ['TRAIN_PARAMETERS', 'ALLOWED_PARAMETERS', 'TRAIN_FILES', 'DEMO_ENCODERS', 'DEMO_DATA', 'SENSOR_EPOCHS', 'DEMO_PROFILE',
+           'RUN_HYPERPARAMETERS', 'check_train_files', 'check_parameters', 'StagePlan', 'TrainPlan', 'vqa_to_records',
+           'plan_training', 'load_trained', 'heldout_accuracy', 'planned_config', 'planned_hyperparameters',
+           'stage_results', 'launch_stage', 'run_plan', 'stage_summary', 'record_run', 'list_runs', 'runs_cli']
 
 # %% ../nbs/41_runs.ipynb #8c090adc
 TRAIN_PARAMETERS = dict(
@@ -24,7 +26,15 @@ TRAIN_PARAMETERS = dict(
     num_train_epochs=0.0, lora_r=0, lora_alpha=0, model_max_length=0, blank_media_control=True, extra_args="",
     run_name="", runs_dir="runs", seed=42)
 ALLOWED_PARAMETERS = frozenset(TRAIN_PARAMETERS)
-SECRET_NAMES = ("key", "token", "secret", "password")
+TRAIN_FILES = {"data_path": ("file", DataError), "image_folder": ("folder", DataError), "eval_data_path": ("file", DataError),
+               "pretrain_mm_mlp_adapter": ("path", ConfigError)}  # path parameters that must exist when given
+_FILE_FIX = {
+    "data_path": "pass -p data_path with a LLaVA-format JSON or JSONL file of records (empty: the demo data)",
+    "image_folder": "pass -p image_folder with the folder the records' media paths are relative to",
+    "eval_data_path": "pass -p eval_data_path with a held-out JSON or JSONL file of records, or leave it empty (no eval loss)",
+    "pretrain_mm_mlp_adapter": "pass -p pretrain_mm_mlp_adapter with a stage-1 mm_projector.bin (or the folder holding it): "
+                               "run -p stage pretrain first, or use a published projector; empty on the demo makes one",
+}
 
 DEMO_ENCODERS = {"image": "preset:tiny-clip", "sensor": "preset:tiny-limu"}
 DEMO_DATA = {"image": "pathology", "sensor": "imu"}
@@ -44,42 +54,43 @@ _DEMO_MODALITY = {"sensor": {"finetune": dict(num_train_epochs=SENSOR_EPOCHS), "
 DEMO_PROFILE = {(st, mod): {**base, **_DEMO_MODALITY.get(mod, {}).get(st, {})}  # (stage, modality) -> demo overrides
                 for st, base in _DEMO_STAGE.items() for mod in DEMO_ENCODERS}
 
-def check_parameters(values:dict, # parameter name -> value, as the notebook holds them
-                     injected:set=frozenset()) -> dict: # names papermill injected that the parameters cell lacks
-    "Reject unknown names, wrong types, secrets and contradictions; returns the values."
-    unknown = sorted((set(injected) | set(values)) - ALLOWED_PARAMETERS)
-    if unknown:
-        import difflib
-        hints = {u: difflib.get_close_matches(u, ALLOWED_PARAMETERS, 1) for u in unknown}
-        raise ConfigError("unknown parameter(s): " + ", ".join(f"{u}" + (f" (did you mean {h[0]}?)" if h else "") for u, h in hints.items())
-                          + f". Fix: use one of {', '.join(sorted(ALLOWED_PARAMETERS))}.")
-    for k, v in values.items():
-        want = type(TRAIN_PARAMETERS[k])
-        if want is float and isinstance(v, int) and not isinstance(v, bool): continue
-        if not isinstance(v, want): raise ConfigError(f"parameter {k}={v!r} should be a {want.__name__}.")
-    for k, v in values.items():
-        if isinstance(v, str) and any(s in v.lower() for s in ("sk-", "api_key=")):
-            raise ConfigError(f"parameter {k} looks like it holds a secret. Fix: put keys in the environment, never in parameters.")
-    neg = [k for k in ("global_batch_size", "learning_rate", "mm_projector_lr", "num_train_epochs", "lora_r", "lora_alpha",
-                       "model_max_length", "num_gpus", "num_nodes") if k in values and values[k] < 0]
-    if neg: raise ConfigError(f"parameter {neg[0]}={values[neg[0]]!r} is negative. Fix: a positive value, or 0 for the preset's.")
-    if values.get("modality", "image") not in DEMO_ENCODERS:
-        raise ConfigError(f"modality {values['modality']!r}: use image or sensor.")
-    if values.get("launcher", "deepspeed") not in ("deepspeed", "torchrun", "slurm"):
-        raise ConfigError(f"launcher {values['launcher']!r}: use deepspeed, torchrun or slurm.")
+def _local_path(spec:str) -> bool: return spec.startswith(("/", "./", "../", "~"))
+
+def check_train_files(values:dict) -> dict:
+    "Raise `DataError` / `ConfigError` for a given data, media, eval or projector path (or DeepSpeed JSON, model folder) that does not exist."
+    for k, (kind, err) in TRAIN_FILES.items():
+        if values.get(k): need_path(values[k], k, kind, err, _FILE_FIX[k] + ".")
+    ds = values.get("deepspeed", "zero2")
+    if ds not in ("", "none", *DEEPSPEED_PRESETS):
+        fix = f"use one of {', '.join(DEEPSPEED_PRESETS)} or none, or the path of a DeepSpeed JSON config."
+        need_path(ds, "deepspeed", "file", ConfigError, fix)
+        try: json.loads(Path(ds).read_text())
+        except ValueError as e: raise ConfigError(f"deepspeed {ds!r}: not valid JSON ({e}). Fix: {fix}") from None
+    for k in ("model", "encoder", "tokenizer"):
+        spec = values.get(k) or ""
+        if spec.startswith("preset:") and k != "tokenizer" and spec[7:] not in preset_names():
+            raise ConfigError(f"{k} {spec!r}: no such preset. Fix: use one of {', '.join('preset:' + n for n in preset_names())}, a hub id or a folder.")
+        if _local_path(spec): need_path(spec, k, "path", ConfigError, f"pass -p {k} with an existing folder, a hub id, or preset:NAME.")
     return values
 
-# %% ../nbs/41_runs.ipynb #75314a35
-def injected_names(history:list) -> set:
-    "Names assigned by papermill's injected `# Parameters` cell(s), read from the kernel's input history (`In`)."
-    import ast
-    names = set()
-    for src in history or []:
-        if not isinstance(src, str) or not src.lstrip().startswith("# Parameters"): continue
-        for node in ast.parse(src).body:
-            for t in getattr(node, "targets", [getattr(node, "target", None)]):
-                if isinstance(t, ast.Name): names.add(t.id)
-    return names
+def check_parameters(values:dict, # parameter name -> value, as the notebook holds them
+                     injected:set=frozenset()) -> dict: # names papermill injected that the parameters cell lacks
+    "Refuse secrets, unknown names, wrong types, unknown choices, negative values and missing files; returns the values."
+    refuse_secrets(values)  # first, so that no later message can repeat a secret
+    unknown_parameters(set(injected) | set(values), ALLOWED_PARAMETERS)
+    check_types(values, TRAIN_PARAMETERS)
+    choices = {"stage": tuple(STAGE_PRESETS), "modality": tuple(DEMO_ENCODERS), "launcher": ("deepspeed", "torchrun", "slurm")}
+    for k, ok in choices.items():
+        if k in values and values[k] not in ok: raise ConfigError(f"{k} {values[k]!r} is not one of {', '.join(ok)}. Fix: -p {k} {ok[0]}.")
+    if "projector" in values and not re.fullmatch(r"linear|identity|mlp[1-9]\d*x_gelu", values["projector"]):
+        raise ConfigError(f"projector {values['projector']!r} is not a projector kind. Fix: use linear, mlpNx_gelu (e.g. mlp2x_gelu, LLaVA-1.5's) or identity.")
+    for k in ("global_batch_size", "learning_rate", "mm_projector_lr", "num_train_epochs", "lora_r", "lora_alpha", "model_max_length", "seed"):
+        if values.get(k, 0) < 0: raise ConfigError(f"parameter {k}={values[k]!r} is negative. Fix: a positive value, or 0 for the preset's.")
+    for k in ("num_gpus", "num_nodes"):
+        if values.get(k, 1) < 1: raise ConfigError(f"parameter {k}={values[k]!r} must be at least 1. Fix: -p {k} 1 (num_gpus: ranks per node; CPU ranks without a GPU).")
+    try: shlex.split(values.get("extra_args", ""))
+    except ValueError as e: raise ConfigError(f"extra_args {values['extra_args']!r}: {e}. Fix: close the quote.") from None
+    return check_train_files(values)
 
 # %% ../nbs/41_runs.ipynb #d4c0ec34
 @dataclass

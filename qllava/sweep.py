@@ -6,14 +6,16 @@
 from __future__ import annotations
 import itertools, json, math, os, re, shlex, subprocess, sys, time
 from pathlib import Path
-from .core import ConfigError, QllavaError, ArgumentParser
+from .core import ConfigError, DataError, QllavaError, ArgumentParser, check_types, refuse_secrets, unknown_parameters
+from .runs import TRAIN_PARAMETERS, check_parameters
+from .evalrun import check_eval_files, check_eval_parameters
 
 # %% auto #0
 __all__ = ['SWEEP_PARAMETERS', 'SWEPT', 'SWEEP_OWNS', 'METRICS', 'EVAL_OWNS', 'LAUNCHERS', 'LORA_STAGES', 'STAGE1_KEYS',
-           'lora_alpha_for', 'check_sweep', 'run_slug', 'combinations', 'sweep_dir_of', 'read_sweep', 'write_sweep',
-           'plan_sweep', 'stage1_plans', 'ensure_stage1', 'train_notebook_path', 'run_finished', 'last_lines',
-           'run_combination', 'run_parallel', 'slurm_header', 'sweep_array_script', 'stage1_script', 'submit_slurm',
-           'run_metrics', 'collect', 'results_table', 'varied_parameters', 'plot_metric', 'run_sweep',
+           'lora_alpha_for', 'run_slug', 'combinations', 'check_sweep', 'absolute_paths', 'sweep_dir_of', 'read_sweep',
+           'write_sweep', 'plan_sweep', 'stage1_plans', 'ensure_stage1', 'train_notebook_path', 'run_finished',
+           'last_lines', 'run_combination', 'run_parallel', 'slurm_header', 'sweep_array_script', 'stage1_script',
+           'submit_slurm', 'run_metrics', 'collect', 'results_table', 'varied_parameters', 'plot_metric', 'run_sweep',
            'stage1_for_sweep', 'sweep_cli']
 
 # %% ../nbs/45_sweep.ipynb #5d736587
@@ -37,45 +39,6 @@ def lora_alpha_for(rule, # "2*r", "r", "16" or an int
     if not m: raise ConfigError(f"lora_alpha rule {rule!r}: write k*r (e.g. 2*r), r, or a number.")
     if not r: return 0
     return int(m.group(2)) if m.group(2) else int(round(float(m.group(1) or 1) * r))
-
-def check_sweep(values:dict, # sweep parameter name -> value, as the notebook holds them
-                injected:set=frozenset()) -> dict: # names papermill injected that the parameters cell lacks
-    "Reject unknown names, non-list sweeps, unknown metrics / launchers / train parameters; returns the values."
-    from qllava.runs import TRAIN_PARAMETERS
-    unknown = sorted((set(injected) | set(values)) - set(SWEEP_PARAMETERS))
-    if unknown:
-        import difflib
-        hint = {u: difflib.get_close_matches(u, SWEEP_PARAMETERS, 1) for u in unknown}
-        raise ConfigError("unknown sweep parameter(s): " + ", ".join(u + (f" (did you mean {h[0]}?)" if h else "") for u, h in hint.items())
-                          + f". Fix: use one of {', '.join(SWEEP_PARAMETERS)}.")
-    for k in SWEPT:
-        v = values.get(k, SWEEP_PARAMETERS[k])
-        if not isinstance(v, (list, tuple)) or not v:
-            raise ConfigError(f"sweep parameter {k}={v!r} should be a non-empty list, e.g. {k} = {SWEEP_PARAMETERS[k]!r}.")
-        want = type(TRAIN_PARAMETERS[k])
-        for x in v:
-            if not (isinstance(x, want) or (want is float and isinstance(x, int) and not isinstance(x, bool))):
-                raise ConfigError(f"sweep parameter {k} holds {x!r}; its values should be of type {want.__name__}.")
-    tp = values.get("train_parameters", {})
-    if not isinstance(tp, dict): raise ConfigError(f"train_parameters={tp!r} should be a dict of train-notebook parameters.")
-    bad = sorted(set(tp) - set(TRAIN_PARAMETERS) | (set(tp) & (set(SWEPT) | set(SWEEP_OWNS) | {"lora_alpha"})))
-    if bad: raise ConfigError(f"train_parameters {bad}: not train-notebook parameters the sweep leaves to you. Fix: sweep "
-                              f"{', '.join(SWEPT)} with their own lists; other names: {', '.join(sorted(set(TRAIN_PARAMETERS) - set(SWEPT) - set(SWEEP_OWNS) - {'lora_alpha'}))}.")
-    ep = values.get("eval_parameters", {})
-    if not isinstance(ep, dict) or set(ep) & set(EVAL_OWNS):
-        raise ConfigError(f"eval_parameters={ep!r} should be a dict of eval-notebook parameters other than {', '.join(EVAL_OWNS)}.")
-    if values.get("metric") == "judge_score" and not values.get("evaluate"):
-        raise ConfigError("metric judge_score comes from the eval notebook's review. Fix: set evaluate True (or rank by another metric).")
-    if tp.get("launcher") == "slurm":
-        raise ConfigError("train_parameters launcher slurm would submit a job from inside each run. Fix: set the sweep's launcher "
-                          "to slurm (one job array) and leave the runs' launcher at deepspeed or torchrun.")
-    if values.get("metric", "closed_accuracy") not in METRICS:
-        raise ConfigError(f"metric {values['metric']!r}: use one of {', '.join(METRICS)}.")
-    if values.get("launcher", "local-sequential") not in LAUNCHERS:
-        raise ConfigError(f"launcher {values['launcher']!r}: use one of {', '.join(LAUNCHERS)}.")
-    if int(values.get("parallel", 1)) < 1: raise ConfigError("parallel must be at least 1.")
-    lora_alpha_for(values.get("lora_alpha", "2*r"), 8)  # the rule parses
-    return values
 
 # %% ../nbs/45_sweep.ipynb #51ce9ccb
 def run_slug(p:dict) -> str:
@@ -105,6 +68,68 @@ def combinations(values:dict) -> list[dict]:
         out.append({"blank_media_control": False, **fixed, **p, "run_name": name})
     return out
 
+# %% ../nbs/45_sweep.ipynb #1dd20559
+def check_sweep(values:dict, # sweep parameter name -> value, as the notebook holds them
+                injected:set=frozenset()) -> dict: # names papermill injected that the parameters cell lacks
+    "Refuse secrets, unknown names, wrong types, malformed lists, unknown metrics / launchers, and every combination the train notebook would refuse (unknown stage, negative rate, missing file); returns the values."
+    refuse_secrets(values)  # first: no later message may repeat a secret
+    unknown_parameters(set(injected) | set(values), SWEEP_PARAMETERS, "sweep parameter")
+    check_types({k: v for k, v in values.items() if k != "lora_alpha"}, SWEEP_PARAMETERS, "sweep parameter")  # alpha: a rule or an int
+    for k in SWEPT:
+        v = values.get(k, SWEEP_PARAMETERS[k])
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ConfigError(f"sweep parameter {k}={v!r} should be a non-empty list, e.g. {k} = {SWEEP_PARAMETERS[k]!r}.")
+        want = type(TRAIN_PARAMETERS[k])
+        for x in v:
+            if not (isinstance(x, want) or (want is float and isinstance(x, int) and not isinstance(x, bool))):
+                raise ConfigError(f"sweep parameter {k} holds {x!r}; its values should be of type {want.__name__}. Fix: -y \"{k}: {json.dumps(SWEEP_PARAMETERS[k])}\"")
+    tp = values.get("train_parameters", {})
+    free = sorted(set(TRAIN_PARAMETERS) - set(SWEPT) - set(SWEEP_OWNS) - {"lora_alpha"})
+    bad = sorted(set(tp) - set(TRAIN_PARAMETERS) | (set(tp) & (set(SWEPT) | set(SWEEP_OWNS) | {"lora_alpha"})))
+    if bad:
+        import difflib
+        hint = "".join(f" ({b}: did you mean {m[0]}?)" for b in bad if (m := difflib.get_close_matches(b, free, 1)))
+        raise ConfigError(f"train_parameters {bad}: not train-notebook parameters the sweep leaves to you{hint}. Fix: sweep "
+                          f"{', '.join(SWEPT)} with their own lists; other names: {', '.join(free)}.")
+    ep = values.get("eval_parameters", {})
+    if set(ep) & set(EVAL_OWNS):
+        raise ConfigError(f"eval_parameters {sorted(set(ep) & set(EVAL_OWNS))}: the sweep sets {', '.join(EVAL_OWNS)} for each run. Fix: drop them.")
+    try: check_eval_files({**check_eval_parameters(dict(ep)), "checkpoint": "."})  # names, types, files (not the runs' checkpoints)
+    except ConfigError as e: raise ConfigError(f"eval_parameters: {e}") from None
+    if values.get("metric") == "judge_score" and not values.get("evaluate"):
+        raise ConfigError("metric judge_score comes from the eval notebook's review. Fix: set evaluate True (or rank by another metric).")
+    if tp.get("launcher") == "slurm":
+        raise ConfigError("train_parameters launcher slurm would submit a job from inside each run. Fix: set the sweep's launcher "
+                          "to slurm (one job array) and leave the runs' launcher at deepspeed or torchrun.")
+    if values.get("metric", "closed_accuracy") not in METRICS:
+        raise ConfigError(f"metric {values['metric']!r}: use one of {', '.join(METRICS)}.")
+    if values.get("launcher", "local-sequential") not in LAUNCHERS:
+        raise ConfigError(f"launcher {values['launcher']!r}: use one of {', '.join(LAUNCHERS)}.")
+    if int(values.get("parallel", 1)) < 1: raise ConfigError(f"parallel={values['parallel']} must be at least 1. Fix: -p parallel 1")
+    if values.get("slurm_gpus", 0) < 0: raise ConfigError(f"slurm_gpus={values['slurm_gpus']} is negative. Fix: -p slurm_gpus 0 (CPU ranks) or the GPUs per task.")
+    lora_alpha_for(values.get("lora_alpha", "2*r"), 8)  # the rule parses
+    if values.get("train_notebook"): train_notebook_path(values["train_notebook"])
+    adapter = values.get("pretrain_mm_mlp_adapter", "")
+    for c in combinations(values):   # each run's parameters, checked as its train notebook will check them
+        try: check_parameters({**c, **({"pretrain_mm_mlp_adapter": adapter} if adapter else {})})
+        except QllavaError as e:
+            msg = (f"run {c['run_name']} would be refused by its train notebook: {e} (In a sweep, swept values are lists "
+                   "and the other train-notebook parameters go in train_parameters, e.g. -y \"train_parameters: {data_path: FILE}\".)")
+            raise (DataError(msg) if isinstance(e, DataError) else ConfigError(msg)) from None
+    return values
+
+def absolute_paths(values:dict) -> dict:
+    "The sweep's values with relative paths (projector, train_parameters' files) made absolute: each run's notebook executes in its own folder."
+    v = dict(values)
+    tp = dict(v.get("train_parameters", {}))
+    for k in ("data_path", "image_folder", "eval_data_path", "deepspeed", "model", "encoder", "tokenizer"):
+        x = tp.get(k)
+        if isinstance(x, str) and x and not os.path.isabs(x) and Path(x).exists(): tp[k] = str(Path(x).resolve())
+    v["train_parameters"] = tp
+    x = v.get("pretrain_mm_mlp_adapter", "")
+    if x and not os.path.isabs(x) and Path(x).exists(): v["pretrain_mm_mlp_adapter"] = str(Path(x).resolve())
+    return v
+
 # %% ../nbs/45_sweep.ipynb #4eb26321
 def sweep_dir_of(values:dict) -> Path:
     "The sweep's folder: `runs_dir/sweep_name`, absolute (run notebooks may execute elsewhere)."
@@ -129,7 +154,7 @@ def write_sweep(sweep_dir, rec:dict) -> Path:
 
 def plan_sweep(values:dict) -> dict:
     "The sweep record for these values, keeping the status and metrics of runs an earlier sweep already holds."
-    v = {**SWEEP_PARAMETERS, **check_sweep(dict(values))}
+    v = absolute_paths({**SWEEP_PARAMETERS, **check_sweep(dict(values))})
     d = sweep_dir_of(v)
     old = {r["name"]: r for r in (read_sweep(d)["runs"] if (d / "sweep.json").is_file() else [])}
     runs = [{"index": i, "name": c["run_name"], "parameters": c, "status": "pending", "metrics": {},

@@ -38,6 +38,7 @@ KINDS = {
     "no_supervision": ("error", "raise --max-length, shorten the human turns or use fewer media tokens, or drop the record"),
     "truncated": ("warning", "raise --max-length or shorten the conversation; tokens past max_length are not learned"),
     "duplicate_id": ("warning", "give every record a unique id (answers, reviews and skip lists are matched by id)"),
+    "missing_id": ("warning", 'give every record a unique "id" (answers, reviews, skip lists and these reports name records by it)'),
 }
 
 # %% ../nbs/07_validate.ipynb #fd7ad6b7
@@ -77,10 +78,13 @@ class ValidationReport:
     bad_records:set=field(default_factory=set) # indices of records with at least one error
     file_error:bool=False # True when the file itself could not be read (no record can be trusted)
     max_problems:int|None=None # keep at most this many problems (counting continues)
+    examples:dict=field(default_factory=dict) # kind -> the first `n_examples` (record, record_id) of that kind, also past `max_problems`
+    n_examples:int=10 # records remembered per kind in `examples`
 
     def add(self, p:Problem):
         "Record problem `p`."
         self.counts[p.kind] += 1
+        if p.record is not None and len(ex := self.examples.setdefault(p.kind, [])) < self.n_examples: ex.append((p.record, p.record_id))
         if p.severity == "error":
             if p.record is None: self.file_error = True
             else: self.bad_records.add(p.record)
@@ -103,11 +107,34 @@ class ValidationReport:
         cols = ["file", "record", "record_id", "kind", "severity", "message", "fix"]
         return pd.DataFrame([{c: getattr(p, c) for c in cols} for p in self.problems], columns=cols)
 
+    def first_records(self, kind:str, # a key of `KINDS`
+                      n:int=5) -> list[tuple]: # at most this many
+        "The first (record index, record id) pairs with a problem of `kind`, in file order."
+        return list(self.examples.get(kind, []))[:n]
+
+    def truncation(self, n:int=5) -> dict:
+        "Records longer than max_length (trained on their first max_length tokens only): how many, and the first `n`, for a training log and summary."
+        first = self.first_records("truncated", n)
+        return dict(count=self.counts.get("truncated", 0), max_length=self.settings.get("max_length"),
+                    first_records=[r for r, _ in first], first_ids=[_jsonable(i) for _, i in first])
+
+    def notes(self, n:int=5, # records named per line
+              kinds=None) -> list[str]: # only these kinds of warning (default: every kind)
+        "One line per kind of warning, for a training log: how many records, the first `n` (index and id), and the fix."
+        out = []
+        for kind, (sev, fix) in KINDS.items():
+            if sev != "warning" or not self.counts.get(kind) or (kinds is not None and kind not in kinds): continue
+            recs = ", ".join(str(r) + (f" (id {i!r})" if i is not None else "") for r, i in self.first_records(kind, n))
+            more = " ..." if self.counts[kind] > n else ""
+            out.append(f"warning: {self.counts[kind]} of {self.n_records} records of {self.file} {_NOTE[kind]} "
+                       f"(record {recs}{more}). Fix: {fix}")
+        return out
+
     def to_dict(self) -> dict:
-        "A JSON-ready summary with every kept problem."
+        "A JSON-ready summary with every kept problem, the truncated records and the warning notes."
         return dict(file=self.file, template=self.template, settings=self.settings, ok=self.ok,
                     n_records=self.n_records, n_ok=self.n_ok, n_errors=self.n_errors, n_warnings=self.n_warnings,
-                    counts=dict(self.counts), n_omitted=self.n_omitted,
+                    counts=dict(self.counts), n_omitted=self.n_omitted, truncation=self.truncation(), notes=self.notes(),
                     problems=[dict(asdict(p), record_id=_jsonable(p.record_id)) for p in self.problems])
 
     def summary(self, max_per_kind:int|None=20) -> str:
@@ -133,6 +160,9 @@ class ValidationReport:
     def _repr_markdown_(self): return "```\n" + self.summary() + "\n```"
 
 def _n(k:int, word:str) -> str: return f"{k} {word}" + ("" if k == 1 else "s")
+
+_NOTE = {"truncated": "are longer than max_length and are cut to it", "duplicate_id": "reuse an id of an earlier record",
+         "missing_id": 'have no "id"'}
 
 def _jsonable(x):
     try: json.dumps(x); return x
@@ -329,7 +359,8 @@ def _record_problems(records, file:str, folder:Path, check_media:bool):
         probs = check_structure(rec, i, file)
         per_rec[i] += probs
         rid = rec.get("id")
-        if rid is not None:
+        if rid is None or rid == "": per_rec[i].append(Problem(file, i, None, "missing_id", 'the record has no "id"'))
+        else:
             key = json.dumps(rid, sort_keys=True, default=repr)
             if key in seen: per_rec[i].append(Problem(file, i, rid, "duplicate_id", f"id {rid!r} is also used by record {seen[key]}"))
             else: seen[key] = i
@@ -407,7 +438,8 @@ def raise_if_invalid(report:ValidationReport, # from `validate_data`
     listed = "\n".join(f"  {p}" for p in errs[:n_listed]) + (f"\n  ... and {report.n_errors-n_listed} more" if report.n_errors > n_listed else "")
     if report.file_error:
         fix = "correct the file so it parses (records cannot be skipped when the file itself is unreadable)."
-    else: fix = "correct the records or pass --skip-bad-records (training then leaves them out and reports the counts)."
+    else: fix = ("correct the records, or pass --skip_bad_records to training (in the train notebook: -p extra_args "
+                 "--skip_bad_records) to leave them out; the counts are reported.")
     what = "the file cannot be read" if report.file_error else f"{len(report.bad_records)} of {report.n_records} records have errors"
     raise DataError(f"{what} ({counts}):\n{listed}\n", file=report.file, fix=fix)
 

@@ -472,3 +472,26 @@ def test_shipped_demo_data_loads(modality, tok):
         real = [len(ds[i]["input_ids"]) for i in range(min(len(ds), 40))]
         rel = np.abs(np.array(lengths[:len(real)]) - real) / np.array(real)
         assert rel.mean() < 0.15, (real, lengths[:len(real)])
+
+
+@pytest.mark.timeout(600)
+def test_record_without_id_is_named_in_the_training_log(tmp_path):
+    "qllava.train under deepspeed (2 CPU ranks) on records of which two have no id: the launch log says so once, by index."
+    from qllava.launch import LaunchSpec, launch
+    (tmp_path / "img").mkdir()
+    recs = []
+    for i in range(8):
+        _png(tmp_path / "img" / f"{i}.png", 16, 16, 30 * i)
+        r = {"id": f"q{i}", "image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nIs it dark?"},
+                                                                   {"from": "gpt", "value": "Yes" if i < 4 else "No"}]}
+        if i in (1, 6): del r["id"]
+        recs.append(r)
+    (tmp_path / "ft.json").write_text(json.dumps(recs))
+    out = tmp_path / "out"
+    launch(["-m", "qllava.train", "--stage", "finetune", "--data_path", str(tmp_path / "ft.json"), "--image_folder", str(tmp_path / "img"),
+            "--output_dir", str(out), "--model_max_length", "96", "--global_batch_size", "4", "--num_train_epochs", "1"],
+           out, LaunchSpec(launcher="deepspeed", gpus_per_node=0, cpu_ranks=2), hang_timeout=300, echo=False)
+    log = (out / "launch.log").read_text()
+    line = f'2 of 8 records of {tmp_path / "ft.json"} have no "id" (record 1, 6)'
+    assert log.count(line) == 1, log[-3000:]   # rank 0 only
+    assert (out / "summary.json").is_file()     # and training went on: a warning, not an error

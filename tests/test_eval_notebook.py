@@ -101,14 +101,15 @@ def test_imu_eval_without_key_uses_the_local_judge(ckpts, tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize("params, said", [
-    ({"openai_api_key": SECRET}, "'openai_api_key' looks like an API key (by its name)"),
-    ({"judge_model": SECRET}, "'judge_model' looks like an API key (by its value)"),
+    ({"openai_api_key": SECRET}, "parameter 'openai_api_key' looks like a secret (by its name)"),
+    ({"judge_model": SECRET}, "parameter 'judge_model' looks like a secret (by its value"),
 ])
 def test_key_as_parameter_is_refused(ckpts, tmp_path, params, said):
     out = tmp_path / "refused.ipynb"
     with pytest.raises(PapermillExecutionError) as e:
         execute(out, tmp_path, checkpoint=str(ckpts / "finetune-image"), **params)
     assert e.value.ename == "ConfigError" and said in e.value.evalue and "environment" in e.value.evalue
+    assert "delete that output notebook" in e.value.evalue   # papermill has written the value into it already
     assert SECRET not in e.value.evalue
     assert not (tmp_path / "runs").exists()  # stopped before anything ran
 

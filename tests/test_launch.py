@@ -219,6 +219,7 @@ def test_failing_rank_under_torchrun(tmp_path):
         launch([script], tmp_path / "run", LaunchSpec(launcher="torchrun", gpus_per_node=0), echo=False)
     assert ei.value.exit_code != 0 and "ValueError: bad record 17 on rank 1" in str(ei.value)
     assert ei.value.first_error[-1] == "ValueError: bad record 17 on rank 1"  # torchrun's own report came after it
+    assert str(ei.value).startswith("the launch failed: rank 1") and "failed first: it exited with exit code 1" in str(ei.value)
 
 
 HANG_SCRIPT = textwrap.dedent('''
@@ -263,3 +264,46 @@ def test_secrets_are_named_never_logged(tmp_path):
     log = (run_dir / "launch.log").read_text()
     assert "hf_supersecret42" not in log and "token ***" in log and "HF_TOKEN" in log
     assert "hf_supersecret42" not in (run_dir / "launch.json").read_text()
+
+
+KILL_SCRIPT = textwrap.dedent('''
+    import os, sys, time
+    from pathlib import Path
+    import torch, torch.distributed as dist
+    from qllava.launch import dist_backend, heartbeat
+    out = Path(sys.argv[1])
+    dist.init_process_group(dist_backend())
+    rank = dist.get_rank()
+    (out / f"pid{rank}").write_text(str(os.getpid()))
+    t = torch.ones(1)
+    for step in range(100000):      # both ranks all_reduce until one of them is killed
+        heartbeat("all_reduce", step)
+        dist.all_reduce(t)
+        if step == 3: (out / f"ready{rank}").write_text("1")
+        time.sleep(0.05)
+''')
+
+
+def test_rank_killed_by_a_signal_is_named_with_the_signal(tmp_path):
+    "deepspeed, 2 CPU ranks: rank 1 gets SIGKILL (as from the OOM killer): the error names rank 1 and SIGKILL, not 'exit code 247'."
+    import signal
+    script, out = _script(tmp_path, "kill.py", KILL_SCRIPT), tmp_path / "out"
+    out.mkdir()
+    def kill_rank1():
+        for _ in range(1200):
+            if (out / "ready0").exists() and (out / "ready1").exists(): break
+            time.sleep(0.1)
+        os.kill(int((out / "pid1").read_text()), signal.SIGKILL)
+    killer = threading.Thread(target=kill_rank1, daemon=True)
+    killer.start()
+    with pytest.raises(LaunchError) as ei:
+        launch([script, str(out)], tmp_path / "run", LaunchSpec(launcher="deepspeed", gpus_per_node=0), hang_timeout=300, echo=False)
+    killer.join(5)
+    e, pid1 = ei.value, int((out / "pid1").read_text())
+    head = str(e).splitlines()[0]
+    assert head.startswith(f"the launch failed: rank 1 (pid {pid1}) was killed by SIGKILL (signal 9)"), head
+    assert "exit code" not in head and "247" not in head and "out-of-memory killer" in str(e)
+    assert e.failed_rank["rank"] == 1 and e.failed_rank["status"] == {"signal": 9}
+    assert e.exit_code != 0 and "--- first error printed ---" not in str(e)   # rank 0's gloo error is not offered as the cause
+    rec = json.loads((tmp_path / "run" / "launch.json").read_text())
+    assert rec["failed_rank"]["rank"] == 1 and rec["failed_rank"]["pid"] == pid1

@@ -16,7 +16,8 @@ from qllava.launch import SlurmSpec
 pytestmark = pytest.mark.timeout(1200)
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-LRS = [2e-3, 1e-3, 5e-4, -1.0]  # the last one is refused by the train notebook's parameter check
+LRS = [2e-3, 1e-3]
+MAX_LENGTHS = [512, 16]  # 16 leaves no answer token in any record: those runs fail in training (validation refuses the data)
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +33,12 @@ def stage1(tmp_path_factory):
 def sweep_values(runs_dir, adapter, **kw):
     return {"learning_rate": LRS, "num_train_epochs": [1.0], "modality": ["sensor"], "stage": ["finetune"],
             "pretrain_mm_mlp_adapter": adapter, "metric": "open_accuracy", "runs_dir": str(runs_dir),
-            "sweep_name": "imu-lr", **kw}
+            "train_parameters": {"model_max_length": MAX_LENGTHS}, "sweep_name": "imu-lr", **kw}
 
 
 @pytest.fixture(scope="module")
 def swept(stage1, tmp_path_factory):
-    "The sweep notebook executed by papermill: 4 combinations, one of them failing."
+    "The sweep notebook executed by papermill: 4 combinations, two of them failing in training."
     import papermill as pm
     d = tmp_path_factory.mktemp("sweeps")
     t0 = time.time()
@@ -46,13 +47,13 @@ def swept(stage1, tmp_path_factory):
     return d, d / "imu-lr", time.time() - t0
 
 
-def test_four_run_sweep_ranks_three_finished_runs_and_reports_the_failed_one(swept):
+def test_four_run_sweep_ranks_the_finished_runs_and_reports_the_failed_ones(swept):
     d, sd, seconds = swept
     rec = json.loads((sd / "sweep.json").read_text())
-    status = {r["parameters"]["learning_rate"]: r["status"] for r in rec["runs"]}
-    assert status == {2e-3: "finished", 1e-3: "finished", 5e-4: "finished", -1.0: "failed"}
-    failed = next(r for r in rec["runs"] if r["status"] == "failed")
-    assert any("learning_rate=-1.0 is negative" in l for l in failed["error"]), failed["error"]
+    status = {(r["parameters"]["learning_rate"], r["parameters"]["model_max_length"]): r["status"] for r in rec["runs"]}
+    assert status == {(2e-3, 512): "finished", (1e-3, 512): "finished", (2e-3, 16): "failed", (1e-3, 16): "failed"}, status
+    for failed in (r for r in rec["runs"] if r["status"] == "failed"):   # each with its last lines: the data it refused
+        assert any("skip_bad_records" in l or "no supervised token" in l for l in failed["error"]), failed["error"]
     for r in rec["runs"]:
         if r["status"] != "finished": continue
         run_dir = sd / r["name"]
@@ -63,7 +64,7 @@ def test_four_run_sweep_ranks_three_finished_runs_and_reports_the_failed_one(swe
     table = sweep.results_table(rec)
     done = table[table.status == "finished"]
     ranked = list(zip(-done["open_accuracy"], done["final_loss"]))  # best accuracy first, ties by lower final loss
-    assert ranked == sorted(ranked) and table.iloc[-1]["status"] == "failed"
+    assert ranked == sorted(ranked) and list(table["status"])[2:] == ["failed", "failed"]
     assert (sd / "metric.png").stat().st_size > 1000 and (sd / "tasks.tsv").read_text().count("\n") == 5
     nb = json.loads((d / "sweep.ipynb").read_text())
     outs = [o for c in nb["cells"] for o in c.get("outputs", [])]
@@ -71,8 +72,8 @@ def test_four_run_sweep_ranks_three_finished_runs_and_reports_the_failed_one(swe
     html = "".join("".join(o.get("data", {}).get("text/html", "")) for o in outs)
     assert "open_accuracy" in html and "final_loss" in html and "rank" in html
     text = "".join("".join(o.get("text", "")) for o in outs) + "".join("".join(o.get("data", {}).get("text/markdown", "")) for o in outs)
-    assert "learning_rate=-1.0 is negative" in text  # the failed run's last lines, in the notebook
-    print(f"4-run sweep (3 runs + 1 failing) took {seconds:.0f} s")
+    assert "skip_bad_records" in text or "no supervised token" in text  # the failed runs' last lines, in the notebook
+    print(f"4-run sweep (2 runs + 2 failing) took {seconds:.0f} s")
 
 
 def test_rerun_runs_nothing_new(swept, stage1):
@@ -82,7 +83,7 @@ def test_rerun_runs_nothing_new(swept, stage1):
     rec = sweep.run_sweep(sweep_values(d, stage1, retry_failed=False))
     assert rec["executed"] == [] and time.time() - t0 < 30
     assert {p: p.stat().st_mtime for p in sd.glob("*/train.ipynb")} == before
-    assert [r["status"] for r in rec["runs"]].count("finished") == 3
+    assert [r["status"] for r in rec["runs"]].count("finished") == 2
     # the same through the array task entry point: a finished combination is skipped at once
     p = subprocess.run([sys.executable, "-m", "qllava.sweep", "task", str(sd), "0"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -92,9 +93,18 @@ def test_rerun_runs_nothing_new(swept, stage1):
 def test_runs_lists_and_compares_the_sweep_runs(swept):
     d, sd, _ = swept
     df = runs.list_runs(sd)
-    assert len(df) == 3 and set(df["modality"]) == {"sensor"} and df["open_accuracy"].notna().all()
+    assert len(df) == 2 and set(df["modality"]) == {"sensor"} and df["open_accuracy"].notna().all()
     p = subprocess.run([sys.executable, "-m", "qllava.sweep", "status", str(sd)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "failed" in p.stdout and "finetune-sensor-lr0.002-plr0-ep1" in p.stdout
+
+
+def test_a_bad_combination_stops_the_whole_sweep_before_anything_runs(tmp_path):
+    "A negative rate in one combination: the sweep refuses at once, naming the run and the parameter; no folder is made."
+    t0 = time.time()
+    with pytest.raises(sweep.ConfigError) as e:
+        sweep.run_sweep({"learning_rate": [1e-3, -1.0], "modality": ["sensor"], "runs_dir": str(tmp_path), "sweep_name": "bad"})
+    assert time.time() - t0 < 10 and "run finetune-sensor-lr-1-plr0-ep0 would be refused" in str(e.value)
+    assert "learning_rate=-1.0 is negative" in str(e.value) and not (tmp_path / "bad").exists()
 
 
 EXPECTED_ARRAY = """#!/bin/bash

@@ -71,7 +71,7 @@ def check_one(f, media, kind, at=2, rid="r2", contains=(), **kw):
     if p.severity == "error":
         assert not rep.ok and rep.bad_records == {at} and rep.n_ok == rep.n_records - 1
         with pytest.raises(DataError) as e: raise_if_invalid(rep)
-        assert where in str(e.value) and "--skip-bad-records" in str(e.value)
+        assert where in str(e.value) and "--skip_bad_records" in str(e.value) and "--skip-bad-records" not in str(e.value)
         assert raise_if_invalid(rep, skip_bad_records=True) == {at}
     return p
 
@@ -272,6 +272,37 @@ def test_duplicate_id_is_a_warning(tmp_path, media):
     assert [(p.kind, p.record, p.severity) for p in rep.problems] == [("duplicate_id", 3, "warning")]
     assert "also used by record 1" in rep.problems[0].message
     assert rep.ok and raise_if_invalid(rep) == set()
+
+def test_record_without_id_is_a_warning_with_its_index(tmp_path, media, capsys):
+    "A record with no id trains, but answers, reviews and skip lists cannot name it: the report says so, by index."
+    recs = [good(i) for i in range(4)]; del recs[2]["id"]
+    f = write(tmp_path, recs)
+    rep = validate_data(f, media)
+    assert [(p.kind, p.record, p.record_id, p.severity) for p in rep.problems] == [("missing_id", 2, None, "warning")]
+    assert rep.ok and raise_if_invalid(rep) == set()
+    assert f'{f}:2: the record has no "id". Fix: give every record a unique "id"' in rep.summary()
+    assert rep.notes() == [f'warning: 1 of 4 records of {f} have no "id" (record 2). Fix: {KINDS["missing_id"][1]}']
+    assert validate_data_cli([str(f), "--media-folder", str(media)]) == 0   # a warning: the check passes ...
+    assert f'{f}:2: the record has no "id"' in capsys.readouterr().out      # ... and names the record
+
+def test_truncated_records_are_counted_and_named_for_training(tmp_path, media, capsys):
+    "What training logs and puts in its summary: how many records are cut at max_length, and the first of them."
+    recs = [rec(i, q="Hi?", a="Yes.") for i in range(8)]
+    for i in (1, 4, 6): recs[i] = rec(i, q="Hi?", a="Yes. " * 60)
+    f = write(tmp_path, recs)
+    rep = validate_data(f, media, max_length=64)
+    assert rep.truncation(2) == {"count": 3, "max_length": 64, "first_records": [1, 4], "first_ids": ["r1", "r4"]}
+    assert rep.truncation()["first_ids"] == ["r1", "r4", "r6"]
+    (note,) = rep.notes()
+    assert note.startswith(f"warning: 3 of 8 records of {f} are longer than max_length and are cut to it "
+                           "(record 1 (id 'r1'), 4 (id 'r4'), 6 (id 'r6')). Fix: raise --max-length"), note
+    many = validate_data(write(tmp_path, [rec(i, q="Hi?", a="Yes. " * 60) for i in range(40)], "many.json"), media,
+                         max_length=64, max_problems=5)   # the count and the first records also past max_problems
+    assert many.truncation()["count"] == 40 and many.truncation()["first_ids"] == ["r0", "r1", "r2", "r3", "r4"]
+    assert validate_data_cli([str(f), "--media-folder", str(media), "--max-length", "64", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["truncation"] == {"count": 3, "max_length": 64, "first_records": [1, 4, 6], "first_ids": ["r1", "r4", "r6"]}
+    assert d["notes"] == [note]
 
 def test_plain_template_refuses_multi_turn(tmp_path, media):
     r = rec(2, image="ok.png"); r["conversations"] += [{"from": "human", "value": "More?"}, {"from": "gpt", "value": "No."}]
