@@ -623,7 +623,7 @@ def make_demo(out:str|Path|None=None, # assets folder to write (default: the ins
               parts:tuple=("tokenizers", "data", "presets"), # what to build
              ) -> dict:
     "Rebuild the shipped tokenizers, presets and demo data into `out`; returns a summary dict."
-    from qllava.core import assets_dir, ArgumentParser
+    from qllava.core import assets_dir
     out = Path(out) if out is not None else assets_dir()
     summary = {"out": str(out)}
     if "tokenizers" in parts:
@@ -640,6 +640,7 @@ def make_demo(out:str|Path|None=None, # assets folder to write (default: the ins
 # %% ../nbs/03_demo.ipynb #bfa16330
 def make_demo_cli(argv:list[str]|None=None) -> int:
     "`qllava make-demo`: rebuild the shipped tokenizers, presets and demo data from PyPI-packaged sources."
+    from qllava.core import ArgumentParser
     ap = ArgumentParser(prog="qllava make-demo", description=make_demo_cli.__doc__)
     ap.add_argument("--out", default=None, help="assets folder to write (default: the package's qllava/assets)")
     ap.add_argument("--only", nargs="+", choices=list(DEMO_PARTS), default=None, help="build only these parts (default: all)")
