@@ -14,8 +14,8 @@ __all__ = ['PROGRESS_PREFIX', 'RUN_DIR_ENV', 'BACKEND_ENV', 'LAUNCHERS', 'DEFAUL
            'env_rank', 'report_progress', 'heartbeat', 'read_heartbeats', 'dist_backend', 'LaunchSpec', 'free_port',
            'gpu_count', 'resolve_spec', 'ShellVar', 'shell_join', 'split_entry', 'hostfile_text', 'build_command',
            'SlurmSpec', 'sbatch_script', 'SlurmJob', 'submit_sbatch', 'kill_tree', 'hung_ranks', 'FirstTraceback',
-           'signal_name', 'exit_status', 'describe_exit', 'RankWatch', 'LauncherReport', 'rank_failure', 'progress_bar',
-           'run', 'launch_env', 'launch', 'launch_cli']
+           'signal_name', 'exit_status', 'describe_exit', 'RankWatch', 'LauncherReport', 'first_cause', 'rank_failure',
+           'progress_bar', 'run', 'launch_env', 'launch', 'launch_cli']
 
 # %% ../nbs/20_launch.ipynb #d5f0dfea
 PROGRESS_PREFIX = "QLLAVA_PROGRESS"     # a progress line is this prefix, a space, then one JSON object
@@ -499,6 +499,16 @@ class LauncherReport:
 
 def _status_of(rc:int) -> dict: return {"signal": -rc} if rc < 0 else {"exit_code": rc}
 
+_STOP_SIGNALS = ("SIGTERM", "SIGINT")   # what a launcher or scheduler sends to stop ranks: a consequence more often than a cause
+
+def first_cause(failures:list[dict], # `RankWatch.failures()`, first first
+                window:float=2.0) -> dict: # seconds after the first failure in which a killed rank is still taken as the cause
+    "The rank whose end caused the others': the first to fail, unless a rank killed by a signal (not SIGTERM/SIGINT) ended within `window` s of it."
+    first = failures[0]
+    killed = [f for f in failures if "signal" in (f["status"] or {}) and signal_name(f["status"]["signal"]) not in _STOP_SIGNALS
+              and f["time"] - first["time"] <= window]
+    return killed[0] if killed else first   # a peer of a killed rank ends with gloo's / NCCL's error a moment later, or in the same look
+
 def rank_failure(failures:list[dict], # `RankWatch.failures()`: the ranks seen to fail, first first
                  report:LauncherReport|None=None) -> tuple[dict,str,str]|None: # what the launcher printed
     "(the rank that failed first, what happened, the fix), by rank and signal or exit code; None when nothing names one."
@@ -506,10 +516,8 @@ def rank_failure(failures:list[dict], # `RankWatch.failures()`: the ranks seen t
     if rc is not None and report.rank is not None:   # torchrun names the first failure itself: trust it, with the pid seen
         seen = [f for f in failures if f["rank"] == report.rank]
         culprit = seen[0] if seen else {"rank": report.rank, "pid": None, "status": _status_of(rc)}
-    elif rc is not None:   # deepspeed gives the first failure's return code: the first rank seen to end that way
-        seen = [f for f in failures if f["status"] == _status_of(rc)]
-        culprit = seen[0] if seen else {"rank": None, "pid": None, "status": _status_of(rc)}
-    elif failures: culprit = failures[0]
+    elif failures: culprit = first_cause(failures)   # seen as each rank ended; deepspeed's return code is only the first it polled
+    elif rc is not None: culprit = {"rank": None, "pid": None, "status": _status_of(rc)}
     else: return None
     who = "a rank" if culprit["rank"] is None else f"rank {culprit['rank']}" + (f" (pid {culprit['pid']})" if culprit["pid"] else "")
     status = culprit["status"]
