@@ -7,17 +7,18 @@ from __future__ import annotations
 import argparse, dataclasses, json, math, os, random, shutil, sys, time
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
-from .core import ConfigError, DataError, QllavaError, asset
+from .core import CheckpointError, ConfigError, DataError, QllavaError, asset
 
 # %% auto #0
 __all__ = ['STAGE_PRESETS', 'CHOICES', 'REPORTERS', 'FLAG_ALIASES', 'DEEPSPEED_PRESETS', 'PUBLISHED_GLOBAL_BATCH',
-           'ASPECT_RATIOS', 'CKPT_DIR', 'TrainConfig', 'infer_stage', 'report_targets', 'resolve_config',
+           'ASPECT_RATIOS', 'CKPT_DIR', 'CHECKSUMS', 'TrainConfig', 'infer_stage', 'report_targets', 'resolve_config',
            'resolve_batch', 'config_parser', 'parse_config', 'init_distributed', 'seed_everything',
            'hardware_precision', 'deepspeed_config', 'apply_stage', 'trainable_summary', 'param_groups',
            'media_settings', 'build_dataset', 'build_loader', 'build_eval_loader', 'open_reporters', 'RunLog',
            'flag_notes', 'step_schedule', 'set_aspect_ratio', 'build_run', 'vqa_accuracy', 'evaluate_vqa',
-           'evaluate_loss', 'save_resumable', 'find_resume', 'load_resumable', 'train_loop', 'save_final', 'fit',
-           'load_lora_run', 'merge_lora', 'merge_lora_cli', 'train_cli']
+           'evaluate_loss', 'write_checksums', 'verify_checksums', 'safe_load', 'use_safe_loading', 'save_resumable',
+           'find_resume', 'load_resumable', 'train_loop', 'save_final', 'fit', 'load_lora_run', 'merge_lora',
+           'merge_lora_cli', 'train_cli']
 
 # %% ../nbs/21_train.ipynb #07e1271e
 @dataclass
@@ -361,15 +362,18 @@ def build_dataset(cfg:TrainConfig, path:str, model, tokenizer, rank:int=0, log=p
                                use_im_start_end=cfg.mm_use_im_start_end, processors=procs)
         try: bad = raise_if_invalid(report, skip_bad_records=cfg.skip_bad_records)
         except DataError as e: verdict = ("error", str(e))
-        else: verdict = ("ok", sorted(bad), report.n_records)
+        else:  # the validator's fix names its own CLI flag; here it is the training flag
+            notes = [l.replace("--max-length", "--model_max_length") for l in report.notes(kinds=["truncated"])]
+            verdict = ("ok", sorted(bad), report.n_records, report.truncation(), notes)
     verdict = _broadcast(verdict, rank)
     if verdict[0] == "error": raise DataError(verdict[1])
-    _, bad, n = verdict
+    _, bad, n, truncated, notes = verdict
     if bad: log(f"skipping {len(bad)} of {n} records that failed validation (--skip_bad_records)")
+    for line in notes: log(line)
     ds = MultimodalDataset(load_records(path), tokenizer, cfg.version, cfg.image_folder, procs, ntok, cfg.model_max_length,
                            use_im_start_end=cfg.mm_use_im_start_end)
     keep = [i for i in range(len(ds)) if i not in set(bad)] if bad else list(range(len(ds)))
-    return ds, keep, dict(records=n, skipped=len(bad))
+    return ds, keep, dict(records=n, skipped=len(bad), truncated=truncated)
 
 def build_loader(ds, keep:list[int], cfg:TrainConfig, per_device:int, rank:int, world:int):
     "(DataLoader over this rank's shard, its batch sampler): modality-pure batches when asked, length-grouped."
@@ -395,12 +399,23 @@ def build_eval_loader(ds, cfg:TrainConfig, rank:int, world:int):
 
 # %% ../nbs/21_train.ipynb #266460f3
 def _rng_state() -> dict:
+    "Every RNG this process draws from, as tensors, numbers and strings only: `torch.load(weights_only=True)` reads it back."
     import numpy as np, torch
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    version, keys, gauss = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    s = dict(python=dict(version=version, keys=torch.tensor(keys, dtype=torch.int64), gauss=gauss),
+             numpy=dict(kind=str(kind), key=torch.from_numpy(key.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss), cached=float(cached)),
+             torch=torch.get_rng_state())
+    if torch.cuda.is_available(): s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
 
 def _set_rng_state(s:dict):
     import numpy as np, torch
-    random.setstate(s["python"]); np.random.set_state(s["numpy"]); torch.set_rng_state(s["torch"])
+    p, n = s["python"], s["numpy"]
+    random.setstate((p["version"], tuple(p["keys"].tolist()), p["gauss"]))
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
 
 def _all_sum(x:float) -> float:
     import torch, torch.distributed as dist
@@ -461,6 +476,12 @@ class RunLog:
             for k, v in scalars.items(): self.writers["tensorboard"].add_scalar(f"train/{k}", v, rec.get("step", 0))
         if "wandb" in self.writers: self.writers["wandb"].log({f"train/{k}": v for k, v in scalars.items()}, step=rec.get("step", 0))
         if "loss" in rec: report_progress(rec["step"], self.total, loss=round(rec["loss"], 4), lr=rec.get("lr"))
+    def truncate(self, step:int):
+        "Drop the records after `step` (a resumed run logs those steps again), so that the file keeps one record per step."
+        if self.rank != 0 or not self.path.exists(): return
+        keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(l + "\n" for l in keep)); tmp.replace(self.path)  # a kill now leaves the old or the new file, whole
     def close(self):
         "Flush and close the writers."
         for name, w in self.writers.items(): w.close() if name == "tensorboard" else w.finish()
@@ -509,6 +530,7 @@ def build_run(cfg:TrainConfig, log=print) -> dict:
     rank, world = init_distributed()
     cfg = resolve_config(cfg)
     if not cfg.data_path: raise ConfigError("--data_path is required: a LLaVA-format JSON or JSONL file.")
+    if (resume := find_resume(cfg)) is not None: verify_checksums(resume, hashes=False)  # in a moment, before the model is built
     precision = hardware_precision(cfg)
     per_device, accum, global_bs = resolve_batch(cfg.global_batch_size, world, cfg.per_device_train_batch_size,
                                                  cfg.gradient_accumulation_steps)
@@ -548,6 +570,7 @@ def build_run(cfg:TrainConfig, log=print) -> dict:
                           num_training_steps=total)
     ds_cfg = deepspeed_config(cfg.deepspeed, per_device, accum, world, precision["bf16"], precision["fp16"], cfg.max_grad_norm)
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
+    use_safe_loading(engine)  # a resumed run unpickles nothing that can run code
     return dict(cfg=cfg, rank=rank, world=world, model=model, engine=engine, tokenizer=tok, loader=loader, keep=keep,
                 sampler=sampler, eval_loader=eval_loader, steps_per_epoch=steps_per_epoch, total_steps=total,
                 ds_config=ds_cfg, data_counts=counts, modality=modality, writers=writers, save_every=save_every,
@@ -628,6 +651,73 @@ def evaluate_loss(run:dict) -> float:
 
 # %% ../nbs/21_train.ipynb #4c6ba6ee
 CKPT_DIR = "checkpoints"
+CHECKSUMS = "checksums.json"  # in each checkpoint folder: the sha256 and size of every other file in it
+
+def _sha256(p:Path) -> str:
+    import hashlib
+    with open(p, "rb") as f: return hashlib.file_digest(f, "sha256").hexdigest()
+
+def write_checksums(folder) -> dict:
+    "Record the sha256 and size of every file under `folder` in its `checksums.json`; returns the record."
+    from concurrent.futures import ThreadPoolExecutor
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashlib hashes outside the GIL: files in parallel
+        sums = list(pool.map(_sha256, files))
+    rec = {str(p.relative_to(folder)): dict(sha256=s, size=p.stat().st_size) for p, s in zip(files, sums)}
+    (folder / CHECKSUMS).write_text(json.dumps(rec, indent=1))
+    return rec
+
+def verify_checksums(folder, # a resumable checkpoint folder
+                     hashes:bool=True): # False: only that the same files, of the same sizes, are there (instant)
+    "Refuse a checkpoint folder whose files are not exactly those recorded when it was saved, before anything unpickles them."
+    from concurrent.futures import ThreadPoolExecutor
+    folder = Path(folder)
+    fix = ("Fix: resume from a checkpoint this run saved and nobody changed (`last`, or an older checkpoints/step-N), or start over; "
+           "if you changed it yourself and trust every file, record its state again with `qllava.train.write_checksums(folder)`.")
+    if not (folder / CHECKSUMS).is_file():
+        raise CheckpointError(f"{folder}: no {CHECKSUMS}, so its files (DeepSpeed's pickles among them) cannot be checked before loading. {fix}")
+    try: rec = json.loads((folder / CHECKSUMS).read_text())
+    except ValueError as e: raise CheckpointError(f"{folder / CHECKSUMS}: not valid JSON ({e}). {fix}") from None
+    have = {str(p.relative_to(folder)): p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS}
+    bad = [f"{k} (missing)" for k in rec if k not in have] + [f"{k} (not saved with the checkpoint)" for k in have if k not in rec]
+    bad += [f"{k} (size {have[k].stat().st_size}, saved {v['size']})" for k, v in rec.items() if k in have and have[k].stat().st_size != v["size"]]
+    if not bad and hashes:
+        names = sorted(rec)
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool: sums = dict(zip(names, pool.map(lambda k: _sha256(have[k]), names)))
+        bad = [f"{k} (sha256 differs)" for k in names if sums[k] != rec[k]["sha256"]]
+    if bad: raise CheckpointError(f"{folder}: {len(bad)} file(s) differ from what was saved: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+                                  f"nothing was loaded. {fix}")
+    return folder
+
+def _deepspeed_record_types() -> list:
+    "The plain record types DeepSpeed pickles into its optimiser files (an enum, a named tuple, loss scalers): data, no code."
+    from deepspeed.utils.tensor_fragment import fragment_address
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+    return [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+def safe_load(path, # a torch pickle (DeepSpeed's model / optimiser states, an RNG state)
+              map_location=None):
+    "`torch.load(weights_only=True)` allowing DeepSpeed's record types too; a file that needs anything else is refused, unrun."
+    import pickle, re, torch
+    try:
+        with torch.serialization.safe_globals(_deepspeed_record_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = ", ".join(dict.fromkeys(re.findall(r"GLOBAL (\S+)", str(e)))) or "an object that is not plain data"
+        raise CheckpointError(f"{path}: refused to load: it asks for {what}, which could run code; nothing in it was run. "
+                              "Fix: resume from a checkpoint this run saved and nobody changed, or start over.") from None
+
+def use_safe_loading(engine):
+    "Make a DeepSpeed engine read its checkpoints through `safe_load` (its own loader unpickles with weights_only=False)."
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    ce = engine.checkpoint_engine
+    if type(ce) is not TorchCheckpointEngine:
+        raise ConfigError(f"the DeepSpeed config picks the {type(ce).__name__} checkpoint engine, whose loading qllava cannot make safe. "
+                          "Fix: drop `checkpoint` / `nebula` from the DeepSpeed config.")
+    ce.load = lambda path, map_location=None: safe_load(path, map_location)
+    return engine
 
 def save_resumable(run:dict, step:int, epoch:int, micro:int):
     "Save a resumable checkpoint `checkpoints/step-{step}` and prune to `save_total_limit`."
@@ -639,6 +729,7 @@ def save_resumable(run:dict, step:int, epoch:int, micro:int):
     torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
     if dist.is_initialized(): dist.barrier()
     if rank == 0:
+        write_checksums(root / tag)  # verified before the next resume unpickles anything
         (root / "latest_step").write_text(tag)
         done = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
         for old in done[:-max(cfg.save_total_limit, 1)]: shutil.rmtree(old, ignore_errors=True)
@@ -656,11 +747,18 @@ def find_resume(cfg:TrainConfig) -> Path|None:
     return p
 
 def load_resumable(run:dict, path:Path) -> dict:
-    "Restore weights, optimiser, scheduler and RNG from `path`; returns its client state (step, epoch, micro)."
+    "Restore weights, optimiser, scheduler and RNG from `path` once its checksums hold; returns its client state (step, epoch, micro)."
     import torch
+    err = None
+    if run["rank"] == 0:  # one rank hashes; all refuse alike, before DeepSpeed's loader (which unpickles) sees a file
+        try: verify_checksums(path)
+        except CheckpointError as e: err = str(e)
+    err = _broadcast(err, run["rank"])
+    if err: raise CheckpointError(err)
     _, client = run["engine"].load_checkpoint(str(path.parent), tag=path.name)
     rng = path / f"rng_rank{run['rank']}.pt"
-    if rng.exists(): _set_rng_state(torch.load(rng, weights_only=False))
+    if rng.exists():
+        _set_rng_state(safe_load(rng))
     return client
 
 # %% ../nbs/21_train.ipynb #7d5331a5
@@ -676,6 +774,7 @@ def train_loop(run:dict, log=print) -> dict:
     if resume is not None:
         st = load_resumable(run, resume)
         step, epoch, micro_done = st["step"], st["epoch"], st["micro"]
+        runlog.truncate(step)
         log(f"resumed from {resume} at step {step} (epoch {epoch}, {micro_done} micro-batches into it)")
     elif cfg.resume_from_checkpoint: log("no checkpoint to resume from yet: starting from step 0")
     from qllava.launch import heartbeat
@@ -790,7 +889,11 @@ def load_lora_run(run_dir) -> tuple:
     cfg = TrainConfig(**json.loads(f.read_text()))
     model, tok = _load_model(cfg, "sensor" if "limu" in (cfg.vision_tower or "") else "image")
     load_projector(model, run_dir)
-    model.llm = PeftModel.from_pretrained(model.llm, str(run_dir / "adapter"))
+    import pickle
+    try: model.llm = PeftModel.from_pretrained(model.llm, str(run_dir / "adapter"))  # peft reads a .bin with weights_only=True
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{run_dir / 'adapter'}: refused to load the adapter: its .bin asks for more than tensors ({str(e).splitlines()[0][:200]}); "
+                              "nothing in it was run. Fix: use an adapter_model.safetensors you trust.") from None
     return model.eval(), tok
 
 def merge_lora(run_dir, # output_dir of a LoRA run

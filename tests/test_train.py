@@ -157,6 +157,9 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(data, projector, tmp_
         assert a.keys() == b.keys()
         for k in a: assert torch.equal(a[k], b[k]), f"{f}:{k} differs after resume"
     assert losses(whole)[-1] == losses(broken)[-1]
+    steps = lambda d: [r["step"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps(broken) == steps(whole) == sorted(set(steps(whole)))   # one record per step: none repeated after the resume
+    assert losses(broken) == losses(whole)
     if stage == "lora":  # merging the adapters gives the same logits as running them unmerged
         from qllava.train import load_lora_run, merge_lora
         unmerged, tok = load_lora_run(whole)
