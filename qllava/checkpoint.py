@@ -4,12 +4,14 @@
 
 # %% ../nbs/14_checkpoint.ipynb #e9652910
 from __future__ import annotations
-import json, re
+import contextlib, json, re
 from pathlib import Path
 import torch
 from torch import nn
 from .core import CheckpointError, ConfigError, ArgumentParser
 from .presets import default_tokenizer, save_tokenizer
+from .model import (WeightReader, cast_params, ds_param_dtype, empty_weights, gathered, hf_zero3, llm_from_weights, load_weights,
+                    meta_names, partition, resolve_dtype, zero_stage)
 
 # %% auto #0
 __all__ = ['MANIFEST', 'COMPONENTS', 'LLAVA_LLM_TYPES', 'load_state_file', 'load_folder_weights', 'make_manifest',
@@ -143,17 +145,18 @@ def load_projector(model, # a QllavaForCausalLM (changed in place)
     sub = {k.split(key + ".", 1)[1]: v for k, v in sd.items() if key + "." in k}
     if not sub: raise CheckpointError(f"{path}: no '{key}.*' tensors (found {sorted(sd)[:5]}...).")
     proj = model.projectors[modality]
-    sub = _from_original_keys(sub, list(proj.state_dict()))
-    try: proj.load_state_dict(sub, strict=True)
-    except RuntimeError as e:
-        shapes = {k: tuple(v.shape) for k, v in sub.items()}
-        ours = {k: tuple(v.shape) for k, v in proj.state_dict().items()}
-        raise CheckpointError(f"{path}: the projector does not fit this model: file {shapes}, model {ours}. Fix: build the "
-                              f"model with the projector kind, encoder and LLM the file was trained with.") from None
+    with gathered(list(proj.parameters()), modifier_rank=0):  # ZeRO-3: whole inside, rank 0's values become every rank's share
+        sub = _from_original_keys(sub, list(proj.state_dict()))
+        try: proj.load_state_dict(sub, strict=True)
+        except RuntimeError as e:
+            shapes = {k: tuple(v.shape) for k, v in sub.items()}
+            ours = {k: tuple(v.shape) for k, v in proj.state_dict().items()}
+            raise CheckpointError(f"{path}: the projector does not fit this model: file {shapes}, model {ours}. Fix: build the "
+                                  f"model with the projector kind, encoder and LLM the file was trained with.") from None
     if "model.embed_tokens.weight" in sd and model.config.use_im_start_end:
-        w, emb = sd["model.embed_tokens.weight"], model.get_input_embeddings().weight
-        with torch.no_grad():  # the <im_start>/<im_end> rows stage 1 trained
-            n = 2
+        emb = model.get_input_embeddings().weight
+        with gathered([emb], modifier_rank=0), torch.no_grad():  # the <im_start>/<im_end> rows stage 1 trained
+            w, n = sd["model.embed_tokens.weight"], 2
             emb[-n:] = (w[-n:] if w.shape[0] in (emb.shape[0], n) else emb[-n:]).to(emb.dtype)
     return model
 
@@ -187,33 +190,63 @@ def load_tokenizer_from(folder):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(folder))
 
+def _quiet_from_pretrained(folder, text_config, dtype, attn, **kw):
+    "transformers' own loading of the LLM in `folder` (for layouts it converts); CheckpointError when tensors are missing."
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the encoder / projector tensors beside the LLM's are expected leftovers
+    try: llm, info = AutoModelForCausalLM.from_pretrained(str(folder), config=text_config, dtype=dtype, attn_implementation=attn,
+                                                          output_loading_info=True, **kw)
+    finally: hf_logging.set_verbosity(old)
+    missing = [k for k in info["missing_keys"] if "rotary_emb" not in k]
+    if missing: raise CheckpointError(f"{folder}: the language model's weights are missing: {missing[:5]}.")
+    return llm
+
 def load_checkpoint(folder, # a qllava checkpoint folder
-                    dtype=None, # cast the model to this dtype
+                    dtype=None, # weight dtype (default float32); each tensor is cast as it is read
                     device=None, # move the model here
-                    **kwargs):
-    "Rebuild a `QllavaForCausalLM` from what the manifest says is inside the folder."
-    from qllava.model import QllavaConfig, QllavaForCausalLM, build_model
+                    ds_config:dict|None=None, # a ZeRO-3 config: built partitioned, each tensor read by rank 0 into every rank's share
+                    **kwargs): # attn_implementation
+    "Rebuild a `QllavaForCausalLM` from what the manifest says is inside, its weights read straight into place (no random init)."
+    from qllava.model import QllavaConfig, QllavaForCausalLM, build_model, default_attn_implementation, get_encoder
     folder = Path(folder)
     man = read_manifest(folder)
     config = QllavaConfig.from_pretrained(str(folder))
     comps = set(man["components"])
+    dtype = ds_param_dtype(ds_config) if zero_stage(ds_config) == 3 else resolve_dtype(dtype)
+    reader = WeightReader(folder)
+    under = lambda pre: {k[len(pre):]: k for k in reader.keys() if k.startswith(pre)}  # a part's names -> the file's keys
     if "llm" in comps:
-        model = QllavaForCausalLM(config)
+        attn = kwargs.get("attn_implementation") or default_attn_implementation()
+        llm = llm_from_weights(config.text_config, reader, "llm.", dtype, attn, ds_config, where=folder)
+        switch = hf_zero3(ds_config)  # transformers' ZeRO-3 switch, kept with the model
+        if llm is None: llm = _quiet_from_pretrained(folder, config.text_config, dtype, attn, key_mapping={r"^llm\.": ""})
+        encs = {}
+        for m, spec in (config.encoders or {}).items():
+            keys = under(f"encoders.{m}.") if "encoders" in comps else {}
+            if keys and str(spec).startswith("preset:"):  # a random tower by design: built empty, the saved tensors go in
+                with empty_weights(): e = get_encoder(spec, config.select_layer, config.select_feature, config.train_encoders)
+            else: e = get_encoder(spec, config.select_layer, config.select_feature, config.train_encoders)  # pretrained: overwritten below
+            encs[m] = load_weights(e, reader, keys, dtype, ds_config, folder)
+        with (empty_weights() if "projectors" in comps else contextlib.nullcontext()):  # projectors empty until read
+            model = QllavaForCausalLM(config, llm=llm, encoders=encs)
+        model.config.text_config = llm.config
     else:  # e.g. a stage-1 projector-only folder: rebuild the base LLM (and encoders) it was trained on
         if not config.base_llm: raise CheckpointError(f"{folder}: the manifest has no LLM weights and no base_llm to rebuild from.")
         tok = load_tokenizer_from(folder) if man.get("tokenizer") else default_tokenizer(config.base_llm)
         model, _ = build_model(config.base_llm, config.encoders, config.projector, tokenizer=tok, seed=config.seed or 0,
                                template=config.template, stop_strings=config.stop_strings, select_layer=config.select_layer,
-                               select_feature=config.select_feature, use_im_start_end=config.use_im_start_end)
-        model.config.projectors = config.projectors
-    sd = load_folder_weights(folder)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+                               select_feature=config.select_feature, use_im_start_end=config.use_im_start_end, dtype=dtype, ds_config=ds_config)
+        model.config.projectors, switch = config.projectors, model._zero3_switch
+    load_weights(model.projectors, reader, under("projectors."), dtype, ds_config, folder)
+    known = {f"{c}.{k}" for c in COMPONENTS for k in getattr(model, c).state_dict()}
+    unexpected = [k for k in reader.keys() if k not in known]
     if unexpected: raise CheckpointError(f"{folder}: weights the model does not have: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}.")
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(model.llm.config, "tie_word_embeddings", False) else set()
-    missing = [k for k in missing if _component_of(k) in comps and k not in tied]
-    if missing: raise CheckpointError(f"{folder}: the manifest lists {sorted(comps)} but weights are missing: {missing[:5]}.")
-    if tied: model.llm.tie_weights()
-    if dtype is not None: model = model.to(dtype)
+    if meta_names(model): raise CheckpointError(f"{folder}: the manifest lists {sorted(comps)} but weights are missing: {meta_names(model)[:5]}.")
+    cast_params(model, dtype)
+    partition(model, ds_config)
+    model._zero3_switch = switch
     if device is not None: model = model.to(device)
     return model.eval()
 
@@ -286,32 +319,38 @@ def import_llava(folder, # an original LLaVA checkpoint folder (config.json with
                  encoder:str|None=None, # encoder spec overriding `mm_vision_tower` (e.g. a local hf-clip folder)
                  tokenizer=None, # tokenizer (object or path); default: the one in `folder`
                  template:str="vicuna_v1", # conversation template the model was trained with
-                 dtype=None, # LLM weight dtype (default float32)
+                 dtype=None, # weight dtype (default float32); each tensor is cast as it is read
                  ) -> tuple: # (model, tokenizer)
-    "Convert a full original LLaVA checkpoint (LlavaLlamaForCausalLM keys) into a qllava model."
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from qllava.model import QllavaConfig, QllavaForCausalLM, get_encoder, get_tokenizer, media_token_id, resize_embeddings
+    "Convert a full original LLaVA checkpoint (LlavaLlamaForCausalLM keys) into a qllava model, its weights read straight into place."
+    from transformers import AutoConfig
+    from qllava.model import (QllavaConfig, QllavaForCausalLM, default_attn_implementation, get_encoder, get_tokenizer,
+                              media_token_id, resize_embeddings)
     folder = Path(folder)
     cfg = read_llava_config(folder)
+    dtype = resolve_dtype(dtype)
     tok = get_tokenizer(tokenizer if tokenizer is not None else str(folder), use_im_start_end=bool(cfg.get("mm_use_im_start_end")))
     if cfg.get("mm_use_im_patch_token"):
         from qllava.tokenize import prepare_tokenizer
         tok = prepare_tokenizer(tok, use_im_start_end=bool(cfg.get("mm_use_im_start_end")), use_im_patch_token=True)
-    llm_sd, proj_sd, tower_sd = split_llava_state_dict(load_folder_weights(folder))
-    text_cfg = AutoConfig.for_model(**llava_text_config(cfg))
-    from qllava.model import default_attn_implementation
-    llm = AutoModelForCausalLM.from_config(text_cfg, attn_implementation=default_attn_implementation(), dtype=dtype)
-    tied = getattr(text_cfg, "tie_word_embeddings", False)
-    _load_into(llm, llm_sd, "language model", folder, allow_missing=((r"^lm_head\.weight$",) if tied else ()) + (r"rotary_emb",))
-    if tied: llm.tie_weights()
-    resize_embeddings(llm, len(tok))
+    reader = WeightReader(folder)
     spec = encoder or _encoder_spec(cfg.get("mm_vision_tower", ""))
     sel_layer, sel_feat = cfg.get("mm_vision_select_layer", -2), cfg.get("mm_vision_select_feature", "patch")
-    enc = get_encoder(spec, sel_layer, sel_feat)
+    enc = get_encoder(spec, sel_layer, sel_feat)  # first: a wrong tower fails before the LLM is read
     if cfg.get("mm_hidden_size") not in (None, enc.hidden_size):
         raise CheckpointError(f"{folder}: mm_hidden_size is {cfg['mm_hidden_size']} but the encoder {spec} gives {enc.hidden_size}-wide "
                               "features. Fix: pass the encoder the checkpoint was trained with (--encoder SPEC).")
+    mm = [k for k in reader.keys() if k.startswith(("model.mm_projector.", "model.vision_tower."))]
+    _, proj_sd, tower_sd = split_llava_state_dict({k: reader[k] for k in mm})  # small; the LLM's tensors are read into it below
     if tower_sd: _load_clip_tower(enc, tower_sd, folder)
+    cast_params(enc, dtype)
+    text_cfg = AutoConfig.for_model(**llava_text_config(cfg))
+    attn = default_attn_implementation()
+    llm = llm_from_weights(text_cfg, reader, "", dtype, attn, where=folder)
+    if llm is None: llm = _quiet_from_pretrained(folder, text_cfg, dtype, attn)
+    llm_keys = set(llm.state_dict())
+    extra = [k for k in reader.keys() if k not in mm and k not in llm_keys and "rotary_emb" not in k]
+    if extra: raise CheckpointError(f"{folder}: the language model tensors do not match: unexpected {extra[:4]}.")
+    resize_embeddings(llm, len(tok))
     try:
         from qllava.conversation import get_template
         stops = list(get_template(template).stop_strings)
@@ -322,13 +361,20 @@ def import_llava(folder, # an original LLaVA checkpoint folder (config.json with
                           use_im_patch_token=bool(cfg.get("mm_use_im_patch_token", False)), template=template, stop_strings=stops,
                           select_layer=sel_layer, select_feature=sel_feat, image_aspect_ratio=cfg.get("image_aspect_ratio", "pad"),
                           base_llm=str(folder), attn_implementation=llm.config._attn_implementation)
-    model = QllavaForCausalLM(config, llm=llm, encoders={"image": enc})
+    with (empty_weights() if proj_sd else contextlib.nullcontext()):  # the projector is read, not initialised
+        model = QllavaForCausalLM(config, llm=llm, encoders={"image": enc})
     if proj_sd:
         proj = model.projectors["image"]
-        _load_into(proj, _from_original_keys(proj_sd, list(proj.state_dict())), "projector (model.mm_projector.*)", folder)
+        sd = _from_original_keys(proj_sd, list(proj.state_dict()))
+        unexpected = sorted(set(sd) - set(proj.state_dict()))
+        load_weights(proj, sd, {k: k for k in sd if k not in unexpected}, dtype)
+        if unexpected or meta_names(proj):
+            raise CheckpointError(f"{folder}: the projector (model.mm_projector.*) tensors do not match: missing {meta_names(proj)[:4]}, "
+                                  f"unexpected {unexpected[:4]}.")
     else:
         import warnings
         warnings.warn(f"{folder}: no model.mm_projector.* tensors; load the stage-1 projector with load_projector(model, mm_projector.bin).")
+    cast_params(model.projectors, dtype)
     model.eval()
     if out_dir is not None: save_checkpoint(model, out_dir, tokenizer=tok, stage="import")
     return model, tok

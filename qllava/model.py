@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_model.ipynb #5dcb3465
 from __future__ import annotations
-import math
+import contextlib, json, math, os
 from pathlib import Path
 import torch
 from torch import nn
@@ -14,9 +14,12 @@ from .core import CheckpointError, ConfigError, DataError
 from .presets import default_tokenizer
 
 # %% auto #0
-__all__ = ['MEDIA_BATCH_KEYS', 'default_attn_implementation', 'QllavaConfig', 'get_encoder', 'get_projector', 'get_llm_preset',
-           'get_tokenizer', 'media_token_id', 'merge_media', 'position_ids_from_mask', 'QllavaForCausalLM',
-           'register_auto_classes', 'resize_embeddings', 'build_model']
+__all__ = ['MEDIA_BATCH_KEYS', 'WEIGHT_INDEXES', 'WEIGHT_FILES', 'SAFETENSORS_DTYPES', 'default_attn_implementation',
+           'QllavaConfig', 'get_encoder', 'get_projector', 'get_llm_preset', 'get_tokenizer', 'media_token_id',
+           'merge_media', 'position_ids_from_mask', 'QllavaForCausalLM', 'register_auto_classes', 'zero_stage',
+           'ds_param_dtype', 'is_partitioned', 'full_numel', 'full_shape', 'gathered', 'cast_params', 'partition',
+           'hf_zero3', 'WeightReader', 'whole_models', 'empty_weights', 'meta_names', 'release_memory', 'load_weights',
+           'llm_from_weights', 'resize_embeddings', 'resolve_dtype', 'build_model']
 
 # %% ../nbs/12_model.ipynb #a3a00b8b
 def default_attn_implementation() -> str:
@@ -244,17 +247,312 @@ def register_auto_classes():
 
 register_auto_classes()
 
+# %% ../nbs/12_model.ipynb #4e8c4b4a
+def zero_stage(ds_config:dict|None) -> int:
+    "ZeRO stage of a DeepSpeed config dict (0 without one)."
+    return int(((ds_config or {}).get("zero_optimization") or {}).get("stage", 0) or 0)
+
+def ds_param_dtype(ds_config:dict|None) -> torch.dtype:
+    "The dtype DeepSpeed keeps module parameters in under `ds_config`: bf16, fp16 or fp32 (its optimiser keeps fp32 masters)."
+    on = lambda k: ((ds_config or {}).get(k) or {}).get("enabled") is True
+    return torch.bfloat16 if on("bf16") else torch.float16 if on("fp16") else torch.float32
+
+def is_partitioned(p:torch.Tensor) -> bool:
+    "Whether `p` is a ZeRO-3 parameter, its values sharded over the ranks (`p.ds_tensor` is this rank's share)."
+    return hasattr(p, "ds_id")
+
+def full_numel(p:torch.Tensor) -> int:
+    "Elements of a parameter as the model sees it, partitioned or not."
+    return int(p.ds_numel) if is_partitioned(p) else p.numel()
+
+def full_shape(p:torch.Tensor) -> tuple:
+    "Shape of a parameter as the model sees it, partitioned or not."
+    return tuple(p.ds_shape) if is_partitioned(p) else tuple(p.shape)
+
+def gathered(params, # parameters (partitioned or not)
+             modifier_rank:int|None=0): # the rank whose in-place writes are kept (None: read only)
+    "A context in which partitioned `params` are whole on every rank; a no-op for ordinary tensors."
+    params = [p for p in params if is_partitioned(p)]
+    if not params: return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+def cast_params(module:nn.Module, dtype) -> nn.Module:
+    "Cast the floating parameters of `module` that are not partitioned to `dtype` (buffers keep theirs, as DeepSpeed does)."
+    for p in module.parameters():
+        if not is_partitioned(p) and p.is_floating_point() and p.device.type != "meta" and p.dtype != dtype: p.data = p.data.to(dtype)
+    return module
+
+def partition(module:nn.Module, ds_config:dict|None) -> nn.Module:
+    "Under a ZeRO-3 config, shard every parameter of `module` not yet sharded (cast first to DeepSpeed's dtype); else a no-op."
+    if zero_stage(ds_config) != 3 or all(is_partitioned(p) for p in module.parameters()): return module
+    import deepspeed
+    cast_params(module, ds_param_dtype(ds_config))
+    deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)  # rank 0's values are broadcast, then each rank keeps its share
+    return module
+
+def hf_zero3(ds_config:dict|None):
+    "transformers' ZeRO-3 switch for `ds_config` (an `HfDeepSpeedConfig`; keep it alive as long as the model), or None."
+    if zero_stage(ds_config) != 3: return None
+    from transformers.integrations import HfDeepSpeedConfig
+    return HfDeepSpeedConfig(ds_config)
+
+# %% ../nbs/12_model.ipynb #cbb822c6
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+def _drop_pages(view:torch.Tensor):
+    "Let the kernel drop the file pages wholly under `view`, a copy-on-write view of a file (read again if ever used)."
+    import ctypes, mmap, sys
+    if not sys.platform.startswith("linux") or view.numel() == 0: return
+    start = view.data_ptr(); end = start + view.numel() * view.element_size()
+    a, b = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE  # pages shared with a neighbour stay
+    if b <= a: return
+    try: ctypes.CDLL(None).madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4)  # MADV_DONTNEED
+    except (OSError, AttributeError): pass
+
+class WeightReader:
+    "The tensors of a transformers-style weights folder (one file or index-sharded; safetensors or .bin), read one at a time."
+    def __init__(self, folder): # a folder with model.safetensors / pytorch_model.bin, or an index of shards
+        self.folder, self._open, self._bin = Path(folder), {}, (None, None)
+        self.where = self._index()  # key -> file holding it
+
+    def _index(self) -> dict:
+        for idx in WEIGHT_INDEXES:
+            if (self.folder / idx).is_file(): return dict(json.loads((self.folder / idx).read_text())["weight_map"])
+        for f in WEIGHT_FILES:
+            if (self.folder / f).is_file():
+                return {k: f for k in (self._handle(f).keys() if f.endswith(".safetensors") else self._bin_file(f))}
+        raise CheckpointError(f"{self.folder}: no weights found (looked for {', '.join(WEIGHT_FILES + WEIGHT_INDEXES)}).")
+
+    def _handle(self, f:str):
+        if f not in self._open:
+            from safetensors import safe_open
+            p = str(self.folder / f)
+            try: self._open[f] = safe_open(p, framework="pt")  # a copy-on-write memory map of the file
+            except Exception as e: raise CheckpointError(f"{p}: not a readable safetensors file ({e}). Fix: re-download or re-save it.") from None
+        return self._open[f]
+
+    def _bin_file(self, f:str) -> dict:
+        if self._bin[0] != f:  # one .bin shard in memory at a time (shards hold consecutive layers)
+            from qllava.encoders import load_weights_file  # the one safe pickle reader
+            self._bin = (None, None)
+            self._bin = (f, load_weights_file(self.folder / f))
+        return self._bin[1]
+
+    def keys(self) -> list: return list(self.where)
+    def __contains__(self, key) -> bool: return key in self.where
+    def __len__(self) -> int: return len(self.where)
+
+    def __getitem__(self, key:str) -> torch.Tensor:
+        "The tensor `key`, read now into memory of its own."
+        return self.read(key)
+
+    def view(self, key:str) -> torch.Tensor:
+        "The tensor `key` as a copy-on-write view of the file (as transformers loads): no copy, pages read when first used."
+        f = self.where[key]
+        return self._handle(f).get_tensor(key) if f.endswith(".safetensors") else self._bin_file(f)[key]
+
+    def read(self, key:str, dtype=None) -> torch.Tensor:
+        "The tensor `key` in memory of its own, cast to `dtype`: copied out of the file's pages, which are then let go."
+        f = self.where[key]
+        if not f.endswith(".safetensors"):
+            v = self._bin_file(f)[key]
+            return v.to(dtype) if dtype is not None and v.is_floating_point() and v.dtype != dtype else v.clone()
+        v = self.view(key)
+        out = torch.empty(v.shape, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+        rows = max(1, 2**26 // max(1, v[:1].numel() * v.element_size())) if v.ndim else 1
+        for a in range(0, len(v) if v.ndim else 1, rows):  # 64 MB of the file at a time: copied (cast) out, its pages let go
+            src = v[a:a + rows] if v.ndim else v
+            (out[a:a + rows] if v.ndim else out).copy_(src)
+            _drop_pages(src)  # as fast as the memory map, without its pages piling up in RSS (pread is 3-4x slower)
+        return out
+
+    def dtype(self, key:str) -> torch.dtype:
+        "The stored dtype of `key` (from the safetensors header)."
+        f = self.where[key]
+        if not f.endswith(".safetensors"): return self._bin_file(f)[key].dtype
+        return SAFETENSORS_DTYPES.get(self._handle(f).get_slice(key).get_dtype(), None)
+
+    def shape(self, key:str) -> tuple:
+        "Shape of `key` (from the safetensors header, without reading the tensor)."
+        f = self.where[key]
+        return tuple(self._handle(f).get_slice(key).get_shape()) if f.endswith(".safetensors") else tuple(self._bin_file(f)[key].shape)
+
+def whole_models():
+    "A context in which transformers builds models whole even while a ZeRO-3 switch (`HfDeepSpeedConfig`) is alive."
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    if not is_deepspeed_zero3_enabled(): return contextlib.nullcontext()
+    from transformers.modeling_utils import set_zero3_state  # what transformers itself sets inside its own zero.Init
+    return set_zero3_state()
+
+@contextlib.contextmanager
+def empty_weights():
+    "Build modules with every parameter on the meta device (no memory, no random init); buffers stay real."
+    from accelerate import init_empty_weights
+    try: from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError: from transformers.modeling_utils import no_init_weights
+    with init_empty_weights(include_buffers=False), whole_models(), no_init_weights(): yield  # nothing to initialise on meta
+
+def meta_names(module:nn.Module) -> list:
+    "Names of the parameters of `module` that have no values yet (still on the meta device)."
+    return [n for n, p in module.named_parameters() if p.device.type == "meta"]
+
+# %% ../nbs/12_model.ipynb #f9a3a8e2
+def release_memory():
+    "Hand freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere): many freed tensors of a few MB each would else stay resident."
+    import ctypes, ctypes.util, sys
+    if not sys.platform.startswith("linux"): return
+    try: ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError): pass
+
+def _shape(reader, key) -> tuple:
+    return tuple(reader.shape(key)) if hasattr(reader, "shape") else tuple(reader[key].shape)
+
+def _persistent(sub:nn.Module):
+    return [(n, b) for n, b in sub._buffers.items() if b is not None and n not in sub._non_persistent_buffers_set]
+
+def load_weights(module:nn.Module, # built under `empty_weights()`, or an ordinary / ZeRO-3 partitioned module
+                 reader, # a `WeightReader` (any mapping key -> tensor with a `shape(key)` method)
+                 keys:dict, # the module's state-dict names -> the reader's keys
+                 dtype=None, # cast floating tensors to this (None: as stored; under ZeRO-3 always DeepSpeed's dtype)
+                 ds_config:dict|None=None, # a ZeRO-3 config: each tensor goes from rank 0 straight into every rank's share
+                 where="") -> nn.Module: # named in errors
+    "Put `reader`'s tensors into `module` one at a time: meta / ordinary parameters are replaced, partitioned ones filled."
+    import torch.distributed as dist
+    zero3 = zero_stage(ds_config) == 3
+    if zero3: dtype = ds_param_dtype(ds_config)
+    rank = dist.get_rank() if zero3 and dist.is_initialized() else 0
+    found, bad = {}, []
+    for mname, sub in module.named_modules():  # check every shape first (headers only): each rank refuses a bad file alike
+        for n, t in [(n, p) for n, p in sub._parameters.items() if p is not None] + _persistent(sub):
+            k = f"{mname}.{n}" if mname else n
+            if k in keys:
+                found[k] = t
+                if _shape(reader, keys[k]) != full_shape(t): bad.append(f"{keys[k]} {_shape(reader, keys[k])} vs {full_shape(t)}")
+    if bad: raise CheckpointError(f"{where or getattr(reader, 'folder', 'the weights')}: tensors of another shape than the model's: {bad[:4]}. Fix: load it with the "
+                                  "config it was saved with.")
+    def value(k, t):
+        if zero3 and rank != 0: return torch.empty(full_shape(t), dtype=dtype if t.is_floating_point() else t.dtype)  # filled by rank 0
+        stored = reader.dtype(keys[k]) if hasattr(reader, "dtype") else None
+        if not zero3 and hasattr(reader, "view") and (dtype is None or stored == dtype or (stored is not None and not stored.is_floating_point)):
+            return reader.view(keys[k])  # kept as stored: share the file's pages, as transformers does
+        if hasattr(reader, "read"): return reader.read(keys[k], dtype)  # into memory of its own, cast as read
+        v = reader[keys[k]]
+        return v.to(dtype) if dtype is not None and v.is_floating_point() and v.dtype != dtype else v
+    name = lambda mname, n: f"{mname}.{n}" if mname else n
+    items = [(mname, sub, n) for mname, sub in module.named_modules() for n, p in sub._parameters.items() if name(mname, n) in found]
+    if zero3:  # largest first: a rank holds the shares read so far plus the one whole tensor being read
+        items.sort(key=lambda it: -full_numel(it[1]._parameters[it[2]]))
+    mapped = all(str(f).endswith(".safetensors") for f in getattr(reader, "where", {None: None}).values())  # (memory maps only)
+    if mapped and not zero3 and not any(is_partitioned(sub._parameters[n]) for _, sub, n in items):  # 4 reads at a time, as transformers
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+            vals = pool.map(lambda it: value(name(it[0], it[2]), it[1]._parameters[it[2]]), items)
+            for (mname, sub, n), v in zip(items, vals):
+                sub._parameters[n] = nn.Parameter(v, requires_grad=sub._parameters[n].requires_grad)
+        items = []
+    for mname, sub, n in items:
+        p, k = sub._parameters[n], name(mname, n)
+        if is_partitioned(p):
+            with gathered([p], modifier_rank=0), torch.no_grad():
+                if rank == 0: p.data.copy_(value(k, p))
+            continue
+        sub._parameters[n] = new = nn.Parameter(value(k, p), requires_grad=p.requires_grad)
+        if zero3:  # shard it before reading the next one
+            import deepspeed
+            deepspeed.zero.Init(module=nn.ParameterList([new]), config_dict_or_path=ds_config)
+            del new
+            release_memory()
+    for mname, sub in module.named_modules():
+        for n, b in _persistent(sub):
+            if name(mname, n) not in found: continue
+            v = value(name(mname, n), b)
+            if zero3 and dist.is_initialized(): dist.broadcast(v, 0)
+            sub._buffers[n] = v
+    return module
+
+def llm_from_weights(text_config, # the LLM's config (vocabulary as in the weights)
+                     reader:WeightReader, # where its tensors are
+                     prefix:str="", # the LLM's keys in the reader start with this (e.g. `llm.`)
+                     dtype=None, # weight dtype (default float32)
+                     attn_implementation:str|None=None, # default: `default_attn_implementation()`
+                     ds_config:dict|None=None, # under ZeRO-3 the LLM is built sharded
+                     where=""):
+    "A causal LM built empty and filled from `reader` (no random init, one copy of the weights); None if its key names differ."
+    import copy
+    with empty_weights():
+        llm = AutoModelForCausalLM.from_config(copy.deepcopy(text_config), attn_implementation=attn_implementation or default_attn_implementation(),
+                                               dtype=dtype or torch.float32)
+    want = list(llm.state_dict())
+    tied = bool(getattr(llm.config, "tie_word_embeddings", False))
+    keys = {k: prefix + k for k in want if prefix + k in reader}
+    if [k for k in want if k not in keys and not (tied and k == "lm_head.weight")]:
+        return None  # renamed or fused layouts: transformers' from_pretrained knows the conversions
+    load_weights(llm, reader, keys, dtype or torch.float32, ds_config, where)
+    llm.tie_weights()
+    if meta_names(llm): raise CheckpointError(f"{where or reader.folder}: no weights for {meta_names(llm)[:4]}.")
+    return llm.eval()
+
 # %% ../nbs/12_model.ipynb #8f89bc1e
-def resize_embeddings(llm:nn.Module, # a transformers causal LM
+def _grown(w:torch.Tensor, n:int) -> torch.Tensor:
+    "`w` (V, D) as an (n, D) tensor: its rows kept, new rows their mean (no random draw)."
+    out = torch.empty(n, *w.shape[1:], dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        out[:min(n, len(w))] = w[:n]
+        if n > len(w): out[len(w):] = w.mean(0, keepdim=True)
+    return out
+
+def resize_embeddings(llm:nn.Module, # a transformers causal LM (partitioned under ZeRO-3 or not)
                       n:int): # new vocabulary size (len(tokenizer))
-    "Resize the LLM's input/output embeddings to `n` rows; new rows are the mean of the old ones (deterministic)."
-    old = llm.get_input_embeddings().weight.shape[0]
+    "Resize the LLM's input/output embeddings to `n` rows; new rows are the mean of the old ones (deterministic, no random init)."
+    emb, head = llm.get_input_embeddings(), llm.get_output_embeddings()
+    old = full_shape(emb.weight)[0]
     if old == n: return llm
-    llm.resize_token_embeddings(n, mean_resizing=False)
-    if n > old:
-        for e in {id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None}.values():
-            with torch.no_grad(): e.weight[old:] = e.weight[:old].mean(0, keepdim=True)
+    if is_partitioned(emb.weight):  # ZeRO-3: transformers resizes the shards; the new rows are then set from the gathered old ones
+        llm.resize_token_embeddings(n, mean_resizing=False)
+        if n > old:
+            for e in {id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None}.values():
+                with gathered([e.weight], modifier_rank=0), torch.no_grad(): e.weight[old:] = e.weight[:old].mean(0, keepdim=True)
+        return llm
+    tied = head is not None and head.weight is emb.weight
+    emb.weight = nn.Parameter(_grown(emb.weight, n), requires_grad=emb.weight.requires_grad)
+    emb.num_embeddings = n
+    if emb.padding_idx is not None and emb.padding_idx >= n: emb.padding_idx = None
+    if head is not None and not tied:
+        head.weight = nn.Parameter(_grown(head.weight, n), requires_grad=head.weight.requires_grad)
+        if getattr(head, "bias", None) is not None:
+            b = head.bias
+            head.bias = nn.Parameter(torch.cat([b[:n], b.new_zeros(max(0, n - len(b)))]), requires_grad=b.requires_grad)
+        head.out_features = n
+    llm.config.get_text_config().vocab_size = n
+    if hasattr(llm, "vocab_size"): llm.vocab_size = n
+    if tied: llm.tie_weights()
     return llm
+
+def resolve_dtype(dtype) -> torch.dtype:
+    "A torch dtype from a dtype, its name (`bfloat16`, `bf16`, `float16`, `fp16`, `float32`) or None (float32)."
+    if dtype is None or isinstance(dtype, torch.dtype): return dtype or torch.float32
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16, "fp32": torch.float32, "float": torch.float32}
+    d = names.get(str(dtype).removeprefix("torch."), getattr(torch, str(dtype).removeprefix("torch."), None))
+    if not isinstance(d, torch.dtype): raise ConfigError(f"dtype {dtype!r} is not a torch dtype. Fix: use bfloat16, float16 or float32.")
+    return d
+
+def _weights_folder(llm:str) -> Path|None:
+    "The local folder holding `llm`'s weights (a folder, or a hub id's cached snapshot), or None."
+    p = Path(llm).expanduser()
+    if not p.is_dir():
+        try:
+            from transformers.utils import cached_file
+            f = cached_file(llm, "config.json", _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+        except Exception: f = None
+        p = Path(f).parent if f else None
+    if p is None or not any((p / f).is_file() for f in WEIGHT_FILES + WEIGHT_INDEXES): return None
+    idx = next((p / f for f in WEIGHT_INDEXES if (p / f).is_file()), None)
+    if idx is not None and not all((p / s).is_file() for s in set(json.loads(idx.read_text())["weight_map"].values())): return None
+    return p
 
 def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a local folder of a causal LM
                 encoders:dict|None=None, # modality -> encoder spec, e.g. {"image": "preset:tiny-clip"}
@@ -267,32 +565,48 @@ def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a loca
                 select_feature:str="patch", # `patch` or `cls_patch`
                 use_im_start_end:bool=False, # wrap media in <im_start> ... <im_end>
                 attn_implementation:str|None=None, # default: flash_attention_2 on CUDA when installed, else sdpa
-                dtype=None, # torch dtype of the LLM weights (default float32)
+                dtype=None, # weight dtype of every part; the LLM is loaded straight in it, never via fp32 (default float32)
                 train_encoders:bool=False, # unfreeze the encoders
+                ds_config:dict|None=None, # the run's DeepSpeed config: under ZeRO-3 the model is built partitioned over the ranks
+                quantization_config=None, # transformers' `BitsAndBytesConfig`: a 4- / 8-bit base LLM (QLoRA; bitsandbytes on CUDA)
                 ) -> tuple: # (model, tokenizer)
     "Build a `QllavaForCausalLM` and its prepared tokenizer, offline for presets and local folders."
     encoders = dict(encoders if encoders is not None else {"image": "preset:tiny-clip"})
     tokenizer = get_tokenizer(default_tokenizer(llm) if tokenizer is None else tokenizer, use_im_start_end=use_im_start_end, template=template)
     attn = attn_implementation or default_attn_implementation()
+    dtype, zero3 = resolve_dtype(dtype), zero_stage(ds_config) == 3
+    if zero3: dtype = ds_param_dtype(ds_config)  # the dtype DeepSpeed trains in (it does not cast partitioned weights)
+    if quantization_config is not None: _check_quantizable(llm, zero3)
     torch.manual_seed(seed)
-    if llm.startswith("preset:"):
+    grow = lambda m: resize_embeddings(m, len(tokenizer)) if len(tokenizer) > full_shape(m.get_input_embeddings().weight)[0] else m
+    if llm.startswith("preset:"):  # random weights from `seed`, built whole so a seed gives one model at every ZeRO stage (sharded below)
         cfg = AutoConfig.for_model(**get_llm_preset(llm.split(":", 1)[1]))
         cfg.vocab_size = max(cfg.vocab_size, len(tokenizer))
         for k in ("pad_token_id", "bos_token_id", "eos_token_id"): setattr(cfg, k, getattr(tokenizer, k))
-        llm_model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype)
-    else:
-        try: llm_model = AutoModelForCausalLM.from_pretrained(llm, attn_implementation=attn, dtype=dtype)
-        except OSError as e: raise CheckpointError(f"{llm}: cannot load a causal LM from here ({e}). Fix: give a preset:NAME, "
-                                                   "a folder with config.json + weights, or a hub id cached locally.") from None
-    if len(tokenizer) > llm_model.get_input_embeddings().weight.shape[0]:  # grow for the added tokens, never shrink
-        resize_embeddings(llm_model, len(tokenizer))
+        with whole_models(): llm_model = grow(AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype))
+        switch = hf_zero3(ds_config)
+    else:  # built empty, each tensor read once into place (cast as it is read; under ZeRO-3 by rank 0 into every rank's share)
+        folder = _weights_folder(llm) if quantization_config is None else None  # quantised: transformers quantises as it loads
+        llm_model = llm_from_weights(AutoConfig.from_pretrained(str(folder)), WeightReader(folder), dtype=dtype, attn_implementation=attn,
+                                     ds_config=ds_config, where=llm) if folder is not None else None
+        if llm_model is not None and (folder / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+            llm_model.generation_config = GenerationConfig.from_pretrained(str(folder))
+        switch = hf_zero3(ds_config)  # from here on transformers builds and resizes partitioned
+        if llm_model is None:  # not downloaded yet, or a layout transformers converts: its own loading
+            quant = {} if quantization_config is None else dict(quantization_config=quantization_config,
+                                                                device_map={"": int(os.environ.get("LOCAL_RANK", 0))})  # this rank's GPU
+            try: llm_model = AutoModelForCausalLM.from_pretrained(llm, attn_implementation=attn, dtype=dtype, **quant)
+            except OSError as e: raise CheckpointError(f"{llm}: cannot load a causal LM from here ({e}). Fix: give a preset:NAME, "
+                                                       "a folder with config.json + weights, or a hub id cached locally.") from None
+        llm_model = grow(llm_model)
     if stop_strings is None:
         try:
             from qllava.conversation import get_template
             stop_strings = list(get_template(template).stop_strings)
         except ImportError: stop_strings = [tokenizer.eos_token]
     torch.manual_seed(seed)
-    encs = {m: get_encoder(s, select_layer, select_feature, train_encoders) for m, s in encoders.items()}
+    encs = {m: cast_params(get_encoder(s, select_layer, select_feature, train_encoders), dtype) for m, s in encoders.items()}
     for m, e in encs.items():
         if e.modality != m: raise ConfigError(f"encoder {encoders[m]!r} is a {e.modality} encoder but was given for {m!r}.")
     config = QllavaConfig(text_config=llm_model.config.to_dict(), encoders=encoders, projector=projector,
@@ -301,6 +615,25 @@ def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a loca
                           select_layer=select_layer, select_feature=select_feature, base_llm=llm,
                           train_encoders=train_encoders, seed=seed, attn_implementation=attn)
     torch.manual_seed(seed)
-    model = QllavaForCausalLM(config, llm=llm_model, encoders=encs)
+    with _zero_init(ds_config):  # the projector is born sharded under ZeRO-3
+        model = QllavaForCausalLM(config, llm=llm_model, encoders=encs)
+    cast_params(model.projectors, dtype)
+    partition(model, ds_config)  # under ZeRO-3: what was built whole (a preset LLM, the encoders) is sharded now
+    model._zero3_switch = switch  # transformers treats the model as ZeRO-3 while it lives
     model.config.text_config = llm_model.config
     return model.eval(), tokenizer
+
+def _check_quantizable(llm:str, zero3:bool):
+    "Refuse a quantised base that cannot be built: a preset (random weights, no file to quantise from) or ZeRO-3."
+    if llm.startswith("preset:"):
+        raise ConfigError(f"a 4- / 8-bit base LLM is quantised by transformers as it loads a hub id or a folder; {llm} has no weights to load. "
+                          "Fix: pass --model_name_or_path a hub id or folder, or use --bits 16 (--stage lora).")
+    if zero3:
+        raise ConfigError("a 4- / 8-bit base LLM cannot be partitioned by ZeRO-3 (bitsandbytes weights). Fix: use --deepspeed zero2, as the "
+                          "original QLoRA scripts do.")
+
+def _zero_init(ds_config):
+    "DeepSpeed's `zero.Init` for a ZeRO-3 config (modules built inside are sharded at birth), else a no-op."
+    if zero_stage(ds_config) != 3: return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)

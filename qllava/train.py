@@ -15,10 +15,10 @@ __all__ = ['STAGE_PRESETS', 'CHOICES', 'REPORTERS', 'FLAG_ALIASES', 'DEEPSPEED_P
            'resolve_batch', 'config_parser', 'parse_config', 'init_distributed', 'seed_everything',
            'hardware_precision', 'deepspeed_config', 'apply_stage', 'trainable_summary', 'param_groups',
            'media_settings', 'build_dataset', 'build_loader', 'build_eval_loader', 'open_reporters', 'RunLog',
-           'flag_notes', 'step_schedule', 'set_aspect_ratio', 'build_run', 'vqa_accuracy', 'evaluate_vqa',
-           'evaluate_loss', 'write_checksums', 'verify_checksums', 'safe_load', 'use_safe_loading', 'save_resumable',
-           'find_resume', 'load_resumable', 'train_loop', 'save_final', 'fit', 'load_lora_run', 'merge_lora',
-           'merge_lora_cli', 'train_cli']
+           'flag_notes', 'step_schedule', 'set_aspect_ratio', 'build_run', 'quantization_config', 'vqa_accuracy',
+           'evaluate_vqa', 'evaluate_loss', 'write_checksums', 'verify_checksums', 'safe_load', 'use_safe_loading',
+           'save_resumable', 'find_resume', 'load_resumable', 'train_loop', 'save_final', 'fit', 'load_lora_run',
+           'merge_lora', 'merge_lora_cli', 'train_cli']
 
 # %% ../nbs/21_train.ipynb #07e1271e
 @dataclass
@@ -76,7 +76,7 @@ class TrainConfig:
     lora_dropout: float = 0.05 # LoRA dropout
     lora_bias: str = "none" # none | all | lora_only: which biases train with LoRA
     mm_projector_lr: float|None = None # separate projector learning rate (LoRA recipe: 2e-5)
-    bits: int = 16 # 16 | 8 | 4 (4 = QLoRA base, needs bitsandbytes and CUDA)
+    bits: int|None = None # 16 | 8 | 4: the base LLM's weights (4 = QLoRA, needs bitsandbytes and CUDA); default 4 for --stage qlora, else 16
     double_quant: bool = True # QLoRA: also quantise the quantisation constants (bitsandbytes bnb_4bit_use_double_quant)
     quant_type: str = "nf4" # QLoRA: nf4 | fp4 (bitsandbytes bnb_4bit_quant_type)
     freeze_backbone: bool = False # keep the LLM frozen in stage 2 (only the projector, and LoRA adapters if any, train)
@@ -141,6 +141,7 @@ def resolve_config(cfg:TrainConfig) -> TrainConfig:
     if cfg.per_device_train_batch_size and cfg.gradient_accumulation_steps and cfg.global_batch_size is None:
         preset.pop("global_batch_size")  # the user fixed per-device x accumulation (as the original scripts do): honour it
     cfg = dataclasses.replace(cfg, **{k: v for k, v in preset.items() if getattr(cfg, k) is None})
+    if cfg.bits is None: cfg = dataclasses.replace(cfg, bits=16)
     for k, allowed in CHOICES.items():
         if getattr(cfg, k) not in allowed:
             raise ConfigError(f"--{k} {getattr(cfg, k)}: qllava supports {', '.join(str(a) for a in allowed if a is not None)}. "
@@ -274,8 +275,9 @@ DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
 
 def deepspeed_config(name_or_path:str|None, # zero2 | zero3 | zero3_offload | a JSON file | none
                      per_device:int, grad_accum:int, world_size:int, # the resolved batch arithmetic
-                     bf16:bool=False, fp16:bool=False, max_grad_norm:float=1.0) -> dict:
-    "A complete DeepSpeed config dict: the preset or file with every `auto` value resolved."
+                     bf16:bool=False, fp16:bool=False, max_grad_norm:float=1.0,
+                     hidden_size:int|None=None) -> dict: # the LLM's width: sizes the ZeRO buckets left `auto` (as transformers' Trainer does)
+    "A complete DeepSpeed config dict: the preset or file with every `auto` value resolved (bucket sizes once `hidden_size` is known)."
     if name_or_path in (None, "", "none"): base = {"zero_optimization": {"stage": 0}}
     elif name_or_path in DEEPSPEED_PRESETS: base = json.loads(asset("deepspeed", f"{name_or_path}.json").read_text())
     else:
@@ -290,6 +292,12 @@ def deepspeed_config(name_or_path:str|None, # zero2 | zero3 | zero3_offload | a 
         if cfg.get(k, "auto") == "auto": cfg[k] = v
         elif cfg[k] != v: raise ConfigError(f"DeepSpeed config sets {k}={cfg[k]} but the run resolves it to {v}. Fix: set it to \"auto\" in the JSON.")
     cfg["bf16"] = {"enabled": bool(bf16)}; cfg["fp16"] = {"enabled": bool(fp16)}
+    z = cfg["zero_optimization"] = dict(cfg.get("zero_optimization") or {})
+    if hidden_size:  # the original LLaVA configs' `auto` buckets, filled from the model as transformers' Trainer fills them
+        h = int(hidden_size)
+        for k, v in {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+                     "stage3_param_persistence_threshold": 10 * h}.items():
+            if z.get(k) == "auto": z[k] = v
     cfg.setdefault("zero_allow_untested_optimizer", True)
     cfg.setdefault("steps_per_print", 10**9)
     return cfg
@@ -301,9 +309,10 @@ def apply_stage(model, cfg:TrainConfig):
     model.projectors.requires_grad_(not cfg.freeze_mm_mlp_adapter)
     if cfg.tune_mm_mlp_adapter:
         if cfg.freeze_mm_mlp_adapter: raise ConfigError("--tune_mm_mlp_adapter trains only the projector, which --freeze_mm_mlp_adapter freezes: nothing would learn. Fix: drop one of them.")
-        return model
-    if cfg.lora_enable:
-        from peft import LoraConfig, get_peft_model
+    elif cfg.lora_enable:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        if getattr(model.llm, "is_quantized", False):  # QLoRA: norms / embeddings to fp32, inputs needing grads, as the original
+            model.llm = prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=cfg.gradient_checkpointing)
         targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.llm.named_modules()
                           if type(m).__name__ in ("Linear", "Linear4bit", "Linear8bitLt") and "lm_head" not in n})
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -313,27 +322,29 @@ def apply_stage(model, cfg:TrainConfig):
         model.llm.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("--freeze_backbone and --freeze_mm_mlp_adapter leave nothing to train. Fix: drop one, or add --lora_enable True.")
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing:  # every stage, as the original's scripts ask (stage 1 too: the frozen LLM's activations)
         model.gradient_checkpointing_enable()
         model.llm.enable_input_require_grads() if hasattr(model.llm, "enable_input_require_grads") else None
     return model
 
 def trainable_summary(model) -> dict:
-    "Trainable and total parameter counts per part (llm / encoders / projectors)."
+    "Trainable and total parameter counts per part (llm / encoders / projectors); whole sizes under ZeRO-3 too."
+    from qllava.model import full_numel
     out = {}
     for part in ("llm", "encoders", "projectors"):
         ps = list(getattr(model, part).parameters())
-        out[part] = dict(trainable=sum(p.numel() for p in ps if p.requires_grad), total=sum(p.numel() for p in ps))
+        out[part] = dict(trainable=sum(full_numel(p) for p in ps if p.requires_grad), total=sum(full_numel(p) for p in ps))
     return out
 
 def param_groups(model, cfg:TrainConfig) -> list[dict]:
     "AdamW groups: decay / no-decay (biases, norms), and the projector at `mm_projector_lr` when set."
+    from qllava.model import full_shape
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad: continue
         is_proj = name.startswith("projectors.")
         lr = cfg.mm_projector_lr if (is_proj and cfg.mm_projector_lr) else cfg.learning_rate
-        decay = 0.0 if (p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")) else cfg.weight_decay
+        decay = 0.0 if (len(full_shape(p)) < 2 or "norm" in name.lower() or name.endswith(".bias")) else cfg.weight_decay
         groups.setdefault((lr, decay), []).append(p)
     return [dict(params=ps, lr=lr, weight_decay=wd) for (lr, wd), ps in groups.items()]
 
@@ -526,7 +537,7 @@ def build_run(cfg:TrainConfig, log=print) -> dict:
     "Setup: distributed state, resolved config, model with the stage applied, data loaders, DeepSpeed engine."
     import torch, deepspeed
     from transformers import get_scheduler
-    from qllava.model import build_model
+    from qllava.model import partition
     rank, world = init_distributed()
     cfg = resolve_config(cfg)
     if not cfg.data_path: raise ConfigError("--data_path is required: a LLaVA-format JSON or JSONL file.")
@@ -536,21 +547,23 @@ def build_run(cfg:TrainConfig, log=print) -> dict:
                                                  cfg.gradient_accumulation_steps)
     cfg = dataclasses.replace(cfg, per_device_train_batch_size=per_device, gradient_accumulation_steps=accum,
                               global_batch_size=global_bs)
-    if cfg.bits == 4:
+    if cfg.bits < 16:
         try: import bitsandbytes  # noqa: F401
-        except ImportError: raise ConfigError("--bits 4 (QLoRA) needs bitsandbytes and a CUDA GPU. Fix: pip install 'qllava[gpu]' on a GPU machine, or use --stage lora.") from None
-        if not torch.cuda.is_available(): raise ConfigError("--bits 4 (QLoRA) needs a CUDA GPU; this machine has none. Fix: use --stage lora here.")
+        except ImportError: raise ConfigError(f"--bits {cfg.bits} (QLoRA) needs bitsandbytes and a CUDA GPU. Fix: pip install 'qllava[gpu]' on a GPU machine, or use --stage lora.") from None
+        if not torch.cuda.is_available(): raise ConfigError(f"--bits {cfg.bits} (QLoRA) needs a CUDA GPU; this machine has none. Fix: use --stage lora here.")
     seed_everything(cfg.seed)
     for note in flag_notes(cfg, world): log(note)
     writers = open_reporters(report_targets(cfg.report_to), Path(cfg.output_dir), cfg) if rank == 0 else {}
     modality = "sensor" if "limu" in (cfg.vision_tower or "") else "image"
-    model, tok = _load_model(cfg, modality)
+    ds_cfg = deepspeed_config(cfg.deepspeed, per_device, accum, world, precision["bf16"], precision["fp16"], cfg.max_grad_norm)
+    dtype = torch.bfloat16 if precision["bf16"] else torch.float16 if precision["fp16"] else torch.float32
+    model, tok = _load_model(cfg, modality, dtype, ds_cfg)  # in the training dtype (4 / 8 bit: quantised); partitioned at birth under ZeRO-3
     set_aspect_ratio(model, cfg.image_aspect_ratio)
     if cfg.pretrain_mm_mlp_adapter:
         from qllava.checkpoint import load_projector
         load_projector(model, cfg.pretrain_mm_mlp_adapter)
         log(f"projector initialised from {cfg.pretrain_mm_mlp_adapter}")
-    model = apply_stage(model, cfg)
+    model = partition(apply_stage(model, cfg), ds_cfg)  # ZeRO-3: LoRA adapters, made after the build, are sharded too
     model.train()
     ds, keep, counts = build_dataset(cfg, cfg.data_path, model, tok, rank, log)
     loader, sampler = build_loader(ds, keep, cfg, per_device, rank, world)
@@ -568,7 +581,8 @@ def build_run(cfg:TrainConfig, log=print) -> dict:
     opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
     sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
                           num_training_steps=total)
-    ds_cfg = deepspeed_config(cfg.deepspeed, per_device, accum, world, precision["bf16"], precision["fp16"], cfg.max_grad_norm)
+    ds_cfg = deepspeed_config(cfg.deepspeed, per_device, accum, world, precision["bf16"], precision["fp16"], cfg.max_grad_norm,
+                              hidden_size=getattr(model.llm.config.get_text_config(), "hidden_size", None))  # buckets sized for this LLM
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
     use_safe_loading(engine)  # a resumed run unpickles nothing that can run code
     return dict(cfg=cfg, rank=rank, world=world, model=model, engine=engine, tokenizer=tok, loader=loader, keep=keep,
@@ -576,20 +590,30 @@ def build_run(cfg:TrainConfig, log=print) -> dict:
                 ds_config=ds_cfg, data_counts=counts, modality=modality, writers=writers, save_every=save_every,
                 eval_every=eval_every)
 
-def _load_model(cfg:TrainConfig, modality:str):
+def quantization_config(cfg:TrainConfig, compute_dtype=None):
+    "transformers' `BitsAndBytesConfig` for `--bits 4` / `8` (QLoRA's base, as the original builds it), None for 16."
+    if cfg.bits == 16: return None
+    import torch
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=cfg.bits == 4, load_in_8bit=cfg.bits == 8, llm_int8_threshold=6.0,
+                              llm_int8_has_fp16_weight=False, bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_quant_type=cfg.quant_type)
+
+def _load_model(cfg:TrainConfig, modality:str, dtype=None, ds_config:dict|None=None):
     "The model to train: a preset / hub LLM with a fresh projector, or a qllava checkpoint folder (stage 2 from stage 1)."
     from qllava.model import build_model
     p = Path(cfg.model_name_or_path)
     if (p / "qllava_manifest.json").exists():
         from qllava.checkpoint import load_model
         from qllava.tokenize import prepare_tokenizer
-        model, tok = load_model(p)
+        model, tok = load_model(p, dtype=dtype, ds_config=ds_config)
         return model, prepare_tokenizer(tok, use_im_start_end=cfg.mm_use_im_start_end)
     return build_model(llm=cfg.model_name_or_path, encoders={modality: cfg.vision_tower}, projector=cfg.mm_projector_type,
                        attn_implementation=cfg.attn_implementation,
                        tokenizer=cfg.tokenizer, seed=cfg.seed, template=cfg.version,
                        select_layer=cfg.mm_vision_select_layer, select_feature=cfg.mm_vision_select_feature,
-                       use_im_start_end=cfg.mm_use_im_start_end)
+                       use_im_start_end=cfg.mm_use_im_start_end, dtype=dtype, ds_config=ds_config,
+                       quantization_config=quantization_config(cfg, dtype))
 
 def vqa_accuracy(model, tokenizer, # a QllavaForCausalLM and its tokenizer
                  questions, gt, media_folder, # VQA question JSONL, ground truth JSON, media folder
@@ -730,7 +754,8 @@ def save_resumable(run:dict, step:int, epoch:int, micro:int):
     if dist.is_initialized(): dist.barrier()
     if rank == 0:
         write_checksums(root / tag)  # verified before the next resume unpickles anything
-        (root / "latest_step").write_text(tag)
+        tmp = root / f".latest_step.{os.getpid()}"  # written whole, then renamed: a reader never sees it half-written
+        tmp.write_text(tag); os.replace(tmp, root / "latest_step")
         done = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
         for old in done[:-max(cfg.save_total_limit, 1)]: shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized(): dist.barrier()

@@ -62,7 +62,7 @@ def projector(data, tmp_path_factory):
     "A stage-1 run (1 process, no launcher): only the projector may change."
     out = tmp_path_factory.mktemp("pretrain")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    subprocess.run([sys.executable, "-m", "qllava.train", *flags(data, out, "pretrain", save_steps=2, save_total_limit=1,
+    subprocess.run([sys.executable, "-m", "qllava.train", *flags(data, out, "pretrain", save_steps=2, save_total_limit=1, gradient_checkpointing=True,
                                                                 report_to="tensorboard,wandb")],
                    check=True, env=env, capture_output=True, text=True)
     return out
@@ -82,7 +82,8 @@ def test_stage1_changes_only_the_projector(projector):
     from qllava.model import build_model
     ref, _ = build_model(seed=3)  # the run's base: same presets, same seed
     ck = sorted((projector / "checkpoints").glob("step-*"))[-1]
-    states = torch.load(next(ck.glob("mp_rank_00_model_states.pt")), weights_only=False)["module"]
+    from qllava.train import safe_load
+    states = safe_load(next(ck.glob("mp_rank_00_model_states.pt")))["module"]   # trained with gradient checkpointing: gradients reach it
     before = ref.state_dict()
     changed = {k for k, v in states.items() if not torch.equal(v.float(), before[k].float())}
     assert changed and all(k.startswith("projectors.") for k in changed), sorted(changed)[:5]
