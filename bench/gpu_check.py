@@ -286,7 +286,8 @@ def free(device:str):
 
 def quantize_4bit(llm, dtype):
     """Replace the LLM's linear layers (not lm_head) by bitsandbytes NF4 Linear4bit with double quantisation, in place.
-    Done here because qllava's `--bits 4` does not quantise (see bench/results/gpu.md)."""
+    Done here because these random weights have no folder: qllava's `--bits 4` quantises as transformers loads a hub id or
+    folder (`BitsAndBytesConfig`, `train.quantization_config`), the same NF4 + double quantisation."""
     import bitsandbytes as bnb
     for name, mod in list(llm.named_modules()):
         for cname, child in list(mod.named_children()):
