@@ -281,7 +281,8 @@ def llava_text_config(cfg:dict) -> dict:
 def _encoder_spec(tower:str) -> str:
     "qllava spec for an original `mm_vision_tower` value (a local CLIP folder becomes `hf-clip:FOLDER`)."
     p = Path(tower).expanduser()
-    if p.is_dir() and (p / "config.json").is_file() and "clip" in (p / "config.json").read_text().lower(): return f"hf-clip:{p}"
+    if p.is_dir() and (p / "config.json").is_file() and "clip" in (p / "config.json").read_text().lower():
+        return f"hf-clip:{p.resolve()}"  # absolute: the imported checkpoint then loads from any working folder
     return tower
 
 def split_llava_state_dict(sd:dict) -> tuple:

@@ -138,9 +138,6 @@ def test_import_llava_cli_default_tower(original, tmp_path, monkeypatch):
     assert (logits[:, :V] - ref["wide.logits"]).abs().max().item() <= TOL
 
 
-@pytest.mark.xfail(strict=True, reason="qllava defect: import_llava stores mm_vision_tower's relative folder as is "
-                   "(hf-clip:tests/parity/...), so the imported checkpoint loads only from the folder it was imported "
-                   "in. Fix: resolve a local tower folder to an absolute path (checkpoint._encoder_spec / encoders.resolve_spec).")
 def test_imported_checkpoint_loads_from_another_folder(tmp_path, monkeypatch):
     "An imported checkpoint does not depend on the working folder of the import."
     from qllava.checkpoint import import_llava_cli, load_model
