@@ -27,21 +27,10 @@ def load_state_file(path) -> dict:
     return load_weights_file(path)
 
 # %% ../nbs/14_checkpoint.ipynb #6da6f22f
-_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
 def load_folder_weights(folder) -> dict:
-    "All tensors of a transformers-style weights folder (single file or sharded with an index)."
-    folder = Path(folder)
-    for idx in _WEIGHT_INDEXES:
-        if (folder / idx).is_file():
-            files = sorted(set(json.loads((folder / idx).read_text())["weight_map"].values()))
-            sd = {}
-            for f in files: sd.update(load_state_file(folder / f))
-            return sd
-    for f in _WEIGHT_FILES:
-        if (folder / f).is_file(): return load_state_file(folder / f)
-    raise CheckpointError(f"{folder}: no weights found (looked for {', '.join(_WEIGHT_FILES + _WEIGHT_INDEXES)}).")
+    "All tensors of a transformers-style weights folder (single file or sharded with an index), each in memory of its own."
+    reader = WeightReader(folder)  # the one reader of weights folders (model.py), which the loaders use one tensor at a time
+    return {k: reader[k] for k in reader.keys()}
 
 # %% ../nbs/14_checkpoint.ipynb #53b8e8ae
 MANIFEST = "qllava_manifest.json"
