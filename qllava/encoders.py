@@ -74,12 +74,11 @@ def load_weights_file(path, # a .safetensors file, or a .bin/.pt/.pth/.ckpt pick
         if why is None:  # not a pickle of objects at all: a corrupt or foreign file
             detail = next((l for l in lines if "operand" in l or "load key" in l), lines[0] if lines else type(e).__name__)
             raise CheckpointError(f"{p}: not a readable torch checkpoint ({detail}). Fix: re-download or re-save it.") from None
-        out = p.with_suffix(".safetensors")
-        raise CheckpointError(
+        raise CheckpointError(  # no ready-to-paste unpickling command: pasted for a planted file, it would run the payload
             f"{p}: refused to load: this pickle needs more than tensors to unpickle, and unpickling arbitrary objects can run "
-            f"code ({why}). Fix: if you trust the file, convert it once to safetensors and use that file instead: python -c "
-            f"\"import torch; from safetensors.torch import save_file; sd = torch.load('{p}', weights_only=False); "
-            f"sd = sd.get('state_dict', sd); save_file({{k: v.contiguous() for k, v in sd.items() if torch.is_tensor(v)}}, '{out}')\"") from None
+            f"code ({why}); nothing in it was run. Fix: use a .safetensors copy of these weights ({p.with_suffix('.safetensors').name}, "
+            "as most hubs publish); if you trust whoever made the file, convert it once to safetensors with their tools and use "
+            "that file instead.") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{p}: not a readable torch checkpoint ({str(e).splitlines()[0]}). Fix: re-download or re-save it.") from None
     return _unwrap_state_dict(obj, p)

@@ -327,10 +327,6 @@ def submit_sbatch(script, # path of an sbatch script
     return SlurmJob(script, cmd, job_id)
 
 # %% ../nbs/20_launch.ipynb #c38de128
-def _redactor(env:dict):
-    "A function masking secrets in a line of output: `env`'s secret variables' values and key-shaped tokens (`qllava.core.secret_masker`)."
-    return secret_masker(env)
-
 def kill_tree(pid:int, # the child started in its own session
               grace:float=5.0): # seconds between SIGTERM and SIGKILL
     "Terminate process `pid`, its process group and every descendant (also those in other sessions)."
@@ -587,7 +583,7 @@ def run(command:list[str], # the command, e.g. from build_command
     log = Path(log) if log else run_dir/f"{name}.log"
     env = {k: str(v) for k, v in (env or {}).items()}
     child_env = {**os.environ, **env, RUN_DIR_ENV: str(run_dir.resolve()), "PYTHONUNBUFFERED": "1"}
-    redact, lines, first, report = _redactor(child_env), collections.deque(maxlen=tail), FirstTraceback(), LauncherReport()
+    redact, lines, first, report = secret_masker(child_env), collections.deque(maxlen=tail), FirstTraceback(), LauncherReport()
     started = time.time()
     rec = {"command": mask_command(command, child_env), "cwd": str(cwd or os.getcwd()), "env_set": sorted(env),
            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(record or {})}

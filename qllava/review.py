@@ -8,7 +8,7 @@ import argparse, asyncio, hashlib, json, os, re, sys, threading, time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from .core import DataError, ConfigError, ArgumentParser
+from .core import DataError, ConfigError, ArgumentParser, secret_masker
 
 # %% auto #0
 __all__ = ['DEFAULT_SYSTEM', 'DEFAULT_RULE', 'KEY_VARS', 'ReviewPrompt', 'load_prompt', 'build_content', 'parse_scores',
@@ -135,12 +135,8 @@ def changed_parts(rec:dict, # a stored review
 KEY_VARS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY")
 
 def redact(text:str|None) -> str|None:
-    "`text` with the values of the key environment variables masked."
-    if text is None: return None
-    for var in KEY_VARS:
-        key = os.environ.get(var)
-        if key and len(key) >= 4: text = text.replace(key, "***")
-    return text
+    "`text` with secrets masked by the project's one rule (`core.secret_masker`): the environment's key values, read now, and key-shaped tokens."
+    return None if text is None else secret_masker()(text)
 
 def _is_local(url:str|None) -> bool:
     from urllib.parse import urlparse
