@@ -4,7 +4,7 @@
 
 # %% ../nbs/41_runs.ipynb #835022a9
 from __future__ import annotations
-import json, os, re, shlex, sys, time
+import importlib.util, json, os, re, shlex, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from .core import (ConfigError, DataError, QllavaError, ArgumentParser, injected_names, need_path, refuse_secrets,
@@ -73,10 +73,6 @@ def check_train_files(values:dict) -> dict:
         if _local_path(spec): need_path(spec, k, "path", ConfigError, f"pass -p {k} with an existing folder, a hub id, or preset:NAME.")
     return values
 
-def _has_module(name:str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(name) is not None
-
 def check_parameters(values:dict, # parameter name -> value, as the notebook holds them
                      injected:set=frozenset()) -> dict: # names papermill injected that the parameters cell lacks
     "Refuse secrets, unknown names, wrong types, unknown choices, negative values and missing files; returns the values."
@@ -86,7 +82,7 @@ def check_parameters(values:dict, # parameter name -> value, as the notebook hol
     choices = {"stage": tuple(STAGE_PRESETS), "modality": tuple(DEMO_ENCODERS), "launcher": ("deepspeed", "torchrun", "slurm")}
     for k, ok in choices.items():
         if k in values and values[k] not in ok: raise ConfigError(f"{k} {values[k]!r} is not one of {', '.join(ok)}. Fix: -p {k} {ok[0]}.")
-    if values.get("stage") == "qlora" and not _has_module("bitsandbytes"):  # else each rank would find out, after the launch
+    if values.get("stage") == "qlora" and importlib.util.find_spec("bitsandbytes") is None:  # else each rank would find out, after the launch
         raise ConfigError("stage 'qlora' (4-bit) needs bitsandbytes and a CUDA GPU, and bitsandbytes is not installed here. "
                           "Fix: pip install 'qllava[gpu]' on a GPU machine, or -p stage lora.")
     if "projector" in values and not re.fullmatch(r"linear|identity|mlp[1-9]\d*x_gelu", values["projector"]):

@@ -681,21 +681,25 @@ def _sha256(p:Path) -> str:
     import hashlib
     with open(p, "rb") as f: return hashlib.file_digest(f, "sha256").hexdigest()
 
+def _files(folder:Path) -> dict:
+    "Relative name -> path of every file under `folder` but its checksums."
+    return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
+
+def _sha256s(paths:list) -> list[str]:
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool: return list(pool.map(_sha256, paths))  # hashlib runs outside the GIL
+
 def write_checksums(folder) -> dict:
     "Record the sha256 and size of every file under `folder` in its `checksums.json`; returns the record."
-    from concurrent.futures import ThreadPoolExecutor
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashlib hashes outside the GIL: files in parallel
-        sums = list(pool.map(_sha256, files))
-    rec = {str(p.relative_to(folder)): dict(sha256=s, size=p.stat().st_size) for p, s in zip(files, sums)}
+    files = _files(folder)
+    rec = {k: dict(sha256=s, size=p.stat().st_size) for (k, p), s in zip(files.items(), _sha256s(list(files.values())))}
     (folder / CHECKSUMS).write_text(json.dumps(rec, indent=1))
     return rec
 
 def verify_checksums(folder, # a resumable checkpoint folder
                      hashes:bool=True): # False: only that the same files, of the same sizes, are there (instant)
     "Refuse a checkpoint folder whose files are not exactly those recorded when it was saved, before anything unpickles them."
-    from concurrent.futures import ThreadPoolExecutor
     folder = Path(folder)
     fix = ("Fix: resume from a checkpoint this run saved and nobody changed (`last`, or an older checkpoints/step-N), or start over; "
            "if you changed it yourself and trust every file, record its state again with `qllava.train.write_checksums(folder)`.")
@@ -703,13 +707,12 @@ def verify_checksums(folder, # a resumable checkpoint folder
         raise CheckpointError(f"{folder}: no {CHECKSUMS}, so its files (DeepSpeed's pickles among them) cannot be checked before loading. {fix}")
     try: rec = json.loads((folder / CHECKSUMS).read_text())
     except ValueError as e: raise CheckpointError(f"{folder / CHECKSUMS}: not valid JSON ({e}). {fix}") from None
-    have = {str(p.relative_to(folder)): p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS}
+    have = _files(folder)
     bad = [f"{k} (missing)" for k in rec if k not in have] + [f"{k} (not saved with the checkpoint)" for k in have if k not in rec]
     bad += [f"{k} (size {have[k].stat().st_size}, saved {v['size']})" for k, v in rec.items() if k in have and have[k].stat().st_size != v["size"]]
     if not bad and hashes:
         names = sorted(rec)
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool: sums = dict(zip(names, pool.map(lambda k: _sha256(have[k]), names)))
-        bad = [f"{k} (sha256 differs)" for k in names if sums[k] != rec[k]["sha256"]]
+        bad = [f"{k} (sha256 differs)" for k, s in zip(names, _sha256s([have[k] for k in names])) if s != rec[k]["sha256"]]
     if bad: raise CheckpointError(f"{folder}: {len(bad)} file(s) differ from what was saved: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
                                   f"nothing was loaded. {fix}")
     return folder
@@ -734,7 +737,7 @@ def safe_load(path, # a torch pickle (DeepSpeed's model / optimiser states, an R
                               "Fix: resume from a checkpoint this run saved and nobody changed, or start over.") from None
 
 def use_safe_loading(engine):
-    "Make a DeepSpeed engine read its checkpoints through `safe_load` (its own loader unpickles with weights_only=False)."
+    "Make a DeepSpeed engine read its checkpoints through `safe_load` (its own loader unpickles any object, code included)."
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     ce = engine.checkpoint_engine
     if type(ce) is not TorchCheckpointEngine:
