@@ -10,15 +10,15 @@ from pathlib import Path
 from .core import CheckpointError, ConfigError, DataError, QllavaError, asset
 
 # %% auto #0
-__all__ = ['STAGE_PRESETS', 'CHOICES', 'REPORTERS', 'FLAG_ALIASES', 'DEEPSPEED_PRESETS', 'PUBLISHED_GLOBAL_BATCH',
+__all__ = ['STAGE_PRESETS', 'OPTIMIZERS', 'CHOICES', 'REPORTERS', 'FLAG_ALIASES', 'DEEPSPEED_PRESETS', 'PUBLISHED_GLOBAL_BATCH',
            'ASPECT_RATIOS', 'CKPT_DIR', 'CHECKSUMS', 'TrainConfig', 'infer_stage', 'report_targets', 'resolve_config',
            'resolve_batch', 'config_parser', 'parse_config', 'init_distributed', 'seed_everything',
            'hardware_precision', 'deepspeed_config', 'apply_stage', 'trainable_summary', 'param_groups',
-           'media_settings', 'build_dataset', 'build_loader', 'build_eval_loader', 'open_reporters', 'RunLog',
-           'flag_notes', 'step_schedule', 'set_aspect_ratio', 'build_run', 'quantization_config', 'vqa_accuracy',
-           'evaluate_vqa', 'evaluate_loss', 'write_checksums', 'verify_checksums', 'safe_load', 'use_safe_loading',
-           'save_resumable', 'find_resume', 'load_resumable', 'train_loop', 'save_final', 'fit', 'load_lora_run',
-           'merge_lora', 'merge_lora_cli', 'train_cli']
+           'make_optimizer', 'media_settings', 'build_dataset', 'build_loader', 'build_eval_loader', 'open_reporters',
+           'RunLog', 'flag_notes', 'step_schedule', 'set_aspect_ratio', 'build_run', 'quantization_config',
+           'vqa_accuracy', 'evaluate_vqa', 'evaluate_loss', 'write_checksums', 'verify_checksums', 'safe_load',
+           'use_safe_loading', 'share_fp32_master', 'save_resumable', 'find_resume', 'load_resumable', 'train_loop',
+           'save_final', 'fit', 'load_lora_run', 'merge_lora', 'merge_lora_cli', 'train_cli']
 
 # %% ../nbs/21_train.ipynb #07e1271e
 @dataclass
@@ -81,7 +81,7 @@ class TrainConfig:
     quant_type: str = "nf4" # QLoRA: nf4 | fp4 (bitsandbytes bnb_4bit_quant_type)
     freeze_backbone: bool = False # keep the LLM frozen in stage 2 (only the projector, and LoRA adapters if any, train)
     freeze_mm_mlp_adapter: bool = False # keep the projector frozen (stage 2 with a fixed stage-1 projector)
-    optim: str = "adamw_torch" # optimiser: adamw_torch (also adamw_hf, adamw_torch_fused): AdamW, betas (0.9, 0.999), eps 1e-8
+    optim: str = "adamw_torch_fused" # optimiser, AdamW with betas (0.9, 0.999), eps 1e-8: adamw_torch_fused (transformers' default for torch >= 2.8: one pass, no temporary copy of the weights), adamw_torch (the original's, foreach / per tensor), adamw_hf
     attn_implementation: str|None = None # sdpa | eager | flash_attention_2 (default: flash_attention_2 on CUDA when installed, else sdpa)
     cache_dir: str|None = None # Hugging Face cache folder to read hub models from (sets HF_HUB_CACHE for this run)
     deepspeed: str|None = "zero2" # zero2 | zero3 | zero3_offload | path to a DeepSpeed JSON | none
@@ -108,9 +108,11 @@ STAGE_PRESETS = {
                   warmup_ratio=0.03, lr_scheduler_type="cosine", num_train_epochs=1, model_max_length=2048),
 }
 
+OPTIMIZERS = {"adamw_torch_fused": dict(fused=True), "adamw_torch": dict(foreach=None), "adamw_hf": dict(foreach=False)}  # --optim -> AdamW's kernel
+
 # the accepted values of the original flags that take one of a few words: flag -> allowed values
 CHOICES = {"evaluation_strategy": ("no", "steps", "epoch", None), "save_strategy": ("no", "steps", "epoch"),
-           "mm_patch_merge_type": ("flat",), "optim": ("adamw_torch", "adamw_hf", "adamw_torch_fused"),
+           "mm_patch_merge_type": ("flat",), "optim": tuple(OPTIMIZERS),
            "lora_bias": ("none", "all", "lora_only"), "quant_type": ("nf4", "fp4"),
            "image_aspect_ratio": ("pad", "square", "None", "resize", "crop"),
            "attn_implementation": (None, "sdpa", "eager", "flash_attention_2")}
@@ -348,6 +350,12 @@ def param_groups(model, cfg:TrainConfig) -> list[dict]:
         groups.setdefault((lr, decay), []).append(p)
     return [dict(params=ps, lr=lr, weight_decay=wd) for (lr, wd), ps in groups.items()]
 
+def make_optimizer(groups:list, # `param_groups`
+                   cfg:TrainConfig):
+    "torch's AdamW (betas 0.9 / 0.999, eps 1e-8) with the kernel `--optim` names; the fused one updates in one pass, with no temporary the size of the weights."
+    import torch
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, **OPTIMIZERS[cfg.optim])
+
 # %% ../nbs/21_train.ipynb #b0dd281f
 def _broadcast(obj, rank:int):
     import torch.distributed as dist
@@ -578,13 +586,15 @@ def build_run(cfg:TrainConfig, log=print) -> dict:
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_train_epochs)
     save_every, eval_every = step_schedule(cfg, steps_per_epoch, total)
     groups = param_groups(model, cfg)
-    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    opt = make_optimizer(groups, cfg)
     sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
                           num_training_steps=total)
     ds_cfg = deepspeed_config(cfg.deepspeed, per_device, accum, world, precision["bf16"], precision["fp16"], cfg.max_grad_norm,
                               hidden_size=getattr(model.llm.config.get_text_config(), "hidden_size", None))  # buckets sized for this LLM
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
     use_safe_loading(engine)  # a resumed run unpickles nothing that can run code
+    if (shared := share_fp32_master(engine)) and rank == 0:  # fp32 weights: no second fp32 copy of this rank's share
+        log(f"fp32 weights: the optimiser's master is this rank's share of them ({shared / 2**20:.1f} MB not cloned)")
     return dict(cfg=cfg, rank=rank, world=world, model=model, engine=engine, tokenizer=tok, loader=loader, keep=keep,
                 sampler=sampler, eval_loader=eval_loader, steps_per_epoch=steps_per_epoch, total_steps=total,
                 ds_config=ds_cfg, data_counts=counts, modality=modality, writers=writers, save_every=save_every,
@@ -745,6 +755,28 @@ def use_safe_loading(engine):
                           "Fix: drop `checkpoint` / `nebula` from the DeepSpeed config.")
     ce.load = lambda path, map_location=None: safe_load(path, map_location)
     return engine
+
+def _master_pairs(opt) -> list:
+    "(fp32 master share, the weights' own flat share) per parameter group of a ZeRO optimiser; [] for any other."
+    import torch.distributed as dist
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        return [(m, w) for m, w in zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat) if w is not None]
+    if hasattr(opt, "single_partition_of_fp32_groups") and not opt.cpu_offload:  # ZeRO-1 / 2 (offload keeps its own staging buffers)
+        return [(m, ws[dist.get_rank(group=g)]) for m, ws, g in
+                zip(opt.single_partition_of_fp32_groups, opt.parallel_partitioned_bit16_groups, opt.real_dp_process_group)]
+    return []
+
+def share_fp32_master(engine) -> int:
+    "Make DeepSpeed's fp32 master share the fp32 weights' own share instead of a clone of it; returns the bytes freed on this rank."
+    # DeepSpeed 0.19's ZeRO-3 means to skip this clone when dtype and device match, but compares a torch.device with a
+    # string, so it never does; ZeRO-2 always clones. Each step then copies the master into the weights: a self-copy.
+    opt, freed = getattr(engine, "optimizer", None), 0
+    for m, w in _master_pairs(opt):
+        if (m.dtype, m.device, m.shape) == (w.dtype, w.device, w.shape) and m.data_ptr() != w.data_ptr():
+            freed += m.numel() * m.element_size()
+            m.data = w.data  # the same Parameter object (the optimiser's state is keyed by it), now over the weights' storage
+    if freed and hasattr(opt, "_link_all_hp_params"): opt._link_all_hp_params()  # ZeRO-2's per-weight views of the master: onto the shared one (the clone is freed)
+    return freed
 
 def save_resumable(run:dict, step:int, epoch:int, micro:int):
     "Save a resumable checkpoint `checkpoints/step-{step}` and prune to `save_total_limit`."

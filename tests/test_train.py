@@ -119,6 +119,8 @@ def test_two_ranks_shard_the_data_and_follow_the_single_process_curve(data, proj
     assert len(a) == len(b) == summary["steps"]
     np.testing.assert_allclose(b, a, rtol=2e-3)
     assert b[-1] < b[0]
+    # fp32 weights: the optimiser's master is each rank's share of the weights, not a clone (bench_memory: P/2 per rank)
+    assert "the optimiser's master is this rank's share of them" in (out / "launch.log").read_text()
     # ZeRO-3 saves gathered full weights: the checkpoint loads and has every LLM tensor at full size
     from qllava.checkpoint import load_model
     m, _ = load_model(out)
