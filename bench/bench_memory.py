@@ -13,9 +13,11 @@ P = one full fp32 copy of the model's parameters (bytes).
    does), for ZeRO-2, ZeRO-3 and ZeRO-3 offload (the shipped presets) x fp32 and bf16 weights. Each rank: the fixed
    overhead first (the same path on `preset:tiny-llama`: imports, DeepSpeed, tokenizer, tiny parts), then
    `qllava.model.build_model(folder, dtype=..., ds_config=qllava.train.deepspeed_config(preset, ...))` (peak RSS after
-   construction), then the stage-2 setup of `qllava.train.build_run` (`apply_stage` finetune, `partition`, torch AdamW
-   over `param_groups`, `deepspeed.initialize` with the config's `auto` buckets sized from the LLM's width as `build_run`
-   does) and 3 optimiser steps on a fixed text-only batch (1 x 64 tokens; the tower still runs on a dummy input).
+   construction), then the stage-2 setup of `qllava.train.build_run` (`apply_stage` finetune, `partition`,
+   `make_optimizer` over `param_groups`, `deepspeed.initialize` with the config's `auto` buckets sized from the LLM's
+   width as `build_run` does, `share_fp32_master`) and 3 optimiser steps on a fixed text-only batch (1 x 64 tokens; the
+   tower still runs on a dummy input). `--variants`: `qllava` (that path: fused AdamW, the fp32 master shared with fp32
+   weights) and `deepspeed` (the original's per-tensor `adamw_torch`, DeepSpeed's own master clone), side by side.
    Figures: VmHWM (peak RSS) and RssAnon (anonymous memory held) from /proc/self/status. The ranks run with glibc's
    mmap threshold fixed (`--mmap-threshold`), so freed buffers leave RSS at once instead of staying in the heap.
    Theory per rank, 2 ranks: see THEORY / LAYOUT below and the notes written under the table.
@@ -91,7 +93,8 @@ def worker(a) -> None:
     import torch
     import deepspeed  # noqa: F401 (imported before measuring: part of the overhead)
     from qllava.model import build_model, full_numel, partition, release_memory
-    from qllava.train import (TrainConfig, apply_stage, deepspeed_config, init_distributed, param_groups, resolve_config)
+    from qllava.train import (TrainConfig, apply_stage, deepspeed_config, init_distributed, make_optimizer, param_groups,
+                              resolve_config, share_fp32_master)
     rank, world = init_distributed()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     ds = deepspeed_config(a.zero, 1, 1, world, bf16=a.dtype == "bf16")
@@ -108,9 +111,11 @@ def worker(a) -> None:
     model = partition(apply_stage(model, cfg), ds)
     model.train()
     rec["trainable"] = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    cfg.optim = VARIANTS[a.variant]["optim"]
+    opt = make_optimizer(param_groups(model, cfg), cfg)
     ds = deepspeed_config(a.zero, 1, 1, world, bf16=a.dtype == "bf16", hidden_size=model.llm.config.hidden_size)  # as build_run sizes the buckets
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    rec["master_shared_bytes"] = share_fp32_master(engine) if VARIANTS[a.variant]["share_master"] else 0  # as build_run does
     rec["initialize"] = status()
     g = torch.Generator().manual_seed(rank)
     ids = torch.randint(3, len(tok), (1, 64), generator=g)
@@ -125,26 +130,32 @@ def worker(a) -> None:
         losses.append(float(out.loss))
         rec["phases"].append({"forward": f, "backward": b, "step": status()})
     rec["steps_s"], rec["train"], rec["losses"] = time.perf_counter() - t, status(), losses
-    Path(a.out, f"{a.zero}-{a.dtype}-rank{rank}.json").write_text(json.dumps(rec))
+    Path(a.out, f"{a.variant}-{a.zero}-{a.dtype}-rank{rank}.json").write_text(json.dumps(rec))
 
 
+VARIANTS = {  # what is measured: qllava's training path (build_run) and, beside it, DeepSpeed's own layout with the original's optimiser
+    "qllava": dict(optim="adamw_torch_fused", share_master=True),
+    "deepspeed": dict(optim="adamw_torch", share_master=False)}
 THEORY = {  # per rank, in units of P, 2 ranks: (construction, training as the issue states it, training as DeepSpeed lays it out)
     ("zero2", "fp32"): (1.0, 2.5, 2.5), ("zero2", "bf16"): (0.5, 2.5, 2.0),
     ("zero3", "fp32"): (0.5, 2.0, 2.5), ("zero3", "bf16"): (0.25, 2.25, 2.25),
     ("zero3_offload", "fp32"): (0.5, 2.0, 3.0), ("zero3_offload", "bf16"): (0.25, 2.25, 2.75)}
+SHARED_MASTER = 0.5  # fp32 weights: qllava's master is the weights' own share (share_fp32_master), so DeepSpeed's P/2 clone is not held
 LAYOUT = {  # what DeepSpeed 0.19 keeps between steps (read in stage_1_and_2.py / stage3.py and confirmed by the measurement)
     "zero2": "weights (fp32 P, bf16 P/2) + fp32 master share P/2 (also a clone when the weights are fp32) + AdamW m, v P; "
              "the gradient share is freed after each step",
     "zero3": "weight share (P/2, bf16 P/4) + fp32 master share P/2 + fp32 gradient share P/2 (a flat buffer kept) + AdamW m, v P",
     "zero3_offload": "as zero3, + P/2 for the host-side fp32 gradient share that offload keeps beside the device one "
-                     "(on a GPU node that P/2 sits in host RAM, the rest of the device side on the GPU; here both are the same RAM)"}
+                     "(on a GPU node that P/2 sits in host RAM, the rest of the device side on the GPU; here both are the same RAM, so "
+                     "offload rows exceed the issue's single-memory figure by that copy: 2.5 P, not 2.0, with fp32 weights)"}
 
 
-def training_row(zero:str, dtype:str, ranks:list) -> dict:
+def training_row(zero:str, dtype:str, ranks:list, variant:str="deepspeed") -> dict:
     "One table row from the ranks' records: the larger rank for each figure."
     tc, tt, td = THEORY[zero, dtype]
+    if VARIANTS[variant]["share_master"] and dtype == "fp32": td -= SHARED_MASTER
     big = lambda f: max(f(r) for r in ranks)
-    return dict(zero=zero, dtype=dtype, theory_construct=tc, theory_train=tt, theory_ds=td, ranks=ranks,
+    return dict(variant=variant, zero=zero, dtype=dtype, theory_construct=tc, theory_train=tt, theory_ds=td, ranks=ranks,
                 overhead=big(lambda r: r["overhead"]["VmHWM"]),
                 construct=big(lambda r: r["construct"]["VmHWM"] - r["overhead"]["VmHWM"]),
                 initialize=big(lambda r: r["initialize"]["RssAnon"] - r["overhead"]["RssAnon"]),
@@ -153,14 +164,14 @@ def training_row(zero:str, dtype:str, ranks:list) -> dict:
                 construct_s=big(lambda r: r["construct_s"]), steps_s=big(lambda r: r["steps_s"]), losses=ranks[0]["losses"])
 
 
-def run_training(llm:Path, out:Path, zero:str, dtype:str, steps:int, rank_env:dict|None=None) -> list[dict]:
+def run_training(llm:Path, out:Path, zero:str, dtype:str, steps:int, rank_env:dict|None=None, variant:str="qllava") -> list[dict]:
     from qllava.launch import LaunchSpec, launch
     env = {"QLLAVA_ALLOW_CPU_BF16": "1"} if dtype == "bf16" else {}
     env.update(rank_env or {})
     launch([str(Path(__file__).resolve()), "--worker", "--llm", str(llm), "--out", str(out), "--zero", zero, "--dtype", dtype,
-            "--steps", str(steps)], out / f"launch-{zero}-{dtype}", spec=LaunchSpec(launcher="deepspeed", gpus_per_node=0, cpu_ranks=2, env=env),
+            "--steps", str(steps), "--variant", variant], out / f"launch-{variant}-{zero}-{dtype}", spec=LaunchSpec(launcher="deepspeed", gpus_per_node=0, cpu_ranks=2, env=env),
            hang_timeout=1200, echo=False)
-    return [json.loads((out / f"{zero}-{dtype}-rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((out / f"{variant}-{zero}-{dtype}-rank{r}.json").read_text()) for r in (0, 1)]
 
 
 # ---------------------------------------------------------------- 2. loading, one fresh process per measurement
@@ -220,8 +231,10 @@ def tables(res:dict) -> str:
              f"Model: a LLaMA of hidden 1024, MLP 2816, {res['layers']} layers, vocabulary 32,000 ({res['llm_params']:,} parameters; with the "
              f"tiny-clip tower and the projector {res['params']:,}), built from its config and saved as a transformers folder in fp32 "
              f"(scaled down from the issue's ~1B to fit ~8 GB for 2 ranks, see the script). **P = {gb(P)} GB** (one fp32 copy). 2 CPU ranks "
-             f"(gloo) through `qllava.launch`, the shipped DeepSpeed presets (buckets sized from the width as `build_run` does), torch "
-             f"AdamW, batches of 1 x 64 tokens. Rank environment: {res['rank_env'] or 'default'} (freed buffers leave RSS at once).\n",
+             f"(gloo) through `qllava.launch`, the shipped DeepSpeed presets (buckets sized from the width as `build_run` does), "
+             f"batches of 1 x 64 tokens. Two paths side by side: `qllava` = what `build_run` does (fused AdamW, the `--optim` default; "
+             f"fp32 weights double as DeepSpeed's fp32 master, `share_fp32_master`), `deepspeed` = DeepSpeed's own layout with the "
+             f"original's `adamw_torch` (per-tensor AdamW, the master always a clone). Rank environment: {res['rank_env'] or 'default'} (freed buffers leave RSS at once).\n",
              "## Per rank, in units of P above the fixed overhead, next to theory\n",
              "`overhead` = the same path on `preset:tiny-llama` (imports, DeepSpeed, tokenizer, tiny parts), VmHWM in GB. "
              "`construct` = peak RSS (VmHWM) after `build_model(folder, dtype, ds_config)`, before any step. After `deepspeed.initialize` "
@@ -229,18 +242,27 @@ def tables(res:dict) -> str:
              "not move when the kernel evicts library pages under the other jobs' memory pressure), `peak` = VmHWM, which adds the "
              "transients of a step (DeepSpeed's fp64 gradient-norm copies, AdamW's temporaries, the gathered layers). Theory: "
              "`issue` = the issue's figures, `DS` = what DeepSpeed 0.19 keeps (below). The larger of the 2 ranks.\n",
-             "| ZeRO | weights | overhead GB | construct (theory) | initialize | held after 3 steps (theory issue / DS) | held / issue, / DS | peak after 3 steps | construct s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| ZeRO | weights | path | overhead GB | construct (theory) | initialize | held after 3 steps (theory issue / DS) | held / issue, / DS | peak after 3 steps | peak / issue | construct s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["training"]:
-        lines.append(f"| {r['zero']} | {r['dtype']} | {gb(r['overhead'])} | {x(r['construct'])} ({r['theory_construct']}) | {x(r['initialize'])} | "
+        lines.append(f"| {r['zero']} | {r['dtype']} | {r.get('variant', 'deepspeed')} | {gb(r['overhead'])} | {x(r['construct'])} ({r['theory_construct']}) | {x(r['initialize'])} | "
                      f"{x(r['held'])} ({r['theory_train']} / {r['theory_ds']}) | {r['held'] / (r['theory_train'] * P):.2f}, "
-                     f"{r['held'] / (r['theory_ds'] * P):.2f} | {x(r['peak'])} | {r['construct_s']:.1f} |")
+                     f"{r['held'] / (r['theory_ds'] * P):.2f} | {x(r['peak'])} | {r['peak'] / (r['theory_train'] * P):.2f} | {r['construct_s']:.1f} |")
     lines += ["\nTargets: ZeRO-3 construction <= 0.60 P above the overhead; training within 15 % of theory.\n",
               "Theory. Construction: the whole weights under ZeRO-2 (P fp32, P/2 bf16; fp32 ones stay copy-on-write views of the file "
               "until used, so ~0 here), each rank's share under ZeRO-3 (P/2, P/4). Issue: ZeRO-2 P + P/2 + P, ZeRO-3 P/2 + P/2 + P "
               "(weights + gradient share + AdamW m, v), with bf16 weights their bf16 copy + the fp32 master share P/2 + the gradient "
               "share P/2 + P. DeepSpeed's layout:\n"]
     lines += [f"- {k}: {v}" for k, v in LAYOUT.items()]
+    lines += ["- qllava path: the same, less the fp32 master clone when the weights are fp32 (P/2: the master is the weights' "
+              "own share; DeepSpeed 0.19's ZeRO-3 means to do this but compares a torch.device with a string, ZeRO-2 never does)\n",
+              "Peak within a step (VmHWM; the issue's theory counts only what is kept): the qllava path peaks 0.27-0.99 P below the "
+              "`deepspeed` path (fused AdamW has none of the per-tensor kernel's weight-sized temporaries; fp32 weights also lose the "
+              "master clone). What is left: "
+              "ZeRO-2 flattens the reduced gradient share into one fp32 buffer while the bucketed one still exists (~P/2) and "
+              "takes its norm; ZeRO-3 keeps the gathered layers live from the forward to the backward up to the preset's "
+              "`stage3_max_live_parameters` (LLaVA's zero3.json: 1e9), which is the whole of this 170M model (+P/2 fp32, "
+              "+P/4 bf16) but a fixed 1e9 parameters (~2 GB bf16, 0.14 of a 7B model's bf16 copy) at 7B.\n"]
     lines += ["\n## Loading: qllava `load_checkpoint` vs transformers `from_pretrained` of the same LLM (one process each, fresh interpreters)\n",
               "| loader | dtype | time s (median) | peak after load GB | peak after reading every weight once GB | vs transformers: time, peak read |",
               "|---|---|---:|---:|---:|---:|"]
@@ -272,12 +294,13 @@ def main(a) -> int:
     res["when"].update({k: (res["machine"]["date"], res["machine"]["loadavg_start"][0]) for k in parts})
     res["training"] = [] if "training" in parts else old.get("training", [])
     for zero in a.configs.split(",") if "training" in parts else []:
-        for dtype in a.dtypes.split(","):
-            print(f"== {zero} {dtype}", flush=True)
-            ranks = run_training(llm, work, zero, dtype, a.steps, rank_env=rank_env)
+      for dtype in a.dtypes.split(","):
+        for variant in a.variants.split(","):  # side by side, one after the other
+            print(f"== {variant} {zero} {dtype}", flush=True)
+            ranks = run_training(llm, work, zero, dtype, a.steps, rank_env=rank_env, variant=variant)
             res["params"] = ranks[0]["params"]
             P = res["P_bytes"] = 4 * res["params"]
-            row = training_row(zero, dtype, ranks)
+            row = training_row(zero, dtype, ranks, variant)
             res["training"].append(row)
             print(f"   overhead {gb(row['overhead'])} GB; construct {row['construct'] / P:.2f} P (theory {row['theory_construct']}); after "
                   f"{a.steps} steps held {row['held'] / P:.2f} P (theory {row['theory_train']} / {row['theory_ds']}), peak {row['peak'] / P:.2f} P", flush=True)
@@ -311,6 +334,9 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--configs", default="zero2,zero3,zero3_offload")
     ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--variants", default="qllava,deepspeed", help="qllava: build_run's fused AdamW and shared fp32 master; deepspeed: torch's "
+                    "per-tensor AdamW (the original's adamw_torch) and DeepSpeed's own master clone")
+    ap.add_argument("--variant", default="qllava", help=argparse.SUPPRESS)
     ap.add_argument("--parts", default="training,loading", help="which parts to measure; with --keep the others come from results/memory.json")
     ap.add_argument("--keep", action="store_true", help="keep the parts not measured now from the last results/memory.json")
     ap.add_argument("--render", action="store_true", help="only rewrite results/memory.md from results/memory.json")
@@ -322,7 +348,7 @@ if __name__ == "__main__":
     if a.worker: worker(a)
     elif a.render:
         res = json.loads((HERE / "results" / "memory.json").read_text())
-        res["training"] = [training_row(r["zero"], r["dtype"], r["ranks"]) for r in res["training"]]
+        res["training"] = [training_row(r["zero"], r["dtype"], r["ranks"], r.get("variant", "deepspeed")) for r in res["training"]]
         (HERE / "results" / "memory.json").write_text(json.dumps(res, indent=1, default=str))
         (HERE / "results" / "memory.md").write_text(tables(res)); print(tables(res))
     else: sys.exit(main(a))

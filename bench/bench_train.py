@@ -9,7 +9,7 @@ vocabulary back to the preset's 32,000 (`qllava.model.resize_embeddings`) and re
 
 1. Training speed: the stage-2 step (`qllava.train.apply_stage` of the `finetune` preset: LLM + projector trainable,
    encoder frozen) on the training engine's path -- `qllava.train.init_distributed` (a group of one),
-   `torch.optim.AdamW` over `qllava.train.param_groups`, `deepspeed.initialize` with
+   `qllava.train.make_optimizer` (fused AdamW) over `qllava.train.param_groups`, `deepspeed.initialize` with
    `qllava.train.deepspeed_config("zero2", ...)`, then engine(**batch) / engine.backward / engine.step. One fixed
    batch of 4 samples from the synthetic LLaVA-like set below (1 image = 49 media tokens + 100-200 text tokens
    each, collated by `DataCollator`); warm-up steps, then N timed steps: mean, standard deviation, min, max.
@@ -226,14 +226,16 @@ def build_bench_model():
 def train_bench(model, batch:dict, steps:int, warmup:int, budget:float=300.0) -> dict:
     "Time `steps` stage-2 steps after `warmup` (fewer, but at least 3, once the timed steps pass `budget` seconds)."
     import deepspeed
-    from qllava.train import TrainConfig, resolve_config, apply_stage, param_groups, deepspeed_config, init_distributed, trainable_summary
+    from qllava.train import (TrainConfig, resolve_config, apply_stage, param_groups, deepspeed_config, init_distributed, make_optimizer,
+                              share_fp32_master, trainable_summary)
     cfg = resolve_config(TrainConfig(stage="finetune", deepspeed="zero2"))
     rank, world = init_distributed()
     model = apply_stage(model, cfg); model.train()
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    opt = make_optimizer(param_groups(model, cfg), cfg)  # as build_run: --optim's AdamW kernel
     B = batch["input_ids"].shape[0]
     ds_cfg = deepspeed_config("zero2", B, 1, world, False, False, cfg.max_grad_norm)
     engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
+    share_fp32_master(engine)
     b = {k: v.to(engine.device) for k, v in batch.items()}
     fwd, bwd, stp, tot, cpu, losses = [], [], [], [], [], []
     for k in range(warmup + steps):
