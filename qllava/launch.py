@@ -15,7 +15,7 @@ __all__ = ['PROGRESS_PREFIX', 'RUN_DIR_ENV', 'BACKEND_ENV', 'LAUNCHERS', 'DEFAUL
            'gpu_count', 'resolve_spec', 'ShellVar', 'shell_join', 'split_entry', 'hostfile_text', 'build_command',
            'SlurmSpec', 'sbatch_script', 'SlurmJob', 'submit_sbatch', 'kill_tree', 'hung_ranks', 'FirstTraceback',
            'signal_name', 'exit_status', 'describe_exit', 'RankWatch', 'LauncherReport', 'first_cause', 'rank_failure',
-           'progress_bar', 'run', 'launch_env', 'launch', 'launch_cli']
+           'is_launcher_chatter', 'LauncherChatter', 'progress_bar', 'run', 'launch_env', 'launch', 'launch_cli']
 
 # %% ../nbs/20_launch.ipynb #d5f0dfea
 PROGRESS_PREFIX = "QLLAVA_PROGRESS"     # a progress line is this prefix, a space, then one JSON object
@@ -524,6 +524,28 @@ def rank_failure(failures:list[dict], # `RankWatch.failures()`: the ranks seen t
     return (culprit, f"{who} failed first: it {describe_exit(status)}, and the launcher stopped the other ranks",
             "the cause is that rank's error in the lines above (the first error printed by a rank is usually the real one).")
 
+# %% ../nbs/20_launch.ipynb #bf6933d1
+_LOG_RECORD = re.compile(r"(?:\[(?:rank|default)?\d+\]:\s*)?(?:"  # torchrun may prefix a rank's lines with [rank1]:
+                         r"\[\d{4}-\d\d-\d\d [\d:,.]+\] \[(?:DEBUG|INFO|WARNING)\]"  # deepspeed's logger
+                         r"|[DIW]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]"  # torch's C++ / elastic records (glog style)
+                         r"|(?:DEBUG|INFO|WARNING):(?:torch|deepspeed)\b)")  # Python logging's default format
+
+def is_launcher_chatter(line:str) -> bool:
+    "Whether `line` is a DeepSpeed / torch log record below ERROR (kept in launch.log, not echoed to the notebook)."
+    return bool(_LOG_RECORD.match(line))
+
+class LauncherChatter:
+    "Follows a stream of lines: True for launcher chatter and for the indented lines that continue an open `{` of one (DeepSpeed's config dump)."
+    def __init__(self): self.depth = 0
+    def __call__(self, line:str) -> bool:
+        if self.depth > 0 and line[:1] in (" ", "\t", "}", "]"):
+            self.depth += line.count("{") - line.count("}")
+            return True
+        self.depth = 0
+        if not is_launcher_chatter(line): return False
+        self.depth = line.count("{") - line.count("}")
+        return True
+
 # %% ../nbs/20_launch.ipynb #5cf5391b
 class _LineSink:
     "A file for tqdm that prints each redraw as one plain line (for saved notebooks and logs, where \\r piles up)."
@@ -565,7 +587,7 @@ def run(command:list[str], # the command, e.g. from build_command
         hang_timeout:float|None=None, # seconds without a heartbeat after which a rank counts as hung; None: no watchdog
         expect_ranks:int|None=None, # ranks 0..n-1 must send a first heartbeat within startup_timeout
         startup_timeout:float|None=None, # seconds from the start to a rank's first heartbeat; default max(hang_timeout, 120)
-        echo:bool=True, # print the child's lines here (live in a notebook)
+        echo:bool=True, # print the child's lines here (live in a notebook), but for launcher chatter (`LauncherChatter`)
         progress:bool=True, # draw a progress bar from QLLAVA_PROGRESS lines (and record them in progress.jsonl)
         tail:int=40, # lines of output a LaunchError shows
         log=None, # log path; default run_dir/{name}.log
@@ -584,6 +606,7 @@ def run(command:list[str], # the command, e.g. from build_command
     env = {k: str(v) for k, v in (env or {}).items()}
     child_env = {**os.environ, **env, RUN_DIR_ENV: str(run_dir.resolve()), "PYTHONUNBUFFERED": "1"}
     redact, lines, first, report = secret_masker(child_env), collections.deque(maxlen=tail), FirstTraceback(), LauncherReport()
+    chatter = LauncherChatter()  # launcher log records: in the log, not echoed
     started = time.time()
     rec = {"command": mask_command(command, child_env), "cwd": str(cwd or os.getcwd()), "env_set": sorted(env),
            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(record or {})}
@@ -625,7 +648,7 @@ def run(command:list[str], # the command, e.g. from build_command
                             bar.update(p["step"] - bar.n)  # tqdm throttles redraws, so a long run keeps a short output
                     else:
                         lines.append(line); first(line); report(line)
-                        if echo: say(line) if say else print(line, flush=True)
+                        if echo and not chatter(line): say(line) if say else print(line, flush=True)
                 now = time.time()
                 if proc.poll() is not None:  # the launcher is gone; allow grandchildren a moment to flush
                     exited_at = exited_at or now

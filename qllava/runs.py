@@ -14,9 +14,10 @@ from .train import DEEPSPEED_PRESETS, STAGE_PRESETS
 
 # %% auto #0
 __all__ = ['TRAIN_PARAMETERS', 'ALLOWED_PARAMETERS', 'TRAIN_FILES', 'DEMO_ENCODERS', 'DEMO_DATA', 'SENSOR_EPOCHS', 'DEMO_PROFILE',
-           'RUN_HYPERPARAMETERS', 'check_train_files', 'check_parameters', 'StagePlan', 'TrainPlan', 'vqa_to_records',
-           'plan_training', 'load_trained', 'heldout_accuracy', 'planned_config', 'planned_hyperparameters',
-           'stage_results', 'launch_stage', 'run_plan', 'stage_summary', 'record_run', 'list_runs', 'runs_cli']
+           'RUN_HYPERPARAMETERS', 'RUNS_COLUMNS', 'RUNS_LEGEND', 'check_train_files', 'check_parameters', 'StagePlan',
+           'TrainPlan', 'vqa_to_records', 'is_demo', 'stage_overrides', 'plan_training', 'load_trained',
+           'heldout_accuracy', 'planned_config', 'planned_hyperparameters', 'stage_results', 'resolved_hyperparameters',
+           'launch_stage', 'run_plan', 'stage_summary', 'record_run', 'list_runs', 'runs_table', 'runs_cli']
 
 # %% ../nbs/41_runs.ipynb #8c090adc
 TRAIN_PARAMETERS = dict(
@@ -53,6 +54,8 @@ _DEMO_MODALITY = {"sensor": {"finetune": dict(num_train_epochs=SENSOR_EPOCHS), "
                              "qlora": dict(num_train_epochs=SENSOR_EPOCHS)}}
 DEMO_PROFILE = {(st, mod): {**base, **_DEMO_MODALITY.get(mod, {}).get(st, {})}  # (stage, modality) -> demo overrides
                 for st, base in _DEMO_STAGE.items() for mod in DEMO_ENCODERS}
+RUN_HYPERPARAMETERS = ("learning_rate", "mm_projector_lr", "num_train_epochs", "global_batch_size", "lora_r", "lora_alpha")
+_USER_FLAGS = RUN_HYPERPARAMETERS + ("model_max_length",)  # parameters whose 0 means "the demo profile's, else the stage preset's"
 
 def _local_path(spec:str) -> bool: return spec.startswith(("/", "./", "../", "~"))
 
@@ -146,24 +149,34 @@ def vqa_to_records(questions, # VQA question JSONL (question_id, image|sensor, t
     Path(out).write_text(json.dumps(recs, indent=1))
     return Path(out)
 
+def is_demo(values:dict) -> bool:
+    "Whether the train parameters ask for the embedded demo: a tiny preset model and no data of one's own."
+    v = {**TRAIN_PARAMETERS, **values}
+    return v["model"].startswith("preset:tiny") and not v["data_path"]
+
+def stage_overrides(values:dict, # the train notebook's parameters
+                    stage:str, # the stage to launch
+                    asked:bool=True) -> dict: # False: a stage planned on the user's behalf (the shared demo stage 1)
+    "The hyperparameter flags a stage gets before its stage preset fills the rest: the demo profile (on the demo), then the user's non-zero values."
+    v = {**TRAIN_PARAMETERS, **values}
+    prof = DEMO_PROFILE[(stage, v["modality"])] if is_demo(v) else {}
+    # the user's rates / epochs / batch are for the stage asked; the shared demo stage 1 keeps the demo profile
+    mine = {k: v[k] for k in _USER_FLAGS if v[k] and (asked or k == "model_max_length")}
+    return {**prof, **mine}
+
 def plan_training(values:dict) -> TrainPlan:
     "Resolve the train notebook's parameters into the stages to launch (demo profile, stage 1 first, control run)."
     v = {**TRAIN_PARAMETERS, **check_parameters(dict(values))}
     stage, mod = v["stage"], v["modality"]
-    demo = v["model"].startswith("preset:tiny") and not v["data_path"]
+    demo = is_demo(v)
     runs = Path(v["runs_dir"])
     run_dir = runs / (v["run_name"] or f"{stage}-{mod}")
     plan = TrainPlan(values=v, demo=demo, run_dir=str(run_dir))
     common = dict(model_name_or_path=v["model"], vision_tower=v["encoder"] or DEMO_ENCODERS[mod], tokenizer=v["tokenizer"],
                   mm_projector_type=v["projector"], deepspeed=v["deepspeed"], seed=v["seed"])
-    user = {k: v[k] for k in ("global_batch_size", "learning_rate", "mm_projector_lr", "num_train_epochs", "lora_r",
-                              "lora_alpha", "model_max_length") if v[k]}
     def stage_flags(st:str, data:str, folder:str, out:Path, extra:dict, asked:bool=True):
-        prof = DEMO_PROFILE[(st, mod)] if demo else {}
-        # the user's rates / epochs / batch are for the stage asked; the shared demo stage 1 keeps the demo profile
-        mine = user if asked else {k: x for k, x in user.items() if k == "model_max_length"}
-        return _flags({"stage": st, **common, "data_path": data, "image_folder": folder, **prof, **mine, **extra,
-                       "output_dir": str(out)}) + shlex.split(v["extra_args"])
+        return _flags({"stage": st, **common, "data_path": data, "image_folder": folder, **stage_overrides(v, st, asked),
+                       **extra, "output_dir": str(out)}) + shlex.split(v["extra_args"])
     if demo:
         from qllava.presets import demo_paths
         dp = demo_paths(DEMO_DATA[mod])
@@ -254,6 +267,14 @@ def stage_results(plan:TrainPlan):
                      "artifacts": ", ".join(r.get("artifacts", []))})
     return pd.DataFrame(rows).set_index("stage")
 
+# %% ../nbs/41_runs.ipynb #4740a9fc
+def resolved_hyperparameters(values:dict) -> dict:
+    "The rates, epochs, batch and LoRA rank / alpha the asked stage trains with, as `qllava.train` resolves them: yours where non-zero, else the demo profile's (on the demo), else the stage preset's; `mm_projector_lr` None = the projector trains at `learning_rate`."
+    from qllava.train import parse_config, resolve_config
+    v = {**TRAIN_PARAMETERS, **values}
+    cfg = resolve_config(parse_config(_flags({"stage": v["stage"], **stage_overrides(v, v["stage"])}) + shlex.split(v["extra_args"])))
+    return {k: getattr(cfg, k) for k in RUN_HYPERPARAMETERS}
+
 # %% ../nbs/41_runs.ipynb #46490023
 def launch_stage(stage:StagePlan, values:dict, hang_timeout:float|None=1800.0):
     "Launch one planned stage; returns its output folder (or the Slurm job when launcher is slurm)."
@@ -297,8 +318,6 @@ def record_run(plan:TrainPlan, metrics:dict|None=None, notebook:str|None=None) -
     (run_dir / "run.json").write_text(json.dumps(rec, indent=1, default=str))
     return run_dir / "run.json"
 
-RUN_HYPERPARAMETERS = ("learning_rate", "mm_projector_lr", "num_train_epochs", "global_batch_size", "lora_r", "lora_alpha")
-
 def list_runs(runs_dir="runs"):
     "Every run folder's record under `runs_dir` as one table (parameters, final loss, evaluation metrics)."
     import pandas as pd
@@ -313,14 +332,45 @@ def list_runs(runs_dir="runs"):
                      "final_loss": last.get("final_loss"),
                      "eval_loss": last.get("eval_loss"), **{k: v for k, v in (r.get("metrics") or {}).items() if not isinstance(v, (dict, list))},
                      "finished": r.get("finished")})
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    return df[[c for c in df if c != "finished"] + ["finished"]] if len(df) else df  # the time last, whatever metrics a run has
+
+RUNS_COLUMNS = {"run": "run", "stage": "stage", "modality": "mod", "learning_rate": "lr", "num_train_epochs": "ep",
+                "final_loss": "loss", "closed_accuracy": "closed %", "control_closed_accuracy": "blanked %",
+                "open_accuracy": "open %"}  # `qllava runs`' default columns, most useful first -> their short headers
+RUNS_LEGEND = "closed / open %: held-out accuracy; blanked %: closed accuracy, media blanked; --wide: all columns"
+
+def _cut_middle(s:str, n:int) -> str:
+    "`s` in at most `n` characters, its middle replaced by `...`."
+    return s if len(s) <= n else s[:(n - 3 + 1) // 2] + "..." + s[len(s) - (n - 3) // 2:]
+
+def runs_table(df, # `list_runs`' table
+               wide:bool=False, # every column, under its own name
+               width:int=100) -> str: # the longest line allowed when not `wide`
+    "`list_runs`' table as text with `-` for a missing value: every column when `wide`, else the `RUNS_COLUMNS` that hold a value, under short headers, within `width` characters (long run names cut in the middle, then the last columns dropped)."
+    def show(t) -> str:  # run names left-aligned, numbers to 4 significant digits
+        w = int(t["run"].str.len().max())
+        t = t.assign(run=t["run"].str.ljust(w)).rename(columns={"run": "run".ljust(w)})
+        return t.to_string(index=False, na_rep="-", float_format="{:.4g}".format)
+    t = df.mask(df.isna())  # None -> NaN, which na_rep prints
+    if wide: return show(t)
+    t = t[[c for c in RUNS_COLUMNS if c in t and t[c].notna().any()]].rename(columns=RUNS_COLUMNS)
+    text = show(t)
+    while (over := max(map(len, text.splitlines())) - width) > 0 and t.shape[1] > 1:
+        n = int(t["run"].str.len().max())
+        t = t.assign(run=t["run"].map(lambda s: _cut_middle(s, max(16, n - over)))) if n > 16 else t.iloc[:, :-1]
+        text = show(t)
+    return text
 
 def runs_cli(argv:list[str]|None=None) -> int:
-    "`qllava runs [RUNS_DIR] [--json]`: list and compare run folders."
-    import argparse
+    "`qllava runs [RUNS_DIR] [--wide] [--json]`: list and compare run folders."
     p = ArgumentParser(prog="qllava runs", description="List and compare the runs under a folder.")
-    p.add_argument("runs_dir", nargs="?", default="runs"); p.add_argument("--json", action="store_true")
+    p.add_argument("runs_dir", nargs="?", default="runs")
+    p.add_argument("--wide", action="store_true", help="every column (default: the main ones, within 100 characters)")
+    p.add_argument("--json", action="store_true", help="every value, as JSON records")
     a = p.parse_args(argv)
     df = list_runs(a.runs_dir)
-    print(df.to_json(orient="records") if a.json else (df.to_string(index=False) if len(df) else f"no runs under {a.runs_dir}"))
+    if a.json: print(df.to_json(orient="records"))
+    elif not len(df): print(f"no runs under {a.runs_dir}")
+    else: print(runs_table(df, wide=a.wide) + ("" if a.wide else "\n" + RUNS_LEGEND))
     return 0

@@ -7,16 +7,17 @@ from __future__ import annotations
 import itertools, json, math, os, re, shlex, subprocess, sys, time
 from pathlib import Path
 from .core import ConfigError, DataError, QllavaError, ArgumentParser, check_types, refuse_secrets, unknown_parameters
-from .runs import TRAIN_PARAMETERS, check_parameters
+from .runs import TRAIN_PARAMETERS, check_parameters, resolved_hyperparameters
 from .evalrun import check_eval_files, check_eval_parameters
 
 # %% auto #0
 __all__ = ['SWEEP_PARAMETERS', 'SWEPT', 'SWEEP_OWNS', 'METRICS', 'EVAL_OWNS', 'LAUNCHERS', 'LORA_STAGES', 'STAGE1_KEYS',
-           'lora_alpha_for', 'run_slug', 'combinations', 'check_sweep', 'absolute_paths', 'sweep_dir_of', 'read_sweep',
-           'write_sweep', 'plan_sweep', 'stage1_plans', 'ensure_stage1', 'train_notebook_path', 'run_finished',
-           'last_lines', 'run_combination', 'run_parallel', 'slurm_header', 'sweep_array_script', 'stage1_script',
-           'submit_slurm', 'run_metrics', 'collect', 'results_table', 'varied_parameters', 'plot_metric', 'run_sweep',
-           'stage1_for_sweep', 'sweep_cli']
+           'METRIC_LABELS', 'CHANCE', 'lora_alpha_for', 'trained_values', 'run_slug', 'combinations', 'check_sweep',
+           'absolute_paths', 'sweep_dir_of', 'read_sweep', 'write_sweep', 'plan_sweep', 'stage1_plans', 'ensure_stage1',
+           'train_notebook_path', 'run_finished', 'last_lines', 'run_combination', 'run_parallel', 'slurm_header',
+           'sweep_array_script', 'stage1_script', 'submit_slurm', 'run_metrics', 'collect', 'results_table',
+           'varied_parameters', 'metric_label', 'figure_metrics', 'plot_metric', 'run_sweep', 'stage1_for_sweep',
+           'sweep_cli']
 
 # %% ../nbs/45_sweep.ipynb #5d736587
 SWEEP_PARAMETERS = dict(
@@ -41,8 +42,14 @@ def lora_alpha_for(rule, # "2*r", "r", "16" or an int
     return int(m.group(2)) if m.group(2) else int(round(float(m.group(1) or 1) * r))
 
 # %% ../nbs/45_sweep.ipynb #51ce9ccb
+def trained_values(p:dict) -> dict:
+    "A combination's train parameters with the rates, epochs and LoRA rank / alpha its run trains with (0 resolved from the demo profile or stage preset; the projector's rate is the LLM's unless separate); as given when its train notebook would refuse them."
+    try: r = resolved_hyperparameters(check_types(dict(p), TRAIN_PARAMETERS))
+    except (QllavaError, KeyError): return p  # check_sweep then refuses the run, naming it
+    return {**p, **r, "mm_projector_lr": r["mm_projector_lr"] or r["learning_rate"]}
+
 def run_slug(p:dict) -> str:
-    "A folder name from a combination's values, e.g. `finetune-sensor-lr0.002-plr0-ep4`."
+    "A folder name from a combination's values (see `trained_values`), e.g. `finetune-sensor-lr0.002-plr0.002-ep40`."
     s = f"{p['stage']}-{p['modality']}-lr{p['learning_rate']:g}-plr{p['mm_projector_lr']:g}-ep{p['num_train_epochs']:g}"
     if p["stage"] in LORA_STAGES: s += f"-r{p['lora_r']}a{p['lora_alpha']}"
     for k, v in sorted(p.get("_swept_extra", {}).items()): s += f"-{k}{v}"
@@ -62,13 +69,22 @@ def combinations(values:dict) -> list[dict]:
         p["lora_r"] = p["lora_r"] if lora else 0
         p["lora_alpha"] = lora_alpha_for(v["lora_alpha"], p["lora_r"]) if lora else 0
         p["num_train_epochs"], p["learning_rate"], p["mm_projector_lr"] = (float(p[k]) for k in ("num_train_epochs", "learning_rate", "mm_projector_lr"))
-        name = run_slug({**p, "_swept_extra": {k: p[k] for k in extra}})
+        name = run_slug({**trained_values({**fixed, **p}), "_swept_extra": {k: p[k] for k in extra}})
         if name in seen: continue
         seen.add(name)
         out.append({"blank_media_control": False, **fixed, **p, "run_name": name})
     return out
 
 # %% ../nbs/45_sweep.ipynb #1dd20559
+def _is_number(s:str) -> bool:
+    try: float(s); return True
+    except ValueError: return False
+
+def _with_dot(s:str) -> str:
+    "'1e-4' -> '1.0e-4': the spelling YAML 1.1 reads as a float."
+    m, _, e = s.lower().partition("e")
+    return f"{m if '.' in m else m + '.0'}{'e' + e if e else ''}"
+
 def check_sweep(values:dict, # sweep parameter name -> value, as the notebook holds them
                 injected:set=frozenset()) -> dict: # names papermill injected that the parameters cell lacks
     "Refuse secrets, unknown names, wrong types, malformed lists, unknown metrics / launchers, and every combination the train notebook would refuse (unknown stage, negative rate, missing file); returns the values."
@@ -82,7 +98,10 @@ def check_sweep(values:dict, # sweep parameter name -> value, as the notebook ho
         want = type(TRAIN_PARAMETERS[k])
         for x in v:
             if not (isinstance(x, want) or (want is float and isinstance(x, int) and not isinstance(x, bool))):
-                raise ConfigError(f"sweep parameter {k} holds {x!r}; its values should be of type {want.__name__}. Fix: -y \"{k}: {json.dumps(SWEEP_PARAMETERS[k])}\"")
+                yaml_text = want is float and isinstance(x, str) and _is_number(x)  # PyYAML reads 1e-4 (no dot) as text
+                raise ConfigError(f"sweep parameter {k} holds {x!r}; its values should be of type {want.__name__}. "
+                                  + (f"YAML reads {x} as text (it needs a dot in the mantissa). Fix: write {float(x)!r} or {_with_dot(x)}."
+                                     if yaml_text else f"Fix: -y \"{k}: {json.dumps(SWEEP_PARAMETERS[k])}\""))
     tp = values.get("train_parameters", {})
     free = sorted(set(TRAIN_PARAMETERS) - set(SWEPT) - set(SWEEP_OWNS) - {"lora_alpha"})
     bad = sorted(set(tp) - set(TRAIN_PARAMETERS) | (set(tp) & (set(SWEPT) | set(SWEEP_OWNS) | {"lora_alpha"})))
@@ -405,22 +424,44 @@ def varied_parameters(rec:dict) -> list[str]:
     return [k for k in keys if len({json.dumps(p.get(k)) for p in ps}) > 1]
 
 # %% ../nbs/45_sweep.ipynb #e72ed732
+METRIC_LABELS = {"closed_accuracy": "closed accuracy (%)", "open_accuracy": "open accuracy (%)", "final_loss": "final training loss",
+                 "eval_loss": "held-out loss", "judge_score": "judge score (% of the reference's)"}  # axis labels, with units
+CHANCE = {"closed_accuracy": 50.0}  # a metric's value at chance: yes/no questions answered by a coin
+
+def metric_label(metric:str) -> str:
+    "A metric's axis label with its unit, e.g. `closed accuracy (%)`."
+    return METRIC_LABELS.get(metric, metric.replace("_", " "))
+
+def figure_metrics(rec:dict, metric:str) -> list[str]:
+    "The sweep figure's rows: the ranking metric, then the held-out accuracies and the final loss that some run has."
+    rows = [metric] + [m for m in ("closed_accuracy", "open_accuracy", "final_loss") if m != metric]
+    return [m for m in rows if m == metric or any(r["metrics"].get(m) is not None for r in rec["runs"])]
+
 def plot_metric(rec:dict, metric:str|None=None):
-    "The metric against each swept parameter (one panel each; log axis for rates spanning a decade); returns the figure."
+    "The ranking metric, the other accuracy and the final loss (one row each, with units) against each swept parameter (one column each, at the values the runs trained with; log axis for rates spanning a decade); a dashed line marks chance on a yes/no accuracy, hollow grey dots the media-blanked control. Returns the figure."
     import matplotlib
     if "ipykernel" not in sys.modules: matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     metric = metric or rec["metric"]
-    done = [r for r in rec["runs"] if r["metrics"].get(metric) is not None]
-    keys = varied_parameters(rec) or ["run_name"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        xs, ys = [r["parameters"].get(k) for r in done], [r["metrics"][metric] for r in done]
-        num = all(isinstance(x, (int, float)) for x in xs)
-        ax.scatter(xs if num else [str(x) for x in xs], ys)
-        if num and xs and min(xs) > 0 and max(xs) / min(xs) >= 10: ax.set_xscale("log")
-        ax.set_xlabel(k); ax.set_ylabel(metric); ax.grid(alpha=.3)
-    fig.suptitle(f"{Path(rec['sweep_dir']).name}: {metric} ({len(done)} of {len(rec['runs'])} runs)")
+    rows, keys = figure_metrics(rec, metric), varied_parameters(rec) or ["run_name"]
+    fig, axes = plt.subplots(len(rows), len(keys), figsize=(4 * len(keys), 2.6 * len(rows)), squeeze=False)
+    for m, row in zip(rows, axes):
+        done = [r for r in rec["runs"] if r["metrics"].get(m) is not None]
+        for ax, k in zip(row, keys):
+            xs = [trained_values(r["parameters"]).get(k) for r in done]
+            num = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+            xs = xs if num else [str(x) for x in xs]
+            ax.scatter(xs, [r["metrics"][m] for r in done], label="with media")
+            ctl = [(x, r["metrics"].get(f"control_{m}")) for x, r in zip(xs, done) if r["metrics"].get(f"control_{m}") is not None]
+            if ctl: ax.scatter(*zip(*ctl), facecolors="none", edgecolors="grey", label="media blanked")
+            if m in CHANCE: ax.axhline(CHANCE[m], ls="--", c="grey", lw=1, label="chance")
+            if m.endswith("accuracy"): ax.set_ylim(-4, 104)
+            if num and xs and min(xs) > 0 and max(xs) / min(xs) >= 10: ax.set_xscale("log")
+            ax.set_ylabel(metric_label(m)); ax.grid(alpha=.3)
+        if m in CHANCE or any(f"control_{m}" in r["metrics"] for r in done): row[0].legend(fontsize=7, loc="best")
+    for ax, k in zip(axes[-1], keys): ax.set_xlabel(k)
+    n = sum(r["metrics"].get(metric) is not None for r in rec["runs"])
+    fig.suptitle(f"{Path(rec['sweep_dir']).name}: ranked by {metric_label(metric)} ({n} of {len(rec['runs'])} runs)")
     fig.tight_layout()
     return fig
 
