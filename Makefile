@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test nbtest pytest export clean-nbs assets bench
+.PHONY: setup run test nbtest pytest export clean-nbs assets bench docs
 
 $(BIN)/.installed: setup.py settings.ini
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: setup
 	# the run notebooks (train / eval / sweep) launch real jobs: pytest runs them through papermill instead
 	$(BIN)/nbdev_test --n_workers 2 --do_print --skip_file_re '^(train|eval|sweep)\.ipynb$$'
 	$(BIN)/pytest -q tests
+
+# The documentation site, offline, into _docs/ (open _docs/index.html): nbdev's notebook processing, one page per
+# notebook; only what the API docs need runs (exported cells, imports, show_doc), never an example or a run notebook.
+docs: setup
+	$(BIN)/python tools/build_docs.py --out _docs
 
 export: setup
 	$(BIN)/nbdev_export

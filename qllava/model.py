@@ -5,6 +5,7 @@
 # %% ../nbs/12_model.ipynb #5dcb3465
 from __future__ import annotations
 import contextlib, json, math, os
+from typing import Literal  # named by the `__init__` transformers generates for `QllavaConfig`: lets its signature resolve (show_doc)
 from pathlib import Path
 import torch
 from torch import nn
