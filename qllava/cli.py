@@ -13,6 +13,8 @@ __all__ = ['SUBCOMMANDS', 'usage', 'resolve', 'main']
 SUBCOMMANDS = {
     # name: ("module:function taking argv", one-line help)
     "validate-data": ("qllava.validate:validate_data_cli", "check a data set before training; report every problem with file, record and fix"),
+    "make-records": ("qllava.convert:make_records_cli", "a table of media + captions or question / answer pairs -> LLaVA records and held-out VQA files"),
+    "make-windows": ("qllava.convert:make_windows_cli", "IMU recordings (a folder per label, .npy / CSV) -> .npy windows + a table for make-records"),
     "train": ("qllava.train:train_cli", "train one stage (pretrain / finetune / lora / qlora) with the original LLaVA flags"),
     "launch": ("qllava.launch:launch_cli", "run an entry under deepspeed / torchrun, or write and submit a Slurm job"),
     "merge-lora": ("qllava.train:merge_lora_cli", "fold a LoRA run's adapters into a full checkpoint"),
