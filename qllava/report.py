@@ -8,8 +8,8 @@ import hashlib, json, platform, subprocess, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['PUBLISHED', 'IMU_CHANNELS', 'hyperparameter_table', 'read_metrics', 'plot_curves', 'sha256', 'git_commit',
-           'package_versions', 'provenance', 'provenance_table', 'plot_sensor', 'show_media']
+__all__ = ['PUBLISHED', 'IMU_CHANNELS', 'hyperparameter_table', 'read_metrics', 'plot_curves', 'plot_accuracy_by_kind', 'sha256',
+           'git_commit', 'package_versions', 'provenance', 'provenance_table', 'plot_sensor', 'show_media']
 
 # %% ../nbs/40_report.ipynb #6890e222
 PUBLISHED = {  # Quilt-LLaVA / LLaVA-1.5 tables (7B), for side-by-side display
@@ -68,6 +68,22 @@ def plot_curves(metrics, title:str=""):
     if "lr" in tr: b.plot(tr["step"], tr["lr"], color="tab:orange")
     b.set_xlabel("optimiser step"); b.set_ylabel("learning rate"); b.set_title("learning rate")
     fig.tight_layout()
+    return fig
+
+def plot_accuracy_by_kind(table, # `qllava.runs.accuracy_by_kind`: a row per question, "with media (%)", "media blanked (%)", "n"
+                          title:str="held-out accuracy per question"):
+    "Bars per question kind, with media beside media blanked, and the yes / no chance level (50 %) dashed; returns the figure."
+    import matplotlib
+    if "ipykernel" not in sys.modules: matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = [c for c in ("with media (%)", "media blanked (%)") if c in table]
+    t = table[::-1]  # the first question on top
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(t) + 1.3))
+    t[cols].plot.barh(ax=ax, color=["tab:blue", "tab:gray"][:len(cols)])
+    ax.axvline(50, ls="--", c="k", lw=0.8, label="yes / no chance")
+    ax.set_yticks(range(len(t)), [f"{q[:48]}{'...' if len(q) > 48 else ''} (n={n})" for q, n in zip(t.index, t["n"])])
+    ax.set_xlim(0, 100); ax.set_xlabel("held-out accuracy (%)"); ax.set_ylabel(""); ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8); fig.tight_layout()
     return fig
 
 # %% ../nbs/40_report.ipynb #70b73bb1

@@ -16,8 +16,9 @@ from .train import DEEPSPEED_PRESETS, STAGE_PRESETS
 __all__ = ['TRAIN_PARAMETERS', 'ALLOWED_PARAMETERS', 'TRAIN_FILES', 'DEMO_ENCODERS', 'DEMO_DATA', 'SENSOR_EPOCHS', 'DEMO_PROFILE',
            'RUN_HYPERPARAMETERS', 'RUNS_COLUMNS', 'RUNS_LEGEND', 'check_train_files', 'check_parameters', 'StagePlan',
            'TrainPlan', 'vqa_to_records', 'is_demo', 'stage_overrides', 'plan_training', 'load_trained',
-           'heldout_accuracy', 'planned_config', 'planned_hyperparameters', 'stage_results', 'resolved_hyperparameters',
-           'launch_stage', 'run_plan', 'stage_summary', 'record_run', 'list_runs', 'runs_table', 'runs_cli']
+           'heldout_accuracy', 'accuracy_by_kind', 'planned_config', 'planned_hyperparameters', 'stage_results',
+           'resolved_hyperparameters', 'launch_stage', 'run_plan', 'stage_summary', 'record_run', 'list_runs',
+           'runs_table', 'runs_cli']
 
 # %% ../nbs/41_runs.ipynb #8c090adc
 TRAIN_PARAMETERS = dict(
@@ -231,6 +232,20 @@ def heldout_accuracy(run_dir, # a stage-2 run folder
     from qllava.train import vqa_accuracy
     model, tok = load_trained(run_dir)
     return vqa_accuracy(model, tok, questions, gt, media_folder, blank=blank, batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+def accuracy_by_kind(acc:dict, # `heldout_accuracy` with the media
+                     control:dict|None=None, # `heldout_accuracy` of the media-blanked control, if one ran
+                    ) -> "pd.DataFrame":
+    "Held-out accuracy (%) per question kind (each closed question, each one-word one), with media and blanked, and how many were asked."
+    import pandas as pd
+    def per(a):
+        df = pd.DataFrame([x for x in a["answers"] if x["hit"] is not None], columns=["text", "hit"])
+        return df.groupby("text", sort=False)["hit"].agg(["mean", "size"])
+    m = per(acc)
+    out = pd.DataFrame({"with media (%)": (100 * m["mean"]).round(1)}, index=m.index)
+    if control is not None: out["media blanked (%)"] = (100 * per(control)["mean"]).round(1).reindex(m.index)
+    out["n"] = m["size"]
+    return out.rename_axis("question")
 
 # %% ../nbs/41_runs.ipynb #a39f51f7
 def planned_config(stage:StagePlan, values:dict):

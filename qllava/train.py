@@ -643,15 +643,17 @@ def vqa_accuracy(model, tokenizer, # a QllavaForCausalLM and its tokenizer
         media.append({mod: x * 0 if blank else x})
         prompts.append(generation_prompt(tmpl, q["text"] if f"<{mod}>" in q["text"] else f"<{mod}>\n{q['text']}"))
     preds = answer_batch(model, tokenizer, prompts, media, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    closed, one_word = [], []
+    answers = []
     for q, p in zip(qs, preds):
         g = truth[q["question_id"]]
-        if str(g.get("answer_type", "")).upper() == "CLOSED": closed.append(closed_hit(p, str(g.get("yes_no_answer") or g["answer"]).lower()))
+        if str(g.get("answer_type", "")).upper() == "CLOSED": kind, hit = "closed", closed_hit(p, str(g.get("yes_no_answer") or g["answer"]).lower())
         elif len(normalize_answer(str(g["answer"])).split()) == 1:  # a one-word answer (e.g. the activity): is it named?
-            one_word.append(int(normalize_answer(str(g["answer"])) in normalize_answer(p).split()))
+            kind, hit = "one_word", int(normalize_answer(str(g["answer"])) in normalize_answer(p).split())
+        else: kind, hit = "open", None  # free text: scored by `qllava metrics`, not here
+        answers.append(dict(question_id=q["question_id"], text=q["text"], answer=p, gt=g["answer"], scored=kind, hit=hit))
     pct = lambda xs: round(100 * sum(xs) / len(xs), 2) if xs else None
-    return {"closed_accuracy": pct(closed), "n_closed": len(closed), "open_accuracy": pct(one_word), "n_open": len(one_word),
-            "answers": [dict(question_id=q["question_id"], text=q["text"], answer=p, gt=truth[q["question_id"]]["answer"]) for q, p in zip(qs, preds)]}
+    closed, one_word = ([a["hit"] for a in answers if a["scored"] == k] for k in ("closed", "one_word"))
+    return {"closed_accuracy": pct(closed), "n_closed": len(closed), "open_accuracy": pct(one_word), "n_open": len(one_word), "answers": answers}
 
 def evaluate_vqa(run:dict) -> dict:
     "Held-out VQA accuracy during training: rank 0 answers greedily (weights are whole below ZeRO-3), the others wait."
