@@ -489,12 +489,13 @@ def imu_intensity_qa(vals:dict, high:bool) -> tuple[str, str, str]|None:
 
 # %% ../nbs/03_demo.ipynb #b23b9785
 def imu_finetune_conversations(vals:dict, rng, other:str, high:bool) -> list[list[dict]]:
-    "Two stage-2 conversations about one window: one asking its activity (yes), one another activity (no)."
-    q_open, a_open = IMU_OPEN[int(rng.integers(2))]
-    first = [(q_open, a_open.format(**vals)), imu_activity_qa(vals, vals["activity"])[::2]]
+    "Two stage-2 conversations about one window: its activity in one word and whether it is that one (yes); in a sentence and whether it is another (no)."
+    # every window asks both activity questions: a random pick left some activities with a handful of one-word answers
+    first = [(IMU_OPEN[1][0], IMU_OPEN[1][1].format(**vals)), imu_activity_qa(vals, vals["activity"])[::2]]
     qa = imu_intensity_qa(vals, high)
     first.append(qa[::2] if qa else (IMU_OPEN[2][0], IMU_OPEN[2][1].format(**vals)))
-    second = [imu_activity_qa(vals, other)[::2], (IMU_OPEN[3][0], _pick(rng, IMU_CAPTIONS).format(**vals))]
+    second = [(IMU_OPEN[0][0], IMU_OPEN[0][1].format(**vals)), imu_activity_qa(vals, other)[::2],
+              (IMU_OPEN[3][0], _pick(rng, IMU_CAPTIONS).format(**vals))]
     convs = []
     for turns in (first, second):
         order = rng.permutation(len(turns))

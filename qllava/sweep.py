@@ -49,7 +49,7 @@ def trained_values(p:dict) -> dict:
     return {**p, **r, "mm_projector_lr": r["mm_projector_lr"] or r["learning_rate"]}
 
 def run_slug(p:dict) -> str:
-    "A folder name from a combination's values (see `trained_values`), e.g. `finetune-sensor-lr0.002-plr0.002-ep40`."
+    "A folder name from a combination's values (see `trained_values`), e.g. `finetune-sensor-lr0.002-plr0.002-ep120`."
     s = f"{p['stage']}-{p['modality']}-lr{p['learning_rate']:g}-plr{p['mm_projector_lr']:g}-ep{p['num_train_epochs']:g}"
     if p["stage"] in LORA_STAGES: s += f"-r{p['lora_r']}a{p['lora_alpha']}"
     for k, v in sorted(p.get("_swept_extra", {}).items()): s += f"-{k}{v}"

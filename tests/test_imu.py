@@ -16,8 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMER
 
 
 def test_sensor_train_notebook_learns_activities_from_the_imu_windows(tmp_path):
-    # the acceptance command itself: the demo profile's 40 IMU epochs (measured here: 30 epochs gave 47.5 % vs 25 %,
-    # too close to chance to be a reliable test; 40 gave 100 %)
+    # the acceptance command itself: the demo profile's 120 IMU epochs (30 epochs once gave 47.5 % vs 25 %,
+    # too close to chance to be a reliable test; 120 gave 97.5 % on 2026-12-04)
     import papermill as pm
     t0 = time.time()
     pm.execute_notebook(str(ROOT / "nbs" / "train.ipynb"), str(tmp_path / "imu.ipynb"),

@@ -103,7 +103,7 @@ def test_a_bad_combination_stops_the_whole_sweep_before_anything_runs(tmp_path):
     t0 = time.time()
     with pytest.raises(sweep.ConfigError) as e:
         sweep.run_sweep({"learning_rate": [1e-3, -1.0], "modality": ["sensor"], "runs_dir": str(tmp_path), "sweep_name": "bad"})
-    assert time.time() - t0 < 10 and "run finetune-sensor-lr-1-plr-1-ep40 would be refused" in str(e.value)
+    assert time.time() - t0 < 10 and "run finetune-sensor-lr-1-plr-1-ep120 would be refused" in str(e.value)
     assert "learning_rate=-1.0 is negative" in str(e.value) and not (tmp_path / "bad").exists()
 
 
@@ -143,4 +143,4 @@ def test_slurm_launcher_writes_scripts_and_says_how_to_submit(tmp_path, capsys):
     assert "qllava.sweep stage1" in (sd / "stage1.sbatch").read_text()  # no projector yet: stage 1 is its own job
     out = capsys.readouterr().out
     assert f"jid=$(sbatch --parsable {sd}/stage1.sbatch) && sbatch --dependency=afterok:$jid {sd}/sweep_array.sbatch" in out
-    assert (sd / "tasks.tsv").read_text().splitlines()[2].startswith("1\tfinetune-sensor-lr0.002-plr0.002-ep40\t")
+    assert (sd / "tasks.tsv").read_text().splitlines()[2].startswith("1\tfinetune-sensor-lr0.002-plr0.002-ep120\t")
