@@ -93,8 +93,8 @@ def worker(a) -> None:
     import torch
     import deepspeed  # noqa: F401 (imported before measuring: part of the overhead)
     from qllava.model import build_model, full_numel, partition, release_memory
-    from qllava.train import (TrainConfig, apply_stage, deepspeed_config, init_distributed, make_optimizer, param_groups,
-                              resolve_config, share_fp32_master)
+    from qllava.config import TrainConfig, resolve_config
+    from qllava.train import apply_stage, deepspeed_config, init_distributed, make_optimizer, param_groups, share_fp32_master
     rank, world = init_distributed()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     ds = deepspeed_config(a.zero, 1, 1, world, bf16=a.dtype == "bf16")

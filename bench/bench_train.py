@@ -226,8 +226,9 @@ def build_bench_model():
 def train_bench(model, batch:dict, steps:int, warmup:int, budget:float=300.0) -> dict:
     "Time `steps` stage-2 steps after `warmup` (fewer, but at least 3, once the timed steps pass `budget` seconds)."
     import deepspeed
-    from qllava.train import (TrainConfig, resolve_config, apply_stage, param_groups, deepspeed_config, init_distributed, make_optimizer,
-                              share_fp32_master, trainable_summary)
+    from qllava.config import TrainConfig, resolve_config
+    from qllava.train import (apply_stage, param_groups, deepspeed_config, init_distributed, make_optimizer, share_fp32_master,
+                              trainable_summary)
     cfg = resolve_config(TrainConfig(stage="finetune", deepspeed="zero2"))
     rank, world = init_distributed()
     model = apply_stage(model, cfg); model.train()

@@ -4,7 +4,7 @@ Random weights with the exact shapes of Vicuna-7B v1.5 (hidden 4096, 32 layers, 
 plus the <image> / <sensor> rows qllava adds) and of the QuiltNet-B-32 / CLIP ViT-B/32 image tower (224 px, patch 32:
 49 patch tokens, width 768, 12 layers), mlp2x_gelu projector, all built by `qllava.model.build_model` directly in
 bf16 on the GPU (preset JSON files written to a temporary folder; `torch.device` context, never fp32 first).
-Training phases use `qllava.train.resolve_config` / `apply_stage` / `param_groups` (the published stage presets) and
+Training phases use `qllava.config.resolve_config` / `apply_stage` / `param_groups` (the published stage presets) and
 a plain torch loop (fused AdamW on CUDA, grad clipping 1.0, bf16 weights; no DeepSpeed on one GPU); batches are
 planned by `qllava.dataset.ModalityLengthGroupedSampler` and collated by `qllava.dataset.DataCollator`, from
 sample lengths drawn with a fixed seed from a Quilt-like distribution (see `draw_lengths`).
@@ -305,7 +305,8 @@ def quantize_4bit(llm, dtype):
 def train_phase(kind:str, attn:str, ctx:dict, batch:int) -> dict:
     "Build, apply the stage, plan the batches, warm up, time the steps; returns the row."
     import dataclasses
-    from qllava.train import TrainConfig, apply_stage, param_groups, resolve_config
+    from qllava.config import TrainConfig, resolve_config
+    from qllava.train import apply_stage, param_groups
     dev, dtype, sh = ctx["device"], ctx["dtype"], ctx["shapes"]
     stage = {"stage1": "pretrain", "lora": "lora", "full": "finetune", "qlora": "qlora"}[kind]
     gc_on = kind != "stage1"  # the published stage-2 scripts checkpoint; qllava's apply_stage ignores it for pretrain

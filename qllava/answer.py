@@ -8,12 +8,18 @@ import argparse, json, math, os, sys, time, uuid
 from pathlib import Path
 from .core import CheckpointError, ConfigError, DataError, QllavaError, ArgumentParser
 from .dataset import resolve_media_path
+from .conversation import get_template, generation_prompt
+from .modality import MODALITIES, get_modality, record_modalities
+from .checkpoint import load_trained
+from .metrics import closed_hit, normalize_answer
+from .generate import answer_batch
+from .launch import gpu_count, run, progress_line
 
 # %% auto #0
-__all__ = ['MEDIA_KEYS', 'CONV_MODES', 'short_uuid', 'read_questions', 'question_modality', 'get_chunk', 'repair_tail',
-           'read_answers', 'append_answers', 'resolve_template', 'question_text', 'check_media', 'load_batch_media',
+__all__ = ['CONV_MODES', 'short_uuid', 'read_questions', 'question_modality', 'get_chunk', 'repair_tail', 'read_answers',
+           'append_answers', 'resolve_template', 'question_text', 'check_media', 'load_batch_media',
            'model_name_from_path', 'load_answering_model', 'answer_questions', 'merge_chunks', 'answer_sharded',
-           'answer_cli']
+           'answer_cli', 'vqa_accuracy']
 
 # %% ../nbs/33_answer.ipynb #039a3eba
 _ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
@@ -25,27 +31,14 @@ def short_uuid() -> str:
     return "".join(reversed(out))
 
 # %% ../nbs/33_answer.ipynb #3ccb8f98
-MEDIA_KEYS = ("image", "sensor")
+from .core import read_json_records
 
 def read_questions(path, # question JSONL: question_id, text, image | sensor
                    ) -> list[dict]:
     "The questions of a JSONL (or JSON list) file, checked: ids present and unique, text a string."
     path = Path(path)
-    if not path.is_file(): raise DataError("question file not found.", file=path, fix="check --question-file.")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try: qs = json.loads(text)
-        except json.JSONDecodeError as e: raise DataError(f"not valid JSON ({e}).", file=path, fix="repair the JSON list.") from None
-        lines = list(range(1, len(qs) + 1))
-    else:
-        qs, lines = [], []
-        for i, line in enumerate(text.splitlines()):
-            if not line.strip(): continue
-            try: qs.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"line {i + 1} is not valid JSON ({e.msg}).", file=path, record=len(qs),
-                                fix="repair or delete that line (one JSON object per line).") from None
-            lines.append(i + 1)
+    qs, lines = read_json_records(path, "question file", "check --question-file.",
+                                  "repair or delete that line (one JSON object per line).", with_lines=True)
     seen = {}
     for k, (q, ln) in enumerate(zip(qs, lines)):
         if not isinstance(q, dict) or "question_id" not in q:
@@ -53,8 +46,8 @@ def read_questions(path, # question JSONL: question_id, text, image | sensor
         qid = q["question_id"]
         if not isinstance(q.get("text"), str):
             raise DataError(f"line {ln} has no text.", file=path, record=k, record_id=qid, fix="give every question a `text` string.")
-        if sum(m in q for m in MEDIA_KEYS) > 1:
-            raise DataError(f"line {ln} has both an image and a sensor file.", file=path, record=k, record_id=qid,
+        if len(mods := record_modalities(q)) > 1:
+            raise DataError(f"line {ln} has several media ({' and '.join(mods)} files).", file=path, record=k, record_id=qid,
                             fix="one medium per question.")
         if qid in seen:
             raise DataError(f"question_id {qid!r} appears on lines {seen[qid]} and {ln}.", file=path, record=k, record_id=qid,
@@ -63,8 +56,8 @@ def read_questions(path, # question JSONL: question_id, text, image | sensor
     return qs
 
 def question_modality(q:dict) -> str|None:
-    "`image`, `sensor` or None (a text-only question)."
-    return next((m for m in MEDIA_KEYS if q.get(m)), None)
+    "The modality of the question's media file (`image`, `sensor`, any registered one), or None (a text-only question)."
+    return next(iter(record_modalities(q)), None)
 
 # %% ../nbs/33_answer.ipynb #0011f3dc
 def get_chunk(items:list, # the questions
@@ -107,20 +100,15 @@ def read_answers(path, # an answers JSONL (may not exist yet)
         cut = repair_tail(path)
         if cut: print(f"{path}: dropped a cut-off last line ({cut} bytes) left by an interrupted run.", file=sys.stderr)
     recs, seen = [], {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip(): continue
-        try: r = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1 and not repair: continue  # a cut-off last line, left in place
-            raise DataError(f"line {i + 1} is not valid JSON ({e.msg}).", file=path, record=i,
-                            fix="delete that line; its question is answered again on the next run.") from None
+    rows, lines = read_json_records(path, "answers file", fix="delete that line; its question is answered again on the next run.",
+                                    skip_bad=lambda line, last: last and not repair, with_lines=True)  # a cut-off last line, left in place
+    for r, ln in zip(rows, lines):
         if not isinstance(r, dict) or "question_id" not in r:
-            raise DataError(f"line {i + 1} has no question_id.", file=path, record=i, fix="delete that line.")
+            raise DataError(f"line {ln} has no question_id.", file=path, record=ln - 1, fix="delete that line.")
         if r["question_id"] in seen:
-            raise DataError(f"question_id {r['question_id']!r} is answered twice (lines {seen[r['question_id']]} and {i + 1}).",
-                            file=path, record=i, record_id=r["question_id"], fix="delete one of the two lines.")
-        seen[r["question_id"]] = i + 1
+            raise DataError(f"question_id {r['question_id']!r} is answered twice (lines {seen[r['question_id']]} and {ln}).",
+                            file=path, record=ln - 1, record_id=r["question_id"], fix="delete one of the two lines.")
+        seen[r["question_id"]] = ln
         recs.append(r)
     return recs
 
@@ -139,16 +127,14 @@ def resolve_template(name:str|None, # a template or original conv-mode name; Non
                      model_template:str, # `model.config.template`
                      ) -> str:
     "The qllava template name for a `--conv-mode` value."
-    from qllava.conversation import get_template
     if not name or name == "default": name = model_template
     return get_template(CONV_MODES.get(name, name)).name
 
 def question_text(q:dict) -> str:
     "The question with its media placeholder in front when it has media and no placeholder (as `model_vqa`)."
-    from qllava.tokenize import MEDIA_PLACEHOLDERS
     m, text = question_modality(q), q["text"]
-    if m is None or MEDIA_PLACEHOLDERS[m] in text: return text
-    return f"{MEDIA_PLACEHOLDERS[m]}\n{text}"
+    if m is None or get_modality(m).placeholder in text: return text
+    return f"{get_modality(m).placeholder}\n{text}"
 
 # %% ../nbs/33_answer.ipynb #509aa5f9
 def check_media(questions:list[dict], # questions to answer
@@ -198,7 +184,6 @@ def _lock(f, path):
 def load_answering_model(model_dir, device=None) -> tuple:
     "(model, tokenizer) of a checkpoint or LoRA run folder, in eval mode on `device` (CUDA when there is one)."
     import torch
-    from qllava.runs import load_trained
     p = Path(model_dir)
     if not p.is_dir(): raise CheckpointError(f"{p}: no such checkpoint folder. Fix: check --model-path (train one with nbs/train.ipynb).")
     model, tok = load_trained(p)
@@ -223,8 +208,6 @@ def answer_questions(model_dir, # qllava checkpoint (or LoRA run) folder
                      progress=None, # callable(done, total) after every batch
                      ) -> dict: # {"answers_file", "total", "skipped", "answered", "seconds"}
     "Answer the questions not yet in `answers_file` in batches, appending and fsyncing each batch (the original model_vqa)."
-    from qllava.conversation import generation_prompt
-    from qllava.generate import answer_batch
     t0 = time.time()
     questions = get_chunk(read_questions(question_file), num_chunks, chunk_idx)
     answers_file = Path(answers_file)
@@ -298,7 +281,6 @@ def answer_sharded(model_dir, question_file, media_folder, answers_file, # as `a
                    ) -> dict: # {"answers_file", "total", "shards", "seconds"}
     "Answer with one process per GPU (or CPU process), each writing `ANSWERS.chunk{i}`, then merge and verify."
     import threading
-    from qllava.launch import gpu_count, run
     t0, answers_file = time.time(), Path(answers_file)
     questions = read_questions(question_file)
     gpus = gpu_count()
@@ -362,7 +344,6 @@ def answer_cli(argv:list[str]|None=None) -> int:
         r = answer_sharded(a.model_path, a.question_file, a.image_folder, a.answers_file, num_gpus=a.num_gpus, echo=True, **kw)
         print(f"{r['answers_file']}: {r['total']} answers merged from {r['shards']} shards ({r['seconds']} s)", file=sys.stderr)
         return 0
-    from qllava.launch import progress_line
     def progress(done, total): print(progress_line(done, total), file=sys.stderr, flush=True)
     r = answer_questions(a.model_path, a.question_file, a.image_folder, a.answers_file, num_chunks=a.num_chunks,
                          chunk_idx=a.chunk_idx, progress=progress, **kw)
@@ -378,3 +359,32 @@ def _main(argv=None) -> int:
 # %% ../nbs/33_answer.ipynb #70d2f175
 #| eval: false
 if __name__ == "__main__": sys.exit(_main())
+
+# %% ../nbs/33_answer.ipynb #a47d662b
+def vqa_accuracy(model, tokenizer, # a QllavaForCausalLM and its tokenizer
+                 questions, gt, media_folder, # VQA question JSONL, ground truth JSON, media folder
+                 blank:bool=False, # ask with blanked media (the no-media control)
+                 batch_size:int=16, max_new_tokens:int=64) -> dict:
+    "Greedy answers to VQA questions, scored: closed yes/no accuracy (published rule) and one-word answer accuracy (%)."
+    tmpl = get_template(model.config.template)
+    qs = [json.loads(l) for l in Path(questions).read_text().splitlines() if l.strip()]
+    truth = {g["id"]: g for g in json.loads(Path(gt).read_text())}
+    media, prompts = [], []
+    for q in qs:
+        mod = question_modality(q)
+        x = model.encoders[mod].processor(Path(media_folder) / q[MODALITIES[mod].record_key])
+        media.append({mod: x * 0 if blank else x})
+        prompts.append(generation_prompt(tmpl, question_text(q)))
+    preds = answer_batch(model, tokenizer, prompts, media, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    answers = []
+    for q, p in zip(qs, preds):
+        g = truth[q["question_id"]]
+        if str(g.get("answer_type", "")).upper() == "CLOSED": kind, hit = "closed", closed_hit(p, str(g.get("yes_no_answer") or g["answer"]).lower())
+        elif len(normalize_answer(str(g["answer"])).split()) == 1:  # a one-word answer (e.g. the activity): is it named?
+            kind, hit = "one_word", int(normalize_answer(str(g["answer"])) in normalize_answer(p).split())
+        else: kind, hit = "open", None  # free text: scored by `qllava metrics`, not here
+        answers.append(dict(question_id=q["question_id"], text=q["text"], answer=p, gt=g["answer"], scored=kind, hit=hit))
+    pct = lambda xs: round(100 * sum(xs) / len(xs), 2) if xs else None
+    closed, one_word = ([a["hit"] for a in answers if a["scored"] == k] for k in ("closed", "one_word"))
+    return {"closed_accuracy": pct(closed), "n_closed": len(closed), "open_accuracy": pct(one_word), "n_open": len(one_word), "answers": answers}
+

@@ -8,22 +8,31 @@ import contextlib, json, re
 from pathlib import Path
 import torch
 from torch import nn
-from .core import CheckpointError, ConfigError, ArgumentParser
+from .core import CheckpointError, ConfigError, QllavaError, ArgumentParser
+from .config import TrainConfig
+import pickle
 from .presets import default_tokenizer, save_tokenizer
-from .model import (WeightReader, cast_params, ds_param_dtype, empty_weights, gathered, hf_zero3, llm_from_weights, load_weights,
-                    meta_names, partition, resolve_dtype, zero_stage)
+from fastcore.basics import patch
+from transformers import AutoConfig, AutoModelForCausalLM
+from .conversation import get_template
+from .encoders import encoder_modality, load_weights_file, resolve_spec
+from .model import (QllavaConfig, QllavaForCausalLM, WeightReader, build_model, cast_params, default_attn_implementation,
+                          ds_param_dtype, empty_weights, gathered, get_encoder, get_tokenizer, hf_zero3, llm_from_weights,
+                          load_weights, media_token_id, meta_names, partition, resize_embeddings, resolve_dtype, zero_stage)
+from .tokenize import prepare_tokenizer
 
 # %% auto #0
 __all__ = ['MANIFEST', 'COMPONENTS', 'LLAVA_LLM_TYPES', 'load_state_file', 'load_folder_weights', 'make_manifest',
            'read_manifest', 'projector_modality', 'projector_prefix', 'projector_state_dict', 'save_projector',
            'load_projector', 'save_checkpoint', 'load_tokenizer_from', 'load_checkpoint', 'load_model',
-           'read_llava_config', 'llava_text_config', 'split_llava_state_dict', 'import_llava', 'llava_hf_state_dict',
-           'export_hf', 'import_llava_cli', 'export_hf_cli', 'extract_projector_cli']
+           'register_auto_classes', 'quantization_config', 'load_base_model', 'load_lora_run', 'merge_lora',
+           'merge_lora_cli', 'load_trained', 'read_llava_config', 'llava_text_config', 'split_llava_state_dict',
+           'import_llava', 'llava_hf_state_dict', 'export_hf', 'import_llava_cli', 'export_hf_cli',
+           'extract_projector_cli']
 
 # %% ../nbs/14_checkpoint.ipynb #69f85b0e
 def load_state_file(path) -> dict:
     "Tensors of one `.safetensors` or `.bin`/`.pt` file; pickles only through `torch.load(weights_only=True)`."
-    from qllava.encoders import load_weights_file  # the one safe reader, shared with encoder checkpoints
     return load_weights_file(path)
 
 # %% ../nbs/14_checkpoint.ipynb #6da6f22f
@@ -160,6 +169,7 @@ def save_checkpoint(model, # a QllavaForCausalLM
                     max_shard_size="5GB", # safetensors shard size
                     **kwargs): # passed to transformers' save_pretrained
     "Save config + safetensors weights (+ tokenizer) + manifest; projector also under its original key names."
+    register_auto_classes()
     from transformers import PreTrainedModel
     comps = list(components or COMPONENTS)
     bad = set(comps) - set(COMPONENTS)
@@ -176,6 +186,7 @@ def save_checkpoint(model, # a QllavaForCausalLM
 
 def load_tokenizer_from(folder):
     "The tokenizer saved inside a checkpoint folder."
+    register_auto_classes()  # its config.json says `qllava`
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(folder))
 
@@ -198,7 +209,7 @@ def load_checkpoint(folder, # a qllava checkpoint folder
                     ds_config:dict|None=None, # a ZeRO-3 config: built partitioned, each tensor read by rank 0 into every rank's share
                     **kwargs): # attn_implementation
     "Rebuild a `QllavaForCausalLM` from what the manifest says is inside, its weights read straight into place (no random init)."
-    from qllava.model import QllavaConfig, QllavaForCausalLM, build_model, default_attn_implementation, get_encoder
+    register_auto_classes()
     folder = Path(folder)
     man = read_manifest(folder)
     config = QllavaConfig.from_pretrained(str(folder))
@@ -244,6 +255,84 @@ def load_model(folder, **kwargs) -> tuple:
     if not read_manifest(folder).get("tokenizer"): raise CheckpointError(f"{folder}: no tokenizer inside; load it separately.")
     return load_checkpoint(folder, **kwargs), load_tokenizer_from(folder)
 
+# %% ../nbs/14_checkpoint.ipynb #70d2e21b
+def register_auto_classes():
+    "Register `qllava` with AutoConfig and AutoModelForCausalLM (idempotent)."
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    if "qllava" not in CONFIG_MAPPING: AutoConfig.register("qllava", QllavaConfig)
+    try: AutoModelForCausalLM.register(QllavaConfig, QllavaForCausalLM)
+    except ValueError: pass  # already registered
+
+@patch
+def save_pretrained(self:QllavaForCausalLM, save_directory, tokenizer=None, stage:str|None=None, **kwargs):
+    "Save config + safetensors weights + `qllava_manifest.json` (+ the tokenizer when given), as `save_checkpoint`."
+    return save_checkpoint(self, save_directory, tokenizer=tokenizer, stage=stage, **kwargs)
+
+@patch(cls_method=True)
+def from_pretrained(cls:QllavaForCausalLM, pretrained_model_name_or_path, *args, **kwargs):
+    "Load a qllava checkpoint folder, as `load_checkpoint`: what is inside is read from its manifest, never guessed from the name."
+    return load_checkpoint(pretrained_model_name_or_path, **kwargs)
+
+# %% ../nbs/14_checkpoint.ipynb #bd3add10
+def quantization_config(cfg:TrainConfig, compute_dtype=None):
+    "transformers' `BitsAndBytesConfig` for `--bits 4` / `8` (QLoRA's base, as the original builds it), None for 16."
+    if cfg.bits == 16: return None
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=cfg.bits == 4, load_in_8bit=cfg.bits == 8, llm_int8_threshold=6.0,
+                              llm_int8_has_fp16_weight=False, bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_quant_type=cfg.quant_type)
+
+def load_base_model(cfg:TrainConfig, modality:str, dtype=None, ds_config:dict|None=None):
+    "The model a run trains (and a LoRA run's adapters belong to): a preset / hub LLM with a fresh projector, or a qllava checkpoint folder."
+    p = Path(cfg.model_name_or_path)
+    if (p / "qllava_manifest.json").exists():
+        model, tok = load_model(p, dtype=dtype, ds_config=ds_config)
+        return model, prepare_tokenizer(tok, use_im_start_end=cfg.mm_use_im_start_end)
+    return build_model(llm=cfg.model_name_or_path, encoders={modality: cfg.vision_tower}, projector=cfg.mm_projector_type,
+                       attn_implementation=cfg.attn_implementation,
+                       tokenizer=cfg.tokenizer, seed=cfg.seed, template=cfg.version,
+                       select_layer=cfg.mm_vision_select_layer, select_feature=cfg.mm_vision_select_feature,
+                       use_im_start_end=cfg.mm_use_im_start_end, dtype=dtype, ds_config=ds_config,
+                       quantization_config=quantization_config(cfg, dtype))
+
+def load_lora_run(run_dir) -> tuple:
+    "(model with adapters attached, tokenizer) from a LoRA run folder."
+    from peft import PeftModel  # the `train` extra: imported where a LoRA run is read
+    run_dir = Path(run_dir)
+    f = run_dir / "train_config.json"
+    if not (run_dir / "adapter").is_dir() or not f.exists():
+        raise QllavaError(f"{run_dir}: not a LoRA run folder (needs adapter/ and train_config.json). Fix: point at the output_dir of a --stage lora run.")
+    cfg = TrainConfig(**json.loads(f.read_text()))
+    model, tok = load_base_model(cfg, encoder_modality(cfg.vision_tower) if cfg.vision_tower else "image")
+    load_projector(model, run_dir)
+    try: model.llm = PeftModel.from_pretrained(model.llm, str(run_dir / "adapter"))  # peft reads a .bin with weights_only=True
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{run_dir / 'adapter'}: refused to load the adapter: its .bin asks for more than tensors ({str(e).splitlines()[0][:200]}); "
+                              "nothing in it was run. Fix: use an adapter_model.safetensors you trust.") from None
+    return model.eval(), tok
+
+def merge_lora(run_dir, # output_dir of a LoRA run
+               out_dir): # where the merged full checkpoint goes
+    "Fold a LoRA run's adapters into its base LLM and save a full qllava checkpoint; returns the merged model."
+    model, tok = load_lora_run(run_dir)
+    model.llm = model.llm.merge_and_unload()
+    save_checkpoint(model, out_dir, tokenizer=tok, stage="lora-merged")
+    return model
+
+def merge_lora_cli(argv:list[str]|None=None) -> int:
+    "`qllava merge-lora RUN_DIR OUT_DIR`"
+    p = ArgumentParser(prog="qllava merge-lora", description="Merge a LoRA run's adapters into a full checkpoint.")
+    p.add_argument("run_dir"); p.add_argument("out_dir")
+    a = p.parse_args(argv)
+    merge_lora(a.run_dir, a.out_dir); print(f"merged checkpoint written to {a.out_dir}")
+    return 0
+
+def load_trained(run_dir):
+    "(model, tokenizer) from a stage-2 run folder: a full checkpoint or a LoRA run (adapters attached)."
+    run_dir = Path(run_dir)
+    return load_lora_run(run_dir) if (run_dir / "adapter").is_dir() else load_model(run_dir)
+
+
 # %% ../nbs/14_checkpoint.ipynb #c74e4b22
 LLAVA_LLM_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_mixtral": "mixtral",
                    "llava_qwen": "qwen2", "llava_qwen2": "qwen2", "llava_gemma": "gemma"}
@@ -268,10 +357,10 @@ def llava_text_config(cfg:dict) -> dict:
     return out
 
 def _encoder_spec(tower:str) -> str:
-    "qllava spec for an original `mm_vision_tower` value (a local CLIP folder becomes `hf-clip:FOLDER`)."
-    p = Path(tower).expanduser()
-    if p.is_dir() and (p / "config.json").is_file() and "clip" in (p / "config.json").read_text().lower():
-        return f"hf-clip:{p.resolve()}"  # absolute: the imported checkpoint then loads from any working folder
+    "qllava spec for an original `mm_vision_tower` value: a local folder the encoder registry recognises by its files becomes `KIND:FOLDER`."
+    if Path(tower).expanduser().is_dir():
+        try: return "%s:%s" % resolve_spec(tower)  # absolute: the imported checkpoint then loads from any working folder
+        except ConfigError: pass  # no encoder kind recognises it: building the encoder says so
     return tower
 
 def split_llava_state_dict(sd:dict) -> tuple:
@@ -313,14 +402,11 @@ def import_llava(folder, # an original LLaVA checkpoint folder (config.json with
                  ) -> tuple: # (model, tokenizer)
     "Convert a full original LLaVA checkpoint (LlavaLlamaForCausalLM keys) into a qllava model, its weights read straight into place."
     from transformers import AutoConfig
-    from qllava.model import (QllavaConfig, QllavaForCausalLM, default_attn_implementation, get_encoder, get_tokenizer,
-                              media_token_id, resize_embeddings)
     folder = Path(folder)
     cfg = read_llava_config(folder)
     dtype = resolve_dtype(dtype)
     tok = get_tokenizer(tokenizer if tokenizer is not None else str(folder), use_im_start_end=bool(cfg.get("mm_use_im_start_end")))
     if cfg.get("mm_use_im_patch_token"):
-        from qllava.tokenize import prepare_tokenizer
         tok = prepare_tokenizer(tok, use_im_start_end=bool(cfg.get("mm_use_im_start_end")), use_im_patch_token=True)
     reader = WeightReader(folder)
     spec = encoder or _encoder_spec(cfg.get("mm_vision_tower", ""))
@@ -341,10 +427,7 @@ def import_llava(folder, # an original LLaVA checkpoint folder (config.json with
     extra = [k for k in reader.keys() if k not in mm and k not in llm_keys and "rotary_emb" not in k]
     if extra: raise CheckpointError(f"{folder}: the language model tensors do not match: unexpected {extra[:4]}.")
     resize_embeddings(llm, len(tok))
-    try:
-        from qllava.conversation import get_template
-        stops = list(get_template(template).stop_strings)
-    except ImportError: stops = [tok.eos_token]
+    stops = list(get_template(template).stop_strings)
     config = QllavaConfig(text_config=llm.config, encoders={"image": spec}, projector=cfg.get("mm_projector_type", "linear"),
                           media_token_ids={"image": media_token_id(tok, "image")},
                           use_im_start_end=bool(cfg.get("mm_use_im_start_end", False)),
@@ -439,13 +522,16 @@ def import_llava_cli(argv:list[str]|None=None) -> int:
           f"projector {model.config.projector}")
     return 0
 
+def _checkpoint_out_parser(prog:str, description:str, out_help:str) -> ArgumentParser:
+    "The parser of a command that reads a qllava checkpoint folder and writes into an output folder."
+    ap = ArgumentParser(prog=prog, description=description)
+    ap.add_argument("checkpoint", help="qllava checkpoint folder")
+    ap.add_argument("out_dir", help=out_help)
+    return ap
+
 def export_hf_cli(argv:list[str]|None=None) -> int:
     "qllava export-hf: write a qllava checkpoint as a transformers LlavaForConditionalGeneration folder."
-    import argparse
-    ap = ArgumentParser(prog="qllava export-hf", description=export_hf.__doc__)
-    ap.add_argument("checkpoint", help="qllava checkpoint folder")
-    ap.add_argument("out_dir", help="transformers Llava folder to write")
-    a = ap.parse_args(argv)
+    a = _checkpoint_out_parser("qllava export-hf", export_hf.__doc__, "transformers Llava folder to write").parse_args(argv)
     man = read_manifest(a.checkpoint)
     model = load_checkpoint(a.checkpoint)
     export_hf(model, a.out_dir, tokenizer=load_tokenizer_from(a.checkpoint) if man.get("tokenizer") else None)
@@ -454,10 +540,7 @@ def export_hf_cli(argv:list[str]|None=None) -> int:
 
 def extract_projector_cli(argv:list[str]|None=None) -> int:
     "qllava extract-projector: write mm_projector.bin/.safetensors (original key names) from a qllava checkpoint."
-    import argparse
-    ap = ArgumentParser(prog="qllava extract-projector", description=extract_projector_cli.__doc__)
-    ap.add_argument("checkpoint", help="qllava checkpoint folder")
-    ap.add_argument("out_dir", help="folder for mm_projector.bin and mm_projector.safetensors")
+    ap = _checkpoint_out_parser("qllava extract-projector", extract_projector_cli.__doc__, "folder for mm_projector.bin and mm_projector.safetensors")
     ap.add_argument("--modality", default=None, help="whose projector (image or sensor; default: the model's first)")
     a = ap.parse_args(argv)
     files = save_projector(load_checkpoint(a.checkpoint), a.out_dir, a.modality)

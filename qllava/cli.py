@@ -5,6 +5,7 @@
 # %% ../nbs/90_cli.ipynb #9571d1e0
 from __future__ import annotations
 import importlib, sys
+from .core import ConfigError, QllavaError
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'usage', 'resolve', 'main']
@@ -17,7 +18,7 @@ SUBCOMMANDS = {
     "make-windows": ("qllava.convert:make_windows_cli", "IMU recordings (a folder per label, .npy / CSV) -> .npy windows + a table for make-records"),
     "train": ("qllava.train:train_cli", "train one stage (pretrain / finetune / lora / qlora) with the original LLaVA flags"),
     "launch": ("qllava.launch:launch_cli", "run an entry under deepspeed / torchrun, or write and submit a Slurm job"),
-    "merge-lora": ("qllava.train:merge_lora_cli", "fold a LoRA run's adapters into a full checkpoint"),
+    "merge-lora": ("qllava.checkpoint:merge_lora_cli", "fold a LoRA run's adapters into a full checkpoint"),
     "answer": ("qllava.answer:answer_cli", "answer VQA questions with a checkpoint: batched, resumable, sharded (the original model_vqa)"),
     "import-llava": ("qllava.checkpoint:import_llava_cli", "convert an original LLaVA-format checkpoint (LlavaLlamaForCausalLM) to a qllava checkpoint"),
     "export-hf": ("qllava.checkpoint:export_hf_cli", "export a CLIP-family model to transformers' LlavaForConditionalGeneration (+ processor)"),
@@ -41,7 +42,6 @@ def usage() -> str:
 
 def resolve(name:str):
     "The function behind subcommand `name`, imported on demand."
-    from qllava.core import ConfigError
     if name not in SUBCOMMANDS: raise ConfigError(f"unknown command {name!r}.\n\n{usage()}")
     mod, fn = SUBCOMMANDS[name][0].split(":")
     return getattr(importlib.import_module(mod), fn)
@@ -51,7 +51,6 @@ def main(argv:list[str]|None=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage()); return 0
-    from qllava.core import QllavaError
     try: return resolve(argv[0])(argv[1:]) or 0
     except QllavaError as e:
         print(f"qllava {argv[0]}: error: {e}", file=sys.stderr); return 2

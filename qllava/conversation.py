@@ -7,19 +7,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from .core import DataError, ConfigError
+from .modality import placeholder_re
 
 # %% auto #0
-__all__ = ['MEDIA_PLACEHOLDERS', 'IM_START', 'IM_END', 'IM_PATCH', 'TEMPLATES', 'TEMPLATE_ALIASES', 'find_placeholders',
-           'Template', 'get_template', 'Span', 'spans_text', 'check_turns', 'render', 'generation_prompt']
+__all__ = ['IM_START', 'IM_END', 'IM_PATCH', 'TEMPLATES', 'TEMPLATE_ALIASES', 'find_placeholders', 'Template', 'get_template',
+           'Span', 'spans_text', 'check_turns', 'render', 'generation_prompt']
 
 # %% ../nbs/01_conversation.ipynb #7848e60e
-MEDIA_PLACEHOLDERS = {"image": "<image>", "sensor": "<sensor>"}  # modality -> placeholder text in records
 IM_START, IM_END, IM_PATCH = "<im_start>", "<im_end>", "<im_patch>"
-_PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in MEDIA_PLACEHOLDERS.values()))
 
 def find_placeholders(text:str) -> list[str]:
     "The media placeholders in `text`, in order of appearance."
-    return _PLACEHOLDER_RE.findall(text)
+    return placeholder_re().findall(text)
 
 # %% ../nbs/01_conversation.ipynb #55a0564a
 @dataclass
@@ -114,7 +113,7 @@ def _media_first(value:str) -> str:
 
 def _frame(value:str, use_im_start_end:bool) -> str:
     "Wrap every placeholder as <im_start>ph<im_end> when asked."
-    return _PLACEHOLDER_RE.sub(lambda m: IM_START + m.group(0) + IM_END, value) if use_im_start_end else value
+    return placeholder_re().sub(lambda m: IM_START + m.group(0) + IM_END, value) if use_im_start_end else value
 
 # %% ../nbs/01_conversation.ipynb #643c99e6
 def _render_two(t, turns):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib, json
 from pathlib import Path
 from .core import ArgumentParser, ConfigError, DataError
-from .conversation import MEDIA_PLACEHOLDERS
+from .modality import MODALITIES, get_modality, record_modalities
 from .dataset import resolve_media_path
 
 # %% auto #0
@@ -75,8 +75,7 @@ def records_from_table(df, # `read_table`'s DataFrame: one row per caption, or p
                        prompts:tuple|None=None, # caption instructions (default: `CAPTION_PROMPTS[modality]`)
                       ) -> list[dict]:
     "LLaVA-format records from a table: captions (two turns each) or question / answer pairs (one conversation per media file)."
-    if modality not in MEDIA_PLACEHOLDERS: raise ConfigError(f"unknown modality {modality!r}. Fix: use one of {', '.join(MEDIA_PLACEHOLDERS)}.")
-    media, ph = media or modality, MEDIA_PLACEHOLDERS[modality]
+    media, ph = media or modality, get_modality(modality).placeholder
     qa = table_kind(df, question, answer, kind) == "qa"
     cols = _columns(df, file, dict(media=media, **(dict(question=question, answer=answer) if qa else dict(caption=caption))))
     problems = []
@@ -111,7 +110,7 @@ def split_by_media(records:list, # `records_from_table`'s records
     "(train, held-out) records, with disjoint media files; the same seed gives the same split."
     import numpy as np
     if not 0 <= eval_fraction < 1: raise ConfigError(f"eval_fraction {eval_fraction} is not in [0, 1). Fix: e.g. 0.1 holds out 10 % of the media files.")
-    key = lambda r: next((str(r[m]) for m in MEDIA_PLACEHOLDERS if m in r), "")
+    key = lambda r: next((str(r[MODALITIES[m].record_key]) for m in record_modalities(r)), "")
     files = sorted({key(r) for r in records})
     held = set(np.random.default_rng(seed).permutation(files)[:round(eval_fraction * len(files))].tolist())
     return [r for r in records if key(r) not in held], [r for r in records if key(r) in held]
@@ -128,16 +127,16 @@ def write_vqa_files(records:list, # held-out conversations
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     qs, gt, refs, caps = [], [], [], []
     for r in records:
-        mod = next(m for m in MEDIA_PLACEHOLDERS if m in r)
+        mod = get_modality(record_modalities(r)[0])
         conv = r["conversations"]
-        context = " ".join(t["value"].replace(MEDIA_PLACEHOLDERS[mod], "").strip() for t in conv)  # the judge's context: the whole reference conversation
+        context = " ".join(t["value"].replace(mod.placeholder, "").strip() for t in conv)  # the judge's context: the whole reference conversation
         for k in range(0, len(conv) - 1, 2):
-            qid, q, a = f"{r['id']}-{k // 2}", conv[k]["value"].replace(MEDIA_PLACEHOLDERS[mod], "").strip(), conv[k + 1]["value"]
+            qid, q, a = f"{r['id']}-{k // 2}", conv[k]["value"].replace(mod.placeholder, "").strip(), conv[k + 1]["value"]
             yn = _closed(a)
-            qs.append({"question_id": qid, mod: r[mod], "text": q, "category": "conv" if yn else "detail"})
+            qs.append({"question_id": qid, mod.record_key: r[mod.record_key], "text": q, "category": "conv" if yn else "detail"})
             gt.append({"id": qid, "answer": yn or a, "answer_type": "CLOSED" if yn else "OPEN", "yes_no_answer": yn})
             refs.append({"question_id": qid, "prompt": q, "text": a, "answer_id": f"reference-{qid}", "model_id": "reference", "metadata": {}})
-            caps.append({"question_id": qid, mod: r[mod], "text": context, "type": "CLOSED" if yn else "OPEN"})
+            caps.append({"question_id": qid, mod.record_key: r[mod.record_key], "text": context, "type": "CLOSED" if yn else "OPEN"})
     paths = dict(questions=out / "eval_questions.jsonl", gt=out / "eval_gt.json", references=out / "eval_reference_answers.jsonl",
                  captions=out / "eval_captions.jsonl")
     jsonl = lambda rows: "".join(json.dumps(x) + "\n" for x in rows)
@@ -257,7 +256,7 @@ def make_records_cli(argv:list[str]|None=None) -> int:
     ap.add_argument("table", help="the table: one row per caption, or per question / answer pair")
     ap.add_argument("--media-folder", required=True, help="folder the table's media paths are relative to (pass it to training as --image_folder)")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--modality", default="image", choices=list(MEDIA_PLACEHOLDERS), help="image or sensor")
+    ap.add_argument("--modality", default="image", choices=list(MODALITIES), help="a registered modality: image or sensor")
     ap.add_argument("--kind", choices=list(TABLE_KINDS), default=None, help="caption (stage 1) or qa (stage 2); default: qa when there is a question / answer column")
     ap.add_argument("--eval-fraction", type=float, default=0.0, help="share of media files held out as VQA files (default 0)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")

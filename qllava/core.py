@@ -8,11 +8,12 @@ import json, os
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['OFFLINE_ENV', 'SECRET_VALUE', 'OUTPUT_NOTEBOOK_NOTE', 'SECRET_ENV_HINT', 'QllavaError', 'DataError', 'ConfigError',
-           'CheckpointError', 'LaunchError', 'assets_dir', 'asset', 'set_offline', 'name_words', 'is_secret_name',
-           'high_entropy', 'named_tokens', 'secret_env_values', 'find_secret', 'secret_masker', 'mask_command',
-           'refuse_secrets', 'injected_names', 'notebook_parameters', 'refuse_secret_parameters', 'unknown_parameters',
-           'check_types', 'need_path', 'ArgumentParser']
+__all__ = ['OFFLINE_ENV', 'SECRET_VALUE', 'OUTPUT_NOTEBOOK_NOTE', 'SECRET_ENV_HINT', 'LAYERS', 'QllavaError', 'DataError',
+           'ConfigError', 'CheckpointError', 'LaunchError', 'assets_dir', 'asset', 'set_offline', 'name_words',
+           'is_secret_name', 'high_entropy', 'named_tokens', 'secret_env_values', 'find_secret', 'secret_masker',
+           'mask_command', 'refuse_secrets', 'injected_names', 'notebook_parameters', 'refuse_secret_parameters',
+           'unknown_parameters', 'check_types', 'check_against_defaults', 'need_path', 'read_json_records',
+           'ArgumentParser', 'layer_of']
 
 # %% ../nbs/00_core.ipynb #e284ee10
 class QllavaError(Exception):
@@ -242,6 +243,18 @@ def check_types(values:dict, # name -> value
             raise ConfigError(f"{what} {k}={v!r} is a {type(v).__name__}, not a {want.__name__}. Fix: pass {ex}.")
     return values
 
+def check_against_defaults(values:dict, # name -> value, as the run notebook holds them
+                           defaults:dict, # the notebook's table of name -> default (`TRAIN_PARAMETERS`, `EVAL_PARAMETERS`, `SWEEP_PARAMETERS`)
+                           injected=(), # what papermill injected that the parameters cell lacks: names, or name -> value (then searched for secrets too)
+                           what:str="parameter", # for the messages, e.g. "sweep parameter"
+                           untyped=(), # names whose type the caller checks itself (e.g. a rule or a number)
+                          ) -> dict:
+    "The checks every run notebook starts with: secrets first (no later message may repeat one), then unknown names (with the closest known one), then types against the defaults; returns `values`."
+    refuse_secrets({**injected, **values} if isinstance(injected, dict) else values)
+    unknown_parameters(set(injected) | set(values), defaults, what)
+    check_types({k: v for k, v in values.items() if k not in untyped}, defaults, what)
+    return values
+
 # %% ../nbs/00_core.ipynb #5dd36f51
 def need_path(path, # the path as the user gave it
               param:str, # the parameter or flag that gave it, named in the message
@@ -260,6 +273,33 @@ def need_path(path, # the path as the user gave it
     if issubclass(error, DataError): raise error(f"{param}: no such {what}{where}{found}.", file=path, fix=fix)
     raise error(f"{param} {str(path)!r}: no such {what}{where}{found}. Fix: {fix}")
 
+# %% ../nbs/00_core.ipynb #9221f185
+def read_json_records(path, # a JSON list (its text starts with "[") or a JSONL file
+                      what:str="file", # what the file is, named when it is missing (e.g. "question file")
+                      missing_fix:str="check the path.", # the fix named when it is missing
+                      fix:str="repair or delete that line.", # the fix named for a JSONL line that is not valid JSON
+                      skip_bad=None, # callable(line, last) -> bool, `line` 1-based, `last` for the file's last line: True drops a bad JSONL line instead of raising
+                      with_lines:bool=False, # also return the 1-based line of each record (a JSON list: its position)
+                     ) -> list|tuple[list, list[int]]:
+    "The records of a JSON list or a JSONL file; `DataError` naming the file and the line of bad JSON."
+    path = Path(path)
+    if not path.exists(): raise DataError(f"{what} not found.", file=path, fix=missing_fix)
+    if path.is_dir(): raise DataError(f"is a directory, not a {what}.", file=path, fix=f"pass the {what} itself.")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try: recs = json.loads(text)
+        except json.JSONDecodeError as e: raise DataError(f"not valid JSON ({e}).", file=path, fix="repair the JSON list.") from None
+        return (recs, list(range(1, len(recs) + 1))) if with_lines else recs
+    recs, lines, rows = [], [], text.splitlines()
+    for i, line in enumerate(rows):
+        if not line.strip(): continue
+        try: recs.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if skip_bad is not None and skip_bad(i + 1, i == len(rows) - 1): continue
+            raise DataError(f"line {i + 1} is not valid JSON ({e.msg}, column {e.colno}).", file=path, record=i, fix=fix) from None
+        lines.append(i + 1)
+    return (recs, lines) if with_lines else recs
+
 # %% ../nbs/00_core.ipynb #aa3076bb
 import argparse
 
@@ -268,7 +308,39 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
-    def add_argument(self, *names, **kwargs):
+    def _spellings(self, names) -> list:
+        "The other spelling (`_` <-> `-`) of each long flag in `names` not taken yet."
         alts = ["--" + (n[2:].replace("_", "-") if "_" in n else n[2:].replace("-", "_")) for n in names if n.startswith("--")]
-        alts = [a for a in dict.fromkeys(alts) if a not in names and a not in self._option_string_actions]
-        return super().add_argument(*names, *alts, **kwargs)
+        return [a for a in dict.fromkeys(alts) if a not in names and a not in self._option_string_actions]
+    def add_argument(self, *names, **kwargs):
+        return super().add_argument(*names, *self._spellings(names), **kwargs)
+    def add_argument_group(self, *args, **kwargs):
+        "A group (a --help section) whose flags get both spellings too."
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+        group.add_argument = lambda *names, **kw: add(*names, *self._spellings(names), **kw)
+        return group
+
+# %% ../nbs/00_core.ipynb #7c4dbd86
+# layer name -> its modules; a module may import from the layers above it in this table, never from its own or a later one
+LAYERS = {
+    "foundation": ("core",),
+    "media files": ("media",),
+    "formats and settings": ("presets", "projector", "metrics", "report", "launch", "config", "testbed", "demo"),
+    "modalities": ("modality",),
+    "conversations": ("conversation",),
+    "tokens and towers": ("tokenize", "encoders"),
+    "data and the model": ("dataset", "model"),
+    "model in use": ("generate", "checkpoint", "validate", "convert"),
+    "answering and judging": ("answer", "review"),
+    "training and summaries": ("train", "summarize"),
+    "run notebooks": ("runs", "evalrun"),
+    "sweeps": ("sweep",),
+    "command line": ("cli",),
+}
+
+def layer_of(module:str) -> int:
+    "The position of `module` (e.g. `train`) in `LAYERS`, bottom = 0."
+    for i, mods in enumerate(LAYERS.values()):
+        if module in mods: return i
+    raise ConfigError(f"module {module!r} is in no layer. Fix: add it to qllava.core.LAYERS where its imports allow.")

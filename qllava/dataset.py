@@ -5,14 +5,18 @@
 # %% ../nbs/06_dataset.ipynb #80092cd3
 from __future__ import annotations
 import json, logging, os
+from fastcore.basics import patch
 from pathlib import Path
 from .core import DataError, ConfigError
 
 log = logging.getLogger(__name__)
+from .modality import MODALITIES, placeholders
+from .conversation import render, spans_text, find_placeholders, get_template
+from .tokenize import tokenize_conversation
 
 # %% auto #0
-__all__ = ['log', 'MEDIA_KEYS', 'Records', 'load_records', 'media_files', 'resolve_media_path', 'fit_length_model',
-           'MultimodalDataset', 'DataCollator', 'ModalityLengthGroupedSampler']
+__all__ = ['log', 'Records', 'load_records', 'media_files', 'resolve_media_path', 'fit_length_model', 'MultimodalDataset',
+           'DataCollator', 'ModalityLengthGroupedSampler']
 
 # %% ../nbs/06_dataset.ipynb #015042d1
 _WS = b" \t\r\n"
@@ -172,15 +176,13 @@ def load_records(path, # a JSON list (.json) or JSONL (.jsonl / .ndjson, or any 
     return Records(p, "json", items=data)
 
 # %% ../nbs/06_dataset.ipynb #7b96eac4
-MEDIA_KEYS = {"image": "images", "sensor": "sensors"}   # record field -> batch key
-
 def media_files(rec:dict, # one record
                 file=None, record:int|None=None, # where it came from (messages)
                ) -> dict:
     "modality -> list of the media paths (as written) of record `rec`."
     out = {}
-    for m in MEDIA_KEYS:
-        v = rec.get(m)
+    for mod in MODALITIES.values():  # the record key of each registered modality (qllava.modality)
+        m, v = mod.name, rec.get(mod.record_key)
         if v is None: continue
         vals = v if isinstance(v, list) else [v]
         if not vals or not all(isinstance(x, str) and x.strip() for x in vals):
@@ -209,20 +211,18 @@ def resolve_media_path(value:str, # the path as written in the record
 # %% ../nbs/06_dataset.ipynb #56f41685
 def _text_chars(rec:dict) -> tuple:
     "(turns, characters of the turn values with media placeholders excluded) of `rec`."
-    from qllava.conversation import MEDIA_PLACEHOLDERS
     conv = rec.get("conversations")
     if not isinstance(conv, list): return 0, 0
     n = 0
     for t in conv:
         v = t.get("value") if isinstance(t, dict) else None
-        if isinstance(v, str): n += len(v) - sum(v.count(ph) * len(ph) for ph in MEDIA_PLACEHOLDERS.values())
+        if isinstance(v, str): n += len(v) - sum(v.count(ph) * len(ph) for ph in placeholders().values())
     return len(conv), n
 
 def fit_length_model(records:list, # a sample of records (dicts)
                      tokenizer, template, # as given to the dataset
                      use_im_start_end:bool=False) -> tuple:
     "(a, c, b): a record's text tokens ~ a + c * turns + b * characters for this tokenizer and template."
-    from qllava.conversation import render, spans_text, find_placeholders
     n_tok = lambda texts, special: [len(x) for x in tokenizer(texts, add_special_tokens=special)["input_ids"]] if texts else []
     def conv(k): return [{"from": ("human", "gpt")[j % 2], "value": "x"} for j in range(k)]
     t2, = n_tok([spans_text(render(template, conv(2)))], True)
@@ -252,10 +252,9 @@ class MultimodalDataset:
                  use_im_start_end:bool=False, # frame each placeholder as <im_start>ph<im_end>
                  on_error:str="raise", # "raise": a bad sample stops training; "skip": it is replaced by the next good sample of its modality
                  n_calibration:int=64): # records tokenised to fit the length estimate
-        from qllava.conversation import get_template, MEDIA_PLACEHOLDERS
         if on_error not in ("raise", "skip"): raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
         added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
-        if not all(ph in added for ph in MEDIA_PLACEHOLDERS.values()):
+        if not all(ph in added for ph in placeholders().values()):
             raise ConfigError("the tokenizer has no media placeholder tokens. Fix: call qllava.tokenize.prepare_tokenizer(tokenizer) "
                               "once, before building the model (its embeddings must cover the added tokens) and this dataset.")
         self.records = load_records(records) if isinstance(records, (str, os.PathLike)) else records
@@ -271,7 +270,8 @@ class MultimodalDataset:
     def __len__(self): return len(self.records)
 
 # %% ../nbs/06_dataset.ipynb #75d45839
-def _mm_scan(self):
+@patch
+def _scan(self:MultimodalDataset):
     "Estimated length and modality group of every record, computed once (no media decoded)."
     if self._stats is not None: return self._stats
     import numpy as np
@@ -317,19 +317,31 @@ def _safe_iter(records, start, n, ds):
         try: yield records[k]
         except DataError as e: ds.skipped[k] = str(e); yield None
 
-MultimodalDataset._scan = _mm_scan
-MultimodalDataset.lengths = property(lambda self: self._scan()[0].tolist(), doc="Estimated length (tokens, media included) of every sample.")
-MultimodalDataset.modalities = property(lambda self: list(self._scan()[1]), doc="Modality group of every sample: 'image', 'sensor', 'image+sensor' or 'text'.")
-MultimodalDataset.modality_lengths = property(
-    lambda self: [int(l) if g != "text" else -int(l) for l, g in zip(*self._scan()[:2])],
-    doc="LLaVA's convention: +length for samples with media, -length for text-only samples.")
-MultimodalDataset.length_model = property(lambda self: self._scan()[2], doc="(a, c, b) of the estimate text tokens ~ a + c * turns + b * characters.")
+@patch(as_prop=True)
+def lengths(self:MultimodalDataset) -> list:
+    "Estimated length (tokens, media included) of every sample."
+    return self._scan()[0].tolist()
+
+@patch(as_prop=True)
+def modalities(self:MultimodalDataset) -> list:
+    "Modality group of every sample: 'image', 'sensor', 'image+sensor' or 'text'."
+    return list(self._scan()[1])
+
+@patch(as_prop=True)
+def modality_lengths(self:MultimodalDataset) -> list:
+    "LLaVA's convention: +length for samples with media, -length for text-only samples."
+    return [int(l) if g != "text" else -int(l) for l, g in zip(*self._scan()[:2])]
+
+@patch(as_prop=True)
+def length_model(self:MultimodalDataset) -> tuple:
+    "(a, c, b) of the estimate text tokens ~ a + c * turns + b * characters."
+    return self._scan()[2]
 
 # %% ../nbs/06_dataset.ipynb #343d79c9
-def _mm_load(self, i:int) -> dict:
+@patch
+def _load(self:MultimodalDataset, i:int) -> dict:
     "Sample `i` as a dict, raising `DataError` (with file, record and id) on any problem."
     import torch
-    from qllava.tokenize import tokenize_conversation
     rec = self.records[i]
     if not isinstance(rec, dict):
         raise DataError(f"the record is a {type(rec).__name__}, not an object.", file=self.file, record=i)
@@ -346,7 +358,7 @@ def _mm_load(self, i:int) -> dict:
                if s.truncated else "no supervised token (the conversation has no assistant text)")
         raise _Dropped(why + ".", **where, fix="raise max_length or shorten the conversation, or remove the record.")
     out = {"input_ids": s.input_ids, "labels": s.labels}
-    for m, key in MEDIA_KEYS.items():
+    for m, key in ((x.name, x.batch_key) for x in MODALITIES.values()):
         files = mf.get(m, [])
         n_ph = s.media_counts.get(m, 0) + s.media_dropped.get(m, 0)
         if n_ph != len(files):
@@ -365,7 +377,8 @@ def _mm_load(self, i:int) -> dict:
 class _Dropped(DataError):
     "A well-formed sample with nothing left to learn from (counted apart from broken ones)."
 
-def _mm_getitem(self, i:int) -> dict:
+@patch
+def __getitem__(self:MultimodalDataset, i:int) -> dict:
     "Sample `i`: input_ids, labels, images (k,3,S,S) or None, sensors (k,T,C) or None."
     if isinstance(i, (list, tuple)):
         raise ConfigError("the dataset got a list of indices: ModalityLengthGroupedSampler yields whole batches. "
@@ -390,12 +403,12 @@ def _mm_getitem(self, i:int) -> dict:
                     f"({len(self.skipped)} skipped, {len(self.dropped)} dropped).", file=self.file,
                     fix="run `qllava validate-data` on the file and fix the records it lists.")
 
-def _mm_report(self) -> dict:
+@patch
+def report(self:MultimodalDataset) -> dict:
     "Counts of the samples this process skipped (bad data) and dropped (no supervision left)."
     return {"n": len(self), "skipped": len(self.skipped), "dropped": len(self.dropped)}
 
-MultimodalDataset._load, MultimodalDataset.__getitem__, MultimodalDataset.report = _mm_load, _mm_getitem, _mm_report
-MultimodalDataset.collator = lambda self, **kw: DataCollator(self.tokenizer.pad_token_id, **kw)
+
 
 # %% ../nbs/06_dataset.ipynb #98ff24d8
 class DataCollator:
@@ -418,10 +431,15 @@ class DataCollator:
             labels = torch.nn.functional.pad(labels, (0, extra), value=-100)
         mask = (torch.arange(ids.shape[1])[None] < lens[:, None]).long()                     # (B, L)
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        for key in MEDIA_KEYS.values():
+        for key in (x.batch_key for x in MODALITIES.values()):
             parts = [s[key] for s in samples if s.get(key) is not None and len(s[key])]
             if parts: batch[key] = torch.cat(parts)
         return batch
+
+@patch
+def collator(self:MultimodalDataset, **kw) -> DataCollator:
+    "The DataCollator that batches this dataset's samples (its tokenizer's pad id)."
+    return DataCollator(self.tokenizer.pad_token_id, **kw)
 
 # %% ../nbs/06_dataset.ipynb #1b972ede
 def _step_sizes(n:int, R:int, B:int) -> list:
@@ -479,7 +497,8 @@ class ModalityLengthGroupedSampler:
         return self._len
 
 # %% ../nbs/06_dataset.ipynb #1bd4bd7d
-def _plan(self, epoch:int) -> list:
+@patch
+def _plan(self:ModalityLengthGroupedSampler, epoch:int) -> list:
     "Every step of `epoch` as an index array sorted longest first (the same on every rank)."
     import numpy as np
     rng = np.random.default_rng([self.seed, epoch])
@@ -499,30 +518,35 @@ def _plan(self, epoch:int) -> list:
     order = np.concatenate([[first], order[order != first]])
     return [steps[k] for k in order]
 
-def _batches(self, epoch:int|None=None) -> list:
+@patch
+def batches(self:ModalityLengthGroupedSampler, epoch:int|None=None) -> list:
     "This rank's batches of `epoch` (default: the current one), as lists of indices."
     R = self.num_replicas
     return [s[self.rank::R].tolist() for s in self._plan(self.epoch if epoch is None else epoch)]
 
-def _iter(self):
+@patch
+def __iter__(self:ModalityLengthGroupedSampler):
     batches = self.batches()
     start, self._start = self._start, 0
     for k in range(start, len(batches)):
         self._pos = k + 1
         yield batches[k]
 
-def _set_epoch(self, epoch:int):
+@patch
+def set_epoch(self:ModalityLengthGroupedSampler, epoch:int):
     "Use the order of `epoch`; a new epoch starts from its first batch (the epoch restored by `load_state_dict` resumes)."
     if int(epoch) != self.epoch: self._start = self._pos = 0
     self.epoch = int(epoch)
 
-def _state_dict(self, consumed:int|None=None) -> dict:
+@patch
+def state_dict(self:ModalityLengthGroupedSampler, consumed:int|None=None) -> dict:
     "Where this rank is: epoch and batches done in it (`consumed`: pass your loop's count when the DataLoader prefetches)."
     return {"epoch": self.epoch, "position": self._pos if consumed is None else int(consumed), "seed": self.seed,
             "num_replicas": self.num_replicas, "batch_size": self.batch_size, "n_samples": len(self.lengths),
             "group_by_modality": self.group_by_modality, "megabatch_steps": self.megabatch_steps}
 
-def _load_state_dict(self, state:dict):
+@patch
+def load_state_dict(self:ModalityLengthGroupedSampler, state:dict):
     "Continue from `state`: the next iteration yields the batches after `position` in epoch `epoch`."
     mine = self.state_dict()
     diff = [k for k in ("seed", "num_replicas", "batch_size", "n_samples", "group_by_modality", "megabatch_steps") if state.get(k) != mine[k]]
@@ -532,6 +556,4 @@ def _load_state_dict(self, state:dict):
     self.epoch, self._start = int(state["epoch"]), int(state["position"])
     self._pos = self._start
 
-ModalityLengthGroupedSampler._plan, ModalityLengthGroupedSampler.batches = _plan, _batches
-ModalityLengthGroupedSampler.__iter__, ModalityLengthGroupedSampler.set_epoch = _iter, _set_epoch
-ModalityLengthGroupedSampler.state_dict, ModalityLengthGroupedSampler.load_state_dict = _state_dict, _load_state_dict
+

@@ -6,19 +6,21 @@
 from __future__ import annotations
 import argparse, json, shutil
 from pathlib import Path
+from .core import assets_dir, ArgumentParser
 
 # %% auto #0
 __all__ = ['LEVELS', 'PATHO_CAPTION_PROMPTS', 'PATHO_CAPTIONS', 'PATHO_CLOSED', 'PATHO_ASKED', 'PATHO_CLOSED_REASONS',
            'PATHO_OPEN', 'PATHO_TEXT_QA', 'ACTIVITIES', 'ACTIVITY_PHRASES', 'IMU_CAPTION_PROMPTS', 'IMU_CAPTIONS',
            'IMU_OPEN', 'IMU_ACTIVITY_Q', 'IMU_INTENSITY_Q', 'IMU_TEXT_QA', 'CONVERSATION_TEXT', 'LLAMA_SPECIALS',
-           'BYTE_TOKENS', 'BYTEBPE_SPECIALS', 'TOKENIZER_MAX_LENGTH', 'IMU_WINDOW', 'IMU_CHANNELS', 'CLIP_MEAN',
-           'CLIP_STD', 'TILE', 'TRAIN_STRIDE', 'EVAL_STRIDE', 'EVAL_X', 'TRAIN_X', 'CLEAR_MARGIN', 'PATHO_SEED',
-           'IMU_SEED', 'DEMO_PARTS', 'write_json', 'write_jsonl', 'demo_text_corpus', 'train_llama_tokenizer',
-           'train_bytebpe_tokenizer', 'save_tokenizer', 'build_tokenizers', 'imu_windows', 'preset_specs',
-           'sensor_stats', 'build_presets', 'ihc_image', 'stain_masks', 'tile_origins', 'tile_measures', 'tertile_cuts',
-           'level_of', 'is_clear', 'tile_values', 'closed_qa', 'patho_finetune_conversation', 'text_only_conversation',
-           'build_pathology', 'imu_measures', 'imu_values', 'imu_activity_qa', 'imu_intensity_qa',
-           'imu_finetune_conversations', 'build_imu', 'sources_md', 'build_demo_data', 'make_demo', 'make_demo_cli']
+           'BYTE_TOKENS', 'BYTEBPE_SPECIALS', 'TOKENIZER_MAX_LENGTH', 'IMU_WINDOW', 'IMU_CHANNELS', 'TILE',
+           'TRAIN_STRIDE', 'EVAL_STRIDE', 'EVAL_X', 'TRAIN_X', 'CLEAR_MARGIN', 'PATHO_SEED', 'IMU_SEED', 'DEMO_PARTS',
+           'write_json', 'write_jsonl', 'demo_text_corpus', 'train_llama_tokenizer', 'train_bytebpe_tokenizer',
+           'save_tokenizer', 'build_tokenizers', 'imu_windows', 'preset_specs', 'sensor_stats', 'build_presets',
+           'ihc_image', 'stain_masks', 'tile_origins', 'tile_measures', 'tertile_cuts', 'level_of', 'is_clear',
+           'tile_values', 'closed_qa', 'patho_finetune_conversation', 'text_only_conversation', 'patho_train_records',
+           'patho_eval_picks', 'patho_eval_rows', 'build_pathology', 'imu_measures', 'imu_values', 'imu_activity_qa',
+           'imu_intensity_qa', 'imu_finetune_conversations', 'build_imu', 'sources_md', 'build_demo_data', 'make_demo',
+           'make_demo_cli']
 
 # %% ../nbs/03_demo.ipynb #c6798dc7
 def write_json(obj, path:str|Path, # output file (parents created)
@@ -244,8 +246,7 @@ def imu_windows(split:str="train", # aeon's split: "train" or "test"
     return np.ascontiguousarray(X.transpose(0, 2, 1), dtype=np.float32), [str(v) for v in y]
 
 # %% ../nbs/03_demo.ipynb #095496da
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # OpenAI CLIP normalisation
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+from .media import CLIP_MEAN, CLIP_STD  # OpenAI CLIP normalisation: one definition, in media
 
 def preset_specs(llama_vocab:int, # base vocabulary of the llama-demo tokenizer
                  sensor_mean:list, sensor_std:list, # per-channel statistics of the demo IMU training windows
@@ -400,6 +401,46 @@ def text_only_conversation(qas:list, rng) -> list[dict]:
     return [t for i in idx for t in ({"from": "human", "value": qas[int(i)][0]}, {"from": "gpt", "value": qas[int(i)][1]})]
 
 # %% ../nbs/03_demo.ipynb #9dec5ae1
+def patho_train_records(items:list, # (image name, tile values) of every training image
+                        rng) -> tuple[list, list, int]:
+    "(stage-1 caption records, stage-2 conversations with ~10 % text-only ones, shuffled, how many are text-only)."
+    pretrain = [{"id": f"patho-pre-{i:04d}", "image": name,
+                 "conversations": [{"from": "human", "value": "<image>\n" + _pick(rng, PATHO_CAPTION_PROMPTS)},
+                                   {"from": "gpt", "value": _pick(rng, PATHO_CAPTIONS).format(**vals)}]}
+                for i, (name, vals) in enumerate(items)]
+    counter = {}
+    finetune = [{"id": f"patho-ft-{i:04d}", "image": name, "conversations": patho_finetune_conversation(vals, rng, counter)}
+                for i, (name, vals) in enumerate(items)]
+    n_text = round(len(finetune) / 9)  # ~10% of the records are text-only
+    finetune += [{"id": f"patho-text-{i:03d}", "conversations": text_only_conversation(PATHO_TEXT_QA, rng)} for i in range(n_text)]
+    return pretrain, [finetune[int(i)] for i in rng.permutation(len(finetune))], n_text
+
+def patho_eval_picks(evals:list, # measured evaluation tiles with their `vals`
+                     cuts:dict, rng, n_closed_each:int, n_open:int) -> list[tuple[dict, str]]:
+    "(tile, question key) pairs: balanced yes / no for each asked closed question on clear tiles, then open descriptions; a tile used once where possible."
+    used, questions = set(), []
+    def take(pool, n):
+        pool = sorted(pool, key=lambda m: ((m["y"], m["x"]) in used, float(rng.random())))[:n]
+        used.update((m["y"], m["x"]) for m in pool)
+        return pool
+    for key in PATHO_ASKED:
+        for ans in ("yes", "no"):
+            measure = PATHO_CLOSED[key][1]
+            pool = [m for m in evals if (qa := closed_qa(key, m["vals"])) is not None and qa[1] == ans
+                    and is_clear(m[measure], cuts[measure])]
+            questions += [(m, key) for m in take(pool, n_closed_each)]
+    return questions + [(m, "describe") for m in take(evals, n_open)]
+
+def patho_eval_rows(qid:str, image:str, vals:dict, key:str) -> tuple[dict, dict, dict, dict]:
+    "The question, ground truth, judge caption and reference answer of one evaluation question (`key`: a closed question or `describe`)."
+    caption = PATHO_CAPTIONS[0].format(**vals)
+    if key == "describe": q, short, full, kind = PATHO_OPEN[0][0], caption, caption, "OPEN"
+    else: (q, short, full), kind = closed_qa(key, vals), "CLOSED"
+    return ({"question_id": qid, "image": image, "text": q, "category": "detail" if kind == "OPEN" else "conv"},
+            {"id": qid, "answer": short, "answer_type": kind, "yes_no_answer": short if kind == "CLOSED" else None},
+            {"question_id": qid, "image": image, "text": caption, "type": f"{vals['Dab_level']} DAB"},
+            {"question_id": qid, "prompt": q, "text": full, "answer_id": f"reference-{qid}", "model_id": "reference", "metadata": {}})
+
 def build_pathology(out:str|Path, # the demo folder; files go to out/pathology/
                     seed:int=PATHO_SEED, # seed of every random choice
                     n_closed_each:int=12, # eval: yes tiles (and as many no tiles) per closed question (the strip has 16 clear low-nuclei tiles)
@@ -422,41 +463,13 @@ def build_pathology(out:str|Path, # the demo folder; files go to out/pathology/
             name = "train/" + _tile_name(m, k)
             _save_png(_dihedral(crop(m), k), root / "images" / name)
             items.append((name, tile_values(m, cuts)))
-    pretrain = [{"id": f"patho-pre-{i:04d}", "image": name,
-                 "conversations": [{"from": "human", "value": "<image>\n" + _pick(rng, PATHO_CAPTION_PROMPTS)},
-                                   {"from": "gpt", "value": _pick(rng, PATHO_CAPTIONS).format(**vals)}]}
-                for i, (name, vals) in enumerate(items)]
-    counter = {}
-    finetune = [{"id": f"patho-ft-{i:04d}", "image": name, "conversations": patho_finetune_conversation(vals, rng, counter)}
-                for i, (name, vals) in enumerate(items)]
-    n_text = round(len(finetune) / 9)  # ~10% of the records are text-only
-    finetune += [{"id": f"patho-text-{i:03d}", "conversations": text_only_conversation(PATHO_TEXT_QA, rng)} for i in range(n_text)]
-    finetune = [finetune[int(i)] for i in rng.permutation(len(finetune))]
-    # evaluation: balanced closed questions, then open descriptions
-    evals = [dict(m, vals=tile_values(m, cuts)) for m in evals]
-    used, questions = set(), []
-    def take(pool, n):
-        pool = sorted(pool, key=lambda m: ((m["y"], m["x"]) in used, float(rng.random())))[:n]
-        used.update((m["y"], m["x"]) for m in pool)
-        return pool
-    for key in PATHO_ASKED:
-        for ans in ("yes", "no"):
-            measure = PATHO_CLOSED[key][1]
-            pool = [m for m in evals if (qa := closed_qa(key, m["vals"])) is not None and qa[1] == ans
-                    and is_clear(m[measure], cuts[measure])]
-            questions += [(m, key) for m in take(pool, n_closed_each)]
-    questions += [(m, "describe") for m in take(evals, n_open)]
+    pretrain, finetune, n_text = patho_train_records(items, rng)
+    questions = patho_eval_picks([dict(m, vals=tile_values(m, cuts)) for m in evals], cuts, rng, n_closed_each, n_open)
     qfile, gt, caps, refs = [], [], [], []
     for i, (m, key) in enumerate(questions):
-        qid, name, vals = f"patho-q{i:03d}", "eval/" + _tile_name(m), m["vals"]
+        name = "eval/" + _tile_name(m)
         if not (root / "images" / name).exists(): _save_png(crop(m), root / "images" / name)
-        caption = PATHO_CAPTIONS[0].format(**vals)
-        if key == "describe": q, short, full, kind = PATHO_OPEN[0][0], caption, caption, "OPEN"
-        else: (q, short, full), kind = closed_qa(key, vals), "CLOSED"
-        qfile.append({"question_id": qid, "image": name, "text": q, "category": "detail" if kind == "OPEN" else "conv"})
-        gt.append({"id": qid, "answer": short, "answer_type": kind, "yes_no_answer": short if kind == "CLOSED" else None})
-        caps.append({"question_id": qid, "image": name, "text": caption, "type": f"{vals['Dab_level']} DAB"})
-        refs.append({"question_id": qid, "prompt": q, "text": full, "answer_id": f"reference-{qid}", "model_id": "reference", "metadata": {}})
+        for rows, row in zip((qfile, gt, caps, refs), patho_eval_rows(f"patho-q{i:03d}", name, m["vals"], key)): rows.append(row)
     write_json(pretrain, root / "pretrain.json"); write_json(finetune, root / "finetune.json")
     write_jsonl(qfile, root / "eval_questions.jsonl"); write_json(gt, root / "eval_gt.json", indent=None)
     write_jsonl(caps, root / "eval_captions.jsonl"); write_jsonl(refs, root / "eval_reference_answers.jsonl")
@@ -631,7 +644,6 @@ def make_demo(out:str|Path|None=None, # assets folder to write (default: the ins
               parts:tuple=("tokenizers", "data", "presets"), # what to build
              ) -> dict:
     "Rebuild the shipped tokenizers, presets and demo data into `out`; returns a summary dict."
-    from qllava.core import assets_dir
     out = Path(out) if out is not None else assets_dir()
     summary = {"out": str(out)}
     if "tokenizers" in parts:
@@ -648,7 +660,6 @@ def make_demo(out:str|Path|None=None, # assets folder to write (default: the ins
 # %% ../nbs/03_demo.ipynb #bfa16330
 def make_demo_cli(argv:list[str]|None=None) -> int:
     "`qllava make-demo`: rebuild the shipped tokenizers, presets and demo data from PyPI-packaged sources."
-    from qllava.core import ArgumentParser
     ap = ArgumentParser(prog="qllava make-demo", description=make_demo_cli.__doc__)
     ap.add_argument("--out", default=None, help="assets folder to write (default: the package's qllava/assets)")
     ap.add_argument("--only", nargs="+", choices=list(DEMO_PARTS), default=None, help="build only these parts (default: all)")

@@ -5,47 +5,101 @@
 # %% ../nbs/10_encoders.ipynb #3cf87295
 from __future__ import annotations
 import json, re
+from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 import torch
 from torch import nn
 import torch.nn.functional as F
 from .core import CheckpointError, ConfigError
+from .modality import get_modality
+from .presets import get_preset
 
 # %% auto #0
-__all__ = ['ENCODER_KINDS', 'OPEN_CLIP_HUB_IDS', 'WEIGHT_SUFFIXES', 'SPEC_HELP', 'OPENAI_CLIP_MEAN', 'OPENAI_CLIP_STD',
-           'SELECT_FEATURES', 'LIMU_BERT_LLASA', 'PRESET_KINDS', 'resolve_spec', 'load_weights_file', 'check_select',
-           'make_processor', 'Encoder', 'select_tokens', 'HFClipEncoder', 'read_clip_preprocessing', 'load_hf_clip',
-           'open_clip_hidden_state', 'OpenClipEncoder', 'open_clip_to_hf_config', 'convert_open_clip_to_hf_clip',
-           'LimuBert', 'limu_bert_state_dict', 'load_limu_bert', 'LimuBertEncoder', 'build_preset_encoder',
-           'load_open_clip_visual', 'build_encoder']
+__all__ = ['ENCODER_KINDS', 'WEIGHT_SUFFIXES', 'SELECT_FEATURES', 'LIMU_BERT_LLASA', 'OPEN_CLIP_HUB_IDS', 'OPEN_CLIP_CONFIG',
+           'CLIP_MODEL_TYPES', 'LIMU_ARCH_KEYS', 'EncoderKind', 'register_encoder_kind', 'resolve_spec', 'encoder_kind',
+           'encoder_modality', 'load_weights_file', 'vit_num_tokens', 'check_select', 'make_processor', 'Encoder',
+           'select_tokens', 'HFClipEncoder', 'read_clip_preprocessing', 'load_hf_clip', 'open_clip_hidden_state',
+           'OpenClipEncoder', 'open_clip_to_hf_config', 'convert_open_clip_to_hf_clip', 'LimuBert',
+           'limu_bert_state_dict', 'load_limu_bert', 'LimuBertEncoder', 'preset_encoder_kind', 'build_preset_encoder',
+           'load_open_clip_visual', 'is_clip_config', 'is_limu_bert_names', 'build_encoder', 'encoder_num_tokens',
+           'encoder_media', 'encoder_processor']
 
 # %% ../nbs/10_encoders.ipynb #11e16049
-ENCODER_KINDS = ("preset", "hf-clip", "open_clip", "limu-bert")
-OPEN_CLIP_HUB_IDS = ("wisdomik/QuiltNet-B-32", "wisdomik/QuiltNet-B-16", "wisdomik/QuiltNet-B-16-PMB")  # bare ids that are open_clip models
+@dataclass(frozen=True)
+class EncoderKind:
+    "One kind of encoder tower: its spec prefix, how a bare spec is recognised as it, how it is built and what it gives."
+    name:str # the spec prefix, e.g. "hf-clip" in "hf-clip:openai/clip-vit-large-patch14-336"
+    build:Callable # (target, spec, select_layer, select_feature, **options) -> Encoder; select_layer None = the tower's default
+    modality:str|Callable # the modality of its features ("image", "sensor", ...), or target -> modality (preset: the preset's kind decides)
+    syntax:str # how its specs are written, for error messages, e.g. "hf-clip:HUB_ID|FOLDER"
+    recognise:Callable|None=None # bare spec -> target, or None: claims a bare spec by the files it has, never by the words in its name
+    fallback:Callable|None=None # the same, tried only when no kind recognised the spec (hf-clip: any other ORG/NAME hub id, as LLaVA)
+    num_tokens:Callable|None=None # (target, select_layer, select_feature) -> media tokens per item, without building the tower (None: it is built)
+    media:Callable|None=None # target -> its preprocessing settings (`Encoder.media`), without building the tower (None: it is built)
+    local_paths:bool=True # a target naming an existing file or folder is made absolute (a checkpoint recording it loads from anywhere)
+    preset_kind:str|None=None # the `kind` of the qllava presets describing this tower: `preset:NAME` builds it with random weights
+    from_preset:Callable|None=None # (preset dict, spec, select_layer, select_feature) -> Encoder, initialised from the preset's seed
+    preset_tokens:Callable|None=None # (preset dict, select_layer, select_feature) -> media tokens per item, without building
+    preset_media:Callable|None=None # preset dict -> preprocessing settings, without building
+
+ENCODER_KINDS: dict[str, EncoderKind] = {}  # spec prefix -> EncoderKind, in registration order (the order bare specs are tried in)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-SPEC_HELP = ("use one of preset:NAME, hf-clip:HUB_ID|FOLDER, open_clip:hf-hub:HUB_ID, open_clip:ARCH@CHECKPOINT, "
-             "limu-bert:CHECKPOINT")
+
+def register_encoder_kind(name:str, # the spec prefix (letters, digits, '_', '-', '.'); registering a name again replaces that kind
+                          build:Callable, # (target, spec, select_layer, select_feature, **options) -> Encoder
+                          modality:str|Callable, # a registered modality (qllava.modality), or target -> modality
+                          syntax:str="", # how its specs are written, for error messages (default NAME:TARGET)
+                          **fields) -> EncoderKind: # any other `EncoderKind` field
+    "Add an encoder kind: `NAME:TARGET` specs, and the bare specs its `recognise` claims, then build with it everywhere."
+    if not re.fullmatch(r"[\w.\-]+", name or ""):
+        raise ConfigError(f"encoder kind {name!r}: a spec prefix is made of letters, digits, '_', '-' and '.'. Fix: choose such a name.")
+    if isinstance(modality, str): get_modality(modality)
+    kind = EncoderKind(name, build, modality, syntax or f"{name}:TARGET", **fields)
+    if kind.preset_kind is not None:
+        other = next((k.name for k in ENCODER_KINDS.values() if k.preset_kind == kind.preset_kind and k.name != name), None)
+        if other: raise ConfigError(f"encoder kind {name!r}: presets of kind {kind.preset_kind!r} already build {other!r} towers. Fix: choose another preset_kind.")
+        if kind.from_preset is None or not isinstance(modality, str):
+            raise ConfigError(f"encoder kind {name!r}: a kind built from presets needs `from_preset` and a fixed modality. Fix: give both, or no preset_kind.")
+    ENCODER_KINDS[name] = kind
+    return kind
+
+def _spec_help() -> str: return "use one of " + ", ".join(k.syntax for k in ENCODER_KINDS.values())
 
 def resolve_spec(spec:str, # e.g. "preset:tiny-clip", "openai/clip-vit-large-patch14-336", "wisdomik/QuiltNet-B-32"
                 ) -> tuple[str, str]:
-    "Split an encoder spec into `(kind, target)`, resolving bare hub ids and folders to their tower kind."
+    "Split an encoder spec into `(kind, target)`: `KIND:TARGET` of a registered kind, or a bare spec a kind recognises by its files."
     spec = (spec or "").strip()
     kind, sep, target = spec.partition(":")
     if sep and kind in ENCODER_KINDS:
-        if not target.strip(): raise ConfigError(f"encoder spec {spec!r} names no model after '{kind}:'. Fix: {SPEC_HELP}.")
+        if not target.strip(): raise ConfigError(f"encoder spec {spec!r} names no model after '{kind}:'. Fix: {_spec_help()}.")
         target = target.strip()
+        p = Path(target).expanduser()
         # a local folder or file is made absolute: a checkpoint that records the spec must load from any working folder
-        return kind, str(Path(target).expanduser().resolve()) if kind != "preset" and Path(target).expanduser().exists() else target
-    if spec.startswith(("hf-hub:", "local-dir:")): return "open_clip", spec
-    if not spec: raise ConfigError(f"the encoder spec is empty. Fix: {SPEC_HELP}.")
+        return kind, str(p.resolve()) if ENCODER_KINDS[kind].local_paths and p.exists() else target
+    if not spec: raise ConfigError(f"the encoder spec is empty. Fix: {_spec_help()}.")
+    for stage in ("recognise", "fallback"):
+        for k in ENCODER_KINDS.values():
+            if (claim := getattr(k, stage)) is not None and (target := claim(spec)) is not None: return k.name, target
     p = Path(spec).expanduser()
-    if p.is_dir(): return ("open_clip", f"local-dir:{p.resolve()}") if (p/"open_clip_config.json").exists() else ("hf-clip", str(p.resolve()))
     if p.suffix in WEIGHT_SUFFIXES:
-        raise ConfigError(f"encoder spec {spec!r} is a weights file, which does not say which tower it holds. "
+        raise ConfigError(f"encoder spec {spec!r} is a weights file{'' if p.is_file() else ' (not found)'} whose tensors no encoder kind "
+                          f"recognises, so it does not say which tower it holds. "
                           f"Fix: write limu-bert:{spec} or open_clip:ARCH@{spec} (e.g. open_clip:ViT-B-32@{spec}).")
-    if spec in OPEN_CLIP_HUB_IDS or "quiltnet" in spec.lower(): return "open_clip", f"hf-hub:{spec}"
-    if re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec): return "hf-clip", spec
-    raise ConfigError(f"unknown encoder spec {spec!r}. Fix: {SPEC_HELP}.")
+    if p.is_dir():
+        raise ConfigError(f"encoder spec {spec!r} is a folder without the files any encoder kind is recognised by "
+                          f"(e.g. open_clip_config.json, or the config.json of a CLIP model). Fix: {_spec_help()}.")
+    raise ConfigError(f"unknown encoder spec {spec!r}. Fix: {_spec_help()}.")
+
+def encoder_kind(spec:str) -> EncoderKind:
+    "The registered kind of the encoder `spec` names."
+    return ENCODER_KINDS[resolve_spec(spec)[0]]
+
+def encoder_modality(spec:str) -> str:
+    "The modality of the encoder `spec` names (\"image\", \"sensor\", ...), from its kind: nothing is built."
+    kind, target = resolve_spec(spec)
+    m = ENCODER_KINDS[kind].modality
+    return m(target) if callable(m) else m
 
 # %% ../nbs/10_encoders.ipynb #b5f25ddb
 def _unwrap_state_dict(obj, path) -> dict:
@@ -84,9 +138,13 @@ def load_weights_file(path, # a .safetensors file, or a .bin/.pt/.pth/.ckpt pick
     return _unwrap_state_dict(obj, p)
 
 # %% ../nbs/10_encoders.ipynb #3af8cea3
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from .media import CLIP_MEAN as OPENAI_CLIP_MEAN, CLIP_STD as OPENAI_CLIP_STD  # OpenAI CLIP's normalisation: one definition, in media
 SELECT_FEATURES = ("patch", "cls_patch")
+
+def vit_num_tokens(grid:int, # patches per side (image_size // patch_size)
+                   select_feature:str) -> int:
+    "Tokens a square ViT gives per image: one per patch, and the CLS token too for `cls_patch`."
+    return grid ** 2 + (select_feature == "cls_patch")
 
 def check_select(select_layer:int, # index into [embeddings, block 1, ..., block n_blocks]
                  select_feature:str, # "patch" or "cls_patch"
@@ -104,10 +162,7 @@ def check_select(select_layer:int, # index into [embeddings, block 1, ..., block
 def make_processor(modality:str, # "image" or "sensor"
                    media:dict): # image_size/image_mean/image_std, or window/channels[/mean/std]
     "The qllava.media processor for an encoder's declared preprocessing."
-    from qllava.media import ImageProcessor, SensorProcessor
-    if modality == "image": return ImageProcessor(media["image_size"], tuple(media["image_mean"]), tuple(media["image_std"]),
-                                                  aspect_ratio=media.get("aspect_ratio", "pad"))
-    return SensorProcessor(media["window"], media["channels"], mean=media.get("mean"), std=media.get("std"))
+    return get_modality(modality).make_processor(media)
 
 # %% ../nbs/10_encoders.ipynb #da34d7a4
 class Encoder(nn.Module):
@@ -136,8 +191,7 @@ class Encoder(nn.Module):
     @property
     def input_shape(self) -> tuple:
         "Shape of one preprocessed media item."
-        m = self.media
-        return (3, m["image_size"], m["image_size"]) if self.modality == "image" else (m["window"], m["channels"])
+        return tuple(get_modality(self.modality).input_shape(self.media))
 
     def dummy_input(self, batch:int=1) -> torch.Tensor:
         "Zeros shaped like a preprocessed media batch, in the tower's dtype (for ZeRO-3-safe dummy passes)."
@@ -190,7 +244,7 @@ class HFClipEncoder(Encoder):
                  image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD):
         c = tower.config
         check_select(select_layer, select_feature, c.num_hidden_layers, spec)
-        n = (c.image_size // c.patch_size) ** 2 + (select_feature == "cls_patch")
+        n = vit_num_tokens(c.image_size // c.patch_size, select_feature)
         super().__init__(spec, "image", c.hidden_size, n, dict(image_size=c.image_size, image_mean=tuple(image_mean), image_std=tuple(image_std)),
                          select_layer, select_feature)
         self.tower = tower
@@ -270,7 +324,7 @@ class OpenClipEncoder(Encoder):
         if gh != gw: raise ConfigError(f"{spec}: non-square open_clip towers are not supported. Fix: use a square image size.")
         pp = getattr(visual, "preprocess_cfg", None) or {}
         media = dict(image_size=int(size), image_mean=tuple(pp.get("mean", OPENAI_CLIP_MEAN)), image_std=tuple(pp.get("std", OPENAI_CLIP_STD)))
-        super().__init__(spec, "image", visual.conv1.out_channels, gh * gw + (select_feature == "cls_patch"), media, select_layer, select_feature)
+        super().__init__(spec, "image", visual.conv1.out_channels, vit_num_tokens(gh, select_feature), media, select_layer, select_feature)
         self.visual, self.n_blocks = visual, self_n
 
     def features(self, x):
@@ -448,31 +502,86 @@ def _seeded(seed:int, make):
         torch.manual_seed(seed)
         return make()
 
-PRESET_KINDS = ("clip_vision", "open_clip", "limu_bert")
+def _layer(select_layer:int|None, default:int) -> int: return default if select_layer is None else select_layer
+
+def _preset_mean_std(p:dict) -> tuple[tuple, tuple]:
+    pre = p.get("preprocessing", {})
+    return tuple(pre.get("mean") or OPENAI_CLIP_MEAN), tuple(pre.get("std") or OPENAI_CLIP_STD)
+
+def _vit_tokens(image_size:int, patch_size:int, n_blocks:int, select_layer, select_feature:str, spec:str, default_layer:int=-2) -> int:
+    "`vit_num_tokens` after the same layer / feature check the tower makes when it is built."
+    check_select(_layer(select_layer, default_layer), select_feature, n_blocks, spec)
+    return vit_num_tokens(image_size // patch_size, select_feature)
+
+# clip_vision presets: CLIPVisionConfig kwargs
+def _clip_preset_config(p:dict):
+    from transformers import CLIPVisionConfig
+    return CLIPVisionConfig(**p.get("config", {}))
+
+def _clip_from_preset(p:dict, spec:str, select_layer=None, select_feature:str="patch") -> Encoder:
+    from transformers import CLIPVisionModel
+    tower = _seeded(p.get("seed", 0), lambda: CLIPVisionModel(_clip_preset_config(p)))
+    return HFClipEncoder(tower.eval(), spec, _layer(select_layer, -2), select_feature, *_preset_mean_std(p))
+
+def _clip_preset_tokens(p:dict, select_layer=None, select_feature:str="patch") -> int:
+    c = _clip_preset_config(p)
+    return _vit_tokens(c.image_size, c.patch_size, c.num_hidden_layers, select_layer, select_feature, f"preset:{p.get('name')}")
+
+def _clip_preset_media(p:dict) -> dict:
+    mean, std = _preset_mean_std(p)
+    return dict(image_size=_clip_preset_config(p).image_size, image_mean=mean, image_std=std)
+
+# open_clip presets: open_clip VisionTransformer kwargs (+ quick_gelu)
+def _open_clip_from_preset(p:dict, spec:str, select_layer=None, select_feature:str="patch") -> Encoder:
+    from open_clip.transformer import VisionTransformer, QuickGELU
+    cfg = dict(p.get("config", {}))
+    act = QuickGELU if cfg.pop("quick_gelu", False) else nn.GELU
+    visual = _seeded(p.get("seed", 0), lambda: VisionTransformer(act_layer=act, **cfg))
+    mean, std = _preset_mean_std(p)
+    visual.preprocess_cfg = dict(mean=mean, std=std)
+    return OpenClipEncoder(visual.eval(), spec, _layer(select_layer, -2), select_feature)
+
+def _open_clip_preset_tokens(p:dict, select_layer=None, select_feature:str="patch") -> int:
+    c = p["config"]
+    return _vit_tokens(c["image_size"], c["patch_size"], c["layers"], select_layer, select_feature, f"preset:{p.get('name')}")
+
+def _open_clip_preset_media(p:dict) -> dict:
+    mean, std = _preset_mean_std(p)
+    return dict(image_size=int(p["config"]["image_size"]), image_mean=mean, image_std=std)
+
+# limu_bert presets: LimuBert kwargs
+def _limu_preset_config(p:dict) -> dict: return {**LIMU_BERT_LLASA, **p.get("config", {})}
+
+def _limu_from_preset(p:dict, spec:str, select_layer=None, select_feature:str="patch") -> Encoder:
+    pre = p.get("preprocessing", {})
+    limu = _seeded(p.get("seed", 0), lambda: LimuBert(**p.get("config", {})))
+    return LimuBertEncoder(limu.eval(), spec, _layer(select_layer, -1), select_feature, pre.get("mean"), pre.get("std"))
+
+def _limu_preset_tokens(p:dict, select_layer=None, select_feature:str="patch") -> int:
+    c = _limu_preset_config(p)
+    check_select(_layer(select_layer, -1), select_feature, c["n_layers"], f"preset:{p.get('name')}")
+    return c["seq_len"]
+
+def _limu_preset_media(p:dict) -> dict:
+    c, pre = _limu_preset_config(p), p.get("preprocessing", {})
+    return dict(window=c["seq_len"], channels=c["feature_num"], mean=pre.get("mean"), std=pre.get("std"))
+
+def preset_encoder_kind(name:str, # shipped preset name (e.g. "tiny-clip") or path of a preset JSON file
+                       ) -> tuple[EncoderKind, dict]:
+    "(the encoder kind whose towers preset `name` describes, the preset): the preset's `kind` decides."
+    p = get_preset(name)
+    k = next((k for k in ENCODER_KINDS.values() if k.preset_kind is not None and k.preset_kind == p.get("kind")), None)
+    if k is None:
+        kinds = [k.preset_kind for k in ENCODER_KINDS.values() if k.preset_kind is not None]
+        raise ConfigError(f"preset {name!r} is a {p.get('kind')!r} preset, not an encoder. Fix: use a preset of kind {', '.join(kinds)} "
+                          f"(e.g. tiny-clip, tiny-limu, bench-vit-b32, limu-bert).")
+    return k, p
 
 def build_preset_encoder(name:str, # shipped preset name (e.g. "tiny-clip") or path of a preset JSON file
                          select_layer:int|None=None, select_feature:str="patch") -> Encoder:
     "A randomly initialised tower described by preset `name`, identical on every call."
-    from qllava.presets import get_preset
-    p = get_preset(name)
-    kind, cfg, pre, seed = p.get("kind"), dict(p.get("config", {})), p.get("preprocessing", {}), p.get("seed", 0)
-    spec = f"preset:{name}"
-    mean, std = tuple(pre.get("mean") or OPENAI_CLIP_MEAN), tuple(pre.get("std") or OPENAI_CLIP_STD)
-    if kind == "clip_vision":
-        from transformers import CLIPVisionConfig, CLIPVisionModel
-        tower = _seeded(seed, lambda: CLIPVisionModel(CLIPVisionConfig(**cfg)))
-        return HFClipEncoder(tower.eval(), spec, -2 if select_layer is None else select_layer, select_feature, mean, std)
-    if kind == "open_clip":
-        from open_clip.transformer import VisionTransformer, QuickGELU
-        act = QuickGELU if cfg.pop("quick_gelu", False) else nn.GELU
-        visual = _seeded(seed, lambda: VisionTransformer(act_layer=act, **cfg))
-        visual.preprocess_cfg = dict(mean=mean, std=std)
-        return OpenClipEncoder(visual.eval(), spec, -2 if select_layer is None else select_layer, select_feature)
-    if kind == "limu_bert":
-        limu = _seeded(seed, lambda: LimuBert(**cfg))
-        return LimuBertEncoder(limu.eval(), spec, -1 if select_layer is None else select_layer, select_feature, pre.get("mean"), pre.get("std"))
-    raise ConfigError(f"preset {name!r} is a {kind!r} preset, not an encoder. Fix: use a preset of kind {', '.join(PRESET_KINDS)} "
-                      f"(e.g. tiny-clip, tiny-limu, bench-vit-b32, limu-bert).")
+    k, p = preset_encoder_kind(name)
+    return k.from_preset(p, f"preset:{name}", select_layer, select_feature)
 
 # %% ../nbs/10_encoders.ipynb #1dec2eb1
 def load_open_clip_visual(target:str, # "hf-hub:ID", "local-dir:FOLDER", "ARCH@CKPT_FILE", "ARCH@TAG" or "ARCH" (random, seed 0)
@@ -503,6 +612,179 @@ def load_open_clip_visual(target:str, # "hf-hub:ID", "local-dir:FOLDER", "ARCH@C
         visual.load_state_dict({k: sd[k] for k in want})
     return visual.eval()
 
+# %% ../nbs/10_encoders.ipynb #c53013fc
+OPEN_CLIP_HUB_IDS = ("wisdomik/QuiltNet-B-32", "wisdomik/QuiltNet-B-16", "wisdomik/QuiltNet-B-16-PMB")  # hub repos known to be open_clip models (they hold open_clip_config.json), for when the hub cache has not got them yet
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+CLIP_MODEL_TYPES = ("clip", "clip_vision_model")  # config.json `model_type`s transformers' CLIPVisionModel loads
+
+def _hub_id(spec:str) -> bool:
+    "Whether `spec` reads as a hub id ORG/NAME and is not a local path."
+    return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec)) and not Path(spec).expanduser().exists()
+
+def _cached_hub_file(repo_id:str, filename:str) -> Path|None:
+    "A file of a hub repository if the local hub cache holds it (no network)."
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        f = try_to_load_from_cache(repo_id, filename)
+    except Exception: return None
+    return Path(f) if isinstance(f, str) and Path(f).is_file() else None
+
+def _read_json(path) -> dict|None:
+    try: return json.loads(Path(path).read_text())
+    except Exception: return None
+
+def is_clip_config(cfg:dict|None, # a config.json's content
+                  ) -> bool:
+    "Whether a transformers config.json describes a CLIP model (a full CLIPModel or a CLIPVisionModel)."
+    return isinstance(cfg, dict) and cfg.get("model_type") in CLIP_MODEL_TYPES
+
+# ---- open_clip
+def _open_clip_recognise(spec:str) -> str|None:
+    if spec.startswith(("hf-hub:", "local-dir:")): return spec   # open_clip's own names of a model
+    p = Path(spec).expanduser()
+    if p.is_dir(): return f"local-dir:{p.resolve()}" if (p/OPEN_CLIP_CONFIG).is_file() else None
+    if _hub_id(spec) and (spec in OPEN_CLIP_HUB_IDS or _cached_hub_file(spec, OPEN_CLIP_CONFIG)): return f"hf-hub:{spec}"
+    return None
+
+def _open_clip_config(target:str) -> dict|None:
+    "open_clip's config of a target ({'model_cfg': ..., 'preprocess_cfg': ...}) from its open_clip_config.json or open_clip's own table."
+    if target.startswith("hf-hub:"):
+        f = _cached_hub_file(target[len("hf-hub:"):], OPEN_CLIP_CONFIG)
+        return _read_json(f) if f else None
+    if target.startswith("local-dir:"): return _read_json(Path(target[len("local-dir:"):])/OPEN_CLIP_CONFIG)
+    import open_clip
+    cfg = open_clip.get_model_config(target.partition("@")[0])
+    return {"model_cfg": cfg} if cfg else None
+
+def _open_clip_vision(target:str):
+    "open_clip's CLIPVisionCfg of a target when it is a plain square ViT the config files describe (else None: building tells why)."
+    from open_clip.model import CLIPVisionCfg
+    v = ((_open_clip_config(target) or {}).get("model_cfg") or {}).get("vision_cfg")
+    try: v = CLIPVisionCfg(**v) if isinstance(v, dict) else None   # open_clip's defaults for the keys the file leaves out
+    except TypeError: return None
+    if v is None or v.timm_model_name or v.attentional_pool or not isinstance(v.layers, int): return None
+    if not isinstance(v.image_size, int) and len(set(v.image_size)) != 1: return None
+    return v
+
+def _open_clip_size(v) -> int: return v.image_size if isinstance(v.image_size, int) else v.image_size[0]
+
+def _open_clip_tokens(target:str, select_layer=None, select_feature:str="patch") -> int|None:
+    v = _open_clip_vision(target)
+    return None if v is None else _vit_tokens(_open_clip_size(v), v.patch_size, v.layers, select_layer, select_feature, f"open_clip:{target}")
+
+def _open_clip_media(target:str) -> dict|None:
+    if not target.startswith(("hf-hub:", "local-dir:")): return None   # a pretrained tag may bring its own normalisation: built
+    from open_clip.transform import PreprocessCfg
+    v = _open_clip_vision(target)
+    if v is None: return None
+    pp = {"mean": PreprocessCfg().mean, "std": PreprocessCfg().std, **((_open_clip_config(target) or {}).get("preprocess_cfg") or {})}
+    return dict(image_size=int(_open_clip_size(v)), image_mean=tuple(pp["mean"]), image_std=tuple(pp["std"]))
+
+def _build_open_clip(target:str, spec:str, select_layer=None, select_feature:str="patch", **_) -> Encoder:
+    return OpenClipEncoder(load_open_clip_visual(target), spec, _layer(select_layer, -2), select_feature)
+
+# ---- transformers CLIP
+def _hf_clip_recognise(spec:str) -> str|None:
+    p = Path(spec).expanduser()
+    if p.is_dir(): return str(p.resolve()) if is_clip_config(_read_json(p/"config.json")) else None
+    if _hub_id(spec) and (f := _cached_hub_file(spec, "config.json")) and is_clip_config(_read_json(f)): return spec
+    return None
+
+def _hf_clip_fallback(spec:str) -> str|None: return spec if _hub_id(spec) else None
+
+def _hf_clip_config(target:str):
+    "The CLIPVisionConfig of a hub id or folder, from its config.json alone (None when that cannot be read here)."
+    from transformers import CLIPVisionConfig
+    from transformers.utils import logging as hf_logging
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try: return CLIPVisionConfig.from_pretrained(target)
+    except Exception: return None
+    finally: hf_logging.set_verbosity(old)
+
+def _hf_clip_tokens(target:str, select_layer=None, select_feature:str="patch") -> int|None:
+    c = _hf_clip_config(target)
+    return None if c is None else _vit_tokens(c.image_size, c.patch_size, c.num_hidden_layers, select_layer, select_feature, f"hf-clip:{target}")
+
+def _hf_clip_media(target:str) -> dict|None:
+    c = _hf_clip_config(target)
+    if c is None: return None
+    mean, std = read_clip_preprocessing(target, c.image_size)
+    return dict(image_size=c.image_size, image_mean=tuple(mean), image_std=tuple(std))
+
+def _build_hf_clip(target:str, spec:str, select_layer=None, select_feature:str="patch", **_) -> Encoder:
+    tower = load_hf_clip(target)
+    mean, std = read_clip_preprocessing(target, tower.config.image_size)
+    return HFClipEncoder(tower.eval(), spec, _layer(select_layer, -2), select_feature, mean, std)
+
+# ---- LIMU-BERT
+LIMU_ARCH_KEYS = ("n_layers", "n_heads", "emb_norm")  # what a LIMU-BERT checkpoint cannot tell
+
+def _tensor_names(p:Path, max_pickle_bytes:int=256 << 20) -> list|None:
+    "Tensor names of a weights file (a safetensors header, or a small pickle read safely); None when unreadable."
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(p), "pt") as f: return list(f.keys())
+        return list(load_weights_file(p)) if p.stat().st_size <= max_pickle_bytes else None
+    except Exception: return None
+
+def is_limu_bert_names(names) -> bool:
+    "Whether tensor names hold exactly one LIMU-BERT encoder (one `embed.lin.weight`, with its `embed.pos_embed.weight`)."
+    names = set(names)
+    anchors = [k for k in names if k == "embed.lin.weight" or k.endswith(".embed.lin.weight")]
+    return len(anchors) == 1 and anchors[0][: -len("lin.weight")] + "pos_embed.weight" in names
+
+def _limu_recognise(spec:str) -> str|None:
+    p = Path(spec).expanduser()
+    if not (p.suffix in WEIGHT_SUFFIXES and p.is_file()): return None
+    names = _tensor_names(p)
+    return str(p.resolve()) if names and is_limu_bert_names(names) else None
+
+def _limu_shape(target:str) -> tuple[int, int]:
+    "(window, channels) of a LIMU-BERT checkpoint, from its tensors."
+    sd = limu_bert_state_dict(load_weights_file(target), target)
+    try: return sd["embed.pos_embed.weight"].shape[0], sd["embed.lin.weight"].shape[1]
+    except KeyError as e: raise CheckpointError(f"{target}: LIMU-BERT tensor {e} is missing. Fix: pass a complete LIMU-BERT checkpoint.") from None
+
+def _limu_tokens(target:str, select_layer=None, select_feature:str="patch") -> int:
+    check_select(0, select_feature, 0, f"limu-bert:{target}")  # the feature only: the passes depend on `arch`, which the file cannot tell
+    return _limu_shape(target)[0]
+
+def _limu_media(target:str) -> dict:
+    T, C = _limu_shape(target)
+    return dict(window=T, channels=C, mean=None, std=None)
+
+def _build_limu_bert(target:str, spec:str, select_layer=None, select_feature:str="patch", arch:dict|None=None, **_) -> Encoder:
+    unknown = set(arch or {}) - set(LIMU_ARCH_KEYS)
+    if unknown: raise ConfigError(f"{spec}: unknown LIMU-BERT arch keys {sorted(unknown)}. Fix: use {', '.join(LIMU_ARCH_KEYS)}.")
+    return LimuBertEncoder(load_limu_bert(target, **(arch or {})), spec, _layer(select_layer, -1), select_feature)
+
+# ---- presets: the preset's kind decides
+def _preset_modality(target:str) -> str: return preset_encoder_kind(target)[0].modality
+
+def _preset_tokens(target:str, select_layer=None, select_feature:str="patch") -> int|None:
+    k, p = preset_encoder_kind(target)
+    return k.preset_tokens(p, select_layer, select_feature) if k.preset_tokens else None
+
+def _preset_media(target:str) -> dict|None:
+    k, p = preset_encoder_kind(target)
+    return k.preset_media(p) if k.preset_media else None
+
+def _build_preset(target:str, spec:str, select_layer=None, select_feature:str="patch", **_) -> Encoder:
+    return build_preset_encoder(target, select_layer, select_feature)
+
+register_encoder_kind("preset", _build_preset, _preset_modality, "preset:NAME", num_tokens=_preset_tokens, media=_preset_media, local_paths=False)
+register_encoder_kind("open_clip", _build_open_clip, "image", "open_clip:hf-hub:HUB_ID, open_clip:ARCH@CHECKPOINT", recognise=_open_clip_recognise,
+                      num_tokens=_open_clip_tokens, media=_open_clip_media, preset_kind="open_clip", from_preset=_open_clip_from_preset,
+                      preset_tokens=_open_clip_preset_tokens, preset_media=_open_clip_preset_media)
+register_encoder_kind("hf-clip", _build_hf_clip, "image", "hf-clip:HUB_ID|FOLDER", recognise=_hf_clip_recognise, fallback=_hf_clip_fallback,
+                      num_tokens=_hf_clip_tokens, media=_hf_clip_media, preset_kind="clip_vision", from_preset=_clip_from_preset,
+                      preset_tokens=_clip_preset_tokens, preset_media=_clip_preset_media)
+register_encoder_kind("limu-bert", _build_limu_bert, "sensor", "limu-bert:CHECKPOINT", recognise=_limu_recognise,
+                      num_tokens=_limu_tokens, media=_limu_media, preset_kind="limu_bert", from_preset=_limu_from_preset,
+                      preset_tokens=_limu_preset_tokens, preset_media=_limu_preset_media);
+
 # %% ../nbs/10_encoders.ipynb #75c7af8c
 def build_encoder(spec:str, # which tower: see the table at the top (e.g. "preset:tiny-clip", "wisdomik/QuiltNet-B-32")
                   select_layer:int|None=None, # hidden state after this block; None = the tower's default (-2 for image towers as LLaVA, -1 for LIMU-BERT as LLaSA)
@@ -510,19 +792,29 @@ def build_encoder(spec:str, # which tower: see the table at the top (e.g. "prese
                   trainable:bool=False, # train the tower (default frozen: no gradients, eval-mode dropout)
                   arch:dict|None=None, # LIMU-BERT only: n_layers / n_heads / emb_norm, which a checkpoint cannot tell
                  ) -> Encoder:
-    "Build the encoder a spec string names, frozen unless `trainable`."
+    "Build the encoder a spec string names, by its registered kind, frozen unless `trainable`."
     kind, target = resolve_spec(spec)
-    canon = f"{kind}:{target}"
-    img_layer = -2 if select_layer is None else select_layer
-    if kind == "preset": enc = build_preset_encoder(target, select_layer, select_feature)
-    elif kind == "hf-clip":
-        tower = load_hf_clip(target)
-        mean, std = read_clip_preprocessing(target, tower.config.image_size)
-        enc = HFClipEncoder(tower.eval(), canon, img_layer, select_feature, mean, std)
-    elif kind == "open_clip": enc = OpenClipEncoder(load_open_clip_visual(target), canon, img_layer, select_feature)
-    else:
-        unknown = set(arch or {}) - {"n_layers", "n_heads", "emb_norm"}
-        if unknown: raise ConfigError(f"{canon}: unknown LIMU-BERT arch keys {sorted(unknown)}. Fix: use n_layers, n_heads, emb_norm.")
-        limu = load_limu_bert(target, **(arch or {}))
-        enc = LimuBertEncoder(limu, canon, -1 if select_layer is None else select_layer, select_feature)
+    enc = ENCODER_KINDS[kind].build(target, f"{kind}:{target}", select_layer, select_feature, **({} if arch is None else {"arch": arch}))
     return enc.unfreeze() if trainable else enc.freeze()
+
+# %% ../nbs/10_encoders.ipynb #7fd50aef
+def encoder_num_tokens(spec:str, # an encoder spec
+                       select_layer:int|None=None, # as `build_encoder` takes it (checked the same way)
+                       select_feature:str="patch", # "patch", or "cls_patch" (one more token: the CLS token)
+                      ) -> int:
+    "Media tokens one item becomes with the encoder `spec` names (its `num_tokens`), without building it where its kind can tell."
+    kind, target = resolve_spec(spec)
+    k = ENCODER_KINDS[kind]
+    n = k.num_tokens(target, select_layer, select_feature) if k.num_tokens else None
+    return build_encoder(spec, select_layer, select_feature).num_tokens if n is None else n
+
+def encoder_media(spec:str) -> dict:
+    "The preprocessing settings (`Encoder.media`) of the encoder `spec` names, without building it where its kind can tell."
+    kind, target = resolve_spec(spec)
+    k = ENCODER_KINDS[kind]
+    m = k.media(target) if k.media else None
+    return dict(build_encoder(spec).media if m is None else m)
+
+def encoder_processor(spec:str):
+    "The `qllava.media` processor turning a file into the input of the encoder `spec` names (as its `processor`)."
+    return make_processor(encoder_modality(spec), encoder_media(spec))

@@ -7,13 +7,21 @@ from __future__ import annotations
 import json, os, re, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from .core import CheckpointError, ConfigError, DataError, check_types, need_path, refuse_secrets, unknown_parameters
+from .core import CheckpointError, ConfigError, DataError, check_against_defaults, need_path
+from .conversation import TEMPLATES, TEMPLATE_ALIASES
+from .metrics import read_json_records, gt_answer, vqa_metrics, choice_metrics, f1_precision_recall
+from .checkpoint import read_manifest
+from .presets import DEMO_DATA, demo_paths
+from .answer import read_questions, answer_questions, read_answers, question_modality
+from .report import sha256, show_media, provenance
+from .review import split_content, LocalJudge, review, load_reviews, review_status
+from .summarize import summarize_reviews, plot_summary
 
 # %% auto #0
-__all__ = ['EVAL_PARAMETERS', 'DEMO_DATA', 'KEY_ENV_VARS', 'EVAL_FILES', 'LOCAL_JUDGE_NAME', 'check_eval_parameters',
-           'check_eval_files', 'EvalPlan', 'plan_eval', 'checkpoint_fingerprint', 'prepare_run_dir', 'run_answers',
-           'answers_table', 'run_metrics', 'metrics_table', 'reference_overlap_judge', 'judge_setup', 'run_review',
-           'review_warnings', 'review_chart', 'gallery', 'png', 'record_eval']
+__all__ = ['EVAL_PARAMETERS', 'KEY_ENV_VARS', 'EVAL_FILES', 'LOCAL_JUDGE_NAME', 'check_eval_parameters', 'check_eval_files',
+           'EvalPlan', 'plan_eval', 'checkpoint_fingerprint', 'prepare_run_dir', 'run_answers', 'answers_table',
+           'run_metrics', 'metrics_table', 'reference_overlap_judge', 'judge_setup', 'run_review', 'review_warnings',
+           'review_chart', 'gallery', 'png', 'record_eval']
 
 # %% ../nbs/34_evalrun.ipynb #6b0d10c9
 EVAL_PARAMETERS = dict(
@@ -21,7 +29,6 @@ EVAL_PARAMETERS = dict(
     reference_answers="", batch_size=16, max_new_tokens=128, template="", limit=0, blank_media=False, judge_model="gpt-4",
     judge_base_url="", judge_concurrency=8, judge_timeout=60.0, judge_max_retries=5,
     judge_redo_flagged=False, answers_file="", run_dir="", gallery_size=6)
-DEMO_DATA = {"image": "pathology", "sensor": "imu"}
 KEY_ENV_VARS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY")  # where the judge's key is read from (never a parameter)
 EVAL_FILES = {"question_file": ("file", "question file (JSONL of question_id, image or sensor, text)"),
               "media_folder": ("folder", "media folder the question media paths are relative to"),
@@ -33,11 +40,7 @@ def check_eval_parameters(values:dict, # allowed parameter name -> value, as the
                           injected:dict|None=None, # name -> value of what papermill injected (`injected_names` + globals)
                           ) -> dict:
     "Refuse secrets (by name or value), unknown names, wrong types, unknown choices and out-of-range numbers; returns the values."
-    from qllava.conversation import TEMPLATES, TEMPLATE_ALIASES
-    given = {**(injected or {}), **values}
-    refuse_secrets(given)  # first: no later message may repeat a key
-    unknown_parameters(given, EVAL_PARAMETERS)
-    check_types(values, EVAL_PARAMETERS)
+    check_against_defaults(values, EVAL_PARAMETERS, injected or {})  # secrets first (in the injected values too), unknown names, types
     if values.get("modality", "image") not in DEMO_DATA:
         raise ConfigError(f"modality {values['modality']!r} is not one of {', '.join(DEMO_DATA)}. Fix: -p modality image.")
     known = sorted(TEMPLATES) + sorted(TEMPLATE_ALIASES)
@@ -96,7 +99,6 @@ def _need(path, what:str, param:str) -> str:
 
 def _subset(src, dst:Path, ids:set, key:str):
     "Write the records of `src` (JSON list or JSONL) whose `key` is in `ids` to `dst`, same format."
-    from qllava.metrics import read_json_records
     recs = [r for r in read_json_records(src) if r.get(key) in ids]
     text = Path(src).read_text(encoding="utf-8").lstrip()
     dst.write_text(json.dumps(recs) if text.startswith("[") else "".join(json.dumps(r) + "\n" for r in recs))
@@ -105,14 +107,12 @@ def _subset(src, dst:Path, ids:set, key:str):
 def plan_eval(values:dict) -> EvalPlan:
     "Resolve the eval notebook's parameters into files to read and write (demo files for empty paths)."
     v = {**EVAL_PARAMETERS, **check_eval_files(check_eval_parameters(dict(values)))}  # in a second, before torch loads
-    from qllava.checkpoint import read_manifest
     ck = Path(v["checkpoint"])
     if not (ck / "adapter").is_dir():
         encs = read_manifest(ck).get("encoders") or {}
         if v["modality"] not in encs:
             raise ConfigError(f"{ck} has {', '.join(encs) or 'no'} encoder(s), not {v['modality']}. Fix: pass -p modality "
                               f"{next(iter(encs), 'image')}, or the checkpoint of a {v['modality']} run.")
-    from qllava.presets import demo_paths
     dp = demo_paths(DEMO_DATA[v["modality"]])
     pick = lambda k, demo_key: v[k] or str(dp[demo_key])
     files = dict(question_file=pick("question_file", "eval_questions"), media_folder=pick("media_folder", "media_folder"),
@@ -125,7 +125,6 @@ def plan_eval(values:dict) -> EvalPlan:
     run_dir.mkdir(parents=True, exist_ok=True)
     sources = [files[k] for k in ("question_file", "gt_file", "captions_file", "reference_answers")]
     if v["limit"] > 0:
-        from qllava.answer import read_questions
         qs = read_questions(files["question_file"])[:v["limit"]]
         ids = {q["question_id"] for q in qs}
         n = v["limit"]
@@ -139,7 +138,6 @@ def plan_eval(values:dict) -> EvalPlan:
 # %% ../nbs/34_evalrun.ipynb #63e41a17
 def checkpoint_fingerprint(folder) -> dict:
     "Manifest hash and (size, mtime) of each weight file of a checkpoint folder (cheap: weights are not read)."
-    from qllava.report import sha256
     folder = Path(folder)
     weights = [*folder.glob("*"), *folder.glob("adapter/*")]  # the folder's own files, not nested runs or step checkpoints
     out = {str(p.relative_to(folder)): [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(weights)
@@ -167,7 +165,6 @@ def run_answers(plan:EvalPlan, # from `plan_eval`
                 progress:bool=True, # a progress bar (tqdm) while answering
                 ) -> dict:
     "Answer the plan's questions with its checkpoint (resumes: answered question_ids are skipped)."
-    from qllava.answer import answer_questions
     bar = None
     def tick(done, total):
         nonlocal bar
@@ -190,8 +187,6 @@ def run_answers(plan:EvalPlan, # from `plan_eval`
 def answers_table(plan:EvalPlan, n:int|None=None):
     "Question, answer and ground truth side by side (first `n` rows)."
     import pandas as pd
-    from qllava.answer import read_answers, read_questions
-    from qllava.metrics import read_json_records, gt_answer
     qs = read_questions(plan.question_file)[:n]
     ans = {r["question_id"]: r["text"] for r in read_answers(plan.answers_file, repair=False)}
     gt = {g["id"]: g for g in read_json_records(plan.gt_file)}
@@ -201,8 +196,6 @@ def answers_table(plan:EvalPlan, n:int|None=None):
 
 def run_metrics(plan:EvalPlan) -> dict:
     "`qllava.metrics` on the answers; Quilt's yes_no_answer rule when every closed record has one."
-    from qllava.metrics import read_json_records, vqa_metrics, choice_metrics
-    from qllava.answer import read_answers, read_questions
     ids = {q["question_id"] for q in read_questions(plan.question_file)}
     gt = [g for g in read_json_records(plan.gt_file) if g.get("id") in ids]
     pred = [r for r in read_answers(plan.answers_file, repair=False) if r["question_id"] in ids]  # this plan's questions only
@@ -229,8 +222,6 @@ LOCAL_JUDGE_NAME = "local stand-in judge (word overlap with the reference answer
 
 def reference_overlap_judge(content:str) -> str:
     "A deterministic stand-in judge: the reference scores 10; the model's answer 1 + 9 x its word F1 with the reference."
-    from qllava.review import split_content
-    from qllava.metrics import f1_precision_recall
     s = split_content(content)
     f1 = f1_precision_recall(s["answer2"], s["answer1"])[0]
     return (f"10 {1 + round(9 * f1)}\nLocal stand-in judge, not GPT-4: Assistant 1 is the reference answer (10 by definition); "
@@ -256,7 +247,6 @@ def run_review(plan:EvalPlan, # from `plan_eval`
                judge:dict|None=None, # from `judge_setup`; default: from the plan's values
                ) -> dict: # {"judge", "counts", "summary"}
     "Review the answers against the reference answers with the judge (a local stand-in when there is no key); summarise."
-    from qllava.review import LocalJudge, review
     judge = judge or judge_setup(plan.values)
     v = plan.values
     kw = dict(model=judge["model"], concurrency=v["judge_concurrency"], timeout=v["judge_timeout"], max_retries=v["judge_max_retries"],
@@ -268,10 +258,6 @@ def run_review(plan:EvalPlan, # from `plan_eval`
     else:
         counts = review(plan.question_file, plan.captions_file, plan.reference_answers, plan.answers_file, plan.reviews_file,
                         base_url=judge["base_url"], **kw)
-    from qllava.answer import read_questions
-    from qllava.metrics import read_json_records
-    from qllava.review import load_reviews
-    from qllava.summarize import summarize_reviews
     ids = {q["question_id"] for q in read_questions(plan.question_file)}
     reviews = [r for r in load_reviews(plan.reviews_file) if r["question_id"] in ids]  # this plan's questions only
     return {"judge": judge, "counts": dict(counts), "summary": summarize_reviews(reviews, read_json_records(plan.captions_file), file=plan.reviews_file)}
@@ -281,8 +267,6 @@ def review_warnings(plan:EvalPlan, # from `plan_eval`
                     show:int=5, # question_ids listed per note
                    ) -> list[str]:
     "Markdown notes on reviews without scores (failed calls, flagged replies, with their question_ids) and on reviews asked again."
-    from qllava.review import load_reviews, review_status
-    from qllava.answer import read_questions
     v, c = plan.values, result["counts"]
     ids = {q["question_id"] for q in read_questions(plan.question_file)}
     recs = [r for r in load_reviews(plan.reviews_file) if r["question_id"] in ids]  # this plan's questions only
@@ -306,7 +290,6 @@ def review_warnings(plan:EvalPlan, # from `plan_eval`
 
 def review_chart(result:dict):
     "The summary bar chart, titled with the judge that produced it."
-    from qllava.summarize import plot_summary
     local = result["judge"]["kind"] == "local"
     title = "Review by the LOCAL stand-in judge (not GPT-4)" if local else f"Review by {result['judge']['label']}"
     return plot_summary(result["summary"], title=title)
@@ -319,9 +302,6 @@ def gallery(plan:EvalPlan, # from `plan_eval`
     "A matplotlib Figure: media + question + answer + ground truth for `n` examples spread over the questions."
     import textwrap
     from matplotlib.figure import Figure
-    from qllava.answer import read_answers, read_questions, question_modality
-    from qllava.metrics import read_json_records, gt_answer
-    from qllava.report import show_media
     qs = [q for q in read_questions(plan.question_file) if question_modality(q)]
     ans = {r["question_id"]: r["text"] for r in read_answers(plan.answers_file, repair=False)}
     gt = {g["id"]: g for g in read_json_records(plan.gt_file)}
@@ -359,7 +339,6 @@ def _package_dir() -> Path:
 
 def record_eval(plan:EvalPlan, metrics:dict, review_result:dict|None=None, notebook:str|None=None) -> Path:
     "Write `run_dir/eval.json` (kind 'eval'): parameters, judge, metrics, review summary, provenance."
-    from qllava.report import provenance
     flat = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
     judge = None
     if review_result:

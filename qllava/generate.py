@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 import torch
 from .core import ConfigError, DataError
-from .model import MEDIA_BATCH_KEYS
+from .modality import get_modality, is_item_of
 from .tokenize import encode_chunked
 
 # %% auto #0
@@ -43,15 +43,19 @@ def encode_prompts(tokenizer, # tokenizer prepared with the media tokens
 
 # %% ../nbs/13_generate.ipynb #67b56620
 def _modality_of(x, encoders:dict) -> str:
+    "Which encoder takes bare media item `x`: the only one; else a tensor by the input shape each takes, a file or object by its modality."
     if len(encoders) == 1: return next(iter(encoders))
-    if isinstance(x, torch.Tensor): return "image" if x.ndim == 3 else "sensor"
-    s = str(x).lower()
-    return "sensor" if s.endswith(".npy") or not hasattr(x, "size") and not isinstance(x, (str, Path)) else "image"
+    if isinstance(x, torch.Tensor): hits = [m for m, e in encoders.items() if tuple(x.shape) == tuple(e.input_shape)]
+    else: hits = [m for m in encoders if is_item_of(x, m)]
+    if len(hits) != 1:
+        raise ConfigError(f"cannot tell which of the model's encoders ({', '.join(encoders)}) takes {type(x).__name__} {str(x)[:60]!r}. "
+                          "Fix: give that prompt's media as {modality: item}.")
+    return hits[0]
 
 def collect_media(model, # a QllavaForCausalLM
                   media:list, # per prompt: None, an item, a list of items or {modality: item(s)}
                   prompts:list|None=None, # prompt texts, to check media counts against placeholders
-                  ) -> dict: # batch key (`images` / `sensors`) -> (M, ...) tensor in order of appearance
+                  ) -> dict: # modality -> (M, ...) tensor in order of appearance (the model's `media`)
     "Turn per-prompt media into the batch tensors the model takes."
     out = {m: [] for m in model.encoders}
     for i, item in enumerate(media):
@@ -68,11 +72,11 @@ def collect_media(model, # a QllavaForCausalLM
                     if proc is None: raise ConfigError(f"the {m} encoder has no processor; pass prompt {i}'s media as tensors.")
                     x = proc(x)
                 out[m].append(x)
-            if prompts is not None and prompts[i].count(f"<{m}>") != len(xs if isinstance(xs, (list, tuple)) else [xs]):
-                raise DataError(f"prompt {i} has {prompts[i].count(f'<{m}>')} <{m}> placeholder(s) but "
-                                f"{len(xs if isinstance(xs, (list, tuple)) else [xs])} {m} input(s).", record=i,
-                                fix=f"put one <{m}> in the prompt per {m} given.")
-    return {MEDIA_BATCH_KEYS[m]: torch.stack(xs) for m, xs in out.items() if xs}
+            ph, n = get_modality(m).placeholder, len(xs if isinstance(xs, (list, tuple)) else [xs])
+            if prompts is not None and prompts[i].count(ph) != n:
+                raise DataError(f"prompt {i} has {prompts[i].count(ph)} {ph} placeholder(s) but {n} {m} input(s).", record=i,
+                                fix=f"put one {ph} in the prompt per {m} given.")
+    return {m: torch.stack(xs) for m, xs in out.items() if xs}
 
 # %% ../nbs/13_generate.ipynb #3c90a8c7
 def generation_config(tokenizer, # the model's tokenizer
@@ -123,9 +127,9 @@ def answer_batch(model, # a QllavaForCausalLM
     for b in range(0, len(prompts), batch_size):
         ps, ms = prompts[b:b + batch_size], media[b:b + batch_size]
         ids, mask = encode_prompts(tokenizer, ps, model.config)
-        batch = {k: v.to(device) for k, v in collect_media(model, ms, ps).items()}
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc,
-                             tokenizer=tokenizer if gc.stop_strings else None, **batch)
+        media_in = {k: v.to(device) for k, v in collect_media(model, ms, ps).items()}
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), media=media_in, generation_config=gc,
+                             tokenizer=tokenizer if gc.stop_strings else None)
         texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         answers += [cut_at_stop(t, stops) for t in texts]
     model.train(was_training)

@@ -13,10 +13,10 @@ from .core import ConfigError, LaunchError, ArgumentParser, is_secret_name, mask
 __all__ = ['PROGRESS_PREFIX', 'RUN_DIR_ENV', 'BACKEND_ENV', 'LAUNCHERS', 'DEFAULT_PORT', 'progress_line', 'parse_progress',
            'env_rank', 'report_progress', 'heartbeat', 'read_heartbeats', 'dist_backend', 'LaunchSpec', 'free_port',
            'gpu_count', 'resolve_spec', 'ShellVar', 'shell_join', 'split_entry', 'hostfile_text', 'build_command',
-           'SlurmSpec', 'sbatch_script', 'SlurmJob', 'submit_sbatch', 'kill_tree', 'hung_ranks', 'FirstTraceback',
-           'signal_name', 'exit_status', 'describe_exit', 'RankWatch', 'LauncherReport', 'first_cause', 'rank_failure',
-           'is_launcher_chatter', 'LauncherChatter', 'progress_bar', 'run', 'launch_env', 'launch',
-           'release_shm_buffers', 'launch_cli']
+           'SlurmSpec', 'sbatch_header', 'sbatch_script', 'SlurmJob', 'submit_sbatch', 'kill_tree', 'hung_ranks',
+           'FirstTraceback', 'signal_name', 'exit_status', 'describe_exit', 'RankWatch', 'LauncherReport',
+           'first_cause', 'rank_failure', 'is_launcher_chatter', 'LauncherChatter', 'progress_bar', 'run', 'launch_env',
+           'launch', 'release_shm_buffers', 'launch_cli']
 
 # %% ../nbs/20_launch.ipynb #d5f0dfea
 PROGRESS_PREFIX = "QLLAVA_PROGRESS"     # a progress line is this prefix, a space, then one JSON object
@@ -265,6 +265,22 @@ def _slurm_launch_line(spec:LaunchSpec, entry_args:list[str], hostfile:str) -> s
         cmd = "bash -c " + shlex.quote(cmd)
     return "srun --kill-on-bad-exit=1 " + cmd
 
+def sbatch_header(slurm:SlurmSpec, # sbatch options
+                  nodes:int, # --nodes (one task per node)
+                  gpus_per_node:int|None, # --gpus-per-node (0 or None: none asked)
+                  output:str, # log path pattern, unless `slurm.output` names one
+                  array:int|None=None, # number of array tasks (None: a single job)
+                 ) -> list[str]:
+    "The `#!/bin/bash` and `#SBATCH` lines of a job (or job array) with one task per node."
+    o = ["#!/bin/bash", f"#SBATCH --job-name={slurm.job_name}", f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1"]
+    if gpus_per_node: o.append(f"#SBATCH --gpus-per-node={gpus_per_node}")
+    for k, v in [("cpus-per-task", slurm.cpus_per_task), ("mem", slurm.mem), ("time", slurm.time),
+                 ("partition", slurm.partition), ("account", slurm.account)]:
+        if v is not None: o.append(f"#SBATCH --{k}={v}")
+    o.append(f"#SBATCH --output={slurm.output or output}")
+    if array: o.append(f"#SBATCH --array=0-{array - 1}" + (f"%{slurm.array_parallel}" if slurm.array_parallel else ""))
+    return o + [f"#SBATCH {x}" for x in slurm.extra]
+
 def sbatch_script(spec:LaunchSpec, # launcher, nodes, gpus_per_node (explicit), env
                   slurm:SlurmSpec, # sbatch options
                   entries:list[list[str]], # one entry -> one job; several -> a job array, task i runs entries[i]
@@ -272,15 +288,8 @@ def sbatch_script(spec:LaunchSpec, # launcher, nodes, gpus_per_node (explicit), 
     "The text of an sbatch script that runs each entry under `spec`'s launcher on Slurm."
     spec = resolve_spec(spec, local=False)
     run_dir, array = str(run_dir), len(entries) > 1
-    out = slurm.output or f"{run_dir}/slurm-{'%A_%a' if array else '%j'}.out"
-    o = ["#!/bin/bash", f"#SBATCH --job-name={slurm.job_name}", f"#SBATCH --nodes={spec.nodes}", "#SBATCH --ntasks-per-node=1"]
-    if spec.gpus_per_node: o.append(f"#SBATCH --gpus-per-node={spec.gpus_per_node}")
-    for k, v in [("cpus-per-task", slurm.cpus_per_task), ("mem", slurm.mem), ("time", slurm.time),
-                 ("partition", slurm.partition), ("account", slurm.account)]:
-        if v is not None: o.append(f"#SBATCH --{k}={v}")
-    o.append(f"#SBATCH --output={out}")
-    if array: o.append(f"#SBATCH --array=0-{len(entries)-1}" + (f"%{slurm.array_parallel}" if slurm.array_parallel else ""))
-    o += [f"#SBATCH {x}" for x in slurm.extra]
+    o = sbatch_header(slurm, spec.nodes, spec.gpus_per_node, f"{run_dir}/slurm-{'%A_%a' if array else '%j'}.out",
+                      len(entries) if array else None)
     o += ["# written by qllava.launch", "set -euo pipefail", *slurm.setup]
     if slurm.cpus_per_task: o.append('export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"')
     env = {**spec.env, RUN_DIR_ENV: run_dir}
@@ -582,6 +591,97 @@ def _failure(msg:str, code, tail, log:Path, fix:str, first:list[str]|None=None) 
     e.exit_code, e.tail, e.first_error, e.log = code, tail, first, log
     return e
 
+class _Output:
+    "What `run` does with each line of the child: mask secrets, log it, turn progress lines into a bar and progress.jsonl, keep the tail and the first traceback, echo the rest."
+    def __init__(self, flog, fprog, redact, tail:int, echo:bool, progress:bool):
+        import collections
+        self.flog, self.fprog, self.redact, self.echo, self.progress = flog, fprog, redact, echo, progress
+        self.lines, self.first, self.report = collections.deque(maxlen=tail), FirstTraceback(), LauncherReport()
+        self.chatter = LauncherChatter()  # launcher log records: in the log, not echoed
+        self.bar, self.say = None, None
+
+    def __call__(self, line:str):
+        line = self.redact(line.rstrip("\r\n"))
+        self.flog.write(line + "\n"); self.flog.flush()
+        p = parse_progress(line) if self.progress else None
+        if p is None:
+            self.lines.append(line); self.first(line); self.report(line)
+            if self.echo and not self.chatter(line): self.say(line) if self.say else print(line, flush=True)
+            return
+        self.fprog.write(json.dumps({"time": time.time(), **p}) + "\n"); self.fprog.flush()
+        if not self.echo: return
+        if self.bar is None: self.bar, self.say = progress_bar(p["total"])
+        self.bar.total = p["total"]
+        self.bar.set_postfix({k: v for k, v in p.items() if k not in ("step", "total")}, refresh=False)
+        self.bar.update(p["step"] - self.bar.n)  # tqdm throttles redraws, so a long run keeps a short output
+
+    def close(self):
+        if self.bar is not None: self.bar.close()
+
+def _start_child(command:list, child_env:dict, cwd):
+    "Start `command` in its own session with its output piped as text lines; `LaunchError` when it cannot start."
+    import subprocess
+    try:
+        return subprocess.Popen([str(c) for c in command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=child_env, cwd=cwd, start_new_session=True,
+                                text=True, errors="replace", bufsize=1)
+    except OSError as e:
+        raise LaunchError(f"cannot start {command[0]!r}: {e.strerror or e}. Fix: check that the program exists "
+                          "(for a virtualenv give its python, e.g. LaunchSpec(python='/path/.venv/bin/python')) "
+                          "and that cwd exists.") from None
+
+def _follow(proc, # the child, from `_start_child`
+            out:_Output, # takes each line
+            run_dir:Path, started:float, grace:float, hang_timeout, expect_ranks, startup_timeout) -> str|None:
+    "Feed the child's lines to `out` until it ends (and its ranks have flushed), or stop it when a rank hangs; the hang's description, or None."
+    import threading, queue
+    q = queue.Queue()
+    def pump():
+        for line in proc.stdout: q.put(line)
+        q.put(None)
+    threading.Thread(target=pump, daemon=True).start()
+    exited_at, last_check = None, 0.0
+    while True:
+        try: line = q.get(timeout=0.2)
+        except queue.Empty: line = ""
+        if line is None: return None
+        if line: out(line)
+        now = time.time()
+        if proc.poll() is not None:  # the launcher is gone; allow grandchildren a moment to flush
+            exited_at = exited_at or now
+            if now - exited_at > 2 and q.empty(): return None
+        elif hang_timeout and now - last_check >= min(1.0, hang_timeout/4):
+            last_check = now
+            beats = read_heartbeats(run_dir)
+            found = hung_ranks(beats, now, hang_timeout, started, expect_ranks, startup_timeout or max(hang_timeout, 120))
+            if found:
+                hung = _describe_hang(found, beats, now, hang_timeout)
+                out.flog.write(f"# qllava.launch: {hung}\n# stopping the launch\n"); out.flog.flush()
+                kill_tree(proc.pid, grace)
+                return hung
+
+def _raise_if_failed(code:int, # the launcher's exit code
+                     hung:str|None, # from `_follow`
+                     failed, # from `rank_failure`
+                     out:_Output, log:Path):
+    "Raise the `LaunchError` an ended launch deserves (a hung rank, a failed rank, a failed command); nothing when it succeeded."
+    lines, first = out.lines, out.first.lines
+    if hung:
+        raise _failure(f"a rank stopped sending heartbeats, so the launch was stopped.\n{hung}\n", code, lines, log,
+                       "see what the hung rank does after the phase it last reported (a collective the other ranks never "
+                       "reach, a dead data worker, a lock); raise hang_timeout if that phase can legitimately take longer.", first)
+    if failed:
+        culprit, what, fix = failed
+        signalled = "signal" in culprit["status"]   # the other ranks' errors are consequences: no 'first error' from them
+        e = _failure(f"the launch failed: {what}", code, lines, log, fix, None if signalled else first)
+        e.failed_rank = culprit
+        raise e
+    if code != 0:
+        how = f"was killed by {signal_name(-code)} (signal {-code})" if code < 0 else f"failed with exit code {code}"
+        fix = _SIGNAL_FIX.get(signal_name(-code), "") if code < 0 else ""
+        raise _failure(f"the launched command {how}", code, lines, log,
+                       fix or "the cause is in the lines above (the first error printed by a rank is usually the real one).", first)
+
 def run(command:list[str], # the command, e.g. from build_command
         run_dir, # run folder: launch.log, progress.jsonl, heartbeat/ and launch.json go here
         env:dict|None=None, # variables added to this process's environment for the child (names logged, values never)
@@ -598,99 +698,37 @@ def run(command:list[str], # the command, e.g. from build_command
         grace:float=5.0, # seconds between SIGTERM and SIGKILL when stopping the child
         record:dict|None=None) -> Path: # extra fields for run_dir/launch.json
     "Run `command` in its own process group, streaming its output; return `run_dir`, or raise `LaunchError`."
-    import subprocess, threading, queue, collections, datetime
+    import datetime
     run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
-    hb = run_dir/"heartbeat"
     if clear_heartbeats:  # an earlier launch in this folder must not look alive or hung
-        for p in hb.glob("rank*.json"): p.unlink(missing_ok=True)
+        for p in (run_dir/"heartbeat").glob("rank*.json"): p.unlink(missing_ok=True)
     log = Path(log) if log else run_dir/f"{name}.log"
     env = {k: str(v) for k, v in (env or {}).items()}
     child_env = {**os.environ, **env, RUN_DIR_ENV: str(run_dir.resolve()), "PYTHONUNBUFFERED": "1"}
-    redact, lines, first, report = secret_masker(child_env), collections.deque(maxlen=tail), FirstTraceback(), LauncherReport()
-    chatter = LauncherChatter()  # launcher log records: in the log, not echoed
     started = time.time()
     rec = {"command": mask_command(command, child_env), "cwd": str(cwd or os.getcwd()), "env_set": sorted(env),
            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(record or {})}
-    bar, say, last_check, hung, code = None, None, 0.0, None, None
     with open(log, "a", encoding="utf-8") as flog, open(run_dir/"progress.jsonl", "a") as fprog:
         flog.write(f"# qllava.launch {rec['started']}\n# command: {shell_join(rec['command'])}\n"
                    f"# environment set (values not logged): {' '.join(sorted(env)) or '-'}\n")
         flog.flush()
-        try:
-            proc = subprocess.Popen([str(c) for c in command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=child_env, cwd=cwd, start_new_session=True,
-                                    text=True, errors="replace", bufsize=1)
-        except OSError as e:
-            raise LaunchError(f"cannot start {command[0]!r}: {e.strerror or e}. Fix: check that the program exists "
-                              "(for a virtualenv give its python, e.g. LaunchSpec(python='/path/.venv/bin/python')) "
-                              "and that cwd exists.") from None
+        proc = _start_child(command, child_env, cwd)
         watch = RankWatch(proc.pid)  # which rank ends first, and how (exit code or signal), read as it ends
-        q = queue.Queue()
-        def pump():
-            for line in proc.stdout: q.put(line)
-            q.put(None)
-        threading.Thread(target=pump, daemon=True).start()
-        exited_at = None
-        try:
-            while True:
-                try: line = q.get(timeout=0.2)
-                except queue.Empty: line = ""
-                if line is None: break
-                if line:
-                    line = redact(line.rstrip("\r\n"))
-                    flog.write(line + "\n"); flog.flush()
-                    p = parse_progress(line) if progress else None
-                    if p is not None:
-                        fprog.write(json.dumps({"time": time.time(), **p}) + "\n"); fprog.flush()
-                        if echo:
-                            if bar is None: bar, say = progress_bar(p["total"])
-                            bar.total = p["total"]
-                            bar.set_postfix({k: v for k, v in p.items() if k not in ("step", "total")}, refresh=False)
-                            bar.update(p["step"] - bar.n)  # tqdm throttles redraws, so a long run keeps a short output
-                    else:
-                        lines.append(line); first(line); report(line)
-                        if echo and not chatter(line): say(line) if say else print(line, flush=True)
-                now = time.time()
-                if proc.poll() is not None:  # the launcher is gone; allow grandchildren a moment to flush
-                    exited_at = exited_at or now
-                    if now - exited_at > 2 and q.empty(): break
-                elif hang_timeout and now - last_check >= min(1.0, hang_timeout/4):
-                    last_check = now
-                    beats = read_heartbeats(run_dir)
-                    found = hung_ranks(beats, now, hang_timeout, started, expect_ranks, startup_timeout or max(hang_timeout, 120))
-                    if found:
-                        hung = _describe_hang(found, beats, now, hang_timeout)
-                        flog.write(f"# qllava.launch: {hung}\n# stopping the launch\n"); flog.flush()
-                        kill_tree(proc.pid, grace)
-                        break
+        out = _Output(flog, fprog, secret_masker(child_env), tail, echo, progress)
+        try: hung = _follow(proc, out, run_dir, started, grace, hang_timeout, expect_ranks, startup_timeout)
         except BaseException:  # KeyboardInterrupt from the notebook, or our own bug: never leave ranks behind
             kill_tree(proc.pid, grace); watch.stop()
             raise
-        finally:
-            if bar is not None: bar.close()
+        finally: out.close()
         code = proc.wait()
         try: os.killpg(proc.pid, 9)  # ranks the launcher left behind in its group (it is gone, so nothing else is)
         except (ProcessLookupError, PermissionError): pass
         watch.stop()
-        failed = rank_failure(watch.failures(), report) if code != 0 and not hung else None
+        failed = rank_failure(watch.failures(), out.report) if code != 0 and not hung else None
         rec.update(exit_code=code, seconds=round(time.time() - started, 2), hung=hung, failed_rank=failed[0] if failed else None)
         flog.write(f"# exit code {code} after {rec['seconds']} s\n")
     (run_dir/f"{name}.json").write_text(json.dumps(rec, indent=1))
-    if hung:
-        raise _failure(f"a rank stopped sending heartbeats, so the launch was stopped.\n{hung}\n", code, lines, log,
-                       "see what the hung rank does after the phase it last reported (a collective the other ranks never "
-                       "reach, a dead data worker, a lock); raise hang_timeout if that phase can legitimately take longer.", first.lines)
-    if failed:
-        culprit, what, fix = failed
-        signalled = "signal" in culprit["status"]   # the other ranks' errors are consequences: no 'first error' from them
-        e = _failure(f"the launch failed: {what}", code, lines, log, fix, None if signalled else first.lines)
-        e.failed_rank = culprit
-        raise e
-    if code != 0:
-        how = f"was killed by {signal_name(-code)} (signal {-code})" if code < 0 else f"failed with exit code {code}"
-        fix = _SIGNAL_FIX.get(signal_name(-code), "") if code < 0 else ""
-        raise _failure(f"the launched command {how}", code, lines, log,
-                       fix or "the cause is in the lines above (the first error printed by a rank is usually the real one).", first.lines)
+    _raise_if_failed(code, hung, failed, out, log)
     return run_dir
 
 # %% ../nbs/20_launch.ipynb #bb7975fc

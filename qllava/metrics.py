@@ -7,13 +7,12 @@ from __future__ import annotations
 import argparse, json, math, re, sys
 from collections import Counter
 from pathlib import Path
-from .core import DataError, ArgumentParser
+from .core import DataError, ArgumentParser, read_json_records
 
 # %% auto #0
 __all__ = ['CONTRACTIONS', 'NUMBER_WORDS', 'ARTICLES', 'PUNCT', 'BLEU_WEIGHTS', 'normalize_answer', 'exact_match',
-           'f1_precision_recall', 'sentence_bleu', 'closed_hit', 'closed_hit_strict', 'parse_choice',
-           'read_json_records', 'gt_answer', 'join_by_id', 'vqa_metrics', 'choice_metrics', 'evaluate_files',
-           'format_metrics', 'metrics_cli']
+           'f1_precision_recall', 'sentence_bleu', 'closed_hit', 'closed_hit_strict', 'parse_choice', 'gt_answer',
+           'join_by_id', 'vqa_metrics', 'choice_metrics', 'evaluate_files', 'format_metrics', 'metrics_cli']
 
 # %% ../nbs/30_metrics.ipynb #9e648db8
 _CANONICAL_CONTRACTIONS = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't
@@ -137,22 +136,6 @@ def parse_choice(text:str, # a model's answer to a multiple-choice question
     return "FAILED"
 
 # %% ../nbs/30_metrics.ipynb #6c6e6387
-def read_json_records(path) -> list[dict]:
-    "Records of a JSON list or a JSONL file; DataError naming the file and line on bad JSON."
-    path = Path(path)
-    if not path.exists(): raise DataError("file not found.", file=path, fix="check the path.")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try: return json.loads(text)
-        except json.JSONDecodeError as e: raise DataError(f"not valid JSON ({e}).", file=path, fix="repair the JSON list.") from None
-    records = []
-    for i,line in enumerate(text.splitlines()):
-        if not line.strip(): continue
-        try: records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(f"line {i+1} is not valid JSON ({e}).", file=path, record=i, fix="repair or delete that line.") from None
-    return records
-
 def gt_answer(rec:dict) -> str:
     "The ground-truth answer text of a record (Quilt `answer` or LLaVA-Med second conversation turn)."
     if "answer" in rec: return str(rec["answer"])

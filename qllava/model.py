@@ -4,23 +4,29 @@
 
 # %% ../nbs/12_model.ipynb #5dcb3465
 from __future__ import annotations
-import contextlib, json, math, os
+import contextlib, copy, json, math, os
 from typing import Literal  # named by the `__init__` transformers generates for `QllavaConfig`: lets its signature resolve (show_doc)
 from pathlib import Path
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from .core import CheckpointError, ConfigError, DataError
 from .presets import default_tokenizer
+from .encoders import build_encoder, load_weights_file
+from .projector import build_projector
+from .presets import get_preset, load_tokenizer
+from .tokenize import prepare_tokenizer, media_token_id as _mid
+from .conversation import get_template
+from .modality import MODALITIES
 
 # %% auto #0
-__all__ = ['MEDIA_BATCH_KEYS', 'WEIGHT_INDEXES', 'WEIGHT_FILES', 'SAFETENSORS_DTYPES', 'default_attn_implementation',
-           'QllavaConfig', 'get_encoder', 'get_projector', 'get_llm_preset', 'get_tokenizer', 'media_token_id',
-           'merge_media', 'position_ids_from_mask', 'QllavaForCausalLM', 'register_auto_classes', 'zero_stage',
-           'ds_param_dtype', 'is_partitioned', 'full_numel', 'full_shape', 'gathered', 'cast_params', 'partition',
-           'hf_zero3', 'WeightReader', 'whole_models', 'empty_weights', 'meta_names', 'release_memory', 'load_weights',
-           'llm_from_weights', 'resize_embeddings', 'resolve_dtype', 'build_model']
+__all__ = ['WEIGHT_INDEXES', 'WEIGHT_FILES', 'SAFETENSORS_DTYPES', 'default_attn_implementation', 'QllavaConfig', 'get_encoder',
+           'get_projector', 'get_llm_preset', 'get_tokenizer', 'media_token_id', 'merge_media',
+           'position_ids_from_mask', 'QllavaForCausalLM', 'zero_stage', 'ds_param_dtype', 'is_partitioned',
+           'full_numel', 'full_shape', 'gathered', 'cast_params', 'partition', 'hf_zero3', 'WeightReader',
+           'whole_models', 'empty_weights', 'meta_names', 'release_memory', 'load_weights', 'llm_from_weights',
+           'resize_embeddings', 'resolve_dtype', 'seeded', 'build_llm', 'build_model']
 
 # %% ../nbs/12_model.ipynb #a3a00b8b
 def default_attn_implementation() -> str:
@@ -30,8 +36,6 @@ def default_attn_implementation() -> str:
     return "sdpa"
 
 # %% ../nbs/12_model.ipynb #843344b2
-MEDIA_BATCH_KEYS = {"image": "images", "sensor": "sensors"}  # modality -> DataCollator batch key
-
 class QllavaConfig(PreTrainedConfig):
     "Config of a `QllavaForCausalLM`: nested LLM config + per-modality encoder/projector + prompt settings."
     model_type = "qllava"
@@ -65,17 +69,14 @@ def get_encoder(spec:str, # encoder spec, e.g. `preset:tiny-clip`
                 select_feature:str="patch", # `patch` or `cls_patch`
                 trainable:bool=False) -> nn.Module: # unfreeze the tower
     "An encoder from `qllava.encoders.build_encoder`."
-    from qllava.encoders import build_encoder
     return build_encoder(spec, select_layer=select_layer, select_feature=select_feature, trainable=trainable)
 
 def get_projector(kind:str, in_dim:int, out_dim:int) -> nn.Module:
     "A projector from `qllava.projector.build_projector` (original LLaVA key layout)."
-    from qllava.projector import build_projector
     return build_projector(kind, in_dim, out_dim)
 
 def get_llm_preset(name:str) -> dict:
     "LLM config kwargs (with `model_type`) of a shipped preset."
-    from qllava.presets import get_preset
     p = dict(get_preset(name))
     cfg = dict(p.get("config", p))
     cfg.setdefault("model_type", p.get("kind", "llama"))
@@ -85,15 +86,12 @@ def get_tokenizer(tokenizer="llama-demo", # a tokenizer object, a shipped name, 
                   use_im_start_end:bool=False, # also add <im_start>/<im_end>
                   template=None): # conversation template: its answer terminator becomes one token if it is not yet
     "A tokenizer with the media placeholder tokens and a pad token added (idempotent)."
-    from qllava.tokenize import prepare_tokenizer
     if isinstance(tokenizer, (str, Path)):
-        from qllava.presets import load_tokenizer
         tokenizer = load_tokenizer(str(tokenizer))
     return prepare_tokenizer(tokenizer, use_im_start_end=use_im_start_end, template=template)
 
 def media_token_id(tokenizer, modality:str) -> int:
     "Token id of the placeholder of `modality` (`<image>` / `<sensor>`)."
-    from qllava.tokenize import media_token_id as _mid
     return _mid(tokenizer, modality)
 
 # %% ../nbs/12_model.ipynb #d5be3c0d
@@ -121,15 +119,14 @@ def position_ids_from_mask(attention_mask:torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/12_model.ipynb #7764926a
 def _dummy_input(encoder:nn.Module, device, dtype) -> torch.Tensor:
-    "One zero input of the shape `encoder` expects (image (1,3,S,S) or sensor (1,T,C))."
-    if hasattr(encoder, "dummy_input"): return encoder.dummy_input(1).to(device=device)
-    proc = getattr(encoder, "processor", None)
-    if encoder.modality == "image":
-        s = getattr(proc, "image_size", None) or getattr(encoder, "image_size", None)
-        return torch.zeros(1, 3, s, s, device=device, dtype=dtype)
-    t = getattr(proc, "window", None) or getattr(encoder, "window", None)
-    c = getattr(proc, "channels", None) or getattr(encoder, "channels", None)
-    return torch.zeros(1, t, c, device=device, dtype=dtype)
+    "One zero input of the shape `encoder` expects (its modality's `input_shape`), in the tower's dtype."
+    return encoder.dummy_input(1).to(device=device)
+
+def _media_args(media:dict|None, kwargs:dict) -> tuple[dict, dict]:
+    "Split a call's keywords into the media mapping (`media=` and any registered batch key, e.g. a collator's `images=`) and the rest."
+    keys = {m.batch_key: m.name for m in MODALITIES.values()}
+    return ({**{keys[k]: v for k, v in kwargs.items() if k in keys}, **(media or {})},
+            {k: v for k, v in kwargs.items() if k not in keys})
 
 def _frozen(module:nn.Module) -> bool:
     return not any(p.requires_grad for p in module.parameters())
@@ -146,6 +143,7 @@ class QllavaForCausalLM(PreTrainedModel, GenerationMixin):
     _no_split_modules = []
 
     def __init__(self, config:QllavaConfig, llm:nn.Module|None=None, encoders:dict|None=None):
+        config = copy.deepcopy(config)  # the sizes below are the model's: the caller's config is left as given
         super().__init__(config)
         self.llm = llm if llm is not None else AutoModelForCausalLM.from_config(config.text_config)
         encs = encoders if encoders is not None else {
@@ -207,12 +205,14 @@ class QllavaForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids:torch.LongTensor|None=None, attention_mask:torch.Tensor|None=None,
                 position_ids:torch.LongTensor|None=None, past_key_values=None, inputs_embeds:torch.Tensor|None=None,
-                labels:torch.LongTensor|None=None, images:torch.Tensor|None=None, sensors:torch.Tensor|None=None,
+                labels:torch.LongTensor|None=None,
+                media:dict|None=None, # modality -> (M, ...) preprocessed media; a DataCollator batch's keys (`images`, `sensors`, ...) work too
                 use_cache:bool|None=None, logits_to_keep:int=0, **kwargs):
         "The DataCollator's batch in, the LLM's `CausalLMOutputWithPast` out (loss = LLM loss on merged embeddings)."
+        media, kwargs = _media_args(media, kwargs)
         prefill = past_key_values is None or past_key_values.get_seq_length() == 0
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, {"image": images, "sensor": sensors}, run_all=prefill)
+            inputs_embeds = self.embed(input_ids, media, run_all=prefill)
         if position_ids is None and attention_mask is not None and prefill:
             position_ids = position_ids_from_mask(attention_mask)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
@@ -221,32 +221,13 @@ class QllavaForCausalLM(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def generate(self, input_ids:torch.LongTensor|None=None, attention_mask:torch.Tensor|None=None,
-                 images:torch.Tensor|None=None, sensors:torch.Tensor|None=None, **kwargs):
+                 media:dict|None=None, # modality -> (M, ...) preprocessed media (or batch keys, as `forward`)
+                 **kwargs):
         "Merge the prompt's media, then run the LLM's `generate` on the embeddings (KV cache, beams, stop strings)."
-        emb = self.embed(input_ids, {"image": images, "sensor": sensors})
+        media, kwargs = _media_args(media, kwargs)
+        emb = self.embed(input_ids, media)
         if attention_mask is None: attention_mask = torch.ones_like(input_ids)
         return self.llm.generate(input_ids=input_ids, inputs_embeds=emb, attention_mask=attention_mask, **kwargs)
-
-    def save_pretrained(self, save_directory, tokenizer=None, stage:str|None=None, **kwargs):
-        "Save config + safetensors weights + `qllava_manifest.json` (+ the tokenizer when given)."
-        from qllava.checkpoint import save_checkpoint
-        return save_checkpoint(self, save_directory, tokenizer=tokenizer, stage=stage, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        "Load a qllava checkpoint folder; what is inside is read from its manifest, never guessed from the name."
-        from qllava.checkpoint import load_checkpoint
-        return load_checkpoint(pretrained_model_name_or_path, **kwargs)
-
-# %% ../nbs/12_model.ipynb #0db03b37
-def register_auto_classes():
-    "Register `qllava` with AutoConfig and AutoModelForCausalLM (idempotent)."
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    if "qllava" not in CONFIG_MAPPING: AutoConfig.register("qllava", QllavaConfig)
-    try: AutoModelForCausalLM.register(QllavaConfig, QllavaForCausalLM)
-    except ValueError: pass  # already registered
-
-register_auto_classes()
 
 # %% ../nbs/12_model.ipynb #4e8c4b4a
 def zero_stage(ds_config:dict|None) -> int:
@@ -338,7 +319,6 @@ class WeightReader:
 
     def _bin_file(self, f:str) -> dict:
         if self._bin[0] != f:  # one .bin shard in memory at a time (shards hold consecutive layers)
-            from qllava.encoders import load_weights_file  # the one safe pickle reader
             self._bin = (None, None)
             self._bin = (f, load_weights_file(self.folder / f))
         return self._bin[1]
@@ -555,6 +535,41 @@ def _weights_folder(llm:str) -> Path|None:
     if idx is not None and not all((p / s).is_file() for s in set(json.loads(idx.read_text())["weight_map"].values())): return None
     return p
 
+@contextlib.contextmanager
+def seeded(seed:int):
+    "Run the block with torch's random state seeded to `seed`; the caller's state (CPU and CUDA) is restored afterwards."
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
+        torch.manual_seed(seed)
+        yield
+
+def _hub_llm(llm:str, attn:str, dtype, ds_config:dict|None, quantization_config):
+    "A hub / folder LLM: built empty, each tensor read once into place (cast as read; under ZeRO-3 by rank 0 into every rank's share)."
+    folder = _weights_folder(llm) if quantization_config is None else None  # quantised: transformers quantises as it loads
+    llm_model = llm_from_weights(AutoConfig.from_pretrained(str(folder)), WeightReader(folder), dtype=dtype, attn_implementation=attn,
+                                 ds_config=ds_config, where=llm) if folder is not None else None
+    if llm_model is not None and (folder / "generation_config.json").is_file():
+        llm_model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    switch = hf_zero3(ds_config)  # from here on transformers builds and resizes partitioned
+    if llm_model is None:  # not downloaded yet, or a layout transformers converts: its own loading
+        quant = {} if quantization_config is None else dict(quantization_config=quantization_config,
+                                                            device_map={"": int(os.environ.get("LOCAL_RANK", 0))})  # this rank's GPU
+        try: llm_model = AutoModelForCausalLM.from_pretrained(llm, attn_implementation=attn, dtype=dtype, **quant)
+        except OSError as e: raise CheckpointError(f"{llm}: cannot load a causal LM from here ({e}). Fix: give a preset:NAME, "
+                                                   "a folder with config.json + weights, or a hub id cached locally.") from None
+    return llm_model, switch
+
+def build_llm(llm:str, tokenizer, attn:str, dtype, ds_config:dict|None=None, quantization_config=None) -> tuple:
+    "(the causal LM, transformers' ZeRO-3 switch): a preset with random weights (from torch's current seed), or a hub id / folder; embeddings grown to the tokenizer."
+    grow = lambda m: resize_embeddings(m, len(tokenizer)) if len(tokenizer) > full_shape(m.get_input_embeddings().weight)[0] else m
+    if not llm.startswith("preset:"):
+        llm_model, switch = _hub_llm(llm, attn, dtype, ds_config, quantization_config)
+        return grow(llm_model), switch
+    cfg = AutoConfig.for_model(**get_llm_preset(llm.split(":", 1)[1]))  # built whole, so a seed gives one model at every ZeRO stage
+    cfg.vocab_size = max(cfg.vocab_size, len(tokenizer))
+    for k in ("pad_token_id", "bos_token_id", "eos_token_id"): setattr(cfg, k, getattr(tokenizer, k))
+    with whole_models(): llm_model = grow(AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype))
+    return llm_model, hf_zero3(ds_config)
+
 def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a local folder of a causal LM
                 encoders:dict|None=None, # modality -> encoder spec, e.g. {"image": "preset:tiny-clip"}
                 projector:str="mlp2x_gelu", # projector kind (`linear`, `mlpNx_gelu`, `identity`)
@@ -571,43 +586,16 @@ def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a loca
                 ds_config:dict|None=None, # the run's DeepSpeed config: under ZeRO-3 the model is built partitioned over the ranks
                 quantization_config=None, # transformers' `BitsAndBytesConfig`: a 4- / 8-bit base LLM (QLoRA; bitsandbytes on CUDA)
                 ) -> tuple: # (model, tokenizer)
-    "Build a `QllavaForCausalLM` and its prepared tokenizer, offline for presets and local folders."
+    "Build a `QllavaForCausalLM` and its prepared tokenizer, offline for presets and local folders; the caller's random state is left as it was."
     encoders = dict(encoders if encoders is not None else {"image": "preset:tiny-clip"})
     tokenizer = get_tokenizer(default_tokenizer(llm) if tokenizer is None else tokenizer, use_im_start_end=use_im_start_end, template=template)
     attn = attn_implementation or default_attn_implementation()
     dtype, zero3 = resolve_dtype(dtype), zero_stage(ds_config) == 3
     if zero3: dtype = ds_param_dtype(ds_config)  # the dtype DeepSpeed trains in (it does not cast partitioned weights)
     if quantization_config is not None: _check_quantizable(llm, zero3)
-    torch.manual_seed(seed)
-    grow = lambda m: resize_embeddings(m, len(tokenizer)) if len(tokenizer) > full_shape(m.get_input_embeddings().weight)[0] else m
-    if llm.startswith("preset:"):  # random weights from `seed`, built whole so a seed gives one model at every ZeRO stage (sharded below)
-        cfg = AutoConfig.for_model(**get_llm_preset(llm.split(":", 1)[1]))
-        cfg.vocab_size = max(cfg.vocab_size, len(tokenizer))
-        for k in ("pad_token_id", "bos_token_id", "eos_token_id"): setattr(cfg, k, getattr(tokenizer, k))
-        with whole_models(): llm_model = grow(AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype))
-        switch = hf_zero3(ds_config)
-    else:  # built empty, each tensor read once into place (cast as it is read; under ZeRO-3 by rank 0 into every rank's share)
-        folder = _weights_folder(llm) if quantization_config is None else None  # quantised: transformers quantises as it loads
-        llm_model = llm_from_weights(AutoConfig.from_pretrained(str(folder)), WeightReader(folder), dtype=dtype, attn_implementation=attn,
-                                     ds_config=ds_config, where=llm) if folder is not None else None
-        if llm_model is not None and (folder / "generation_config.json").is_file():
-            from transformers import GenerationConfig
-            llm_model.generation_config = GenerationConfig.from_pretrained(str(folder))
-        switch = hf_zero3(ds_config)  # from here on transformers builds and resizes partitioned
-        if llm_model is None:  # not downloaded yet, or a layout transformers converts: its own loading
-            quant = {} if quantization_config is None else dict(quantization_config=quantization_config,
-                                                                device_map={"": int(os.environ.get("LOCAL_RANK", 0))})  # this rank's GPU
-            try: llm_model = AutoModelForCausalLM.from_pretrained(llm, attn_implementation=attn, dtype=dtype, **quant)
-            except OSError as e: raise CheckpointError(f"{llm}: cannot load a causal LM from here ({e}). Fix: give a preset:NAME, "
-                                                       "a folder with config.json + weights, or a hub id cached locally.") from None
-        llm_model = grow(llm_model)
-    if stop_strings is None:
-        try:
-            from qllava.conversation import get_template
-            stop_strings = list(get_template(template).stop_strings)
-        except ImportError: stop_strings = [tokenizer.eos_token]
-    torch.manual_seed(seed)
-    encs = {m: cast_params(get_encoder(s, select_layer, select_feature, train_encoders), dtype) for m, s in encoders.items()}
+    with seeded(seed): llm_model, switch = build_llm(llm, tokenizer, attn, dtype, ds_config, quantization_config)
+    if stop_strings is None: stop_strings = list(get_template(template).stop_strings)
+    with seeded(seed): encs = {m: cast_params(get_encoder(s, select_layer, select_feature, train_encoders), dtype) for m, s in encoders.items()}
     for m, e in encs.items():
         if e.modality != m: raise ConfigError(f"encoder {encoders[m]!r} is a {e.modality} encoder but was given for {m!r}.")
     config = QllavaConfig(text_config=llm_model.config.to_dict(), encoders=encoders, projector=projector,
@@ -615,8 +603,7 @@ def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a loca
                           use_im_start_end=use_im_start_end, template=template, stop_strings=stop_strings,
                           select_layer=select_layer, select_feature=select_feature, base_llm=llm,
                           train_encoders=train_encoders, seed=seed, attn_implementation=attn)
-    torch.manual_seed(seed)
-    with _zero_init(ds_config):  # the projector is born sharded under ZeRO-3
+    with seeded(seed), _zero_init(ds_config):  # the projector is born sharded under ZeRO-3
         model = QllavaForCausalLM(config, llm=llm_model, encoders=encs)
     cast_params(model.projectors, dtype)
     partition(model, ds_config)  # under ZeRO-3: what was built whole (a preset LLM, the encoders) is sharded now

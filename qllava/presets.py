@@ -9,8 +9,8 @@ from pathlib import Path
 from .core import ConfigError, assets_dir, asset
 
 # %% auto #0
-__all__ = ['SHIPPED_TOKENIZERS', 'SPM_PREFIX', 'DEMO_MODALITIES', 'default_tokenizer', 'load_tokenizer', 'save_tokenizer',
-           'preset_names', 'get_preset', 'llama_param_count', 'demo_paths']
+__all__ = ['SHIPPED_TOKENIZERS', 'SPM_PREFIX', 'DEMO_MODALITIES', 'DEMO_DATA', 'default_tokenizer', 'load_tokenizer',
+           'save_tokenizer', 'preset_names', 'get_preset', 'llama_param_count', 'demo_paths']
 
 # %% ../nbs/02_presets.ipynb #169e0ccc
 SHIPPED_TOKENIZERS = ("llama-demo", "bytebpe-demo", "llama2-spm")  # llama2-spm: the real LLaMA-2 / Vicuna v1.5 vocabulary
@@ -156,7 +156,8 @@ def llama_param_count(cfg:dict, # LlamaConfig kwargs
     return V * h * (1 if cfg.get("tie_word_embeddings") else 2) + L * per_layer + h
 
 # %% ../nbs/02_presets.ipynb #ddae218f
-DEMO_MODALITIES = {"pathology": "images", "imu": "sensors"}
+DEMO_MODALITIES = {"pathology": "images", "imu": "sensors"}  # demo data set -> its media folder
+DEMO_DATA = {"image": "pathology", "sensor": "imu"}  # modality -> the demo data set of that modality
 
 def demo_paths(modality:str="pathology", # "pathology" (images) or "imu" (sensors)
               ) -> dict:
@@ -165,7 +166,7 @@ def demo_paths(modality:str="pathology", # "pathology" (images) or "imu" (sensor
         raise ConfigError(f"unknown demo modality {modality!r}. Fix: use one of {', '.join(DEMO_MODALITIES)}.")
     root = assets_dir() / "demo" / modality
     return {"root": root, "pretrain": root / "pretrain.json", "finetune": root / "finetune.json",
-            "media_folder": root / DEMO_MODALITIES[modality], "media_key": "image" if modality == "pathology" else "sensor",
+            "media_folder": root / DEMO_MODALITIES[modality], "media_key": {v: k for k, v in DEMO_DATA.items()}[modality],
             "eval_questions": root / "eval_questions.jsonl", "eval_gt": root / "eval_gt.json",
             "eval_captions": root / "eval_captions.jsonl", "eval_reference_answers": root / "eval_reference_answers.jsonl",
             "sources": root.parent / "SOURCES.md"}

@@ -8,7 +8,7 @@ import argparse, asyncio, hashlib, json, os, re, sys, threading, time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from .core import DataError, ConfigError, ArgumentParser, secret_masker
+from .core import DataError, ConfigError, ArgumentParser, secret_masker, read_json_records
 
 # %% auto #0
 __all__ = ['DEFAULT_SYSTEM', 'DEFAULT_RULE', 'KEY_VARS', 'ReviewPrompt', 'load_prompt', 'build_content', 'parse_scores',
@@ -74,10 +74,6 @@ def parse_scores(reply:str, # the judge's reply
     return scores if all(0 <= s <= 10 for s in scores) else None
 
 # %% ../nbs/31_review.ipynb #0d156b8f
-def _read_jsonl(path) -> list[dict]:
-    from qllava.metrics import read_json_records
-    return read_json_records(path)
-
 def _by_qid(records:list[dict], path, what:str) -> dict:
     out = {}
     for i,r in enumerate(records):
@@ -97,8 +93,8 @@ def review_items(question_file, # questions JSONL: question_id, text, category
                  prompt:ReviewPrompt|None=None) -> list[dict]:
     "One dict per question: the review record's ids and category, the `messages` for the judge and the `digests` of its inputs."
     prompt = prompt or ReviewPrompt()
-    questions = _by_qid(_read_jsonl(question_file), question_file, "question")
-    maps = {f: _by_qid(_read_jsonl(f), f, what) for f,what in ((context_file, "context"), (answer1_file, "answer"), (answer2_file, "answer"))}
+    questions = _by_qid(read_json_records(question_file), question_file, "question")
+    maps = {f: _by_qid(read_json_records(f), f, what) for f,what in ((context_file, "context"), (answer1_file, "answer"), (answer2_file, "answer"))}
     items = []
     for idx,(qid,q) in enumerate(questions.items()):
         missing = [str(f) for f,m in maps.items() if qid not in m]
@@ -197,20 +193,17 @@ def load_reviews(path, # a reviews JSONL
     "The review records of a file, one per question_id (the last wins), in file order."
     path = Path(path)
     if not path.exists(): return []
-    if path.is_dir(): raise DataError("is a directory, not a reviews file.", file=path, fix="pass the reviews JSONL file.")
+    def drop(line, last):  # not strict: a bad line is dropped (and noted), its question reviewed again
+        if not strict and notes is not None:
+            notes.append(f"{path}, line {line}: not valid JSON (cut off by a killed run?); dropped, its question is reviewed again.")
+        return not strict
+    recs, lines = read_json_records(path, "reviews file", fix="rerun `qllava review` with the same arguments: it drops a line cut off "
+                                    "by a killed run and reviews that question again (or delete the line).", skip_bad=drop, with_lines=True)
     by_qid = {}
-    for i,line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip(): continue
-        try: rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if strict: raise DataError(f"line {i+1} is not valid JSON ({e}).", file=path, record=i,
-                                       fix="rerun `qllava review` with the same arguments: it drops a line cut off by a killed run "
-                                           "and reviews that question again (or delete the line).") from None
-            if notes is not None: notes.append(f"{path}, line {i+1}: not valid JSON (cut off by a killed run?); dropped, its question is reviewed again.")
-            continue
+    for rec, ln in zip(recs, lines):
         if not isinstance(rec, dict) or "question_id" not in rec or "tuple" not in rec:
             what = "a JSON object" if not isinstance(rec, dict) else "question_id" if "question_id" not in rec else "tuple"
-            raise DataError(f"line {i+1} is not a review (it has no {what}).", file=path, record=i, fix=_REVIEW_FIX)
+            raise DataError(f"line {ln} is not a review (it has no {what}).", file=path, record=ln - 1, fix=_REVIEW_FIX)
         failed = review_status(rec) == "failed"
         if failed and not keep_failed: continue
         if failed and rec["question_id"] in by_qid: continue   # never let a failure hide a review
@@ -396,9 +389,9 @@ def overlap_judge(content:str) -> str:
 
 def replay_judge(questions_file, answers2_file, reviews_file, fallback=overlap_judge):
     "A reply function returning the published review for the same question text and Assistant 2 answer."
-    qs = {r["question_id"]: r["text"] for r in _read_jsonl(questions_file)}
-    a2 = {r["question_id"]: r["text"] for r in _read_jsonl(answers2_file)}
-    table = {(qs[r["question_id"]].strip(), a2[r["question_id"]].strip()): r["content"] for r in _read_jsonl(reviews_file)}
+    qs = {r["question_id"]: r["text"] for r in read_json_records(questions_file)}
+    a2 = {r["question_id"]: r["text"] for r in read_json_records(answers2_file)}
+    table = {(qs[r["question_id"]].strip(), a2[r["question_id"]].strip()): r["content"] for r in read_json_records(reviews_file)}
     def reply(content:str) -> str:
         s = split_content(content)
         return table.get((s["question"].strip(), s["answer2"].strip())) or fallback(content)

@@ -7,18 +7,23 @@ from __future__ import annotations
 import importlib.util, json, os, re, shlex, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from .core import (ConfigError, DataError, QllavaError, ArgumentParser, injected_names, need_path, refuse_secrets,
-    unknown_parameters, check_types)
+from .core import (ConfigError, DataError, QllavaError, ArgumentParser, injected_names, need_path,
+    check_against_defaults, read_json_records)
 from .presets import preset_names
-from .train import DEEPSPEED_PRESETS, STAGE_PRESETS
+from .config import DEEPSPEED_PRESETS, STAGE_PRESETS, parse_config, resolve_config, resolve_batch
+from .modality import MODALITIES
+from .presets import DEMO_DATA, demo_paths
+from .answer import question_modality, question_text, vqa_accuracy
+from .checkpoint import load_trained
+from .report import hyperparameter_table, read_metrics, provenance
+from .launch import LaunchSpec, SlurmSpec, launch, gpu_count
 
 # %% auto #0
-__all__ = ['TRAIN_PARAMETERS', 'ALLOWED_PARAMETERS', 'TRAIN_FILES', 'DEMO_ENCODERS', 'DEMO_DATA', 'SENSOR_EPOCHS', 'DEMO_PROFILE',
+__all__ = ['TRAIN_PARAMETERS', 'ALLOWED_PARAMETERS', 'TRAIN_FILES', 'DEMO_ENCODERS', 'SENSOR_EPOCHS', 'DEMO_PROFILE',
            'RUN_HYPERPARAMETERS', 'RUNS_COLUMNS', 'RUNS_LEGEND', 'check_train_files', 'check_parameters', 'StagePlan',
-           'TrainPlan', 'vqa_to_records', 'is_demo', 'stage_overrides', 'plan_training', 'load_trained',
-           'heldout_accuracy', 'accuracy_by_kind', 'planned_config', 'planned_hyperparameters', 'stage_results',
-           'resolved_hyperparameters', 'launch_stage', 'run_plan', 'stage_summary', 'record_run', 'list_runs',
-           'runs_table', 'runs_cli']
+           'TrainPlan', 'vqa_to_records', 'is_demo', 'stage_overrides', 'plan_training', 'heldout_accuracy',
+           'accuracy_by_kind', 'planned_config', 'planned_hyperparameters', 'stage_results', 'resolved_hyperparameters',
+           'launch_stage', 'run_plan', 'stage_summary', 'record_run', 'list_runs', 'runs_table', 'runs_cli']
 
 # %% ../nbs/41_runs.ipynb #8c090adc
 TRAIN_PARAMETERS = dict(
@@ -39,7 +44,6 @@ _FILE_FIX = {
 }
 
 DEMO_ENCODERS = {"image": "preset:tiny-clip", "sensor": "preset:tiny-limu"}
-DEMO_DATA = {"image": "pathology", "sensor": "imu"}
 _DEMO_STAGE = {  # stage -> overrides for the embedded demo (tiny random model, a few hundred records)
     "pretrain": dict(global_batch_size=16, learning_rate=2e-3, num_train_epochs=4, model_max_length=512),
     "finetune": dict(global_batch_size=16, learning_rate=1e-3, num_train_epochs=12, model_max_length=512),  # 2026-12-04: 464 overlapping training tiles (was 135 x 2 views at 24 epochs: nuclei 89-92 %) reach nuclei 95.8-100 % over seeds 42, 1, 2
@@ -81,9 +85,7 @@ def check_train_files(values:dict) -> dict:
 def check_parameters(values:dict, # parameter name -> value, as the notebook holds them
                      injected:set=frozenset()) -> dict: # names papermill injected that the parameters cell lacks
     "Refuse secrets, unknown names, wrong types, unknown choices, negative values and missing files; returns the values."
-    refuse_secrets(values)  # first, so that no later message can repeat a secret
-    unknown_parameters(set(injected) | set(values), ALLOWED_PARAMETERS)
-    check_types(values, TRAIN_PARAMETERS)
+    check_against_defaults(values, TRAIN_PARAMETERS, injected)  # secrets first, then unknown names and types
     choices = {"stage": tuple(STAGE_PRESETS), "modality": tuple(DEMO_ENCODERS), "launcher": ("deepspeed", "torchrun", "slurm")}
     for k, ok in choices.items():
         if k in values and values[k] not in ok: raise ConfigError(f"{k} {values[k]!r} is not one of {', '.join(ok)}. Fix: -p {k} {ok[0]}.")
@@ -137,20 +139,16 @@ def vqa_to_records(questions, # VQA question JSONL (question_id, image|sensor, t
                    references=None, # optional reference-answer JSONL (question_id, text): the full answers the model is taught to give
                   ) -> Path:
     "Held-out VQA questions + ground truth (or reference answers) as LLaVA conversation records, for an eval loss during training."
-    from qllava.tokenize import MEDIA_PLACEHOLDERS
-    answers = {g["id"]: g["answer"] for g in json.loads(Path(gt).read_text())}
+    answers = {g["id"]: g["answer"] for g in read_json_records(gt)}
     # a short "yes" scored against a model taught to answer "The DAB staining is strong: 85 % ..., so yes." measures
     # the format, not what the model saw: the reference answer, where there is one, is the target of the held-out loss
-    if references: answers.update({r["question_id"]: r["text"] for r in map(json.loads, filter(str.strip, Path(references).read_text().splitlines()))})
+    if references: answers.update({r["question_id"]: r["text"] for r in read_json_records(references)})
     recs = []
-    for line in Path(questions).read_text().splitlines():
-        if not line.strip(): continue
-        q = json.loads(line)
-        mod = "image" if "image" in q else "sensor" if "sensor" in q else None
-        text = q["text"] if (mod is None or MEDIA_PLACEHOLDERS[mod] in q["text"]) else f"{MEDIA_PLACEHOLDERS[mod]}\n{q['text']}"
+    for q in read_json_records(questions):
+        mod, text = question_modality(q), question_text(q)
         rec = {"id": str(q["question_id"]), "conversations": [{"from": "human", "value": text},
                                                                 {"from": "gpt", "value": str(answers[q["question_id"]])}]}
-        if mod: rec[mod] = q[mod]
+        if mod: rec[MODALITIES[mod].record_key] = q[MODALITIES[mod].record_key]
         recs.append(rec)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(recs, indent=1))
@@ -185,7 +183,6 @@ def plan_training(values:dict) -> TrainPlan:
         return _flags({"stage": st, **common, "data_path": data, "image_folder": folder, **stage_overrides(v, st, asked),
                        **extra, "output_dir": str(out)}) + shlex.split(v["extra_args"])
     if demo:
-        from qllava.presets import demo_paths
         dp = demo_paths(DEMO_DATA[mod])
         folder = str(dp["media_folder"])
         plan.eval_questions, plan.eval_gt, plan.media_folder = str(dp["eval_questions"]), str(dp["eval_gt"]), folder
@@ -221,21 +218,11 @@ def plan_training(values:dict) -> TrainPlan:
     return plan
 
 # %% ../nbs/41_runs.ipynb #e47cc305
-def load_trained(run_dir):
-    "(model, tokenizer) from a stage-2 run folder: a full checkpoint or a LoRA run (adapters attached)."
-    run_dir = Path(run_dir)
-    if (run_dir / "adapter").is_dir():
-        from qllava.train import load_lora_run
-        return load_lora_run(run_dir)
-    from qllava.checkpoint import load_model
-    return load_model(run_dir)
-
 def heldout_accuracy(run_dir, # a stage-2 run folder
                      questions, gt, media_folder, # held-out VQA questions, ground truth, media folder
                      blank:bool=False, # ask with blanked media (the control)
                      batch_size:int=16, max_new_tokens:int=64) -> dict:  # room for the reasoning before the verdict
     "Greedy answers to the held-out questions, scored: closed yes/no accuracy and one-word open-answer accuracy (%)."
-    from qllava.train import vqa_accuracy
     model, tok = load_trained(run_dir)
     return vqa_accuracy(model, tok, questions, gt, media_folder, blank=blank, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
@@ -257,7 +244,6 @@ def accuracy_by_kind(acc:dict, # `heldout_accuracy` with the media
 def planned_config(stage:StagePlan, values:dict):
     "The `TrainConfig` a planned stage resolves to, with the batch split for the planned world size."
     import dataclasses
-    from qllava.train import parse_config, resolve_config, resolve_batch
     v = {**TRAIN_PARAMETERS, **values}
     cfg = resolve_config(parse_config(stage.flags))
     world = max(1, v["num_gpus"]) * max(1, v["num_nodes"])
@@ -267,7 +253,6 @@ def planned_config(stage:StagePlan, values:dict):
 def planned_hyperparameters(plan:TrainPlan):
     "One table: each planned stage's resolved hyperparameters, plus the published row of each stage kind."
     import pandas as pd, dataclasses
-    from qllava.report import hyperparameter_table
     tables = [hyperparameter_table(dataclasses.asdict(planned_config(s, plan.values)), name=s.name) for s in plan.stages]
     t = pd.concat(tables)
     return t[~t.index.duplicated()]
@@ -275,7 +260,6 @@ def planned_hyperparameters(plan:TrainPlan):
 def stage_results(plan:TrainPlan):
     "Per stage: steps, first and final loss, held-out loss, throughput, peak memory, time, artifacts."
     import pandas as pd
-    from qllava.report import read_metrics
     rows = []
     for s in plan.stages:
         r = stage_summary(s.output_dir)["summary"]
@@ -291,7 +275,6 @@ def stage_results(plan:TrainPlan):
 # %% ../nbs/41_runs.ipynb #4740a9fc
 def resolved_hyperparameters(values:dict) -> dict:
     "The rates, epochs, batch and LoRA rank / alpha the asked stage trains with, as `qllava.train` resolves them: yours where non-zero, else the demo profile's (on the demo), else the stage preset's; `mm_projector_lr` None = the projector trains at `learning_rate`."
-    from qllava.train import parse_config, resolve_config
     v = {**TRAIN_PARAMETERS, **values}
     cfg = resolve_config(parse_config(_flags({"stage": v["stage"], **stage_overrides(v, v["stage"])}) + shlex.split(v["extra_args"])))
     return {k: getattr(cfg, k) for k in RUN_HYPERPARAMETERS}
@@ -299,7 +282,6 @@ def resolved_hyperparameters(values:dict) -> dict:
 # %% ../nbs/41_runs.ipynb #46490023
 def launch_stage(stage:StagePlan, values:dict, hang_timeout:float|None=1800.0):
     "Launch one planned stage; returns its output folder (or the Slurm job when launcher is slurm)."
-    from qllava.launch import LaunchSpec, SlurmSpec, launch, gpu_count
     v = {**TRAIN_PARAMETERS, **values}
     gpus = gpu_count()
     spec = LaunchSpec(launcher="deepspeed" if v["launcher"] == "slurm" else v["launcher"], nodes=v["num_nodes"],
@@ -326,7 +308,6 @@ def stage_summary(output_dir) -> dict:
 
 def record_run(plan:TrainPlan, metrics:dict|None=None, notebook:str|None=None) -> Path:
     "Write `run.json` (parameters, stages, metrics, provenance) into the plan's run folder."
-    from qllava.report import provenance
     run_dir = Path(plan.run_dir); run_dir.mkdir(parents=True, exist_ok=True)
     stages = [{"name": s.name, "output_dir": s.output_dir, "reason": s.reason, "flags": s.flags, **stage_summary(s.output_dir)}
               for s in plan.stages]

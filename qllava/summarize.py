@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, json, sys
 from pathlib import Path
-from .core import DataError, ArgumentParser
+from .core import DataError, ArgumentParser, read_json_records
 from .review import load_reviews, review_status
 
 # %% auto #0
@@ -82,7 +82,6 @@ def summarize_files(reviews_file, # reviews JSONL
                     captions_file=None, # captions JSONL with question_id and type
                    ) -> dict:
     "`summarize_reviews` on files (one review per question_id; a failed call superseded by a later review counts once)."
-    from qllava.metrics import read_json_records
     if not Path(reviews_file).exists(): raise DataError("file not found.", file=reviews_file, fix="check the path.")
     reviews = load_reviews(reviews_file, strict=True)   # a line that is not a review: DataError with the file and line
     return summarize_reviews(reviews, read_json_records(captions_file) if captions_file else None, file=reviews_file)

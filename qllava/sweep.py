@@ -6,18 +6,19 @@
 from __future__ import annotations
 import itertools, json, math, os, re, shlex, subprocess, sys, time
 from pathlib import Path
-from .core import ConfigError, DataError, QllavaError, ArgumentParser, check_types, refuse_secrets, unknown_parameters
-from .runs import TRAIN_PARAMETERS, check_parameters, resolved_hyperparameters
+from .core import ConfigError, DataError, QllavaError, ArgumentParser, check_types, check_against_defaults
+from .runs import TRAIN_PARAMETERS, check_parameters, plan_training, record_run, resolved_hyperparameters, run_plan
 from .evalrun import check_eval_files, check_eval_parameters
+from .launch import SlurmSpec, sbatch_header, submit_sbatch
+from .core import LaunchError
 
 # %% auto #0
 __all__ = ['SWEEP_PARAMETERS', 'SWEPT', 'SWEEP_OWNS', 'METRICS', 'EVAL_OWNS', 'LAUNCHERS', 'LORA_STAGES', 'STAGE1_KEYS',
            'METRIC_LABELS', 'CHANCE', 'lora_alpha_for', 'trained_values', 'run_slug', 'combinations', 'check_sweep',
            'absolute_paths', 'sweep_dir_of', 'read_sweep', 'write_sweep', 'plan_sweep', 'stage1_plans', 'ensure_stage1',
-           'train_notebook_path', 'run_finished', 'last_lines', 'run_combination', 'run_parallel', 'slurm_header',
-           'sweep_array_script', 'stage1_script', 'submit_slurm', 'run_metrics', 'collect', 'results_table',
-           'varied_parameters', 'metric_label', 'figure_metrics', 'plot_metric', 'run_sweep', 'stage1_for_sweep',
-           'sweep_cli']
+           'train_notebook_path', 'run_finished', 'last_lines', 'run_combination', 'run_parallel', 'sweep_array_script',
+           'stage1_script', 'submit_slurm', 'run_metrics', 'collect', 'results_table', 'varied_parameters',
+           'metric_label', 'figure_metrics', 'plot_metric', 'run_sweep', 'stage1_for_sweep', 'sweep_cli']
 
 # %% ../nbs/45_sweep.ipynb #5d736587
 SWEEP_PARAMETERS = dict(
@@ -88,9 +89,7 @@ def _with_dot(s:str) -> str:
 def check_sweep(values:dict, # sweep parameter name -> value, as the notebook holds them
                 injected:set=frozenset()) -> dict: # names papermill injected that the parameters cell lacks
     "Refuse secrets, unknown names, wrong types, malformed lists, unknown metrics / launchers, and every combination the train notebook would refuse (unknown stage, negative rate, missing file); returns the values."
-    refuse_secrets(values)  # first: no later message may repeat a secret
-    unknown_parameters(set(injected) | set(values), SWEEP_PARAMETERS, "sweep parameter")
-    check_types({k: v for k, v in values.items() if k != "lora_alpha"}, SWEEP_PARAMETERS, "sweep parameter")  # alpha: a rule or an int
+    check_against_defaults(values, SWEEP_PARAMETERS, injected, "sweep parameter", untyped=("lora_alpha",))  # alpha: a rule or an int
     for k in SWEPT:
         v = values.get(k, SWEEP_PARAMETERS[k])
         if not isinstance(v, (list, tuple)) or not v:
@@ -186,13 +185,12 @@ STAGE1_KEYS = ("model", "encoder", "tokenizer", "projector", "num_gpus", "num_no
 
 def stage1_plans(rec:dict) -> dict:
     "modality -> (adapter path, the stage-1 `TrainPlan` or None when the projector is given or already made)."
-    from qllava import runs
     v, out = rec["parameters"], {}
     for mod in dict.fromkeys(r["parameters"]["modality"] for r in rec["runs"]):
         if v["pretrain_mm_mlp_adapter"]:
             out[mod] = (v["pretrain_mm_mlp_adapter"], None); continue
         base = {k: x for k, x in v["train_parameters"].items() if k in STAGE1_KEYS and not isinstance(x, list)}
-        plan = runs.plan_training({**base, "stage": "pretrain", "modality": mod, "runs_dir": rec["sweep_dir"],
+        plan = plan_training({**base, "stage": "pretrain", "modality": mod, "runs_dir": rec["sweep_dir"],
                                    "run_name": f"demo-pretrain-{mod}"})
         if not plan.demo:
             raise ConfigError("the sweep's runs need a stage-1 projector. Fix: set pretrain_mm_mlp_adapter to an mm_projector.bin "
@@ -203,13 +201,12 @@ def stage1_plans(rec:dict) -> dict:
 
 def ensure_stage1(rec:dict, log=print) -> dict:
     "Run stage 1 once per modality where its projector is missing; returns modality -> adapter path."
-    from qllava import runs
     out = {}
     for mod, (adapter, plan) in stage1_plans(rec).items():
         if plan is not None:
             log(f"== no stage-1 projector for {mod} yet: stage 1 runs once for the whole sweep -> {plan.run_dir}")
-            runs.run_plan(plan, log=log)
-            runs.record_run(plan)
+            run_plan(plan, log=log)
+            record_run(plan)
         out[mod] = adapter
     return out
 
@@ -303,29 +300,14 @@ def run_parallel(sweep_dir, indices:list, parallel:int=1, log=print) -> dict:
     with ThreadPoolExecutor(max(1, parallel)) as ex: return dict(ex.map(one, indices))
 
 # %% ../nbs/45_sweep.ipynb #d845736d
-def slurm_header(slurm, # a qllava.launch.SlurmSpec
-                 gpus_per_node:int, # GPUs each task gets
-                 output:str, # log path pattern
-                 array:int|None=None) -> list[str]: # number of array tasks (None: a single job)
-    "The `#SBATCH` lines of a one-node job (or job array) from a SlurmSpec."
-    o = ["#!/bin/bash", f"#SBATCH --job-name={slurm.job_name}", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1"]
-    if gpus_per_node: o.append(f"#SBATCH --gpus-per-node={gpus_per_node}")
-    for k, v in [("cpus-per-task", slurm.cpus_per_task), ("mem", slurm.mem), ("time", slurm.time),
-                 ("partition", slurm.partition), ("account", slurm.account)]:
-        if v is not None: o.append(f"#SBATCH --{k}={v}")
-    o.append(f"#SBATCH --output={slurm.output or output}")
-    if array: o.append(f"#SBATCH --array=0-{array - 1}" + (f"%{slurm.array_parallel}" if slurm.array_parallel else ""))
-    return o + [f"#SBATCH {x}" for x in slurm.extra]
-
 def sweep_array_script(sweep_dir, # the sweep folder on the cluster's file system
                        n_tasks:int, # number of combinations
                        slurm=None, # qllava.launch.SlurmSpec (job name, time, partition, setup lines ...)
                        gpus_per_node:int=0, # GPUs per task (0: CPU ranks)
                        python:str="python") -> str: # the interpreter on the cluster (after slurm.setup)
     "The sbatch script of the sweep's job array: task i executes the train notebook for combination i."
-    from qllava.launch import SlurmSpec
     slurm = slurm or SlurmSpec(job_name="qllava-sweep")
-    o = slurm_header(slurm, gpus_per_node, f"{sweep_dir}/slurm-%A_%a.out", n_tasks)
+    o = sbatch_header(slurm, 1, gpus_per_node, f"{sweep_dir}/slurm-%A_%a.out", n_tasks)
     o += ["# written by qllava.sweep: task i runs combination i of tasks.tsv", "set -euo pipefail", *slurm.setup]
     o += ["export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}",
           f'{shlex.quote(python)} -m qllava.sweep task {shlex.quote(str(sweep_dir))} "$SLURM_ARRAY_TASK_ID"']
@@ -334,9 +316,8 @@ def sweep_array_script(sweep_dir, # the sweep folder on the cluster's file syste
 def stage1_script(sweep_dir, slurm=None, gpus_per_node:int=0, python:str="python") -> str:
     "The sbatch script of the job that makes the sweep's stage-1 projector(s) before the array starts."
     from dataclasses import replace
-    from qllava.launch import SlurmSpec
     slurm = replace(slurm or SlurmSpec(), job_name="qllava-sweep-stage1", array_parallel=None)
-    o = slurm_header(slurm, gpus_per_node, f"{sweep_dir}/slurm-stage1-%j.out")
+    o = sbatch_header(slurm, 1, gpus_per_node, f"{sweep_dir}/slurm-stage1-%j.out")
     o += ["# written by qllava.sweep: stage 1 once for the whole sweep", "set -euo pipefail", *slurm.setup]
     o += ["export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}", f"{shlex.quote(python)} -m qllava.sweep stage1 {shlex.quote(str(sweep_dir))}"]
     return "\n".join(o) + "\n"
@@ -345,7 +326,6 @@ def stage1_script(sweep_dir, slurm=None, gpus_per_node:int=0, python:str="python
 def submit_slurm(rec:dict, log=print) -> dict:
     "Write the array script (and the stage-1 job when needed); submit where sbatch exists, else print the commands."
     import shutil
-    from qllava.launch import SlurmSpec, submit_sbatch
     v, d = rec["parameters"], Path(rec["sweep_dir"])
     slurm = SlurmSpec(job_name=f"qllava-{v['sweep_name']}", time=v["slurm_time"], partition=v["slurm_partition"] or None,
                       setup=[l for l in v["slurm_setup"].split(";") if l.strip()])
@@ -367,7 +347,6 @@ def submit_slurm(rec:dict, log=print) -> dict:
         j = submit_sbatch(out["stage1_script"]); out["job_ids"].append(j.job_id); dep = [f"--dependency=afterok:{j.job_id}"]
     p = subprocess.run(sub[:1] + ["--parsable"] + sub[1:] + dep + [out["array_script"]], capture_output=True, text=True)
     if p.returncode != 0:
-        from qllava.core import LaunchError
         raise LaunchError(f"sbatch refused {out['array_script']} (exit code {p.returncode}):\n{p.stderr.strip()}\n"
                           "Fix: correct the #SBATCH options it names (partition, time, gpus) and submit again.")
     out["job_ids"].append(p.stdout.strip().split(";")[0]); log(f"submitted Slurm job array {out['job_ids'][-1]}: {out['array_script']}")

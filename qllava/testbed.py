@@ -11,13 +11,12 @@ from .core import ArgumentParser, ConfigError, QllavaError, OFFLINE_ENV, asset
 # %% auto #0
 __all__ = ['LLAMA_CPP_PYTHON_VERSION', 'GGUF_MEMBER', 'GGUF_SHA256', 'LLAMA2_TOKENIZER_MODEL_SHA256', 'LLAMA_TRAINER_SPEC',
            'LLAMA_NORMALIZER_SPEC', 'VICUNA_TOKENIZER_CONFIG', 'VICUNA_SPECIAL_TOKENS_MAP', 'TOKENIZER_FILES',
-           'LFS_SUFFIXES', 'VICUNA_CONFIG', 'VICUNA_GENERATION_CONFIG', 'OPENAI_CLIP_MEAN', 'OPENAI_CLIP_STD',
-           'QUILTNET_OPEN_CLIP_CONFIG', 'CLIP_L336_CONFIG', 'CLIP_L336_PREPROCESSOR', 'TESTBED_REPOS', 'CHECK_MARK',
-           'sha256_file', 'fetch_llama_vocab_gguf', 'read_gguf_vocab', 'gguf_to_sentencepiece', 'hf_json',
-           'write_llama2_tokenizer', 'llama2_tokenizer_dir', 'varied_strings', 'testbed_revision', 'blob_name',
-           'hub_repo_dir', 'write_hub_repo', 'random_state_dict', 'safetensors_bytes', 'vicuna_files', 'quiltnet_files',
-           'clip_l336_files', 'build_testbed', 'testbed_env', 'run_with_testbed', 'testbed_checks', 'check_testbed',
-           'make_testbed_cli']
+           'LFS_SUFFIXES', 'VICUNA_CONFIG', 'VICUNA_GENERATION_CONFIG', 'QUILTNET_OPEN_CLIP_CONFIG', 'CLIP_L336_CONFIG',
+           'CLIP_L336_PREPROCESSOR', 'TESTBED_REPOS', 'CHECK_MARK', 'sha256_file', 'fetch_llama_vocab_gguf',
+           'read_gguf_vocab', 'gguf_to_sentencepiece', 'hf_json', 'write_llama2_tokenizer', 'llama2_tokenizer_dir',
+           'varied_strings', 'testbed_revision', 'blob_name', 'hub_repo_dir', 'write_hub_repo', 'random_state_dict',
+           'safetensors_bytes', 'vicuna_files', 'quiltnet_files', 'clip_l336_files', 'build_testbed', 'testbed_env',
+           'run_with_testbed', 'testbed_checks', 'check_testbed', 'make_testbed_cli']
 
 # %% ../nbs/08_testbed.ipynb #3ea7181c
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"   # the sdist the shipped vocabulary was read from
@@ -250,8 +249,7 @@ def vicuna_files(seed:int=0, # weight seed
     return files
 
 # %% ../nbs/08_testbed.ipynb #25fd894b
-OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+from .media import CLIP_MEAN as OPENAI_CLIP_MEAN, CLIP_STD as OPENAI_CLIP_STD  # OpenAI CLIP's normalisation: one definition, in media
 QUILTNET_OPEN_CLIP_CONFIG = {"model_cfg": {"embed_dim": 32,   # real: 512; vision width 768 x 12 layers, text width 512 x 12 layers
         "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}},

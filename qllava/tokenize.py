@@ -7,8 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import numpy as np, torch
 from .core import DataError, ConfigError
-from .conversation import (MEDIA_PLACEHOLDERS, IM_START, IM_END, IM_PATCH, Template, Span,
+from .modality import get_modality, placeholders, placeholder_re
+from .conversation import (IM_START, IM_END, IM_PATCH, Template, Span,
                                  get_template, render, spans_text)
+from .presets import SPM_PREFIX
 
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'prepare_tokenizer', 'media_token_id', 'TokenizedSample', 'encode_chunked', 'tokenize_conversation',
@@ -40,7 +42,7 @@ def prepare_tokenizer(tokenizer, # a transformers fast tokenizer (changed in pla
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"{type(tokenizer).__name__} is a slow tokenizer; labels need character offsets. "
                           "Fix: load it with use_fast=True (AutoTokenizer.from_pretrained(path, use_fast=True)).")
-    _add_special(tokenizer, list(MEDIA_PLACEHOLDERS.values()) + ([IM_START, IM_END] if use_im_start_end else [])
+    _add_special(tokenizer, list(placeholders().values()) + ([IM_START, IM_END] if use_im_start_end else [])
                  + ([IM_PATCH] if use_im_patch_token else []))
     if template is not None: _atomic_terminators(tokenizer, get_template(template))
     pad, eos = tokenizer.pad_token, tokenizer.eos_token
@@ -55,9 +57,7 @@ def prepare_tokenizer(tokenizer, # a transformers fast tokenizer (changed in pla
 def media_token_id(tokenizer, # a tokenizer passed through `prepare_tokenizer`
                    modality:str): # "image" or "sensor"
     "The id of `modality`'s placeholder token."
-    if modality not in MEDIA_PLACEHOLDERS:
-        raise ConfigError(f"unknown modality {modality!r}. Fix: use one of {', '.join(MEDIA_PLACEHOLDERS)}.")
-    ph = MEDIA_PLACEHOLDERS[modality]
+    ph = get_modality(modality).placeholder
     if ph not in tokenizer.get_added_vocab():
         raise ConfigError(f"the tokenizer has no {ph} token. Fix: call qllava.tokenize.prepare_tokenizer(tokenizer) first.")
     return tokenizer.convert_tokens_to_ids(ph)
@@ -92,7 +92,7 @@ def _expand(ids:np.ndarray, sup:np.ndarray, tokenizer, n_media_tokens:dict, max_
     rep = np.ones(len(ids), dtype=np.int64)                         # (n,) copies of each token
     is_media = np.zeros(len(ids), dtype=bool)
     mods, added = {}, tokenizer.get_added_vocab()                   # added: token text -> id
-    for m, ph in MEDIA_PLACEHOLDERS.items():
+    for m, ph in placeholders().items():
         at = ids == added.get(ph, -1)
         if not at.any(): continue
         if m not in n_media_tokens:
@@ -121,12 +121,9 @@ def _encode_whole(tokenizer, texts:list[str]) -> list[tuple]:
     return list(zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]))
 
 # %% ../nbs/04_tokenize.ipynb #76f9036f
-from .conversation import _PLACEHOLDER_RE
-
 def _dummy_prefix(tokenizer) -> bool:
     "Whether the tokenizer stands for a SentencePiece model (built from tokenizer.model) whose Metaspace adds the prefix `▁`."
     import json as _json
-    from qllava.presets import SPM_PREFIX
     if not tokenizer.init_kwargs.get(SPM_PREFIX): return False  # a tokenizer.json tokenizer: the original used it as it is
     pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
     if pre is None: return False
@@ -139,12 +136,12 @@ def encode_chunked(tokenizer, # fast tokenizer passed through `prepare_tokenizer
                   ) -> list[tuple]: # [(ids, offsets, special_tokens_mask)] per text
     "Tokenize as the original's `tokenizer_image_token`: each chunk between media placeholders on its own, one BOS, one id per placeholder."
     added = tokenizer.get_added_vocab()
-    if any(p not in added for t in texts for p in _PLACEHOLDER_RE.findall(t)):
+    if any(p not in added for t in texts for p in placeholder_re().findall(t)):
         raise ConfigError("the tokenizer has no media placeholder tokens. Fix: call qllava.tokenize.prepare_tokenizer(tokenizer) first.")
     pieces, chunks = [], []                                     # per text: [(chunk start, placeholder text or None)]
     for t in texts:
         start, parts = 0, []
-        for m in _PLACEHOLDER_RE.finditer(t):
+        for m in placeholder_re().finditer(t):
             parts.append((start, t[start:m.start()], None)); parts.append((m.start(), m.group(0), m.group(0))); start = m.end()
         parts.append((start, t[start:], None))
         pieces.append(parts); chunks += [c for _, c, ph in parts if ph is None]

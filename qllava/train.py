@@ -4,243 +4,29 @@
 
 # %% ../nbs/21_train.ipynb #f8b2257a
 from __future__ import annotations
-import argparse, dataclasses, json, math, os, random, shutil, sys, time
-from dataclasses import dataclass, field, fields, asdict
+import dataclasses, json, math, os, random, shutil, sys, time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from .core import CheckpointError, ConfigError, DataError, QllavaError, asset
+from .config import (TrainConfig, STAGE_PRESETS, OPTIMIZERS, DEEPSPEED_PRESETS, resolve_config, resolve_batch, report_targets,
+                           config_parser, parse_config)
+from .model import full_numel, full_shape, partition
+from .dataset import load_records, MultimodalDataset, DataCollator, ModalityLengthGroupedSampler
+from .validate import validate_data, raise_if_invalid
+from .launch import report_progress, heartbeat
+from .checkpoint import load_base_model, load_projector, save_projector, save_checkpoint
+from .encoders import encoder_modality
+from .answer import vqa_accuracy
+from .modality import MODALITIES
 
 # %% auto #0
-__all__ = ['STAGE_PRESETS', 'OPTIMIZERS', 'CHOICES', 'REPORTERS', 'FLAG_ALIASES', 'DEEPSPEED_PRESETS', 'PUBLISHED_GLOBAL_BATCH',
-           'ASPECT_RATIOS', 'CKPT_DIR', 'CHECKSUMS', 'TrainConfig', 'infer_stage', 'report_targets', 'resolve_config',
-           'resolve_batch', 'config_parser', 'parse_config', 'init_distributed', 'seed_everything',
+__all__ = ['PUBLISHED_GLOBAL_BATCH', 'ASPECT_RATIOS', 'CKPT_DIR', 'CHECKSUMS', 'init_distributed', 'seed_everything',
            'hardware_precision', 'deepspeed_config', 'apply_stage', 'trainable_summary', 'param_groups',
            'make_optimizer', 'media_settings', 'build_dataset', 'build_loader', 'build_eval_loader', 'open_reporters',
-           'RunLog', 'flag_notes', 'step_schedule', 'set_aspect_ratio', 'build_run', 'quantization_config',
-           'vqa_accuracy', 'evaluate_vqa', 'evaluate_loss', 'write_checksums', 'verify_checksums', 'safe_load',
-           'use_safe_loading', 'share_fp32_master', 'save_resumable', 'find_resume', 'load_resumable', 'train_loop',
-           'save_final', 'fit', 'load_lora_run', 'merge_lora', 'merge_lora_cli', 'train_cli']
-
-# %% ../nbs/21_train.ipynb #07e1271e
-@dataclass
-class TrainConfig:
-    "Every setting of a training run; field names are the original LLaVA flags, `None` = the stage preset's value."
-    stage: str|None = None # pretrain | finetune | lora | qlora; default: from the original flags (--tune_mm_mlp_adapter: pretrain, --lora_enable: lora, with --bits 4: qlora), else finetune
-    model_name_or_path: str = "preset:tiny-llama" # base LLM: hub id, local folder, preset:NAME, or a qllava checkpoint
-    tokenizer: str|None = None # tokenizer name or folder; default: the model's own (llama-demo for presets)
-    version: str|None = None # conversation template (plain for pretrain, v1 otherwise)
-    data_path: str|None = None # LLaVA-format JSON / JSONL records
-    image_folder: str|None = None # folder the records' media paths are relative to
-    eval_data_path: str|None = None # optional held-out records: eval loss every eval_steps
-    eval_steps: int = 0 # run the held-out evaluation every N optimiser steps (0 = only at the end)
-    evaluation_strategy: str|None = None # no | steps | epoch (transformers' flag; --eval_strategy too): no = no held-out evaluation, epoch = after each epoch
-    eval_questions: str|None = None # held-out VQA questions (JSONL): greedy closed / one-word accuracy at each evaluation
-    eval_gt: str|None = None # their ground truth (Quilt-VQA style JSON: id, answer, answer_type, yes_no_answer)
-    eval_max_new_tokens: int = 64 # answer length for that accuracy
-    vision_tower: str|None = "preset:tiny-clip" # encoder spec (hf-clip:, open_clip:, limu-bert:, preset:)
-    mm_projector_type: str = "mlp2x_gelu" # linear | mlpNx_gelu | identity
-    tune_mm_mlp_adapter: bool|None = None # train only the projector (stage 1)
-    pretrain_mm_mlp_adapter: str|None = None # stage-1 projector file (mm_projector.bin/.safetensors) to start from
-    mm_vision_select_layer: int = -2 # encoder hidden layer whose features are projected
-    mm_vision_select_feature: str = "patch" # patch | cls_patch
-    mm_use_im_start_end: bool = False # wrap each media block in <im_start> / <im_end>
-    mm_use_im_patch_token: bool = False # add the <im_patch> token to the tokenizer (LLaVA compatibility)
-    image_aspect_ratio: str|None = None # pad (to square with the mean colour) | square (the original's default, also None: short side resized, centre crop) | resize (stretch); preset: square for pretrain, pad for stage 2
-    mm_patch_merge_type: str = "flat" # flat: one token per patch (LLaVA-1.5); LLaVA-NeXT's anyres merges are not supported
-    group_by_modality_length: bool = False # modality-pure, length-grouped batches
-    bf16: bool = False # bfloat16 training (only where the hardware has it)
-    fp16: bool = False # float16 training (GPU only)
-    tf32: bool = False # TF32 matmuls (Ampere+ GPUs only)
-    output_dir: str = "runs/train" # where checkpoints, metrics and the summary go
-    num_train_epochs: float|None = None # epochs over the data
-    max_steps: int = -1 # stop after this many optimiser steps (-1 = epochs decide)
-    global_batch_size: int|None = None # samples per optimiser step over all ranks (the published tables' number)
-    per_device_train_batch_size: int|None = None # micro-batch per rank; derived from the global batch when None
-    gradient_accumulation_steps: int|None = None # derived from the global batch when None
-    per_device_eval_batch_size: int = 4 # micro-batch for held-out evaluation
-    save_strategy: str = "steps" # steps (every save_steps) | epoch (after each epoch) | no (only the final artifacts)
-    save_steps: float = 0 # save a resumable checkpoint every N optimiser steps (0 = only at the end; below 1 = that fraction of the run)
-    save_total_limit: int = 1 # how many resumable checkpoints to keep
-    learning_rate: float|None = None # peak learning rate
-    weight_decay: float|None = None # AdamW weight decay
-    warmup_ratio: float|None = None # share of the steps spent warming up
-    lr_scheduler_type: str|None = None # cosine | linear | constant | constant_with_warmup ...
-    logging_steps: int = 1 # log every N optimiser steps
-    model_max_length: int|None = None # tokens per sample after media expansion
-    gradient_checkpointing: bool = False # recompute activations in the backward pass
-    dataloader_num_workers: int = 0 # DataLoader worker processes
-    lazy_preprocess: bool = True # tokenise on access (always on; kept for flag compatibility)
-    report_to: str = "none" # none | tensorboard | wandb | all (comma-separated too); metrics.jsonl is always written
-    lora_enable: bool|None = None # train LoRA adapters on the LLM's linear layers
-    lora_r: int|None = None # LoRA rank
-    lora_alpha: int|None = None # LoRA alpha
-    lora_dropout: float = 0.05 # LoRA dropout
-    lora_bias: str = "none" # none | all | lora_only: which biases train with LoRA
-    mm_projector_lr: float|None = None # separate projector learning rate (LoRA recipe: 2e-5)
-    bits: int|None = None # 16 | 8 | 4: the base LLM's weights (4 = QLoRA, needs bitsandbytes and CUDA); default 4 for --stage qlora, else 16
-    double_quant: bool = True # QLoRA: also quantise the quantisation constants (bitsandbytes bnb_4bit_use_double_quant)
-    quant_type: str = "nf4" # QLoRA: nf4 | fp4 (bitsandbytes bnb_4bit_quant_type)
-    freeze_backbone: bool = False # keep the LLM frozen in stage 2 (only the projector, and LoRA adapters if any, train)
-    freeze_mm_mlp_adapter: bool = False # keep the projector frozen (stage 2 with a fixed stage-1 projector)
-    optim: str = "adamw_torch_fused" # optimiser, AdamW with betas (0.9, 0.999), eps 1e-8: adamw_torch_fused (transformers' default for torch >= 2.8: one pass, no temporary copy of the weights), adamw_torch (the original's, foreach / per tensor), adamw_hf
-    attn_implementation: str|None = None # sdpa | eager | flash_attention_2 (default: flash_attention_2 on CUDA when installed, else sdpa)
-    cache_dir: str|None = None # Hugging Face cache folder to read hub models from (sets HF_HUB_CACHE for this run)
-    deepspeed: str|None = "zero2" # zero2 | zero3 | zero3_offload | path to a DeepSpeed JSON | none
-    seed: int = 42 # seeds python, numpy, torch and the sampler
-    skip_bad_records: bool = False # drop records that fail validation (and report the counts) instead of refusing
-    blank_media: bool = False # replace every media input by zeros (the "no media" control run)
-    resume_from_checkpoint: str|None = None # "last" or a checkpoint folder to resume from
-    max_grad_norm: float = 1.0 # gradient clipping
-    log_sample_ids: bool = False # write which records each rank trained on, per step (sample_ids/rank{R}.jsonl)
-
-# %% ../nbs/21_train.ipynb #2f57660a
-STAGE_PRESETS = {
-    "pretrain": dict(version="plain", tune_mm_mlp_adapter=True, lora_enable=False, global_batch_size=256, image_aspect_ratio="square",
-                     learning_rate=1e-3, weight_decay=0.0, warmup_ratio=0.03, lr_scheduler_type="cosine",
-                     num_train_epochs=1, model_max_length=2048),
-    "finetune": dict(version="v1", tune_mm_mlp_adapter=False, lora_enable=False, global_batch_size=128, image_aspect_ratio="pad",
-                     learning_rate=2e-5, weight_decay=0.0, warmup_ratio=0.03, lr_scheduler_type="cosine",
-                     num_train_epochs=1, model_max_length=2048),
-    "lora": dict(version="v1", tune_mm_mlp_adapter=False, lora_enable=True, lora_r=128, lora_alpha=256, image_aspect_ratio="pad",
-                 global_batch_size=128, learning_rate=2e-4, mm_projector_lr=2e-5, weight_decay=0.0,
-                 warmup_ratio=0.03, lr_scheduler_type="cosine", num_train_epochs=1, model_max_length=2048),
-    "qlora": dict(version="v1", tune_mm_mlp_adapter=False, lora_enable=True, lora_r=128, lora_alpha=256, bits=4, image_aspect_ratio="pad",
-                  global_batch_size=128, learning_rate=2e-4, mm_projector_lr=2e-5, weight_decay=0.0,
-                  warmup_ratio=0.03, lr_scheduler_type="cosine", num_train_epochs=1, model_max_length=2048),
-}
-
-OPTIMIZERS = {"adamw_torch_fused": dict(fused=True), "adamw_torch": dict(foreach=None), "adamw_hf": dict(foreach=False)}  # --optim -> AdamW's kernel
-
-# the accepted values of the original flags that take one of a few words: flag -> allowed values
-CHOICES = {"evaluation_strategy": ("no", "steps", "epoch", None), "save_strategy": ("no", "steps", "epoch"),
-           "mm_patch_merge_type": ("flat",), "optim": tuple(OPTIMIZERS),
-           "lora_bias": ("none", "all", "lora_only"), "quant_type": ("nf4", "fp4"),
-           "image_aspect_ratio": ("pad", "square", "None", "resize", "crop"),
-           "attn_implementation": (None, "sdpa", "eager", "flash_attention_2")}
-REPORTERS = ("tensorboard", "wandb")  # --report_to targets besides metrics.jsonl (`all` = both)
-
-def infer_stage(cfg:TrainConfig) -> str:
-    "The stage the original flags describe when `--stage` is not given (the original scripts never pass it)."
-    if cfg.stage is not None: return cfg.stage
-    if cfg.tune_mm_mlp_adapter: return "pretrain"
-    if cfg.lora_enable: return "qlora" if cfg.bits == 4 else "lora"
-    return "finetune"
-
-def report_targets(report_to:str) -> list[str]:
-    "The reporters `--report_to` names (`none` -> [], `all` -> every one); unknown names are refused."
-    names = [s.strip() for s in str(report_to or "none").replace(",", " ").split()]
-    if names in ([], ["none"]): return []
-    if names == ["all"]: return list(REPORTERS)
-    bad = [n for n in names if n not in REPORTERS]
-    if bad: raise ConfigError(f"--report_to {report_to}: unknown {', '.join(bad)}. Fix: use none, all, or any of {', '.join(REPORTERS)}.")
-    return names
-
-def resolve_config(cfg:TrainConfig) -> TrainConfig:
-    "Fill every `None` from the stage preset; reject unknown stages and contradictory settings."
-    cfg = dataclasses.replace(cfg, stage=infer_stage(cfg))
-    if cfg.stage not in STAGE_PRESETS:
-        raise ConfigError(f"unknown stage {cfg.stage!r}. Fix: use one of {', '.join(STAGE_PRESETS)}.")
-    preset = dict(STAGE_PRESETS[cfg.stage])
-    if cfg.per_device_train_batch_size and cfg.gradient_accumulation_steps and cfg.global_batch_size is None:
-        preset.pop("global_batch_size")  # the user fixed per-device x accumulation (as the original scripts do): honour it
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in preset.items() if getattr(cfg, k) is None})
-    if cfg.bits is None: cfg = dataclasses.replace(cfg, bits=16)
-    for k, allowed in CHOICES.items():
-        if getattr(cfg, k) not in allowed:
-            raise ConfigError(f"--{k} {getattr(cfg, k)}: qllava supports {', '.join(str(a) for a in allowed if a is not None)}. "
-                              f"Fix: pass one of those (or leave the flag out).")
-    report_targets(cfg.report_to)
-    if cfg.stage == "pretrain" and cfg.lora_enable:
-        raise ConfigError("stage pretrain trains the projector only; --lora_enable contradicts it. Fix: use --stage lora.")
-    if cfg.tune_mm_mlp_adapter and cfg.lora_enable:
-        raise ConfigError("--tune_mm_mlp_adapter (projector only) and --lora_enable cannot both be on.")
-    if cfg.bits not in (4, 8, 16): raise ConfigError(f"--bits {cfg.bits}: use 16, 8 or 4.")
-    if cfg.bits < 16 and not cfg.lora_enable:
-        raise ConfigError(f"--bits {cfg.bits} quantises the base LLM, which can then only be trained with LoRA. Fix: add --lora_enable True or use --stage qlora.")
-    if cfg.bf16 and cfg.fp16: raise ConfigError("--bf16 and --fp16 are exclusive; choose one.")
-    if bool(cfg.eval_questions) != bool(cfg.eval_gt):
-        raise ConfigError("--eval_questions and --eval_gt go together: the questions to answer and their ground truth.")
-    if cfg.eval_questions and cfg.deepspeed in ("zero3", "zero3_offload"):
-        raise ConfigError("answering held-out questions during training needs every weight on one rank, which ZeRO-3 "
-                          "partitions. Fix: use --deepspeed zero2 for such runs, or run eval.ipynb on the saved checkpoint.")
-    return cfg
-
-# %% ../nbs/21_train.ipynb #4bbce55f
-def resolve_batch(global_batch_size:int|None, # samples per optimiser step over all ranks
-                  world_size:int, # number of ranks
-                  per_device:int|None=None, # micro-batch per rank, if fixed by the user
-                  grad_accum:int|None=None, # accumulation steps, if fixed by the user
-                  max_per_device:int=16, # largest micro-batch tried when deriving it
-                 ) -> tuple[int,int,int]:
-    "(per_device, grad_accum, global) with per_device x grad_accum x world_size == global."
-    if global_batch_size is None:
-        per_device, grad_accum = per_device or 1, grad_accum or 1
-        return per_device, grad_accum, per_device * grad_accum * world_size
-    g, w = global_batch_size, world_size
-    def _refuse(why):
-        raise ConfigError(f"global batch {g} cannot be split over {w} rank(s): {why}. "
-                          f"per_device_train_batch_size x gradient_accumulation_steps x world_size must equal the global batch. "
-                          f"Fix: choose a global batch divisible by {w}, or set the per-device batch and accumulation so their product x {w} = {g}.")
-    if g % w: _refuse(f"{g} is not divisible by world_size {w}")
-    per_rank = g // w
-    if per_device and grad_accum:
-        if per_device * grad_accum * w != g: _refuse(f"{per_device} x {grad_accum} x {w} = {per_device*grad_accum*w}, not {g}")
-        return per_device, grad_accum, g
-    if per_device:
-        if per_rank % per_device: _refuse(f"{per_rank} samples per rank is not a multiple of per_device_train_batch_size {per_device}")
-        return per_device, per_rank // per_device, g
-    if grad_accum:
-        if per_rank % grad_accum: _refuse(f"{per_rank} samples per rank is not a multiple of gradient_accumulation_steps {grad_accum}")
-        return per_rank // grad_accum, grad_accum, g
-    per_device = max(d for d in range(1, min(per_rank, max_per_device) + 1) if per_rank % d == 0)
-    return per_device, per_rank // per_device, g
-
-# %% ../nbs/21_train.ipynb #e75baf69
-def _to_bool(s) -> bool:
-    if isinstance(s, bool): return s
-    if str(s).lower() in ("1", "true", "yes", "y", "on"): return True
-    if str(s).lower() in ("0", "false", "no", "n", "off"): return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
-
-def _parse_type(hint):
-    "The argparse `type` for a field annotation (`int`, `float|None`, `bool|None`, ...): its first non-None member."
-    import types, typing
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else [hint]
-    t = args[0]
-    return _to_bool if t is bool else t
-
-# flags of the original scripts that name a TrainConfig field differently: alias -> field
-FLAG_ALIASES = {"eval_strategy": "evaluation_strategy"}
-
-def config_parser() -> argparse.ArgumentParser:
-    "An argparse parser with one `--flag` per `TrainConfig` field (also `--dashed-spelling`), helped by the field's comment and default."
-    import typing
-    from fastcore.docments import docments
-    from qllava.core import ArgumentParser
-    import qllava.train as this  # under `python -m qllava.train` this module is __main__, whose source docments cannot read
-    hints, docs = typing.get_type_hints(TrainConfig), docments(this.TrainConfig, full=False)
-    p = ArgumentParser(prog="qllava train", description="Train a LLaVA-style model (stage 1 or 2) on DeepSpeed. Flags are the "
-                       "original LLaVA scripts' names; a value left out takes the stage preset's (the published recipe).")
-    alias_of = {v: k for k, v in FLAG_ALIASES.items()}
-    for f in fields(TrainConfig):
-        typ = _parse_type(hints[f.name])
-        kw = dict(type=typ, default=None, dest=f.name, metavar=typ.__name__.strip("_").upper() if typ is not _to_bool else "BOOL",
-                  help=f"{docs.get(f.name) or ''} (default: {'the stage preset' if f.default is None else repr(f.default)})".replace("%", "%%"))
-        if typ is _to_bool: kw.update(nargs="?", const=True)
-        p.add_argument(f"--{f.name}", *([f"--{alias_of[f.name]}"] if f.name in alias_of else []), **kw)
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by the deepspeed launcher
-    return p
-
-def parse_config(argv:list[str]|None=None) -> TrainConfig:
-    "A `TrainConfig` from command-line flags (the original flag names)."
-    ns, unknown = config_parser().parse_known_args(argv)
-    if unknown:
-        import difflib
-        known = [f.name for f in fields(TrainConfig)]
-        hints = [f"{u} (did you mean --{m[0]}?)" if (m := difflib.get_close_matches(u.lstrip("-").split("=")[0].replace("-", "_"), known, 1)) else u
-                 for u in unknown if u.startswith("-")] or unknown
-        raise ConfigError(f"unknown training flag(s) {', '.join(hints)}. Fix: see `qllava train --help` for the flags.")
-    given = {k: v for k, v in vars(ns).items() if v is not None and k != "local_rank"}
-    return TrainConfig(**given)
+           'RunLog', 'flag_notes', 'step_schedule', 'set_aspect_ratio', 'Run', 'build_run', 'evaluate_vqa',
+           'evaluate_loss', 'write_checksums', 'verify_checksums', 'safe_load', 'use_safe_loading', 'share_fp32_master',
+           'save_resumable', 'find_resume', 'load_resumable', 'Progress', 'resume_progress', 'optimiser_step',
+           'after_step', 'final_metrics', 'train_loop', 'save_final', 'fit', 'train_cli']
 
 # %% ../nbs/21_train.ipynb #5f315f46
 def init_distributed() -> tuple[int,int]:
@@ -273,8 +59,6 @@ def hardware_precision(cfg:TrainConfig) -> dict:
     return dict(bf16=cfg.bf16, fp16=cfg.fp16, tf32=cfg.tf32)
 
 # %% ../nbs/21_train.ipynb #b684883f
-DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
-
 def deepspeed_config(name_or_path:str|None, # zero2 | zero3 | zero3_offload | a JSON file | none
                      per_device:int, grad_accum:int, world_size:int, # the resolved batch arithmetic
                      bf16:bool=False, fp16:bool=False, max_grad_norm:float=1.0,
@@ -331,7 +115,6 @@ def apply_stage(model, cfg:TrainConfig):
 
 def trainable_summary(model) -> dict:
     "Trainable and total parameter counts per part (llm / encoders / projectors); whole sizes under ZeRO-3 too."
-    from qllava.model import full_numel
     out = {}
     for part in ("llm", "encoders", "projectors"):
         ps = list(getattr(model, part).parameters())
@@ -340,7 +123,6 @@ def trainable_summary(model) -> dict:
 
 def param_groups(model, cfg:TrainConfig) -> list[dict]:
     "AdamW groups: decay / no-decay (biases, norms), and the projector at `mm_projector_lr` when set."
-    from qllava.model import full_shape
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad: continue
@@ -371,8 +153,6 @@ def media_settings(model) -> tuple[dict, dict]:
 
 def build_dataset(cfg:TrainConfig, path:str, model, tokenizer, rank:int=0, log=print):
     "Validate `path` (rank 0) and return (dataset, kept_indices, report_counts)."
-    from qllava.dataset import load_records, MultimodalDataset
-    from qllava.validate import validate_data, raise_if_invalid
     procs, ntok = media_settings(model)
     verdict = None
     if rank == 0:
@@ -397,7 +177,6 @@ def build_dataset(cfg:TrainConfig, path:str, model, tokenizer, rank:int=0, log=p
 def build_loader(ds, keep:list[int], cfg:TrainConfig, per_device:int, rank:int, world:int):
     "(DataLoader over this rank's shard, its batch sampler): modality-pure batches when asked, length-grouped."
     from torch.utils.data import DataLoader, Subset
-    from qllava.dataset import DataCollator, ModalityLengthGroupedSampler
     lengths, mods = ds.lengths, ds.modalities
     sampler = ModalityLengthGroupedSampler([lengths[i] for i in keep], batch_size=per_device, num_replicas=world, rank=rank,
                                            seed=cfg.seed, group_by_modality=cfg.group_by_modality_length,
@@ -412,7 +191,6 @@ def build_loader(ds, keep:list[int], cfg:TrainConfig, per_device:int, rank:int, 
 def build_eval_loader(ds, cfg:TrainConfig, rank:int, world:int):
     "A sequential, sharded loader over the held-out records (each rank a disjoint part)."
     from torch.utils.data import DataLoader, Subset
-    from qllava.dataset import DataCollator
     return DataLoader(Subset(ds, list(range(rank, len(ds), world))), batch_size=cfg.per_device_eval_batch_size,
                       collate_fn=DataCollator(ds.tokenizer.pad_token_id))
 
@@ -460,7 +238,7 @@ def _log_ids(out:Path, rank:int, step:int, epoch:int, ids:list):
 def _to_device(batch:dict, device, blank:bool=False) -> dict:
     out = {k: v.to(device) for k, v in batch.items() if hasattr(v, "to")}
     if blank:
-        for k in ("images", "sensors"):
+        for k in (m.batch_key for m in MODALITIES.values()):
             if k in out: out[k] = out[k].new_zeros(out[k].shape)
     return out
 
@@ -487,7 +265,6 @@ class RunLog:
         self.path, self.rank, self.total, self.writers = out / "metrics.jsonl", rank, total_steps, writers or {}
     def __call__(self, **rec):
         if self.rank != 0: return
-        from qllava.launch import report_progress
         rec = {"time": round(time.time(), 3), **rec}
         with open(self.path, "a") as f: f.write(json.dumps(rec) + "\n")
         scalars = {k: v for k, v in rec.items() if k not in ("time", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -517,8 +294,8 @@ def flag_notes(cfg:TrainConfig, world:int) -> list[str]:
         notes.append(f"note: global batch {cfg.global_batch_size} ({cfg.per_device_train_batch_size} per device x "
                      f"{cfg.gradient_accumulation_steps} accumulation x {world} ranks) differs from the published {pub} of stage {cfg.stage}.")
     if not cfg.lazy_preprocess: notes.append("note: --lazy_preprocess False has no effect: records are always tokenised on access.")
-    if cfg.image_aspect_ratio != "pad" and "limu" in (cfg.vision_tower or ""):
-        notes.append(f"note: --image_aspect_ratio {cfg.image_aspect_ratio} has no effect on sensor windows.")
+    if cfg.image_aspect_ratio != "pad" and cfg.vision_tower and (m := encoder_modality(cfg.vision_tower)) != "image":
+        notes.append(f"note: --image_aspect_ratio {cfg.image_aspect_ratio} has no effect on {m} media ({cfg.vision_tower}).")
     if cfg.bits == 16 and (cfg.quant_type != "nf4" or not cfg.double_quant):
         notes.append("note: --double_quant / --quant_type only matter with --bits 4 (QLoRA).")
     return notes
@@ -541,11 +318,32 @@ def set_aspect_ratio(model, image_aspect_ratio:str|None):
     model.config.image_aspect_ratio = "pad" if mode == "pad" else str(image_aspect_ratio)
     return model
 
-def build_run(cfg:TrainConfig, log=print) -> dict:
+@dataclass
+class Run:
+    "Everything a training stage holds once set up (`build_run`): settings, ranks, model and engine, data, schedule."
+    cfg:TrainConfig # the resolved settings (batch arithmetic filled in)
+    rank:int # this process's rank
+    world:int # number of ranks
+    model:object # the QllavaForCausalLM (what DeepSpeed wraps)
+    engine:object # DeepSpeed's engine
+    tokenizer:object # the model's prepared tokenizer
+    loader:object # this rank's DataLoader
+    keep:list # indices of the records trained on (bad ones skipped with --skip_bad_records)
+    sampler:object # the ModalityLengthGroupedSampler behind `loader` (its state resumes a run)
+    eval_loader:object|None # held-out records' loader, if any
+    steps_per_epoch:int # optimiser steps per epoch
+    total_steps:int # optimiser steps of the run
+    ds_config:dict # the resolved DeepSpeed config
+    data_counts:dict # records, skipped, truncated
+    modality:str # the encoder's modality
+    writers:dict # tensorboard / wandb writers (rank 0)
+    save_every:int # optimiser steps between resumable checkpoints (0: none)
+    eval_every:int # optimiser steps between held-out evaluations (0: only at the end)
+
+def build_run(cfg:TrainConfig, log=print) -> Run:
     "Setup: distributed state, resolved config, model with the stage applied, data loaders, DeepSpeed engine."
     import torch, deepspeed
     from transformers import get_scheduler
-    from qllava.model import partition
     rank, world = init_distributed()
     cfg = resolve_config(cfg)
     if not cfg.data_path: raise ConfigError("--data_path is required: a LLaVA-format JSON or JSONL file.")
@@ -562,13 +360,12 @@ def build_run(cfg:TrainConfig, log=print) -> dict:
     seed_everything(cfg.seed)
     for note in flag_notes(cfg, world): log(note)
     writers = open_reporters(report_targets(cfg.report_to), Path(cfg.output_dir), cfg) if rank == 0 else {}
-    modality = "sensor" if "limu" in (cfg.vision_tower or "") else "image"
+    modality = encoder_modality(cfg.vision_tower) if cfg.vision_tower else "image"
     ds_cfg = deepspeed_config(cfg.deepspeed, per_device, accum, world, precision["bf16"], precision["fp16"], cfg.max_grad_norm)
     dtype = torch.bfloat16 if precision["bf16"] else torch.float16 if precision["fp16"] else torch.float32
-    model, tok = _load_model(cfg, modality, dtype, ds_cfg)  # in the training dtype (4 / 8 bit: quantised); partitioned at birth under ZeRO-3
+    model, tok = load_base_model(cfg, modality, dtype, ds_cfg)  # in the training dtype (4 / 8 bit: quantised); partitioned at birth under ZeRO-3
     set_aspect_ratio(model, cfg.image_aspect_ratio)
     if cfg.pretrain_mm_mlp_adapter:
-        from qllava.checkpoint import load_projector
         load_projector(model, cfg.pretrain_mm_mlp_adapter)
         log(f"projector initialised from {cfg.pretrain_mm_mlp_adapter}")
     model = partition(apply_stage(model, cfg), ds_cfg)  # ZeRO-3: LoRA adapters, made after the build, are sharded too
@@ -595,87 +392,32 @@ def build_run(cfg:TrainConfig, log=print) -> dict:
     use_safe_loading(engine)  # a resumed run unpickles nothing that can run code
     if (shared := share_fp32_master(engine)) and rank == 0:  # fp32 weights: no second fp32 copy of this rank's share
         log(f"fp32 weights: the optimiser's master is this rank's share of them ({shared / 2**20:.1f} MB not cloned)")
-    return dict(cfg=cfg, rank=rank, world=world, model=model, engine=engine, tokenizer=tok, loader=loader, keep=keep,
+    return Run(cfg=cfg, rank=rank, world=world, model=model, engine=engine, tokenizer=tok, loader=loader, keep=keep,
                 sampler=sampler, eval_loader=eval_loader, steps_per_epoch=steps_per_epoch, total_steps=total,
                 ds_config=ds_cfg, data_counts=counts, modality=modality, writers=writers, save_every=save_every,
                 eval_every=eval_every)
 
-def quantization_config(cfg:TrainConfig, compute_dtype=None):
-    "transformers' `BitsAndBytesConfig` for `--bits 4` / `8` (QLoRA's base, as the original builds it), None for 16."
-    if cfg.bits == 16: return None
-    import torch
-    from transformers import BitsAndBytesConfig
-    return BitsAndBytesConfig(load_in_4bit=cfg.bits == 4, load_in_8bit=cfg.bits == 8, llm_int8_threshold=6.0,
-                              llm_int8_has_fp16_weight=False, bnb_4bit_compute_dtype=compute_dtype or torch.float32,
-                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_quant_type=cfg.quant_type)
-
-def _load_model(cfg:TrainConfig, modality:str, dtype=None, ds_config:dict|None=None):
-    "The model to train: a preset / hub LLM with a fresh projector, or a qllava checkpoint folder (stage 2 from stage 1)."
-    from qllava.model import build_model
-    p = Path(cfg.model_name_or_path)
-    if (p / "qllava_manifest.json").exists():
-        from qllava.checkpoint import load_model
-        from qllava.tokenize import prepare_tokenizer
-        model, tok = load_model(p, dtype=dtype, ds_config=ds_config)
-        return model, prepare_tokenizer(tok, use_im_start_end=cfg.mm_use_im_start_end)
-    return build_model(llm=cfg.model_name_or_path, encoders={modality: cfg.vision_tower}, projector=cfg.mm_projector_type,
-                       attn_implementation=cfg.attn_implementation,
-                       tokenizer=cfg.tokenizer, seed=cfg.seed, template=cfg.version,
-                       select_layer=cfg.mm_vision_select_layer, select_feature=cfg.mm_vision_select_feature,
-                       use_im_start_end=cfg.mm_use_im_start_end, dtype=dtype, ds_config=ds_config,
-                       quantization_config=quantization_config(cfg, dtype))
-
-def vqa_accuracy(model, tokenizer, # a QllavaForCausalLM and its tokenizer
-                 questions, gt, media_folder, # VQA question JSONL, ground truth JSON, media folder
-                 blank:bool=False, # ask with blanked media (the no-media control)
-                 batch_size:int=16, max_new_tokens:int=64) -> dict:
-    "Greedy answers to VQA questions, scored: closed yes/no accuracy (published rule) and one-word answer accuracy (%)."
-    from qllava.conversation import get_template, generation_prompt
-    from qllava.generate import answer_batch
-    from qllava.metrics import closed_hit, normalize_answer  # the evaluation layer's rule, so both numbers agree
-    tmpl = get_template(model.config.template)
-    qs = [json.loads(l) for l in Path(questions).read_text().splitlines() if l.strip()]
-    truth = {g["id"]: g for g in json.loads(Path(gt).read_text())}
-    media, prompts = [], []
-    for q in qs:
-        mod = "image" if "image" in q else "sensor"
-        x = model.encoders[mod].processor(Path(media_folder) / q[mod])
-        media.append({mod: x * 0 if blank else x})
-        prompts.append(generation_prompt(tmpl, q["text"] if f"<{mod}>" in q["text"] else f"<{mod}>\n{q['text']}"))
-    preds = answer_batch(model, tokenizer, prompts, media, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    answers = []
-    for q, p in zip(qs, preds):
-        g = truth[q["question_id"]]
-        if str(g.get("answer_type", "")).upper() == "CLOSED": kind, hit = "closed", closed_hit(p, str(g.get("yes_no_answer") or g["answer"]).lower())
-        elif len(normalize_answer(str(g["answer"])).split()) == 1:  # a one-word answer (e.g. the activity): is it named?
-            kind, hit = "one_word", int(normalize_answer(str(g["answer"])) in normalize_answer(p).split())
-        else: kind, hit = "open", None  # free text: scored by `qllava metrics`, not here
-        answers.append(dict(question_id=q["question_id"], text=q["text"], answer=p, gt=g["answer"], scored=kind, hit=hit))
-    pct = lambda xs: round(100 * sum(xs) / len(xs), 2) if xs else None
-    closed, one_word = ([a["hit"] for a in answers if a["scored"] == k] for k in ("closed", "one_word"))
-    return {"closed_accuracy": pct(closed), "n_closed": len(closed), "open_accuracy": pct(one_word), "n_open": len(one_word), "answers": answers}
-
-def evaluate_vqa(run:dict) -> dict:
+def evaluate_vqa(run:Run) -> dict:
     "Held-out VQA accuracy during training: rank 0 answers greedily (weights are whole below ZeRO-3), the others wait."
     import torch.distributed as dist
-    cfg, engine = run["cfg"], run["engine"]
+    cfg, engine = run.cfg, run.engine
     out = {}
-    if run["rank"] == 0:
+    if run.rank == 0:
         engine.module.eval()
-        r = vqa_accuracy(engine.module, run["tokenizer"], cfg.eval_questions, cfg.eval_gt, cfg.image_folder,
+        r = vqa_accuracy(engine.module, run.tokenizer, cfg.eval_questions, cfg.eval_gt, cfg.image_folder,
                          blank=cfg.blank_media, max_new_tokens=cfg.eval_max_new_tokens)
         out = {k: r[k] for k in ("closed_accuracy", "open_accuracy") if r[k] is not None}
         engine.module.train()
     if dist.is_initialized(): dist.barrier()
     return out
 
-def evaluate_loss(run:dict) -> float:
+def evaluate_loss(run:Run) -> float:
     "Mean held-out loss over all ranks (token-weighted)."
     import torch
-    engine, cfg = run["engine"], run["cfg"]
+    engine, cfg = run.engine, run.cfg
     engine.eval(); tot, n = 0.0, 0
     with torch.no_grad():
-        for batch in run["eval_loader"]:
+        for batch in run.eval_loader:
             b = _to_device(batch, engine.device, cfg.blank_media)
             k = int((b["labels"][:, 1:] != -100).sum())
             tot += engine(**b).loss.item() * k; n += k
@@ -780,10 +522,10 @@ def share_fp32_master(engine) -> int:
     if freed and hasattr(opt, "_link_all_hp_params"): opt._link_all_hp_params()  # ZeRO-2's per-weight views of the master: onto the shared one (the clone is freed)
     return freed
 
-def save_resumable(run:dict, step:int, epoch:int, micro:int):
+def save_resumable(run:Run, step:int, epoch:int, micro:int):
     "Save a resumable checkpoint `checkpoints/step-{step}` and prune to `save_total_limit`."
     import torch, torch.distributed as dist
-    cfg, engine, rank = run["cfg"], run["engine"], run["rank"]
+    cfg, engine, rank = run.cfg, run.engine, run.rank
     root = Path(cfg.output_dir) / CKPT_DIR
     tag = f"step-{step}"
     engine.save_checkpoint(str(root), tag=tag, client_state=dict(step=step, epoch=epoch, micro=micro))
@@ -808,97 +550,122 @@ def find_resume(cfg:TrainConfig) -> Path|None:
     if not p.is_dir(): raise ConfigError(f"--resume_from_checkpoint {r}: no such checkpoint folder. Fix: pass `last` or an existing {CKPT_DIR}/step-N folder.")
     return p
 
-def load_resumable(run:dict, path:Path) -> dict:
+def load_resumable(run:Run, path:Path) -> dict:
     "Restore weights, optimiser, scheduler and RNG from `path` once its checksums hold; returns its client state (step, epoch, micro)."
     import torch
     err = None
-    if run["rank"] == 0:  # one rank hashes; all refuse alike, before DeepSpeed's loader (which unpickles) sees a file
+    if run.rank == 0:  # one rank hashes; all refuse alike, before DeepSpeed's loader (which unpickles) sees a file
         try: verify_checksums(path)
         except CheckpointError as e: err = str(e)
-    err = _broadcast(err, run["rank"])
+    err = _broadcast(err, run.rank)
     if err: raise CheckpointError(err)
-    _, client = run["engine"].load_checkpoint(str(path.parent), tag=path.name)
-    rng = path / f"rng_rank{run['rank']}.pt"
+    _, client = run.engine.load_checkpoint(str(path.parent), tag=path.name)
+    rng = path / f"rng_rank{run.rank}.pt"
     if rng.exists():
         _set_rng_state(safe_load(rng))
     return client
 
 # %% ../nbs/21_train.ipynb #7d5331a5
-def train_loop(run:dict, log=print) -> dict:
-    "Run the optimiser steps (resuming when asked); returns the final metrics."
-    import torch
-    cfg, engine, rank = run["cfg"], run["engine"], run["rank"]
-    loader, sampler, accum = run["loader"], run["sampler"], cfg.gradient_accumulation_steps
-    out = Path(cfg.output_dir); out.mkdir(parents=True, exist_ok=True)
-    runlog = RunLog(out, rank, run["total_steps"], run.get("writers"))
-    step, epoch, micro_done = 0, 0, 0
+@dataclass
+class Progress:
+    "Where the loop is: optimiser steps done, the epoch and micro-batches into it, what it has seen, the last step's loss."
+    step:int = 0
+    epoch:int = 0
+    micro:int = 0
+    samples:int = 0
+    tokens:int = 0
+    loss:float = float("nan")
+    t0:float = field(default_factory=time.time)
+
+def resume_progress(run:Run, runlog:RunLog, log=print) -> Progress:
+    "A fresh `Progress`, or the one of the checkpoint `--resume_from_checkpoint` names (its states loaded into the engine)."
+    cfg, p = run.cfg, Progress()
     resume = find_resume(cfg)
     if resume is not None:
         st = load_resumable(run, resume)
-        step, epoch, micro_done = st["step"], st["epoch"], st["micro"]
-        runlog.truncate(step)
-        log(f"resumed from {resume} at step {step} (epoch {epoch}, {micro_done} micro-batches into it)")
+        p.step, p.epoch, p.micro = st["step"], st["epoch"], st["micro"]
+        runlog.truncate(p.step)
+        log(f"resumed from {resume} at step {p.step} (epoch {p.epoch}, {p.micro} micro-batches into it)")
     elif cfg.resume_from_checkpoint: log("no checkpoint to resume from yet: starting from step 0")
-    from qllava.launch import heartbeat
-    t0, seen_samples, seen_tokens, last_loss = time.time(), 0, 0, float("nan")
+    return p
+
+def optimiser_step(run:Run, p:Progress, group:list, # the accumulation group's micro-batches, on the device
+                   epoch_batches:list|None, out:Path):
+    "Forward / backward over one global batch and the optimiser step; `p.loss` becomes the step's loss."
     # The loss of a step is the mean over every supervised token of its global batch (all ranks, all accumulated
     # micro-batches), as one process would compute it, not a mean of per-micro-batch means; so 1 process and N
     # ranks at the same global batch follow the same curve.
-    world, per_epoch = run["world"], run["steps_per_epoch"] * accum
-    while step < run["total_steps"]:
-        sampler.set_epoch(epoch)
-        sampler.load_state_dict(sampler.state_dict(consumed=micro_done))  # skip what a resumed run already did
-        epoch_batches = sampler.batches(epoch) if cfg.log_sample_ids else None
-        batches, micro = iter(loader), micro_done
-        while step < run["total_steps"] and micro + accum <= per_epoch:  # an incomplete last accumulation is left out
-            group = [_to_device(next(batches), engine.device, cfg.blank_media) for _ in range(accum)]
-            heartbeat("train step (forward, backward, all-reduce)", step)
-            n_tok = [int((b["labels"][:, 1:] != -100).sum()) for b in group]
-            n_all = _all_sum(sum(n_tok))
-            loss_sum = 0.0
-            for k, (b, n) in enumerate(zip(group, n_tok)):
-                out_ = engine(**b)
-                if n and not torch.isfinite(out_.loss):
-                    raise QllavaError(f"non-finite loss {out_.loss.item()} at step {step}, micro-batch {micro + k} of epoch {epoch}. "
-                                      "Fix: lower --learning_rate, check the data with `qllava validate-data`, or disable --fp16.")
-                # token-weighted over the whole global batch: DeepSpeed divides by accum and averages over ranks
-                loss = out_.loss * (n * world * accum / max(n_all, 1)) if n else out_.logits.sum() * 0.0
-                engine.backward(loss); engine.step()
-                loss_sum += out_.loss.item() * n if n else 0.0
-                if epoch_batches is not None: _log_ids(out, rank, step, epoch, [run["keep"][j] for j in epoch_batches[micro + k]])
-                seen_samples += b["input_ids"].shape[0]; seen_tokens += int(b["attention_mask"].sum())
-            step += 1; micro += accum
-            last_loss = _all_sum(loss_sum) / max(n_all, 1)
-            if step % cfg.logging_steps == 0 or step == run["total_steps"]:
-                dt = time.time() - t0
-                runlog(step=step, epoch=round(epoch + micro / per_epoch, 4), loss=last_loss, lr=engine.get_lr()[0],
-                       samples_per_s=_all_sum(seen_samples) / dt, tokens_per_s=_all_sum(seen_tokens) / dt)
-            if run["eval_every"] and step % run["eval_every"] == 0 and step < run["total_steps"]:
-                heartbeat("held-out evaluation", step)
-                if run["eval_loader"] is not None: runlog(step=step, eval_loss=evaluate_loss(run))
-                if cfg.eval_questions: runlog(step=step, **evaluate_vqa(run))
-            if run["save_every"] and step % run["save_every"] == 0 and step < run["total_steps"]:
-                heartbeat("saving a resumable checkpoint", step)
-                done = micro + accum > per_epoch
-                save_resumable(run, step, epoch + done, 0 if done else micro)
-        epoch += 1; micro_done = 0
-    final = dict(steps=step, final_loss=last_loss, train_seconds=round(time.time() - t0, 2),
-                 samples_per_s=round(_all_sum(seen_samples) / max(time.time() - t0, 1e-9), 3),
-                 peak_memory_mb=round(_all_mean(_peak_memory_mb()), 1))
-    if run["eval_loader"] is not None:
-        final["eval_loss"] = evaluate_loss(run); runlog(step=step, eval_loss=final["eval_loss"])
-    if cfg.eval_questions:
-        heartbeat("held-out questions", step)
-        acc = evaluate_vqa(run); final.update(acc); runlog(step=step, **acc)
+    import torch
+    engine, accum = run.engine, len(group)
+    heartbeat("train step (forward, backward, all-reduce)", p.step)
+    n_tok = [int((b["labels"][:, 1:] != -100).sum()) for b in group]
+    n_all, loss_sum = _all_sum(sum(n_tok)), 0.0
+    for k, (b, n) in enumerate(zip(group, n_tok)):
+        out_ = engine(**b)
+        if n and not torch.isfinite(out_.loss):
+            raise QllavaError(f"non-finite loss {out_.loss.item()} at step {p.step}, micro-batch {p.micro + k} of epoch {p.epoch}. "
+                              "Fix: lower --learning_rate, check the data with `qllava validate-data`, or disable --fp16.")
+        # token-weighted over the whole global batch: DeepSpeed divides by accum and averages over ranks
+        loss = out_.loss * (n * run.world * accum / max(n_all, 1)) if n else out_.logits.sum() * 0.0
+        engine.backward(loss); engine.step()
+        loss_sum += out_.loss.item() * n if n else 0.0
+        if epoch_batches is not None: _log_ids(out, run.rank, p.step, p.epoch, [run.keep[j] for j in epoch_batches[p.micro + k]])
+        p.samples += b["input_ids"].shape[0]; p.tokens += int(b["attention_mask"].sum())
+    p.step += 1; p.micro += accum
+    p.loss = _all_sum(loss_sum) / max(n_all, 1)
+
+def after_step(run:Run, p:Progress, runlog:RunLog, per_epoch:int):
+    "Log the step, evaluate and save a resumable checkpoint when they are due."
+    cfg, last = run.cfg, p.step == run.total_steps
+    if p.step % cfg.logging_steps == 0 or last:
+        dt = time.time() - p.t0
+        runlog(step=p.step, epoch=round(p.epoch + p.micro / per_epoch, 4), loss=p.loss, lr=run.engine.get_lr()[0],
+               samples_per_s=_all_sum(p.samples) / dt, tokens_per_s=_all_sum(p.tokens) / dt)
+    if run.eval_every and p.step % run.eval_every == 0 and not last:
+        heartbeat("held-out evaluation", p.step)
+        if run.eval_loader is not None: runlog(step=p.step, eval_loss=evaluate_loss(run))
+        if cfg.eval_questions: runlog(step=p.step, **evaluate_vqa(run))
+    if run.save_every and p.step % run.save_every == 0 and not last:
+        heartbeat("saving a resumable checkpoint", p.step)
+        done = p.micro + cfg.gradient_accumulation_steps > per_epoch
+        save_resumable(run, p.step, p.epoch + done, 0 if done else p.micro)
+
+def final_metrics(run:Run, p:Progress, runlog:RunLog) -> dict:
+    "The run's summary numbers, with the last held-out evaluation."
+    dt = max(time.time() - p.t0, 1e-9)
+    final = dict(steps=p.step, final_loss=p.loss, train_seconds=round(time.time() - p.t0, 2),
+                 samples_per_s=round(_all_sum(p.samples) / dt, 3), peak_memory_mb=round(_all_mean(_peak_memory_mb()), 1))
+    if run.eval_loader is not None:
+        final["eval_loss"] = evaluate_loss(run); runlog(step=p.step, eval_loss=final["eval_loss"])
+    if run.cfg.eval_questions:
+        heartbeat("held-out questions", p.step)
+        acc = evaluate_vqa(run); final.update(acc); runlog(step=p.step, **acc)
     runlog.close()
     return final
 
+def train_loop(run:Run, log=print) -> dict:
+    "Run the optimiser steps (resuming when asked); returns the final metrics."
+    cfg = run.cfg
+    out = Path(cfg.output_dir); out.mkdir(parents=True, exist_ok=True)
+    runlog = RunLog(out, run.rank, run.total_steps, run.writers)
+    p, accum = resume_progress(run, runlog, log), cfg.gradient_accumulation_steps
+    per_epoch = run.steps_per_epoch * accum
+    while p.step < run.total_steps:
+        run.sampler.set_epoch(p.epoch)
+        run.sampler.load_state_dict(run.sampler.state_dict(consumed=p.micro))  # skip what a resumed run already did
+        epoch_batches = run.sampler.batches(p.epoch) if cfg.log_sample_ids else None
+        batches = iter(run.loader)
+        while p.step < run.total_steps and p.micro + accum <= per_epoch:  # an incomplete last accumulation is left out
+            optimiser_step(run, p, [_to_device(next(batches), run.engine.device, cfg.blank_media) for _ in range(accum)], epoch_batches, out)
+            after_step(run, p, runlog, per_epoch)
+        p.epoch += 1; p.micro = 0
+    return final_metrics(run, p, runlog)
+
 # %% ../nbs/21_train.ipynb #1bbcb05a
-def save_final(run:dict) -> list[str]:
+def save_final(run:Run) -> list[str]:
     "Write the stage's artifacts into output_dir (full weights gathered under ZeRO-3); returns their names."
     import contextlib, torch.distributed as dist
-    from qllava.checkpoint import save_projector, save_checkpoint
-    cfg, rank, model, engine = run["cfg"], run["rank"], run["model"], run["engine"]
+    cfg, rank, model, engine = run.cfg, run.rank, run.model, run.engine
     out = Path(cfg.output_dir)
     gather = contextlib.nullcontext()
     if engine.zero_optimization_stage() == 3:  # every rank takes part in gathering the partitioned weights
@@ -912,70 +679,33 @@ def save_final(run:dict) -> list[str]:
                 model.llm.save_pretrained(out / "adapter")
                 written.append("adapter/")
             elif not cfg.tune_mm_mlp_adapter:
-                save_checkpoint(model, out, tokenizer=run["tokenizer"], stage=cfg.stage)
+                save_checkpoint(model, out, tokenizer=run.tokenizer, stage=cfg.stage)
                 written += sorted(p.name for p in out.iterdir() if p.suffix in (".safetensors", ".json") and p.name.startswith(("model", "config", "qllava_manifest")))
     if dist.is_initialized(): dist.barrier()
     return written
 
 def fit(cfg:TrainConfig, log=print) -> dict:
     "Train one stage end to end; writes artifacts, `metrics.jsonl`, `train_config.json` and `summary.json` to output_dir."
-    from qllava.launch import heartbeat
     heartbeat("setup: model, data validation, DeepSpeed engine")
     run = build_run(cfg, log)
-    cfg, rank = run["cfg"], run["rank"]
+    cfg, rank = run.cfg, run.rank
     out = Path(cfg.output_dir); out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        (out / "deepspeed_config.json").write_text(json.dumps(run["ds_config"], indent=2))
-        log(f"stage {cfg.stage}: {run['world']} rank(s) x {cfg.per_device_train_batch_size} per device x "
+        (out / "deepspeed_config.json").write_text(json.dumps(run.ds_config, indent=2))
+        log(f"stage {cfg.stage}: {run.world} rank(s) x {cfg.per_device_train_batch_size} per device x "
             f"{cfg.gradient_accumulation_steps} accumulation = global batch {cfg.global_batch_size}; "
-            f"{run['total_steps']} optimiser steps; trainable {trainable_summary(run['model'])}")
+            f"{run.total_steps} optimiser steps; trainable {trainable_summary(run.model)}")
     final = train_loop(run, log)
     heartbeat("saving the final artifacts (gathering weights)", final["steps"])
     final["artifacts"] = save_final(run)
     heartbeat("done", final["steps"])
-    final.update(world_size=run["world"], data=run["data_counts"], modality=run["modality"],
-                 trainable=trainable_summary(run["model"]))
+    final.update(world_size=run.world, data=run.data_counts, modality=run.modality,
+                 trainable=trainable_summary(run.model))
     if rank == 0: (out / "summary.json").write_text(json.dumps(final, indent=2))
     return final
 
 # %% ../nbs/21_train.ipynb #40d0b028
-def load_lora_run(run_dir) -> tuple:
-    "(model with adapters attached, tokenizer) from a LoRA run folder."
-    from peft import PeftModel
-    from qllava.checkpoint import load_projector
-    run_dir = Path(run_dir)
-    f = run_dir / "train_config.json"
-    if not (run_dir / "adapter").is_dir() or not f.exists():
-        raise QllavaError(f"{run_dir}: not a LoRA run folder (needs adapter/ and train_config.json). Fix: point at the output_dir of a --stage lora run.")
-    cfg = TrainConfig(**json.loads(f.read_text()))
-    model, tok = _load_model(cfg, "sensor" if "limu" in (cfg.vision_tower or "") else "image")
-    load_projector(model, run_dir)
-    import pickle
-    try: model.llm = PeftModel.from_pretrained(model.llm, str(run_dir / "adapter"))  # peft reads a .bin with weights_only=True
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{run_dir / 'adapter'}: refused to load the adapter: its .bin asks for more than tensors ({str(e).splitlines()[0][:200]}); "
-                              "nothing in it was run. Fix: use an adapter_model.safetensors you trust.") from None
-    return model.eval(), tok
-
-def merge_lora(run_dir, # output_dir of a LoRA run
-               out_dir): # where the merged full checkpoint goes
-    "Fold a LoRA run's adapters into its base LLM and save a full qllava checkpoint; returns the merged model."
-    from qllava.checkpoint import save_checkpoint
-    model, tok = load_lora_run(run_dir)
-    model.llm = model.llm.merge_and_unload()
-    save_checkpoint(model, out_dir, tokenizer=tok, stage="lora-merged")
-    return model
-
-def merge_lora_cli(argv:list[str]|None=None) -> int:
-    "`qllava merge-lora RUN_DIR OUT_DIR`"
-    from qllava.core import ArgumentParser
-    p = ArgumentParser(prog="qllava merge-lora", description="Merge a LoRA run's adapters into a full checkpoint.")
-    p.add_argument("run_dir"); p.add_argument("out_dir")
-    a = p.parse_args(argv)
-    merge_lora(a.run_dir, a.out_dir); print(f"merged checkpoint written to {a.out_dir}")
-    return 0
-
 def train_cli(argv:list[str]|None=None) -> int:
     "`qllava train` / `python -m qllava.train`: one stage, configured by the original LLaVA flags."
     if argv is not None and any(a in ("-h", "--help") for a in argv): config_parser().print_help(); return 0

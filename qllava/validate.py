@@ -9,11 +9,17 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from .core import DataError, ConfigError, ArgumentParser
+from .dataset import load_records, resolve_media_path
+from .conversation import get_template
+from .modality import placeholders
+from .presets import get_preset, load_tokenizer, demo_paths
+from .encoders import ENCODER_KINDS, SELECT_FEATURES, encoder_modality, encoder_num_tokens, encoder_processor
+from .tokenize import prepare_tokenizer, tokenize_conversation, tokenize_conversations, media_token_id
 
 # %% auto #0
 __all__ = ['KINDS', 'Problem', 'ValidationReport', 'read_records', 'media_refs', 'check_structure', 'resolve_media',
-           'preset_media_tokens', 'default_media_tokens', 'default_processors', 'check_media_files', 'validate_data',
-           'raise_if_invalid', 'label_runs', 'render_labels', 'show_labels', 'validate_data_cli']
+           'preset_spec', 'media_encoders', 'default_media_tokens', 'default_processors', 'check_media_files',
+           'validate_data', 'raise_if_invalid', 'label_runs', 'render_labels', 'show_labels', 'validate_data_cli']
 
 # %% ../nbs/07_validate.ipynb #d474ebc4
 KINDS = {
@@ -174,7 +180,6 @@ _UNREADABLE = object()
 def read_records(path, # a JSON list or JSONL file of records
                  report:ValidationReport): # problems are added here
     "All records of `path` as a list (an unreadable or non-object record becomes a placeholder and a problem)."
-    from qllava.dataset import load_records
     f = str(path)
     try: recs = load_records(path)
     except DataError as e:
@@ -195,8 +200,7 @@ def read_records(path, # a JSON list or JSONL file of records
 
 # %% ../nbs/07_validate.ipynb #1ddca79c
 def _placeholders() -> dict:
-    from qllava.conversation import MEDIA_PLACEHOLDERS
-    return MEDIA_PLACEHOLDERS
+    return placeholders()
 
 def media_refs(rec:dict) -> dict:
     "modality -> list of media values of record `rec` (a string value becomes a list of one)."
@@ -261,32 +265,44 @@ def check_structure(rec, # one record, as read from the file
 def resolve_media(value:str, # the path as written in the record
                   folder:Path): # the media folder
     "(path to open, None) when `value` stays inside `folder`, else (None, why not), decided as training decides."
-    from qllava.dataset import resolve_media_path
     try: return resolve_media_path(value, folder), None
     except DataError as e: return None, e.problem
 
 # %% ../nbs/07_validate.ipynb #3dbd4485
-def preset_media_tokens(preset:dict) -> int:
-    "Tokens one medium becomes for an encoder preset: patch tokens of a CLIP tower (LLaVA's `patch` feature), time steps of LIMU-BERT."
-    c = preset["config"]
-    if preset["kind"] == "clip_vision": return (c["image_size"] // c["patch_size"]) ** 2
-    if preset["kind"] == "limu_bert": return c["seq_len"]
-    raise ConfigError(f"preset {preset.get('name', '?')!r} of kind {preset['kind']!r} is not a media encoder. Fix: use tiny-clip, tiny-limu, bench-vit-b32 or limu-bert.")
+def preset_spec(name:str, # a preset name, a preset JSON file, or any encoder spec
+               ) -> str:
+    "The encoder spec of an image / sensor preset setting: a preset becomes `preset:NAME`, any other encoder spec stays as it is."
+    kind, sep, _ = str(name).partition(":")
+    if sep and kind in ENCODER_KINDS: return str(name)
+    try: get_preset(str(name))
+    except ConfigError: return str(name)   # not a preset: a hub id, a folder, a checkpoint ... (resolved by the encoder registry)
+    return f"preset:{name}"
 
-def default_media_tokens(image_preset:str="tiny-clip", # encoder preset of the image tower
-                         sensor_preset:str="tiny-limu") -> dict: # encoder preset of the sensor tower
-    "Media tokens per placeholder of the encoder presets (default: the embedded tiny ones)."
-    from qllava.presets import get_preset
-    return {"image": preset_media_tokens(get_preset(image_preset)), "sensor": preset_media_tokens(get_preset(sensor_preset))}
+def media_encoders(image_preset:str="tiny-clip", # image encoder: a preset name or any encoder spec
+                   sensor_preset:str="tiny-limu", # sensor encoder: a preset name or any encoder spec
+                  ) -> dict:
+    "modality -> encoder spec of the towers whose token counts and preprocessing the validator uses, each checked to be of its modality."
+    out = {}
+    for m, name in (("image", image_preset), ("sensor", sensor_preset)):
+        spec = preset_spec(name)
+        if (got := encoder_modality(spec)) != m:
+            raise ConfigError(f"the {m} encoder {name!r} gives {got} features, not {m} ones. Fix: pass an encoder of {m}s as the "
+                              f"{m} preset (--{m}-preset), e.g. {'tiny-clip' if m == 'image' else 'tiny-limu'}.")
+        out[m] = spec
+    return out
 
-def default_processors(image_preset:str="tiny-clip", # encoder preset of the image tower
-                       sensor_preset:str="tiny-limu") -> dict: # encoder preset of the sensor tower
-    "The media processors of the encoder presets (default: the embedded tiny ones): modality -> callable on a path."
-    from qllava.presets import get_preset
-    from qllava.media import ImageProcessor, SensorProcessor
-    c, s = get_preset(image_preset)["preprocessing"], get_preset(sensor_preset)["preprocessing"]
-    return {"image": ImageProcessor(c["image_size"], tuple(c["mean"]), tuple(c["std"])),
-            "sensor": SensorProcessor(s["window"], s["channels"], s.get("mean"), s.get("std"))}
+def default_media_tokens(image_preset:str="tiny-clip", # image encoder: a preset name or any encoder spec
+                         sensor_preset:str="tiny-limu", # sensor encoder: a preset name or any encoder spec
+                         select_feature:str="patch", # "patch", or "cls_patch" (the CLS token too: one more token per image)
+                        ) -> dict:
+    "Media tokens per placeholder of these encoders (default: the embedded tiny presets), counted by the encoder registry."
+    return {m: encoder_num_tokens(s, None, select_feature) for m, s in media_encoders(image_preset, sensor_preset).items()}
+
+def default_processors(image_preset:str="tiny-clip", # image encoder: a preset name or any encoder spec
+                       sensor_preset:str="tiny-limu", # sensor encoder: a preset name or any encoder spec
+                      ) -> dict:
+    "The media processors of these encoders (default: the embedded tiny presets): modality -> callable on a path."
+    return {m: encoder_processor(s) for m, s in media_encoders(image_preset, sensor_preset).items()}
 
 def check_media_files(paths:dict, # (modality, path) -> anything; the files to check
                       processors:dict, # modality -> callable(path) that raises on a bad file
@@ -308,22 +324,18 @@ def check_media_files(paths:dict, # (modality, path) -> anything; the files to c
     with ThreadPoolExecutor(n) as ex: return dict(zip(keys, ex.map(one, keys)))
 
 # %% ../nbs/07_validate.ipynb #a67fedbe
-def _setup(tokenizer, template, n_media_tokens, use_im_start_end, image_preset="tiny-clip", sensor_preset="tiny-limu"):
-    from qllava.conversation import get_template
-    from qllava.tokenize import prepare_tokenizer
+def _setup(tokenizer, template, n_media_tokens, use_im_start_end, image_preset="tiny-clip", sensor_preset="tiny-limu", select_feature="patch"):
     name = tokenizer if isinstance(tokenizer, (str, Path)) else getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
     if isinstance(tokenizer, (str, Path)):
-        from qllava.presets import load_tokenizer
         tokenizer = load_tokenizer(str(tokenizer))
     tok = prepare_tokenizer(tokenizer, use_im_start_end=use_im_start_end)
     tmpl = get_template(template) if isinstance(template, str) else template
-    nmt = {**default_media_tokens(image_preset, sensor_preset), **(n_media_tokens or {})}
+    nmt = {**default_media_tokens(image_preset, sensor_preset, select_feature), **(n_media_tokens or {})}
     return tok, tmpl, nmt, str(name)
 
 # %% ../nbs/07_validate.ipynb #fdc19a95
 def _tokenize_all(records, idx, tok, tmpl, nmt, max_length, use_im_start_end, file, chunk:int=256):
     "(index, TokenizedSample or DataError) for records `idx`: batched tokenizer calls, one by one where a batch fails."
-    from qllava.tokenize import tokenize_conversation, tokenize_conversations
     for c in range(0, len(idx), chunk):
         part = idx[c:c+chunk]
         try:
@@ -337,7 +349,6 @@ def _tokenize_all(records, idx, tok, tmpl, nmt, max_length, use_im_start_end, fi
             except DataError as e: yield i, e
 
 def _no_supervision_message(rec, s, tok, tmpl, nmt, max_length, use_im_start_end) -> str:
-    from qllava.tokenize import tokenize_conversation
     if not s.truncated: return "the sample has no supervised token (nothing for the model to learn)"
     full = tokenize_conversation(rec["conversations"], tok, tmpl, nmt, None, use_im_start_end=use_im_start_end)
     media = ", ".join(f"{_placeholders()[m]} = {nmt[m]} tokens" for m in full.media_counts)
@@ -396,14 +407,15 @@ def validate_data(data_path, # a JSON list or JSONL file of LLaVA records
                   max_problems:int|None=None, # keep at most this many problems in the report (all are counted)
                   processors:dict|None=None, # modality -> media processor (default: the encoder presets')
                   num_workers:int|None=None, # threads decoding media
-                  image_preset:str="tiny-clip", # encoder preset giving the image processor and default media tokens
-                  sensor_preset:str="tiny-limu", # encoder preset giving the sensor processor and default media tokens
+                  image_preset:str="tiny-clip", # encoder preset (or any encoder spec) giving the image processor and default media tokens
+                  sensor_preset:str="tiny-limu", # encoder preset (or any encoder spec) giving the sensor processor and default media tokens
+                  select_feature:str="patch", # the encoders' feature selection: "cls_patch" adds the CLS token to each image's tokens
                  ) -> ValidationReport:
     "Scan the whole data set and report every problem, with its file, record, id and fix."
     path, f = Path(data_path), str(data_path)
     if not path.is_file(): raise DataError("the data file does not exist.", file=path, fix="pass the path of a JSON or JSONL file of records.")
     folder = Path(media_folder if media_folder is not None else path.parent).resolve()
-    tok, tmpl, nmt, tok_name = _setup(tokenizer, template, n_media_tokens, use_im_start_end, image_preset, sensor_preset)
+    tok, tmpl, nmt, tok_name = _setup(tokenizer, template, n_media_tokens, use_im_start_end, image_preset, sensor_preset, select_feature)
     rep = ValidationReport(f, tmpl.name, dict(tokenizer=tok_name, max_length=max_length, media_tokens=nmt,
                                               media_folder=str(folder), check_media=check_media), max_problems=max_problems)
     read = ValidationReport(f)
@@ -489,12 +501,12 @@ def show_labels(data_path, # a JSON list or JSONL file of records
                 use_im_start_end:bool=False, # wrap media in <im_start>/<im_end>
                 start:int=0, # index of the first record shown
                 color:bool|None=None, # ANSI colours (default: when stdout is a terminal)
-                image_preset:str="tiny-clip", # encoder preset giving the default image tokens
-                sensor_preset:str="tiny-limu", # encoder preset giving the default sensor tokens
+                image_preset:str="tiny-clip", # encoder preset (or any encoder spec) giving the default image tokens
+                sensor_preset:str="tiny-limu", # encoder preset (or any encoder spec) giving the default sensor tokens
+                select_feature:str="patch", # "cls_patch" adds the CLS token to each image's tokens
                 ) -> str:
     "`n` samples rendered from their actual token labels, supervised text marked, media shown as `<image xN>`."
-    from qllava.tokenize import tokenize_conversation, media_token_id
-    tok, tmpl, nmt, _ = _setup(tokenizer, template, n_media_tokens, use_im_start_end, image_preset, sensor_preset)
+    tok, tmpl, nmt, _ = _setup(tokenizer, template, n_media_tokens, use_im_start_end, image_preset, sensor_preset, select_feature)
     color = sys.stdout.isatty() if color is None else color
     media_ids = {media_token_id(tok, m): m for m in _placeholders()}
     rep = ValidationReport(str(data_path))
@@ -528,7 +540,6 @@ def _parse_media_tokens(items:list) -> dict:
 
 def _demo_jobs(modality:str) -> list:
     "(data file, media folder, template) for each file of the shipped demo data of `modality`."
-    from qllava.presets import demo_paths
     d = demo_paths(modality)
     return [(d["pretrain"], d["media_folder"], "plain"), (d["finetune"], d["media_folder"], "vicuna_v1")]
 
@@ -545,8 +556,9 @@ def validate_data_cli(argv:list[str]|None=None) -> int:
     ap.add_argument("--tokenizer", default="llama-demo", help="tokenizer name (llama-demo, bytebpe-demo) or folder")
     ap.add_argument("--max-length", type=int, default=2048, help="model_max_length samples are truncated to")
     ap.add_argument("--n-media-tokens", action="append", default=[], metavar="MODALITY=N", help="tokens per placeholder, e.g. image=576 (repeatable)")
-    ap.add_argument("--image-preset", default="tiny-clip", help="image encoder preset: its preprocessing and token count (default tiny-clip)")
-    ap.add_argument("--sensor-preset", default="tiny-limu", help="sensor encoder preset: its window, channels and token count (default tiny-limu)")
+    ap.add_argument("--image-preset", default="tiny-clip", help="image encoder preset or any encoder spec: its preprocessing and token count (default tiny-clip)")
+    ap.add_argument("--sensor-preset", default="tiny-limu", help="sensor encoder preset or any encoder spec: its window, channels and token count (default tiny-limu)")
+    ap.add_argument("--select-feature", default="patch", choices=SELECT_FEATURES, help="the encoders' feature selection, as training's --mm_vision_select_feature (cls_patch: one more token per image)")
     ap.add_argument("--im-start-end", action="store_true", help="wrap media in <im_start>/<im_end> as training will")
     ap.add_argument("--no-media-check", action="store_true", help="check media paths only, do not open the files")
     ap.add_argument("--show-labels", type=int, default=0, metavar="N", help="also print N samples with the supervised text marked")
@@ -562,10 +574,10 @@ def validate_data_cli(argv:list[str]|None=None) -> int:
     for path, folder, tmpl in jobs:
         rep = validate_data(path, folder, tokenizer=a.tokenizer, template=tmpl, max_length=a.max_length,
                             n_media_tokens=nmt, use_im_start_end=a.im_start_end, check_media=not a.no_media_check,
-                            image_preset=a.image_preset, sensor_preset=a.sensor_preset)
+                            image_preset=a.image_preset, sensor_preset=a.sensor_preset, select_feature=a.select_feature)
         labels = show_labels(path, a.show_labels, tokenizer=a.tokenizer, template=tmpl, max_length=a.max_length, n_media_tokens=nmt,
                              use_im_start_end=a.im_start_end, color=False if a.json else None,
-                             image_preset=a.image_preset, sensor_preset=a.sensor_preset) if a.show_labels else None
+                             image_preset=a.image_preset, sensor_preset=a.sensor_preset, select_feature=a.select_feature) if a.show_labels else None
         reports.append(rep)
         if a.json: texts.append(dict(rep.to_dict(), **({"show_labels": labels} if labels else {})))
         else:

@@ -375,3 +375,89 @@ def test_importing_encoders_does_not_import_open_clip():
     code = ("import sys, qllava.encoders, qllava.projector; "
             "assert 'open_clip' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# ---------------------------------------------------------------- the encoder registry
+REGISTRY_CODE = """
+import json
+from qllava.encoders import resolve_spec, encoder_modality, encoder_num_tokens, encoder_media, build_encoder
+out = {}
+for spec in ("someone/pathology-tower", "someone/vision-model", "wisdomik/QuiltNet-B-99"):
+    out[spec] = list(resolve_spec(spec))
+for spec in ("someone/pathology-tower", "someone/vision-model"):
+    e = build_encoder(spec, select_feature="cls_patch")
+    out[spec] += [encoder_modality(spec), encoder_num_tokens(spec, None, "cls_patch"), e.num_tokens, encoder_media(spec) == e.media]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_bare_hub_ids_are_recognised_by_their_files_not_their_names(tmp_path):
+    "The testbed's QuiltNet-B-32 and CLIP-L/336 repositories under names that say nothing: told apart by open_clip_config.json / config.json."
+    from qllava.testbed import clip_l336_files, quiltnet_files, run_with_testbed, write_hub_repo
+    cache = tmp_path / "hub"
+    write_hub_repo(cache, "someone/pathology-tower", quiltnet_files())
+    write_hub_repo(cache, "someone/vision-model", clip_l336_files())
+    r = run_with_testbed(cache, REGISTRY_CODE, timeout=600)
+    out = json.loads(next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    assert out["someone/pathology-tower"] == ["open_clip", "hf-hub:someone/pathology-tower", "image", 50, 50, True]
+    assert out["someone/vision-model"] == ["hf-clip", "someone/vision-model", "image", 577, 577, True]
+    assert out["wisdomik/QuiltNet-B-99"] == ["hf-clip", "wisdomik/QuiltNet-B-99"]   # a word in the name decides nothing
+
+
+def test_bare_folders_and_files_are_recognised_by_their_files(tmp_path):
+    from qllava.testbed import quiltnet_files
+    from qllava.encoders import encoder_modality, encoder_num_tokens
+    oc = tmp_path / "clip-like-name"; oc.mkdir()           # an open_clip folder whose name says CLIP
+    for n, b in quiltnet_files().items(): (oc / n).write_bytes(b.encode() if isinstance(b, str) else b)
+    assert resolve_spec(str(oc)) == ("open_clip", f"local-dir:{oc.resolve()}")
+    assert encoder_num_tokens(str(oc)) == build_encoder(str(oc)).num_tokens == 49
+    limu = tmp_path / "imu.safetensors"                    # a LIMU-BERT checkpoint, told by its tensor names
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in _original_limu_state_dict().items()}, str(limu))
+    assert resolve_spec(str(limu)) == ("limu-bert", str(limu.resolve()))
+    assert (encoder_modality(str(limu)), encoder_num_tokens(str(limu))) == ("sensor", 120)
+    torch.save({"w": torch.ones(2)}, tmp_path / "limu-weights.pt")   # 'limu' in its name, no LIMU-BERT tensors
+    with pytest.raises(ConfigError, match="limu-bert:"):
+        resolve_spec(str(tmp_path / "limu-weights.pt"))
+
+
+def test_register_encoder_kind_needs_no_library_edit(tmp_path):
+    "A 1-D toy tower as a new kind: its specs build, count tokens, preprocess and resolve (bare files by content) like the built-in ones."
+    from qllava.encoders import (ENCODER_KINDS, Encoder, encoder_media, encoder_modality, encoder_num_tokens, encoder_processor,
+                                 register_encoder_kind)
+
+    class Conv1d(Encoder):
+        def __init__(self, spec, window, select_layer, select_feature):
+            super().__init__(spec, "sensor", 8, window // 4, dict(window=window, channels=6), select_layer, select_feature)
+            self.conv = torch.nn.Conv1d(6, 8, 4, stride=4)
+        def features(self, x): return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+    def window(target): return json.loads(Path(target).read_text())["window"]
+    kind = register_encoder_kind(
+        "toy-conv", build=lambda target, spec, select_layer, select_feature, **_: Conv1d(spec, window(target), select_layer, select_feature),
+        modality="sensor", syntax="toy-conv:CONFIG.json",
+        recognise=lambda s: str(Path(s).resolve()) if s.endswith(".json") and Path(s).is_file() and "window" in Path(s).read_text() else None,
+        num_tokens=lambda target, select_layer, select_feature: window(target) // 4,
+        media=lambda target: dict(window=window(target), channels=6))
+    try:
+        cfg = tmp_path / "tower.json"; cfg.write_text(json.dumps({"window": 40}))
+        assert resolve_spec(str(cfg)) == ("toy-conv", str(cfg.resolve()))
+        enc = build_encoder(f"toy-conv:{cfg}")
+        assert (enc.spec, enc.num_tokens, enc(torch.randn(2, 40, 6)).shape) == (f"toy-conv:{cfg.resolve()}", 10, (2, 10, 8))
+        assert (encoder_modality(str(cfg)), encoder_num_tokens(str(cfg)), encoder_media(str(cfg))) == ("sensor", 10, enc.media)
+        assert encoder_processor(str(cfg)).window == 40
+        with pytest.raises(ConfigError, match="toy-conv:CONFIG.json"):
+            resolve_spec("no such thing")
+    finally:
+        ENCODER_KINDS.pop(kind.name)
+
+
+def test_token_counts_without_building_agree_with_the_towers():
+    from qllava.encoders import encoder_media, encoder_num_tokens
+    for spec in ("preset:tiny-clip", "preset:tiny-limu", "preset:bench-vit-b32", "preset:limu-bert"):
+        for layer, feat in ((None, "patch"), (-1, "cls_patch"), (0, "patch")):
+            e = build_encoder(spec, layer, feat)
+            assert encoder_num_tokens(spec, layer, feat) == e.num_tokens, (spec, layer, feat)
+        assert encoder_media(spec) == e.media
+    with pytest.raises(ConfigError, match="select_feature"):
+        encoder_num_tokens("preset:tiny-clip", select_feature="cls")

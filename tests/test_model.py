@@ -5,7 +5,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest, torch
 from qllava.core import DataError
-from qllava.model import build_model, MEDIA_BATCH_KEYS
+from qllava.model import build_model
+from qllava.modality import MODALITIES
 from qllava.generate import answer_batch, cut_at_stop
 
 IGNORE = -100
@@ -56,7 +57,7 @@ def _collate_ours(model, samples, pad_id):
              "attention_mask": torch.tensor([[1] * len(x) + [0] * (L - len(x)) for x in ids_l]),
              "labels": torch.tensor([x + [IGNORE] * (L - len(x)) for x in lab_l])}
     for m, xs in media.items():
-        if xs: batch[MEDIA_BATCH_KEYS[m]] = torch.stack(xs)
+        if xs: batch[MODALITIES[m].batch_key] = torch.stack(xs)
     return batch
 
 

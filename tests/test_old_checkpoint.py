@@ -15,7 +15,7 @@ def probe(model, tok) -> dict:
     prompt = EXPECTED["prompt"]
     ids, mask = encode_prompts(tok, [prompt], model.config)
     media = {k: v.to(next(model.parameters()).dtype) for k, v in collect_media(model, [str(FX / EXPECTED["image"])], [prompt]).items()}
-    with torch.no_grad(): logits = model(input_ids=ids, attention_mask=mask, **media).logits[0, -1].float()
+    with torch.no_grad(): logits = model(input_ids=ids, attention_mask=mask, media=media).logits[0, -1].float()
     top = logits.topk(5)
     return {"top_ids": top.indices.tolist(), "top_logits": [round(v, 4) for v in top.values.tolist()], "n_ids": ids.shape[1]}
 
@@ -29,7 +29,7 @@ def test_full_checkpoint_loads_to_the_same_logits():
     check(probe(model, tok), EXPECTED["full"])
 
 def test_lora_run_loads_to_the_same_logits():
-    from qllava.runs import load_trained
+    from qllava.checkpoint import load_trained
     check(probe(*load_trained(FX / "lora")), EXPECTED["lora"])
 
 def test_stage1_projector_files_load_alike():

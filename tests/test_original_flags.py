@@ -11,8 +11,8 @@ import pytest
 
 from qllava.core import ConfigError
 from qllava.presets import demo_paths
-from qllava.train import (TrainConfig, config_parser, parse_config, resolve_config, resolve_batch, deepspeed_config,
-                          flag_notes, step_schedule, train_cli)
+from qllava.config import TrainConfig, config_parser, parse_config, resolve_config, resolve_batch
+from qllava.train import deepspeed_config, flag_notes, step_schedule, train_cli
 
 SCRIPTS = json.loads((Path(__file__).parent / "fixtures" / "original_scripts.json").read_text())["scripts"]
 SHELL_VARS = {"$lr": "2e-4", "$mm_lr": "2e-5", "$epoch": "1", "$lora_r": "8", "$lora_alpha": "16",

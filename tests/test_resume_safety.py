@@ -121,7 +121,8 @@ def test_a_planted_payload_in_a_projector_or_lora_adapter_runs_nothing(tmp_path)
     from qllava.checkpoint import load_projector, save_projector
     from qllava.model import build_model
     from dataclasses import asdict
-    from qllava.train import TrainConfig, load_lora_run, resolve_config
+    from qllava.checkpoint import load_lora_run
+    from qllava.config import TrainConfig, resolve_config
     marker = tmp_path / "PWNED"
     model, _ = build_model()
     (tmp_path / "proj").mkdir()

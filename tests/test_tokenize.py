@@ -15,7 +15,8 @@ torch = pytest.importorskip("torch")
 from qllava.core import DataError, ConfigError
 from qllava.conversation import TEMPLATES, get_template, render, spans_text, generation_prompt
 from qllava.presets import load_tokenizer
-from qllava.tokenize import (IGNORE_INDEX, MEDIA_PLACEHOLDERS, IM_START, IM_END, prepare_tokenizer, media_token_id,
+from qllava.modality import placeholders
+from qllava.tokenize import (IGNORE_INDEX, IM_START, IM_END, prepare_tokenizer, media_token_id,
                              tokenize_conversation, tokenize_conversations)
 
 FAMILIES = ["llama-demo", "bytebpe-demo"]
@@ -314,7 +315,7 @@ def test_text_only_record(family):
     tok = tokenizer(family, "vicuna_v1")
     s = tokenize_conversation(conv, tok, "vicuna_v1", {"image": 4}, None)
     assert s.media_counts == {} and s.media_dropped == {}
-    assert not any(media_token_id(tok, m) in s.input_ids.tolist() for m in MEDIA_PLACEHOLDERS)
+    assert not any(media_token_id(tok, m) in s.input_ids.tolist() for m in placeholders())
     assert s.input_ids.tolist() == tok(spans_text(render("v1", conv)))["input_ids"]
     assert [t.lstrip(" ") for t in supervised_texts(tok, s)] == ["A brown chromogen.</s>"]
 

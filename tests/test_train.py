@@ -164,7 +164,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(data, projector, tmp_
     assert steps(broken) == steps(whole) == sorted(set(steps(whole)))   # one record per step: none repeated after the resume
     assert losses(broken) == losses(whole)
     if stage == "lora":  # merging the adapters gives the same logits as running them unmerged
-        from qllava.train import load_lora_run, merge_lora
+        from qllava.checkpoint import load_lora_run, merge_lora
         unmerged, tok = load_lora_run(whole)
         merged = merge_lora(whole, tmp_path / "merged")
         ids = tok("USER: Is the tile red? ASSISTANT:", return_tensors="pt").input_ids

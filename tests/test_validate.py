@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qllava.core import DataError, set_offline
+from qllava.core import ConfigError, DataError, set_offline
 from qllava.validate import (KINDS, Problem, ValidationReport, validate_data, raise_if_invalid, show_labels,
                              validate_data_cli, default_processors)
 
@@ -382,6 +382,23 @@ def test_cli_exit_codes(tmp_path, media, capsys):
                               "--n-media-tokens", "image=9", "--show-labels", "1"]) == 0
     out = capsys.readouterr().out
     assert "<image x9>" in out and "[[" in out and "template vicuna_v1" in out
+
+def test_media_tokens_and_processors_come_from_the_encoder_registry(tmp_path, media, capsys):
+    "The validator counts tokens as the towers do, cls_patch's CLS token included, for presets and any other encoder spec."
+    from qllava.encoders import build_encoder
+    f = write(tmp_path, [good(i) for i in range(4)])
+    for feat in ("patch", "cls_patch"):
+        want = {"image": build_encoder("preset:tiny-clip", select_feature=feat).num_tokens,
+                "sensor": build_encoder("preset:tiny-limu", select_feature=feat).num_tokens}
+        assert validate_data(f, media, select_feature=feat).settings["media_tokens"] == want
+    assert want == {"image": 17, "sensor": 100}
+    assert validate_data_cli([str(f), "--media-folder", str(media), "--select-feature", "cls_patch", "--image-preset", "bench-vit-b32",
+                              "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["media_tokens"] == {"image": 50, "sensor": 100}
+    assert validate_data(f, media, image_preset="hf-clip:" + str(ROOT / "tests/parity/llava_model/clip-vit-tiny"),
+                         check_media=False).settings["media_tokens"]["image"] == 16   # any encoder spec: 56 px, patch 14
+    with pytest.raises(ConfigError, match="gives sensor features, not image ones"):
+        validate_data(f, media, image_preset="tiny-limu")
 
 def test_cli_demo(capsys):
     assert validate_data_cli(["--demo", "pathology", "--show-labels", "1"]) == 0

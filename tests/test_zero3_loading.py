@@ -109,7 +109,8 @@ import torch
 out, llm_folder, data = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 import deepspeed
-from qllava.train import init_distributed, deepspeed_config, parse_config, build_run, trainable_summary
+from qllava.config import parse_config
+from qllava.train import init_distributed, deepspeed_config, build_run, trainable_summary
 from qllava.model import build_model, full_numel, is_partitioned
 from qllava.checkpoint import load_state_file
 rank, world = init_distributed()
@@ -133,7 +134,7 @@ for stage in ("finetune", "lora"):
     extra = ["--pretrain_mm_mlp_adapter", data / "mm_projector.bin"] + (["--lora_r", 4, "--lora_alpha", 8] if stage == "lora" else [])
     cfg = parse_config([str(a) for a in ["--stage", stage, *args, *extra]])
     run = build_run(cfg)
-    m = run["model"]
+    m = run.model
     res[f"{stage}_partitioned"] = all(is_partitioned(p) for p in m.parameters())
     with deepspeed.zero.GatheredParameters(list(m.projectors.parameters())):
         got = {k: v.clone() for k, v in m.projectors["image"].state_dict().items()}
@@ -175,7 +176,8 @@ def data(tmp_path_factory):
 def _reference_counts(stage):
     "What ZeRO-2 counts: the same model built whole (ZeRO-2 never partitions parameters)."
     from qllava.model import build_model
-    from qllava.train import TrainConfig, apply_stage, resolve_config, trainable_summary
+    from qllava.config import TrainConfig, resolve_config
+    from qllava.train import apply_stage, trainable_summary
     kw = dict(lora_r=4, lora_alpha=8) if stage == "lora" else {}
     model, _ = build_model(seed=3)
     return trainable_summary(apply_stage(model, resolve_config(TrainConfig(stage=stage, **kw))))

@@ -1,0 +1,40 @@
+"""Each run notebook's papermill `parameters` cell (nbs/train.ipynb, nbs/eval.ipynb, nbs/sweep.ipynb) declares exactly the
+parameters of its table in the library (`qllava.runs.TRAIN_PARAMETERS`, `qllava.evalrun.EVAL_PARAMETERS`,
+`qllava.sweep.SWEEP_PARAMETERS`): the same names in the same order, the same defaults, and annotations naming the type of
+each default, the type `qllava.core.check_types` holds a given value to. The notebook passes only the table's names on
+(`{k: globals()[k] for k in TABLE}`) and the library fills omitted ones from the table, so a drift between the two would
+make the notebook and the library disagree about a default."""
+import ast, json
+from pathlib import Path
+
+import pytest
+
+from qllava.runs import TRAIN_PARAMETERS
+from qllava.evalrun import EVAL_PARAMETERS
+from qllava.sweep import SWEEP_PARAMETERS
+
+NBS = Path(__file__).resolve().parents[1] / "nbs"
+CASES = {"train": TRAIN_PARAMETERS, "eval": EVAL_PARAMETERS, "sweep": SWEEP_PARAMETERS}
+
+
+def parameters_cell(name:str) -> list[tuple[str, str, object]]:
+    "(name, annotated type, default) of each assignment in the notebook's cell tagged `parameters`, in order."
+    nb = json.loads((NBS / f"{name}.ipynb").read_text(encoding="utf-8"))
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1, f"{name}.ipynb: {len(cells)} cells tagged parameters, want 1"
+    out = []
+    for node in ast.parse("".join(cells[0]["source"])).body:
+        assert isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(node.annotation, ast.Name), \
+            f"{name}.ipynb: every statement of the parameters cell is `name: type = literal`, not {ast.unparse(node)!r}"
+        out.append((node.target.id, node.annotation.id, ast.literal_eval(node.value)))
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_parameters_cell_equals_its_table(name):
+    table, cell = CASES[name], parameters_cell(name)
+    assert [n for n, _, _ in cell] == list(table), f"{name}.ipynb: names differ from the table"
+    for n, annotation, default in cell:
+        want = table[n]
+        assert repr(default) == repr(want), f"{name}.ipynb: {n} = {default!r}, the table says {want!r}"  # repr: 0 is not 0.0, [0] not [0.0]
+        assert annotation == type(want).__name__, f"{name}.ipynb: {n}: {annotation}, the table's default is a {type(want).__name__}"
