@@ -274,8 +274,8 @@ def make_windows_cli(argv:list[str]|None=None) -> int:
     ap = ArgumentParser(prog="qllava make-windows", description="Cut IMU recordings (.npy, .csv, .tsv; one sub-folder per label) into "
                         ".npy windows and a windows.csv table (sensor, label, caption, question, answer) for qllava make-records --modality sensor.")
     ap.add_argument("folder", help="recordings, one sub-folder per label (walking/s01.csv)")
-    ap.add_argument("--out", required=True, help="output folder (windows/ and windows.csv)")
     ap.add_argument("--window", type=int, default=120, help="steps per window (LIMU-BERT: 120)")
+    ap.add_argument("--out", required=True, help="output folder (windows/ and windows.csv)")
     ap.add_argument("--stride", type=int, default=None, help="steps between window starts (default: the window)")
     ap.add_argument("--rate", type=float, default=None, help="the recordings' sampling rate in Hz (with --target-rate: resample)")
     ap.add_argument("--target-rate", type=float, default=None, help="the encoder's rate in Hz (LIMU-BERT: 20)")
