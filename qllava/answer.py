@@ -14,6 +14,7 @@ from .checkpoint import load_trained
 from .metrics import closed_hit, normalize_answer
 from .generate import answer_batch
 from .launch import gpu_count, run, progress_line
+from .core import read_json_records
 
 # %% auto #0
 __all__ = ['CONV_MODES', 'short_uuid', 'read_questions', 'question_modality', 'get_chunk', 'repair_tail', 'read_answers',
@@ -31,8 +32,6 @@ def short_uuid() -> str:
     return "".join(reversed(out))
 
 # %% ../nbs/33_answer.ipynb #3ccb8f98
-from .core import read_json_records
-
 def read_questions(path, # question JSONL: question_id, text, image | sensor
                    ) -> list[dict]:
     "The questions of a JSONL (or JSON list) file, checked: ids present and unique, text a string."

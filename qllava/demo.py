@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, json, shutil
 from pathlib import Path
 from .core import assets_dir, ArgumentParser
+from .media import CLIP_MEAN, CLIP_STD  # OpenAI CLIP normalisation: one definition, in media
 
 # %% auto #0
 __all__ = ['LEVELS', 'PATHO_CAPTION_PROMPTS', 'PATHO_CAPTIONS', 'PATHO_CLOSED', 'PATHO_ASKED', 'PATHO_CLOSED_REASONS',
@@ -246,8 +247,6 @@ def imu_windows(split:str="train", # aeon's split: "train" or "test"
     return np.ascontiguousarray(X.transpose(0, 2, 1), dtype=np.float32), [str(v) for v in y]
 
 # %% ../nbs/03_demo.ipynb #095496da
-from .media import CLIP_MEAN, CLIP_STD  # OpenAI CLIP normalisation: one definition, in media
-
 def preset_specs(llama_vocab:int, # base vocabulary of the llama-demo tokenizer
                  sensor_mean:list, sensor_std:list, # per-channel statistics of the demo IMU training windows
                 ) -> dict:

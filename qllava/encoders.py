@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .core import CheckpointError, ConfigError
 from .modality import get_modality
 from .presets import get_preset
+from .media import CLIP_MEAN as OPENAI_CLIP_MEAN, CLIP_STD as OPENAI_CLIP_STD
 
 # %% auto #0
 __all__ = ['ENCODER_KINDS', 'WEIGHT_SUFFIXES', 'SELECT_FEATURES', 'LIMU_BERT_LLASA', 'OPEN_CLIP_HUB_IDS', 'OPEN_CLIP_CONFIG',
@@ -138,7 +139,6 @@ def load_weights_file(path, # a .safetensors file, or a .bin/.pt/.pth/.ckpt pick
     return _unwrap_state_dict(obj, p)
 
 # %% ../nbs/10_encoders.ipynb #3af8cea3
-from .media import CLIP_MEAN as OPENAI_CLIP_MEAN, CLIP_STD as OPENAI_CLIP_STD  # OpenAI CLIP's normalisation: one definition, in media
 SELECT_FEATURES = ("patch", "cls_patch")
 
 def vit_num_tokens(grid:int, # patches per side (image_size // patch_size)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib, json, os, subprocess, sys, tarfile, tempfile
 from pathlib import Path
 from .core import ArgumentParser, ConfigError, QllavaError, OFFLINE_ENV, asset
+from .media import CLIP_MEAN as OPENAI_CLIP_MEAN, CLIP_STD as OPENAI_CLIP_STD
 
 # %% auto #0
 __all__ = ['LLAMA_CPP_PYTHON_VERSION', 'GGUF_MEMBER', 'GGUF_SHA256', 'LLAMA2_TOKENIZER_MODEL_SHA256', 'LLAMA_TRAINER_SPEC',
@@ -249,7 +250,6 @@ def vicuna_files(seed:int=0, # weight seed
     return files
 
 # %% ../nbs/08_testbed.ipynb #25fd894b
-from .media import CLIP_MEAN as OPENAI_CLIP_MEAN, CLIP_STD as OPENAI_CLIP_STD  # OpenAI CLIP's normalisation: one definition, in media
 QUILTNET_OPEN_CLIP_CONFIG = {"model_cfg": {"embed_dim": 32,   # real: 512; vision width 768 x 12 layers, text width 512 x 12 layers
         "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}},

@@ -30,6 +30,16 @@ def test_internal_imports_are_at_module_level():
     inner = [f"{m}.py:{line} imports {t}" for m in MODULES for t, line, top in internal_imports(m) if not top]
     assert not inner, "\n".join(inner)
 
+def test_internal_imports_are_in_the_header():
+    "Before the module's first function or class: reading the top of a file tells what it depends on."
+    late = []
+    for m in MODULES:
+        body = ast.parse((PKG / f"{m}.py").read_text()).body
+        first = next((n.lineno for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))), 10**9)
+        late += [f"{m}.py:{t_line}: imports {t} after its first definition (line {first})"
+                 for t, t_line, top in internal_imports(m) if top and t_line > first]
+    assert not late, "\n".join(late)
+
 def test_imports_point_down_the_layers():
     up = [f"{m}.py:{line}: {m} ({list(LAYERS)[layer_of(m)]}) imports {t} ({list(LAYERS)[layer_of(t)]})"
           for m in MODULES for t, line, _ in internal_imports(m) if layer_of(t) >= layer_of(m)]
