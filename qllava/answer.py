@@ -160,7 +160,7 @@ def load_batch_media(model, questions:list[dict], media_folder, blank:bool=False
     for i, q in enumerate(questions):
         m = question_modality(q)
         if m is None: out.append(None); continue
-        path = resolve_media_path(q[m], Path(media_folder or "."), file=question_file, record=i, record_id=q["question_id"])
+        path = resolve_media_path(q[MODALITIES[m].record_key], Path(media_folder or "."), file=question_file, record=i, record_id=q["question_id"])
         try: x = model.encoders[m].processor(path)
         except DataError as e:
             raise DataError(f"{m} file {str(path)!r}: {e.problem}", file=question_file, record_id=q["question_id"], fix=e.fix) from None
@@ -366,14 +366,9 @@ def vqa_accuracy(model, tokenizer, # a QllavaForCausalLM and its tokenizer
                  batch_size:int=16, max_new_tokens:int=64) -> dict:
     "Greedy answers to VQA questions, scored: closed yes/no accuracy (published rule) and one-word answer accuracy (%)."
     tmpl = get_template(model.config.template)
-    qs = [json.loads(l) for l in Path(questions).read_text().splitlines() if l.strip()]
-    truth = {g["id"]: g for g in json.loads(Path(gt).read_text())}
-    media, prompts = [], []
-    for q in qs:
-        mod = question_modality(q)
-        x = model.encoders[mod].processor(Path(media_folder) / q[MODALITIES[mod].record_key])
-        media.append({mod: x * 0 if blank else x})
-        prompts.append(generation_prompt(tmpl, question_text(q)))
+    qs, truth = read_questions(questions), {g["id"]: g for g in read_json_records(gt, "ground-truth file")}
+    media = load_batch_media(model, qs, media_folder, blank, questions)
+    prompts = [generation_prompt(tmpl, question_text(q)) for q in qs]
     preds = answer_batch(model, tokenizer, prompts, media, max_new_tokens=max_new_tokens, batch_size=batch_size)
     answers = []
     for q, p in zip(qs, preds):

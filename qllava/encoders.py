@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_encoders.ipynb #3cf87295
 from __future__ import annotations
-import json, re
+import contextlib, json, re
 from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
@@ -22,9 +22,9 @@ __all__ = ['ENCODER_KINDS', 'WEIGHT_SUFFIXES', 'SELECT_FEATURES', 'LIMU_BERT_LLA
            'encoder_modality', 'load_weights_file', 'vit_num_tokens', 'check_select', 'make_processor', 'Encoder',
            'select_tokens', 'HFClipEncoder', 'read_clip_preprocessing', 'load_hf_clip', 'open_clip_hidden_state',
            'OpenClipEncoder', 'open_clip_to_hf_config', 'convert_open_clip_to_hf_clip', 'LimuBert',
-           'limu_bert_state_dict', 'load_limu_bert', 'LimuBertEncoder', 'preset_encoder_kind', 'build_preset_encoder',
-           'load_open_clip_visual', 'is_clip_config', 'is_limu_bert_names', 'build_encoder', 'encoder_num_tokens',
-           'encoder_media', 'encoder_processor']
+           'limu_bert_state_dict', 'load_limu_bert', 'LimuBertEncoder', 'seeded', 'preset_encoder_kind',
+           'build_preset_encoder', 'load_open_clip_visual', 'is_clip_config', 'is_limu_bert_names', 'build_encoder',
+           'encoder_num_tokens', 'encoder_media', 'encoder_processor']
 
 # %% ../nbs/10_encoders.ipynb #11e16049
 @dataclass(frozen=True)
@@ -496,11 +496,12 @@ class LimuBertEncoder(Encoder):
     def features(self, x): return self.limu(x, self.n_passes)  # (B, T, hidden); no CLS token to drop
 
 # %% ../nbs/10_encoders.ipynb #3a9b61b2
-def _seeded(seed:int, make):
-    "Call `make()` under a fixed torch seed without disturbing the caller's random state."
-    with torch.random.fork_rng(devices=[]):
+@contextlib.contextmanager
+def seeded(seed:int):
+    "Run the block with torch's random state seeded to `seed`; the caller's state (CPU and CUDA) is restored afterwards."
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
-        return make()
+        yield
 
 def _layer(select_layer:int|None, default:int) -> int: return default if select_layer is None else select_layer
 
@@ -520,7 +521,7 @@ def _clip_preset_config(p:dict):
 
 def _clip_from_preset(p:dict, spec:str, select_layer=None, select_feature:str="patch") -> Encoder:
     from transformers import CLIPVisionModel
-    tower = _seeded(p.get("seed", 0), lambda: CLIPVisionModel(_clip_preset_config(p)))
+    with seeded(p.get("seed", 0)): tower = CLIPVisionModel(_clip_preset_config(p))
     return HFClipEncoder(tower.eval(), spec, _layer(select_layer, -2), select_feature, *_preset_mean_std(p))
 
 def _clip_preset_tokens(p:dict, select_layer=None, select_feature:str="patch") -> int:
@@ -536,7 +537,7 @@ def _open_clip_from_preset(p:dict, spec:str, select_layer=None, select_feature:s
     from open_clip.transformer import VisionTransformer, QuickGELU
     cfg = dict(p.get("config", {}))
     act = QuickGELU if cfg.pop("quick_gelu", False) else nn.GELU
-    visual = _seeded(p.get("seed", 0), lambda: VisionTransformer(act_layer=act, **cfg))
+    with seeded(p.get("seed", 0)): visual = VisionTransformer(act_layer=act, **cfg)
     mean, std = _preset_mean_std(p)
     visual.preprocess_cfg = dict(mean=mean, std=std)
     return OpenClipEncoder(visual.eval(), spec, _layer(select_layer, -2), select_feature)
@@ -554,7 +555,7 @@ def _limu_preset_config(p:dict) -> dict: return {**LIMU_BERT_LLASA, **p.get("con
 
 def _limu_from_preset(p:dict, spec:str, select_layer=None, select_feature:str="patch") -> Encoder:
     pre = p.get("preprocessing", {})
-    limu = _seeded(p.get("seed", 0), lambda: LimuBert(**p.get("config", {})))
+    with seeded(p.get("seed", 0)): limu = LimuBert(**p.get("config", {}))
     return LimuBertEncoder(limu.eval(), spec, _layer(select_layer, -1), select_feature, pre.get("mean"), pre.get("std"))
 
 def _limu_preset_tokens(p:dict, select_layer=None, select_feature:str="patch") -> int:
@@ -601,7 +602,7 @@ def load_open_clip_visual(target:str, # "hf-hub:ID", "local-dir:FOLDER", "ARCH@C
     if weights and not is_file:  # a pretrained tag such as "openai"
         try: return open_clip.create_model(arch, pretrained=weights).visual.eval()
         except Exception as e: raise CheckpointError(f"open_clip could not load {arch} weights {weights!r} ({e}). Fix: use a local checkpoint file.") from None
-    visual = _seeded(0, lambda: open_clip.create_model(arch, pretrained=None).visual)
+    with seeded(0): visual = open_clip.create_model(arch, pretrained=None).visual
     if weights:
         sd = load_weights_file(weights)
         if any(k.startswith("visual.") for k in sd): sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}

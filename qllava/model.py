@@ -13,12 +13,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Gen
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from .core import CheckpointError, ConfigError, DataError
 from .presets import default_tokenizer
-from .encoders import build_encoder, load_weights_file
+from .encoders import build_encoder, load_weights_file, seeded
 from .projector import build_projector
 from .presets import get_preset, load_tokenizer
 from .tokenize import prepare_tokenizer, media_token_id as _mid
 from .conversation import get_template
-from .modality import MODALITIES
+from .modality import MODALITIES, batch_media
 
 # %% auto #0
 __all__ = ['WEIGHT_INDEXES', 'WEIGHT_FILES', 'SAFETENSORS_DTYPES', 'default_attn_implementation', 'QllavaConfig', 'get_encoder',
@@ -26,7 +26,7 @@ __all__ = ['WEIGHT_INDEXES', 'WEIGHT_FILES', 'SAFETENSORS_DTYPES', 'default_attn
            'position_ids_from_mask', 'QllavaForCausalLM', 'zero_stage', 'ds_param_dtype', 'is_partitioned',
            'full_numel', 'full_shape', 'gathered', 'cast_params', 'partition', 'hf_zero3', 'WeightReader',
            'whole_models', 'empty_weights', 'meta_names', 'release_memory', 'load_weights', 'llm_from_weights',
-           'resize_embeddings', 'resolve_dtype', 'seeded', 'build_llm', 'build_model']
+           'resize_embeddings', 'resolve_dtype', 'build_llm', 'build_model']
 
 # %% ../nbs/12_model.ipynb #a3a00b8b
 def default_attn_implementation() -> str:
@@ -124,9 +124,8 @@ def _dummy_input(encoder:nn.Module, device, dtype) -> torch.Tensor:
 
 def _media_args(media:dict|None, kwargs:dict) -> tuple[dict, dict]:
     "Split a call's keywords into the media mapping (`media=` and any registered batch key, e.g. a collator's `images=`) and the rest."
-    keys = {m.batch_key: m.name for m in MODALITIES.values()}
-    return ({**{keys[k]: v for k, v in kwargs.items() if k in keys}, **(media or {})},
-            {k: v for k, v in kwargs.items() if k not in keys})
+    keys = {m.batch_key for m in MODALITIES.values()}
+    return {**batch_media(kwargs), **(media or {})}, {k: v for k, v in kwargs.items() if k not in keys}
 
 def _frozen(module:nn.Module) -> bool:
     return not any(p.requires_grad for p in module.parameters())
@@ -534,13 +533,6 @@ def _weights_folder(llm:str) -> Path|None:
     idx = next((p / f for f in WEIGHT_INDEXES if (p / f).is_file()), None)
     if idx is not None and not all((p / s).is_file() for s in set(json.loads(idx.read_text())["weight_map"].values())): return None
     return p
-
-@contextlib.contextmanager
-def seeded(seed:int):
-    "Run the block with torch's random state seeded to `seed`; the caller's state (CPU and CUDA) is restored afterwards."
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
-        torch.manual_seed(seed)
-        yield
 
 def _hub_llm(llm:str, attn:str, dtype, ds_config:dict|None, quantization_config):
     "A hub / folder LLM: built empty, each tensor read once into place (cast as read; under ZeRO-3 by rank 0 into every rank's share)."
