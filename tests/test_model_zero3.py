@@ -35,7 +35,8 @@ for step in range(2):  # rank 0: image then text; rank 1: text then image
     loss = engine(**b).loss
     engine.backward(loss); engine.step()
     losses.append(float(loss))
-print(json.dumps({"rank": rank, "losses": losses}), flush=True)
+# one file per rank: two ranks printing to one stdout pipe can interleave their lines
+open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w").write(json.dumps({"rank": rank, "losses": losses}))
 '''
 
 
@@ -49,12 +50,12 @@ def test_zero3_text_only_and_image_batches_on_different_ranks(tmp_path):
     f.write_text(SCRIPT)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_port()), str(f)]
+           "--master_port", str(_port()), str(f), str(tmp_path)]
     try: r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
         out = lambda b: (b.decode() if isinstance(b, bytes) else b or "")[-2000:]
         pytest.fail(f"2-rank ZeRO-3 run did not finish in 240 s\nstdout: {out(e.stdout)}\nstderr: {out(e.stderr)}")
     assert r.returncode == 0, r.stderr[-3000:]
-    recs = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    recs = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(x["rank"] for x in recs) == [0, 1]
     assert all(len(x["losses"]) == 2 and all(v == v for v in x["losses"]) for x in recs)
