@@ -17,9 +17,11 @@ $(BIN)/.installed: setup.py settings.ini
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e '.[train,dev]'
-	# DeepSpeed's CPU communication op, compiled once here: otherwise every launch JIT-compiles it (minutes, under a lock)
-	DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(BIN)/pip install -q --no-build-isolation --no-deps --force-reinstall \
+	# DeepSpeed's CPU communication op, compiled once here: otherwise every launch JIT-compiles it (minutes, under a lock).
+	# --no-cache-dir: pip would otherwise reuse a cached deepspeed wheel built earlier without the op.
+	DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(BIN)/pip install -q --no-cache-dir --no-build-isolation --no-deps --force-reinstall \
 	    --no-binary deepspeed "deepspeed==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("deepspeed"))')"
+	$(BIN)/python -c 'import deepspeed.ops.comm.deepspeed_shm_comm_op' || { echo "DeepSpeed was installed without its CPU comm op"; exit 1; }
 	touch $@
 
 setup: $(BIN)/.installed
