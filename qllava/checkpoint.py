@@ -4,16 +4,16 @@
 
 # %% ../nbs/14_checkpoint.ipynb #e9652910
 from __future__ import annotations
-import contextlib, json, re
+import contextlib, json, pickle, re
 from pathlib import Path
 import torch
 from torch import nn
+from fastcore.basics import patch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaImageProcessor, LlavaProcessor, PreTrainedModel)
 from .core import CheckpointError, ConfigError, QllavaError, ArgumentParser
 from .config import TrainConfig
-import pickle
 from .presets import default_tokenizer, save_tokenizer
-from fastcore.basics import patch
-from transformers import AutoConfig, AutoModelForCausalLM
 from .conversation import get_template
 from .encoders import encoder_modality, load_weights_file, resolve_spec
 from .model import (QllavaConfig, QllavaForCausalLM, WeightReader, build_model, cast_params, default_attn_implementation,
@@ -146,7 +146,7 @@ def load_projector(model, # a QllavaForCausalLM (changed in place)
     with gathered(list(proj.parameters()), modifier_rank=0):  # ZeRO-3: whole inside, rank 0's values become every rank's share
         sub = _from_original_keys(sub, list(proj.state_dict()))
         try: proj.load_state_dict(sub, strict=True)
-        except RuntimeError as e:
+        except RuntimeError:
             shapes = {k: tuple(v.shape) for k, v in sub.items()}
             ours = {k: tuple(v.shape) for k, v in proj.state_dict().items()}
             raise CheckpointError(f"{path}: the projector does not fit this model: file {shapes}, model {ours}. Fix: build the "
@@ -170,7 +170,6 @@ def save_checkpoint(model, # a QllavaForCausalLM
                     **kwargs): # passed to transformers' save_pretrained
     "Save config + safetensors weights (+ tokenizer) + manifest; projector also under its original key names."
     register_auto_classes()
-    from transformers import PreTrainedModel
     comps = list(components or COMPONENTS)
     bad = set(comps) - set(COMPONENTS)
     if bad: raise ConfigError(f"unknown checkpoint components {sorted(bad)}; use some of {COMPONENTS}.")
@@ -187,12 +186,10 @@ def save_checkpoint(model, # a QllavaForCausalLM
 def load_tokenizer_from(folder):
     "The tokenizer saved inside a checkpoint folder."
     register_auto_classes()  # its config.json says `qllava`
-    from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(folder))
 
 def _quiet_from_pretrained(folder, text_config, dtype, attn, **kw):
     "transformers' own loading of the LLM in `folder` (for layouts it converts); CheckpointError when tensors are missing."
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     old = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the encoder / projector tensors beside the LLM's are expected leftovers
@@ -277,7 +274,6 @@ def from_pretrained(cls:QllavaForCausalLM, pretrained_model_name_or_path, *args,
 def quantization_config(cfg:TrainConfig, compute_dtype=None):
     "transformers' `BitsAndBytesConfig` for `--bits 4` / `8` (QLoRA's base, as the original builds it), None for 16."
     if cfg.bits == 16: return None
-    from transformers import BitsAndBytesConfig
     return BitsAndBytesConfig(load_in_4bit=cfg.bits == 4, load_in_8bit=cfg.bits == 8, llm_int8_threshold=6.0,
                               llm_int8_has_fp16_weight=False, bnb_4bit_compute_dtype=compute_dtype or torch.float32,
                               bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_quant_type=cfg.quant_type)
@@ -401,7 +397,6 @@ def import_llava(folder, # an original LLaVA checkpoint folder (config.json with
                  dtype=None, # weight dtype (default float32); each tensor is cast as it is read
                  ) -> tuple: # (model, tokenizer)
     "Convert a full original LLaVA checkpoint (LlavaLlamaForCausalLM keys) into a qllava model, its weights read straight into place."
-    from transformers import AutoConfig
     folder = Path(folder)
     cfg = read_llava_config(folder)
     dtype = resolve_dtype(dtype)
@@ -469,7 +464,6 @@ def export_hf(model, # a QllavaForCausalLM with one CLIP-family image encoder an
               tokenizer=None, # when given, a LlavaProcessor is saved too
               ):
     "Write the model as a transformers `LlavaForConditionalGeneration` folder (+ processor)."
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
     if set(model.encoders) != {"image"}:
         raise ConfigError(f"transformers' Llava takes one image tower; this model has {sorted(model.encoders)}. Fix: export image-only models.")
     enc, kind = model.encoders["image"], model.config.projector_kind("image")
@@ -493,7 +487,6 @@ def export_hf(model, # a QllavaForCausalLM with one CLIP-family image encoder an
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out_dir)
     if tokenizer is not None:
-        from transformers import LlavaImageProcessor, LlavaProcessor
         S = enc.media["image_size"] if hasattr(enc, "media") else clip.config.image_size
         # do_pad: pad to square with int(mean*255) before resizing, as training did (a crop would cut non-square images)
         ip = LlavaImageProcessor(do_pad=True, size={"shortest_edge": S}, crop_size={"height": S, "width": S},
@@ -509,7 +502,6 @@ def export_hf(model, # a QllavaForCausalLM with one CLIP-family image encoder an
 # %% ../nbs/14_checkpoint.ipynb #66a3c526
 def import_llava_cli(argv:list[str]|None=None) -> int:
     "qllava import-llava: convert an original LLaVA checkpoint folder into a qllava checkpoint."
-    import argparse
     ap = ArgumentParser(prog="qllava import-llava", description=import_llava.__doc__)
     ap.add_argument("folder", help="original LLaVA checkpoint folder (config.json with mm_* fields + weights)")
     ap.add_argument("out_dir", help="qllava checkpoint folder to write")

@@ -4,7 +4,6 @@
 
 # %% ../nbs/01_conversation.ipynb #cf7689cd
 from __future__ import annotations
-import re
 from dataclasses import dataclass, field
 from .core import DataError, ConfigError
 from .modality import placeholder_re

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_demo.ipynb #7cf30c1e
 from __future__ import annotations
-import argparse, json, shutil
+import json, shutil
 from pathlib import Path
 from .core import assets_dir, ArgumentParser
 from .media import CLIP_MEAN, CLIP_STD  # OpenAI CLIP normalisation: one definition, in media

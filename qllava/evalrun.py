@@ -5,9 +5,9 @@
 # %% ../nbs/34_evalrun.ipynb #a59257d9
 from __future__ import annotations
 import json, os, re, sys, time
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from .core import CheckpointError, ConfigError, DataError, check_against_defaults, need_path
+from .core import CheckpointError, ConfigError, check_against_defaults, need_path
 from .conversation import TEMPLATES, TEMPLATE_ALIASES
 from .metrics import read_json_records, gt_answer, vqa_metrics, choice_metrics, f1_precision_recall
 from .checkpoint import read_manifest

@@ -4,7 +4,6 @@
 
 # %% ../nbs/13_generate.ipynb #fadeaf83
 from __future__ import annotations
-from pathlib import Path
 import torch
 from .core import ConfigError, DataError
 from .modality import get_modality, is_item_of

@@ -585,7 +585,7 @@ def _failure(msg:str, code, tail, log:Path, fix:str, first:list[str]|None=None) 
     tail, first = list(tail), list(first or [])
     head = ""
     if first and not all(l in tail for l in first):  # the launcher's own report pushed the rank's error out of the tail
-        head = f"\n--- first error printed ---\n" + "\n".join(first)
+        head = "\n--- first error printed ---\n" + "\n".join(first)
     e = LaunchError(f"{msg} (log: {log}).{head}\n--- last {len(tail)} lines of output ---\n" + "\n".join(tail) +
                     f"\n--- end of output ---\nFix: {fix}")
     e.exit_code, e.tail, e.first_error, e.log = code, tail, first, log
@@ -789,7 +789,6 @@ def release_shm_buffers(port, # the launch's master port, part of each buffer's 
 # %% ../nbs/20_launch.ipynb #b554933d
 def launch_cli(argv:list[str]|None=None) -> int:
     "`qllava launch`: start an entry under deepspeed / torchrun / python, or write and submit a Slurm job."
-    import argparse
     argv = list(sys.argv[1:] if argv is None else argv)
     entry = argv[argv.index("--")+1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv

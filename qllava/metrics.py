@@ -4,9 +4,8 @@
 
 # %% ../nbs/30_metrics.ipynb #7b71ceed
 from __future__ import annotations
-import argparse, json, math, re, sys
+import json, math, re, sys
 from collections import Counter
-from pathlib import Path
 from .core import DataError, ArgumentParser, read_json_records
 
 # %% auto #0

@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_model.ipynb #5dcb3465
 from __future__ import annotations
-import contextlib, copy, json, math, os
+import contextlib, copy, json, os
 from typing import Literal  # named by the `__init__` transformers generates for `QllavaConfig`: lets its signature resolve (show_doc)
 from pathlib import Path
 import torch
@@ -12,10 +12,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from .core import CheckpointError, ConfigError, DataError
-from .presets import default_tokenizer
+from .presets import default_tokenizer, get_preset, load_tokenizer
 from .encoders import build_encoder, load_weights_file, seeded
 from .projector import build_projector
-from .presets import get_preset, load_tokenizer
 from .tokenize import prepare_tokenizer, media_token_id as _mid
 from .conversation import get_template
 from .modality import MODALITIES, batch_media
@@ -462,7 +461,6 @@ def llm_from_weights(text_config, # the LLM's config (vocabulary as in the weigh
                      ds_config:dict|None=None, # under ZeRO-3 the LLM is built sharded
                      where=""):
     "A causal LM built empty and filled from `reader` (no random init, one copy of the weights); None if its key names differ."
-    import copy
     with empty_weights():
         llm = AutoModelForCausalLM.from_config(copy.deepcopy(text_config), attn_implementation=attn_implementation or default_attn_implementation(),
                                                dtype=dtype or torch.float32)

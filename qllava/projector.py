@@ -5,7 +5,6 @@
 # %% ../nbs/11_projector.ipynb #0a7f61bf
 from __future__ import annotations
 import re
-import torch
 from torch import nn
 from .core import ConfigError
 

@@ -5,9 +5,9 @@
 # %% ../nbs/41_runs.ipynb #835022a9
 from __future__ import annotations
 import importlib.util, json, os, re, shlex, sys, time
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from .core import (ConfigError, DataError, QllavaError, ArgumentParser, injected_names, need_path,
+from .core import (ConfigError, DataError, ArgumentParser, need_path,
     check_against_defaults, read_json_records)
 from .presets import preset_names
 from .config import DEEPSPEED_PRESETS, STAGE_PRESETS, parse_config, resolve_config, resolve_batch

@@ -4,7 +4,7 @@
 
 # %% ../nbs/32_summarize.ipynb #32b0b922
 from __future__ import annotations
-import argparse, json, sys
+import json
 from pathlib import Path
 from .core import DataError, ArgumentParser, read_json_records
 from .review import load_reviews, review_status

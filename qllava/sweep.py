@@ -487,7 +487,6 @@ def stage1_for_sweep(sweep_dir, log=print) -> dict:
 # %% ../nbs/45_sweep.ipynb #d67306ec
 def sweep_cli(argv:list[str]|None=None) -> int:
     "`qllava sweep run|task|stage1|status`: run, continue or inspect a hyperparameter sweep."
-    import argparse
     p = ArgumentParser(prog="qllava sweep", description="Hyperparameter sweeps over the train notebook.")
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("run", help="run a sweep from a JSON file of sweep parameters"); a.add_argument("params")

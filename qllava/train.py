@@ -552,7 +552,6 @@ def find_resume(cfg:TrainConfig) -> Path|None:
 
 def load_resumable(run:Run, path:Path) -> dict:
     "Restore weights, optimiser, scheduler and RNG from `path` once its checksums hold; returns its client state (step, epoch, micro)."
-    import torch
     err = None
     if run.rank == 0:  # one rank hashes; all refuse alike, before DeepSpeed's loader (which unpickles) sees a file
         try: verify_checksums(path)

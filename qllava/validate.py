@@ -240,7 +240,6 @@ def check_structure(rec, # one record, as read from the file
     for t, turn in enumerate(conv):
         if turn["from"] == gpt and not turn["value"].strip(): probs.append(P("empty_answer", f"the answer in turn {t} is empty"))
     # media placeholders against media keys
-    refs = {}
     for m, ph in _placeholders().items():
         v = rec.get(m)
         if m in rec and v is not None and not (isinstance(v, str) and v.strip()) and not (isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v)):
@@ -546,7 +545,6 @@ def _demo_jobs(modality:str) -> list:
 # %% ../nbs/07_validate.ipynb #fd5c6162
 def validate_data_cli(argv:list[str]|None=None) -> int:
     "`qllava validate-data`: check data sets, print every problem; exit 1 when errors were found."
-    import argparse
     ap = ArgumentParser(prog="qllava validate-data",
         description="Check LLaVA-format data before training: every problem with file, record, id and fix.")
     ap.add_argument("data", nargs="*", help="data file(s): a JSON list or JSONL of records")
