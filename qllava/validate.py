@@ -199,13 +199,10 @@ def read_records(path, # a JSON list or JSONL file of records
     return out
 
 # %% ../nbs/07_validate.ipynb #1ddca79c
-def _placeholders() -> dict:
-    return placeholders()
-
 def media_refs(rec:dict) -> dict:
     "modality -> list of media values of record `rec` (a string value becomes a list of one)."
     out = {}
-    for m in _placeholders():
+    for m in placeholders():
         if m in rec and rec[m] is not None: out[m] = rec[m] if isinstance(rec[m], list) else [rec[m]]
     return out
 
@@ -240,7 +237,7 @@ def check_structure(rec, # one record, as read from the file
     for t, turn in enumerate(conv):
         if turn["from"] == gpt and not turn["value"].strip(): probs.append(P("empty_answer", f"the answer in turn {t} is empty"))
     # media placeholders against media keys
-    for m, ph in _placeholders().items():
+    for m, ph in placeholders().items():
         v = rec.get(m)
         if m in rec and v is not None and not (isinstance(v, str) and v.strip()) and not (isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v)):
             probs.append(P("bad_media_field", f"\"{m}\" is {json.dumps(v)[:60]}, not a file path or a list of file paths")); continue
@@ -350,7 +347,7 @@ def _tokenize_all(records, idx, tok, tmpl, nmt, max_length, use_im_start_end, fi
 def _no_supervision_message(rec, s, tok, tmpl, nmt, max_length, use_im_start_end) -> str:
     if not s.truncated: return "the sample has no supervised token (nothing for the model to learn)"
     full = tokenize_conversation(rec["conversations"], tok, tmpl, nmt, None, use_im_start_end=use_im_start_end)
-    media = ", ".join(f"{_placeholders()[m]} = {nmt[m]} tokens" for m in full.media_counts)
+    media = ", ".join(f"{placeholders()[m]} = {nmt[m]} tokens" for m in full.media_counts)
     return (f"after truncation to max_length {max_length} no supervised token is left: the sample is {len(full)} tokens"
             + (f" with each {media}" if media else "") + f" and its first answer starts at token {_first_supervised(full.labels)}")
 
@@ -392,7 +389,7 @@ def _supervision_problems(records, idx, per_rec, tok, tmpl, nmt, max_length, use
             if not any(p.kind == "empty_answer" for p in per_rec[i]):
                 per_rec[i].append(Problem(file, i, rid, "no_supervision", _no_supervision_message(records[i], s, tok, tmpl, nmt, max_length, use_im_start_end)))
         elif s.truncated:
-            cut = "".join(f" and {n} {_placeholders()[m]} block(s) are cut away" for m, n in s.media_dropped.items())
+            cut = "".join(f" and {n} {placeholders()[m]} block(s) are cut away" for m, n in s.media_dropped.items())
             per_rec[i].append(Problem(file, i, rid, "truncated", f"the sample is longer than max_length {max_length}; {s.n_supervised} supervised tokens are kept{cut}"))
 
 def validate_data(data_path, # a JSON list or JSONL file of LLaVA records
@@ -507,7 +504,7 @@ def show_labels(data_path, # a JSON list or JSONL file of records
     "`n` samples rendered from their actual token labels, supervised text marked, media shown as `<image xN>`."
     tok, tmpl, nmt, _ = _setup(tokenizer, template, n_media_tokens, use_im_start_end, image_preset, sensor_preset, select_feature)
     color = sys.stdout.isatty() if color is None else color
-    media_ids = {media_token_id(tok, m): m for m in _placeholders()}
+    media_ids = {media_token_id(tok, m): m for m in placeholders()}
     rep = ValidationReport(str(data_path))
     records = read_records(Path(data_path), rep)
     legend = ("supervised (trained) text in green" if color else "[[supervised (trained) text]]") + \
@@ -532,8 +529,8 @@ def _parse_media_tokens(items:list) -> dict:
     for it in items:
         for kv in it.split(","):
             k, sep, v = kv.partition("=")
-            if not sep or not v.strip().isdigit() or k.strip() not in _placeholders():
-                raise ConfigError(f"--n-media-tokens {kv!r}: expected MODALITY=N with MODALITY one of {', '.join(_placeholders())}, e.g. image=576.")
+            if not sep or not v.strip().isdigit() or k.strip() not in placeholders():
+                raise ConfigError(f"--n-media-tokens {kv!r}: expected MODALITY=N with MODALITY one of {', '.join(placeholders())}, e.g. image=576.")
             out[k.strip()] = int(v)
     return out
 
