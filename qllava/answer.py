@@ -9,7 +9,7 @@ from pathlib import Path
 from .core import CheckpointError, ConfigError, DataError, QllavaError, ArgumentParser
 from .dataset import resolve_media_path
 from .conversation import get_template, generation_prompt
-from .modality import MODALITIES, get_modality, record_modalities
+from .modality import get_modality, record_media, record_modalities
 from .checkpoint import load_trained
 from .metrics import closed_hit, normalize_answer
 from .generate import answer_batch
@@ -149,7 +149,7 @@ def check_media(questions:list[dict], # questions to answer
         if m not in encoders:
             raise ConfigError(f"question {q['question_id']!r} in {question_file} has {m} media but the model has only "
                               f"{', '.join(encoders) or 'no'} encoder(s). Fix: answer it with a model that has a {m} encoder.")
-        p = resolve_media_path(q[m], folder, file=question_file, record=i, record_id=q["question_id"])  # never outside the folder
+        p = resolve_media_path(record_media(q, m), folder, file=question_file, record=i, record_id=q["question_id"])  # never outside the folder
         if not p.is_file():
             raise DataError(f"{m} file {str(p)!r} not found.", file=question_file, record=i, record_id=q["question_id"],
                             fix="check --image-folder and the path in the question (it is relative to that folder).")
@@ -160,7 +160,7 @@ def load_batch_media(model, questions:list[dict], media_folder, blank:bool=False
     for i, q in enumerate(questions):
         m = question_modality(q)
         if m is None: out.append(None); continue
-        path = resolve_media_path(q[MODALITIES[m].record_key], Path(media_folder or "."), file=question_file, record=i, record_id=q["question_id"])
+        path = resolve_media_path(record_media(q, m), Path(media_folder or "."), file=question_file, record=i, record_id=q["question_id"])
         try: x = model.encoders[m].processor(path)
         except DataError as e:
             raise DataError(f"{m} file {str(path)!r}: {e.problem}", file=question_file, record_id=q["question_id"], fix=e.fix) from None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib, json
 from pathlib import Path
 from .core import ArgumentParser, ConfigError, DataError
-from .modality import MODALITIES, get_modality, record_modalities
+from .modality import MODALITIES, get_modality, record_media, record_modalities
 from .dataset import resolve_media_path
 
 # %% auto #0
@@ -110,7 +110,7 @@ def split_by_media(records:list, # `records_from_table`'s records
     "(train, held-out) records, with disjoint media files; the same seed gives the same split."
     import numpy as np
     if not 0 <= eval_fraction < 1: raise ConfigError(f"eval_fraction {eval_fraction} is not in [0, 1). Fix: e.g. 0.1 holds out 10 % of the media files.")
-    key = lambda r: next((str(r[MODALITIES[m].record_key]) for m in record_modalities(r)), "")
+    key = lambda r: next((str(record_media(r, m)) for m in record_modalities(r)), "")
     files = sorted({key(r) for r in records})
     held = set(np.random.default_rng(seed).permutation(files)[:round(eval_fraction * len(files))].tolist())
     return [r for r in records if key(r) not in held], [r for r in records if key(r) in held]

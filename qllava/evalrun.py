@@ -13,6 +13,7 @@ from .metrics import read_json_records, gt_answer, vqa_metrics, choice_metrics, 
 from .checkpoint import read_manifest
 from .presets import DEMO_DATA, demo_paths
 from .answer import read_questions, answer_questions, read_answers, question_modality
+from .modality import record_media
 from .report import sha256, show_media, provenance
 from .review import split_content, LocalJudge, review, load_reviews, review_status
 from .summarize import summarize_reviews, plot_summary
@@ -315,7 +316,7 @@ def gallery(plan:EvalPlan, # from `plan_eval`
     wrap = lambda s, w=44: "\n".join(textwrap.wrap(clean(s), w)[:3])
     for ax, q in zip(axes, picks):
         m = question_modality(q)
-        show_media(Path(plan.media_folder) / q[m], ax=ax, title=str(q["question_id"]))
+        show_media(Path(plan.media_folder) / record_media(q, m), ax=ax, title=str(q["question_id"]))
         g = gt.get(q["question_id"])
         ax.set_xlabel(f"Q: {wrap(q['text'])}\nA: {wrap(ans.get(q['question_id'], '(not answered)'))}\n"
                       f"GT: {wrap(gt_answer(g)) if g else '-'}", fontsize=8, loc="left")

@@ -14,7 +14,7 @@ from .media import ImageProcessor, SensorProcessor
 
 # %% auto #0
 __all__ = ['MODALITIES', 'IMAGE_SUFFIXES', 'Modality', 'register_modality', 'get_modality', 'placeholders', 'placeholder_re',
-           'record_modalities', 'is_item_of', 'batch_media']
+           'record_modalities', 'record_media', 'is_item_of', 'batch_media']
 
 # %% ../nbs/05a_modality.ipynb #05c5d69f
 @dataclass(frozen=True)
@@ -64,6 +64,10 @@ def placeholder_re() -> re.Pattern:
 def record_modalities(record:dict) -> list[str]:
     "The modalities whose record key `record` (a training record or a VQA question) has, in registry order."
     return [m.name for m in MODALITIES.values() if record.get(m.record_key) not in (None, "", [])]
+
+def record_media(record:dict, modality:str):
+    "The media `record` gives for `modality` (a path as written, or a list of them), read under that modality's record key; None without."
+    return record.get(get_modality(modality).record_key)
 
 def is_item_of(x, modality:str) -> bool:
     "Whether media item `x` (a path, or an in-memory PIL image / array) is of `modality`, by its suffix or type."

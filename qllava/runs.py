@@ -11,7 +11,7 @@ from .core import (ConfigError, DataError, ArgumentParser, need_path,
     check_against_defaults, read_json_records)
 from .presets import preset_names
 from .config import DEEPSPEED_PRESETS, STAGE_PRESETS, parse_config, resolve_config, resolve_batch
-from .modality import MODALITIES
+from .modality import MODALITIES, record_media
 from .presets import DEMO_DATA, demo_paths
 from .answer import question_modality, question_text, vqa_accuracy
 from .checkpoint import load_trained
@@ -148,7 +148,7 @@ def vqa_to_records(questions, # VQA question JSONL (question_id, image|sensor, t
         mod, text = question_modality(q), question_text(q)
         rec = {"id": str(q["question_id"]), "conversations": [{"from": "human", "value": text},
                                                                 {"from": "gpt", "value": str(answers[q["question_id"]])}]}
-        if mod: rec[MODALITIES[mod].record_key] = q[MODALITIES[mod].record_key]
+        if mod: rec[MODALITIES[mod].record_key] = record_media(q, mod)
         recs.append(rec)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(recs, indent=1))

@@ -11,7 +11,7 @@ from pathlib import Path
 from .core import DataError, ConfigError, ArgumentParser
 from .dataset import load_records, resolve_media_path
 from .conversation import get_template
-from .modality import placeholders
+from .modality import MODALITIES, placeholders
 from .presets import get_preset, load_tokenizer, demo_paths
 from .encoders import ENCODER_KINDS, SELECT_FEATURES, encoder_modality, encoder_num_tokens, encoder_processor
 from .tokenize import prepare_tokenizer, tokenize_conversation, tokenize_conversations, media_token_id
@@ -202,8 +202,8 @@ def read_records(path, # a JSON list or JSONL file of records
 def media_refs(rec:dict) -> dict:
     "modality -> list of media values of record `rec` (a string value becomes a list of one)."
     out = {}
-    for m in placeholders():
-        if m in rec and rec[m] is not None: out[m] = rec[m] if isinstance(rec[m], list) else [rec[m]]
+    for m in MODALITIES.values():  # read under each modality's record key
+        if (v := rec.get(m.record_key)) is not None: out[m.name] = v if isinstance(v, list) else [v]
     return out
 
 def check_structure(rec, # one record, as read from the file
@@ -237,24 +237,25 @@ def check_structure(rec, # one record, as read from the file
     for t, turn in enumerate(conv):
         if turn["from"] == gpt and not turn["value"].strip(): probs.append(P("empty_answer", f"the answer in turn {t} is empty"))
     # media placeholders against media keys
-    for m, ph in placeholders().items():
-        v = rec.get(m)
-        if m in rec and v is not None and not (isinstance(v, str) and v.strip()) and not (isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v)):
-            probs.append(P("bad_media_field", f"\"{m}\" is {json.dumps(v)[:60]}, not a file path or a list of file paths")); continue
+    for mod in MODALITIES.values():
+        m, ph, key = mod.name, mod.placeholder, mod.record_key
+        v = rec.get(key)
+        if v is not None and not (isinstance(v, str) and v.strip()) and not (isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v)):
+            probs.append(P("bad_media_field", f"\"{key}\" is {json.dumps(v)[:60]}, not a file path or a list of file paths")); continue
         n_media = len(v) if isinstance(v, list) else int(v is not None)
         n_q = sum(turn["value"].count(ph) for turn in conv if turn["from"] == human)
         n_a = sum(turn["value"].count(ph) for turn in conv if turn["from"] == gpt)
         if n_a: probs.append(P("placeholder_in_answer", f"an answer contains {n_a} {ph} placeholder(s)"))
         if n_q == n_media: continue
         if n_media == 0:
-            probs.append(P("media_count_mismatch", f"the conversation has {n_q} {ph} placeholder(s) but the record has no \"{m}\" key",
-                           fix=f"add \"{m}\": \"<file relative to the media folder>\", or remove the {ph} placeholder(s) for a text-only sample"))
+            probs.append(P("media_count_mismatch", f"the conversation has {n_q} {ph} placeholder(s) but the record has no \"{key}\" key",
+                           fix=f"add \"{key}\": \"<file relative to the media folder>\", or remove the {ph} placeholder(s) for a text-only sample"))
         elif n_q == 0:
-            probs.append(P("media_count_mismatch", f"the record has \"{m}\" = {json.dumps(v)[:60]} but no {ph} placeholder in its human turns",
+            probs.append(P("media_count_mismatch", f"the record has \"{key}\" = {json.dumps(v)[:60]} but no {ph} placeholder in its human turns",
                            fix=f"put \"{ph}\\n\" at the start of the first human turn (LLaVA never inserts it; without it the {m} is silently ignored)"))
         else:
-            probs.append(P("media_count_mismatch", f"the conversation has {n_q} {ph} placeholders for {n_media} \"{m}\" file(s)",
-                           fix=f"use exactly one {ph} placeholder per \"{m}\" file"))
+            probs.append(P("media_count_mismatch", f"the conversation has {n_q} {ph} placeholders for {n_media} \"{key}\" file(s)",
+                           fix=f"use exactly one {ph} placeholder per \"{key}\" file"))
     return probs
 
 # %% ../nbs/07_validate.ipynb #cab236ed
