@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, json, math, os, sys, time, uuid
 from pathlib import Path
-from .core import CheckpointError, ConfigError, DataError, QllavaError, ArgumentParser
+from .core import CheckpointError, ConfigError, DataError, QllavaError, ArgumentParser, read_json_records
 from .dataset import resolve_media_path
 from .conversation import get_template, generation_prompt
 from .modality import get_modality, record_media, record_modalities
@@ -14,7 +14,6 @@ from .checkpoint import load_trained
 from .metrics import closed_hit, normalize_answer
 from .generate import answer_batch
 from .launch import gpu_count, run, progress_line
-from .core import read_json_records
 
 # %% auto #0
 __all__ = ['CONV_MODES', 'short_uuid', 'read_questions', 'question_modality', 'get_chunk', 'repair_tail', 'read_answers',

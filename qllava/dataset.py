@@ -8,11 +8,11 @@ import json, logging, os
 from fastcore.basics import patch
 from pathlib import Path
 from .core import DataError, ConfigError
-
-log = logging.getLogger(__name__)
 from .modality import MODALITIES, placeholders
 from .conversation import render, spans_text, find_placeholders, get_template
 from .tokenize import tokenize_conversation
+
+log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'Records', 'load_records', 'media_files', 'resolve_media_path', 'fit_length_model', 'MultimodalDataset',
