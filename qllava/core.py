@@ -8,12 +8,12 @@ import json, os
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['OFFLINE_ENV', 'SECRET_VALUE', 'OUTPUT_NOTEBOOK_NOTE', 'SECRET_ENV_HINT', 'LAYERS', 'QllavaError', 'DataError',
-           'ConfigError', 'CheckpointError', 'LaunchError', 'assets_dir', 'asset', 'set_offline', 'name_words',
-           'is_secret_name', 'high_entropy', 'named_tokens', 'secret_env_values', 'find_secret', 'secret_masker',
-           'mask_command', 'refuse_secrets', 'injected_names', 'notebook_parameters', 'refuse_secret_parameters',
-           'unknown_parameters', 'check_types', 'check_against_defaults', 'need_path', 'read_json_records',
-           'ArgumentParser', 'layer_of']
+__all__ = ['OFFLINE_ENV', 'SECRET_VALUE', 'OUTPUT_NOTEBOOK_NOTE', 'SECRET_ENV_HINT', 'HUB_RECORD_FILES', 'LAYERS', 'QllavaError',
+           'DataError', 'ConfigError', 'CheckpointError', 'LaunchError', 'assets_dir', 'asset', 'set_offline',
+           'name_words', 'is_secret_name', 'high_entropy', 'named_tokens', 'secret_env_values', 'find_secret',
+           'secret_masker', 'mask_command', 'refuse_secrets', 'injected_names', 'notebook_parameters',
+           'refuse_secret_parameters', 'unknown_parameters', 'check_types', 'check_against_defaults', 'need_path',
+           'hub_cache', 'hub_snapshot', 'resolve_records_path', 'read_json_records', 'ArgumentParser', 'layer_of']
 
 # %% ../nbs/00_core.ipynb #e284ee10
 class QllavaError(Exception):
@@ -273,6 +273,66 @@ def need_path(path, # the path as the user gave it
     if issubclass(error, DataError): raise error(f"{param}: no such {what}{where}{found}.", file=path, fix=fix)
     raise error(f"{param} {str(path)!r}: no such {what}{where}{found}. Fix: {fix}")
 
+# %% ../nbs/00_core.ipynb #7fdb71d3
+HUB_RECORD_FILES = {  # published training sets: hub id -> the records file a bare id means (their dataset cards)
+    "wisdomik/Quilt-LLaVA-Pretrain": "quilt_pretrain.json",
+    "wisdomik/QUILT-LLaVA-Instruct-107K": "quilt_instruct_107k.json"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+def _hub_offline() -> bool: return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+def hub_cache() -> str:
+    "The hub cache folder as the environment names it now (huggingface_hub reads it once, at import)."
+    from huggingface_hub import constants
+    return os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+
+def hub_snapshot(repo_id:str, # "ORG/NAME"
+                 repo_type:str="dataset", # "dataset" or "model"
+                 revision:str|None=None, # a commit, branch or tag; None = what the cache's refs/main names
+                 allow_patterns:list|None=None, # files to fetch when downloading (None: all)
+                 what:str="dataset", # how the message names it
+                ) -> Path:
+    "The snapshot folder of a hub repository: from the local cache first, downloaded only where it lacks it and the hub is on."
+    from huggingface_hub import snapshot_download
+    if not _HUB_ID.match(repo_id): raise ConfigError(f"{repo_id!r} is not a hub id. Fix: use ORG/NAME, e.g. wisdomik/Quilt_VQA.")
+    kw = dict(repo_type=repo_type, revision=revision, allow_patterns=allow_patterns, cache_dir=hub_cache())
+    try: return Path(snapshot_download(repo_id, local_files_only=True, **kw))
+    except FileNotFoundError as e: missing = e
+    if not _hub_offline():
+        try: return Path(snapshot_download(repo_id, **kw))
+        except Exception as e: missing = e   # gated, unknown, no network: all end in the same fix
+    at = f" at revision {revision}" if revision else ""
+    raise DataError(f"{what} {repo_id}{at} is not in the Hugging Face cache {hub_cache()} "
+                    f"({type(missing).__name__}).", fix=f"download it once where there is network: `hf download --repo-type "
+                    f"{repo_type} {repo_id}` (for a gated set, accept its terms on the hub and log in first), then run here "
+                    "with HF_HUB_CACHE pointing at that cache.")
+
+# %% ../nbs/00_core.ipynb #01fad0c6
+def _hub_spec(spec:str) -> tuple[str, str]|None:
+    "(repo id, file inside it) when `spec` names a hub dataset rather than a local path, else None."
+    parts = str(spec).split("/")
+    if len(parts) < 2 or Path(os.path.expanduser(str(spec))).exists() or Path(parts[0]).exists(): return None
+    if len(parts) == 2 and (not _HUB_ID.match(spec) or Path(spec).suffix in (".json", ".jsonl")): return None
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+def resolve_records_path(spec, # a local JSON / JSONL file, or ORG/NAME (a hub dataset), or ORG/NAME/FILE.json
+                         param:str="data_path", # the parameter that gave it, named in messages
+                        ) -> Path:
+    "The local records file behind `spec`: the file itself, or the records file of a hub dataset in the cache."
+    hub = _hub_spec(spec)
+    if hub is None: return need_path(spec, param, "file")
+    repo, file = hub
+    file = file or HUB_RECORD_FILES.get(repo, "")
+    snap = hub_snapshot(repo, allow_patterns=[file] if file else ["*.json", "*.jsonl", "*.md"], what=f"{param} dataset")
+    if file: return need_path(snap / file, param, "file", fix=f"name a records file of {repo}: {_json_files(snap)}.")
+    found = _json_files(snap)
+    if len(found) == 1: return snap / found[0]
+    raise DataError(f"{param}: hub dataset {repo} holds {len(found)} JSON / JSONL files: {', '.join(found) or 'none'}.",
+                    fix=f"name one, e.g. {repo}/{found[0] if found else 'FILE.json'}.")
+
+def _json_files(snap:Path) -> list[str]:
+    return sorted(str(p.relative_to(snap)) for p in snap.rglob("*") if p.suffix in (".json", ".jsonl") and p.is_file())
+
 # %% ../nbs/00_core.ipynb #9221f185
 def read_json_records(path, # a JSON list (its text starts with "[") or a JSONL file
                       what:str="file", # what the file is, named when it is missing (e.g. "question file")
@@ -326,7 +386,8 @@ class ArgumentParser(argparse.ArgumentParser):
 LAYERS = {
     "foundation": ("core",),
     "media files": ("media",),
-    "formats and settings": ("presets", "projector", "metrics", "report", "launch", "config", "testbed", "demo"),
+    "formats and settings": ("presets", "projector", "metrics", "stats", "report", "launch", "config", "testbed", "demo"),
+    "published sets": ("benchmarks",),
     "modalities": ("modality",),
     "conversations": ("conversation",),
     "tokens and towers": ("tokenize", "encoders"),
@@ -334,7 +395,7 @@ LAYERS = {
     "model in use": ("generate", "checkpoint", "validate", "convert"),
     "answering and judging": ("answer", "review"),
     "training and summaries": ("train", "summarize"),
-    "run notebooks": ("runs", "evalrun"),
+    "run notebooks": ("runs", "evalrun", "bench"),
     "sweeps": ("sweep",),
     "command line": ("cli",),
 }

@@ -9,9 +9,10 @@ from collections import Counter
 from .core import DataError, ArgumentParser, read_json_records
 
 # %% auto #0
-__all__ = ['CONTRACTIONS', 'NUMBER_WORDS', 'ARTICLES', 'PUNCT', 'BLEU_WEIGHTS', 'normalize_answer', 'exact_match',
-           'f1_precision_recall', 'sentence_bleu', 'closed_hit', 'closed_hit_strict', 'parse_choice', 'gt_answer',
-           'join_by_id', 'vqa_metrics', 'choice_metrics', 'evaluate_files', 'format_metrics', 'metrics_cli']
+__all__ = ['CONTRACTIONS', 'NUMBER_WORDS', 'ARTICLES', 'PUNCT', 'BLEU_WEIGHTS', 'OPEN_METRICS', 'CLOSED_METRICS',
+           'normalize_answer', 'exact_match', 'f1_precision_recall', 'sentence_bleu', 'closed_hit', 'closed_hit_strict',
+           'parse_choice', 'gt_answer', 'join_by_id', 'vqa_item_scores', 'item_columns', 'vqa_metrics',
+           'choice_metrics', 'choice_item_scores', 'evaluate_files', 'format_metrics', 'metrics_cli']
 
 # %% ../nbs/30_metrics.ipynb #9e648db8
 _CANONICAL_CONTRACTIONS = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't
@@ -171,32 +172,53 @@ def _anchor_texts(gt:list[dict], anchor:list[dict]|None, anchor_file=None) -> di
     if anchor is None: return None
     return {g["id"]: str(a["text"]) for g,a in join_by_id(gt, anchor, pred_file=anchor_file)}
 
+OPEN_METRICS = ("exact_match", "f1", "precision", "recall", *BLEU_WEIGHTS)
+CLOSED_METRICS = ("yes_no_accuracy", "yes_no_accuracy_strict")
+
+def _open_scores(pred_value:str, gt_value:str) -> dict:
+    f1, prec, rec = f1_precision_recall(pred_value, gt_value)
+    out = {"exact_match": exact_match(pred_value, gt_value), "f1": f1, "precision": prec, "recall": rec}
+    return out | {name: sentence_bleu(gt_value.split(), pred_value.split(), w) for name, w in BLEU_WEIGHTS.items()}
+
+def _closed_truth(g:dict, gt_value:str, quilt:bool, gt_file) -> str:
+    if quilt and "yes_no_answer" not in g:
+        raise DataError("closed question without yes_no_answer.", file=gt_file, record_id=g["id"], fix="add yes_no_answer, or drop --quilt.")
+    answer = str(g["yes_no_answer"]).lower() if quilt else gt_value
+    if answer not in ("yes", "no"):
+        raise DataError(f"closed question whose ground truth is {answer!r}, not yes or no.", file=gt_file, record_id=g["id"],
+                        fix="fix the record, set answer_type to OPEN, or pass --quilt to use `yes_no_answer`.")
+    return answer
+
+def vqa_item_scores(gt:list[dict], # ground-truth records
+                    pred:list[dict], # answer records
+                    quilt:bool=False, # closed ground truth from `yes_no_answer` (Quilt-VQA)
+                    anchor:list[dict]|None=None, # answers whose (normalised) lengths cut the predictions
+                    gt_file=None, pred_file=None, anchor_file=None) -> list[dict]:
+    "One row per scored question, in ground-truth order: its id, kind (open / closed) and scores as fractions."
+    rows, anchors = [], _anchor_texts(gt, anchor, anchor_file)
+    for g, p in join_by_id(gt, pred, gt_file, pred_file):
+        gt_value, pred_value = normalize_answer(gt_answer(g).lower()), normalize_answer(str(p["text"]).lower())
+        if anchors is not None: pred_value = pred_value[:len(normalize_answer(anchors[g["id"]].lower()))]
+        kind = g.get("answer_type")
+        if kind in ("OPEN", "other"): rows.append({"id": g["id"], "kind": "open", **_open_scores(pred_value, gt_value)})
+        elif kind == "CLOSED":
+            answer = _closed_truth(g, gt_value, quilt, gt_file)
+            rows.append({"id": g["id"], "kind": "closed", "yes_no_accuracy": _negation_rule(pred_value, answer),
+                         "yes_no_accuracy_strict": _strict_rule(pred_value, answer)})
+    return rows
+
+def item_columns(rows:list[dict], # from `vqa_item_scores` / `choice_item_scores`
+                 names:tuple) -> dict: # metric names
+    "Metric name -> the list of its per-item scores, over the items it applies to."
+    return {k: [r[k] for r in rows if k in r] for k in names}
+
 def vqa_metrics(gt:list[dict], # ground-truth records
                 pred:list[dict], # answer records
                 quilt:bool=False, # closed ground truth from `yes_no_answer` (Quilt-VQA)
                 anchor:list[dict]|None=None, # answers whose (normalised) lengths cut the predictions
                 gt_file=None, pred_file=None, anchor_file=None) -> dict:
     "Open and closed VQA metrics in percent, as the reference evaluation defines them."
-    scores = {k: [] for k in ("exact_match", "f1", "precision", "recall", *BLEU_WEIGHTS, "yes_no_accuracy", "yes_no_accuracy_strict")}
-    anchors = _anchor_texts(gt, anchor, anchor_file)
-    for g, p in join_by_id(gt, pred, gt_file, pred_file):
-        gt_value, pred_value = normalize_answer(gt_answer(g).lower()), normalize_answer(str(p["text"]).lower())
-        if anchors is not None: pred_value = pred_value[:len(normalize_answer(anchors[g["id"]].lower()))]
-        kind = g.get("answer_type")
-        if kind in ("OPEN", "other"):
-            scores["exact_match"].append(exact_match(pred_value, gt_value))
-            f1, prec, rec = f1_precision_recall(pred_value, gt_value)
-            scores["f1"].append(f1); scores["precision"].append(prec); scores["recall"].append(rec)
-            for name, w in BLEU_WEIGHTS.items(): scores[name].append(sentence_bleu(gt_value.split(), pred_value.split(), w))
-        elif kind == "CLOSED":
-            if quilt and "yes_no_answer" not in g:
-                raise DataError("closed question without yes_no_answer.", file=gt_file, record_id=g["id"], fix="add yes_no_answer, or drop --quilt.")
-            answer = str(g["yes_no_answer"]).lower() if quilt else gt_value
-            if answer not in ("yes", "no"):
-                raise DataError(f"closed question whose ground truth is {answer!r}, not yes or no.", file=gt_file, record_id=g["id"],
-                                fix="fix the record, set answer_type to OPEN, or pass --quilt to use `yes_no_answer`.")
-            scores["yes_no_accuracy"].append(_negation_rule(pred_value, answer))
-            scores["yes_no_accuracy_strict"].append(_strict_rule(pred_value, answer))
+    scores = item_columns(vqa_item_scores(gt, pred, quilt, anchor, gt_file, pred_file, anchor_file), OPEN_METRICS + CLOSED_METRICS)
     out = {k: _pct(v) for k,v in scores.items()}
     out["n_open"], out["n_closed"] = len(scores["f1"]), len(scores["yes_no_accuracy"])
     return out
@@ -206,12 +228,19 @@ def choice_metrics(gt:list[dict], pred:list[dict], # ground truth with the optio
                    anchor:list[dict]|None=None, # answers whose (raw) lengths cut the predictions
                    gt_file=None, pred_file=None, anchor_file=None) -> dict:
     "Multiple-choice accuracy in percent (PMC-VQA), plus how many answers could not be parsed."
+    rows = choice_item_scores(gt, pred, options, anchor, gt_file, pred_file, anchor_file)
+    return {"choice_accuracy": _pct([r["choice_accuracy"] for r in rows]), "n": len(rows),
+            "unparsed": sum(r["parsed"] == "FAILED" for r in rows)}
+
+def choice_item_scores(gt:list[dict], pred:list[dict], # as `choice_metrics`
+                       options:tuple=("A", "B", "C", "D"), anchor:list[dict]|None=None,
+                       gt_file=None, pred_file=None, anchor_file=None) -> list[dict]:
+    "One row per multiple-choice question: its id, the letter parsed from the answer and the hit (0 / 1)."
     pairs = join_by_id(gt, pred, gt_file, pred_file)
     anchors = _anchor_texts(gt, anchor, anchor_file)
     cut = lambda g, t: t if anchors is None else t[:len(anchors[g["id"]])]
     parsed = [parse_choice(cut(g, str(p["text"])), options) for g,p in pairs]
-    hits = [int(a == gt_answer(g)) for (g,_),a in zip(pairs, parsed)]
-    return {"choice_accuracy": _pct(hits), "n": len(hits), "unparsed": parsed.count("FAILED")}
+    return [{"id": g["id"], "kind": "choice", "parsed": a, "choice_accuracy": int(a == gt_answer(g))} for (g,_),a in zip(pairs, parsed)]
 
 # %% ../nbs/30_metrics.ipynb #9f732b8f
 def evaluate_files(gt_file, # ground truth (JSON list or JSONL)
