@@ -157,7 +157,7 @@ def varied_strings(n:int=300, # how many strings
     return out
 
 # %% ../nbs/08_testbed.ipynb #e1525c73
-LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".model", ".gguf", ".msgpack", ".h5", ".onnx")
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".model", ".gguf", ".msgpack", ".h5", ".onnx", ".parquet", ".zip")
 
 def testbed_revision(repo_id:str, # e.g. "lmsys/vicuna-7b-v1.5"
                      salt:str="qllava-testbed-1", # change to get other revisions
@@ -171,19 +171,23 @@ def blob_name(filename:str, data:bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 def hub_repo_dir(cache, # the hub cache folder (what HF_HUB_CACHE names)
-                 repo_id:str) -> Path:
-    "Folder of a model repository inside a hub cache."
+                 repo_id:str, # "ORG/NAME"
+                 repo_type:str="model", # "model" or "dataset"
+                ) -> Path:
+    "Folder of a model or dataset repository inside a hub cache."
     if repo_id.count("/") != 1: raise ConfigError(f"{repo_id!r} is not a hub id. Fix: use ORG/NAME, e.g. lmsys/vicuna-7b-v1.5.")
-    return Path(cache)/("models--" + repo_id.replace("/", "--"))
+    if repo_type not in ("model", "dataset"): raise ConfigError(f"repo_type {repo_type!r}: use model or dataset.")
+    return Path(cache)/(f"{repo_type}s--" + repo_id.replace("/", "--"))
 
 def write_hub_repo(cache, # the hub cache folder
                    repo_id:str, # "ORG/NAME"
                    files:dict, # file name (may hold '/') -> bytes, str or a Path to copy
                    revision:str|None=None, # 40-hex commit id; default `testbed_revision(repo_id)`
                    symlinks:bool=True, # snapshot entries as symlinks into blobs/ (as huggingface_hub); False: plain copies
+                   repo_type:str="model", # "model" or "dataset"
                   ) -> Path:
     "Write one repository into a hub cache in huggingface_hub's layout and point `refs/main` at it; returns the snapshot folder."
-    repo, rev = hub_repo_dir(cache, repo_id), revision or testbed_revision(repo_id)
+    repo, rev = hub_repo_dir(cache, repo_id, repo_type), revision or testbed_revision(repo_id)
     snap = repo/"snapshots"/rev
     for name, data in sorted(files.items()):
         data = data.encode() if isinstance(data, str) else Path(data).read_bytes() if isinstance(data, Path) else bytes(data)
