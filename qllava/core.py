@@ -395,7 +395,8 @@ LAYERS = {
     "model in use": ("generate", "checkpoint", "validate", "convert"),
     "answering and judging": ("answer", "review"),
     "training and summaries": ("train", "summarize"),
-    "run notebooks": ("runs", "evalrun", "bench"),
+    "run notebooks": ("runs", "evalrun"),
+    "benchmark runs": ("bench",),
     "sweeps": ("sweep",),
     "command line": ("cli",),
 }
