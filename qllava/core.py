@@ -317,13 +317,17 @@ def _hub_spec(spec:str) -> tuple[str, str]|None:
 
 def resolve_records_path(spec, # a local JSON / JSONL file, or ORG/NAME (a hub dataset), or ORG/NAME/FILE.json
                          param:str="data_path", # the parameter that gave it, named in messages
+                         fix:str|None=None, # what to do about a missing local file (default: give an existing one)
                         ) -> Path:
     "The local records file behind `spec`: the file itself, or the records file of a hub dataset in the cache."
     hub = _hub_spec(spec)
-    if hub is None: return need_path(spec, param, "file")
+    if hub is None: return need_path(spec, param, "file", fix=fix)
     repo, file = hub
     file = file or HUB_RECORD_FILES.get(repo, "")
-    snap = hub_snapshot(repo, allow_patterns=[file] if file else ["*.json", "*.jsonl", "*.md"], what=f"{param} dataset")
+    try: snap = hub_snapshot(repo, allow_patterns=[file] if file else ["*.json", "*.jsonl", "*.md"], what=f"{param} dataset")
+    except DataError as e:
+        raise DataError(f"{param}: {spec} is neither a file here ({os.getcwd()}) nor a hub dataset in the cache: {e.problem}",
+                        fix=(fix + "; or " if fix else "") + e.fix) from None
     if file: return need_path(snap / file, param, "file", fix=f"name a records file of {repo}: {_json_files(snap)}.")
     found = _json_files(snap)
     if len(found) == 1: return snap / found[0]

@@ -17,19 +17,20 @@ from .modality import record_media
 from .report import sha256, show_media, provenance
 from .review import split_content, LocalJudge, review, load_reviews, review_status
 from .summarize import summarize_reviews, plot_summary
+from .benchmarks import get_benchmark
 
 # %% auto #0
-__all__ = ['EVAL_PARAMETERS', 'KEY_ENV_VARS', 'EVAL_FILES', 'LOCAL_JUDGE_NAME', 'check_eval_parameters', 'check_eval_files',
-           'EvalPlan', 'plan_eval', 'checkpoint_fingerprint', 'prepare_run_dir', 'run_answers', 'answers_table',
-           'run_metrics', 'metrics_table', 'reference_overlap_judge', 'judge_setup', 'run_review', 'review_warnings',
-           'review_chart', 'gallery', 'png', 'record_eval']
+__all__ = ['EVAL_PARAMETERS', 'KEY_ENV_VARS', 'EVAL_FILES', 'LOCAL_JUDGE_NAME', 'benchmark_names', 'check_eval_parameters',
+           'check_eval_files', 'EvalPlan', 'eval_run_dir', 'wants_question_file', 'plan_eval', 'checkpoint_fingerprint',
+           'prepare_run_dir', 'run_answers', 'answers_table', 'run_metrics', 'metrics_table', 'reference_overlap_judge',
+           'judge_setup', 'run_review', 'review_warnings', 'review_chart', 'gallery', 'png', 'record_eval']
 
 # %% ../nbs/34_evalrun.ipynb #6b0d10c9
 EVAL_PARAMETERS = dict(
     checkpoint="runs/finetune-image", modality="image", question_file="", media_folder="", gt_file="", captions_file="",
     reference_answers="", batch_size=16, max_new_tokens=128, template="", limit=0, blank_media=False, judge_model="gpt-4",
     judge_base_url="", judge_concurrency=8, judge_timeout=60.0, judge_max_retries=5,
-    judge_redo_flagged=False, answers_file="", run_dir="", gallery_size=6)
+    judge_redo_flagged=False, answers_file="", run_dir="", gallery_size=6, benchmarks=[])
 KEY_ENV_VARS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY")  # where the judge's key is read from (never a parameter)
 EVAL_FILES = {"question_file": ("file", "question file (JSONL of question_id, image or sensor, text)"),
               "media_folder": ("folder", "media folder the question media paths are relative to"),
@@ -37,11 +38,23 @@ EVAL_FILES = {"question_file": ("file", "question file (JSONL of question_id, im
               "captions_file": ("file", "captions file (question_id, text)"),
               "reference_answers": ("file", "reference answers JSONL")}
 
+def benchmark_names(value, # a list of names, or a string: a JSON list or comma-separated names (`-p benchmarks ...`)
+                   ) -> list[str]:
+    "The registered benchmark names a parameter asks for; ConfigError naming an unknown one."
+    if isinstance(value, str):
+        text = value.strip()
+        try: value = json.loads(text) if text.startswith("[") else [n.strip() for n in text.split(",") if n.strip()]
+        except ValueError: raise ConfigError(f"benchmarks {value!r} is not a list. Fix: -p benchmarks quilt_vqa,path_vqa") from None
+    if not isinstance(value, list): raise ConfigError(f"benchmarks={value!r}: give a list of names. Fix: -p benchmarks quilt_vqa,path_vqa")
+    for name in value: get_benchmark(name)
+    return list(value)
+
 def check_eval_parameters(values:dict, # allowed parameter name -> value, as the notebook holds them
                           injected:dict|None=None, # name -> value of what papermill injected (`injected_names` + globals)
                           ) -> dict:
     "Refuse secrets (by name or value), unknown names, wrong types, unknown choices and out-of-range numbers; returns the values."
-    check_against_defaults(values, EVAL_PARAMETERS, injected or {})  # secrets first (in the injected values too), unknown names, types
+    check_against_defaults(values, EVAL_PARAMETERS, injected or {}, untyped=("benchmarks",))  # secrets, unknown names, types
+    if "benchmarks" in values: values["benchmarks"] = benchmark_names(values["benchmarks"])
     if values.get("modality", "image") not in DEMO_DATA:
         raise ConfigError(f"modality {values['modality']!r} is not one of {', '.join(DEMO_DATA)}. Fix: -p modality image.")
     known = sorted(TEMPLATES) + sorted(TEMPLATE_ALIASES)
@@ -105,6 +118,15 @@ def _subset(src, dst:Path, ids:set, key:str):
     dst.write_text(json.dumps(recs) if text.startswith("[") else "".join(json.dumps(r) + "\n" for r in recs))
     return str(dst)
 
+def eval_run_dir(values:dict) -> Path:
+    "The evaluation's run folder: `run_dir`, else runs/eval-NAME (NAME the checkpoint folder's, -blank with blank_media)."
+    v = {**EVAL_PARAMETERS, **values}
+    return Path(v["run_dir"] or Path("runs") / f"eval-{Path(v['checkpoint']).resolve().name}{'-blank' if v['blank_media'] else ''}")
+
+def wants_question_file(values:dict) -> bool:
+    "Whether the notebook answers a question file (given, or the demo's): not when only published benchmarks are asked for."
+    return not values.get("benchmarks") or any(values.get(k) for k in ("question_file", "gt_file", "captions_file", "reference_answers"))
+
 def plan_eval(values:dict) -> EvalPlan:
     "Resolve the eval notebook's parameters into files to read and write (demo files for empty paths)."
     v = {**EVAL_PARAMETERS, **check_eval_files(check_eval_parameters(dict(values)))}  # in a second, before torch loads
@@ -122,7 +144,7 @@ def plan_eval(values:dict) -> EvalPlan:
     what = {"question_file": "question file", "media_folder": "media folder", "gt_file": "ground-truth file",
             "captions_file": "captions file", "reference_answers": "reference answers file"}
     for k, p in files.items(): _need(p, what[k], k)
-    run_dir = Path(v["run_dir"] or Path("runs") / f"eval-{ck.resolve().name}{'-blank' if v['blank_media'] else ''}")
+    run_dir = eval_run_dir(v)
     run_dir.mkdir(parents=True, exist_ok=True)
     sources = [files[k] for k in ("question_file", "gt_file", "captions_file", "reference_answers")]
     if v["limit"] > 0:

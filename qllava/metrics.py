@@ -246,13 +246,13 @@ def choice_item_scores(gt:list[dict], pred:list[dict], # as `choice_metrics`
 def evaluate_files(gt_file, # ground truth (JSON list or JSONL)
                    pred_file, # answers JSONL
                    quilt:bool=False, # use `yes_no_answer` for closed questions
-                   choice:bool|None=None, # multiple choice; None = when the ground truth has no answer_type
+                   choice:bool|None=None, # multiple choice; None = when no ground truth has an answer_type but CHOICE
                    anchor_file=None, # answers whose lengths cut the predictions (the reference's --anchor)
                   ) -> dict:
     "Metrics of one prediction file against its ground truth."
     gt, pred = read_json_records(gt_file), read_json_records(pred_file)
     anchor = read_json_records(anchor_file) if anchor_file else None
-    if choice is None: choice = bool(gt) and not any("answer_type" in g for g in gt)
+    if choice is None: choice = bool(gt) and all(g.get("answer_type", "CHOICE") == "CHOICE" for g in gt)  # none, or CHOICE
     kw = dict(anchor=anchor, gt_file=gt_file, pred_file=pred_file, anchor_file=anchor_file)
     return choice_metrics(gt, pred, **kw) if choice else vqa_metrics(gt, pred, quilt=quilt, **kw)
 

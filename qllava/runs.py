@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util, json, os, re, shlex, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from .core import (ConfigError, DataError, ArgumentParser, need_path,
+from .core import (ConfigError, DataError, ArgumentParser, need_path, resolve_records_path,
     check_against_defaults, read_json_records)
 from .presets import preset_names
 from .config import DEEPSPEED_PRESETS, STAGE_PRESETS, parse_config, resolve_config, resolve_batch
@@ -68,7 +68,9 @@ def _local_path(spec:str) -> bool: return spec.startswith(("/", "./", "../", "~"
 def check_train_files(values:dict) -> dict:
     "Raise `DataError` / `ConfigError` for a given data, media, eval or projector path (or DeepSpeed JSON, model folder) that does not exist."
     for k, (kind, err) in TRAIN_FILES.items():
-        if values.get(k): need_path(values[k], k, kind, err, _FILE_FIX[k] + ".")
+        if not values.get(k): continue
+        if k in ("data_path", "eval_data_path"): resolve_records_path(values[k], k, _FILE_FIX[k])  # a file, or a hub dataset
+        else: need_path(values[k], k, kind, err, _FILE_FIX[k] + ".")
     ds = values.get("deepspeed", "zero2")
     if ds not in ("", "none", *DEEPSPEED_PRESETS):
         fix = f"use one of {', '.join(DEEPSPEED_PRESETS)} or none, or the path of a DeepSpeed JSON config."

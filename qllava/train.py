@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses, json, math, os, random, shutil, sys, time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from .core import CheckpointError, ConfigError, DataError, QllavaError, asset
+from .core import CheckpointError, ConfigError, DataError, QllavaError, asset, resolve_records_path
 from .config import (TrainConfig, STAGE_PRESETS, OPTIMIZERS, DEEPSPEED_PRESETS, resolve_config, resolve_batch, report_targets,
                            config_parser, parse_config)
 from .model import full_numel, full_shape, partition
@@ -347,6 +347,8 @@ def build_run(cfg:TrainConfig, log=print) -> Run:
     rank, world = init_distributed()
     cfg = resolve_config(cfg)
     if not cfg.data_path: raise ConfigError("--data_path is required: a LLaVA-format JSON or JSONL file.")
+    cfg = dataclasses.replace(cfg, data_path=str(resolve_records_path(cfg.data_path)),  # a hub dataset id: its file in the cache
+                              eval_data_path=cfg.eval_data_path and str(resolve_records_path(cfg.eval_data_path, "eval_data_path")))
     if (resume := find_resume(cfg)) is not None: verify_checksums(resume, hashes=False)  # in a moment, before the model is built
     precision = hardware_precision(cfg)
     per_device, accum, global_bs = resolve_batch(cfg.global_batch_size, world, cfg.per_device_train_batch_size,

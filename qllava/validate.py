@@ -8,7 +8,7 @@ import json, os, sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from .core import DataError, ConfigError, ArgumentParser
+from .core import DataError, ConfigError, ArgumentParser, resolve_records_path
 from .dataset import load_records, resolve_media_path
 from .conversation import get_template
 from .modality import MODALITIES, placeholders
@@ -563,7 +563,8 @@ def validate_data_cli(argv:list[str]|None=None) -> int:
     a = ap.parse_args(argv)
     if bool(a.data) == bool(a.demo): ap.error("give data file(s) or --demo pathology|imu (not both)")
     nmt = _parse_media_tokens(a.n_media_tokens)
-    jobs = _demo_jobs(a.demo) if a.demo else [(p, a.media_folder, a.template or "vicuna_v1") for p in a.data]
+    jobs = _demo_jobs(a.demo) if a.demo else [(str(resolve_records_path(p, "data")), a.media_folder, a.template or "vicuna_v1")
+                                              for p in a.data]   # a file, or a hub dataset id (its records file in the cache)
     if a.demo and a.media_folder: jobs = [(p, a.media_folder, t) for p,_,t in jobs]
     if a.demo and a.template: jobs = [(p, m, a.template) for p,m,_ in jobs]
     reports, texts = [], []
