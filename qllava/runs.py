@@ -20,10 +20,11 @@ from .launch import LaunchSpec, SlurmSpec, launch, gpu_count
 
 # %% auto #0
 __all__ = ['TRAIN_PARAMETERS', 'ALLOWED_PARAMETERS', 'TRAIN_FILES', 'DEMO_ENCODERS', 'SENSOR_EPOCHS', 'DEMO_PROFILE',
-           'RUN_HYPERPARAMETERS', 'RUNS_COLUMNS', 'RUNS_LEGEND', 'check_train_files', 'check_parameters', 'StagePlan',
-           'TrainPlan', 'vqa_to_records', 'is_demo', 'stage_overrides', 'plan_training', 'heldout_accuracy',
-           'accuracy_by_kind', 'planned_config', 'planned_hyperparameters', 'stage_results', 'resolved_hyperparameters',
-           'launch_stage', 'run_plan', 'stage_summary', 'record_run', 'list_runs', 'runs_table', 'runs_cli']
+           'RUN_HYPERPARAMETERS', 'HELDOUT_SCORES', 'RUNS_COLUMNS', 'RUNS_LEGEND', 'check_train_files',
+           'check_parameters', 'StagePlan', 'TrainPlan', 'vqa_to_records', 'is_demo', 'stage_overrides',
+           'plan_training', 'heldout_accuracy', 'accuracy_by_kind', 'write_heldout_scores', 'planned_config',
+           'planned_hyperparameters', 'stage_results', 'resolved_hyperparameters', 'launch_stage', 'run_plan',
+           'stage_summary', 'record_run', 'list_runs', 'runs_table', 'runs_cli']
 
 # %% ../nbs/41_runs.ipynb #8c090adc
 TRAIN_PARAMETERS = dict(
@@ -241,6 +242,21 @@ def accuracy_by_kind(acc:dict, # `heldout_accuracy` with the media
     if control is not None: out["media blanked (%)"] = (100 * per(control)["mean"]).round(1).reindex(m.index)
     out["n"] = m["size"]
     return out.rename_axis("question")
+
+# %% ../nbs/41_runs.ipynb #5d01e154
+HELDOUT_SCORES = "heldout_scores.jsonl"
+
+def write_heldout_scores(run_dir, # the run folder
+                         acc:dict, # `heldout_accuracy` (with the media)
+                        ) -> Path:
+    "One line per scored held-out question: its id, kind and hit, under the metric name it counts toward."
+    metric = {"closed": "closed_accuracy", "one_word": "open_accuracy"}
+    rows = [{"id": a["question_id"], "kind": a["scored"], "category": a["text"], metric[a["scored"]]: a["hit"]}
+            for a in acc["answers"] if a["hit"] is not None]
+    out = Path(run_dir) / HELDOUT_SCORES
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
 
 # %% ../nbs/41_runs.ipynb #a39f51f7
 def planned_config(stage:StagePlan, values:dict):

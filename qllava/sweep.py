@@ -7,8 +7,10 @@ from __future__ import annotations
 import itertools, json, math, os, re, shlex, subprocess, sys, time
 from pathlib import Path
 from .core import ConfigError, DataError, QllavaError, ArgumentParser, check_types, check_against_defaults
-from .runs import TRAIN_PARAMETERS, check_parameters, plan_training, record_run, resolved_hyperparameters, run_plan
+from .runs import (TRAIN_PARAMETERS, HELDOUT_SCORES, check_parameters, plan_training, record_run,
+                         resolved_hyperparameters, run_plan)
 from .evalrun import check_eval_files, check_eval_parameters
+from .bench import compare_benchmark, read_scores_file
 from .launch import SlurmSpec, sbatch_header, submit_sbatch
 from .core import LaunchError
 
@@ -18,7 +20,8 @@ __all__ = ['SWEEP_PARAMETERS', 'SWEPT', 'SWEEP_OWNS', 'METRICS', 'EVAL_OWNS', 'L
            'absolute_paths', 'sweep_dir_of', 'read_sweep', 'write_sweep', 'plan_sweep', 'stage1_plans', 'ensure_stage1',
            'train_notebook_path', 'run_finished', 'last_lines', 'run_combination', 'run_parallel', 'sweep_array_script',
            'stage1_script', 'submit_slurm', 'run_metrics', 'collect', 'results_table', 'varied_parameters',
-           'metric_label', 'figure_metrics', 'plot_metric', 'run_sweep', 'stage1_for_sweep', 'sweep_cli']
+           'paired_vs_best', 'metric_label', 'figure_metrics', 'plot_metric', 'run_sweep', 'stage1_for_sweep',
+           'sweep_cli']
 
 # %% ../nbs/45_sweep.ipynb #5d736587
 SWEEP_PARAMETERS = dict(
@@ -401,6 +404,25 @@ def varied_parameters(rec:dict) -> list[str]:
     ps = [r["parameters"] for r in rec["runs"]]
     keys = list(dict.fromkeys(k for p in ps for k in p if k != "run_name"))
     return [k for k in keys if len({json.dumps(p.get(k)) for p in ps}) > 1]
+
+# %% ../nbs/45_sweep.ipynb #7d6cab03
+def paired_vs_best(rec:dict, # a sweep record (`collect`, `run_sweep`)
+                   metric:str|None=None, # closed_accuracy or open_accuracy (default: the sweep's metric)
+                   n_resamples:int=1000, seed:int=0):
+    "Every finished run against the best on the same held-out questions: difference, 95 % interval, McNemar's p (None if n/a)."
+    import pandas as pd
+    metric = metric or rec["metric"]
+    if metric not in ("closed_accuracy", "open_accuracy"): return None
+    ranked = [r for r in results_table(rec, metric).itertuples() if r.status == "finished"]
+    scores = {r.run: read_scores_file(Path(rec["sweep_dir"]) / r.run / HELDOUT_SCORES) for r in ranked}
+    if len(ranked) < 2 or not all(scores.values()): return None
+    best, rows = ranked[0].run, []
+    for r in ranked[1:]:
+        c = compare_benchmark(scores[best], scores[r.run], n_resamples, seed).get(metric)
+        if c: rows.append({"run": r.run, f"best ({best})": round(c["mean_a"], 2), "this run": round(c["mean_b"], 2),
+                           "difference [95 % CI]": f"{c['diff']['value']:+.2f} [{c['diff']['low']:+.2f}, {c['diff']['high']:+.2f}]",
+                           "McNemar p": round(c["p_value"], 4), "n": c["diff"]["n"]})
+    return pd.DataFrame(rows).set_index("run") if rows else None
 
 # %% ../nbs/45_sweep.ipynb #e72ed732
 METRIC_LABELS = {"closed_accuracy": "closed accuracy (%)", "open_accuracy": "open accuracy (%)", "final_loss": "final training loss",

@@ -73,6 +73,8 @@ def test_four_run_sweep_ranks_the_finished_runs_and_reports_the_failed_ones(swep
     assert "open_accuracy" in html and "final_loss" in html and "rank" in html
     text = "".join("".join(o.get("text", "")) for o in outs) + "".join("".join(o.get("data", {}).get("text/markdown", "")) for o in outs)
     assert "skip_bad_records" in text or "no supervised token" in text  # the failed runs' last lines, in the notebook
+    for r in done["run"]: assert (sd / r / "heldout_scores.jsonl").is_file()   # per question, for paired tests
+    assert "Against the best run" in text and "McNemar p" in html                 # the runner-up against the winner
     print(f"4-run sweep (2 runs + 2 failing) took {seconds:.0f} s")
 
 
