@@ -10,7 +10,8 @@ from .modality import get_modality, is_item_of
 from .tokenize import encode_chunked
 
 # %% auto #0
-__all__ = ['expand_media_tokens', 'encode_prompts', 'collect_media', 'generation_config', 'cut_at_stop', 'answer_batch']
+__all__ = ['expand_media_tokens', 'encode_prompts', 'media_modality', 'collect_media', 'generation_config', 'cut_at_stop',
+           'answer_batch', 'stream_answer']
 
 # %% ../nbs/13_generate.ipynb #8bb71dc6
 def _wrap_all(p:str, config) -> str:
@@ -41,7 +42,9 @@ def encode_prompts(tokenizer, # tokenizer prepared with the media tokens
     return ids, mask
 
 # %% ../nbs/13_generate.ipynb #67b56620
-def _modality_of(x, encoders:dict) -> str:
+def media_modality(x, # a media item: a tensor, a file path, a PIL image, an array ...
+                   encoders:dict, # the model's encoders (modality -> module)
+                  ) -> str:
     "Which encoder takes bare media item `x`: the only one; else a tensor by the input shape each takes, a file or object by its modality."
     if len(encoders) == 1: return next(iter(encoders))
     if isinstance(x, torch.Tensor): hits = [m for m, e in encoders.items() if tuple(x.shape) == tuple(e.input_shape)]
@@ -62,7 +65,7 @@ def collect_media(model, # a QllavaForCausalLM
         if not isinstance(item, dict):
             items = item if isinstance(item, (list, tuple)) else [item]
             item = {}
-            for x in items: item.setdefault(_modality_of(x, model.encoders), []).append(x)
+            for x in items: item.setdefault(media_modality(x, model.encoders), []).append(x)
         for m, xs in item.items():
             if m not in model.encoders: raise ConfigError(f"prompt {i} has {m} media but the model has no {m} encoder.")
             for x in (xs if isinstance(xs, (list, tuple)) else [xs]):
@@ -133,3 +136,50 @@ def answer_batch(model, # a QllavaForCausalLM
         answers += [cut_at_stop(t, stops) for t in texts]
     model.train(was_training)
     return answers
+
+# %% ../nbs/13_generate.ipynb #cb46ed6f
+def _held_back(text:str, stops:list) -> int:
+    "How many trailing characters of `text` could be the beginning of a stop string."
+    return max([k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])] + [0])
+
+def _emit(text:str, stops:list, final:bool) -> tuple[str, bool]:
+    "(the part of the generated text that is surely in the answer, whether a stop string was met)."
+    if final: return cut_at_stop(text, stops), True
+    cand = text.lstrip()
+    hits = [cand.index(s) for s in stops if s and s in cand]
+    if hits: return cand[:min(hits)].strip(), True
+    return cand[:len(cand) - _held_back(cand, stops)].rstrip(), False
+
+# %% ../nbs/13_generate.ipynb #05da8bcf
+@torch.no_grad()
+def stream_answer(model, tokenizer, # a QllavaForCausalLM and its tokenizer
+                  prompt:str, # one full prompt (see `qllava.conversation.generation_prompt`)
+                  media=None, # None, an item, a list or {modality: item(s)}
+                  max_new_tokens:int=128, temperature:float=0.0, top_p:float|None=None, # as `answer_batch`
+                  stop_strings:list|None=None, # default: the model config's stop strings
+                 ):
+    "Yield the answer to one prompt in pieces as it is generated; the pieces join to `answer_batch`'s answer."
+    import threading
+    from transformers import TextIteratorStreamer
+    stops = list(stop_strings if stop_strings is not None else (model.config.stop_strings or []))
+    gc = generation_config(tokenizer, max_new_tokens, temperature, top_p, 1, stops)
+    device = next(model.parameters()).device
+    ids, mask = encode_prompts(tokenizer, [prompt], model.config)
+    media_in = {k: v.to(device) for k, v in collect_media(model, [media], [prompt]).items()}
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    failed = []
+    def run():
+        try: model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), media=media_in, generation_config=gc,
+                            streamer=streamer, tokenizer=tokenizer if gc.stop_strings else None)
+        except Exception as e: failed.append(e); streamer.end()
+    worker = threading.Thread(target=run, daemon=True); worker.start()
+    text, sent = "", 0
+    for piece in streamer:
+        text += piece
+        ok, stopped = _emit(text, stops, False)
+        if len(ok) > sent: yield ok[sent:]; sent = len(ok)
+        if stopped: break
+    worker.join()
+    if failed: raise failed[0]
+    ok, _ = _emit(text, stops, True)
+    if len(ok) > sent: yield ok[sent:]
