@@ -25,6 +25,8 @@ SUBCOMMANDS = {
     "extract-projector": ("qllava.checkpoint:extract_projector_cli", "write mm_projector.bin / .safetensors (original key names) from any checkpoint"),
     "bench": ("qllava.bench:bench_cli", "the published benchmarks (Quilt-VQA, PathVQA, PMC-VQA ...) by hub id: answers, metrics with 95 % intervals beside the paper, paired comparisons of runs, the GPT review"),
     "make-bench-cache": ("qllava.benchmarks:make_bench_cache_cli", "write stand-ins of the benchmarks and training sets in their real schemas into an offline hub cache"),
+    "chat": ("qllava.chat:chat_cli", "talk to a checkpoint in the terminal: multi-turn, answers streamed, /image PATH to switch (as llava.serve.cli)"),
+    "serve": ("qllava.serve:serve_cli", "an OpenAI-compatible server (/v1/chat/completions, image_url parts, streaming) batching concurrent requests"),
     "metrics": ("qllava.metrics:metrics_cli", "VQA metrics: yes/no accuracy, exact match, F1, recall, BLEU, choice accuracy"),
     "review": ("qllava.review:review_cli", "LLM-judge review of answers against reference answers (any OpenAI-compatible API)"),
     "summarize": ("qllava.summarize:summarize_cli", "per-category / per-subspecialty summary of judge reviews"),

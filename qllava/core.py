@@ -398,6 +398,8 @@ LAYERS = {
     "data and the model": ("dataset", "model"),
     "model in use": ("generate", "checkpoint", "validate", "convert"),
     "answering and judging": ("answer", "review"),
+    "conversations with a model": ("chat",),
+    "serving": ("serve",),
     "training and summaries": ("train", "summarize"),
     "run notebooks": ("runs", "evalrun"),
     "benchmark runs": ("bench",),
