@@ -18,7 +18,7 @@ setuptools.setup(
     package_data={'qllava': ['assets/**/*', 'assets/*']},
     install_requires=req('requirements'),
     extras_require={'train': req('train_requirements'), 'gpu': req('gpu_requirements'),
-                    'dev': req('dev_requirements')},
+                    'serve': req('serve_requirements'), 'dev': req('dev_requirements')},
     entry_points={'console_scripts': cfg['console_scripts'].split(), 'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,
 )

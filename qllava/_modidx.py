@@ -1015,4 +1015,10 @@ d = { 'settings': { 'branch': 'main',
                                  'qllava.validate.resolve_media': ('validate.html#resolve_media', 'qllava/validate.py'),
                                  'qllava.validate.show_labels': ('validate.html#show_labels', 'qllava/validate.py'),
                                  'qllava.validate.validate_data': ('validate.html#validate_data', 'qllava/validate.py'),
-                                 'qllava.validate.validate_data_cli': ('validate.html#validate_data_cli', 'qllava/validate.py')}}}
+                                 'qllava.validate.validate_data_cli': ('validate.html#validate_data_cli', 'qllava/validate.py')},
+            'qllava.webdemo': { 'qllava.webdemo._session': ('webdemo.html#_session', 'qllava/webdemo.py'),
+                                'qllava.webdemo.build_demo': ('webdemo.html#build_demo', 'qllava/webdemo.py'),
+                                'qllava.webdemo.demo_cli': ('webdemo.html#demo_cli', 'qllava/webdemo.py'),
+                                'qllava.webdemo.example_media': ('webdemo.html#example_media', 'qllava/webdemo.py'),
+                                'qllava.webdemo.on_ask': ('webdemo.html#on_ask', 'qllava/webdemo.py'),
+                                'qllava.webdemo.on_media': ('webdemo.html#on_media', 'qllava/webdemo.py')}}}

@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "make-bench-cache": ("qllava.benchmarks:make_bench_cache_cli", "write stand-ins of the benchmarks and training sets in their real schemas into an offline hub cache"),
     "chat": ("qllava.chat:chat_cli", "talk to a checkpoint in the terminal: multi-turn, answers streamed, /image PATH to switch (as llava.serve.cli)"),
     "serve": ("qllava.serve:serve_cli", "an OpenAI-compatible server (/v1/chat/completions, image_url parts, streaming) batching concurrent requests"),
+    "demo": ("qllava.webdemo:demo_cli", "a web page (Gradio) to talk to a checkpoint: demo examples or uploads, streamed answers, follow-ups"),
     "metrics": ("qllava.metrics:metrics_cli", "VQA metrics: yes/no accuracy, exact match, F1, recall, BLEU, choice accuracy"),
     "review": ("qllava.review:review_cli", "LLM-judge review of answers against reference answers (any OpenAI-compatible API)"),
     "summarize": ("qllava.summarize:summarize_cli", "per-category / per-subspecialty summary of judge reviews"),

@@ -399,7 +399,7 @@ LAYERS = {
     "model in use": ("generate", "checkpoint", "validate", "convert"),
     "answering and judging": ("answer", "review"),
     "conversations with a model": ("chat",),
-    "serving": ("serve",),
+    "serving": ("serve", "webdemo"),
     "training and summaries": ("train", "summarize"),
     "run notebooks": ("runs", "evalrun"),
     "benchmark runs": ("bench",),
