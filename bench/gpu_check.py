@@ -418,6 +418,37 @@ def answers_phase(ctx:dict) -> dict:
     return row
 
 
+def vllm_phase(ctx:dict) -> dict:
+    "The model exported to transformers' Llava (`qllava export-hf`) served by vLLM: greedy answers vs qllava's (opt-in)."
+    ok, why = importable("vllm")
+    if not ok: raise Skip(f"{why}: install vllm on the GPU node to check exports there")
+    from PIL import Image
+    from qllava.checkpoint import export_hf
+    from qllava.conversation import generation_prompt
+    from qllava.generate import answer_batch
+    n, max_new = min(8, ctx["shapes"]["answers"]), ctx["shapes"]["max_new"]
+    model, tok = build(ctx, None)
+    model.eval()
+    rng = np.random.default_rng(7)
+    side = model.encoders["image"].input_shape[-1]
+    images = [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(n)]
+    prompts = [generation_prompt("vicuna_v1", "<image>\n" + QUESTIONS[i % len(QUESTIONS)]) for i in range(n)]
+    ours = answer_batch(model, tok, prompts, images, max_new_tokens=max_new, batch_size=n)
+    out = Path(tempfile.mkdtemp(prefix="qllava-vllm-"))
+    export_hf(model, out, tokenizer=tok)
+    del model; free(ctx["device"])
+    from vllm import LLM, SamplingParams
+    t = time.perf_counter()
+    llm = LLM(model=str(out), dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.5, enforce_eager=True)
+    load_s = time.perf_counter() - t
+    res = llm.generate([{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(prompts, images)],
+                       SamplingParams(temperature=0, max_tokens=max_new, stop=["</s>"]))
+    theirs = [r.outputs[0].text.strip() for r in res]
+    same = [a == b for a, b in zip(ours, theirs)]
+    return dict(phase="vllm", attn="vllm", status="ok", prompts=n, vllm=_version("vllm"), load_s=round(load_s, 1),
+                identical_answers=sum(same), example=dict(qllava=ours[0][:120], vllm=theirs[0][:120]))
+
+
 # ---------------------------------------------------------------- report
 def si(x:float, unit:str="FLOP") -> str:
     "1.23e13 -> '12.3 TFLOP' (G/M/k below)."
@@ -526,7 +557,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, float32: the same code in well under a minute")
     ap.add_argument("--out", default=str(HERE / "results"), help="results folder (gpu.json/.md, or gpu_smoke.* with --smoke)")
     ap.add_argument("--budget", type=float, default=None, help="seconds; phases not started by then are skipped (default 450, smoke 120)")
-    ap.add_argument("--phases", default="stage1,lora,full,answers,qlora", help="comma-separated subset, in this order")
+    ap.add_argument("--phases", default="stage1,lora,full,answers,qlora", help="comma-separated subset, in this order; "
+                    "add vllm to check an export in vLLM (when vllm is installed)")
     ap.add_argument("--attn", default="auto", help="attention implementations for the training phases: auto = sdpa + "
                     "flash_attention_2 when flash_attn imports on CUDA; or a comma-separated list")
     ap.add_argument("--warmup", type=int, default=None); ap.add_argument("--steps", type=int, default=None)
@@ -591,7 +623,7 @@ def main(argv=None) -> int:
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     plan = [(p, a) for p in ("stage1", "lora", "full") if p in phases for a in attns]
     plan = sorted(plan, key=lambda x: attns.index(x[1]))  # every phase with sdpa first, then with flash-attention
-    plan += [(p, None) for p in ("answers", "qlora") if p in phases]
+    plan += [(p, None) for p in ("answers", "qlora", "vllm") if p in phases]
     for kind, attn in plan:
         row = dict(phase=kind, attn=attn if kind != "qlora" else "sdpa")
         batch = shapes["batch1"] if kind == "stage1" else shapes["batch2"]
@@ -601,9 +633,10 @@ def main(argv=None) -> int:
             if attn == "flash_attention_2" and dtype == torch.float32: raise Skip("flash_attention_2 needs bf16/fp16")
             oom = None
             try:
-                row = answers_phase(ctx) if kind == "answers" else train_phase(kind, row["attn"], ctx, batch)
+                phase = {"answers": answers_phase, "vllm": vllm_phase}.get(kind)
+                row = phase(ctx) if phase else train_phase(kind, row["attn"], ctx, batch)
             except Exception as e:  # out of memory: once more at half the batch, so the phase still gives a figure
-                if not is_oom(e) or kind == "answers" or batch < 2: raise
+                if not is_oom(e) or kind in ("answers", "vllm") or batch < 2: raise
                 oom = str(e).splitlines()[0] if str(e) else "CUDA out of memory"
             if oom is not None:  # outside the handler: the failed attempt's traceback (and its tensors) are released
                 free(device)
