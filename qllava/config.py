@@ -11,8 +11,8 @@ from .core import ConfigError, ArgumentParser
 
 # %% auto #0
 __all__ = ['FIELD_GROUPS', 'STAGE_PRESETS', 'OPTIMIZERS', 'CHOICES', 'REPORTERS', 'DEEPSPEED_PRESETS', 'FLAG_ALIASES',
-           'TrainConfig', 'infer_stage', 'report_targets', 'resolve_config', 'resolve_batch', 'config_parser',
-           'parse_config']
+           'FLAG_SHORTHANDS', 'TrainConfig', 'infer_stage', 'report_targets', 'resolve_config', 'resolve_batch',
+           'config_parser', 'suggest_flag', 'parse_config']
 
 # %% ../nbs/15_config.ipynb #07e1271e
 @dataclass
@@ -240,14 +240,24 @@ def config_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     return p
 
+FLAG_SHORTHANDS = {"lr": "learning_rate", "epochs": "num_train_epochs", "bs": "per_device_train_batch_size",
+                   "batch_size": "global_batch_size", "model": "model_name_or_path", "data": "data_path", "output": "output_dir",
+                   "out": "output_dir", "max_length": "model_max_length", "projector_lr": "mm_projector_lr", "encoder": "vision_tower",
+                   "projector": "mm_projector_type", "template": "version", "rank": "lora_r", "alpha": "lora_alpha"}
+
+def suggest_flag(flag:str) -> str|None:
+    "The training flag an unknown one most likely meant: a common shorthand (--lr), else the closest spelling."
+    import difflib
+    name = flag.lstrip("-").split("=")[0].replace("-", "_")
+    if name in FLAG_SHORTHANDS: return FLAG_SHORTHANDS[name]
+    m = difflib.get_close_matches(name, [f.name for f in fields(TrainConfig)], 1)
+    return m[0] if m else None
+
 def parse_config(argv:list[str]|None=None) -> TrainConfig:
     "A `TrainConfig` from command-line flags (the original flag names)."
     ns, unknown = config_parser().parse_known_args(argv)
     if unknown:
-        import difflib
-        known = [f.name for f in fields(TrainConfig)]
-        hints = [f"{u} (did you mean --{m[0]}?)" if (m := difflib.get_close_matches(u.lstrip("-").split("=")[0].replace("-", "_"), known, 1)) else u
-                 for u in unknown if u.startswith("-")] or unknown
+        hints = [f"{u} (did you mean --{m}?)" if (m := suggest_flag(u)) else u for u in unknown if u.startswith("-")] or unknown
         raise ConfigError(f"unknown training flag(s) {', '.join(hints)}. Fix: see `qllava train --help` for the flags.")
     given = {k: v for k, v in vars(ns).items() if v is not None and k != "local_rank"}
     return TrainConfig(**given)

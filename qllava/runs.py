@@ -124,6 +124,7 @@ class TrainPlan:
     eval_questions: str = ""
     eval_gt: str = ""
     media_folder: str = ""
+    notes: list = field(default_factory=list) # what the plan left out, and why
     def table(self):
         "The plan as a table: stage, folder, reason, flags."
         import pandas as pd
@@ -213,7 +214,11 @@ def plan_training(values:dict) -> TrainPlan:
     if demo and v["deepspeed"] not in ("zero3", "zero3_offload"):  # held-out accuracy in the curves as training goes
         extra.update(eval_questions=plan.eval_questions, eval_gt=plan.eval_gt, eval_steps=50)
     plan.stages.append(StagePlan(stage, str(run_dir), stage_flags(stage, data2, folder, run_dir, extra), f"stage 2 ({stage}) as asked"))
-    if v["blank_media_control"]:
+    if v["blank_media_control"] and not (demo or eval_records):
+        plan.notes.append("The media-blanked control is not trained: on your data it has nothing to be compared on (no held-out "
+                          "records). Fix: -p eval_data_path HELDOUT.json to train it and compare held-out losses, or "
+                          "-p blank_media_control False to silence this note.")
+    elif v["blank_media_control"]:
         ctrl = run_dir / "control-blank-media"
         plan.stages.append(StagePlan(f"{stage} (media blanked)", str(ctrl),
                                      stage_flags(stage, data2, folder, ctrl, {**extra, "blank_media": True}),

@@ -26,7 +26,7 @@ __all__ = ['PUBLISHED_GLOBAL_BATCH', 'ASPECT_RATIOS', 'CKPT_DIR', 'CHECKSUMS', '
            'RunLog', 'flag_notes', 'step_schedule', 'set_aspect_ratio', 'Run', 'build_run', 'evaluate_vqa',
            'evaluate_loss', 'write_checksums', 'verify_checksums', 'safe_load', 'use_safe_loading', 'share_fp32_master',
            'save_resumable', 'find_resume', 'load_resumable', 'Progress', 'resume_progress', 'optimiser_step',
-           'after_step', 'final_metrics', 'train_loop', 'save_final', 'fit', 'train_cli']
+           'after_step', 'final_metrics', 'train_loop', 'save_final', 'tokenizer_summary', 'fit', 'train_cli']
 
 # %% ../nbs/21_train.ipynb #5f315f46
 def init_distributed() -> tuple[int,int]:
@@ -298,6 +298,9 @@ def flag_notes(cfg:TrainConfig, world:int) -> list[str]:
         notes.append(f"note: --image_aspect_ratio {cfg.image_aspect_ratio} has no effect on {m} media ({cfg.vision_tower}).")
     if cfg.bits == 16 and (cfg.quant_type != "nf4" or not cfg.double_quant):
         notes.append("note: --double_quant / --quant_type only matter with --bits 4 (QLoRA).")
+    if cfg.stage != "pretrain" and not cfg.pretrain_mm_mlp_adapter and cfg.vision_tower:
+        notes.append(f"warning: stage {cfg.stage} starts from a random projector: the recipe trains it in stage 1 first. Fix: "
+                     "pass --pretrain_mm_mlp_adapter with stage 1's mm_projector.bin (or a published one), unless this is meant.")
     return notes
 
 def step_schedule(cfg:TrainConfig, steps_per_epoch:int, total:int) -> tuple[int,int]:
@@ -344,11 +347,11 @@ def build_run(cfg:TrainConfig, log=print) -> Run:
     "Setup: distributed state, resolved config, model with the stage applied, data loaders, DeepSpeed engine."
     import torch, deepspeed
     from transformers import get_scheduler
-    rank, world = init_distributed()
     cfg = resolve_config(cfg)
     if not cfg.data_path: raise ConfigError("--data_path is required: a LLaVA-format JSON or JSONL file.")
     cfg = dataclasses.replace(cfg, data_path=str(resolve_records_path(cfg.data_path)),  # a hub dataset id: its file in the cache
                               eval_data_path=cfg.eval_data_path and str(resolve_records_path(cfg.eval_data_path, "eval_data_path")))
+    rank, world = init_distributed()   # after the checks a missing file fails, so that fails before any rendezvous
     if (resume := find_resume(cfg)) is not None: verify_checksums(resume, hashes=False)  # in a moment, before the model is built
     precision = hardware_precision(cfg)
     per_device, accum, global_bs = resolve_batch(cfg.global_batch_size, world, cfg.per_device_train_batch_size,
@@ -685,6 +688,11 @@ def save_final(run:Run) -> list[str]:
     if dist.is_initialized(): dist.barrier()
     return written
 
+def tokenizer_summary(tokenizer, cfg:TrainConfig) -> dict:
+    "What a run record says of its tokenizer: where it came from, its size, its class and the conversation template."
+    return {"name_or_path": str(tokenizer.name_or_path or cfg.tokenizer or cfg.model_name_or_path), "vocab_size": len(tokenizer),
+            "class": type(tokenizer).__name__, "template": cfg.version}
+
 def fit(cfg:TrainConfig, log=print) -> dict:
     "Train one stage end to end; writes artifacts, `metrics.jsonl`, `train_config.json` and `summary.json` to output_dir."
     heartbeat("setup: model, data validation, DeepSpeed engine")
@@ -702,7 +710,7 @@ def fit(cfg:TrainConfig, log=print) -> dict:
     final["artifacts"] = save_final(run)
     heartbeat("done", final["steps"])
     final.update(world_size=run.world, data=run.data_counts, modality=run.modality,
-                 trainable=trainable_summary(run.model))
+                 trainable=trainable_summary(run.model), tokenizer=tokenizer_summary(run.tokenizer, cfg))
     if rank == 0: (out / "summary.json").write_text(json.dumps(final, indent=2))
     return final
 
