@@ -10,7 +10,7 @@ from .core import ConfigError, DataError, QllavaError, ArgumentParser, check_typ
 from .runs import (TRAIN_PARAMETERS, HELDOUT_SCORES, check_parameters, plan_training, record_run,
                          resolved_hyperparameters, run_plan)
 from .evalrun import check_eval_files, check_eval_parameters
-from .bench import compare_benchmark, read_scores_file
+from .bench import compare_benchmark, read_scores_file, signed_interval
 from .launch import SlurmSpec, sbatch_header, submit_sbatch
 from .core import LaunchError
 
@@ -420,7 +420,7 @@ def paired_vs_best(rec:dict, # a sweep record (`collect`, `run_sweep`)
     for r in ranked[1:]:
         c = compare_benchmark(scores[best], scores[r.run], n_resamples, seed).get(metric)
         if c: rows.append({"run": r.run, f"best ({best})": round(c["mean_a"], 2), "this run": round(c["mean_b"], 2),
-                           "difference [95 % CI]": f"{c['diff']['value']:+.2f} [{c['diff']['low']:+.2f}, {c['diff']['high']:+.2f}]",
+                           "difference [95 % CI]": signed_interval(c["diff"]),
                            "McNemar p": round(c["p_value"], 4), "n": c["diff"]["n"]})
     return pd.DataFrame(rows).set_index("run") if rows else None
 
