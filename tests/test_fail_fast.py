@@ -1,5 +1,5 @@
 """The run notebooks (nbs/train.ipynb, nbs/eval.ipynb, nbs/sweep.ipynb) executed by papermill with bad parameters: each is
-refused in its first cells, in under 10 s, before anything is launched or written, with qllava's own error naming the
+refused in its first cells, in seconds, before anything is launched or written, with qllava's own error naming the
 parameter and the fix. A secret passed as a parameter is refused first of all, by the one rule of `qllava.core`; the
 message never repeats it and says that the output notebook (where papermill has already written it) must be deleted."""
 import importlib.util, json, os, secrets, time
@@ -12,7 +12,9 @@ from papermill.exceptions import PapermillExecutionError
 
 pytestmark = pytest.mark.timeout(600)
 NBS = Path(__file__).resolve().parents[1] / "nbs"
-LIMIT_S = 10.0
+# A guard that nothing was launched (a launch takes over a minute here), not a speed goal (those live in bench/): starting
+# a kernel and importing torch + transformers takes 8-12 s on this 2-core machine, more under load (13 s seen at 10.0).
+LIMIT_S = 20.0
 # key-shaped values, built at run time so that no key-shaped literal sits in the repository
 SK = "sk-" + "proj-" + secrets.token_hex(12)
 HF = "hf_" + secrets.token_hex(17)
