@@ -8,21 +8,15 @@ servers. Target: >= 4x requests/s at 16 clients. Writes bench/results/serve.json
                                 [--encoder preset:bench-vit-b32]
 """
 
-import argparse, asyncio, base64, json, os, platform, socket, statistics, subprocess, sys, tempfile, time
+import argparse, asyncio, base64, json, os, platform, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from qllava.serve import free_port, wait_until_up  # noqa: E402
 
 
 def build(folder: Path, llm: str, encoder: str) -> Path:
@@ -59,15 +53,12 @@ def start(ckpt: Path, max_batch: int):
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the server did not start")
+    try:
+        wait_until_up(url + "/health", proc, timeout=300)
+    except Exception:
+        proc.kill()
+        raise
+    return proc, url
 
 
 def requests(n: int, seed: int = 0) -> list:

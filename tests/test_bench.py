@@ -261,29 +261,10 @@ def test_the_published_gpt_review_replays_against_an_openai_compatible_judge(bed
     (tmp_path / "img").mkdir()
     for q in qs:
         Image.new("RGB", (40, 40), (200, 120, 160)).save(tmp_path / "img" / q["image"])
+    review = ["bench", "--model-path", d / "ckpt", "--review", "--review-tables", SHARED, "--image-folder", tmp_path / "img",
+              "--limit", "12", "--max-new-tokens", "12", "--out", tmp_path / "o"]
     with LocalJudge(reply=reference_overlap_judge) as judge:
-        r = qllava(
-            [
-                "bench",
-                "--model-path",
-                d / "ckpt",
-                "--review",
-                "--review-tables",
-                SHARED,
-                "--image-folder",
-                tmp_path / "img",
-                "--limit",
-                "12",
-                "--max-new-tokens",
-                "12",
-                "--out",
-                tmp_path / "o",
-                "--judge-base-url",
-                judge.url,
-                "--json",
-            ],
-            env,
-        )
+        r = qllava([*review, "--judge-base-url", judge.url, "--json"], env)
         assert r.returncode == 0, r.stderr
         assert judge.stats["requests"] == 12
     res = json.loads(r.stdout)
@@ -292,27 +273,7 @@ def test_the_published_gpt_review_replays_against_an_openai_compatible_judge(bed
     pub = res["published"]["Quilt-LLaVA 7B"]["all"]
     assert pub["n"] == 12 and 0 < pub["relative"]  # the published reviews of the same 12 questions
     assert set(res["published"]) == {"Quilt-LLaVA 7B", "Quilt-LLaVA 7B (40k)", "LLaVA-1.5 7B", "LLaVA-Med 7B"}
-    table = qllava(
-        [
-            "bench",
-            "--model-path",
-            d / "ckpt",
-            "--review",
-            "--review-tables",
-            SHARED,
-            "--image-folder",
-            tmp_path / "img",
-            "--limit",
-            "12",
-            "--max-new-tokens",
-            "12",
-            "--out",
-            tmp_path / "o",
-            "--judge-base-url",
-            "local",
-        ],
-        env,
-    ).stdout
+    table = qllava([*review, "--judge-base-url", "local"], env).stdout
     assert "Quilt-LLaVA 7B (published)" in table and "LLaVA-Med 7B (published)" in table
 
 

@@ -3,7 +3,7 @@ streaming, 16 concurrent clients batched together, OpenAI-shaped errors (bad ima
 wrong key, a path outside the media folder) that leave the server up; every answer equals `qllava answer` at batch
 size 1. Also `qllava review --base-url` against the server, and `qllava chat` in the terminal (through a pipe)."""
 
-import asyncio, base64, json, os, socket, subprocess, sys, time
+import asyncio, base64, json, os, subprocess, sys
 from pathlib import Path
 
 import httpx
@@ -11,6 +11,8 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
+
+from qllava.serve import free_port, wait_until_up
 
 pytestmark = pytest.mark.timeout(900)
 KEY_ENV, KEY = "QLLAVA_TEST_SERVE_KEY", "test-key-not-secret"
@@ -20,12 +22,6 @@ QUESTIONS = [
     "Describe the tissue.",
     "What stain is shown?",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -107,15 +103,7 @@ def server(bed):
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail(proc.stdout.read())
-        time.sleep(0.5)
+    wait_until_up(url + "/health", proc)
     yield url
     proc.terminate()
     proc.wait(30)

@@ -2,11 +2,12 @@
 Playwright uploads a tissue tile, asks a question, and reads the streamed answer from the page: it must equal `qllava
 answer`'s for the same image and question; a follow-up keeps the conversation; an example tile starts a new one."""
 
-import json, os, shutil, socket, subprocess, sys, time
+import json, os, shutil, subprocess, sys
 from pathlib import Path
 
-import httpx
 import pytest
+
+from qllava.serve import free_port, wait_until_up
 
 pytestmark = pytest.mark.timeout(900)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -57,9 +58,7 @@ def site(tmp_path_factory):
     )
     assert r.returncode == 0, r.stderr
     expected = json.loads((d / "a.jsonl").read_text())["text"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -78,16 +77,7 @@ def site(tmp_path_factory):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    url = f"http://127.0.0.1:{port}/"
-    for _ in range(240):
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail(proc.stdout.read())
-        time.sleep(0.5)
+    url = wait_until_up(f"http://127.0.0.1:{port}/", proc)
     yield url, tile, expected
     proc.terminate()
     proc.wait(30)
