@@ -390,6 +390,7 @@ class ArgumentParser(argparse.ArgumentParser):
 LAYERS = {
     "foundation": ("core",),
     "media files": ("media",),
+    "cluster jobs": ("slurm",),
     "formats and settings": ("presets", "projector", "metrics", "stats", "report", "launch", "config", "testbed", "demo"),
     "published sets": ("benchmarks",),
     "modalities": ("modality",),

@@ -8,15 +8,17 @@ import json, os, re, shlex, shutil, socket, sys, time
 from dataclasses import dataclass, field, replace, asdict
 from pathlib import Path
 from .core import ConfigError, LaunchError, ArgumentParser, is_secret_name, mask_command, secret_masker
+from .slurm import PREEMPTED_EXIT, RANKS_ENV, SlurmTask, check_tasks, slurm_seconds, submit as submit_script, wait_job
 
 # %% auto #0
 __all__ = ['PROGRESS_PREFIX', 'RUN_DIR_ENV', 'BACKEND_ENV', 'LAUNCHERS', 'DEFAULT_PORT', 'progress_line', 'parse_progress',
            'env_rank', 'report_progress', 'heartbeat', 'read_heartbeats', 'dist_backend', 'LaunchSpec', 'free_port',
            'gpu_count', 'resolve_spec', 'ShellVar', 'shell_join', 'split_entry', 'hostfile_text', 'build_command',
-           'SlurmSpec', 'sbatch_header', 'sbatch_script', 'SlurmJob', 'submit_sbatch', 'kill_tree', 'hung_ranks',
-           'FirstTraceback', 'signal_name', 'exit_status', 'describe_exit', 'RankWatch', 'LauncherReport',
-           'first_cause', 'rank_failure', 'is_launcher_chatter', 'LauncherChatter', 'progress_bar', 'run', 'launch_env',
-           'launch', 'release_shm_buffers', 'launch_cli']
+           'SlurmSpec', 'sbatch_header', 'requeue_lines', 'sbatch_script', 'SlurmJob', 'submit_sbatch',
+           'resumable_entry', 'readable_line', 'launch_slurm', 'kill_tree', 'hung_ranks', 'FirstTraceback',
+           'signal_name', 'exit_status', 'describe_exit', 'RankWatch', 'LauncherReport', 'first_cause', 'rank_failure',
+           'is_launcher_chatter', 'LauncherChatter', 'progress_bar', 'run', 'launch_env', 'launch',
+           'release_shm_buffers', 'launch_cli']
 
 # %% ../nbs/20_launch.ipynb #d5f0dfea
 PROGRESS_PREFIX = "QLLAVA_PROGRESS"     # a progress line is this prefix, a space, then one JSON object
@@ -87,13 +89,13 @@ def dist_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 # %% ../nbs/20_launch.ipynb #a0505953
-LAUNCHERS = ("deepspeed", "torchrun", "python")
+LAUNCHERS = ("deepspeed", "torchrun", "python", "srun")  # srun: inside Slurm jobs only
 DEFAULT_PORT = 29500  # the rendezvous port of many-node launches when none is given (the same on every machine)
 
 @dataclass
 class LaunchSpec:
     "How to start a Python entry on one or many machines (pure data; `resolve_spec` fills the blanks)."
-    launcher:str="deepspeed"      # 'deepspeed', 'torchrun', or 'python' (one process, for debugging)
+    launcher:str="deepspeed"      # 'deepspeed', 'torchrun', 'python' (one process, for debugging) or 'srun' (Slurm: a task per rank)
     nodes:int=1                   # number of machines
     gpus_per_node:int|None=None   # ranks per machine; None: the GPUs found here, 0: CPU ranks
     cpu_ranks:int=2               # ranks per machine when there is no GPU (gloo backend)
@@ -149,6 +151,9 @@ def resolve_spec(spec:LaunchSpec, # what the user asked for
     if spec.launcher not in LAUNCHERS:
         raise ConfigError(f"unknown launcher {spec.launcher!r}. Fix: use one of {', '.join(LAUNCHERS)}.")
     if spec.nodes < 1: raise ConfigError(f"nodes={spec.nodes}: need at least 1. Fix: set nodes >= 1.")
+    if spec.launcher == "srun" and local:
+        raise ConfigError("launcher 'srun' starts one Slurm task per rank, inside a Slurm job. Fix: submit it as a Slurm job "
+                          "(--slurm), or use deepspeed or torchrun on this machine.")
     if spec.nodes > 1 and spec.launcher == "python":
         raise ConfigError("launcher 'python' starts one process on one machine. Fix: use 'deepspeed' or 'torchrun' for many nodes.")
     if spec.include and spec.nodes > 1:
@@ -212,7 +217,8 @@ def build_command(spec:LaunchSpec, # a resolved spec (see `resolve_spec`)
                   entry_args:list[str]) -> list[str]: # what would follow `python`, e.g. ['-m', 'qllava.train', ...]
     "The launcher command line for `entry_args` under `spec` (pure: the same spec gives the same command)."
     is_mod, target, args = split_entry(entry_args)
-    if spec.launcher == "python": return [spec.python, "-u", *(["-m"] if is_mod else []), target, *args]
+    if spec.launcher in ("python", "srun"):  # srun: Slurm starts every rank itself, each a plain python
+        return [spec.python, "-u", *(["-m"] if is_mod else []), target, *args]
     if spec.master_port is None: raise ConfigError("master_port is not set. Fix: call resolve_spec(spec) first or set master_port.")
     n = spec.ranks_per_node
     if spec.launcher == "deepspeed":
@@ -254,9 +260,13 @@ class SlurmSpec:
     array_parallel:int|None=None      # arrays: at most this many tasks at once (%P)
     extra:list[str]=field(default_factory=list)  # more #SBATCH options, e.g. ['--qos=high']
     setup:list[str]=field(default_factory=list)  # shell lines run first, e.g. ['module load cuda/12.4']
+    requeue:bool=False                # on SIGUSR1 / preemption the ranks save at the next step and the job requeues itself
+    signal_s:int=120                  # requeue: SIGUSR1 comes this many seconds before the time limit
 
 def _slurm_launch_line(spec:LaunchSpec, entry_args:list[str], hostfile:str) -> str:
-    "The srun line that starts one launcher per node for `entry_args`."
+    "The srun line that starts one launcher per node for `entry_args` (or, for launcher 'srun', one task per rank)."
+    if spec.launcher == "srun":  # each task reads its rank from Slurm's variables (`qllava.slurm.ranks_from_slurm`)
+        return f"srun --kill-on-bad-exit=1 --export=ALL,{RANKS_ENV}=slurm " + shell_join(build_command(spec, entry_args))
     s = replace(spec, master_addr=ShellVar("$MASTER_ADDR"), master_port=ShellVar("$MASTER_PORT"),
                 rdzv_id=ShellVar("$SLURM_JOB_ID"), node_rank=ShellVar("$SLURM_NODEID"), ssh=False,
                 hostfile=ShellVar(hostfile) if spec.nodes > 1 and spec.launcher == "deepspeed" else spec.hostfile)
@@ -270,9 +280,11 @@ def sbatch_header(slurm:SlurmSpec, # sbatch options
                   gpus_per_node:int|None, # --gpus-per-node (0 or None: none asked)
                   output:str, # log path pattern, unless `slurm.output` names one
                   array:int|None=None, # number of array tasks (None: a single job)
+                  tasks_per_node:int=1, # srun tasks per node (one per rank for launcher 'srun')
                  ) -> list[str]:
-    "The `#!/bin/bash` and `#SBATCH` lines of a job (or job array) with one task per node."
-    o = ["#!/bin/bash", f"#SBATCH --job-name={slurm.job_name}", f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1"]
+    "The `#!/bin/bash` and `#SBATCH` lines of a job (or job array) with `tasks_per_node` tasks per node."
+    o = ["#!/bin/bash", f"#SBATCH --job-name={slurm.job_name}", f"#SBATCH --nodes={nodes}",
+         f"#SBATCH --ntasks-per-node={tasks_per_node}"]
     if gpus_per_node: o.append(f"#SBATCH --gpus-per-node={gpus_per_node}")
     for k, v in [("cpus-per-task", slurm.cpus_per_task), ("mem", slurm.mem), ("time", slurm.time),
                  ("partition", slurm.partition), ("account", slurm.account)]:
@@ -281,15 +293,25 @@ def sbatch_header(slurm:SlurmSpec, # sbatch options
     if array: o.append(f"#SBATCH --array=0-{array - 1}" + (f"%{slurm.array_parallel}" if slurm.array_parallel else ""))
     return o + [f"#SBATCH {x}" for x in slurm.extra]
 
+def requeue_lines() -> list[str]:
+    "The end of a requeueing job script: a run that saved on a signal (exit PREEMPTED_EXIT) puts its job back in the queue."
+    return [f'if [ "$rc" -eq {PREEMPTED_EXIT} ]; then',
+            '  echo "qllava: the run saved a resumable checkpoint on a signal; requeueing job $SLURM_JOB_ID"',
+            '  scontrol requeue "$SLURM_JOB_ID"', "fi", 'exit "$rc"']
+
 def sbatch_script(spec:LaunchSpec, # launcher, nodes, gpus_per_node (explicit), env
                   slurm:SlurmSpec, # sbatch options
                   entries:list[list[str]], # one entry -> one job; several -> a job array, task i runs entries[i]
                   run_dir) -> str: # where logs, the hostfile and outputs go (on the cluster's file system)
     "The text of an sbatch script that runs each entry under `spec`'s launcher on Slurm."
     spec = resolve_spec(spec, local=False)
-    run_dir, array = str(run_dir), len(entries) > 1
+    if slurm.requeue and spec.launcher != "srun":
+        raise ConfigError(f"requeue needs launcher 'srun': Slurm's signal must reach the ranks themselves ({spec.launcher}'s "
+                          "launcher would die of it instead of letting them save). Fix: launcher='srun', or requeue=False.")
+    run_dir, array, srun = str(run_dir), len(entries) > 1, spec.launcher == "srun"
     o = sbatch_header(slurm, spec.nodes, spec.gpus_per_node, f"{run_dir}/slurm-{'%A_%a' if array else '%j'}.out",
-                      len(entries) if array else None)
+                      len(entries) if array else None, spec.ranks_per_node if srun else 1)
+    if slurm.requeue: o += ["#SBATCH --requeue", "#SBATCH --open-mode=append", f"#SBATCH --signal=USR1@{slurm.signal_s}"]
     o += ["# written by qllava.launch", "set -euo pipefail", *slurm.setup]
     if slurm.cpus_per_task: o.append('export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"')
     env = {**spec.env, RUN_DIR_ENV: run_dir}
@@ -297,19 +319,21 @@ def sbatch_script(spec:LaunchSpec, # launcher, nodes, gpus_per_node (explicit), 
     secret = [k for k in env if is_secret_name(k)]
     if secret: o.append(f"# from the submitting environment, values not written here: {' '.join(secret)}")
     if not spec.gpus_per_node: o.append(f"export {BACKEND_ENV}=gloo")
+    if srun and not spec.gpus_per_node: o.append('export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"')  # a rank per CPU
     o.append('export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"')
     o.append(f"export MASTER_PORT={spec.master_port}" if spec.master_port is not None
              else 'export MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"')
     hostfile = f"{run_dir}/hostfile.$SLURM_JOB_ID"
     if spec.launcher == "deepspeed" and spec.nodes > 1:
         o.append(f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots={spec.ranks_per_node}/" > "{hostfile}"')
-    lines = [_slurm_launch_line(spec, e, hostfile) for e in entries]
+    lines = [_slurm_launch_line(spec, e, hostfile) + (" || rc=$?" if slurm.requeue else "") for e in entries]
+    if slurm.requeue: o.append("rc=0")
     if not array: o.append(lines[0])
     else:
         o.append('case "$SLURM_ARRAY_TASK_ID" in')
         o += [f"  {i}) {l} ;;" for i, l in enumerate(lines)]
         o += ['  *) echo "no command for array task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;', "esac"]
-    return "\n".join(o) + "\n"
+    return "\n".join(o + (requeue_lines() if slurm.requeue else [])) + "\n"
 
 # %% ../nbs/20_launch.ipynb #fef9a383
 @dataclass
@@ -318,23 +342,53 @@ class SlurmJob:
     script:Path         # the sbatch script
     command:list[str]   # the command that submits it
     job_id:str|None=None # Slurm's job id, None when not submitted here
+    tasks:list[SlurmTask]=field(default_factory=list) # how it ended, when it was waited for
 
 def submit_sbatch(script, # path of an sbatch script
-                  submit:bool=True) -> SlurmJob: # False: only say how to submit
-    "Submit `script` with sbatch where it exists; otherwise print the exact command to run on the cluster."
+                  submit:bool=True) -> SlurmJob: # False: only print the command that submits it
+    "Submit `script` with sbatch (a LaunchError naming the script where sbatch is missing or refuses it)."
     script = Path(script).resolve()
     cmd = ["sbatch", str(script)]
-    if not (submit and shutil.which("sbatch")):
-        print(f"sbatch is not available here; the job script is {script}\nSubmit it on the cluster with: {shell_join(cmd)}")
+    if not submit:
+        print(f"the job script is {script}\nSubmit it on the cluster with: {shell_join(cmd)}")
         return SlurmJob(script, cmd)
-    import subprocess
-    p = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
-    if p.returncode != 0:
-        raise LaunchError(f"sbatch refused {script} (exit code {p.returncode}):\n{p.stderr.strip()}\n"
-                          "Fix: correct the #SBATCH options it names (partition, time, gpus) and submit again.")
-    job_id = p.stdout.strip().split(";")[0]
-    print(f"submitted Slurm job {job_id}: {script}")
+    job_id = submit_script(script)
+    print(f"submitted Slurm job {job_id}: {script}", flush=True)
     return SlurmJob(script, cmd, job_id)
+
+# %% ../nbs/20_launch.ipynb #63131a08
+def resumable_entry(entry_args:list[str]) -> list[str]:
+    "The entry with `--resume_from_checkpoint last` added when it is a qllava.train run that does not say where to resume."
+    args = [str(a) for a in entry_args]
+    if args[:2] == ["-m", "qllava.train"] and "--resume_from_checkpoint" not in args:
+        return args + ["--resume_from_checkpoint", "last"]
+    return args
+
+# %% ../nbs/20_launch.ipynb #2ae87e37
+def readable_line(line:str) -> str:
+    "A job's log line as shown while following it: a progress record becomes `step 3/50: loss 0.96, lr 2e-05`."
+    rec = parse_progress(line)
+    if rec is None: return line
+    more = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items() if k not in ("step", "total"))
+    return f"step {rec['step']}/{rec['total']}" + (f": {more}" if more else "")
+
+def launch_slurm(entry_args:list[str], # what would follow `python`
+                 run_dir:Path, # the run folder, on the cluster's shared file system
+                 spec:LaunchSpec, # launcher, nodes, gpus_per_node (explicit), env
+                 slurm:SlurmSpec, # sbatch options
+                 submit:bool=True, # False: write the script and print how to submit it
+                 wait:bool=True, # follow the job to its end (its log streamed), then check it
+                 timeout:float|None=None, # seconds to wait; default the time limit plus an hour in the queue
+                 log=print) -> SlurmJob:
+    "Write run_dir/job.sbatch, submit it and follow it; a failed job is a LaunchError naming its task and log."
+    script = Path(run_dir) / "job.sbatch"
+    entry = resumable_entry(entry_args) if slurm.requeue else entry_args
+    script.write_text(sbatch_script(spec, slurm, [entry], Path(run_dir).resolve()))
+    job = submit_sbatch(script, submit=submit)
+    if job.job_id and wait:
+        show = lambda line: log(readable_line(line))
+        job.tasks = check_tasks(wait_job(job.job_id, timeout or slurm_seconds(slurm.time) + 3600, log=show))
+    return job
 
 # %% ../nbs/20_launch.ipynb #c38de128
 def kill_tree(pid:int, # the child started in its own session
@@ -754,14 +808,11 @@ def launch(entry_args:list[str], # what would follow `python`, e.g. ['-m', 'qlla
            spec:LaunchSpec|None=None, # how to launch; default: deepspeed on this machine (GPUs, else 2 CPU ranks)
            slurm:SlurmSpec|None=None, # given: write run_dir/job.sbatch and submit it instead of running here
            hang_timeout:float|None=None, # see `run`
-           **kwargs) -> Path|SlurmJob: # more options of `run` (echo, progress, tail, cwd ...), or `submit` for Slurm
+           **kwargs) -> Path|SlurmJob: # more options of `run` (echo, progress, tail, cwd ...), or of `launch_slurm`
     "Launch `entry_args` as `spec` says: here (streamed; returns the run folder) or as a Slurm job."
     run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
     spec, submit = spec or LaunchSpec(), kwargs.pop("submit", True)
-    if slurm is not None:
-        script = run_dir/"job.sbatch"
-        script.write_text(sbatch_script(spec, slurm, [entry_args], run_dir.resolve()))
-        return submit_sbatch(script, submit=submit)
+    if slurm is not None: return launch_slurm(entry_args, run_dir, spec, slurm, submit=submit, **kwargs)
     spec = resolve_spec(spec)
     if spec.launcher == "deepspeed" and spec.nodes > 1 and not spec.hostfile:
         tmp = run_dir/f".hostfile.{os.getpid()}.{time.monotonic_ns()}"  # atomic: other nodes' launchers may read it now
@@ -813,14 +864,19 @@ def launch_cli(argv:list[str]|None=None) -> int:
     g.add_argument("--slurm", action="store_true", help="write run-dir/job.sbatch and submit it")
     g.add_argument("--job-name", default="qllava"); g.add_argument("--partition"); g.add_argument("--time", default="24:00:00")
     g.add_argument("--cpus-per-task", type=int); g.add_argument("--account")
+    g.add_argument("--requeue", action="store_true", help="launcher srun: save on SIGUSR1 / preemption and requeue")
+    g.add_argument("--no-wait", action="store_true", help="submit and return, without following the job")
+    g.add_argument("--wait-timeout", type=float, default=None, help="seconds to follow the job (default: --time + 1 h)")
     a = ap.parse_args(own)
     if not entry: ap.error("give the entry after --, e.g. -- -m qllava.train --stage finetune")
     spec = LaunchSpec(launcher=a.launcher, nodes=a.nodes, gpus_per_node=a.gpus_per_node, cpu_ranks=a.cpu_ranks,
                       include=a.include, node_rank=a.node_rank, master_addr=a.master_addr, master_port=a.master_port,
                       hosts=a.hosts.split(",") if a.hosts else None, hostfile=a.hostfile, ssh=not a.no_ssh, rdzv_id=a.rdzv_id)
     if a.slurm:
-        sl = SlurmSpec(job_name=a.job_name, partition=a.partition, time=a.time, cpus_per_task=a.cpus_per_task, account=a.account)
-        launch(entry, a.run_dir, spec, slurm=sl, submit=not a.dry_run); return 0
+        sl = SlurmSpec(job_name=a.job_name, partition=a.partition, time=a.time, cpus_per_task=a.cpus_per_task,
+                       account=a.account, requeue=a.requeue)
+        launch(entry, a.run_dir, spec, slurm=sl, submit=not a.dry_run, wait=not a.no_wait, timeout=a.wait_timeout)
+        return 0
     if a.dry_run:
         s = resolve_spec(spec)
         if s.launcher == "deepspeed" and s.nodes > 1 and not s.hostfile: s = replace(s, hostfile=str(Path(a.run_dir)/"hostfile"))

@@ -307,10 +307,11 @@ def launch_stage(stage:StagePlan, values:dict, hang_timeout:float|None=1800.0):
     "Launch one planned stage; returns its output folder (or the Slurm job when launcher is slurm)."
     v = {**TRAIN_PARAMETERS, **values}
     gpus = gpu_count()
-    spec = LaunchSpec(launcher="deepspeed" if v["launcher"] == "slurm" else v["launcher"], nodes=v["num_nodes"],
+    spec = LaunchSpec(launcher="srun" if v["launcher"] == "slurm" else v["launcher"], nodes=v["num_nodes"],
                       gpus_per_node=v["num_gpus"] if gpus else 0, cpu_ranks=v["num_gpus"],
                       env={"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")})
-    slurm = SlurmSpec(job_name=f"qllava-{Path(stage.output_dir).name}") if v["launcher"] == "slurm" else None
+    # on Slurm: one srun task per rank; on SIGUSR1 or preemption the run saves, and the job requeues and resumes
+    slurm = SlurmSpec(job_name=f"qllava-{Path(stage.output_dir).name}", requeue=True) if v["launcher"] == "slurm" else None
     if slurm is not None: spec.gpus_per_node = v["num_gpus"]
     return launch(["-m", "qllava.train", *stage.flags], stage.output_dir, spec=spec, slurm=slurm, hang_timeout=hang_timeout)
 

@@ -4,14 +4,15 @@
 
 # %% ../nbs/45_sweep.ipynb #1d310158
 from __future__ import annotations
-import itertools, json, math, os, re, shlex, subprocess, sys, time
+import itertools, json, math, os, re, shlex, shutil, subprocess, sys, time
 from pathlib import Path
 from .core import ConfigError, DataError, QllavaError, ArgumentParser, check_types, check_against_defaults
 from .runs import (TRAIN_PARAMETERS, HELDOUT_SCORES, check_parameters, plan_training, record_run,
                          resolved_hyperparameters, run_plan)
 from .evalrun import check_eval_files, check_eval_parameters
 from .bench import compare_benchmark, read_scores_file, signed_interval
-from .launch import SlurmSpec, sbatch_header, submit_sbatch
+from .launch import SlurmSpec, sbatch_header
+from .slurm import SlurmTask, check_tasks, last_log_lines, slurm_seconds, submit as submit_script, wait_job
 from .core import LaunchError
 
 # %% auto #0
@@ -19,16 +20,17 @@ __all__ = ['SWEEP_PARAMETERS', 'SWEPT', 'SWEEP_OWNS', 'METRICS', 'EVAL_OWNS', 'L
            'METRIC_LABELS', 'CHANCE', 'lora_alpha_for', 'trained_values', 'run_slug', 'combinations', 'check_sweep',
            'absolute_paths', 'sweep_dir_of', 'read_sweep', 'write_sweep', 'plan_sweep', 'stage1_plans', 'ensure_stage1',
            'train_notebook_path', 'run_finished', 'last_lines', 'run_combination', 'run_parallel', 'sweep_array_script',
-           'stage1_script', 'submit_slurm', 'run_metrics', 'collect', 'results_table', 'varied_parameters',
-           'paired_vs_best', 'metric_label', 'figure_metrics', 'plot_metric', 'run_sweep', 'stage1_for_sweep',
-           'sweep_cli']
+           'stage1_script', 'submit_slurm', 'wait_sweep', 'slurm_failures', 'run_metrics', 'collect', 'results_table',
+           'varied_parameters', 'paired_vs_best', 'metric_label', 'figure_metrics', 'plot_metric', 'run_sweep',
+           'stage1_for_sweep', 'sweep_cli']
 
 # %% ../nbs/45_sweep.ipynb #5d736587
 SWEEP_PARAMETERS = dict(
     learning_rate=[0.0], mm_projector_lr=[0.0], num_train_epochs=[0.0], lora_r=[0], lora_alpha="2*r",
     stage=["finetune"], modality=["image"], pretrain_mm_mlp_adapter="", train_parameters={}, metric="closed_accuracy",
     launcher="local-sequential", parallel=1, retry_failed=True, evaluate=False, eval_parameters={}, sweep_name="sweep",
-    runs_dir="runs", train_notebook="", slurm_partition="", slurm_time="04:00:00", slurm_gpus=0, slurm_setup="")
+    runs_dir="runs", train_notebook="", slurm_partition="", slurm_time="04:00:00", slurm_gpus=0, slurm_setup="",
+    slurm_parallel=0, slurm_wait=True)
 SWEPT = ("stage", "modality", "learning_rate", "mm_projector_lr", "num_train_epochs", "lora_r")
 SWEEP_OWNS = ("run_name", "runs_dir", "pretrain_mm_mlp_adapter")  # train parameters the sweep sets itself
 METRICS = {"closed_accuracy": "max", "open_accuracy": "max", "judge_score": "max", "eval_loss": "min", "final_loss": "min"}
@@ -127,6 +129,8 @@ def check_sweep(values:dict, # sweep parameter name -> value, as the notebook ho
     if values.get("launcher", "local-sequential") not in LAUNCHERS:
         raise ConfigError(f"launcher {values['launcher']!r}: use one of {', '.join(LAUNCHERS)}.")
     if int(values.get("parallel", 1)) < 1: raise ConfigError(f"parallel={values['parallel']} must be at least 1. Fix: -p parallel 1")
+    if values.get("slurm_parallel", 0) < 0:
+        raise ConfigError(f"slurm_parallel={values['slurm_parallel']} is negative. Fix: 0 (no limit) or the array tasks at once.")
     if values.get("slurm_gpus", 0) < 0: raise ConfigError(f"slurm_gpus={values['slurm_gpus']} is negative. Fix: -p slurm_gpus 0 (CPU ranks) or the GPUs per task.")
     lora_alpha_for(values.get("lora_alpha", "2*r"), 8)  # the rule parses
     if values.get("train_notebook"): train_notebook_path(values["train_notebook"])
@@ -326,34 +330,63 @@ def stage1_script(sweep_dir, slurm=None, gpus_per_node:int=0, python:str="python
     return "\n".join(o) + "\n"
 
 # %% ../nbs/45_sweep.ipynb #d72b3488
+def _slurm_spec(v:dict) -> SlurmSpec:
+    "The sweep's sbatch options from its parameters."
+    return SlurmSpec(job_name=f"qllava-{v['sweep_name']}", time=v["slurm_time"], partition=v["slurm_partition"] or None,
+                     setup=[l for l in v["slurm_setup"].split(";") if l.strip()], array_parallel=v["slurm_parallel"] or None)
+
 def submit_slurm(rec:dict, log=print) -> dict:
-    "Write the array script (and the stage-1 job when needed); submit where sbatch exists, else print the commands."
-    import shutil
+    "Write the array script (and the stage-1 job when needed) and submit them; a LaunchError with the commands without sbatch."
     v, d = rec["parameters"], Path(rec["sweep_dir"])
-    slurm = SlurmSpec(job_name=f"qllava-{v['sweep_name']}", time=v["slurm_time"], partition=v["slurm_partition"] or None,
-                      setup=[l for l in v["slurm_setup"].split(";") if l.strip()])
+    slurm = _slurm_spec(v)
+    python = "python" if slurm.setup else sys.executable  # without setup lines, the jobs use this very interpreter
     todo = [r["index"] for r in rec["runs"] if r["status"] != "finished"]
     need1 = any(plan is not None for _, plan in stage1_plans(rec).values())
-    (d / "sweep_array.sbatch").write_text(sweep_array_script(d, len(rec["runs"]), slurm, v["slurm_gpus"]))
+    (d / "sweep_array.sbatch").write_text(sweep_array_script(d, len(rec["runs"]), slurm, v["slurm_gpus"], python))
     out = {"array_script": str(d / "sweep_array.sbatch"), "stage1_script": None, "job_ids": [], "tasks": todo}
     if need1:
-        (d / "stage1.sbatch").write_text(stage1_script(d, slurm, v["slurm_gpus"])); out["stage1_script"] = str(d / "stage1.sbatch")
-    sub = ["sbatch", "--array=" + ",".join(map(str, todo))] if len(todo) < len(rec["runs"]) else ["sbatch"]
+        (d / "stage1.sbatch").write_text(stage1_script(d, slurm, v["slurm_gpus"], python))
+        out["stage1_script"] = str(d / "stage1.sbatch")
+    some = ["--array=" + ",".join(map(str, todo)) + (f"%{slurm.array_parallel}" if slurm.array_parallel else "")]
+    opts = some if len(todo) < len(rec["runs"]) else []
     if not shutil.which("sbatch"):
         cmd = (f"jid=$(sbatch --parsable {shlex.quote(out['stage1_script'])}) && " if need1 else "") + \
-              " ".join(sub + (["--dependency=afterok:$jid"] if need1 else []) + [shlex.quote(out["array_script"])])
-        log(f"sbatch is not available here; the job array script is {out['array_script']}\nSubmit it on the cluster with:\n  {cmd}")
-        out["command"] = cmd
-        return out
-    dep = []
+              " ".join(["sbatch", *opts] + (["--dependency=afterok:$jid"] if need1 else []) + [shlex.quote(out["array_script"])])
+        raise LaunchError(f"sbatch is not on PATH here: the sweep's job scripts are written ({out['array_script']}"
+                          + (f", {out['stage1_script']}" if need1 else "") + f") but not submitted. Fix: submit them on the "
+                          f"cluster with:\n  {cmd}\nthen `qllava sweep status {d}` ranks the runs once they are done.")
     if need1:
-        j = submit_sbatch(out["stage1_script"]); out["job_ids"].append(j.job_id); dep = [f"--dependency=afterok:{j.job_id}"]
-    p = subprocess.run(sub[:1] + ["--parsable"] + sub[1:] + dep + [out["array_script"]], capture_output=True, text=True)
-    if p.returncode != 0:
-        raise LaunchError(f"sbatch refused {out['array_script']} (exit code {p.returncode}):\n{p.stderr.strip()}\n"
-                          "Fix: correct the #SBATCH options it names (partition, time, gpus) and submit again.")
-    out["job_ids"].append(p.stdout.strip().split(";")[0]); log(f"submitted Slurm job array {out['job_ids'][-1]}: {out['array_script']}")
+        out["stage1_job"] = submit_script(out["stage1_script"]); out["job_ids"].append(out["stage1_job"])
+        opts = opts + [f"--dependency=afterok:{out['stage1_job']}"]
+        log(f"submitted the stage-1 Slurm job {out['stage1_job']}: {out['stage1_script']}")
+    out["array_job"] = submit_script(out["array_script"], opts); out["job_ids"].append(out["array_job"])
+    log(f"submitted Slurm job array {out['array_job']} ({len(todo)} tasks): {out['array_script']}")
     return out
+
+# %% ../nbs/45_sweep.ipynb #ea2f3fd6
+def wait_sweep(sl:dict, # `submit_slurm`'s record
+               v:dict, # the sweep's parameters
+               log=print) -> dict:
+    "Follow the sweep's stage-1 job, then its array, to their end; returns array index -> SlurmTask."
+    limit = slurm_seconds(v["slurm_time"])
+    if sl.get("stage1_job"):
+        try: check_tasks(wait_job(sl["stage1_job"], limit + 3600, log=log))
+        except LaunchError as e:
+            subprocess.run(["scancel", sl["array_job"]], capture_output=True)
+            raise LaunchError(f"the sweep's stage-1 job failed, so its array {sl['array_job']} is cancelled. {e}") from None
+    waves = -(-len(sl["tasks"]) // (v["slurm_parallel"] or len(sl["tasks"])))
+    tasks = wait_job(sl["array_job"], limit * waves + 3600, log=log)
+    return {int(t.job_id.rpartition("_")[2]): t for t in tasks if t.job_id.rpartition("_")[2].isdigit()}
+
+def slurm_failures(rec:dict, tasks:dict) -> dict:
+    "Mark runs whose array task ended badly but which wrote no status of their own as failed, with the log's last lines."
+    for r in rec["runs"]:
+        t = tasks.get(r["index"])
+        if t is None: continue
+        r["slurm"] = t.describe()
+        if not t.ok and r["status"] != "failed":
+            r.update(status="failed", error=[f"Slurm task {t.describe()}"] + last_log_lines(t.log, 10), metrics={})
+    return rec
 
 # %% ../nbs/45_sweep.ipynb #dceebd14
 def run_metrics(run_dir) -> dict:
@@ -480,7 +513,8 @@ def run_sweep(values:dict, log=print) -> dict:
     log(f"sweep {d}: {len(rec['runs'])} combinations, {skipped} finished or kept, {len(todo)} to run ({v['launcher']})")
     if v["launcher"] == "slurm":
         rec["slurm"] = submit_slurm(rec, log=log) if todo else None
-        out = collect(d); out["slurm"] = rec["slurm"]; write_sweep(d, out)
+        tasks = wait_sweep(rec["slurm"], v, log=log) if rec["slurm"] and v["slurm_wait"] else {}
+        out = slurm_failures(collect(d), tasks); out["slurm"] = rec["slurm"]; write_sweep(d, out)
         return out
     if todo:
         adapters = ensure_stage1(rec, log=log)
@@ -520,7 +554,8 @@ def sweep_cli(argv:list[str]|None=None) -> int:
         if a.cmd == "run":
             rec = run_sweep(json.loads(Path(a.params).read_text()))
             print(results_table(rec).to_string())
-            return 0 if all(r["status"] == "finished" for r in rec["runs"]) or rec.get("slurm") else 1
+            submitted_only = rec.get("slurm") and not rec["parameters"]["slurm_wait"]
+            return 0 if all(r["status"] == "finished" for r in rec["runs"]) or submitted_only else 1
         if a.cmd == "task":
             st = run_combination(Path(a.sweep_dir).resolve(), a.index)
             if st["status"] == "failed": print("\n".join(st.get("error") or []))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/21_train.ipynb #f8b2257a
 from __future__ import annotations
-import dataclasses, json, math, os, random, shutil, sys, time
+import dataclasses, json, math, os, random, shutil, signal, sys, threading, time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from .core import CheckpointError, ConfigError, DataError, QllavaError, asset, resolve_records_path
@@ -14,6 +14,7 @@ from .model import full_numel, full_shape, partition
 from .dataset import load_records, MultimodalDataset, DataCollator, ModalityLengthGroupedSampler
 from .validate import validate_data, raise_if_invalid
 from .launch import report_progress, heartbeat
+from .slurm import PREEMPTED_EXIT, RANKS_ENV, ranks_from_slurm
 from .checkpoint import load_base_model, load_projector, save_projector, save_checkpoint
 from .encoders import encoder_modality
 from .answer import vqa_accuracy
@@ -25,7 +26,8 @@ __all__ = ['PUBLISHED_GLOBAL_BATCH', 'ASPECT_RATIOS', 'CKPT_DIR', 'CHECKSUMS', '
            'make_optimizer', 'media_settings', 'build_dataset', 'build_loader', 'build_eval_loader', 'open_reporters',
            'RunLog', 'flag_notes', 'step_schedule', 'set_aspect_ratio', 'Run', 'build_run', 'evaluate_vqa',
            'evaluate_loss', 'write_checksums', 'verify_checksums', 'safe_load', 'use_safe_loading', 'share_fp32_master',
-           'save_resumable', 'find_resume', 'load_resumable', 'Progress', 'resume_progress', 'optimiser_step',
+           'save_resumable', 'find_resume', 'load_resumable', 'Preempted', 'stop_signals', 'catch_stop_signals',
+           'stop_requested', 'save_here', 'save_and_stop', 'Progress', 'resume_progress', 'optimiser_step',
            'after_step', 'final_metrics', 'train_loop', 'save_final', 'tokenizer_summary', 'fit', 'train_cli']
 
 # %% ../nbs/21_train.ipynb #5f315f46
@@ -33,6 +35,7 @@ def init_distributed() -> tuple[int,int]:
     "(rank, world_size) of DeepSpeed's process group, initialised here (a group of one outside any launcher)."
     import torch, torch.distributed as dist
     if not dist.is_initialized():
+        if "RANK" not in os.environ and os.environ.get(RANKS_ENV) == "slurm": os.environ.update(ranks_from_slurm(os.environ))
         if "RANK" not in os.environ:  # a single process (notebook, plain python): a group of one
             import socket
             with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
@@ -569,6 +572,39 @@ def load_resumable(run:Run, path:Path) -> dict:
         _set_rng_state(safe_load(rng))
     return client
 
+# %% ../nbs/21_train.ipynb #dfaabf92
+class Preempted(QllavaError):
+    "The run stopped on a signal after saving a resumable checkpoint."
+
+def stop_signals() -> tuple:
+    "The signals that ask a run to save and stop: SIGUSR1; SIGTERM too as srun's tasks (Slurm's preemption)."
+    return (signal.SIGUSR1, signal.SIGTERM) if os.environ.get(RANKS_ENV) == "slurm" else (signal.SIGUSR1,)
+
+def catch_stop_signals() -> list:
+    "Note each stop signal in the returned list (acted on at the next step); no handler outside the main thread."
+    got = []
+    if threading.current_thread() is threading.main_thread():
+        for s in stop_signals(): signal.signal(s, lambda num, frame: got.append(num))
+    return got
+
+def stop_requested(got:list) -> bool:
+    "Whether any rank got a stop signal (every rank must call it at the same step: it is an all-reduce)."
+    return _all_sum(float(bool(got))) > 0
+
+# %% ../nbs/21_train.ipynb #6a89932d
+def save_here(run:Run, p:Progress, per_epoch:int):
+    "Save a resumable checkpoint of the step just done (the next epoch's start when it closed an epoch)."
+    heartbeat("saving a resumable checkpoint", p.step)
+    done = p.micro + run.cfg.gradient_accumulation_steps > per_epoch
+    save_resumable(run, p.step, p.epoch + done, 0 if done else p.micro)
+
+def save_and_stop(run:Run, p:Progress, runlog:RunLog, per_epoch:int):
+    "Save a resumable checkpoint and stop the run with `Preempted`."
+    save_here(run, p, per_epoch); runlog.close()
+    raise Preempted(f"stopped on a signal after step {p.step} of {run.total_steps}, with a resumable checkpoint in "
+                    f"{Path(run.cfg.output_dir) / CKPT_DIR}/step-{p.step}. Fix: continue with --resume_from_checkpoint "
+                    "last (a requeueing Slurm job does so by itself).")
+
 # %% ../nbs/21_train.ipynb #7d5331a5
 @dataclass
 class Progress:
@@ -629,10 +665,7 @@ def after_step(run:Run, p:Progress, runlog:RunLog, per_epoch:int):
         heartbeat("held-out evaluation", p.step)
         if run.eval_loader is not None: runlog(step=p.step, eval_loss=evaluate_loss(run))
         if cfg.eval_questions: runlog(step=p.step, **evaluate_vqa(run))
-    if run.save_every and p.step % run.save_every == 0 and not last:
-        heartbeat("saving a resumable checkpoint", p.step)
-        done = p.micro + cfg.gradient_accumulation_steps > per_epoch
-        save_resumable(run, p.step, p.epoch + done, 0 if done else p.micro)
+    if run.save_every and p.step % run.save_every == 0 and not last: save_here(run, p, per_epoch)
 
 def final_metrics(run:Run, p:Progress, runlog:RunLog) -> dict:
     "The run's summary numbers, with the last held-out evaluation."
@@ -653,7 +686,7 @@ def train_loop(run:Run, log=print) -> dict:
     out = Path(cfg.output_dir); out.mkdir(parents=True, exist_ok=True)
     runlog = RunLog(out, run.rank, run.total_steps, run.writers)
     p, accum = resume_progress(run, runlog, log), cfg.gradient_accumulation_steps
-    per_epoch = run.steps_per_epoch * accum
+    per_epoch, stop = run.steps_per_epoch * accum, catch_stop_signals()
     while p.step < run.total_steps:
         run.sampler.set_epoch(p.epoch)
         run.sampler.load_state_dict(run.sampler.state_dict(consumed=p.micro))  # skip what a resumed run already did
@@ -662,6 +695,7 @@ def train_loop(run:Run, log=print) -> dict:
         while p.step < run.total_steps and p.micro + accum <= per_epoch:  # an incomplete last accumulation is left out
             optimiser_step(run, p, [_to_device(next(batches), run.engine.device, cfg.blank_media) for _ in range(accum)], epoch_batches, out)
             after_step(run, p, runlog, per_epoch)
+            if p.step < run.total_steps and stop_requested(stop): save_and_stop(run, p, runlog, per_epoch)
         p.epoch += 1; p.micro = 0
     return final_metrics(run, p, runlog)
 
@@ -720,7 +754,9 @@ def train_cli(argv:list[str]|None=None) -> int:
     if argv is not None and any(a in ("-h", "--help") for a in argv): config_parser().print_help(); return 0
     cfg = parse_config(argv)
     if cfg.cache_dir: os.environ["HF_HUB_CACHE"] = str(Path(cfg.cache_dir).expanduser())  # before transformers is imported
-    fit(cfg)
+    try: fit(cfg)
+    except Preempted as e:  # saved: the exit code tells a requeueing job script to put the job back in the queue
+        print(f"qllava train: {e}", file=sys.stderr, flush=True); return PREEMPTED_EXIT
     return 0
 
 # %% ../nbs/21_train.ipynb #d70af1f9

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qllava.core import LaunchError
+from qllava.core import ConfigError, LaunchError
 from qllava.launch import (LaunchSpec, SlurmSpec, build_command, free_port, gpu_count, hostfile_text, launch, read_heartbeats,
                            resolve_spec, sbatch_script, shell_join)
 
@@ -188,14 +188,28 @@ def test_hostfile_command_and_sbatch_text():
 
 
 def test_slurm_script_is_valid_bash_and_submission_is_explained(tmp_path, capsys):
-    "Where sbatch is missing, launch writes the script (valid bash) and prints the exact command to submit."
-    import shutil, subprocess
+    "Not submitted (a dry run), launch writes the script (valid bash) and prints the exact command to submit it."
+    import subprocess
     job = launch(ENTRY, tmp_path, LaunchSpec(launcher="torchrun", nodes=2, gpus_per_node=8),
-                 slurm=SlurmSpec(partition="gpu"))
+                 slurm=SlurmSpec(partition="gpu"), submit=False)
     assert subprocess.run(["bash", "-n", str(job.script)]).returncode == 0
-    if shutil.which("sbatch") is None:
-        assert job.job_id is None and job.command == ["sbatch", str(job.script)]
-        assert f"sbatch {job.script}" in capsys.readouterr().out
+    assert job.job_id is None and job.command == ["sbatch", str(job.script)]
+    assert f"sbatch {job.script}" in capsys.readouterr().out
+
+
+def test_requeueing_srun_script_is_valid_bash_and_requeues_on_the_preempted_exit_code(tmp_path):
+    import subprocess
+    job = launch(["-m", "qllava.train", "--stage", "lora"], tmp_path, LaunchSpec(launcher="srun", gpus_per_node=4),
+                 slurm=SlurmSpec(requeue=True, signal_s=300), submit=False)
+    text = job.script.read_text()
+    assert subprocess.run(["bash", "-n", str(job.script)]).returncode == 0
+    for line in ["#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4", "#SBATCH --requeue", "#SBATCH --signal=USR1@300",
+                 "#SBATCH --open-mode=append", 'if [ "$rc" -eq 75 ]; then', '  scontrol requeue "$SLURM_JOB_ID"']:
+        assert line in text.splitlines(), line
+    assert "srun --kill-on-bad-exit=1 --export=ALL,QLLAVA_RANKS=slurm" in text and "--resume_from_checkpoint last || rc=$?" in text
+    with pytest.raises(ConfigError, match="requeue needs launcher 'srun'"):
+        launch(ENTRY, tmp_path, LaunchSpec(launcher="deepspeed", gpus_per_node=4), slurm=SlurmSpec(requeue=True), submit=False)
+    with pytest.raises(ConfigError, match="inside a Slurm job"): launch(ENTRY, tmp_path, LaunchSpec(launcher="srun"))
 
 
 def test_failing_child_surfaces_last_lines_and_exit_code(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from qllava import runs, sweep
+from qllava.core import LaunchError
 from qllava.launch import SlurmSpec
 
 pytestmark = pytest.mark.timeout(1200)
@@ -133,16 +134,14 @@ def test_slurm_array_script_matches_expected_text():
     assert s == EXPECTED_ARRAY
 
 
-def test_slurm_launcher_writes_scripts_and_says_how_to_submit(tmp_path, capsys):
-    if shutil.which("sbatch"): pytest.skip("sbatch exists here: the sweep would really submit")
+def test_slurm_launcher_without_sbatch_writes_the_scripts_and_says_how_to_submit(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm command on it (tests/test_slurm.py submits for real)
     v = {"learning_rate": [1e-3, 2e-3], "modality": ["sensor"], "launcher": "slurm", "runs_dir": str(tmp_path),
          "sweep_name": "s", "slurm_gpus": 2, "slurm_partition": "gpu"}
-    rec = sweep.run_sweep(v)
+    with pytest.raises(LaunchError, match="sbatch is not on PATH here") as e: sweep.run_sweep(v)
     sd = tmp_path / "s"
-    assert rec["slurm"]["tasks"] == [0, 1] and [r["status"] for r in rec["runs"]] == ["pending", "pending"]
     array = (sd / "sweep_array.sbatch").read_text()
     assert "#SBATCH --array=0-1" in array and "#SBATCH --gpus-per-node=2" in array and "#SBATCH --partition=gpu" in array
     assert "qllava.sweep stage1" in (sd / "stage1.sbatch").read_text()  # no projector yet: stage 1 is its own job
-    out = capsys.readouterr().out
-    assert f"jid=$(sbatch --parsable {sd}/stage1.sbatch) && sbatch --dependency=afterok:$jid {sd}/sweep_array.sbatch" in out
+    assert f"jid=$(sbatch --parsable {sd}/stage1.sbatch) && sbatch --dependency=afterok:$jid {sd}/sweep_array.sbatch" in str(e.value)
     assert (sd / "tasks.tsv").read_text().splitlines()[2].startswith("1\tfinetune-sensor-lr0.002-plr0.002-ep120\t")
