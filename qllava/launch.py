@@ -95,7 +95,7 @@ DEFAULT_PORT = 29500  # the rendezvous port of many-node launches when none is g
 @dataclass
 class LaunchSpec:
     "How to start a Python entry on one or many machines (pure data; `resolve_spec` fills the blanks)."
-    launcher:str="deepspeed"      # 'deepspeed', 'torchrun', 'python' (one process, for debugging) or 'srun' (Slurm: a task per rank)
+    launcher:str="deepspeed"      # deepspeed, torchrun, python (one process, debugging), srun (Slurm: task per rank)
     nodes:int=1                   # number of machines
     gpus_per_node:int|None=None   # ranks per machine; None: the GPUs found here, 0: CPU ranks
     cpu_ranks:int=2               # ranks per machine when there is no GPU (gloo backend)
@@ -152,8 +152,8 @@ def resolve_spec(spec:LaunchSpec, # what the user asked for
         raise ConfigError(f"unknown launcher {spec.launcher!r}. Fix: use one of {', '.join(LAUNCHERS)}.")
     if spec.nodes < 1: raise ConfigError(f"nodes={spec.nodes}: need at least 1. Fix: set nodes >= 1.")
     if spec.launcher == "srun" and local:
-        raise ConfigError("launcher 'srun' starts one Slurm task per rank, inside a Slurm job. Fix: submit it as a Slurm job "
-                          "(--slurm), or use deepspeed or torchrun on this machine.")
+        raise ConfigError("launcher 'srun' starts one Slurm task per rank, inside a Slurm job. Fix: submit it as a "
+                          "Slurm job (--slurm), or use deepspeed or torchrun on this machine.")
     if spec.nodes > 1 and spec.launcher == "python":
         raise ConfigError("launcher 'python' starts one process on one machine. Fix: use 'deepspeed' or 'torchrun' for many nodes.")
     if spec.include and spec.nodes > 1:
@@ -260,13 +260,14 @@ class SlurmSpec:
     array_parallel:int|None=None      # arrays: at most this many tasks at once (%P)
     extra:list[str]=field(default_factory=list)  # more #SBATCH options, e.g. ['--qos=high']
     setup:list[str]=field(default_factory=list)  # shell lines run first, e.g. ['module load cuda/12.4']
-    requeue:bool=False                # on SIGUSR1 / preemption the ranks save at the next step and the job requeues itself
+    requeue:bool=False                # SIGUSR1 / preemption: the ranks save at the next step, the job requeues itself
     signal_s:int=120                  # requeue: SIGUSR1 comes this many seconds before the time limit
 
 def _slurm_launch_line(spec:LaunchSpec, entry_args:list[str], hostfile:str) -> str:
     "The srun line that starts one launcher per node for `entry_args` (or, for launcher 'srun', one task per rank)."
     if spec.launcher == "srun":  # each task reads its rank from Slurm's variables (`qllava.slurm.ranks_from_slurm`)
-        return f"srun --kill-on-bad-exit=1 --export=ALL,{RANKS_ENV}=slurm " + shell_join(build_command(spec, entry_args))
+        srun = f"srun --kill-on-bad-exit=1 --export=ALL,{RANKS_ENV}=slurm "
+        return srun + shell_join(build_command(spec, entry_args))
     s = replace(spec, master_addr=ShellVar("$MASTER_ADDR"), master_port=ShellVar("$MASTER_PORT"),
                 rdzv_id=ShellVar("$SLURM_JOB_ID"), node_rank=ShellVar("$SLURM_NODEID"), ssh=False,
                 hostfile=ShellVar(hostfile) if spec.nodes > 1 and spec.launcher == "deepspeed" else spec.hostfile)
@@ -294,7 +295,7 @@ def sbatch_header(slurm:SlurmSpec, # sbatch options
     return o + [f"#SBATCH {x}" for x in slurm.extra]
 
 def requeue_lines() -> list[str]:
-    "The end of a requeueing job script: a run that saved on a signal (exit PREEMPTED_EXIT) puts its job back in the queue."
+    "The end of a requeueing job script: a run that saved on a signal (exit PREEMPTED_EXIT) requeues its job."
     return [f'if [ "$rc" -eq {PREEMPTED_EXIT} ]; then',
             '  echo "qllava: the run saved a resumable checkpoint on a signal; requeueing job $SLURM_JOB_ID"',
             '  scontrol requeue "$SLURM_JOB_ID"', "fi", 'exit "$rc"']
@@ -306,12 +307,14 @@ def sbatch_script(spec:LaunchSpec, # launcher, nodes, gpus_per_node (explicit), 
     "The text of an sbatch script that runs each entry under `spec`'s launcher on Slurm."
     spec = resolve_spec(spec, local=False)
     if slurm.requeue and spec.launcher != "srun":
-        raise ConfigError(f"requeue needs launcher 'srun': Slurm's signal must reach the ranks themselves ({spec.launcher}'s "
-                          "launcher would die of it instead of letting them save). Fix: launcher='srun', or requeue=False.")
+        raise ConfigError(f"requeue needs launcher 'srun': Slurm's signal must reach the ranks themselves "
+                          f"({spec.launcher}'s launcher would die of it instead of letting them save). "
+                          "Fix: launcher='srun', or requeue=False.")
     run_dir, array, srun = str(run_dir), len(entries) > 1, spec.launcher == "srun"
     o = sbatch_header(slurm, spec.nodes, spec.gpus_per_node, f"{run_dir}/slurm-{'%A_%a' if array else '%j'}.out",
                       len(entries) if array else None, spec.ranks_per_node if srun else 1)
-    if slurm.requeue: o += ["#SBATCH --requeue", "#SBATCH --open-mode=append", f"#SBATCH --signal=USR1@{slurm.signal_s}"]
+    if slurm.requeue:
+        o += ["#SBATCH --requeue", "#SBATCH --open-mode=append", f"#SBATCH --signal=USR1@{slurm.signal_s}"]
     o += ["# written by qllava.launch", "set -euo pipefail", *slurm.setup]
     if slurm.cpus_per_task: o.append('export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"')
     env = {**spec.env, RUN_DIR_ENV: run_dir}
@@ -358,7 +361,7 @@ def submit_sbatch(script, # path of an sbatch script
 
 # %% ../nbs/20_launch.ipynb #63131a08
 def resumable_entry(entry_args:list[str]) -> list[str]:
-    "The entry with `--resume_from_checkpoint last` added when it is a qllava.train run that does not say where to resume."
+    "The entry with `--resume_from_checkpoint last` added to a qllava.train run that does not say where to resume."
     args = [str(a) for a in entry_args]
     if args[:2] == ["-m", "qllava.train"] and "--resume_from_checkpoint" not in args:
         return args + ["--resume_from_checkpoint", "last"]
@@ -369,7 +372,8 @@ def readable_line(line:str) -> str:
     "A job's log line as shown while following it: a progress record becomes `step 3/50: loss 0.96, lr 2e-05`."
     rec = parse_progress(line)
     if rec is None: return line
-    more = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items() if k not in ("step", "total"))
+    more = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in rec.items() if k not in ("step", "total"))
     return f"step {rec['step']}/{rec['total']}" + (f": {more}" if more else "")
 
 def launch_slurm(entry_args:list[str], # what would follow `python`

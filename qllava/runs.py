@@ -311,7 +311,8 @@ def launch_stage(stage:StagePlan, values:dict, hang_timeout:float|None=1800.0):
                       gpus_per_node=v["num_gpus"] if gpus else 0, cpu_ranks=v["num_gpus"],
                       env={"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")})
     # on Slurm: one srun task per rank; on SIGUSR1 or preemption the run saves, and the job requeues and resumes
-    slurm = SlurmSpec(job_name=f"qllava-{Path(stage.output_dir).name}", requeue=True) if v["launcher"] == "slurm" else None
+    on_slurm = v["launcher"] == "slurm"
+    slurm = SlurmSpec(job_name=f"qllava-{Path(stage.output_dir).name}", requeue=True) if on_slurm else None
     if slurm is not None: spec.gpus_per_node = v["num_gpus"]
     return launch(["-m", "qllava.train", *stage.flags], stage.output_dir, spec=spec, slurm=slurm, hang_timeout=hang_timeout)
 

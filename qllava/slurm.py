@@ -79,13 +79,13 @@ def sacct_task(line:str) -> SlurmTask:
 def _cmd(args:list[str], timeout:float=60) -> subprocess.CompletedProcess:
     "Run a Slurm client command; a missing command or a hung controller becomes a LaunchError."
     if not shutil.which(args[0]):
-        raise LaunchError(f"{args[0]} is not on PATH here, so no Slurm job can be submitted or followed from this machine. "
-                          "Fix: run on a login node of the cluster (where sbatch, squeue and scontrol exist), or write the "
-                          "script only (`qllava launch --slurm --dry-run`) and submit it there.")
+        raise LaunchError(f"{args[0]} is not on PATH here, so no Slurm job can be submitted or followed from this "
+                          "machine. Fix: run on a login node of the cluster (where sbatch, squeue and scontrol exist), "
+                          "or write the script only (`qllava launch --slurm --dry-run`) and submit it there.")
     try: return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise LaunchError(f"`{' '.join(args)}` did not answer in {timeout:.0f} s: the Slurm controller is not responding. "
-                          "Fix: try again later, or ask the cluster's admins (`scontrol ping`).") from None
+        raise LaunchError(f"`{' '.join(args)}` did not answer in {timeout:.0f} s: the Slurm controller is not "
+                          "responding. Fix: try again later, or ask the cluster's admins (`scontrol ping`).") from None
 
 def job_tasks(job_id:str) -> list[SlurmTask]:
     "The job's tasks (one, or one per array task) from `scontrol`, else from `sacct`."
@@ -143,8 +143,9 @@ def wait_job(job_id:str, # the job (or job array) id sbatch printed
                 states[t.job_id] = (t.state, t.restarts); log(f"slurm job {t.describe()}")
         if all(t.ended for t in tasks): return tasks
         if (stuck := _stuck(tasks)):
-            raise LaunchError(f"Slurm will never start job {stuck[0].describe()}. Fix: cancel it (`scancel {job_id}`) "
-                              "and submit with options the partition allows (`sinfo -p PARTITION -o '%P %l %c %m %G'`).")
+            raise LaunchError(f"Slurm will never start job {stuck[0].describe()}. Fix: cancel it "
+                              f"(`scancel {job_id}`) and submit with what the partition allows "
+                              "(`sinfo -p PARTITION -o '%P %l %c %m %G'`) or after a dependency that can succeed.")
         if time.time() > deadline:
             raise LaunchError(f"Slurm job {job_id} had not ended after {timeout:.0f} s: "
                               + "; ".join(t.describe() for t in tasks) + f". It goes on running. Fix: wait longer, "
@@ -173,8 +174,8 @@ def submit(script, # path of an sbatch script
     "Submit `script` with sbatch; returns the job id."
     script = Path(script).resolve()
     if not shutil.which("sbatch"):
-        raise LaunchError(f"sbatch is not on PATH here, so {script} was written but not submitted. Fix: submit it on the "
-                          f"cluster (`sbatch {script}`), or run this on a machine with Slurm's commands.")
+        raise LaunchError(f"sbatch is not on PATH here, so {script} was written but not submitted. Fix: submit it on "
+                          f"the cluster (`sbatch {script}`), or run this on a machine with Slurm's commands.")
     p = _cmd(["sbatch", "--parsable", *options, str(script)])
     if p.returncode != 0:
         raise LaunchError(f"sbatch refused {script} (exit code {p.returncode}): {p.stderr.strip()}\n"

@@ -130,7 +130,8 @@ def check_sweep(values:dict, # sweep parameter name -> value, as the notebook ho
         raise ConfigError(f"launcher {values['launcher']!r}: use one of {', '.join(LAUNCHERS)}.")
     if int(values.get("parallel", 1)) < 1: raise ConfigError(f"parallel={values['parallel']} must be at least 1. Fix: -p parallel 1")
     if values.get("slurm_parallel", 0) < 0:
-        raise ConfigError(f"slurm_parallel={values['slurm_parallel']} is negative. Fix: 0 (no limit) or the array tasks at once.")
+        raise ConfigError(f"slurm_parallel={values['slurm_parallel']} is negative. "
+                          "Fix: 0 (no limit) or the array tasks at once.")
     if values.get("slurm_gpus", 0) < 0: raise ConfigError(f"slurm_gpus={values['slurm_gpus']} is negative. Fix: -p slurm_gpus 0 (CPU ranks) or the GPUs per task.")
     lora_alpha_for(values.get("lora_alpha", "2*r"), 8)  # the rule parses
     if values.get("train_notebook"): train_notebook_path(values["train_notebook"])
@@ -333,10 +334,11 @@ def stage1_script(sweep_dir, slurm=None, gpus_per_node:int=0, python:str="python
 def _slurm_spec(v:dict) -> SlurmSpec:
     "The sweep's sbatch options from its parameters."
     return SlurmSpec(job_name=f"qllava-{v['sweep_name']}", time=v["slurm_time"], partition=v["slurm_partition"] or None,
-                     setup=[l for l in v["slurm_setup"].split(";") if l.strip()], array_parallel=v["slurm_parallel"] or None)
+                     setup=[l for l in v["slurm_setup"].split(";") if l.strip()],
+                     array_parallel=v["slurm_parallel"] or None)
 
 def submit_slurm(rec:dict, log=print) -> dict:
-    "Write the array script (and the stage-1 job when needed) and submit them; a LaunchError with the commands without sbatch."
+    "Write the array script (and the stage-1 job when needed) and submit them (without sbatch: the commands to run)."
     v, d = rec["parameters"], Path(rec["sweep_dir"])
     slurm = _slurm_spec(v)
     python = "python" if slurm.setup else sys.executable  # without setup lines, the jobs use this very interpreter
@@ -350,11 +352,13 @@ def submit_slurm(rec:dict, log=print) -> dict:
     some = ["--array=" + ",".join(map(str, todo)) + (f"%{slurm.array_parallel}" if slurm.array_parallel else "")]
     opts = some if len(todo) < len(rec["runs"]) else []
     if not shutil.which("sbatch"):
+        dep = ["--dependency=afterok:$jid"] if need1 else []
         cmd = (f"jid=$(sbatch --parsable {shlex.quote(out['stage1_script'])}) && " if need1 else "") + \
-              " ".join(["sbatch", *opts] + (["--dependency=afterok:$jid"] if need1 else []) + [shlex.quote(out["array_script"])])
-        raise LaunchError(f"sbatch is not on PATH here: the sweep's job scripts are written ({out['array_script']}"
-                          + (f", {out['stage1_script']}" if need1 else "") + f") but not submitted. Fix: submit them on the "
-                          f"cluster with:\n  {cmd}\nthen `qllava sweep status {d}` ranks the runs once they are done.")
+              " ".join(["sbatch", *opts, *dep, shlex.quote(out["array_script"])])
+        scripts = ", ".join(s for s in (out["array_script"], out["stage1_script"]) if s)
+        raise LaunchError(f"sbatch is not on PATH here: the sweep's job scripts are written ({scripts}) but not "
+                          f"submitted. Fix: submit them on the cluster with:\n  {cmd}\nthen `qllava sweep status {d}` "
+                          "ranks the runs once they are done.")
     if need1:
         out["stage1_job"] = submit_script(out["stage1_script"]); out["job_ids"].append(out["stage1_job"])
         opts = opts + [f"--dependency=afterok:{out['stage1_job']}"]
@@ -373,13 +377,14 @@ def wait_sweep(sl:dict, # `submit_slurm`'s record
         try: check_tasks(wait_job(sl["stage1_job"], limit + 3600, log=log))
         except LaunchError as e:
             subprocess.run(["scancel", sl["array_job"]], capture_output=True)
-            raise LaunchError(f"the sweep's stage-1 job failed, so its array {sl['array_job']} is cancelled. {e}") from None
+            msg = f"the sweep's stage-1 job failed, so its array {sl['array_job']} is cancelled. {e}"
+            raise LaunchError(msg) from None
     waves = -(-len(sl["tasks"]) // (v["slurm_parallel"] or len(sl["tasks"])))
     tasks = wait_job(sl["array_job"], limit * waves + 3600, log=log)
     return {int(t.job_id.rpartition("_")[2]): t for t in tasks if t.job_id.rpartition("_")[2].isdigit()}
 
 def slurm_failures(rec:dict, tasks:dict) -> dict:
-    "Mark runs whose array task ended badly but which wrote no status of their own as failed, with the log's last lines."
+    "Mark runs whose array task ended badly, with no status of their own, as failed, with their log's last lines."
     for r in rec["runs"]:
         t = tasks.get(r["index"])
         if t is None: continue

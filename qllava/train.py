@@ -35,7 +35,8 @@ def init_distributed() -> tuple[int,int]:
     "(rank, world_size) of DeepSpeed's process group, initialised here (a group of one outside any launcher)."
     import torch, torch.distributed as dist
     if not dist.is_initialized():
-        if "RANK" not in os.environ and os.environ.get(RANKS_ENV) == "slurm": os.environ.update(ranks_from_slurm(os.environ))
+        if "RANK" not in os.environ and os.environ.get(RANKS_ENV) == "slurm":  # srun's tasks
+            os.environ.update(ranks_from_slurm(os.environ))
         if "RANK" not in os.environ:  # a single process (notebook, plain python): a group of one
             import socket
             with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]

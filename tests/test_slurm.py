@@ -77,7 +77,8 @@ def test_preempted_job_requeues_itself_and_ends_with_the_same_weights(whole, dat
     while not metrics_steps(out) or max(metrics_steps(out)) < 2:
         assert time.time() - t0 < 600, "the job never reached step 2"
         time.sleep(0.05)
-    subprocess.run(["scancel", "--signal=USR1", job.job_id], check=True)  # what --signal=USR1@120 sends before the limit
+    # what Slurm sends signal_s seconds before the time limit (--signal=USR1@120)
+    subprocess.run(["scancel", "--signal=USR1", job.job_id], check=True)
     tasks = wait_job(job.job_id, timeout=900)
     log = Path(tasks[0].log).read_text()
     assert tasks[0].ok and tasks[0].restarts == 1, (tasks, log[-3000:])
@@ -97,7 +98,8 @@ def test_sweep_notebook_runs_a_four_task_array_and_ranks_the_runs(cluster, tmp_p
                         progress_bar=False, cwd=str(tmp_path))
     rec = json.loads((tmp_path / "imu-lr" / "sweep.json").read_text())
     status = {(r["parameters"]["learning_rate"], r["parameters"]["model_max_length"]): r["status"] for r in rec["runs"]}
-    assert status == {(2e-3, 512): "finished", (1e-3, 512): "finished", (2e-3, 16): "failed", (1e-3, 16): "failed"}, status
+    want = {(2e-3, 512): "finished", (1e-3, 512): "finished", (2e-3, 16): "failed", (1e-3, 16): "failed"}
+    assert status == want, status
     for r in rec["runs"]:  # each run with its array task's end, as Slurm saw it
         assert r["slurm"].startswith(f"{rec['slurm']['array_job']}_{r['index']} ")
         assert ("COMPLETED" in r["slurm"]) == (r["status"] == "finished"), r["slurm"]
@@ -108,8 +110,8 @@ def test_sweep_notebook_runs_a_four_task_array_and_ranks_the_runs(cluster, tmp_p
 
 def test_a_task_that_fails_is_named_with_its_log(cluster, tmp_path):
     with pytest.raises(LaunchError) as e:
-        launch(["-m", "qllava.train", "--data_path", str(tmp_path / "missing.json"), "--output_dir", str(tmp_path / "o")],
-               tmp_path, spec=SRUN, slurm=SlurmSpec(time="00:05:00"), timeout=300)
+        entry = ["-m", "qllava.train", "--data_path", str(tmp_path / "missing.json"), "--output_dir", str(tmp_path / "o")]
+        launch(entry, tmp_path, spec=SRUN, slurm=SlurmSpec(time="00:05:00"), timeout=300)
     msg = str(e.value)
     assert "FAILED" in msg and "exit code" in msg and str(tmp_path / "slurm-") in msg and "missing.json" in msg, msg
 
