@@ -202,20 +202,21 @@ class QllavaForCausalLM(PreTrainedModel, GenerationMixin):
         return emb
 
     def forward(self, input_ids:torch.LongTensor|None=None, attention_mask:torch.Tensor|None=None,
-                position_ids:torch.LongTensor|None=None, past_key_values=None, inputs_embeds:torch.Tensor|None=None,
+                position_ids:torch.LongTensor|None=None, cache=None, inputs_embeds:torch.Tensor|None=None,
                 labels:torch.LongTensor|None=None,
                 media:dict|None=None, # modality -> (M, ...) preprocessed media; a DataCollator batch's keys (`images`, `sensors`, ...) work too
                 use_cache:bool|None=None, logits_to_keep:int=0, **kwargs):
         "The DataCollator's batch in, the LLM's `CausalLMOutputWithPast` out (loss = LLM loss on merged embeddings)."
         media, kwargs = _media_args(media, kwargs)
-        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache  # the name transformers < 5.40 used
+        prefill = cache is None or cache.get_seq_length() == 0
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, media, run_all=prefill)
         if position_ids is None and attention_mask is not None and prefill:
             position_ids = position_ids_from_mask(attention_mask)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                        past_key_values=past_key_values, labels=labels, use_cache=use_cache,
-                        logits_to_keep=logits_to_keep, **kwargs)
+                        labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
+                        **({"cache": cache} if cache is not None else {}), **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids:torch.LongTensor|None=None, attention_mask:torch.Tensor|None=None,

@@ -26,9 +26,9 @@ __all__ = ['PUBLISHED_GLOBAL_BATCH', 'ASPECT_RATIOS', 'CKPT_DIR', 'CHECKSUMS', '
            'make_optimizer', 'media_settings', 'build_dataset', 'build_loader', 'build_eval_loader', 'open_reporters',
            'RunLog', 'flag_notes', 'step_schedule', 'set_aspect_ratio', 'Run', 'build_run', 'evaluate_vqa',
            'evaluate_loss', 'write_checksums', 'verify_checksums', 'safe_load', 'use_safe_loading', 'share_fp32_master',
-           'save_resumable', 'find_resume', 'load_resumable', 'Preempted', 'stop_signals', 'catch_stop_signals',
-           'stop_requested', 'save_here', 'save_and_stop', 'Progress', 'resume_progress', 'optimiser_step',
-           'after_step', 'final_metrics', 'train_loop', 'save_final', 'tokenizer_summary', 'fit', 'train_cli']
+           'save_resumable', 'find_resume', 'load_resumable', 'Progress', 'resume_progress', 'optimiser_step',
+           'after_step', 'final_metrics', 'train_loop', 'Preempted', 'stop_signals', 'catch_stop_signals',
+           'stop_requested', 'save_here', 'save_and_stop', 'save_final', 'tokenizer_summary', 'fit', 'train_cli']
 
 # %% ../nbs/21_train.ipynb #5f315f46
 def init_distributed() -> tuple[int,int]:
@@ -573,39 +573,6 @@ def load_resumable(run:Run, path:Path) -> dict:
         _set_rng_state(safe_load(rng))
     return client
 
-# %% ../nbs/21_train.ipynb #dfaabf92
-class Preempted(QllavaError):
-    "The run stopped on a signal after saving a resumable checkpoint."
-
-def stop_signals() -> tuple:
-    "The signals that ask a run to save and stop: SIGUSR1; SIGTERM too as srun's tasks (Slurm's preemption)."
-    return (signal.SIGUSR1, signal.SIGTERM) if os.environ.get(RANKS_ENV) == "slurm" else (signal.SIGUSR1,)
-
-def catch_stop_signals() -> list:
-    "Note each stop signal in the returned list (acted on at the next step); no handler outside the main thread."
-    got = []
-    if threading.current_thread() is threading.main_thread():
-        for s in stop_signals(): signal.signal(s, lambda num, frame: got.append(num))
-    return got
-
-def stop_requested(got:list) -> bool:
-    "Whether any rank got a stop signal (every rank must call it at the same step: it is an all-reduce)."
-    return _all_sum(float(bool(got))) > 0
-
-# %% ../nbs/21_train.ipynb #6a89932d
-def save_here(run:Run, p:Progress, per_epoch:int):
-    "Save a resumable checkpoint of the step just done (the next epoch's start when it closed an epoch)."
-    heartbeat("saving a resumable checkpoint", p.step)
-    done = p.micro + run.cfg.gradient_accumulation_steps > per_epoch
-    save_resumable(run, p.step, p.epoch + done, 0 if done else p.micro)
-
-def save_and_stop(run:Run, p:Progress, runlog:RunLog, per_epoch:int):
-    "Save a resumable checkpoint and stop the run with `Preempted`."
-    save_here(run, p, per_epoch); runlog.close()
-    raise Preempted(f"stopped on a signal after step {p.step} of {run.total_steps}, with a resumable checkpoint in "
-                    f"{Path(run.cfg.output_dir) / CKPT_DIR}/step-{p.step}. Fix: continue with --resume_from_checkpoint "
-                    "last (a requeueing Slurm job does so by itself).")
-
 # %% ../nbs/21_train.ipynb #7d5331a5
 @dataclass
 class Progress:
@@ -699,6 +666,39 @@ def train_loop(run:Run, log=print) -> dict:
             if p.step < run.total_steps and stop_requested(stop): save_and_stop(run, p, runlog, per_epoch)
         p.epoch += 1; p.micro = 0
     return final_metrics(run, p, runlog)
+
+# %% ../nbs/21_train.ipynb #dfaabf92
+class Preempted(QllavaError):
+    "The run stopped on a signal after saving a resumable checkpoint."
+
+def stop_signals() -> tuple:
+    "The signals that ask a run to save and stop: SIGUSR1; SIGTERM too as srun's tasks (Slurm's preemption)."
+    return (signal.SIGUSR1, signal.SIGTERM) if os.environ.get(RANKS_ENV) == "slurm" else (signal.SIGUSR1,)
+
+def catch_stop_signals() -> list:
+    "Note each stop signal in the returned list (acted on at the next step); no handler outside the main thread."
+    got = []
+    if threading.current_thread() is threading.main_thread():
+        for s in stop_signals(): signal.signal(s, lambda num, frame: got.append(num))
+    return got
+
+def stop_requested(got:list) -> bool:
+    "Whether any rank got a stop signal (every rank must call it at the same step: it is an all-reduce)."
+    return _all_sum(float(bool(got))) > 0
+
+# %% ../nbs/21_train.ipynb #6a89932d
+def save_here(run:Run, p:Progress, per_epoch:int):
+    "Save a resumable checkpoint of the step just done (the next epoch's start when it closed an epoch)."
+    heartbeat("saving a resumable checkpoint", p.step)
+    done = p.micro + run.cfg.gradient_accumulation_steps > per_epoch
+    save_resumable(run, p.step, p.epoch + done, 0 if done else p.micro)
+
+def save_and_stop(run:Run, p:Progress, runlog:RunLog, per_epoch:int):
+    "Save a resumable checkpoint and stop the run with `Preempted`."
+    save_here(run, p, per_epoch); runlog.close()
+    raise Preempted(f"stopped on a signal after step {p.step} of {run.total_steps}, with a resumable checkpoint in "
+                    f"{Path(run.cfg.output_dir) / CKPT_DIR}/step-{p.step}. Fix: continue with --resume_from_checkpoint "
+                    "last (a requeueing Slurm job does so by itself).")
 
 # %% ../nbs/21_train.ipynb #1bbcb05a
 def save_final(run:Run) -> list[str]:
