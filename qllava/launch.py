@@ -384,13 +384,14 @@ def launch_slurm(entry_args:list[str], # what would follow `python`
                  wait:bool=True, # follow the job to its end (its log streamed), then check it
                  timeout:float|None=None, # seconds to wait; default the time limit plus an hour in the queue
                  log=print) -> SlurmJob:
-    "Write run_dir/job.sbatch, submit it and follow it; a failed job is a LaunchError naming its task and log."
+    "Write run_dir/job.sbatch, submit it and follow it (its log shown but for library noise); a failed job raises."
     script = Path(run_dir) / "job.sbatch"
     entry = resumable_entry(entry_args) if slurm.requeue else entry_args
     script.write_text(sbatch_script(spec, slurm, [entry], Path(run_dir).resolve()))
     job = submit_sbatch(script, submit=submit)
     if job.job_id and wait:
-        show = lambda line: log(readable_line(line))
+        chatter = LauncherChatter()  # DeepSpeed's and the libraries' noise stays in the job's log file
+        show = lambda line: None if chatter(line) else log(readable_line(line))
         job.tasks = check_tasks(wait_job(job.job_id, timeout or slurm_seconds(slurm.time) + 3600, log=show))
     return job
 
@@ -596,7 +597,10 @@ def rank_failure(failures:list[dict], # `RankWatch.failures()`: the ranks seen t
 _LOG_RECORD = re.compile(r"(?:\[(?:rank|default)?\d+\]:\s*)?(?:"  # torchrun may prefix a rank's lines with [rank1]:
                          r"\[\d{4}-\d\d-\d\d [\d:,.]+\] \[(?:DEBUG|INFO|WARNING)\]"  # deepspeed's logger
                          r"|[DIW]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]"  # torch's C++ / elastic records (glog style)
-                         r"|(?:DEBUG|INFO|WARNING):(?:torch|deepspeed)\b)")  # Python logging's default format
+                         r"|(?:DEBUG|INFO|WARNING):(?:torch|deepspeed)\b"  # Python logging's default format
+                         r"|\S*(?:site|dist)-packages/\S+\.py:\d+: \w*Warning: "  # a library's Python warning
+                         r"|DeepSpeed \S+ built successfully)")  # DeepSpeed's op loader
+_WARNING = re.compile(r"\S+\.py:\d+: \w*Warning: ")
 
 def is_launcher_chatter(line:str) -> bool:
     "Whether `line` is a DeepSpeed / torch log record below ERROR (kept in launch.log, not echoed to the notebook)."
@@ -604,14 +608,17 @@ def is_launcher_chatter(line:str) -> bool:
 
 class LauncherChatter:
     "Follows a stream of lines: True for launcher chatter and for the indented lines that continue an open `{` of one (DeepSpeed's config dump)."
-    def __init__(self): self.depth = 0
+    def __init__(self): self.depth, self.source_line = 0, False
     def __call__(self, line:str) -> bool:
-        if self.depth > 0 and line[:1] in (" ", "\t", "}", "]"):
+        if self.source_line and line[:1] in (" ", "\t"):  # the source line Python prints under a warning
+            self.source_line = False
+            return True
+        if self.depth > 0 and line[:1] in (" ", "\t", "}", "]"):  # inside a config dump
             self.depth += line.count("{") - line.count("}")
             return True
         self.depth = 0
         if not is_launcher_chatter(line): return False
-        self.depth = line.count("{") - line.count("}")
+        self.depth, self.source_line = line.count("{") - line.count("}"), bool(_WARNING.match(line))
         return True
 
 # %% ../nbs/20_launch.ipynb #5cf5391b
