@@ -67,7 +67,7 @@ class TrainConfig:
     lora_alpha: int|None = None # LoRA alpha
     lora_dropout: float = 0.05 # LoRA dropout
     lora_bias: str = "none" # none | all | lora_only: which biases train with LoRA
-    bits: int|None = None # 16 | 8 | 4: the base LLM's weights (4 = QLoRA, needs bitsandbytes and CUDA); default 4 for --stage qlora, else 16
+    bits: int|None = None # 16 | 8 | 4: the base LLM's weights (4 = QLoRA with bitsandbytes, on GPU or CPU); default 4 for --stage qlora, else 16
     double_quant: bool = True # QLoRA: also quantise the quantisation constants (bitsandbytes bnb_4bit_use_double_quant)
     quant_type: str = "nf4" # QLoRA: nf4 | fp4 (bitsandbytes bnb_4bit_quant_type)
     # -- DeepSpeed and precision

@@ -533,6 +533,10 @@ def _weights_folder(llm:str) -> Path|None:
     if idx is not None and not all((p / s).is_file() for s in set(json.loads(idx.read_text())["weight_map"].values())): return None
     return p
 
+def _rank_device():
+    "This rank's device for a quantised load: its GPU (LOCAL_RANK), or the CPU (bitsandbytes quantises there too)."
+    return int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else "cpu"
+
 def _hub_llm(llm:str, attn:str, dtype, ds_config:dict|None, quantization_config):
     "A hub / folder LLM: built empty, each tensor read once into place (cast as read; under ZeRO-3 by rank 0 into every rank's share)."
     folder = _weights_folder(llm) if quantization_config is None else None  # quantised: transformers quantises as it loads
@@ -543,7 +547,7 @@ def _hub_llm(llm:str, attn:str, dtype, ds_config:dict|None, quantization_config)
     switch = hf_zero3(ds_config)  # from here on transformers builds and resizes partitioned
     if llm_model is None:  # not downloaded yet, or a layout transformers converts: its own loading
         quant = {} if quantization_config is None else dict(quantization_config=quantization_config,
-                                                            device_map={"": int(os.environ.get("LOCAL_RANK", 0))})  # this rank's GPU
+                                                            device_map={"": _rank_device()})
         try: llm_model = AutoModelForCausalLM.from_pretrained(llm, attn_implementation=attn, dtype=dtype, **quant)
         except OSError as e: raise CheckpointError(f"{llm}: cannot load a causal LM from here ({e}). Fix: give a preset:NAME, "
                                                    "a folder with config.json + weights, or a hub id cached locally.") from None
@@ -575,7 +579,7 @@ def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a loca
                 dtype=None, # weight dtype of every part; the LLM is loaded straight in it, never via fp32 (default float32)
                 train_encoders:bool=False, # unfreeze the encoders
                 ds_config:dict|None=None, # the run's DeepSpeed config: under ZeRO-3 the model is built partitioned over the ranks
-                quantization_config=None, # transformers' `BitsAndBytesConfig`: a 4- / 8-bit base LLM (QLoRA; bitsandbytes on CUDA)
+                quantization_config=None, # transformers' `BitsAndBytesConfig`: a 4- / 8-bit base LLM (QLoRA; GPU or CPU)
                 ) -> tuple: # (model, tokenizer)
     "Build a `QllavaForCausalLM` and its prepared tokenizer, offline for presets and local folders; the caller's random state is left as it was."
     encoders = dict(encoders if encoders is not None else {"image": "preset:tiny-clip"})

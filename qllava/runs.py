@@ -93,8 +93,8 @@ def check_parameters(values:dict, # parameter name -> value, as the notebook hol
     for k, ok in choices.items():
         if k in values and values[k] not in ok: raise ConfigError(f"{k} {values[k]!r} is not one of {', '.join(ok)}. Fix: -p {k} {ok[0]}.")
     if values.get("stage") == "qlora" and importlib.util.find_spec("bitsandbytes") is None:  # else each rank would find out, after the launch
-        raise ConfigError("stage 'qlora' (4-bit) needs bitsandbytes and a CUDA GPU, and bitsandbytes is not installed here. "
-                          "Fix: pip install 'qllava[gpu]' on a GPU machine, or -p stage lora.")
+        raise ConfigError("stage 'qlora' (4-bit) needs bitsandbytes, which is not installed here. "
+                          "Fix: pip install 'qllava[train]' (or bitsandbytes; it runs on CPU too), or -p stage lora.")
     if "projector" in values and not re.fullmatch(r"linear|identity|mlp[1-9]\d*x_gelu", values["projector"]):
         raise ConfigError(f"projector {values['projector']!r} is not a projector kind. Fix: use linear, mlpNx_gelu (e.g. mlp2x_gelu, LLaVA-1.5's) or identity.")
     for k in ("global_batch_size", "learning_rate", "mm_projector_lr", "num_train_epochs", "lora_r", "lora_alpha", "model_max_length", "seed"):

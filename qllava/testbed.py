@@ -233,10 +233,11 @@ def _readme(repo_id:str, seed:int, what:str) -> str:
 
 # %% ../nbs/08_testbed.ipynb #346d6d21
 VICUNA_CONFIG = {"_name_or_path": "vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
-    "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 172, "max_position_embeddings": 4096,
+    "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 192, "max_position_embeddings": 4096,
     "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 4, "pad_token_id": 0,
     "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False, "torch_dtype": "float16",
     "transformers_version": "4.31.0", "use_cache": True, "vocab_size": 32000}   # real: hidden 4096, 32 layers, 32 heads, intermediate 11008
+# intermediate 192 (11008 / 64 rounded up to a multiple of 64): bitsandbytes' 4-bit CPU kernels need whole 64-blocks
 VICUNA_GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": 2, "max_length": 4096, "pad_token_id": 0, "temperature": 0.9,
                             "top_p": 0.6, "transformers_version": "4.31.0"}
 

@@ -28,7 +28,8 @@ __all__ = ['PUBLISHED_GLOBAL_BATCH', 'ASPECT_RATIOS', 'CKPT_DIR', 'CHECKSUMS', '
            'evaluate_loss', 'write_checksums', 'verify_checksums', 'safe_load', 'use_safe_loading', 'share_fp32_master',
            'save_resumable', 'find_resume', 'load_resumable', 'Progress', 'resume_progress', 'optimiser_step',
            'after_step', 'final_metrics', 'train_loop', 'Preempted', 'stop_signals', 'catch_stop_signals',
-           'stop_requested', 'save_here', 'save_and_stop', 'save_final', 'tokenizer_summary', 'fit', 'train_cli']
+           'stop_requested', 'save_here', 'save_and_stop', 'save_final', 'tokenizer_summary', 'quantization_summary',
+           'fit', 'train_cli']
 
 # %% ../nbs/21_train.ipynb #5f315f46
 def init_distributed() -> tuple[int,int]:
@@ -364,8 +365,9 @@ def build_run(cfg:TrainConfig, log=print) -> Run:
                               global_batch_size=global_bs)
     if cfg.bits < 16:
         try: import bitsandbytes  # noqa: F401
-        except ImportError: raise ConfigError(f"--bits {cfg.bits} (QLoRA) needs bitsandbytes and a CUDA GPU. Fix: pip install 'qllava[gpu]' on a GPU machine, or use --stage lora.") from None
-        if not torch.cuda.is_available(): raise ConfigError(f"--bits {cfg.bits} (QLoRA) needs a CUDA GPU; this machine has none. Fix: use --stage lora here.")
+        except ImportError:  # bitsandbytes >= 0.48 quantises on CPU too
+            raise ConfigError(f"--bits {cfg.bits} (QLoRA) needs bitsandbytes. Fix: pip install 'qllava[train]' "
+                              "(or bitsandbytes), or use --stage lora.") from None
     seed_everything(cfg.seed)
     for note in flag_notes(cfg, world): log(note)
     writers = open_reporters(report_targets(cfg.report_to), Path(cfg.output_dir), cfg) if rank == 0 else {}
@@ -728,6 +730,13 @@ def tokenizer_summary(tokenizer, cfg:TrainConfig) -> dict:
     return {"name_or_path": str(tokenizer.name_or_path or cfg.tokenizer or cfg.model_name_or_path), "vocab_size": len(tokenizer),
             "class": type(tokenizer).__name__, "template": cfg.version}
 
+def quantization_summary(model, cfg:TrainConfig) -> dict|None:
+    "What a QLoRA run record says of its base LLM: bits, quant type, double quantisation and the quantised layers."
+    if cfg.bits == 16: return None
+    kinds = ("Linear4bit", "Linear8bitLt")
+    n = sum(type(m).__name__ in kinds for m in model.llm.modules())
+    return {"bits": cfg.bits, "quant_type": cfg.quant_type, "double_quant": cfg.double_quant, "quantized_linear_layers": n}
+
 def fit(cfg:TrainConfig, log=print) -> dict:
     "Train one stage end to end; writes artifacts, `metrics.jsonl`, `train_config.json` and `summary.json` to output_dir."
     heartbeat("setup: model, data validation, DeepSpeed engine")
@@ -745,7 +754,8 @@ def fit(cfg:TrainConfig, log=print) -> dict:
     final["artifacts"] = save_final(run)
     heartbeat("done", final["steps"])
     final.update(world_size=run.world, data=run.data_counts, modality=run.modality,
-                 trainable=trainable_summary(run.model), tokenizer=tokenizer_summary(run.tokenizer, cfg))
+                 trainable=trainable_summary(run.model), tokenizer=tokenizer_summary(run.tokenizer, cfg),
+                 quantization=quantization_summary(run.model, cfg))
     if rank == 0: (out / "summary.json").write_text(json.dumps(final, indent=2))
     return final
 

@@ -92,7 +92,7 @@ BAD = [  # (notebook, parameters, error type, what the message must say besides 
     ("train", {"pretrain_mm_mlp_adapter": f"{MISSING}/mm_projector.bin"}, "ConfigError", "run -p stage pretrain first"),
     ("train", {"deepspeed": "zero4"}, "ConfigError", "use one of zero2, zero3, zero3_offload or none"),
     ("train", {"stage": "foo"}, "ConfigError", "stage 'foo' is not one of pretrain, finetune, lora, qlora"),
-    *([("train", {"stage": "qlora"}, "ConfigError", "needs bitsandbytes and a CUDA GPU")] if importlib.util.find_spec("bitsandbytes") is None else []),
+    *([("train", {"stage": "qlora"}, "ConfigError", "needs bitsandbytes, which is not installed")] if importlib.util.find_spec("bitsandbytes") is None else []),
     ("train", {"learning_rat": 1e-4}, "ConfigError", "did you mean learning_rate"),
     ("train", {"num_gpus": "two"}, "ConfigError", "num_gpus='two' is a str"),
     ("train", {"learning_rate": -1e-4}, "ConfigError", "learning_rate=-0.0001 is negative"),

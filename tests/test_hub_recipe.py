@@ -51,12 +51,14 @@ def recipe(hub, tmp_path_factory):
               learning_rate=1e-4, run_name="ft", **common)
     papermill(env, work / "lora.ipynb", stage="lora", data_path=d["finetune"], pretrain_mm_mlp_adapter=adapter,
               learning_rate=1e-3, lora_r=8, lora_alpha=16, run_name="lora", **common)
+    papermill(env, work / "qlora.ipynb", stage="qlora", data_path=d["finetune"], pretrain_mm_mlp_adapter=adapter,
+              learning_rate=1e-3, lora_r=8, lora_alpha=16, run_name="qlora", **common)  # bitsandbytes' 4-bit on CPU
     return work, runs, env
 
 
 def test_every_stage_used_the_models_own_tokenizer_and_the_hub_ids(recipe):
     work, runs, env = recipe
-    for name in ("pre", "ft", "lora"):
+    for name in ("pre", "ft", "lora", "qlora"):
         run = json.loads((runs / name / "run.json").read_text())
         cfg = run["stages"][-1]["config"]
         assert cfg["model_name_or_path"] == LLM and cfg["vision_tower"] == TOWER and cfg["tokenizer"] is None
@@ -74,11 +76,22 @@ def test_every_stage_used_the_models_own_tokenizer_and_the_hub_ids(recipe):
     assert (runs / "lora" / "adapter" / "adapter_config.json").exists()
 
 
+def test_qlora_trains_lora_adapters_on_a_4bit_nf4_base_on_cpu(recipe):
+    "QLoRA for real on CPU: bitsandbytes' NF4 with double quantisation under every linear layer of the shrunken Vicuna."
+    work, runs, env = recipe
+    summary = json.loads((runs / "qlora" / "run.json").read_text())["stages"][-1]["summary"]
+    q = summary["quantization"]
+    assert q["bits"] == 4 and q["quant_type"] == "nf4" and q["double_quant"] is True
+    assert q["quantized_linear_layers"] >= 7 * 2, q   # q, k, v, o, gate, up, down in each of the layers
+    assert (runs / "qlora" / "adapter" / "adapter_model.safetensors").exists() and summary["final_loss"] > 0
+    assert summary["trainable"]["llm"]["trainable"] < summary["trainable"]["llm"]["total"]  # adapters only
+
+
 def test_answers_decode_to_real_text_and_are_scored(recipe):
     from qllava.presets import demo_paths
     work, runs, env = recipe
     d = demo_paths("pathology")
-    for name in ("ft", "lora"):
+    for name in ("ft", "lora", "qlora"):
         ans = work / f"answers-{name}.jsonl"
         r = subprocess.run([sys.executable, "-m", "qllava.cli", "answer", "--model-path", str(runs / name), "--question-file",
                             str(d["eval_questions"]), "--image-folder", str(d["media_folder"]), "--answers-file", str(ans),
