@@ -30,7 +30,7 @@ SWEEP_PARAMETERS = dict(
     stage=["finetune"], modality=["image"], pretrain_mm_mlp_adapter="", train_parameters={}, metric="closed_accuracy",
     launcher="local-sequential", parallel=1, retry_failed=True, evaluate=False, eval_parameters={}, sweep_name="sweep",
     runs_dir="runs", train_notebook="", slurm_partition="", slurm_time="04:00:00", slurm_gpus=0, slurm_setup="",
-    slurm_parallel=0, slurm_wait=True)
+    slurm_parallel=0, slurm_wait=True, slurm_submit=True)
 SWEPT = ("stage", "modality", "learning_rate", "mm_projector_lr", "num_train_epochs", "lora_r")
 SWEEP_OWNS = ("run_name", "runs_dir", "pretrain_mm_mlp_adapter")  # train parameters the sweep sets itself
 METRICS = {"closed_accuracy": "max", "open_accuracy": "max", "judge_score": "max", "eval_loss": "min", "final_loss": "min"}
@@ -338,7 +338,7 @@ def _slurm_spec(v:dict) -> SlurmSpec:
                      array_parallel=v["slurm_parallel"] or None)
 
 def submit_slurm(rec:dict, log=print) -> dict:
-    "Write the array script (and the stage-1 job when needed) and submit them (without sbatch: the commands to run)."
+    "Write the array script (and the stage-1 job when needed) and submit them (slurm_submit False: print the commands)."
     v, d = rec["parameters"], Path(rec["sweep_dir"])
     slurm = _slurm_spec(v)
     python = "python" if slurm.setup else sys.executable  # without setup lines, the jobs use this very interpreter
@@ -351,11 +351,14 @@ def submit_slurm(rec:dict, log=print) -> dict:
         out["stage1_script"] = str(d / "stage1.sbatch")
     some = ["--array=" + ",".join(map(str, todo)) + (f"%{slurm.array_parallel}" if slurm.array_parallel else "")]
     opts = some if len(todo) < len(rec["runs"]) else []
-    if not shutil.which("sbatch"):
+    if not (v["slurm_submit"] and shutil.which("sbatch")):
         dep = ["--dependency=afterok:$jid"] if need1 else []
         cmd = (f"jid=$(sbatch --parsable {shlex.quote(out['stage1_script'])}) && " if need1 else "") + \
               " ".join(["sbatch", *opts, *dep, shlex.quote(out["array_script"])])
         scripts = ", ".join(s for s in (out["array_script"], out["stage1_script"]) if s)
+        if not v["slurm_submit"]:  # asked to write only (e.g. to submit from the cluster's login node)
+            out["command"] = cmd; log(f"the job scripts are written; submit them on the cluster with:\n  {cmd}")
+            return out
         raise LaunchError(f"sbatch is not on PATH here: the sweep's job scripts are written ({scripts}) but not "
                           f"submitted. Fix: submit them on the cluster with:\n  {cmd}\nthen `qllava sweep status {d}` "
                           "ranks the runs once they are done.")
@@ -518,7 +521,8 @@ def run_sweep(values:dict, log=print) -> dict:
     log(f"sweep {d}: {len(rec['runs'])} combinations, {skipped} finished or kept, {len(todo)} to run ({v['launcher']})")
     if v["launcher"] == "slurm":
         rec["slurm"] = submit_slurm(rec, log=log) if todo else None
-        tasks = wait_sweep(rec["slurm"], v, log=log) if rec["slurm"] and v["slurm_wait"] else {}
+        submitted = rec["slurm"] and rec["slurm"].get("array_job")
+        tasks = wait_sweep(rec["slurm"], v, log=log) if submitted and v["slurm_wait"] else {}
         out = slurm_failures(collect(d), tasks); out["slurm"] = rec["slurm"]; write_sweep(d, out)
         return out
     if todo:
