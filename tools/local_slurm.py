@@ -64,14 +64,14 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=12:00:00 State=UP Ove
 def _run(cmd:list, **kw):
     subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
-def start_munge(d:Path):
+def start_munge(d:Path, env:dict):
     "munged with its own key and socket in d/munge."
     m = d / "munge"; m.mkdir(parents=True, exist_ok=True); os.chmod(m, 0o700)
     key = m / "munge.key"
     if not key.exists():
         key.write_bytes(os.urandom(1024)); os.chmod(key, 0o400)
     _run(["munged", "--force", f"--key-file={key}", f"--socket={m}/munge.socket", f"--pid-file={m}/munged.pid",
-          f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed"])
+          f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed"], env=env)
 
 def wait_idle(env:dict, timeout:float=60) -> None:
     "Wait until the node is idle (it takes jobs); raise with the daemons' logs otherwise."
@@ -91,7 +91,7 @@ def start(d, cpus:int=4, mem_mb:int=16000) -> dict:
     for sub in ("state", "spool"): (d / sub).mkdir(parents=True, exist_ok=True)
     conf = d / "slurm.conf"; conf.write_text(slurm_conf(d, cpus, mem_mb))
     env = {**os.environ, "SLURM_CONF": str(conf), "PATH": os.environ.get("PATH", "") + ":/usr/sbin"}
-    start_munge(d)
+    start_munge(d, env)
     _run(["slurmctld", "-c", "-f", str(conf)], env=env)  # -c: a clean state, no jobs of an earlier cluster
     _run(["slurmd", "-f", str(conf), "-N", NODE], env=env)
     wait_idle(env)
