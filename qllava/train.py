@@ -29,7 +29,7 @@ __all__ = ['PUBLISHED_GLOBAL_BATCH', 'ASPECT_RATIOS', 'CKPT_DIR', 'CHECKSUMS', '
            'save_resumable', 'find_resume', 'load_resumable', 'Progress', 'resume_progress', 'optimiser_step',
            'after_step', 'final_metrics', 'train_loop', 'Preempted', 'stop_signals', 'catch_stop_signals',
            'stop_requested', 'save_here', 'save_and_stop', 'save_final', 'tokenizer_summary', 'quantization_summary',
-           'fit', 'train_cli']
+           'fit', 'train_cli', 'close_distributed']
 
 # %% ../nbs/21_train.ipynb #5f315f46
 def init_distributed() -> tuple[int,int]:
@@ -768,7 +768,14 @@ def train_cli(argv:list[str]|None=None) -> int:
     try: fit(cfg)
     except Preempted as e:  # saved: the exit code tells a requeueing job script to put the job back in the queue
         print(f"qllava train: {e}", file=sys.stderr, flush=True); return PREEMPTED_EXIT
+    finally: close_distributed()
     return 0
+
+# %% ../nbs/21_train.ipynb #d3bc62e7
+def close_distributed():
+    "Close the process group, if any, after every rank is done (a no-op outside a distributed run)."
+    import torch.distributed as dist
+    if dist.is_initialized(): dist.destroy_process_group()
 
 # %% ../nbs/21_train.ipynb #d70af1f9
 if __name__ == "__main__" and "__file__" in globals():  # `python -m qllava.train` (a notebook cell has no __file__)
