@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_checkpoint.ipynb #e9652910
 from __future__ import annotations
-import contextlib, json, pickle, re
+import contextlib, copy, json, pickle, re
 from pathlib import Path
 import torch
 from torch import nn
@@ -14,12 +14,13 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
 from .core import CheckpointError, ConfigError, QllavaError, ArgumentParser
 from .config import TrainConfig
 from .presets import default_tokenizer, save_tokenizer
-from .conversation import get_template
+from .conversation import IM_END, chat_template, generation_prompt, get_template, render, spans_text
+from .modality import placeholders
 from .encoders import encoder_modality, load_weights_file, resolve_spec
 from .model import (QllavaConfig, QllavaForCausalLM, WeightReader, build_model, cast_params, default_attn_implementation,
                           ds_param_dtype, empty_weights, gathered, get_encoder, get_tokenizer, hf_zero3, llm_from_weights,
                           load_weights, media_token_id, meta_names, partition, resize_embeddings, resolve_dtype, zero_stage)
-from .tokenize import prepare_tokenizer
+from .tokenize import encode_chunked, prepare_tokenizer
 
 # %% auto #0
 __all__ = ['MANIFEST', 'COMPONENTS', 'LLAVA_LLM_TYPES', 'load_state_file', 'load_folder_weights', 'make_manifest',
@@ -27,8 +28,8 @@ __all__ = ['MANIFEST', 'COMPONENTS', 'LLAVA_LLM_TYPES', 'load_state_file', 'load
            'load_projector', 'save_checkpoint', 'load_tokenizer_from', 'load_checkpoint', 'load_model',
            'register_auto_classes', 'quantization_config', 'load_base_model', 'load_lora_run', 'merge_lora',
            'merge_lora_cli', 'load_trained', 'read_llava_config', 'llava_text_config', 'split_llava_state_dict',
-           'import_llava', 'llava_hf_state_dict', 'export_hf', 'import_llava_cli', 'export_hf_cli',
-           'extract_projector_cli']
+           'import_llava', 'stop_token_ids', 'save_llava_processor', 'align_exported_tokenizer', 'llava_hf_state_dict',
+           'export_hf', 'import_llava_cli', 'export_hf_cli', 'extract_projector_cli']
 
 # %% ../nbs/14_checkpoint.ipynb #69f85b0e
 def load_state_file(path) -> dict:
@@ -447,6 +448,93 @@ def import_llava(folder, # an original LLaVA checkpoint folder (config.json with
     if out_dir is not None: save_checkpoint(model, out_dir, tokenizer=tok, stage="import")
     return model, tok
 
+# %% ../nbs/14_checkpoint.ipynb #3641ab6a
+_AFTER_MEDIA = {  # a form -> the lookahead after a placeholder that gets a space (None: the tokenizer as it is)
+    "as_is": None,
+    "space": r"(?!{stops}|\z)",            # SentencePiece: the dummy prefix, even before a leading space
+    "space_unless_space": r"(?!{stops}| |\z)",  # a tokenizers Metaspace: one `▁` before a leading space, not two
+}
+
+def _after_media_json(tok_json:dict, form:str) -> dict:
+    "`tokenizer.json` content made to tokenise the text after a placeholder run as a chunk of its own (`form`)."
+    import copy
+    d, look = copy.deepcopy(tok_json), _AFTER_MEDIA[form]
+    if look is None: return d
+    phs = list(placeholders().values())
+    for a in d["added_tokens"]:
+        if a["content"] in phs: a["normalized"] = True  # seen by the normalizer, split off after it
+    stops = "|".join(re.escape(s) for s in phs + [IM_END])
+    reps = [{"type": "Replace", "pattern": {"Regex": re.escape(p) + look.format(stops=stops)}, "content": p + " "}
+            for p in phs]
+    old = d.get("normalizer")
+    d["normalizer"] = {"type": "Sequence", "normalizers": reps + ([old] if old else [])}
+    return d
+
+# %% ../nbs/14_checkpoint.ipynb #7d08aba3
+def _export_probes(template:str, use_im_start_end:bool) -> list[str]:
+    "Prompt texts whose ids the exported tokenizer must reproduce: open questions and a whole two-turn conversation."
+    qs = ["<image>\nWhat is shown?", "<image>\n Describe it.", "Is <image> stained?", "hello", "<image>"]
+    out = [generation_prompt(template, q, use_im_start_end=use_im_start_end) for q in qs]
+    conv = [{"from": "human", "value": qs[0]}, {"from": "gpt", "value": "A gland."}]
+    if template != "plain": conv += [{"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]
+    return out + [spans_text(render(template, conv, use_im_start_end=use_im_start_end))]
+
+def _ids_ours(tokenizer, texts:list[str], n:int) -> list[list[int]]:
+    "Our training / answering ids of `texts`, each image placeholder repeated `n` times."
+    mid = tokenizer.convert_tokens_to_ids("<image>")
+    return [[t for i in ids for t in ([i] * n if i == mid else [i])] for ids, _, _ in encode_chunked(tokenizer, texts)]
+
+def _ids_whole(tokenizer, texts:list[str], n:int) -> list[list[int]]:
+    "What transformers' Llava processor gives: each placeholder repeated `n` times, the whole text tokenised at once."
+    return tokenizer([t.replace("<image>", "<image>" * n) for t in texts], add_special_tokens=True).input_ids
+
+# %% ../nbs/14_checkpoint.ipynb #1ebd3a8d
+def stop_token_ids(tokenizer, template:str) -> list[int]:
+    "The EOS id and each of the template's stop strings that is one token: where transformers' `generate` stops."
+    ids = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(s) for s in get_template(template).stop_strings
+                                      if s in tokenizer.get_added_vocab() or s == tokenizer.eos_token]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+def save_llava_processor(model, clip, tokenizer, out_dir:Path):
+    "The `LlavaProcessor` of an export: padding image processor, the tokenizer aligned to training, the chat template."
+    enc, c = model.encoders["image"], model.config
+    S = enc.media["image_size"] if hasattr(enc, "media") else clip.config.image_size
+    # do_pad: pad to square with int(mean*255) before resizing, as training did (a crop would cut non-square images)
+    ip = LlavaImageProcessor(do_pad=True, size={"shortest_edge": S}, crop_size={"height": S, "width": S},
+                             image_mean=list(enc.media.get("image_mean")) if hasattr(enc, "media") else None,
+                             image_std=list(enc.media.get("image_std")) if hasattr(enc, "media") else None)
+    tok = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own chat template and padding side
+    tok.chat_template, tok.padding_side = chat_template(c.template, c.use_im_start_end), "left"  # batched generate
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=clip.config.patch_size, image_token="<image>",
+                          vision_feature_select_strategy="default" if enc.select_feature == "patch" else "full",
+                          num_additional_image_tokens=1, chat_template=tok.chat_template)
+    proc.save_pretrained(out_dir)
+    save_tokenizer(tok, out_dir)  # the processor's copy would lose the tokenizer's legacy flag
+    align_exported_tokenizer(out_dir, tokenizer, c.template, c.use_im_start_end, n=enc.num_tokens)
+
+# %% ../nbs/14_checkpoint.ipynb #aa39d30e
+def align_exported_tokenizer(folder, # an export folder holding the saved tokenizer
+                             tokenizer, # the tokenizer the model trained with
+                             template:str, # the model's conversation template
+                             use_im_start_end:bool=False, # images framed as <im_start><image><im_end>
+                             n:int=3, # placeholder repeats in the probes (what the processor expands to)
+                            ) -> str:
+    "Rewrite `folder`'s tokenizer so whole-prompt tokenisation gives our ids; returns the form kept (`_AFTER_MEDIA`)."
+    folder = Path(folder)
+    texts = _export_probes(template, use_im_start_end)
+    want = _ids_ours(tokenizer, texts, n)
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    for form in _AFTER_MEDIA:
+        (folder / "tokenizer.json").write_text(json.dumps(_after_media_json(tj, form), ensure_ascii=False))
+        for a in tc.get("added_tokens_decoder", {}).values():
+            if a["content"] in placeholders().values(): a["normalized"] = form != "as_is"
+        (folder / "tokenizer_config.json").write_text(json.dumps(tc, indent=2, ensure_ascii=False))
+        if _ids_whole(AutoTokenizer.from_pretrained(str(folder)), texts, n) == want: return form
+    raise CheckpointError(f"{folder}: no form of the exported tokenizer gives the training ids of the text after "
+                          f"an image ({type(tokenizer).__name__}, template {template}). Fix: prompt the exported "
+                          "model with ids from qllava.generate.encode_prompts, or report the tokenizer.")
+
 # %% ../nbs/14_checkpoint.ipynb #5f268bf8
 def llava_hf_state_dict(model, clip) -> dict:
     "Our tensors under `LlavaForConditionalGeneration` names."
@@ -482,22 +570,14 @@ def export_hf(model, # a QllavaForCausalLM with one CLIP-family image encoder an
     _load_into(hf, llava_hf_state_dict(model, clip), "Llava", out_dir, allow_missing=(r"position_ids$", r"rotary_emb"))
     hf = hf.to(next(model.llm.parameters()).dtype).eval()
     if tokenizer is not None:
-        hf.generation_config.pad_token_id, hf.generation_config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-        hf.generation_config.bos_token_id = tokenizer.bos_token_id
+        gc = hf.generation_config
+        gc.pad_token_id, gc.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
+        gc.eos_token_id = stop_token_ids(tokenizer, model.config.template)  # generate stops at the answer's end
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out_dir)
-    if tokenizer is not None:
-        S = enc.media["image_size"] if hasattr(enc, "media") else clip.config.image_size
-        # do_pad: pad to square with int(mean*255) before resizing, as training did (a crop would cut non-square images)
-        ip = LlavaImageProcessor(do_pad=True, size={"shortest_edge": S}, crop_size={"height": S, "width": S},
-                                image_mean=list(enc.media.get("image_mean")) if hasattr(enc, "media") else None,
-                                image_std=list(enc.media.get("image_std")) if hasattr(enc, "media") else None)
-        proc = LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=clip.config.patch_size,
-                              vision_feature_select_strategy=cfg.vision_feature_select_strategy, image_token="<image>",
-                              num_additional_image_tokens=1)
-        proc.save_pretrained(out_dir)
-        save_tokenizer(tokenizer, out_dir)  # the processor's copy would lose the tokenizer's legacy flag
+    if tokenizer is not None: save_llava_processor(model, clip, tokenizer, out_dir)
     return out_dir
+
 
 # %% ../nbs/14_checkpoint.ipynb #66a3c526
 def import_llava_cli(argv:list[str]|None=None) -> int:

@@ -10,7 +10,7 @@ from .modality import placeholder_re
 
 # %% auto #0
 __all__ = ['IM_START', 'IM_END', 'IM_PATCH', 'TEMPLATES', 'TEMPLATE_ALIASES', 'find_placeholders', 'Template', 'get_template',
-           'Span', 'spans_text', 'check_turns', 'render', 'generation_prompt']
+           'Span', 'spans_text', 'check_turns', 'render', 'generation_prompt', 'chat_template']
 
 # %% ../nbs/01_conversation.ipynb #7848e60e
 IM_START, IM_END, IM_PATCH = "<im_start>", "<im_end>", "<im_patch>"
@@ -177,3 +177,48 @@ def generation_prompt(template:str|Template, # template name or `Template`
     "The prompt text for answering `question`; it ends where the assistant's answer begins."
     turns = list(history or []) + [{"from": "human", "value": question}]
     return spans_text(render(template, turns, use_im_start_end=use_im_start_end, add_generation_prompt=True))
+
+# %% ../nbs/01_conversation.ipynb #26656068
+_JINJA_VALUE = (
+    "{%- macro value(m) -%}"
+    "{%- if m['content'] is string -%}{%- set v = m['content'] -%}"
+    "{%- else -%}{%- set ns = namespace(v='') -%}{%- for c in m['content'] -%}"
+    "{%- if c['type'] == 'image' -%}{%- set ns.v = ns.v + '<image>' -%}"
+    "{%- elif c['type'] == 'text' -%}{%- set ns.v = ns.v + c['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- set v = ns.v -%}{%- endif -%}"
+    "{%- if m['role'] == 'user' and v.split('<image>')|length == 2 -%}"
+    "{%- set v = ('<image>\\n' + v.replace('<image>', '')|trim)|trim -%}{%- endif -%}"
+    "{{- v|replace('<image>', PH) -}}"
+    "{%- endmacro -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}{{- raise_exception('this model was trained with the fixed "
+    "system prompt of its template; drop the system message') -}}{%- endif -%}"
+    "{%- for m in messages -%}{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}{{- raise_exception("
+    "'messages must alternate user / assistant, starting with user') -}}{%- endif -%}{%- endfor -%}")
+
+_JINJA_TURNS = {  # per layout, the Jinja of `_render_<style>`
+    "two": "{{- SYSTEM + SEP -}}{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
+           "{{- R0 + ': ' + value(m) + SEP + R1 + ':' -}}"
+           "{%- else -%}{{- ' ' + value(m) + SEP2 -}}{%- endif -%}{%- endfor -%}",
+    "llama_2": "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set q = value(m) -%}"
+               "{%- if loop.first and SYSTEM -%}"
+               "{%- set q = '<<SYS>>\\n' + SYSTEM + '\\n<</SYS>>\\n\\n' + q -%}{%- endif -%}"
+               "{{- ('' if loop.first else SEP) + '[INST] ' + q + ' [/INST]' -}}"
+               "{%- else -%}{{- ' ' + value(m) + ' ' + SEP2 -}}{%- endif -%}{%- endfor -%}",
+    "mpt": "{{- SYSTEM + SEP -}}{%- for m in messages -%}{%- if m['role'] == 'user' -%}{{- R0 + value(m) + SEP + R1 -}}"
+           "{%- else -%}{{- value(m) + SEP -}}{%- endif -%}{%- endfor -%}",
+    "plain": "{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
+             "{{- SYSTEM + PH * (value(m).split(PH)|length - 1) -}}"
+             "{%- else -%}{{- value(m) + SEP -}}{%- endif -%}{%- endfor -%}",
+}
+
+# %% ../nbs/01_conversation.ipynb #44bad973
+def chat_template(template:str|Template, # template name or `Template`
+                  use_im_start_end:bool=False, # frame each image as <im_start><image><im_end>
+                 ) -> str:
+    "The Jinja chat template that renders transformers-style messages to the exact prompt text of `template`."
+    import json
+    t = get_template(template)
+    consts = {"SYSTEM": t.system, "SEP": t.sep, "SEP2": t.sep2 or "", "R0": t.roles[0], "R1": t.roles[1],
+              "PH": IM_START + "<image>" + IM_END if use_im_start_end else "<image>"}
+    head = "".join(f"{{%- set {k} = {json.dumps(v)} -%}}" for k, v in consts.items())  # JSON strings are Jinja literals
+    return head + _JINJA_VALUE + _JINJA_TURNS[t.style]

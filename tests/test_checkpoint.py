@@ -218,11 +218,10 @@ def test_export_hf_identical_logits_and_greedy(mm, tmp_path):
     pil = Image.new("RGB", (32, 32), (120, 60, 30))
     p_ids = proc(text=[prompt], images=[pil], return_tensors="pt").input_ids
     ours, _ = encode_prompts(tok, [prompt], model.config)
-    # one known difference: transformers' processor tokenises the whole prompt, so the text after the image block gets
-    # no SentencePiece prefix; we (like the original's tokenizer_image_token) tokenise that chunk alone: "▁" "\n"
-    prefix = tok.convert_tokens_to_ids("▁")
-    ours_l, after = ours[0].tolist(), ours[0].tolist().index(model.config.media_token_ids["image"]) + model.config.encoder_num_tokens["image"]
-    assert ours_l[after] == prefix and p_ids[0].tolist() == ours_l[:after] + ours_l[after + 1:]
+    # the text after the image block is tokenised as a chunk of its own, as training (the original's
+    # tokenizer_image_token) does: "▁" "\n", although the processor tokenises the whole prompt at once
+    after = ours[0].tolist().index(model.config.media_token_ids["image"]) + model.config.encoder_num_tokens["image"]
+    assert ours[0].tolist()[after] == tok.convert_tokens_to_ids("▁") and p_ids[0].tolist() == ours[0].tolist()
     # greedy answers: transformers' generate on the exported model == ours, batched with left padding
     prompts = ["USER: <image>\nWhat is shown? ASSISTANT:", "USER: <image>\nDescribe the tissue, please. ASSISTANT:",
                "USER: hello ASSISTANT:", "USER: <image>\nbrown? ASSISTANT:"]
