@@ -183,7 +183,7 @@ def load_answering_model(model_dir, device=None) -> tuple:
     "(model, tokenizer) of a checkpoint or LoRA run folder, in eval mode on `device` (CUDA when there is one)."
     import torch
     p = Path(model_dir)
-    if not p.is_dir(): raise CheckpointError(f"{p}: no such checkpoint folder. Fix: check --model-path (train one with nbs/train.ipynb).")
+    if not p.is_dir(): raise CheckpointError(f"{p}: no such checkpoint folder. Fix: check --model-path (train one with `qllava train` or the train notebook).")
     model, tok = load_trained(p)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tok

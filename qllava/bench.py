@@ -51,7 +51,7 @@ def check_bench_config(cfg: BenchConfig) -> BenchConfig:
     if not Path(cfg.model_path).is_dir():
         raise CheckpointError(
             f"{cfg.model_path or '(empty)'}: no such checkpoint folder. Fix: pass --model-path with a trained "
-            "qllava checkpoint (qllava train / nbs/train.ipynb write one)."
+            "qllava checkpoint (`qllava train` or the train notebook writes one)."
         )
     if cfg.anchor_dir and not Path(cfg.anchor_dir).is_dir():
         raise ConfigError(

@@ -4,11 +4,11 @@
 
 # %% ../nbs/90_cli.ipynb #9571d1e0
 from __future__ import annotations
-import importlib, sys
+import importlib, importlib.util, sys
 from .core import ConfigError, QllavaError
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'usage', 'resolve', 'main']
+__all__ = ['SUBCOMMANDS', 'NEEDS', 'usage', 'resolve', 'check_extras', 'main']
 
 # %% ../nbs/90_cli.ipynb #b34352b9
 SUBCOMMANDS = {
@@ -33,8 +33,20 @@ SUBCOMMANDS = {
     "summarize": ("qllava.summarize:summarize_cli", "per-category / per-subspecialty summary of judge reviews"),
     "sweep": ("qllava.sweep:sweep_cli", "hyperparameter sweeps of the train notebook: local (sequential / parallel) or a Slurm job array"),
     "runs": ("qllava.runs:runs_cli", "list and compare run folders"),
+    "notebooks": ("qllava.runs:notebooks_cli", "copy the run notebooks (train, eval, sweep) out of the package, to open or run with papermill"),
     "make-demo": ("qllava.demo:make_demo_cli", "rebuild the shipped demo data and tokenizers from PyPI-packaged sources"),
     "make-testbed": ("qllava.testbed:make_testbed_cli", "build an offline hub cache of shrunk stand-ins of the recipe's hub models (Vicuna v1.5 with its real tokenizer, QuiltNet-B-32, CLIP-L/14-336)"),
+}
+
+# the modules a command needs beyond the base install, each with the extra that installs it
+NEEDS = {
+    "train": [("deepspeed", "train"), ("peft", "train")],
+    "launch": [("deepspeed", "train")],
+    "merge-lora": [("peft", "train")],
+    "sweep": [("deepspeed", "train"), ("peft", "train")],
+    "make-testbed": [("open_clip", "train")],
+    "demo": [("gradio", "serve")],
+    "make-demo": [("skimage", "demo"), ("aeon", "demo")],
 }
 
 def usage() -> str:
@@ -51,12 +63,22 @@ def resolve(name:str):
     mod, fn = SUBCOMMANDS[name][0].split(":")
     return getattr(importlib.import_module(mod), fn)
 
+def check_extras(name:str):
+    "Refuse subcommand `name` before any work when a module it needs is missing, naming the extra to install."
+    missing = [(m, x) for m, x in NEEDS.get(name, []) if importlib.util.find_spec(m) is None]
+    if missing:
+        extras = ",".join(dict.fromkeys(x for _, x in missing))
+        raise ConfigError(f"qllava {name} needs {', '.join(m for m, _ in missing)}, which is not installed. "
+                          f"Fix: pip install 'qllava[{extras}]' (or pip install -e '.[{extras}]' in a clone).")
+
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `qllava` console script."
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage()); return 0
-    try: return resolve(argv[0])(argv[1:]) or 0
+    try:
+        check_extras(argv[0])
+        return resolve(argv[0])(argv[1:]) or 0
     except QllavaError as e:
         print(f"qllava {argv[0]}: error: {e}", file=sys.stderr); return 2
 

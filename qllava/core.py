@@ -8,12 +8,13 @@ import json, os
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['OFFLINE_ENV', 'SECRET_VALUE', 'OUTPUT_NOTEBOOK_NOTE', 'SECRET_ENV_HINT', 'HUB_RECORD_FILES', 'LAYERS', 'QllavaError',
-           'DataError', 'ConfigError', 'CheckpointError', 'LaunchError', 'assets_dir', 'asset', 'set_offline',
-           'name_words', 'is_secret_name', 'high_entropy', 'named_tokens', 'secret_env_values', 'find_secret',
-           'secret_masker', 'mask_command', 'refuse_secrets', 'injected_names', 'notebook_parameters',
-           'refuse_secret_parameters', 'unknown_parameters', 'check_types', 'check_against_defaults', 'need_path',
-           'hub_cache', 'hub_snapshot', 'resolve_records_path', 'read_json_records', 'ArgumentParser', 'layer_of']
+__all__ = ['RUN_NOTEBOOKS', 'OFFLINE_ENV', 'SECRET_VALUE', 'OUTPUT_NOTEBOOK_NOTE', 'SECRET_ENV_HINT', 'HUB_RECORD_FILES',
+           'LAYERS', 'QllavaError', 'DataError', 'ConfigError', 'CheckpointError', 'LaunchError', 'assets_dir', 'asset',
+           'run_notebook', 'set_offline', 'name_words', 'is_secret_name', 'high_entropy', 'named_tokens',
+           'secret_env_values', 'find_secret', 'secret_masker', 'mask_command', 'refuse_secrets', 'injected_names',
+           'notebook_parameters', 'refuse_secret_parameters', 'unknown_parameters', 'check_types',
+           'check_against_defaults', 'need_path', 'hub_cache', 'hub_snapshot', 'resolve_records_path',
+           'read_json_records', 'ArgumentParser', 'layer_of']
 
 # %% ../nbs/00_core.ipynb #e284ee10
 class QllavaError(Exception):
@@ -56,6 +57,19 @@ def asset(*parts:str) -> Path:
     p = assets_dir().joinpath(*parts)
     if not p.exists(): raise QllavaError(f"{p}: this shipped asset is missing. Fix: reinstall qllava (pip install -e .) or rebuild it with `make assets`.")
     return p
+
+# %% ../nbs/00_core.ipynb #0643e013
+RUN_NOTEBOOKS = ("train.ipynb", "eval.ipynb", "sweep.ipynb")
+
+def run_notebook(name:str) -> Path:
+    "A run notebook by name: the checkout's `nbs/` copy, else the one shipped inside the installed package."
+    import qllava
+    if name not in RUN_NOTEBOOKS: raise ConfigError(f"no run notebook {name!r}. Fix: use one of {', '.join(RUN_NOTEBOOKS)}.")
+    pkg = Path(qllava.__file__).resolve().parent
+    for p in (pkg.parent / "nbs" / name, pkg / "notebooks" / name):
+        if p.is_file(): return p
+    raise ConfigError(f"the run notebook {name} is in neither {pkg.parent / 'nbs'} nor {pkg / 'notebooks'}. "
+                      "Fix: reinstall qllava (pip install qllava, or pip install -e . in a clone).")
 
 # %% ../nbs/00_core.ipynb #10d54103
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -77,8 +77,9 @@ def check_eval_files(values:dict) -> dict:
     "Raise `CheckpointError` / `DataError` at once for a checkpoint folder or a given evaluation file that does not exist."
     ck = values.get("checkpoint", EVAL_PARAMETERS["checkpoint"])
     if not Path(ck).is_dir():
-        raise CheckpointError(f"{ck}: no such checkpoint folder. Fix: train one first (papermill nbs/train.ipynb "
-                              f"runs/train.ipynb writes runs/finetune-image), or pass -p checkpoint FOLDER.")
+        raise CheckpointError(f"{ck}: no such checkpoint folder. Fix: train one first (the train notebook writes "
+                              "runs/finetune-image: papermill nbs/train.ipynb runs/train.ipynb in a clone, or "
+                              "`qllava notebooks nbs` first after pip install), or pass -p checkpoint FOLDER.")
     for k, (kind, what) in EVAL_FILES.items():
         if values.get(k): need_path(values[k], k, kind, fix=f"pass -p {k} with an existing {what}, or \"\" for the demo's.")
     return values

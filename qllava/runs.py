@@ -4,11 +4,11 @@
 
 # %% ../nbs/41_runs.ipynb #835022a9
 from __future__ import annotations
-import importlib.util, json, os, re, shlex, sys, time
+import importlib.util, json, os, re, shlex, shutil, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from .core import (ConfigError, DataError, ArgumentParser, need_path, resolve_records_path,
-    check_against_defaults, read_json_records)
+    check_against_defaults, read_json_records, RUN_NOTEBOOKS, run_notebook)
 from .presets import preset_names
 from .config import DEEPSPEED_PRESETS, STAGE_PRESETS, parse_config, resolve_config, resolve_batch
 from .modality import MODALITIES, record_media
@@ -24,7 +24,7 @@ __all__ = ['TRAIN_PARAMETERS', 'ALLOWED_PARAMETERS', 'TRAIN_FILES', 'DEMO_ENCODE
            'check_parameters', 'StagePlan', 'TrainPlan', 'vqa_to_records', 'is_demo', 'stage_overrides',
            'plan_training', 'heldout_accuracy', 'accuracy_by_kind', 'write_heldout_scores', 'planned_config',
            'planned_hyperparameters', 'stage_results', 'resolved_hyperparameters', 'launch_stage', 'run_plan',
-           'stage_summary', 'record_run', 'list_runs', 'runs_table', 'runs_cli']
+           'stage_summary', 'record_run', 'list_runs', 'runs_table', 'runs_cli', 'notebooks_cli']
 
 # %% ../nbs/41_runs.ipynb #8c090adc
 TRAIN_PARAMETERS = dict(
@@ -400,4 +400,19 @@ def runs_cli(argv:list[str]|None=None) -> int:
     if a.json: print(df.to_json(orient="records"))
     elif not len(df): print(f"no runs under {a.runs_dir}")
     else: print(runs_table(df, wide=a.wide) + ("" if a.wide else "\n" + RUNS_LEGEND))
+    return 0
+
+# %% ../nbs/41_runs.ipynb #7a5415d3
+def notebooks_cli(argv:list[str]|None=None) -> int:
+    "`qllava notebooks DIR [--force]`: copy the run notebooks (train, eval, sweep) into DIR."
+    p = ArgumentParser(prog="qllava notebooks", description=notebooks_cli.__doc__)
+    p.add_argument("dir", help="folder to copy them into (created)")
+    p.add_argument("--force", action="store_true", help="replace notebooks already there")
+    a = p.parse_args(argv)
+    out = Path(a.dir); out.mkdir(parents=True, exist_ok=True)
+    there = [n for n in RUN_NOTEBOOKS if (out / n).exists()]
+    if there and not a.force: raise ConfigError(f"{out} already holds {', '.join(there)}. Fix: pass --force to replace them.")
+    for n in RUN_NOTEBOOKS: shutil.copyfile(run_notebook(n), out / n)
+    print(f"wrote {', '.join(str(out / n) for n in RUN_NOTEBOOKS)}; run one with: papermill {out / 'train.ipynb'} "
+          "runs/train.ipynb -p stage finetune")
     return 0

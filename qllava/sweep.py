@@ -6,7 +6,8 @@
 from __future__ import annotations
 import itertools, json, math, os, re, shlex, shutil, subprocess, sys, time
 from pathlib import Path
-from .core import ConfigError, DataError, QllavaError, ArgumentParser, check_types, check_against_defaults
+from .core import (ConfigError, DataError, QllavaError, ArgumentParser, check_types, check_against_defaults,
+                         run_notebook)
 from .runs import (TRAIN_PARAMETERS, HELDOUT_SCORES, check_parameters, plan_training, record_run,
                          resolved_hyperparameters, run_plan)
 from .evalrun import check_eval_files, check_eval_parameters
@@ -220,9 +221,8 @@ def ensure_stage1(rec:dict, log=print) -> dict:
 
 # %% ../nbs/45_sweep.ipynb #197ee0b0
 def train_notebook_path(path:str="") -> Path:
-    "The train notebook to execute: `path`, else `nbs/train.ipynb` of the repository qllava runs from."
-    import qllava
-    p = Path(path) if path else Path(qllava.__file__).resolve().parent.parent / "nbs" / "train.ipynb"
+    "The train notebook to execute: `path`, else the one qllava ships (`nbs/train.ipynb` in a clone)."
+    p = Path(path) if path else run_notebook("train.ipynb")
     if not p.is_file(): raise ConfigError(f"train notebook {p} not found. Fix: set train_notebook to the path of nbs/train.ipynb.")
     return p
 
