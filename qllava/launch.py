@@ -47,10 +47,10 @@ def env_rank() -> int:
 def report_progress(step:int, # steps done so far
                     total:int, # steps in the whole run
                     **metrics) -> str|None:
-    "Print the progress line on rank 0 (other ranks stay silent); returns what was printed."
+    "Print the progress line on rank 0 (other ranks stay silent); returns the record. A terminal gets it readable."
     if env_rank() != 0: return None
     line = progress_line(step, total, **metrics)
-    print(line, flush=True)
+    print(readable_line(line) if sys.stdout.isatty() else line, flush=True)  # a launcher / log reads the record
     return line
 
 def heartbeat(phase:str, # what this rank is doing or waiting for now, e.g. 'forward', 'all_reduce', 'save'

@@ -4,7 +4,7 @@
 
 # %% ../nbs/21_train.ipynb #f8b2257a
 from __future__ import annotations
-import dataclasses, json, math, os, random, shutil, signal, sys, threading, time
+import contextlib, dataclasses, io, json, logging, math, os, random, shutil, signal, sys, threading, time, warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from .core import CheckpointError, ConfigError, DataError, QllavaError, asset, resolve_records_path
@@ -21,15 +21,61 @@ from .answer import vqa_accuracy
 from .modality import MODALITIES
 
 # %% auto #0
-__all__ = ['PUBLISHED_GLOBAL_BATCH', 'ASPECT_RATIOS', 'CKPT_DIR', 'CHECKSUMS', 'init_distributed', 'seed_everything',
-           'hardware_precision', 'deepspeed_config', 'apply_stage', 'trainable_summary', 'param_groups',
-           'make_optimizer', 'media_settings', 'build_dataset', 'build_loader', 'build_eval_loader', 'open_reporters',
-           'RunLog', 'flag_notes', 'step_schedule', 'set_aspect_ratio', 'Run', 'build_run', 'evaluate_vqa',
-           'evaluate_loss', 'write_checksums', 'verify_checksums', 'safe_load', 'use_safe_loading', 'share_fp32_master',
-           'save_resumable', 'find_resume', 'load_resumable', 'Progress', 'resume_progress', 'optimiser_step',
-           'after_step', 'final_metrics', 'train_loop', 'Preempted', 'stop_signals', 'catch_stop_signals',
-           'stop_requested', 'save_here', 'save_and_stop', 'save_final', 'tokenizer_summary', 'quantization_summary',
-           'fit', 'train_cli', 'close_distributed']
+__all__ = ['NOISY_LOGGERS', 'PUBLISHED_GLOBAL_BATCH', 'ASPECT_RATIOS', 'CKPT_DIR', 'CHECKSUMS', 'third_party_log',
+           'third_party_to', 'prints_to_log', 'init_distributed', 'seed_everything', 'hardware_precision',
+           'deepspeed_config', 'apply_stage', 'trainable_summary', 'param_groups', 'make_optimizer', 'media_settings',
+           'build_dataset', 'build_loader', 'build_eval_loader', 'open_reporters', 'RunLog', 'flag_notes',
+           'step_schedule', 'set_aspect_ratio', 'Run', 'build_run', 'evaluate_vqa', 'evaluate_loss', 'write_checksums',
+           'verify_checksums', 'safe_load', 'use_safe_loading', 'share_fp32_master', 'save_resumable', 'find_resume',
+           'load_resumable', 'Progress', 'resume_progress', 'optimiser_step', 'after_step', 'final_metrics',
+           'train_loop', 'Preempted', 'stop_signals', 'catch_stop_signals', 'stop_requested', 'save_here',
+           'save_and_stop', 'save_final', 'tokenizer_summary', 'quantization_summary', 'fit', 'train_cli',
+           'close_distributed']
+
+# %% ../nbs/21_train.ipynb #1a2171d5
+NOISY_LOGGERS = ("py.warnings", "bitsandbytes", "DeepSpeed", "torch.distributed", "accelerate", "peft", "qllava.third_party")
+
+def third_party_log(output_dir) -> Path:
+    "This rank's log file of library output in `output_dir`."
+    rank = os.environ.get("RANK", "0")
+    return Path(output_dir) / ("third_party.log" if rank == "0" else f"third_party.rank{rank}.log")
+
+def _warnings_to_log(show):
+    "A `warnings.showwarning` that logs other packages' warnings to `py.warnings` and shows qllava's own with `show`."
+    import qllava
+    ours = Path(qllava.__file__).resolve().parent
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if Path(filename).resolve().is_relative_to(ours): return show(message, category, filename, lineno, file, line)
+        text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+        logging.getLogger("py.warnings").warning(text)
+    return showwarning
+
+@contextlib.contextmanager
+def third_party_to(path:Path):
+    "While the block runs, Python warnings and the libraries' loggers write to `path` instead of the terminal."
+    import torch
+    from transformers.utils import logging as hf_logging
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.device_count(): os.environ["DS_ACCELERATOR"] = "cpu"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    h = logging.FileHandler(path); h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    loggers = [logging.getLogger(n) for n in NOISY_LOGGERS]
+    saved = [(l, l.handlers[:], l.propagate) for l in loggers]
+    for l in loggers: l.handlers, l.propagate = [h], False
+    logging.getLogger("qllava.third_party").setLevel(logging.INFO)
+    show, warnings.showwarning = warnings.showwarning, _warnings_to_log(warnings.showwarning)
+    hf_logging.disable_default_handler(); hf_logging.add_handler(h)
+    try: yield Path(path)
+    finally:
+        warnings.showwarning = show; hf_logging.remove_handler(h); hf_logging.enable_default_handler()
+        for l, hs, p in saved: l.handlers, l.propagate = hs, p
+        h.close()
+
+@contextlib.contextmanager
+def prints_to_log():
+    "Whatever the block prints (DeepSpeed's 'op built successfully') goes to the third-party log, not stdout."
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf): yield
+    if buf.getvalue().strip(): logging.getLogger("qllava.third_party").info(buf.getvalue().strip())
 
 # %% ../nbs/21_train.ipynb #5f315f46
 def init_distributed() -> tuple[int,int]:
@@ -43,7 +89,8 @@ def init_distributed() -> tuple[int,int]:
             with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         import deepspeed
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        with prints_to_log():  # DeepSpeed prints that its CPU comm op was built / loaded
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     return dist.get_rank(), dist.get_world_size()
 
 def seed_everything(seed:int):
@@ -765,7 +812,8 @@ def train_cli(argv:list[str]|None=None) -> int:
     if argv is not None and any(a in ("-h", "--help") for a in argv): config_parser().print_help(); return 0
     cfg = parse_config(argv)
     if cfg.cache_dir: os.environ["HF_HUB_CACHE"] = str(Path(cfg.cache_dir).expanduser())  # before transformers is imported
-    try: fit(cfg)
+    try:
+        with third_party_to(third_party_log(cfg.output_dir)): fit(cfg)
     except Preempted as e:  # saved: the exit code tells a requeueing job script to put the job back in the queue
         print(f"qllava train: {e}", file=sys.stderr, flush=True); return PREEMPTED_EXIT
     finally: close_distributed()

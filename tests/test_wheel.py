@@ -108,15 +108,26 @@ def trained(installed):
                                              "print(json.dumps({k: str(v) for k, v in demo_paths('imu').items()}))").stdout)
     common = ["--model_name_or_path", "preset:tiny-llama", "--vision_tower", "preset:tiny-limu",
               "--image_folder", paths["media_folder"], "--global_batch_size", "8", "--model_max_length", "256"]
-    run(d, "qllava", "train", "--stage", "pretrain", "--data_path", paths["pretrain"], "--output_dir", "pre",
-        "--max_steps", "3", "--learning_rate", "1e-3", *common)
-    run(d, "qllava", "train", "--stage", "finetune", "--data_path", paths["finetune"], "--output_dir", "ft",
-        "--pretrain_mm_mlp_adapter", "pre/mm_projector.bin", "--max_steps", "2", "--learning_rate", "1e-4", *common)
-    return d, paths
+    outs = [run(d, "qllava", "train", "--stage", "pretrain", "--data_path", paths["pretrain"], "--output_dir", "pre",
+                "--max_steps", "3", "--learning_rate", "1e-3", *common),
+            run(d, "qllava", "train", "--stage", "finetune", "--data_path", paths["finetune"], "--output_dir", "ft",
+                "--pretrain_mm_mlp_adapter", "pre/mm_projector.bin", "--max_steps", "2", "--learning_rate", "1e-4", *common)]
+    return d, paths, outs
+
+
+def test_train_terminal_shows_our_lines_and_the_libraries_go_to_the_log(trained):
+    d, _, outs = trained
+    for r in outs:
+        shown = r.stdout + r.stderr
+        for noise in ("Warning", "WARNING", "built successfully", "Failed to load", "accelerator", "CUDA_HOME"):
+            assert noise not in shown, (noise, shown[-2000:])
+        assert "stage " in shown and "optimiser steps" in shown           # our own lines stay
+    log = (d / "work" / "pre" / "third_party.log").read_text()
+    assert "built successfully" in log                                    # DeepSpeed's op line, kept in the log
 
 
 def test_train_and_answer_from_the_wheel(trained):
-    d, paths = trained
+    d, paths, _ = trained
     assert json.loads((d / "work" / "ft" / "summary.json").read_text())["steps"] == 2
     run(d, "qllava", "answer", "--model-path", "ft", "--question-file", paths["eval_questions"], "--image-folder",
         paths["media_folder"], "--answers-file", "answers.jsonl", "--max_new_tokens", "4")
@@ -126,7 +137,7 @@ def test_train_and_answer_from_the_wheel(trained):
 
 
 def test_sweep_run_executes_the_shipped_train_notebook(trained):
-    d, _ = trained
+    d, _, _ = trained
     params = {"modality": ["sensor"], "num_train_epochs": [1.0], "learning_rate": [1e-3], "stage": ["finetune"],
               "pretrain_mm_mlp_adapter": str(d / "work" / "pre" / "mm_projector.bin"), "runs_dir": "sweeps",
               "metric": "open_accuracy", "sweep_name": "one",
