@@ -35,11 +35,14 @@ run: setup
 test: setup
 	$(BIN)/nbdev_export && git diff --exit-code --stat -- qllava
 	# the run notebooks (train / eval / sweep) launch real jobs: pytest runs them through papermill instead
-	$(BIN)/nbdev_test --n_workers 2 --do_print --skip_file_re '^(train|eval|sweep)\.ipynb$$'
+	$(BIN)/nbdev_test --n_workers 2 --do_print --skip_file_re '^(train|eval|sweep)\.ipynb$$' --skip_folder_re '^([_.]|tutorials$$)'
+	# the tutorials, as nbdev_test runs them, their outputs kept in _proc/executed/ for the docs site (make docs)
+	$(BIN)/python tools/run_tutorials.py
 	$(BIN)/pytest -q tests
 
 # The documentation site, offline, into _docs/ (open _docs/index.html): nbdev's notebook processing, one page per
 # notebook; only what the API docs need runs (exported cells, imports, show_doc), never an example or a run notebook.
+# Tutorials and run notebooks show the outputs `make test` kept in _proc/executed/ (run it first to have them).
 docs: setup
 	$(BIN)/python tools/build_docs.py --out _docs
 

@@ -8,8 +8,9 @@ import hashlib, json, platform, subprocess, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['PUBLISHED', 'IMU_CHANNELS', 'hyperparameter_table', 'read_metrics', 'plot_curves', 'plot_accuracy_by_kind', 'sha256',
-           'git_commit', 'package_versions', 'provenance', 'provenance_table', 'plot_sensor', 'show_media']
+__all__ = ['PUBLISHED', 'IMU_CHANNELS', 'hyperparameter_table', 'headless_matplotlib', 'read_metrics', 'plot_curves',
+           'plot_accuracy_by_kind', 'sha256', 'git_commit', 'package_versions', 'provenance', 'provenance_table',
+           'plot_sensor', 'show_media']
 
 # %% ../nbs/40_report.ipynb #6890e222
 PUBLISHED = {  # Quilt-LLaVA / LLaVA-1.5 tables (7B), for side-by-side display
@@ -37,6 +38,13 @@ def hyperparameter_table(cfg:dict, # a resolved TrainConfig as a dict (train_con
     if with_published and pub: rows[f"published ({cfg.get('stage')})"] = {**{k: "" for k in row}, **pub}
     return pd.DataFrame(rows).T
 
+# %% ../nbs/40_report.ipynb #2bfa656f
+def headless_matplotlib():
+    "Use matplotlib's Agg backend unless an IPython shell is running (which shows figures inline)."
+    import matplotlib
+    from IPython import get_ipython
+    if get_ipython() is None: matplotlib.use("Agg")
+
 # %% ../nbs/40_report.ipynb #e8b9c3af
 def read_metrics(run_dir) -> "pd.DataFrame":
     "The run's `metrics.jsonl` as a DataFrame (one row per logged step; eval rows carry `eval_loss`)."
@@ -47,8 +55,7 @@ def read_metrics(run_dir) -> "pd.DataFrame":
 
 def plot_curves(metrics, title:str=""):
     "Loss (train and held-out), learning-rate and (when logged) held-out accuracy curves; returns the figure."
-    import matplotlib
-    if "ipykernel" not in sys.modules: matplotlib.use("Agg")
+    headless_matplotlib()
     import matplotlib.pyplot as plt
     acc = [c for c in ("closed_accuracy", "open_accuracy") if c in metrics and metrics[c].notna().any()]
     fig, axes = plt.subplots(1, 3 if acc else 2, figsize=(15 if acc else 10, 3.2))
@@ -73,8 +80,7 @@ def plot_curves(metrics, title:str=""):
 def plot_accuracy_by_kind(table, # `qllava.runs.accuracy_by_kind`: a row per question, "with media (%)", "media blanked (%)", "n"
                           title:str="held-out accuracy per question"):
     "Bars per question kind, with media beside media blanked, and the yes / no chance level (50 %) dashed; returns the figure."
-    import matplotlib
-    if "ipykernel" not in sys.modules: matplotlib.use("Agg")
+    headless_matplotlib()
     import matplotlib.pyplot as plt
     cols = [c for c in ("with media (%)", "media blanked (%)") if c in table]
     t = table[::-1]  # the first question on top
@@ -134,7 +140,7 @@ def plot_sensor(window, # (T, C) array or a .npy path
                 ax=None, title:str=""):
     "Plot an IMU window's channels over time; returns the axes."
     import numpy as np, matplotlib
-    if "ipykernel" not in sys.modules: matplotlib.use("Agg")
+    headless_matplotlib()
     import matplotlib.pyplot as plt
     w = np.load(window) if isinstance(window, (str, Path)) else np.asarray(window)
     ax = ax or plt.subplots(figsize=(5, 2.4))[1]
@@ -145,8 +151,7 @@ def plot_sensor(window, # (T, C) array or a .npy path
 
 def show_media(path, ax=None, title:str=""):
     "Show an image file or plot a .npy sensor window; returns the axes."
-    import matplotlib
-    if "ipykernel" not in sys.modules: matplotlib.use("Agg")
+    headless_matplotlib()
     import matplotlib.pyplot as plt
     if str(path).endswith(".npy"): return plot_sensor(path, ax=ax, title=title)
     from PIL import Image

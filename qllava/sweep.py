@@ -13,6 +13,7 @@ from .runs import (TRAIN_PARAMETERS, HELDOUT_SCORES, check_parameters, plan_trai
 from .evalrun import check_eval_files, check_eval_parameters
 from .bench import compare_benchmark, read_scores_file, signed_interval
 from .launch import SlurmSpec, sbatch_header
+from .report import headless_matplotlib
 from .slurm import SlurmTask, check_tasks, last_log_lines, slurm_seconds, submit as submit_script, wait_job
 from .core import LaunchError
 
@@ -481,8 +482,7 @@ def figure_metrics(rec:dict, metric:str) -> list[str]:
 
 def plot_metric(rec:dict, metric:str|None=None):
     "The ranking metric, the other accuracy and the final loss (one row each, with units) against each swept parameter (one column each, at the values the runs trained with; log axis for rates spanning a decade); a dashed line marks chance on a yes/no accuracy, hollow grey dots the media-blanked control. Returns the figure."
-    import matplotlib
-    if "ipykernel" not in sys.modules: matplotlib.use("Agg")
+    headless_matplotlib()
     import matplotlib.pyplot as plt
     metric = metric or rec["metric"]
     rows, keys = figure_metrics(rec, metric), varied_parameters(rec) or ["run_name"]

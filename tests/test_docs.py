@@ -8,6 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT/'nbs'
 RUN_NOTEBOOKS = {'train', 'eval', 'sweep'}
+EXECUTED = ROOT/'_proc'/'executed'  # what make test kept of the tutorials and run notebooks it executed
 
 # Runs the builder with every socket connection and name lookup beyond this machine refused and reported.
 _OFFLINE = r'''
@@ -102,11 +103,26 @@ def test_each_library_page_has_the_api_docs_of_its_module(site):
 
 
 def test_the_run_notebooks_render_and_are_not_executed(site):
+    "The build executes no run notebook: a page shows outputs only where a test kept an executed copy."
     _, pages = site
     for stem in RUN_NOTEBOOKS:
         page = pages[f'run-{stem}.html']
         assert 'papermill' in page and '<div class="highlight">' in page
-        assert 'class="output"' not in page, f'run-{stem}.html shows outputs: the run notebook was executed or saved with outputs'
+        if not (EXECUTED/f'run-{stem}.ipynb').is_file():
+            assert 'class="output"' not in page, f'run-{stem}.html shows outputs that no test kept'
+
+
+def test_index_is_the_readme_and_the_sidebar_groups_the_pages(site):
+    out, pages = site
+    index = pages['index.html']
+    assert 'make run' in index and 'make test' in index and 'Installing with pip' in index
+    img = re.search(r'<img [^>]*src="(images/[^"]+)"', index)
+    assert img and (out/img.group(1)).is_file(), 'the README figure is not in the site'
+    nav = re.search(r'<nav class="sidebar">(.*?)</nav>', pages['train.html'], re.S).group(1)
+    heads = re.findall(r'<h2>(.*?)</h2>', nav)
+    assert heads == ['Tutorials', 'Run notebooks', 'API'], heads
+    tutorials = nav.split('<h2>Tutorials</h2>')[1].split('<h2>')[0]
+    assert 'reproduce_llasa.html' in tutorials and 'train.html' not in tutorials
 
 
 def test_links_between_pages_resolve(site):
@@ -115,6 +131,8 @@ def test_links_between_pages_resolve(site):
         for href in re.findall(r'href="([^"#]*)[^"]*"', page):
             if href.startswith(('http://', 'https://', 'mailto:')) or not href: continue
             assert href in pages or href == 'styles.css', f'{name} links to {href}, which is not in the site'
+        for src in re.findall(r'src="([^"]+)"', page):
+            if not src.startswith('data:'): assert (site[0]/src).is_file(), f'{name} loads {src}, which is not in the site'
         assert 'qllava.github.io' not in page, f'{name} links into the published site instead of its own folder'
 
 
@@ -131,3 +149,31 @@ def test_no_machine_path_or_key_in_any_page(site):
         for o in re.findall(r'<section class="output">(.*?)</section>', page, re.S):
             o = html.unescape(re.sub(r'<[^>]+>', '', o))
             assert not re.search(r'(?<![\w.])/(tmp|home|Users)/', o), f'{name}: an output names a machine path: {o[:300]}'
+
+
+def test_the_site_in_a_browser_shows_the_readme_plots_and_finds_a_name(site):
+    "Headless Chromium (Debian's, as for the web demo): the index, a tutorial's plot, and the search box."
+    import shutil
+    chromium = shutil.which('chromium') or '/usr/bin/chromium'
+    pytest.importorskip('playwright', reason='playwright (the dev extra) is not installed')
+    if not Path(chromium).exists(): pytest.skip(f'no Chromium at {chromium}: install Debian\'s chromium (.ci/run does)')
+    if not (EXECUTED/'tutorials'/'reproduce_llasa.ipynb').is_file():
+        pytest.skip('no executed tutorials in _proc/executed: make test runs tools/run_tutorials.py before pytest')
+    from playwright.sync_api import sync_playwright
+    out, _ = site
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=['--no-sandbox', '--disable-gpu'])
+        page = browser.new_page()
+        page.goto((out/'index.html').as_uri())
+        body = page.inner_text('main')
+        assert 'make run' in body and 'make test' in body
+        assert page.eval_on_selector('main img', 'i => i.complete && i.naturalWidth > 0'), 'the README figure did not load'
+        page.goto((out/'reproduce_llasa.html').as_uri())
+        assert page.eval_on_selector_all('.output img', 'xs => xs.filter(i => i.naturalWidth > 0).length') >= 1
+        page.fill('#search', 'register_modality')
+        page.wait_for_selector('#results a')
+        hits = page.eval_on_selector_all('#results a', 'xs => xs.map(a => a.getAttribute("href"))')
+        assert 'modality.html' in hits, hits
+        page.click('#results a[href="modality.html"]')
+        assert page.locator('#register_modality').count() == 1
+        browser.close()

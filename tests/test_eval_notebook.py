@@ -62,7 +62,7 @@ class RecordingJudge(LocalJudge):
         return super()._handle(h)
 
 
-def test_eval_notebook_shows_everything_and_never_leaks_the_key(ckpts, tmp_path, monkeypatch, caplog):
+def test_eval_notebook_shows_everything_and_never_leaks_the_key(ckpts, tmp_path, monkeypatch, caplog, keep_for_docs):
     from qllava.presets import demo_paths
     n_q = sum(1 for l in demo_paths("pathology")["eval_questions"].read_text().splitlines() if l.strip())
     caplog.set_level(logging.INFO)
@@ -86,6 +86,7 @@ def test_eval_notebook_shows_everything_and_never_leaks_the_key(ckpts, tmp_path,
     answers = [json.loads(l) for l in (run_dir / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == n_q and len({a["question_id"] for a in answers}) == n_q
     assert_no_secret(tmp_path, caplog)                                      # ... and never written
+    keep_for_docs(out, "run-eval.ipynb")                                    # (shown by the docs site)
 
 
 def test_imu_eval_without_key_uses_the_local_judge(ckpts, tmp_path, monkeypatch, caplog):

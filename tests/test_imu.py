@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def test_sensor_train_notebook_learns_activities_from_the_imu_windows(tmp_path):
+def test_sensor_train_notebook_learns_activities_from_the_imu_windows(tmp_path, keep_for_docs):
     # the acceptance command itself: the demo profile's 120 IMU epochs (30 epochs once gave 47.5 % vs 25 %,
     # too close to chance to be a reliable test; 120 gave 97.5 % on 2026-12-04)
     import papermill as pm
@@ -38,3 +38,4 @@ def test_sensor_train_notebook_learns_activities_from_the_imu_windows(tmp_path):
     html = "".join("".join(o.get("data", {}).get("text/html", "")) for o in outs)
     assert "media blanked (control)" in html and str(acc) in html and str(ctl) in html
     assert any("image/png" in o.get("data", {}) for o in outs)  # the six-channel plots and the loss curves
+    keep_for_docs(tmp_path / "imu.ipynb", "run-train.ipynb")

@@ -38,13 +38,14 @@ def sweep_values(runs_dir, adapter, **kw):
 
 
 @pytest.fixture(scope="module")
-def swept(stage1, tmp_path_factory):
+def swept(stage1, tmp_path_factory, keep_for_docs):
     "The sweep notebook executed by papermill: 4 combinations, two of them failing in training."
     import papermill as pm
     d = tmp_path_factory.mktemp("sweeps")
     t0 = time.time()
     pm.execute_notebook(str(ROOT / "nbs" / "sweep.ipynb"), str(d / "sweep.ipynb"), parameters=sweep_values(d, stage1),
                         progress_bar=False, cwd=str(d))
+    keep_for_docs(d / "sweep.ipynb", "run-sweep.ipynb")
     return d, d / "imu-lr", time.time() - t0
 
 

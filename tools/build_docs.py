@@ -7,15 +7,35 @@ registry (PyPI's `quarto-cli` downloads its binary from GitHub while it installs
 with mistune and Pygments.
 
 Nothing is executed but what the API docs need: exported cells, cells made only of imports, and `show_doc` calls.
-Examples and tests never run (nbdev itself would also run any cell that mixes an import with other code), and the
-notebooks are saved without outputs, so no output of a run can reach a page.
+Examples and tests never run here (nbdev itself would also run any cell that mixes an import with other code). The
+outputs and plots a tutorial or run-notebook page shows are those `make test` captured: the tutorials as
+`tools/run_tutorials.py` executed them, the run notebooks as the tests executed them with papermill, kept in
+`_proc/executed/` (a copy is used only while its code cells equal the source's).
+
+The index page is the README; the sidebar groups tutorials, run notebooks and API pages; `search.json` and a few
+lines of JavaScript search titles, headings, documented names and text in the browser.
 """
-import argparse, ast, html, os, re, shutil, sys, tempfile, time, warnings
+import argparse, ast, base64, html, json, os, re, shutil, sys, tempfile, time, warnings
 from pathlib import Path
 from urllib.parse import urljoin
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_NOTEBOOKS = ('train', 'eval', 'sweep')  # papermill run notebooks: pages, never executed
+EXECUTED = ROOT / '_proc' / 'executed'  # executed copies kept by `make test` (tutorials/NAME.ipynb, run-NAME.ipynb)
+
+
+def executed_copy(src):
+    "The executed copy of a tutorial or run notebook, when there is one whose code cells equal the source's"
+    src = Path(src)
+    p = EXECUTED / ('tutorials' if src.parent.name == 'tutorials' else '') / (
+        f'run-{src.name}' if src.stem in RUN_NOTEBOOKS else src.name)
+    if not p.is_file() or src.parent.name not in ('tutorials', 'nbs') or (
+            src.parent.name == 'nbs' and src.stem not in RUN_NOTEBOOKS): return None
+    code = lambda f: [''.join(c['source']) for c in json.loads(Path(f).read_text())['cells'] if c['cell_type'] == 'code']
+    if code(p) != code(src):
+        print(f'{src.name}: the executed copy {p} is out of date (its code differs); shown without outputs', flush=True)
+        return None
+    return p
 
 
 def _split_title_cell(nb):
@@ -72,8 +92,11 @@ def _machine_paths():
     "This machine's folders (the interpreter, the repository, the venv, the home folder) and what a page names them instead"
     subs = {repr(sys.executable): 'sys.executable', sys.executable: 'python', str(ROOT): '.', sys.prefix: '<venv>',
             sys.base_prefix: '<python>', str(Path.home()): '~'}
-    return [(re.compile(re.escape(k) + r"(?![\w.-])"), v) for k, v in sorted(subs.items(), key=lambda kv: -len(kv[0]))
+    pats = [(re.compile(re.escape(k) + r"(?![\w.-])"), v) for k, v in sorted(subs.items(), key=lambda kv: -len(kv[0]))
             if len(Path(k.strip("'")).parts) > 1]
+    tmp = re.escape(tempfile.gettempdir())  # the scratch folders of the tests that executed a notebook
+    return pats + [(re.compile(tmp + r"/pytest-of-[^/\s]+/pytest-\d+/[^/\s'\"]+"), '<tmp>'),
+                   (re.compile(tmp + r"/[^/\s'\"]+"), '<tmp>')]
 
 
 def _slug(text):
@@ -117,6 +140,9 @@ class _Renderer:
             for pat, rep in self.scrub: v = pat.sub(rep, v)
             return v
         data = o.get('data', {})
+        if 'image/png' in data:
+            png = ''.join(data['image/png']) if isinstance(data['image/png'], list) else data['image/png']
+            return f'<section class="output"><img alt="figure" src="data:image/png;base64,{png.strip()}"></section>'
         if o.get('output_type') == 'stream': res = f'<pre>{html.escape(text(o.get("text", "")))}</pre>'
         elif 'text/markdown' in data: res = self.markdown(text(data['text/markdown']))
         elif 'text/plain' in data: res = f'<pre>{html.escape(text(data["text/plain"]))}</pre>'
@@ -146,12 +172,16 @@ _PAGE = """<!doctype html>
 <body>
 <nav class="sidebar">
 <a class="site" href="index.html">{site}</a>
+<input id="search" type="search" placeholder="Search the docs" aria-label="Search the docs">
+<ul id="results"></ul>
 {nav}
 </nav>
 <main>
 <header><h1 class="title">{title}</h1>{desc}</header>
 {body}
 </main>
+<script src="search_index.js"></script>
+<script src="search.js"></script>
 </body>
 </html>
 """
@@ -168,7 +198,48 @@ a{color:#2a5db0}pre{overflow-x:auto;padding:.6rem .8rem;border-radius:4px;font-s
 .highlight pre{background:#f6f8fa}.output>pre{background:#fff;border:1px solid #eee}
 code{font-size:.9em}table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ddd;padding:.25rem .6rem}
 h3{margin-top:1.6rem}hr{border:0;border-top:1px solid #e5e5e5;margin:2rem 0 .5rem}
+#search{width:100%;box-sizing:border-box;margin:.8rem 0 .2rem;padding:.3rem .4rem}#results{margin-bottom:.5rem}
+.output img,main img{max-width:100%}
 """
+
+_SEARCH_JS = """// Client-side search over search_index.js (titles, headings, text of every page); no server, works from file://
+const box = document.getElementById('search'), out = document.getElementById('results');
+function score(e, q) {
+  return (e.title.toLowerCase().includes(q) ? 10 : 0) + (e.names.some(n => n.toLowerCase().includes(q)) ? 5 : 0)
+       + (e.text.toLowerCase().includes(q) ? 1 : 0);
+}
+box.addEventListener('input', () => {
+  const q = box.value.trim().toLowerCase();
+  out.replaceChildren();
+  if (q.length < 2) return;
+  const hits = SEARCH_INDEX.map(e => [e, score(e, q)]).filter(h => h[1] > 0).sort((a, b) => b[1] - a[1]).slice(0, 12);
+  for (const [e] of hits) {
+    const li = document.createElement('li'), a = document.createElement('a');
+    a.href = e.page; a.textContent = e.title; li.appendChild(a); out.appendChild(li);
+  }
+  if (!hits.length) { const li = document.createElement('li'); li.textContent = 'no match'; out.appendChild(li); }
+});
+"""
+
+
+def search_entry(q):
+    "What the search knows of a page: title, its headings (documented names among them) and its text"
+    names = [html.unescape(re.sub(r'<[^>]+>', '', h)).strip() for h in re.findall(r'<h[2-4][^>]*>(.*?)</h[2-4]>', q['body'], re.S)]
+    text = html.unescape(re.sub(r'\s+', ' ', re.sub(r'<[^>]+>', ' ', re.sub(r'data:image/png;base64,[^"]+', '', q['body']))))
+    return {'page': q['name'], 'title': q['title'], 'names': names, 'text': text[:30000]}
+
+
+def readme_page(rnd, site_dir):
+    "The README as the index page's body (its title line dropped: the page has one); its images copied beside"
+    src = (ROOT / 'README.md').read_text()
+    src = re.sub(r'\A# .*\n', '', src)
+    def image(m):
+        f = ROOT / m.group(2)
+        if not f.is_file(): raise SystemExit(f'README.md shows {m.group(2)}, which does not exist')
+        (site_dir / 'images').mkdir(exist_ok=True); shutil.copyfile(f, site_dir / 'images' / f.name)
+        return f'![{m.group(1)}](images/{f.name})'
+    return rnd.markdown(re.sub(r'!\[([^\]]*)\]\((?!https?:)([^)\s]+)\)', image, src))
+
 
 
 def page_name(nb_path):
@@ -193,7 +264,7 @@ def build(out, quiet=False):
     pages = []
     for p in nbs:
         t0 = time.time()
-        nb = read_nb(p)
+        nb = read_nb(executed_copy(p) or p)
         _split_title_cell(nb)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -208,9 +279,13 @@ def build(out, quiet=False):
         if q['name'] in seen: raise SystemExit(f"{seen[q['name']].name} and {q['src'].name} would both be {q['name']}")
         seen[q['name']] = q['src']
 
+    def group(q):
+        if q['src'].parent.name == 'tutorials': return 'Tutorials'
+        return 'Run notebooks' if q['src'].stem in RUN_NOTEBOOKS else 'API'
+
     def nav(cur):
-        groups = [('Run notebooks', [q for q in pages if q['src'].stem in RUN_NOTEBOOKS]),
-                  ('API', [q for q in pages if q['src'].stem not in RUN_NOTEBOOKS + ('index',)])]
+        groups = [(g, [q for q in pages if q['src'].stem != 'index' and group(q) == g])
+                  for g in ('Tutorials', 'Run notebooks', 'API')]
         res = []
         for head, qs in groups:
             if not qs: continue
@@ -224,6 +299,10 @@ def build(out, quiet=False):
     try:
         from pygments.formatters import HtmlFormatter
         (tmp/'styles.css').write_text(_CSS + HtmlFormatter().get_style_defs('.highlight'))
+        for q in pages:
+            if q['src'].stem == 'index': q['body'] = readme_page(rnd, tmp)
+        (tmp/'search.js').write_text(_SEARCH_JS)
+        (tmp/'search_index.js').write_text('const SEARCH_INDEX = ' + json.dumps([search_entry(q) for q in pages]) + ';\n')
         for q in pages:
             desc = f'<div class="description">{rnd.markdown(q["desc"])}</div>' if q['desc'] else ''
             (tmp/q['name']).write_text(_PAGE.format(title=html.escape(q['title']), site=html.escape(cfg.title),
