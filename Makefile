@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test nbtest pytest export clean-nbs assets bench docs
+.PHONY: setup run test test-min nbtest pytest export clean-nbs assets bench docs
 
 $(BIN)/.installed: setup.py settings.ini
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,18 @@ test: setup
 	# the tutorials, as nbdev_test runs them, their outputs kept in _proc/executed/ for the docs site (make docs)
 	$(BIN)/python tools/run_tutorials.py
 	$(BIN)/pytest -q tests
+
+# The lower bounds of settings.ini (constraints-min.txt) under the tests that use those libraries: installed without
+# their dependencies into .venv-min, which sees the project's venv for everything else (no multi-GB download).
+MIN_TESTS := tests/test_tokenize.py tests/test_tokenizer_roundtrip.py tests/test_model.py tests/test_checkpoint.py \
+	tests/test_old_checkpoint.py tests/test_export_answers.py tests/test_answer.py tests/test_serve.py tests/test_review.py \
+	tests/test_bench.py
+test-min: setup
+	rm -rf .venv-min && $(BIN)/python -m venv --without-pip .venv-min
+	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > \
+	    "$$(.venv-min/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_project_venv.pth"
+	$(BIN)/pip --python .venv-min/bin/python install -q --no-deps -r constraints-min.txt
+	PYTHONPATH=$(CURDIR) .venv-min/bin/python -m pytest -q -p no:cacheprovider $(MIN_TESTS)
 
 # The documentation site, offline, into _docs/ (open _docs/index.html): nbdev's notebook processing, one page per
 # notebook; only what the API docs need runs (exported cells, imports, show_doc), never an example or a run notebook.
