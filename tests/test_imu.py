@@ -38,4 +38,7 @@ def test_sensor_train_notebook_learns_activities_from_the_imu_windows(tmp_path, 
     html = "".join("".join(o.get("data", {}).get("text/html", "")) for o in outs)
     assert "media blanked (control)" in html and str(acc) in html and str(ctl) in html
     assert any("image/png" in o.get("data", {}) for o in outs)  # the six-channel plots and the loss curves
+    shown = "".join("".join(o.get("text", "")) for o in outs if o.get("output_type") == "stream")
+    for noise in ("Warning", "WARNING", "built successfully", "Setting accelerator"):  # in the launch log, not here
+        assert noise not in shown, noise
     keep_for_docs(tmp_path / "imu.ipynb", "run-train.ipynb")
