@@ -457,7 +457,6 @@ _AFTER_MEDIA = {  # a form -> the lookahead after a placeholder that gets a spac
 
 def _after_media_json(tok_json:dict, form:str) -> dict:
     "`tokenizer.json` content made to tokenise the text after a placeholder run as a chunk of its own (`form`)."
-    import copy
     d, look = copy.deepcopy(tok_json), _AFTER_MEDIA[form]
     if look is None: return d
     phs = list(placeholders().values())

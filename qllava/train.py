@@ -56,6 +56,7 @@ def third_party_to(path:Path):
     import torch
     from transformers.utils import logging as hf_logging
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.device_count(): os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed  # its logger gets a stdout handler when first imported: import it before that logger is redirected
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     h = logging.FileHandler(path); h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     loggers = [logging.getLogger(n) for n in NOISY_LOGGERS]

@@ -27,10 +27,10 @@ EXECUTED = ROOT / '_proc' / 'executed'  # executed copies kept by `make test` (t
 def executed_copy(src):
     "The executed copy of a tutorial or run notebook, when there is one whose code cells equal the source's"
     src = Path(src)
-    p = EXECUTED / ('tutorials' if src.parent.name == 'tutorials' else '') / (
-        f'run-{src.name}' if src.stem in RUN_NOTEBOOKS else src.name)
-    if not p.is_file() or src.parent.name not in ('tutorials', 'nbs') or (
-            src.parent.name == 'nbs' and src.stem not in RUN_NOTEBOOKS): return None
+    if src.parent.name == 'tutorials': p = EXECUTED / 'tutorials' / src.name
+    elif src.stem in RUN_NOTEBOOKS: p = EXECUTED / f'run-{src.name}'
+    else: return None
+    if not p.is_file(): return None
     code = lambda f: [''.join(c['source']) for c in json.loads(Path(f).read_text())['cells'] if c['cell_type'] == 'code']
     if code(p) != code(src):
         print(f'{src.name}: the executed copy {p} is out of date (its code differs); shown without outputs', flush=True)
