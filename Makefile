@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test test-min nbtest pytest export clean-nbs assets bench docs
+.PHONY: setup vocab run test test-min nbtest pytest export clean-nbs assets bench docs
 
 $(BIN)/.installed: setup.py settings.ini
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,13 +26,18 @@ $(BIN)/.installed: setup.py settings.ini
 
 setup: $(BIN)/.installed
 
+# The real tokenizers of current backbones (Llama-3.1, Qwen2.5, Qwen3, Phi-3.5) for the tests, built once into
+# ~/.cache/qllava/vocab (QLLAVA_VOCAB_DIR) from llama.cpp's vocabularies in llama-cpp-python's sdist (pip, the registry).
+vocab: setup
+	$(BIN)/python -m qllava.cli make-vocab
+
 # The main job on the embedded default: stage 2 (stage 1 first when needed) through the deepspeed launcher.
 run: setup
 	mkdir -p runs
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/papermill --log-output nbs/train.ipynb runs/out.ipynb -p stage finetune
 
 # The whole test suite: notebooks are the source, so first check the package is what they export.
-test: setup
+test: setup vocab
 	$(BIN)/nbdev_export && git diff --exit-code --stat -- qllava
 	# the run notebooks (train / eval / sweep) launch real jobs: pytest runs them through papermill instead
 	$(BIN)/nbdev_test --n_workers 2 --do_print --skip_file_re '^(train|eval|sweep)\.ipynb$$' --skip_folder_re '^([_.]|tutorials$$)'

@@ -35,6 +35,7 @@ SUBCOMMANDS = {
     "runs": ("qllava.runs:runs_cli", "list and compare run folders"),
     "notebooks": ("qllava.runs:notebooks_cli", "copy the run notebooks (train, eval, sweep) out of the package, to open or run with papermill"),
     "make-demo": ("qllava.demo:make_demo_cli", "rebuild the shipped demo data and tokenizers from PyPI-packaged sources"),
+    "make-vocab": ("qllava.vocab:make_vocab_cli", "build the real tokenizers of Llama-3.1, Qwen2.5, Qwen3 and Phi-3.5 from llama.cpp's vocabularies (pip downloads its sdist once)"),
     "make-testbed": ("qllava.testbed:make_testbed_cli", "build an offline hub cache of shrunk stand-ins of the recipe's hub models (Vicuna v1.5 with its real tokenizer, QuiltNet-B-32, CLIP-L/14-336)"),
 }
 

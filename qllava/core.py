@@ -405,6 +405,7 @@ LAYERS = {
     "foundation": ("core",),
     "media files": ("media",),
     "cluster jobs": ("slurm",),
+    "real vocabularies": ("vocab",),
     "formats and settings": ("presets", "projector", "metrics", "stats", "report", "launch", "config", "testbed", "demo"),
     "published sets": ("benchmarks",),
     "modalities": ("modality",),

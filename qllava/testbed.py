@@ -5,19 +5,22 @@
 # %% ../nbs/08_testbed.ipynb #76994df2
 from __future__ import annotations
 import hashlib, json, os, subprocess, sys, tarfile, tempfile
+from functools import partial
 from pathlib import Path
 from .core import ArgumentParser, ConfigError, QllavaError, OFFLINE_ENV, asset
+from .vocab import hf_json, hub_tokenizer_dir
 from .media import CLIP_MEAN as OPENAI_CLIP_MEAN, CLIP_STD as OPENAI_CLIP_STD
 
 # %% auto #0
 __all__ = ['LLAMA_CPP_PYTHON_VERSION', 'GGUF_MEMBER', 'GGUF_SHA256', 'LLAMA2_TOKENIZER_MODEL_SHA256', 'LLAMA_TRAINER_SPEC',
            'LLAMA_NORMALIZER_SPEC', 'VICUNA_TOKENIZER_CONFIG', 'VICUNA_SPECIAL_TOKENS_MAP', 'TOKENIZER_FILES',
-           'LFS_SUFFIXES', 'VICUNA_CONFIG', 'VICUNA_GENERATION_CONFIG', 'QUILTNET_OPEN_CLIP_CONFIG', 'CLIP_L336_CONFIG',
+           'LFS_SUFFIXES', 'VICUNA_CONFIG', 'VICUNA_GENERATION_CONFIG', 'LLAMA31_CONFIG', 'LLAMA31_GENERATION_CONFIG',
+           'QWEN25_CONFIG', 'QWEN25_GENERATION_CONFIG', 'QUILTNET_OPEN_CLIP_CONFIG', 'CLIP_L336_CONFIG',
            'CLIP_L336_PREPROCESSOR', 'TESTBED_REPOS', 'CHECK_MARK', 'sha256_file', 'fetch_llama_vocab_gguf',
-           'read_gguf_vocab', 'gguf_to_sentencepiece', 'hf_json', 'write_llama2_tokenizer', 'llama2_tokenizer_dir',
+           'read_gguf_vocab', 'gguf_to_sentencepiece', 'write_llama2_tokenizer', 'llama2_tokenizer_dir',
            'varied_strings', 'testbed_revision', 'blob_name', 'hub_repo_dir', 'write_hub_repo', 'random_state_dict',
-           'safetensors_bytes', 'vicuna_files', 'quiltnet_files', 'clip_l336_files', 'build_testbed', 'testbed_env',
-           'run_with_testbed', 'testbed_checks', 'check_testbed', 'make_testbed_cli']
+           'safetensors_bytes', 'vicuna_files', 'backbone_files', 'quiltnet_files', 'clip_l336_files', 'build_testbed',
+           'testbed_env', 'run_with_testbed', 'testbed_checks', 'check_testbed', 'make_testbed_cli']
 
 # %% ../nbs/08_testbed.ipynb #3ea7181c
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"   # the sdist the shipped vocabulary was read from
@@ -117,10 +120,6 @@ VICUNA_TOKENIZER_CONFIG = {"add_bos_token": True, "add_eos_token": False, "bos_t
 VICUNA_SPECIAL_TOKENS_MAP = {"bos_token": _added("<s>", False), "eos_token": _added("</s>", False), "pad_token": "<unk>",
                              "unk_token": _added("<unk>", False)}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
-
-def hf_json(d:dict) -> bytes:
-    "JSON as transformers writes its config files (sorted keys, indent 2, trailing newline)."
-    return (json.dumps(d, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 def write_llama2_tokenizer(gguf_path, # the LLaMA vocabulary GGUF (see `fetch_llama_vocab_gguf`)
                            folder, # output folder (created)
@@ -254,6 +253,43 @@ def vicuna_files(seed:int=0, # weight seed
                   "README.md": _readme("lmsys/vicuna-7b-v1.5", seed, "Vicuna v1.5's real tokenizer; a LLaMA of hidden 64 x 2 layers.")})
     return files
 
+# %% ../nbs/08_testbed.ipynb #a79aedf4
+LLAMA31_CONFIG = {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02,
+    "intermediate_size": 192, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+    "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0, "original_max_position_embeddings": 8192,
+                     "rope_type": "llama3"}, "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256}   # real: 4096 x 32 layers, 32 / 8 heads, 14336
+LLAMA31_GENERATION_CONFIG = {"bos_token_id": 128000, "do_sample": True, "eos_token_id": [128001, 128008, 128009],
+                             "temperature": 0.6, "top_p": 0.9, "transformers_version": "4.43.0.dev0"}
+QWEN25_CONFIG = {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+    "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 192, "max_position_embeddings": 32768,
+    "max_window_layers": 2, "model_type": "qwen2", "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.43.1", "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 152064}   # real: 3584 x 28 layers, 28 / 4 heads, 18944
+QWEN25_GENERATION_CONFIG = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+                            "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
+                            "transformers_version": "4.37.0"}
+
+# %% ../nbs/08_testbed.ipynb #4e74d3ee
+def backbone_files(repo_id:str, # a key of `vocab.HUB_VOCABS`
+                   config:dict, generation_config:dict, # the real repository's config.json / generation_config.json (shrunk)
+                   seed:int=0, # weight seed
+                  ) -> dict[str, bytes]:
+    "A current backbone's stand-in: its real tokenizer files, its configs, random bfloat16 weights of the shrunk shape."
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("architectures", "transformers_version")})
+    with torch.device("meta"): model = AutoModelForCausalLM.from_config(cfg)
+    tok = hub_tokenizer_dir(repo_id)
+    files = {n: (tok/n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")}
+    files.update({"config.json": hf_json(config), "generation_config.json": hf_json(generation_config),
+                  "model.safetensors": safetensors_bytes(random_state_dict(model, seed, dtype=torch.bfloat16)),
+                  "README.md": _readme(repo_id, seed, "the real tokenizer and chat template; hidden 64 x 2 layers.")})
+    return files
+
 # %% ../nbs/08_testbed.ipynb #25fd894b
 QUILTNET_OPEN_CLIP_CONFIG = {"model_cfg": {"embed_dim": 32,   # real: 512; vision width 768 x 12 layers, text width 512 x 12 layers
         "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
@@ -295,6 +331,10 @@ def clip_l336_files(seed:int=0, # weight seed
 
 # %% ../nbs/08_testbed.ipynb #421ded4c
 TESTBED_REPOS = {"lmsys/vicuna-7b-v1.5": vicuna_files, "wisdomik/QuiltNet-B-32": quiltnet_files,
+                 "meta-llama/Llama-3.1-8B-Instruct": partial(backbone_files, "meta-llama/Llama-3.1-8B-Instruct",
+                                                             LLAMA31_CONFIG, LLAMA31_GENERATION_CONFIG),
+                 "Qwen/Qwen2.5-7B-Instruct": partial(backbone_files, "Qwen/Qwen2.5-7B-Instruct", QWEN25_CONFIG,
+                                                     QWEN25_GENERATION_CONFIG),
                  "openai/clip-vit-large-patch14-336": clip_l336_files}
 
 def build_testbed(cache, # hub cache folder to fill (created); export HF_HUB_CACHE=cache to use it
