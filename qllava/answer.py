@@ -126,7 +126,7 @@ def resolve_template(name:str|None, # a template or original conv-mode name; Non
                      ) -> str:
     "The qllava template name for a `--conv-mode` value."
     if not name or name == "default": name = model_template
-    return get_template(CONV_MODES.get(name, name)).name
+    return "auto" if name == "auto" else get_template(CONV_MODES.get(name, name)).name
 
 def question_text(q:dict) -> str:
     "The question with its media placeholder in front when it has media and no placeholder (as `model_vqa`)."
@@ -222,7 +222,7 @@ def answer_questions(model_dir, # qllava checkpoint (or LoRA run) folder
         check_media(todo, media_folder, model.encoders, question_file)
         for b in range(0, len(todo), batch_size):
             batch = todo[b:b + batch_size]
-            prompts = [generation_prompt(tmpl, question_text(q), use_im_start_end=bool(model.config.use_im_start_end)) for q in batch]
+            prompts = [generation_prompt(get_template(tmpl, tok), question_text(q), use_im_start_end=bool(model.config.use_im_start_end)) for q in batch]
             media = load_batch_media(model, batch, media_folder, blank_media, question_file)
             texts = answer_batch(model, tok, prompts, media, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_p=top_p, num_beams=num_beams, batch_size=len(batch))
@@ -364,7 +364,7 @@ def vqa_accuracy(model, tokenizer, # a QllavaForCausalLM and its tokenizer
                  blank:bool=False, # ask with blanked media (the no-media control)
                  batch_size:int=16, max_new_tokens:int=64) -> dict:
     "Greedy answers to VQA questions, scored: closed yes/no accuracy (published rule) and one-word answer accuracy (%)."
-    tmpl = get_template(model.config.template)
+    tmpl = get_template(model.config.template, tokenizer)
     qs, truth = read_questions(questions), {g["id"]: g for g in read_json_records(gt, "ground-truth file")}
     media = load_batch_media(model, qs, media_folder, blank, questions)
     prompts = [generation_prompt(tmpl, question_text(q)) for q in qs]

@@ -32,7 +32,7 @@ class Chat:
         if model is None and model_path is None:
             raise ConfigError("Chat needs a model_path (a checkpoint folder) or a model.")
         self.model, self.tokenizer = model if model is not None else load_answering_model(model_path)
-        self.template = get_template(resolve_template(template, self.model.config.template))
+        self.template = get_template(resolve_template(template, self.model.config.template), self.tokenizer)
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.reset()
 

@@ -423,7 +423,7 @@ def import_llava(folder, # an original LLaVA checkpoint folder (config.json with
     extra = [k for k in reader.keys() if k not in mm and k not in llm_keys and "rotary_emb" not in k]
     if extra: raise CheckpointError(f"{folder}: the language model tensors do not match: unexpected {extra[:4]}.")
     resize_embeddings(llm, len(tok))
-    stops = list(get_template(template).stop_strings)
+    stops = list(get_template(template, tok).stop_strings)
     config = QllavaConfig(text_config=llm.config, encoders={"image": spec}, projector=cfg.get("mm_projector_type", "linear"),
                           media_token_ids={"image": media_token_id(tok, "image")},
                           use_im_start_end=bool(cfg.get("mm_use_im_start_end", False)),
@@ -475,7 +475,7 @@ def _export_probes(template:str, use_im_start_end:bool) -> list[str]:
     qs = ["<image>\nWhat is shown?", "<image>\n Describe it.", "Is <image> stained?", "hello", "<image>"]
     out = [generation_prompt(template, q, use_im_start_end=use_im_start_end) for q in qs]
     conv = [{"from": "human", "value": qs[0]}, {"from": "gpt", "value": "A gland."}]
-    if template != "plain": conv += [{"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]
+    if getattr(template, "name", template) != "plain": conv += [{"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]
     return out + [spans_text(render(template, conv, use_im_start_end=use_im_start_end))]
 
 def _ids_ours(tokenizer, texts:list[str], n:int) -> list[list[int]]:
@@ -490,7 +490,7 @@ def _ids_whole(tokenizer, texts:list[str], n:int) -> list[list[int]]:
 # %% ../nbs/14_checkpoint.ipynb #1ebd3a8d
 def stop_token_ids(tokenizer, template:str) -> list[int]:
     "The EOS id and each of the template's stop strings that is one token: where transformers' `generate` stops."
-    ids = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(s) for s in get_template(template).stop_strings
+    ids = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(s) for s in get_template(template, tokenizer).stop_strings
                                       if s in tokenizer.get_added_vocab() or s == tokenizer.eos_token]
     return list(dict.fromkeys(i for i in ids if i is not None))
 
@@ -503,7 +503,7 @@ def save_llava_processor(model, clip, tokenizer, out_dir:Path):
                              image_mean=list(enc.media.get("image_mean")) if hasattr(enc, "media") else None,
                              image_std=list(enc.media.get("image_std")) if hasattr(enc, "media") else None)
     tok = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own chat template and padding side
-    tok.chat_template, tok.padding_side = chat_template(c.template, c.use_im_start_end), "left"  # batched generate
+    tok.chat_template, tok.padding_side = chat_template(get_template(c.template, tokenizer), c.use_im_start_end), "left"  # batched generate
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=clip.config.patch_size, image_token="<image>",
                           vision_feature_select_strategy="default" if enc.select_feature == "patch" else "full",
                           num_additional_image_tokens=1, chat_template=tok.chat_template)
@@ -520,7 +520,7 @@ def align_exported_tokenizer(folder, # an export folder holding the saved tokeni
                             ) -> str:
     "Rewrite `folder`'s tokenizer so whole-prompt tokenisation gives our ids; returns the form kept (`_AFTER_MEDIA`)."
     folder = Path(folder)
-    texts = _export_probes(template, use_im_start_end)
+    texts = _export_probes(get_template(template, tokenizer), use_im_start_end)
     want = _ids_ours(tokenizer, texts, n)
     tj = json.loads((folder / "tokenizer.json").read_text())
     tc = json.loads((folder / "tokenizer_config.json").read_text())

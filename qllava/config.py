@@ -22,7 +22,7 @@ class TrainConfig:
     stage: str|None = None # pretrain | finetune | lora | qlora; default: from the original flags (--tune_mm_mlp_adapter: pretrain, --lora_enable: lora, with --bits 4: qlora), else finetune
     model_name_or_path: str = "preset:tiny-llama" # base LLM: hub id, local folder, preset:NAME, or a qllava checkpoint
     tokenizer: str|None = None # tokenizer name or folder; default: the model's own (llama-demo for presets)
-    version: str|None = None # conversation template (plain for pretrain, v1 otherwise)
+    version: str|None = None # conversation template: plain for pretrain; else the tokenizer's own (auto) if it has one, v1 for LLaMA / Vicuna vocabularies
     vision_tower: str|None = "preset:tiny-clip" # encoder spec (hf-clip:, open_clip:, limu-bert:, preset:)
     mm_projector_type: str = "mlp2x_gelu" # linear | mlpNx_gelu | identity
     tune_mm_mlp_adapter: bool|None = None # train only the projector (stage 1)
@@ -107,13 +107,13 @@ STAGE_PRESETS = {
     "pretrain": dict(version="plain", tune_mm_mlp_adapter=True, lora_enable=False, global_batch_size=256, image_aspect_ratio="square",
                      learning_rate=1e-3, weight_decay=0.0, warmup_ratio=0.03, lr_scheduler_type="cosine",
                      num_train_epochs=1, model_max_length=2048),
-    "finetune": dict(version="v1", tune_mm_mlp_adapter=False, lora_enable=False, global_batch_size=128, image_aspect_ratio="pad",
+    "finetune": dict(version=None, tune_mm_mlp_adapter=False, lora_enable=False, global_batch_size=128, image_aspect_ratio="pad",
                      learning_rate=2e-5, weight_decay=0.0, warmup_ratio=0.03, lr_scheduler_type="cosine",
                      num_train_epochs=1, model_max_length=2048),
-    "lora": dict(version="v1", tune_mm_mlp_adapter=False, lora_enable=True, lora_r=128, lora_alpha=256, image_aspect_ratio="pad",
+    "lora": dict(version=None, tune_mm_mlp_adapter=False, lora_enable=True, lora_r=128, lora_alpha=256, image_aspect_ratio="pad",
                  global_batch_size=128, learning_rate=2e-4, mm_projector_lr=2e-5, weight_decay=0.0,
                  warmup_ratio=0.03, lr_scheduler_type="cosine", num_train_epochs=1, model_max_length=2048),
-    "qlora": dict(version="v1", tune_mm_mlp_adapter=False, lora_enable=True, lora_r=128, lora_alpha=256, bits=4, image_aspect_ratio="pad",
+    "qlora": dict(version=None, tune_mm_mlp_adapter=False, lora_enable=True, lora_r=128, lora_alpha=256, bits=4, image_aspect_ratio="pad",
                   global_batch_size=128, learning_rate=2e-4, mm_projector_lr=2e-5, weight_decay=0.0,
                   warmup_ratio=0.03, lr_scheduler_type="cosine", num_train_epochs=1, model_max_length=2048),
 }

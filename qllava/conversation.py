@@ -4,13 +4,14 @@
 
 # %% ../nbs/01_conversation.ipynb #cf7689cd
 from __future__ import annotations
+import json
 from dataclasses import dataclass, field
 from .core import DataError, ConfigError
 from .modality import placeholder_re
 
 # %% auto #0
 __all__ = ['IM_START', 'IM_END', 'IM_PATCH', 'TEMPLATES', 'TEMPLATE_ALIASES', 'find_placeholders', 'Template', 'get_template',
-           'Span', 'spans_text', 'check_turns', 'render', 'generation_prompt', 'chat_template']
+           'auto_template', 'Span', 'spans_text', 'check_turns', 'render', 'generation_prompt', 'chat_template']
 
 # %% ../nbs/01_conversation.ipynb #7848e60e
 IM_START, IM_END, IM_PATCH = "<im_start>", "<im_end>", "<im_patch>"
@@ -30,6 +31,9 @@ class Template:
     sep:str # separator after the system prompt / human turns (meaning depends on `style`)
     sep2:str|None # terminator of an assistant turn (for "two" and "llama_2")
     stop_strings:list[str] = field(default_factory=list) # text that ends a generated answer
+    jinja:str|None = None # style "jinja": the model's own chat template (see `auto_template`)
+    special:dict = field(default_factory=dict) # style "jinja": bos_token / eos_token strings the Jinja may print
+    terminator:str = "" # style "jinja": the text that ends every assistant turn (supervised with the answer)
 
 # %% ../nbs/01_conversation.ipynb #5e703e1f
 _VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -39,6 +43,11 @@ _LLAMA_2_SYSTEM = ("You are a helpful, respectful and honest assistant. Always a
     "or illegal content. Please ensure that your responses are socially unbiased and positive in nature.\n\n"
     "If a question does not make any sense, or is not factually coherent, explain why instead of answering "
     "something not correct. If you don't know the answer to a question, please don't share false information.")
+
+_HEADER = "<|start_header_id|>{}<|end_header_id|>\n\n"   # Llama-3's role header
+_LLAMA_3_SYSTEM = _HEADER.format("system") + ("You are a helpful language and vision assistant. You are able to understand "
+    "the visual content that the user provides, and assist the user with a variety of tasks using natural language.")
+_LLAMA_3_ROLES = (_HEADER.format("user"), _HEADER.format("assistant"))
 
 TEMPLATES = {t.name: t for t in [
     Template("plain", "", ("", ""), "plain", "\n", None, ["\n"]),
@@ -50,18 +59,79 @@ TEMPLATES = {t.name: t for t in [
              ("USER", "ASSISTANT"), "llama_2", "<s>", "</s>", ["</s>"]),
     Template("chatml", "<|im_start|>system\nAnswer the questions.", ("<|im_start|>user\n", "<|im_start|>assistant\n"),
              "mpt", "<|im_end|>", None, ["<|im_end|>"]),
+    Template("llama_3", _LLAMA_3_SYSTEM, _LLAMA_3_ROLES, "chat", "<|eot_id|>", None, ["<|eot_id|>"]),
+    Template("qwen_2", "<|im_start|>system\nYou are a helpful assistant.", ("<|im_start|>user\n", "<|im_start|>assistant\n"),
+             "chat", "<|im_end|>\n", None, ["<|im_end|>"]),
+    Template("phi_3", "", ("<|user|>\n", "<|assistant|>\n"), "chat", "<|end|>\n", None, ["<|end|>"]),
 ]}
 TEMPLATE_ALIASES = {"v1": "vicuna_v1", "chatml_direct": "chatml"}
 
 # %% ../nbs/01_conversation.ipynb #38097920
-def get_template(name:str|Template) -> Template:
-    "The template called `name` (aliases: `v1` -> `vicuna_v1`, `chatml_direct` -> `chatml`); a `Template` passes through."
+def get_template(name:str|Template, # a registered name, an alias, "auto", or a `Template` (passes through)
+                 tokenizer=None, # for "auto": the tokenizer whose chat template is used
+                ) -> Template:
+    "The template called `name` (aliases: `v1` -> `vicuna_v1`, `chatml_direct` -> `chatml`; `auto`: the tokenizer's own)."
     if isinstance(name, Template): return name
+    if name == "auto": return auto_template(tokenizer)
     key = TEMPLATE_ALIASES.get(name, name)
     if key not in TEMPLATES:
-        known = ", ".join(sorted(TEMPLATES) + sorted(TEMPLATE_ALIASES))
+        known = ", ".join(sorted(TEMPLATES) + sorted(TEMPLATE_ALIASES) + ["auto"])
         raise ConfigError(f"unknown conversation template {name!r}. Fix: use one of {known}.")
     return TEMPLATES[key]
+
+# %% ../nbs/01_conversation.ipynb #b87863c4
+_MARK = "\ue000{}\ue001"   # private-use sentinels standing for message contents while a chat template renders
+
+def _jinja_render(t:Template, contents:list[str], add_generation_prompt:bool) -> str:
+    from transformers.utils.chat_template_utils import render_jinja_template
+    msgs = [{"role": ("user", "assistant")[i % 2], "content": c} for i, c in enumerate(contents)]
+    try: out, _ = render_jinja_template(conversations=[msgs], chat_template=t.jinja,
+                                        add_generation_prompt=add_generation_prompt, **t.special)
+    except Exception as e:
+        raise ConfigError(f"the model's chat template failed to render ({type(e).__name__}: {e}). "
+                          "Fix: pass a named template (--version llama_3, qwen_2, ...).") from None
+    return out[0]
+
+def _jinja_pieces(t:Template, n:int, add_generation_prompt:bool) -> list[str]:
+    "The template's own texts around `n` message contents (n + 1 pieces)."
+    import re
+    pieces = re.split("\ue000\\d+\ue001", _jinja_render(t, [_MARK.format(i) for i in range(n)], add_generation_prompt))
+    if len(pieces) != n + 1:
+        raise ConfigError(f"the model's chat template does not print each message's content once ({len(pieces) - 1} of {n}). "
+                          "Fix: pass a named template (--version llama_3, qwen_2, ...).")
+    return pieces
+
+# %% ../nbs/01_conversation.ipynb #25799fe4
+def _adds_bos(tokenizer) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and tokenizer("", add_special_tokens=True).input_ids[:1] == [bos]
+
+def _common_tokens(tokenizer, a:str, b:str) -> str:
+    "The longest common start of `a` and `b` that ends on a token boundary of both (`<|end|>\\n<|` is not one)."
+    ea, eb = (tokenizer(s, add_special_tokens=False, return_offsets_mapping=True) for s in (a, b))
+    n = 0
+    while n < min(len(ea.input_ids), len(eb.input_ids)) and ea.input_ids[n] == eb.input_ids[n]: n += 1
+    return a[:ea.offset_mapping[n - 1][1]] if n else ""
+
+def auto_template(tokenizer, # a transformers tokenizer that ships a chat template
+                 ) -> Template:
+    "The tokenizer's own chat template as a `Template` (style `jinja`), with its end-of-turn text found by a probe."
+    import os
+    jinja = getattr(tokenizer, "chat_template", None)
+    if not isinstance(jinja, str) or not jinja:
+        raise ConfigError("the tokenizer ships no chat template, so --version auto has nothing to use. Fix: pass one of "
+                          + ", ".join(sorted(TEMPLATES)) + " with --version (v1 for Vicuna / LLaVA-1.5).")
+    eos = tokenizer.eos_token or ""
+    special = dict(bos_token="" if _adds_bos(tokenizer) else (tokenizer.bos_token or ""), eos_token=eos,
+                   enable_thinking=False)  # Qwen3: the empty think block in the generation prompt, as in training
+    t = Template("auto", "", ("user", "assistant"), "jinja", "", None, [], jinja=jinja, special=special)
+    p = _jinja_pieces(t, 4, False)
+    t.terminator = _common_tokens(tokenizer, p[2], p[4])
+    if not t.terminator.strip():
+        raise ConfigError("the model's chat template closes assistant turns with no text, so an answer's end cannot be "
+                          "learned. Fix: pass a named template (--version llama_3, qwen_2, ...).")
+    t.stop_strings = list(dict.fromkeys([t.terminator.strip()] + ([eos] if eos else [])))
+    return t
 
 # %% ../nbs/01_conversation.ipynb #67f872e8
 @dataclass
@@ -143,7 +213,34 @@ def _render_plain(t, turns):
     if len(turns) > 1: out.append(Span(turns[1] + t.sep, True, "gpt"))
     return out
 
-_RENDERERS = {"two": _render_two, "llama_2": _render_llama_2, "mpt": _render_mpt, "plain": _render_plain}
+def _render_chat(t, turns):
+    out = _render_mpt(t, turns)
+    return out if t.system else out[1:]
+
+def _jinja_contents(t, turns, pieces, gen):
+    "The contents as the template prints them: as given, or stripped (Llama-3's template trims); else an error."
+    full = _jinja_render(t, turns, gen)
+    for cs in (turns, [c.strip() for c in turns]):
+        if full == "".join(p + c for p, c in zip(pieces, cs + [""])): return cs
+    raise ConfigError("the model's chat template changes message text beyond stripping it, so the answer spans cannot be "
+                      "found. Fix: pass a named template (--version llama_3, qwen_2, ...).")
+
+def _render_jinja(t, turns):
+    gen = len(turns) % 2 == 1
+    pieces = _jinja_pieces(t, len(turns), gen)
+    turns = _jinja_contents(t, turns, pieces, gen)
+    out, skip = [], 0
+    for i, c in enumerate(turns):
+        if i % 2 == 0: out.append(Span(pieces[i][skip:] + c, False, "human")); skip = 0; continue
+        out.append(Span(pieces[i], False, "human"))
+        if not pieces[i + 1].startswith(t.terminator):
+            raise ConfigError(f"the model's chat template does not close assistant turn {i} with {t.terminator!r}. "
+                              "Fix: pass a named template (--version llama_3, qwen_2, ...).")
+        out.append(Span(c + t.terminator, True, "gpt")); skip = len(t.terminator)
+    return out + [Span(pieces[-1][skip:], False, "human")]
+
+_RENDERERS = {"two": _render_two, "llama_2": _render_llama_2, "mpt": _render_mpt, "plain": _render_plain,
+              "chat": _render_chat, "jinja": _render_jinja}
 
 # %% ../nbs/01_conversation.ipynb #71848434
 def render(template:str|Template, # template name or `Template`
@@ -206,18 +303,30 @@ _JINJA_TURNS = {  # per layout, the Jinja of `_render_<style>`
                "{%- else -%}{{- ' ' + value(m) + ' ' + SEP2 -}}{%- endif -%}{%- endfor -%}",
     "mpt": "{{- SYSTEM + SEP -}}{%- for m in messages -%}{%- if m['role'] == 'user' -%}{{- R0 + value(m) + SEP + R1 -}}"
            "{%- else -%}{{- value(m) + SEP -}}{%- endif -%}{%- endfor -%}",
+    "chat": "{%- if SYSTEM -%}{{- SYSTEM + SEP -}}{%- endif -%}{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
+            "{{- R0 + value(m) + SEP + R1 -}}{%- else -%}{{- value(m) + SEP -}}{%- endif -%}{%- endfor -%}",
     "plain": "{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
              "{{- SYSTEM + PH * (value(m).split(PH)|length - 1) -}}"
              "{%- else -%}{{- value(m) + SEP -}}{%- endif -%}{%- endfor -%}",
 }
 
 # %% ../nbs/01_conversation.ipynb #44bad973
+def _auto_chat_template(t:Template, use_im_start_end:bool) -> str:
+    "`auto`'s export: the model's own Jinja after a prelude that makes messages what training rendered."
+    ph = IM_START + "<image>" + IM_END if use_im_start_end else "<image>"
+    prelude = (f"{{%- set PH = {json.dumps(ph)} -%}}" + _JINJA_VALUE
+               + "{%- set ns = namespace(msgs=[]) -%}{%- for m in messages -%}"
+                 "{%- set ns.msgs = ns.msgs + [{'role': m['role'], 'content': value(m)|string}] -%}{%- endfor -%}"
+                 "{%- set messages = ns.msgs -%}{%- set enable_thinking = false -%}")
+    if not t.special.get("bos_token"): prelude += "{%- set bos_token = '' -%}"   # the tokenizer adds the BOS itself
+    return prelude + t.jinja
+
 def chat_template(template:str|Template, # template name or `Template`
                   use_im_start_end:bool=False, # frame each image as <im_start><image><im_end>
                  ) -> str:
     "The Jinja chat template that renders transformers-style messages to the exact prompt text of `template`."
-    import json
     t = get_template(template)
+    if t.style == "jinja": return _auto_chat_template(t, use_im_start_end)
     consts = {"SYSTEM": t.system, "SEP": t.sep, "SEP2": t.sep2 or "", "R0": t.roles[0], "R1": t.roles[1],
               "PH": IM_START + "<image>" + IM_END if use_im_start_end else "<image>"}
     head = "".join(f"{{%- set {k} = {json.dumps(v)} -%}}" for k, v in consts.items())  # JSON strings are Jinja literals

@@ -259,7 +259,7 @@ class MultimodalDataset:
                               "once, before building the model (its embeddings must cover the added tokens) and this dataset.")
         self.records = load_records(records) if isinstance(records, (str, os.PathLike)) else records
         self.file = getattr(self.records, "path", None)
-        self.tokenizer, self.template = tokenizer, get_template(template)
+        self.tokenizer, self.template = tokenizer, get_template(template, tokenizer)
         self.media_folder = None if media_folder is None else Path(media_folder)
         self.processors, self.n_media_tokens = dict(processors or {}), dict(n_media_tokens or {})
         self.max_length, self.use_im_start_end, self.on_error, self.n_calibration = max_length, use_im_start_end, on_error, n_calibration

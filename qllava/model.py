@@ -15,7 +15,7 @@ from .core import CheckpointError, ConfigError, DataError
 from .presets import default_tokenizer, get_preset, load_tokenizer
 from .encoders import build_encoder, load_weights_file, seeded
 from .projector import build_projector
-from .tokenize import prepare_tokenizer, media_token_id as _mid
+from .tokenize import pick_template, prepare_tokenizer, media_token_id as _mid
 from .conversation import get_template
 from .modality import MODALITIES, batch_media
 
@@ -570,7 +570,7 @@ def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a loca
                 projector:str="mlp2x_gelu", # projector kind (`linear`, `mlpNx_gelu`, `identity`)
                 tokenizer=None, # tokenizer object, shipped name, folder or hub id (default: the LLM's own; llama-demo for presets)
                 seed:int=0, # seed for every randomly initialised part
-                template:str="vicuna_v1", # conversation template name
+                template:str|None=None, # conversation template name (None: `pick_template` chooses from the tokenizer)
                 stop_strings:list|None=None, # answer stop strings (default: the template's)
                 select_layer:int|None=None, # encoder hidden layer (None: tower default, -2 image, -1 IMU)
                 select_feature:str="patch", # `patch` or `cls_patch`
@@ -583,13 +583,15 @@ def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a loca
                 ) -> tuple: # (model, tokenizer)
     "Build a `QllavaForCausalLM` and its prepared tokenizer, offline for presets and local folders; the caller's random state is left as it was."
     encoders = dict(encoders if encoders is not None else {"image": "preset:tiny-clip"})
-    tokenizer = get_tokenizer(default_tokenizer(llm) if tokenizer is None else tokenizer, use_im_start_end=use_im_start_end, template=template)
+    tokenizer = get_tokenizer(default_tokenizer(llm) if tokenizer is None else tokenizer, use_im_start_end=use_im_start_end)
+    template = pick_template(template, tokenizer)
+    prepare_tokenizer(tokenizer, use_im_start_end=use_im_start_end, template=template)
     attn = attn_implementation or default_attn_implementation()
     dtype, zero3 = resolve_dtype(dtype), zero_stage(ds_config) == 3
     if zero3: dtype = ds_param_dtype(ds_config)  # the dtype DeepSpeed trains in (it does not cast partitioned weights)
     if quantization_config is not None: _check_quantizable(llm, zero3)
     with seeded(seed): llm_model, switch = build_llm(llm, tokenizer, attn, dtype, ds_config, quantization_config)
-    if stop_strings is None: stop_strings = list(get_template(template).stop_strings)
+    if stop_strings is None: stop_strings = list(get_template(template, tokenizer).stop_strings)
     with seeded(seed): encs = {m: cast_params(get_encoder(s, select_layer, select_feature, train_encoders), dtype) for m, s in encoders.items()}
     for m, e in encs.items():
         if e.modality != m: raise ConfigError(f"encoder {encoders[m]!r} is a {e.modality} encoder but was given for {m!r}.")

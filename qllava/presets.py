@@ -118,7 +118,7 @@ def save_tokenizer(tokenizer, # the (prepared) tokenizer a model trained with
     folder = Path(folder); tokenizer.save_pretrained(str(folder))
     f = folder / "tokenizer_config.json"
     cfg = json.loads(f.read_text())
-    for k in ("legacy", "add_prefix_space"):
+    for k in ("legacy", "add_prefix_space", "padding_side"):  # transformers 5 omits padding_side for some classes (Qwen2)
         if getattr(tokenizer, k, None) is not None: cfg[k] = getattr(tokenizer, k)
     if tokenizer.init_kwargs.get(SPM_PREFIX): cfg[SPM_PREFIX] = True  # built from a tokenizer.model (see load_tokenizer)
     f.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))

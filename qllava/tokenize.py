@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 import numpy as np, torch
 from .core import DataError, ConfigError
 from .modality import get_modality, placeholders, placeholder_re
-from .conversation import (IM_START, IM_END, IM_PATCH, Template, Span,
+from .conversation import (IM_START, IM_END, IM_PATCH, TEMPLATES, Template, Span,
                                  get_template, render, spans_text)
 from .presets import SPM_PREFIX
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'prepare_tokenizer', 'media_token_id', 'TokenizedSample', 'encode_chunked', 'tokenize_conversation',
-           'tokenize_conversations']
+__all__ = ['IGNORE_INDEX', 'prepare_tokenizer', 'pick_template', 'media_token_id', 'TokenizedSample', 'encode_chunked',
+           'tokenize_conversation', 'tokenize_conversations']
 
 # %% ../nbs/04_tokenize.ipynb #1e3c327d
 IGNORE_INDEX = -100  # label of a position the loss skips
@@ -44,7 +44,7 @@ def prepare_tokenizer(tokenizer, # a transformers fast tokenizer (changed in pla
                           "Fix: load it with use_fast=True (AutoTokenizer.from_pretrained(path, use_fast=True)).")
     _add_special(tokenizer, list(placeholders().values()) + ([IM_START, IM_END] if use_im_start_end else [])
                  + ([IM_PATCH] if use_im_patch_token else []))
-    if template is not None: _atomic_terminators(tokenizer, get_template(template))
+    if template is not None: _atomic_terminators(tokenizer, get_template(template, tokenizer))
     pad, eos = tokenizer.pad_token, tokenizer.eos_token
     if pad is None or pad == eos:
         if tokenizer.unk_token is not None and tokenizer.unk_token != eos: tokenizer.pad_token = tokenizer.unk_token
@@ -52,6 +52,30 @@ def prepare_tokenizer(tokenizer, # a transformers fast tokenizer (changed in pla
             _add_special(tokenizer, ["<pad>"])
             tokenizer.pad_token = "<pad>"
     return tokenizer
+
+# %% ../nbs/04_tokenize.ipynb #738a591a
+def pick_template(version:str|None, # the template asked for (`--version`); None: choose from the tokenizer
+                  tokenizer, # the model's tokenizer
+                 ) -> str:
+    "The template name a run uses: `version` if given, else `auto` when the tokenizer has a chat template, else `vicuna_v1`."
+    if version: return version if version == "auto" else get_template(version).name
+    if getattr(tokenizer, "chat_template", None): return "auto"
+    if "</s>" in tokenizer.get_vocab(): return "vicuna_v1"
+    raise ConfigError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')} ships no chat template and no --version was "
+                      f"given. Fix: pass --version with one of {', '.join(sorted(TEMPLATES))} (llama_3, qwen_2 and phi_3 "
+                      "for those backbones), or use a tokenizer with a chat template (auto).")
+
+# %% ../nbs/04_tokenize.ipynb #25467707
+def pick_template(version:str|None, # the template asked for (`--version`); None: choose from the tokenizer
+                  tokenizer, # the model's tokenizer
+                 ) -> str:
+    "The template name a run uses: `version` if given, else `auto` when the tokenizer has a chat template, else `vicuna_v1`."
+    if version: return version if version == "auto" else get_template(version).name
+    if getattr(tokenizer, "chat_template", None): return "auto"
+    if "</s>" in tokenizer.get_vocab(): return "vicuna_v1"
+    raise ConfigError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')} ships no chat template and no --version was "
+                      f"given. Fix: pass --version with one of {', '.join(sorted(TEMPLATES))} (llama_3, qwen_2 and phi_3 "
+                      "for those backbones), or use a tokenizer with a chat template (auto).")
 
 # %% ../nbs/04_tokenize.ipynb #b044c8a4
 def media_token_id(tokenizer, # a tokenizer passed through `prepare_tokenizer`

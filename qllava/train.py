@@ -17,6 +17,8 @@ from .launch import report_progress, heartbeat
 from .slurm import PREEMPTED_EXIT, RANKS_ENV, ranks_from_slurm
 from .checkpoint import load_base_model, load_projector, save_projector, save_checkpoint
 from .encoders import encoder_modality
+from .tokenize import pick_template
+from .conversation import get_template
 from .answer import vqa_accuracy
 from .modality import MODALITIES
 
@@ -25,12 +27,12 @@ __all__ = ['NOISY_LOGGERS', 'PUBLISHED_GLOBAL_BATCH', 'ASPECT_RATIOS', 'CKPT_DIR
            'third_party_to', 'prints_to_log', 'init_distributed', 'seed_everything', 'hardware_precision',
            'deepspeed_config', 'apply_stage', 'trainable_summary', 'param_groups', 'make_optimizer', 'media_settings',
            'build_dataset', 'build_loader', 'build_eval_loader', 'open_reporters', 'RunLog', 'flag_notes',
-           'step_schedule', 'set_aspect_ratio', 'Run', 'build_run', 'evaluate_vqa', 'evaluate_loss', 'write_checksums',
-           'verify_checksums', 'safe_load', 'use_safe_loading', 'share_fp32_master', 'save_resumable', 'find_resume',
-           'load_resumable', 'Progress', 'resume_progress', 'optimiser_step', 'after_step', 'final_metrics',
-           'train_loop', 'Preempted', 'stop_signals', 'catch_stop_signals', 'stop_requested', 'save_here',
-           'save_and_stop', 'save_final', 'tokenizer_summary', 'quantization_summary', 'fit', 'train_cli',
-           'close_distributed']
+           'step_schedule', 'set_aspect_ratio', 'settle_template', 'Run', 'build_run', 'evaluate_vqa', 'evaluate_loss',
+           'write_checksums', 'verify_checksums', 'safe_load', 'use_safe_loading', 'share_fp32_master',
+           'save_resumable', 'find_resume', 'load_resumable', 'Progress', 'resume_progress', 'optimiser_step',
+           'after_step', 'final_metrics', 'train_loop', 'Preempted', 'stop_signals', 'catch_stop_signals',
+           'stop_requested', 'save_here', 'save_and_stop', 'save_final', 'tokenizer_summary', 'quantization_summary',
+           'fit', 'train_cli', 'close_distributed']
 
 # %% ../nbs/21_train.ipynb #1a2171d5
 NOISY_LOGGERS = ("py.warnings", "bitsandbytes", "DeepSpeed", "torch.distributed", "accelerate", "peft", "qllava.third_party")
@@ -374,6 +376,12 @@ def set_aspect_ratio(model, image_aspect_ratio:str|None):
     model.config.image_aspect_ratio = "pad" if mode == "pad" else str(image_aspect_ratio)
     return model
 
+def settle_template(cfg:TrainConfig, model, tokenizer):
+    "Fix the run's template (`pick_template`: named, else the tokenizer's own, else v1) on `cfg` and the model's config."
+    cfg.version = pick_template(cfg.version, tokenizer)
+    model.config.template = cfg.version
+    model.config.stop_strings = list(get_template(cfg.version, tokenizer).stop_strings)
+
 @dataclass
 class Run:
     "Everything a training stage holds once set up (`build_run`): settings, ranks, model and engine, data, schedule."
@@ -424,6 +432,7 @@ def build_run(cfg:TrainConfig, log=print) -> Run:
     dtype = torch.bfloat16 if precision["bf16"] else torch.float16 if precision["fp16"] else torch.float32
     model, tok = load_base_model(cfg, modality, dtype, ds_cfg)  # in the training dtype (4 / 8 bit: quantised); partitioned at birth under ZeRO-3
     set_aspect_ratio(model, cfg.image_aspect_ratio)
+    settle_template(cfg, model, tok)
     if cfg.pretrain_mm_mlp_adapter:
         load_projector(model, cfg.pretrain_mm_mlp_adapter)
         log(f"projector initialised from {cfg.pretrain_mm_mlp_adapter}")

@@ -326,7 +326,7 @@ def _setup(tokenizer, template, n_media_tokens, use_im_start_end, image_preset="
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(str(tokenizer))
     tok = prepare_tokenizer(tokenizer, use_im_start_end=use_im_start_end)
-    tmpl = get_template(template) if isinstance(template, str) else template
+    tmpl = get_template(template, tok)
     nmt = {**default_media_tokens(image_preset, sensor_preset, select_feature), **(n_media_tokens or {})}
     return tok, tmpl, nmt, str(name)
 

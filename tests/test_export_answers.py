@@ -14,7 +14,10 @@ from qllava.testbed import build_testbed, run_with_testbed
 TEMPLATES = ["plain", "vicuna_v1", "llama_2", "mistral_instruct", "llava_llama_2", "chatml"]
 SETUPS = {"tiny": ("preset:tiny-llama", "preset:tiny-clip", TEMPLATES),
           "quiltnet-realvocab": ("lmsys/vicuna-7b-v1.5", "wisdomik/QuiltNet-B-32", TEMPLATES),
-          "clip-l": ("lmsys/vicuna-7b-v1.5", "openai/clip-vit-large-patch14-336", ["vicuna_v1", "chatml"])}
+          "clip-l": ("lmsys/vicuna-7b-v1.5", "openai/clip-vit-large-patch14-336", ["vicuna_v1", "chatml"]),
+          # current backbones on their real vocabularies: the model's own chat template (auto) and LLaVA-NeXT's format
+          "llama31": ("meta-llama/Llama-3.1-8B-Instruct", "wisdomik/QuiltNet-B-32", ["auto", "llama_3"]),
+          "qwen25": ("Qwen/Qwen2.5-7B-Instruct", "wisdomik/QuiltNet-B-32", ["auto", "qwen_2"])}
 
 CODE = r'''
 import json, tempfile, torch, numpy as np
@@ -22,7 +25,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 from qllava.model import build_model
 from qllava.checkpoint import export_hf
-from qllava.conversation import generation_prompt
+from qllava.conversation import generation_prompt, get_template
 from qllava.generate import answer_batch, encode_prompts
 SETUPS = json.loads(%r)
 QS = ["What is shown?", " Describe the tissue.", "Is it stained?\n", "nuclei?", "What stain is used?",
@@ -35,7 +38,7 @@ for name, (llm, tower, templates) in SETUPS.items():
         model, tok = build_model(llm, {"image": tower}, template=t, seed=1)
         model.eval()
         qs = QS[:3] if t == "plain" else QS
-        ours_text = [generation_prompt(t, "<image>\n" + q) for q in qs]
+        ours_text = [generation_prompt(get_template(t, tok), "<image>\n" + q) for q in qs]
         ours_ids = [encode_prompts(tok, [p], model.config)[0][0].tolist() for p in ours_text]
         ours_ans = answer_batch(model, tok, ours_text, [model.encoders["image"].processor(p) for p in PILS[:len(qs)]],
                                 max_new_tokens=6)
@@ -73,3 +76,4 @@ def test_exported_model_prompts_tokenises_and_answers_as_ours(results, case):
     assert theirs == ours
     assert any(ours)                                          # not all empty: the comparison means something
     if case.startswith(("quiltnet", "clip-l")): assert r["vocab"] >= 32000   # the real LLaMA-2 vocabulary
+    if case.startswith(("llama31", "qwen25")): assert r["vocab"] >= 128256   # Llama-3.1's / Qwen2.5's
