@@ -34,6 +34,7 @@ class Template:
     jinja:str|None = None # style "jinja": the model's own chat template (see `auto_template`)
     special:dict = field(default_factory=dict) # style "jinja": bos_token / eos_token strings the Jinja may print
     terminator:str = "" # style "jinja": the text that ends every assistant turn (supervised with the answer)
+    strip_turns:bool = False # strip each turn's text first (Llama-3's own template trims every message)
 
 # %% ../nbs/01_conversation.ipynb #5e703e1f
 _VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -59,7 +60,7 @@ TEMPLATES = {t.name: t for t in [
              ("USER", "ASSISTANT"), "llama_2", "<s>", "</s>", ["</s>"]),
     Template("chatml", "<|im_start|>system\nAnswer the questions.", ("<|im_start|>user\n", "<|im_start|>assistant\n"),
              "mpt", "<|im_end|>", None, ["<|im_end|>"]),
-    Template("llama_3", _LLAMA_3_SYSTEM, _LLAMA_3_ROLES, "chat", "<|eot_id|>", None, ["<|eot_id|>"]),
+    Template("llama_3", _LLAMA_3_SYSTEM, _LLAMA_3_ROLES, "chat", "<|eot_id|>", None, ["<|eot_id|>"], strip_turns=True),
     Template("qwen_2", "<|im_start|>system\nYou are a helpful assistant.", ("<|im_start|>user\n", "<|im_start|>assistant\n"),
              "chat", "<|im_end|>\n", None, ["<|im_end|>"]),
     Template("phi_3", "", ("<|user|>\n", "<|assistant|>\n"), "chat", "<|end|>\n", None, ["<|end|>"]),
@@ -262,6 +263,7 @@ def render(template:str|Template, # template name or `Template`
                         fix="use `plain` for caption pairs only, or a chat template (vicuna_v1 ...) for conversations.")
     turns = [c["value"] for c in conversations]
     turns = [_frame(_media_first(v) if media_first and i % 2 == 0 else v, use_im_start_end) for i, v in enumerate(turns)]
+    if t.strip_turns: turns = [v.strip() for v in turns]
     if t.style == "plain": turns[0] = _frame("".join(find_placeholders(conversations[0]["value"])), use_im_start_end)
     return [s for s in _RENDERERS[t.style](t, turns) if s.text]
 
@@ -303,8 +305,9 @@ _JINJA_TURNS = {  # per layout, the Jinja of `_render_<style>`
                "{%- else -%}{{- ' ' + value(m) + ' ' + SEP2 -}}{%- endif -%}{%- endfor -%}",
     "mpt": "{{- SYSTEM + SEP -}}{%- for m in messages -%}{%- if m['role'] == 'user' -%}{{- R0 + value(m) + SEP + R1 -}}"
            "{%- else -%}{{- value(m) + SEP -}}{%- endif -%}{%- endfor -%}",
-    "chat": "{%- if SYSTEM -%}{{- SYSTEM + SEP -}}{%- endif -%}{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
-            "{{- R0 + value(m) + SEP + R1 -}}{%- else -%}{{- value(m) + SEP -}}{%- endif -%}{%- endfor -%}",
+    "chat": "{%- if SYSTEM -%}{{- SYSTEM + SEP -}}{%- endif -%}{%- for m in messages -%}"
+            "{%- set v = value(m)|trim if STRIP else value(m) -%}{%- if m['role'] == 'user' -%}"
+            "{{- R0 + v + SEP + R1 -}}{%- else -%}{{- v + SEP -}}{%- endif -%}{%- endfor -%}",
     "plain": "{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
              "{{- SYSTEM + PH * (value(m).split(PH)|length - 1) -}}"
              "{%- else -%}{{- value(m) + SEP -}}{%- endif -%}{%- endfor -%}",
@@ -327,7 +330,7 @@ def chat_template(template:str|Template, # template name or `Template`
     "The Jinja chat template that renders transformers-style messages to the exact prompt text of `template`."
     t = get_template(template)
     if t.style == "jinja": return _auto_chat_template(t, use_im_start_end)
-    consts = {"SYSTEM": t.system, "SEP": t.sep, "SEP2": t.sep2 or "", "R0": t.roles[0], "R1": t.roles[1],
+    consts = {"SYSTEM": t.system, "SEP": t.sep, "SEP2": t.sep2 or "", "R0": t.roles[0], "R1": t.roles[1], "STRIP": t.strip_turns,
               "PH": IM_START + "<image>" + IM_END if use_im_start_end else "<image>"}
     head = "".join(f"{{%- set {k} = {json.dumps(v)} -%}}" for k, v in consts.items())  # JSON strings are Jinja literals
     return head + _JINJA_VALUE + _JINJA_TURNS[t.style]
