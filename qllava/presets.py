@@ -10,7 +10,7 @@ from .core import ConfigError, assets_dir, asset
 
 # %% auto #0
 __all__ = ['SHIPPED_TOKENIZERS', 'SPM_PREFIX', 'DEMO_MODALITIES', 'DEMO_DATA', 'default_tokenizer', 'load_tokenizer',
-           'save_tokenizer', 'preset_names', 'get_preset', 'llama_param_count', 'demo_paths']
+           'save_tokenizer', 'preset_names', 'get_preset', 'llama_param_count', 'demo_paths', 'demo_subset']
 
 # %% ../nbs/02_presets.ipynb #169e0ccc
 SHIPPED_TOKENIZERS = ("llama-demo", "bytebpe-demo", "llama2-spm")  # llama2-spm: the real LLaMA-2 / Vicuna v1.5 vocabulary
@@ -170,3 +170,16 @@ def demo_paths(modality:str="pathology", # "pathology" (images) or "imu" (sensor
             "eval_questions": root / "eval_questions.jsonl", "eval_gt": root / "eval_gt.json",
             "eval_captions": root / "eval_captions.jsonl", "eval_reference_answers": root / "eval_reference_answers.jsonl",
             "sources": root.parent / "SOURCES.md"}
+
+# %% ../nbs/02_presets.ipynb #fc076bd5
+def demo_subset(modality:str, # "pathology" or "imu"
+                dst, # the JSON file to write
+                n:int=48, # how many records (the first n)
+               ) -> Path:
+    "The first `n` demo instruction records, one round each, every answer cut to its first sentence."
+    recs = json.loads(demo_paths(modality)["finetune"].read_text())[:n]
+    for r in recs:
+        q, a = r["conversations"][:2]
+        r["conversations"] = [q, dict(a, value=a["value"].split(". ")[0].rstrip(".") + ".")]
+    Path(dst).write_text(json.dumps(recs, indent=1))
+    return Path(dst)

@@ -12,7 +12,8 @@ from .core import (ConfigError, DataError, ArgumentParser, need_path, resolve_re
 from .presets import preset_names
 from .config import DEEPSPEED_PRESETS, STAGE_PRESETS, parse_config, resolve_config, resolve_batch
 from .modality import MODALITIES, record_media
-from .presets import DEMO_DATA, demo_paths
+from .presets import DEMO_DATA, default_tokenizer, demo_paths, load_tokenizer
+from .tokenize import pick_template
 from .answer import question_modality, question_text, vqa_accuracy
 from .checkpoint import load_trained
 from .report import hyperparameter_table, read_metrics, provenance
@@ -22,9 +23,9 @@ from .launch import LaunchSpec, SlurmSpec, launch, gpu_count
 __all__ = ['TRAIN_PARAMETERS', 'ALLOWED_PARAMETERS', 'TRAIN_FILES', 'DEMO_ENCODERS', 'SENSOR_EPOCHS', 'DEMO_PROFILE',
            'RUN_HYPERPARAMETERS', 'HELDOUT_SCORES', 'RUNS_COLUMNS', 'RUNS_LEGEND', 'check_train_files',
            'check_parameters', 'StagePlan', 'TrainPlan', 'vqa_to_records', 'is_demo', 'stage_overrides',
-           'plan_training', 'heldout_accuracy', 'accuracy_by_kind', 'write_heldout_scores', 'planned_config',
-           'planned_hyperparameters', 'stage_results', 'resolved_hyperparameters', 'launch_stage', 'run_plan',
-           'stage_summary', 'record_run', 'list_runs', 'runs_table', 'runs_cli', 'notebooks_cli']
+           'stage_template_note', 'plan_training', 'heldout_accuracy', 'accuracy_by_kind', 'write_heldout_scores',
+           'planned_config', 'planned_hyperparameters', 'stage_results', 'resolved_hyperparameters', 'launch_stage',
+           'run_plan', 'stage_summary', 'record_run', 'list_runs', 'runs_table', 'runs_cli', 'notebooks_cli']
 
 # %% ../nbs/41_runs.ipynb #8c090adc
 TRAIN_PARAMETERS = dict(
@@ -173,6 +174,15 @@ def stage_overrides(values:dict, # the train notebook's parameters
     mine = {k: v[k] for k in _USER_FLAGS if v[k] and (asked or k == "model_max_length")}
     return {**prof, **mine}
 
+def stage_template_note(v:dict) -> str:
+    "Which conversation template stage 2 will use (`pick_template` on the model's tokenizer), said before the launch."
+    args = shlex.split(v.get("extra_args", ""))
+    asked = next((args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--version", "--template")), None)
+    name = pick_template(asked, load_tokenizer(v["tokenizer"] or default_tokenizer(v["model"])))
+    why = ("as asked" if asked else "the model's own chat template" if name == "auto"
+           else "LLaVA-1.5's, for a LLaMA / Vicuna vocabulary without a chat template")
+    return f"Stage 2 conversation template: {name} ({why})."
+
 def plan_training(values:dict) -> TrainPlan:
     "Resolve the train notebook's parameters into the stages to launch (demo profile, stage 1 first, control run)."
     v = {**TRAIN_PARAMETERS, **check_parameters(dict(values))}
@@ -200,6 +210,7 @@ def plan_training(values:dict) -> TrainPlan:
     if stage == "pretrain":
         plan.stages.append(StagePlan("pretrain", str(run_dir), stage_flags("pretrain", data["pretrain"], folder, run_dir, {}), "stage 1 as asked"))
         return plan
+    plan.notes.append(stage_template_note(v))  # before any launch: a model with no template of its own and no --version stops here
     adapter = v["pretrain_mm_mlp_adapter"]
     if not adapter:
         if not demo:

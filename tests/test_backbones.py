@@ -92,3 +92,21 @@ def test_a_template_is_picked_from_the_tokenizer_or_refused_naming_the_templates
     with pytest.raises(ConfigError) as e: pick_template(None, base)
     assert "--version" in str(e.value) and all(n in str(e.value) for n in ("llama_3", "qwen_2", "vicuna_v1"))
     with pytest.raises(ConfigError, match="ships no chat template"): get_template("auto", base)
+
+
+def test_a_run_whose_tokenizer_has_no_template_is_refused_before_any_launch(tmp_path):
+    from qllava.presets import demo_paths
+    from qllava.runs import plan_training
+    base = AutoTokenizer.from_pretrained(_dir(LLAMA3))
+    base.chat_template = None   # a base model's tokenizer: no chat template, no </s>
+    base.save_pretrained(tmp_path / "tok")
+    d = demo_paths("pathology")
+    (tmp_path / "mm_projector.bin").write_bytes(b"")   # planning only checks that it exists
+    run = dict(stage="finetune", tokenizer=str(tmp_path / "tok"), data_path=str(d["finetune"]), runs_dir=str(tmp_path / "runs"),
+               image_folder=str(d["media_folder"]), pretrain_mm_mlp_adapter=str(tmp_path / "mm_projector.bin"))
+    with pytest.raises(ConfigError, match="ships no chat template and no --version") as e: plan_training(run)
+    assert "llama_3" in str(e.value)
+    plan = plan_training({**run, "extra_args": "--version llama_3"})
+    assert "Stage 2 conversation template: llama_3 (as asked)." in plan.notes
+    assert "Stage 2 conversation template: auto (the model's own chat template)." in \
+        plan_training({**run, "tokenizer": str(_dir(LLAMA3))}).notes
