@@ -64,6 +64,9 @@ TEMPLATES = {t.name: t for t in [
     Template("qwen_2", "<|im_start|>system\nYou are a helpful assistant.", ("<|im_start|>user\n", "<|im_start|>assistant\n"),
              "chat", "<|im_end|>\n", None, ["<|im_end|>"]),
     Template("phi_3", "", ("<|user|>\n", "<|assistant|>\n"), "chat", "<|end|>\n", None, ["<|end|>"]),
+    Template("mistral", "", ("[INST]", "[/INST]"), "chat", "", "</s>", ["</s>"]),
+    Template("gemma", "", ("<start_of_turn>user\n", "<start_of_turn>model\n"), "chat", "<end_of_turn>\n", None,
+             ["<end_of_turn>"], strip_turns=True),
 ]}
 TEMPLATE_ALIASES = {"v1": "vicuna_v1", "chatml_direct": "chatml"}
 
@@ -215,8 +218,12 @@ def _render_plain(t, turns):
     return out
 
 def _render_chat(t, turns):
-    out = _render_mpt(t, turns)
-    return out if t.system else out[1:]
+    end = t.sep if t.sep2 is None else t.sep2   # what closes an answer: the separator, or its own (Mistral's </s>)
+    out = [Span(t.system + t.sep, False, "system")] if t.system else []
+    for i in range(0, len(turns), 2):
+        out.append(Span(t.roles[0] + turns[i] + t.sep + t.roles[1], False, "human"))
+        if i + 1 < len(turns): out.append(Span(turns[i+1] + end, True, "gpt"))
+    return out
 
 def _jinja_contents(t, turns, pieces, gen):
     "The contents as the template prints them: as given, or stripped (Llama-3's template trims); else an error."
@@ -307,7 +314,7 @@ _JINJA_TURNS = {  # per layout, the Jinja of `_render_<style>`
            "{%- else -%}{{- value(m) + SEP -}}{%- endif -%}{%- endfor -%}",
     "chat": "{%- if SYSTEM -%}{{- SYSTEM + SEP -}}{%- endif -%}{%- for m in messages -%}"
             "{%- set v = value(m)|trim if STRIP else value(m) -%}{%- if m['role'] == 'user' -%}"
-            "{{- R0 + v + SEP + R1 -}}{%- else -%}{{- v + SEP -}}{%- endif -%}{%- endfor -%}",
+            "{{- R0 + v + SEP + R1 -}}{%- else -%}{{- v + (SEP2 or SEP) -}}{%- endif -%}{%- endfor -%}",
     "plain": "{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
              "{{- SYSTEM + PH * (value(m).split(PH)|length - 1) -}}"
              "{%- else -%}{{- value(m) + SEP -}}{%- endif -%}{%- endfor -%}",

@@ -62,20 +62,8 @@ def pick_template(version:str|None, # the template asked for (`--version`); None
     if getattr(tokenizer, "chat_template", None): return "auto"
     if "</s>" in tokenizer.get_vocab(): return "vicuna_v1"
     raise ConfigError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')} ships no chat template and no --version was "
-                      f"given. Fix: pass --version with one of {', '.join(sorted(TEMPLATES))} (llama_3, qwen_2 and phi_3 "
-                      "for those backbones), or use a tokenizer with a chat template (auto).")
-
-# %% ../nbs/04_tokenize.ipynb #25467707
-def pick_template(version:str|None, # the template asked for (`--version`); None: choose from the tokenizer
-                  tokenizer, # the model's tokenizer
-                 ) -> str:
-    "The template name a run uses: `version` if given, else `auto` when the tokenizer has a chat template, else `vicuna_v1`."
-    if version: return version if version == "auto" else get_template(version).name
-    if getattr(tokenizer, "chat_template", None): return "auto"
-    if "</s>" in tokenizer.get_vocab(): return "vicuna_v1"
-    raise ConfigError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')} ships no chat template and no --version was "
-                      f"given. Fix: pass --version with one of {', '.join(sorted(TEMPLATES))} (llama_3, qwen_2 and phi_3 "
-                      "for those backbones), or use a tokenizer with a chat template (auto).")
+                      f"given. Fix: pass --version with one of {', '.join(sorted(TEMPLATES))} (llama_3, qwen_2, phi_3, mistral, "
+                      "gemma for those backbones), or use a tokenizer with a chat template (auto).")
 
 # %% ../nbs/04_tokenize.ipynb #b044c8a4
 def media_token_id(tokenizer, # a tokenizer passed through `prepare_tokenizer`

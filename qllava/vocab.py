@@ -10,13 +10,16 @@ from pathlib import Path
 from .core import ArgumentParser, ConfigError, QllavaError
 
 # %% auto #0
-__all__ = ['LLAMA_CPP_PYTHON_VERSION', 'SDIST_MODELS', 'HUB_VOCABS', 'vocab_cache', 'fetch_llama_cpp_models', 'HubVocab',
-           'hf_json', 'hub_tokenizer_json', 'write_hub_tokenizer', 'check_hub_tokenizer', 'hub_tokenizer_dir',
-           'make_vocab_cli']
+__all__ = ['LLAMA_CPP_PYTHON_VERSION', 'SDIST_MODELS', 'CARD_TEMPLATES', 'HUB_VOCABS', 'vocab_cache', 'fetch_llama_cpp_models',
+           'HubVocab', 'hf_json', 'hub_tokenizer_json', 'write_hub_tokenizer', 'check_hub_tokenizer',
+           'hub_tokenizer_dir', 'make_vocab_cli']
 
 # %% ../nbs/08a_vocab.ipynb #d46d75b4
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"   # the sdist the vocabularies and templates are read from
 SDIST_MODELS = "vendor/llama.cpp/models"   # their folder inside the sdist
+# model cards' chat templates with no vocabulary here, checked against the named templates (text, not ids)
+CARD_TEMPLATES = {"mistral": "templates/mistralai-Mistral-Nemo-Instruct-2407.jinja",
+                  "gemma": "templates/google-gemma-2-2b-it.jinja"}
 
 def vocab_cache() -> Path:
     "Folder holding the extracted vocabularies and built tokenizers: $QLLAVA_VOCAB_DIR, else ~/.cache/qllava/vocab."
@@ -29,7 +32,7 @@ def fetch_llama_cpp_models(dest=None, # folder to extract into (default `vocab_c
                           ) -> Path:
     "Download llama-cpp-python's sdist with pip (no build, the package registry only) and extract vocabularies and templates."
     dest = Path(dest or vocab_cache()/"gguf"); dest.mkdir(parents=True, exist_ok=True)
-    members = members or sorted({n for v in HUB_VOCABS.values() for n in v.files()})
+    members = members or sorted({n for v in HUB_VOCABS.values() for n in v.files()} | set(CARD_TEMPLATES.values()))
     if all((dest/m).exists() for m in members): return dest
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",

@@ -110,3 +110,27 @@ def test_a_run_whose_tokenizer_has_no_template_is_refused_before_any_launch(tmp_
     assert "Stage 2 conversation template: llama_3 (as asked)." in plan.notes
     assert "Stage 2 conversation template: auto (the model's own chat template)." in \
         plan_training({**run, "tokenizer": str(_dir(LLAMA3))}).notes
+
+
+CARD_CONVS = [CONV, CONV[:2], [{"from": "human", "value": " Padded question? "}, {"from": "gpt", "value": " Yes. "}]]
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma"])
+def test_named_mistral_and_gemma_render_as_their_model_cards(name):
+    "No vocabulary of these models can be had here: the rendered text is checked against the cards' own templates."
+    from transformers.utils.chat_template_utils import render_jinja_template
+    from qllava.conversation import render, spans_text
+    from qllava.vocab import CARD_TEMPLATES
+    try: card = (fetch_llama_cpp_models() / CARD_TEMPLATES[name]).read_text()
+    except Exception as e: pytest.skip(f"the model cards' templates are not in {vocab_cache()} ({e}): run `make vocab`")
+    t = get_template(name)
+    def hf(conv, gen=False):   # the tokenizer adds the BOS, so the card's bos_token prints nothing
+        out, _ = render_jinja_template(conversations=[_messages(conv)], chat_template=card, add_generation_prompt=gen,
+                                       bos_token="", eos_token="</s>" if name == "mistral" else "<eos>")
+        return out[0]
+    for conv in CARD_CONVS:
+        assert spans_text(render(t, conv)) == hf(conv)
+        assert generation_prompt(t, conv[-2]["value"], conv[:-2]) == hf(conv[:-1], gen=True)
+    sup = "".join(s.text for s in render(t, CONV) if s.supervised)
+    end = {"mistral": "</s>", "gemma": "<end_of_turn>\n"}[name]
+    assert sup == "".join(c["value"] + end for c in CONV[1::2]) and end.strip() in t.stop_strings
