@@ -28,8 +28,9 @@ __all__ = ['MANIFEST', 'COMPONENTS', 'LLAVA_LLM_TYPES', 'load_state_file', 'load
            'load_projector', 'save_checkpoint', 'load_tokenizer_from', 'load_checkpoint', 'load_model',
            'register_auto_classes', 'quantization_config', 'load_base_model', 'load_lora_run', 'merge_lora',
            'merge_lora_cli', 'load_trained', 'read_llava_config', 'llava_text_config', 'split_llava_state_dict',
-           'import_llava', 'stop_token_ids', 'save_llava_processor', 'align_exported_tokenizer', 'llava_hf_state_dict',
-           'export_hf', 'import_llava_cli', 'export_hf_cli', 'extract_projector_cli']
+           'check_llava_layout', 'llava_template', 'import_llava', 'stop_token_ids', 'save_llava_processor',
+           'align_exported_tokenizer', 'llava_hf_state_dict', 'export_hf', 'import_llava_cli', 'export_hf_cli',
+           'extract_projector_cli']
 
 # %% ../nbs/14_checkpoint.ipynb #69f85b0e
 def load_state_file(path) -> dict:
@@ -292,7 +293,9 @@ def load_base_model(cfg:TrainConfig, modality:str, dtype=None, ds_config:dict|No
                        use_im_start_end=cfg.mm_use_im_start_end, dtype=dtype, ds_config=ds_config,
                        quantization_config=quantization_config(cfg, dtype))
 
-def load_lora_run(run_dir) -> tuple:
+def load_lora_run(run_dir, # output_dir of a LoRA / QLoRA run
+                  full_precision:bool=False, # load a QLoRA run's base unquantised (for merging), not in its 4 / 8 bits
+                 ) -> tuple:
     "(model with adapters attached, tokenizer) from a LoRA run folder."
     from peft import PeftModel  # the `train` extra: imported where a LoRA run is read
     run_dir = Path(run_dir)
@@ -300,6 +303,7 @@ def load_lora_run(run_dir) -> tuple:
     if not (run_dir / "adapter").is_dir() or not f.exists():
         raise QllavaError(f"{run_dir}: not a LoRA run folder (needs adapter/ and train_config.json). Fix: point at the output_dir of a --stage lora run.")
     cfg = TrainConfig(**json.loads(f.read_text()))
+    if full_precision: cfg.bits = 16
     model, tok = load_base_model(cfg, encoder_modality(cfg.vision_tower) if cfg.vision_tower else "image")
     load_projector(model, run_dir)
     try: model.llm = PeftModel.from_pretrained(model.llm, str(run_dir / "adapter"))  # peft reads a .bin with weights_only=True
@@ -310,8 +314,8 @@ def load_lora_run(run_dir) -> tuple:
 
 def merge_lora(run_dir, # output_dir of a LoRA run
                out_dir): # where the merged full checkpoint goes
-    "Fold a LoRA run's adapters into its base LLM and save a full qllava checkpoint; returns the merged model."
-    model, tok = load_lora_run(run_dir)
+    "Fold a LoRA run's adapters into its base LLM (a QLoRA base read unquantised) and save a full checkpoint."
+    model, tok = load_lora_run(run_dir, full_precision=True)
     model.llm = model.llm.merge_and_unload()
     save_checkpoint(model, out_dir, tokenizer=tok, stage="lora-merged")
     return model
@@ -370,6 +374,25 @@ def split_llava_state_dict(sd:dict) -> tuple:
         else: llm[k] = v
     return llm, proj, tower
 
+# %% ../nbs/14_checkpoint.ipynb #40fabd17
+def check_llava_layout(cfg:dict, # an original config.json (`read_llava_config`)
+                       where, # the folder, for the message
+                      ):
+    "Refuse an image path qllava does not build: LLaVA-NeXT's AnyRes tiling (anyres aspect, spatial / unpad merges)."
+    aspect, merge = str(cfg.get("image_aspect_ratio", "pad")), str(cfg.get("mm_patch_merge_type", "flat"))
+    if aspect.startswith("anyres") or merge != "flat":
+        raise CheckpointError(f"{where}: image_aspect_ratio={aspect!r}, mm_patch_merge_type={merge!r} is LLaVA-NeXT's AnyRes "
+                              "tiling, which qllava does not build. Fix: import a checkpoint trained with "
+                              "--image_aspect_ratio pad --mm_patch_merge_type flat (LLaVA-1.5's image path).")
+
+# %% ../nbs/14_checkpoint.ipynb #0758ff78
+def llava_template(cfg:dict, # an original config.json
+                   tokenizer, # the checkpoint's tokenizer
+                  ) -> str:
+    "The template an original checkpoint was trained in: qwen_2 for LLaVA-NeXT's Qwen, llama_3 for Llama-3, else vicuna_v1."
+    if cfg.get("model_type") in ("llava_qwen", "llava_qwen2"): return "qwen_2"
+    return "llama_3" if "<|eot_id|>" in tokenizer.get_vocab() else "vicuna_v1"
+
 # %% ../nbs/14_checkpoint.ipynb #e022800a
 def _load_into(module:nn.Module, sd:dict, what:str, where, allow_missing=()):
     "load_state_dict with a CheckpointError naming the first missing / unexpected keys."
@@ -394,12 +417,13 @@ def import_llava(folder, # an original LLaVA checkpoint folder (config.json with
                  out_dir=None, # write a qllava checkpoint here (optional)
                  encoder:str|None=None, # encoder spec overriding `mm_vision_tower` (e.g. a local hf-clip folder)
                  tokenizer=None, # tokenizer (object or path); default: the one in `folder`
-                 template:str="vicuna_v1", # conversation template the model was trained with
+                 template:str|None=None, # its conversation template (default: `llava_template`)
                  dtype=None, # weight dtype (default float32); each tensor is cast as it is read
                  ) -> tuple: # (model, tokenizer)
     "Convert a full original LLaVA checkpoint (LlavaLlamaForCausalLM keys) into a qllava model, its weights read straight into place."
     folder = Path(folder)
     cfg = read_llava_config(folder)
+    check_llava_layout(cfg, folder)
     dtype = resolve_dtype(dtype)
     tok = get_tokenizer(tokenizer if tokenizer is not None else str(folder), use_im_start_end=bool(cfg.get("mm_use_im_start_end")))
     if cfg.get("mm_use_im_patch_token"):
@@ -422,7 +446,8 @@ def import_llava(folder, # an original LLaVA checkpoint folder (config.json with
     llm_keys = set(llm.state_dict())
     extra = [k for k in reader.keys() if k not in mm and k not in llm_keys and "rotary_emb" not in k]
     if extra: raise CheckpointError(f"{folder}: the language model tensors do not match: unexpected {extra[:4]}.")
-    resize_embeddings(llm, len(tok))
+    resize_embeddings(llm, max(len(tok), llm.get_input_embeddings().num_embeddings))  # never below a padded vocabulary (Qwen)
+    template = template or llava_template(cfg, tok)
     stops = list(get_template(template, tok).stop_strings)
     config = QllavaConfig(text_config=llm.config, encoders={"image": spec}, projector=cfg.get("mm_projector_type", "linear"),
                           media_token_ids={"image": media_token_id(tok, "image")},
@@ -586,7 +611,8 @@ def import_llava_cli(argv:list[str]|None=None) -> int:
     ap.add_argument("out_dir", help="qllava checkpoint folder to write")
     ap.add_argument("--encoder", help="encoder spec overriding mm_vision_tower (e.g. hf-clip:/path/to/clip)")
     ap.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the checkpoint's)")
-    ap.add_argument("--template", default="vicuna_v1", help="conversation template the model was trained with")
+    ap.add_argument("--template", help="conversation template the model was trained with (default: qwen_2 for LLaVA-NeXT's "
+                    "Qwen, llama_3 for a Llama-3 vocabulary, else vicuna_v1)")
     a = ap.parse_args(argv)
     model, _ = import_llava(a.folder, a.out_dir, encoder=a.encoder, tokenizer=a.tokenizer, template=a.template)
     print(f"wrote {a.out_dir}: {sum(p.numel() for p in model.parameters()):,} parameters, encoder {model.config.encoders['image']}, "
