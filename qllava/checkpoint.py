@@ -374,7 +374,7 @@ def split_llava_state_dict(sd:dict) -> tuple:
         else: llm[k] = v
     return llm, proj, tower
 
-# %% ../nbs/14_checkpoint.ipynb #40fabd17
+# %% ../nbs/14_checkpoint.ipynb #d4afbe23
 def check_llava_layout(cfg:dict, # an original config.json (`read_llava_config`)
                        where, # the folder, for the message
                       ):
@@ -385,7 +385,7 @@ def check_llava_layout(cfg:dict, # an original config.json (`read_llava_config`)
                               "tiling, which qllava does not build. Fix: import a checkpoint trained with "
                               "--image_aspect_ratio pad --mm_patch_merge_type flat (LLaVA-1.5's image path).")
 
-# %% ../nbs/14_checkpoint.ipynb #0758ff78
+# %% ../nbs/14_checkpoint.ipynb #182f8d0f
 def llava_template(cfg:dict, # an original config.json
                    tokenizer, # the checkpoint's tokenizer
                   ) -> str:

@@ -12,8 +12,9 @@ from .dataset import resolve_media_path
 
 # %% auto #0
 __all__ = ['TABLE_FORMATS', 'CAPTION_PROMPTS', 'TABLE_KINDS', 'RECORDING_SUFFIXES', 'TIME_COLUMNS', 'read_table', 'table_kind',
-           'records_from_table', 'split_by_media', 'write_vqa_files', 'make_records', 'load_recording', 'resample',
-           'cut_windows', 'windows_from_recordings', 'make_records_cli', 'make_windows_cli']
+           'caption_prompts', 'records_from_table', 'split_by_media', 'write_vqa_files', 'make_records',
+           'load_recording', 'resample', 'cut_windows', 'windows_from_recordings', 'make_records_cli',
+           'make_windows_cli']
 
 # %% ../nbs/09_convert.ipynb #7e53e414
 TABLE_FORMATS = {".csv": ("read_csv", dict(dtype=str, keep_default_na=False)),
@@ -62,20 +63,28 @@ def _columns(df, file, wanted:dict) -> dict:
                           + " ".join(f"--{role}-column COLUMN" for role in missing) + ".")
     return wanted
 
+# %% ../nbs/09_convert.ipynb #daaf8731
+def caption_prompts(modality:str, # a registered modality
+                   ) -> tuple:
+    "Caption instructions for `modality`: `CAPTION_PROMPTS`' own, else generic ones naming the modality (a new one needs none)."
+    return CAPTION_PROMPTS.get(modality) or (f"Describe this {modality} briefly.", f"Write a short caption for this {modality}.",
+                                             f"What does this {modality} show? Answer in one sentence.")
+
 # %% ../nbs/09_convert.ipynb #dc9aed43
 def records_from_table(df, # `read_table`'s DataFrame: one row per caption, or per question / answer pair
                        file=None, # the table's path, named in errors
-                       modality:str="image", # image | sensor: the record key and the placeholder
+                       modality:str="image", # a registered modality: its record key and placeholder
                        media:str|None=None, # column of media paths (default: the modality's name)
                        caption:str="caption", # column of captions: stage-1 records ...
                        question:str="question", answer:str="answer", # ... or of question / answer pairs: stage-2 conversations
                        id:str="id", # column of record ids (optional; default: the media path, without its suffix)
                        kind:str|None=None, # caption | qa (default: qa when the table has a question or answer column)
                        media_folder=None, # the folder media paths are relative to; given: every file must exist there
-                       prompts:tuple|None=None, # caption instructions (default: `CAPTION_PROMPTS[modality]`)
+                       prompts:tuple|None=None, # caption instructions (default: `caption_prompts(modality)`)
                       ) -> list[dict]:
     "LLaVA-format records from a table: captions (two turns each) or question / answer pairs (one conversation per media file)."
-    media, ph = media or modality, get_modality(modality).placeholder
+    mod = get_modality(modality)
+    media, ph, key = media or modality, mod.placeholder, mod.record_key   # records name the file under the record key
     qa = table_kind(df, question, answer, kind) == "qa"
     cols = _columns(df, file, dict(media=media, **(dict(question=question, answer=answer) if qa else dict(caption=caption))))
     problems = []
@@ -92,15 +101,15 @@ def records_from_table(df, # `read_table`'s DataFrame: one row per caption, or p
                         fix="fill or correct those cells (or drop the rows) and run again; nothing was written.")
     ids = df[id] if id in df.columns else df[media].map(lambda m: str(Path(m).with_suffix("")))
     if not qa:
-        prompts = prompts or CAPTION_PROMPTS[modality]
-        return [{"id": rid, modality: m, "conversations": [{"from": "human", "value": f"{ph}\n{_pick_prompt(prompts, rid)}"},
+        prompts = prompts or caption_prompts(modality)
+        return [{"id": rid, key: m, "conversations": [{"from": "human", "value": f"{ph}\n{_pick_prompt(prompts, rid)}"},
                                                             {"from": "gpt", "value": c}]}
                 for rid, m, c in zip(ids, df[media], df[caption])]
     recs = []
     for m, g in df.assign(_id=ids).groupby(media, sort=False):  # one conversation per media file, rows in table order
         turns = [t for q, a in zip(g[question], g[answer]) for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
         if ph not in turns[0]["value"]: turns[0] = {"from": "human", "value": f"{ph}\n{turns[0]['value']}"}
-        recs.append({"id": g["_id"].iloc[0], modality: m, "conversations": turns})
+        recs.append({"id": g["_id"].iloc[0], key: m, "conversations": turns})
     return recs
 
 # %% ../nbs/09_convert.ipynb #07030d8b
@@ -256,7 +265,8 @@ def make_records_cli(argv:list[str]|None=None) -> int:
     ap.add_argument("table", help="the table: one row per caption, or per question / answer pair")
     ap.add_argument("--media-folder", required=True, help="folder the table's media paths are relative to (pass it to training as --image_folder)")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--modality", default="image", choices=list(MODALITIES), help="a registered modality: image or sensor")
+    ap.add_argument("--modality", default="image", choices=list(MODALITIES), help="a registered modality: "
+                    + ", ".join(MODALITIES))
     ap.add_argument("--kind", choices=list(TABLE_KINDS), default=None, help="caption (stage 1) or qa (stage 2); default: qa when there is a question / answer column")
     ap.add_argument("--eval-fraction", type=float, default=0.0, help="share of media files held out as VQA files (default 0)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
