@@ -17,7 +17,7 @@ from .launch import report_progress, heartbeat
 from .slurm import PREEMPTED_EXIT, RANKS_ENV, ranks_from_slurm
 from .checkpoint import load_base_model, load_projector, save_projector, save_checkpoint
 from .encoders import encoder_modality
-from .tokenize import pick_template
+from .tokenize import IGNORE_INDEX, pick_template
 from .conversation import get_template
 from .answer import vqa_accuracy
 from .modality import MODALITIES
@@ -487,7 +487,7 @@ def evaluate_loss(run:Run) -> float:
     with torch.no_grad():
         for batch in run.eval_loader:
             b = _to_device(batch, engine.device, cfg.blank_media)
-            k = int((b["labels"][:, 1:] != -100).sum())
+            k = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
             tot += engine(**b).loss.item() * k; n += k
     engine.train()
     import torch.distributed as dist
@@ -665,7 +665,7 @@ def optimiser_step(run:Run, p:Progress, group:list, # the accumulation group's m
     import torch
     engine, accum = run.engine, len(group)
     heartbeat("train step (forward, backward, all-reduce)", p.step)
-    n_tok = [int((b["labels"][:, 1:] != -100).sum()) for b in group]
+    n_tok = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group]
     n_all, loss_sum = _all_sum(sum(n_tok)), 0.0
     for k, (b, n) in enumerate(zip(group, n_tok)):
         out_ = engine(**b)
@@ -785,7 +785,7 @@ def save_final(run:Run) -> list[str]:
 def tokenizer_summary(tokenizer, cfg:TrainConfig) -> dict:
     "What a run record says of its tokenizer: where it came from, its size, its class and the conversation template."
     return {"name_or_path": str(tokenizer.name_or_path or cfg.tokenizer or cfg.model_name_or_path), "vocab_size": len(tokenizer),
-            "class": type(tokenizer).__name__, "template": cfg.version}
+            "class": type(tokenizer).__name__, "template": cfg.version or pick_template(None, tokenizer)}
 
 def quantization_summary(model, cfg:TrainConfig) -> dict|None:
     "What a QLoRA run record says of its base LLM: bits, quant type, double quantisation and the quantised layers."
