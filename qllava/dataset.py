@@ -10,7 +10,7 @@ from pathlib import Path
 from .core import DataError, ConfigError
 from .modality import MODALITIES, placeholders
 from .conversation import render, spans_text, find_placeholders, get_template
-from .tokenize import tokenize_conversation
+from .tokenize import IGNORE_INDEX, tokenize_conversation
 
 log = logging.getLogger(__name__)
 
@@ -332,11 +332,6 @@ def modality_lengths(self:MultimodalDataset) -> list:
     "LLaVA's convention: +length for samples with media, -length for text-only samples."
     return [int(l) if g != "text" else -int(l) for l, g in zip(*self._scan()[:2])]
 
-@patch(as_prop=True)
-def length_model(self:MultimodalDataset) -> tuple:
-    "(a, c, b) of the estimate text tokens ~ a + c * turns + b * characters."
-    return self._scan()[2]
-
 # %% ../nbs/06_dataset.ipynb #343d79c9
 @patch
 def _load(self:MultimodalDataset, i:int) -> dict:
@@ -423,12 +418,12 @@ class DataCollator:
         from torch.nn.utils.rnn import pad_sequence
         lens = torch.tensor([len(s["input_ids"]) for s in samples])                          # (B,)
         ids = pad_sequence([s["input_ids"] for s in samples], batch_first=True, padding_value=self.pad_token_id)
-        labels = pad_sequence([s["labels"] for s in samples], batch_first=True, padding_value=-100)
+        labels = pad_sequence([s["labels"] for s in samples], batch_first=True, padding_value=IGNORE_INDEX)
         L = ids.shape[1]
         if self.pad_to_multiple_of and L % self.pad_to_multiple_of:
             extra = self.pad_to_multiple_of - L % self.pad_to_multiple_of
             ids = torch.nn.functional.pad(ids, (0, extra), value=self.pad_token_id)
-            labels = torch.nn.functional.pad(labels, (0, extra), value=-100)
+            labels = torch.nn.functional.pad(labels, (0, extra), value=IGNORE_INDEX)
         mask = (torch.arange(ids.shape[1])[None] < lens[:, None]).long()                     # (B, L)
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         for key in (x.batch_key for x in MODALITIES.values()):

@@ -14,7 +14,7 @@ from .conversation import get_template
 from .modality import MODALITIES, placeholders
 from .presets import get_preset, load_tokenizer, demo_paths
 from .encoders import ENCODER_KINDS, SELECT_FEATURES, encoder_modality, encoder_num_tokens, encoder_processor
-from .tokenize import prepare_tokenizer, tokenize_conversation, tokenize_conversations, media_token_id
+from .tokenize import IGNORE_INDEX, prepare_tokenizer, tokenize_conversation, tokenize_conversations, media_token_id
 
 # %% auto #0
 __all__ = ['KINDS', 'Problem', 'ValidationReport', 'read_records', 'media_refs', 'check_structure', 'resolve_media',
@@ -353,7 +353,7 @@ def _no_supervision_message(rec, s, tok, tmpl, nmt, max_length, use_im_start_end
             + (f" with each {media}" if media else "") + f" and its first answer starts at token {_first_supervised(full.labels)}")
 
 def _first_supervised(labels) -> int:
-    nz = (labels != -100).nonzero()
+    nz = (labels != IGNORE_INDEX).nonzero()
     return int(nz[0]) if len(nz) else len(labels)
 
 _TOKENIZABLE = {"empty_answer", "media_count_mismatch", "bad_media_field"}  # structural problems render() still accepts
@@ -460,7 +460,7 @@ def label_runs(input_ids, # token ids of one sample
     ids, labs = [int(x) for x in input_ids], [int(x) for x in labels]
     runs = []
     for t, l in zip(ids, labs):
-        kind = ("media", media_ids[t]) if t in media_ids else ("text", l != -100)
+        kind = ("media", media_ids[t]) if t in media_ids else ("text", l != IGNORE_INDEX)
         if runs and runs[-1][:2] == kind: runs[-1][2].append(t)
         else: runs.append((*kind, [t]))
     return [(a, b, len(c)) if a == "media" else (a, b, c) for a,b,c in runs]
