@@ -172,6 +172,10 @@ def resolve_config(cfg:TrainConfig) -> TrainConfig:
     if cfg.eval_questions and cfg.deepspeed in ("zero3", "zero3_offload"):
         raise ConfigError("answering held-out questions during training needs every weight on one rank, which ZeRO-3 "
                           "partitions. Fix: use --deepspeed zero2 for such runs, or run eval.ipynb on the saved checkpoint.")
+    if cfg.bits < 16 and cfg.deepspeed in ("zero3", "zero3_offload"):
+        raise ConfigError(f"--bits {cfg.bits} under ZeRO-3: qllava does not partition bitsandbytes' packed weights (untested "
+                          "here). Fix: use --deepspeed zero2, as the original's finetune_qlora.sh does (in 4 bits the base is "
+                          "small, and only LoRA and the projector train).")
     return cfg
 
 # the --deepspeed names that select a shipped config (qllava/assets/deepspeed/NAME.json); else a JSON file or none
