@@ -32,7 +32,7 @@ __all__ = ['NOISY_LOGGERS', 'PUBLISHED_GLOBAL_BATCH', 'ASPECT_RATIOS', 'CKPT_DIR
            'save_resumable', 'find_resume', 'load_resumable', 'Progress', 'resume_progress', 'optimiser_step',
            'after_step', 'final_metrics', 'train_loop', 'Preempted', 'stop_signals', 'catch_stop_signals',
            'stop_requested', 'save_here', 'save_and_stop', 'save_final', 'tokenizer_summary', 'quantization_summary',
-           'fit', 'train_cli', 'close_distributed']
+           'fit', 'train_cli', 'close_distributed', 'exit_rank']
 
 # %% ../nbs/21_train.ipynb #1a2171d5
 NOISY_LOGGERS = ("py.warnings", "bitsandbytes", "DeepSpeed", "torch.distributed", "accelerate", "peft", "qllava.third_party")
@@ -836,7 +836,15 @@ def close_distributed():
     if dist.is_initialized(): dist.destroy_process_group()
 
 # %% ../nbs/21_train.ipynb #d70af1f9
+def exit_rank(code:int):
+    "End a rank's process at once, its output flushed: no C++ static destructors, where a gloo / DeepSpeed thread still "
+    "joinable at exit aborts the rank with SIGABRT ('terminate called without an active exception') after its work is saved."
+    import logging
+    logging.shutdown(); sys.stdout.flush(); sys.stderr.flush()
+    os._exit(code)
+
 if __name__ == "__main__" and "__file__" in globals():  # `python -m qllava.train` (a notebook cell has no __file__)
-    try: sys.exit(train_cli(sys.argv[1:]))
+    try: rc = train_cli(sys.argv[1:])
     except QllavaError as e:  # a user-fixable problem: its message, not a stack trace
-        print(f"qllava train: error: {e}", file=sys.stderr, flush=True); sys.exit(2)
+        print(f"qllava train: error: {e}", file=sys.stderr, flush=True); rc = 2
+    exit_rank(rc)
