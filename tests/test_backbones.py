@@ -137,7 +137,7 @@ def test_named_mistral_and_gemma_render_as_their_model_cards(name):
 
 
 def test_qlora_under_zero3_is_refused_before_launch_naming_zero2(tmp_path):
-    "The train notebook resolves its planned stages (its hyperparameter table) before any launch: 4 bits + ZeRO-3 stop there."
+    "The train notebook resolves its planned stages (the hyperparameter table) before any launch: 4 bits + ZeRO-3 stop."
     from qllava.runs import plan_training, planned_hyperparameters
     plan = plan_training({"stage": "qlora", "deepspeed": "zero3", "runs_dir": str(tmp_path)})
     with pytest.raises(ConfigError, match="--deepspeed zero2"): planned_hyperparameters(plan)

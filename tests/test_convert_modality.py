@@ -25,7 +25,8 @@ def _table(tmp_path, rows:int=10, qa:bool=True):
     lines = ["ecg,question,answer" if qa else "ecg,caption"]
     for i in range(rows):
         np.save(tmp_path / "ecg" / f"{i}.ecg.npy", np.zeros((64, 1), np.float32))
-        lines.append(f"{i}.ecg.npy,Is the rate fast?,{'yes' if i % 2 else 'no'}" if qa else f"{i}.ecg.npy,A calm rhythm.")
+        row = f"Is the rate fast?,{'yes' if i % 2 else 'no'}" if qa else "A calm rhythm."
+        lines.append(f"{i}.ecg.npy,{row}")
     (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
     return tmp_path / "t.csv"
 
@@ -47,4 +48,5 @@ def test_caption_records_of_a_new_modality_get_generic_instructions(tmp_path, ec
     res = make_records(_table(tmp_path, 4, qa=False), tmp_path / "out", tmp_path / "ecg", modality="ecg")
     recs = json.loads(res["data"].read_text())
     assert res["data"].name == "pretrain.json" and len(recs) == 4
-    assert all(r["conversations"][0]["value"].startswith("<ecg>\n") and " ecg" in r["conversations"][0]["value"] for r in recs)
+    firsts = [r["conversations"][0]["value"] for r in recs]
+    assert all(v.startswith("<ecg>\n") and " ecg" in v for v in firsts)

@@ -1,7 +1,7 @@
-"""`qllava import-llava` of LLaVA-NeXT-format checkpoints (issue 19): a Llama-3 (`llava_llama`) and a Qwen2 (`llava_qwen`)
-model written with LLaVA-NeXT's key and field names on the real Llama-3.1 / Qwen2.5 vocabularies (`make vocab`) import
-to the original's logits (its forward for LLaVA-1.5's image path: the projected patches spliced at the image marker),
-in the template LLaVA-NeXT trains those backbones with; its AnyRes tiling is refused by name."""
+"""`qllava import-llava` of LLaVA-NeXT-format checkpoints (issue 19): a Llama-3 (`llava_llama`) and a Qwen2
+(`llava_qwen`) model written with LLaVA-NeXT's key and field names on the real Llama-3.1 / Qwen2.5 vocabularies
+(`make vocab`) import to the original's logits (its forward for LLaVA-1.5's image path: the projected patches spliced
+at the image marker), in the template LLaVA-NeXT trains those backbones with; its AnyRes tiling is refused by name."""
 import json
 from pathlib import Path
 
@@ -24,20 +24,21 @@ def _tok(repo):
 def _write_next(root:Path, repo:str, **fields):
     "A LLaVA-NeXT-format folder (LlavaLlamaForCausalLM / LlavaQwenForCausalLM): LLM config + mm_* fields, safetensors."
     from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
     torch.manual_seed(0)
     tok = _tok(repo)
-    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                                            image_size=32, patch_size=8)).eval()
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                            num_attention_heads=4, image_size=32, patch_size=8)).eval()
     clip.save_pretrained(root / "clip")
-    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 tie_word_embeddings=False, max_position_embeddings=512)
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=512)
     if repo == QWEN25:
         cls, lcfg, mt = Qwen2ForCausalLM, Qwen2Config(vocab_size=152064, **small), "llava_qwen"
     else:
         lcfg = LlamaConfig(vocab_size=128256, bos_token_id=128000, eos_token_id=128009, rope_theta=500000.0,
-                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                         "original_max_position_embeddings": 8192}, **small)
+                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, **small)
         cls, mt = LlamaForCausalLM, "llava_llama"
     llm = cls(lcfg).eval()
     proj = nn.Sequential(nn.Linear(48, 64), nn.GELU(), nn.Linear(64, 64))
