@@ -4,26 +4,25 @@
 
 # %% ../nbs/08_testbed.ipynb #76994df2
 from __future__ import annotations
-import hashlib, json, os, subprocess, sys, tarfile, tempfile
+import hashlib, json, os, subprocess, sys, tempfile
 from functools import partial
 from pathlib import Path
 from .core import ArgumentParser, ConfigError, QllavaError, OFFLINE_ENV, asset
-from .vocab import hf_json, hub_tokenizer_dir
+from .vocab import LLAMA_CPP_PYTHON_VERSION, fetch_llama_cpp_models, hf_json, hub_tokenizer_dir
 from .media import CLIP_MEAN as OPENAI_CLIP_MEAN, CLIP_STD as OPENAI_CLIP_STD
 
 # %% auto #0
-__all__ = ['LLAMA_CPP_PYTHON_VERSION', 'GGUF_MEMBER', 'GGUF_SHA256', 'LLAMA2_TOKENIZER_MODEL_SHA256', 'LLAMA_TRAINER_SPEC',
-           'LLAMA_NORMALIZER_SPEC', 'VICUNA_TOKENIZER_CONFIG', 'VICUNA_SPECIAL_TOKENS_MAP', 'TOKENIZER_FILES',
-           'LFS_SUFFIXES', 'VICUNA_CONFIG', 'VICUNA_GENERATION_CONFIG', 'LLAMA31_CONFIG', 'LLAMA31_GENERATION_CONFIG',
-           'QWEN25_CONFIG', 'QWEN25_GENERATION_CONFIG', 'QUILTNET_OPEN_CLIP_CONFIG', 'CLIP_L336_CONFIG',
-           'CLIP_L336_PREPROCESSOR', 'TESTBED_REPOS', 'CHECK_MARK', 'sha256_file', 'fetch_llama_vocab_gguf',
-           'read_gguf_vocab', 'gguf_to_sentencepiece', 'write_llama2_tokenizer', 'llama2_tokenizer_dir',
-           'varied_strings', 'testbed_revision', 'blob_name', 'hub_repo_dir', 'write_hub_repo', 'random_state_dict',
-           'safetensors_bytes', 'vicuna_files', 'backbone_files', 'quiltnet_files', 'clip_l336_files', 'build_testbed',
-           'testbed_env', 'run_with_testbed', 'testbed_checks', 'check_testbed', 'make_testbed_cli']
+__all__ = ['GGUF_MEMBER', 'GGUF_SHA256', 'LLAMA2_TOKENIZER_MODEL_SHA256', 'LLAMA_TRAINER_SPEC', 'LLAMA_NORMALIZER_SPEC',
+           'VICUNA_TOKENIZER_CONFIG', 'VICUNA_SPECIAL_TOKENS_MAP', 'TOKENIZER_FILES', 'LFS_SUFFIXES', 'VICUNA_CONFIG',
+           'VICUNA_GENERATION_CONFIG', 'LLAMA31_CONFIG', 'LLAMA31_GENERATION_CONFIG', 'QWEN25_CONFIG',
+           'QWEN25_GENERATION_CONFIG', 'QUILTNET_OPEN_CLIP_CONFIG', 'CLIP_L336_CONFIG', 'CLIP_L336_PREPROCESSOR',
+           'TESTBED_REPOS', 'CHECK_MARK', 'sha256_file', 'fetch_llama_vocab_gguf', 'read_gguf_vocab',
+           'gguf_to_sentencepiece', 'write_llama2_tokenizer', 'llama2_tokenizer_dir', 'varied_strings',
+           'testbed_revision', 'blob_name', 'hub_repo_dir', 'write_hub_repo', 'random_state_dict', 'safetensors_bytes',
+           'vicuna_files', 'backbone_files', 'quiltnet_files', 'clip_l336_files', 'build_testbed', 'testbed_env',
+           'run_with_testbed', 'testbed_checks', 'check_testbed', 'make_testbed_cli']
 
 # %% ../nbs/08_testbed.ipynb #3ea7181c
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"   # the sdist the shipped vocabulary was read from
 GGUF_MEMBER = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"   # path inside the sdist
 GGUF_SHA256 = "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69"
 LLAMA2_TOKENIZER_MODEL_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"  # Meta's tokenizer.model
@@ -40,19 +39,9 @@ def fetch_llama_vocab_gguf(dest, # folder to write ggml-vocab-llama-spm.gguf (an
                            check:bool=True, # refuse a file whose sha256 differs from the recorded one (set False for another version)
                           ) -> Path:
     "Download llama-cpp-python's sdist with pip (no build) and extract the LLaMA SentencePiece vocabulary GGUF."
-    dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={version}", "-d", tmp]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if r.returncode or not sdists:
-            raise QllavaError(f"pip could not download llama-cpp-python=={version} ({(r.stderr or r.stdout).strip().splitlines()[-1:]}). "
-                              "Fix: check that PyPI is reachable, or pass the path of an already extracted GGUF file instead.")
-        with tarfile.open(sdists[0]) as tar:
-            for suffix in ("", ".inp", ".out"):
-                name = f"{sdists[0].name[:-len('.tar.gz')]}/{GGUF_MEMBER}{suffix}"
-                (dest / Path(name).name).write_bytes(tar.extractfile(name).read())
-    out = dest / Path(GGUF_MEMBER).name
+    name = Path(GGUF_MEMBER).name   # the sdist download and extraction are `vocab.fetch_llama_cpp_models`
+    fetch_llama_cpp_models(dest, [name, name + ".inp", name + ".out"], version)
+    out = Path(dest) / name
     if check and sha256_file(out) != GGUF_SHA256:
         raise QllavaError(f"{out}: sha256 {sha256_file(out)} is not the recorded {GGUF_SHA256}. Fix: use version {LLAMA_CPP_PYTHON_VERSION}, or check=False.")
     return out

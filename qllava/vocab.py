@@ -41,7 +41,7 @@ def fetch_llama_cpp_models(dest=None, # folder to extract into (default `vocab_c
         sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if r.returncode or not sdists:
             raise QllavaError(f"pip could not download llama-cpp-python=={version} ({(r.stderr or r.stdout).strip()[-300:]}). "
-                              "Fix: check that PyPI is reachable, or set QLLAVA_VOCAB_DIR to a folder that holds gguf/.")
+                              f"Fix: check that PyPI is reachable, or put those files, extracted, in {dest}.")
         with tarfile.open(sdists[0]) as tar:
             root = f"{sdists[0].name[:-len('.tar.gz')]}/{SDIST_MODELS}"
             for m in members: (dest/m).parent.mkdir(parents=True, exist_ok=True); (dest/m).write_bytes(tar.extractfile(f"{root}/{m}").read())
