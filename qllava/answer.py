@@ -212,6 +212,7 @@ def answer_questions(model_dir, # qllava checkpoint (or LoRA run) folder
     answers_file.parent.mkdir(parents=True, exist_ok=True)
     model, tok = model if model is not None else load_answering_model(model_dir)
     tmpl = resolve_template(template, model.config.template)
+    conv = get_template(tmpl, tok)   # once: `auto` reads the tokenizer's template with a probe rendering
     model_id = model_id or model_name_from_path(Path(model_dir).resolve() if model_dir else "model")
     meta = {"template": tmpl, "temperature": temperature, "num_beams": num_beams, "max_new_tokens": max_new_tokens}
     if blank_media: meta["blank_media"] = True
@@ -222,7 +223,8 @@ def answer_questions(model_dir, # qllava checkpoint (or LoRA run) folder
         check_media(todo, media_folder, model.encoders, question_file)
         for b in range(0, len(todo), batch_size):
             batch = todo[b:b + batch_size]
-            prompts = [generation_prompt(get_template(tmpl, tok), question_text(q), use_im_start_end=bool(model.config.use_im_start_end)) for q in batch]
+            prompts = [generation_prompt(conv, question_text(q), use_im_start_end=bool(model.config.use_im_start_end))
+                       for q in batch]
             media = load_batch_media(model, batch, media_folder, blank_media, question_file)
             texts = answer_batch(model, tok, prompts, media, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_p=top_p, num_beams=num_beams, batch_size=len(batch))
