@@ -206,10 +206,11 @@ def _render_llama_2(t, turns):
     return out
 
 def _render_mpt(t, turns):
+    end = t.sep if t.sep2 is None else t.sep2   # what closes an answer: the separator, or its own (Mistral's </s>)
     out = [Span(t.system + t.sep, False, "system")]
     for i in range(0, len(turns), 2):
         out.append(Span(t.roles[0] + turns[i] + t.sep + t.roles[1], False, "human"))
-        if i + 1 < len(turns): out.append(Span(turns[i+1] + t.sep, True, "gpt"))
+        if i + 1 < len(turns): out.append(Span(turns[i+1] + end, True, "gpt"))
     return out
 
 def _render_plain(t, turns):
@@ -218,12 +219,8 @@ def _render_plain(t, turns):
     return out
 
 def _render_chat(t, turns):
-    end = t.sep if t.sep2 is None else t.sep2   # what closes an answer: the separator, or its own (Mistral's </s>)
-    out = [Span(t.system + t.sep, False, "system")] if t.system else []
-    for i in range(0, len(turns), 2):
-        out.append(Span(t.roles[0] + turns[i] + t.sep + t.roles[1], False, "human"))
-        if i + 1 < len(turns): out.append(Span(turns[i+1] + end, True, "gpt"))
-    return out
+    out = _render_mpt(t, turns)
+    return out if t.system else out[1:]
 
 def _jinja_contents(t, turns, pieces, gen):
     "The contents as the template prints them: as given, or stripped (Llama-3's template trims); else an error."
@@ -311,7 +308,7 @@ _JINJA_TURNS = {  # per layout, the Jinja of `_render_<style>`
                "{{- ('' if loop.first else SEP) + '[INST] ' + q + ' [/INST]' -}}"
                "{%- else -%}{{- ' ' + value(m) + ' ' + SEP2 -}}{%- endif -%}{%- endfor -%}",
     "mpt": "{{- SYSTEM + SEP -}}{%- for m in messages -%}{%- if m['role'] == 'user' -%}{{- R0 + value(m) + SEP + R1 -}}"
-           "{%- else -%}{{- value(m) + SEP -}}{%- endif -%}{%- endfor -%}",
+           "{%- else -%}{{- value(m) + (SEP2 or SEP) -}}{%- endif -%}{%- endfor -%}",
     "chat": "{%- if SYSTEM -%}{{- SYSTEM + SEP -}}{%- endif -%}{%- for m in messages -%}"
             "{%- set v = value(m)|trim if STRIP else value(m) -%}{%- if m['role'] == 'user' -%}"
             "{{- R0 + v + SEP + R1 -}}{%- else -%}{{- v + (SEP2 or SEP) -}}{%- endif -%}{%- endfor -%}",
