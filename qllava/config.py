@@ -42,6 +42,8 @@ class TrainConfig:
     image_aspect_ratio: str|None = None # pad (to square with the mean colour) | square (the original's default, also None: short side resized, centre crop) | resize (stretch); preset: square for pretrain, pad for stage 2
     model_max_length: int|None = None # tokens per sample after media expansion
     group_by_modality_length: bool = False # modality-pure, length-grouped batches
+    packing: bool = False # pack each micro-batch's samples into as few rows as fit (first-fit decreasing); attention stays within each sample
+    packing_max_tokens: int|None = None # tokens per packed row (at least --model_max_length); default: the micro-batch's longest sample
     lazy_preprocess: bool = True # tokenise on access (always on; kept for flag compatibility)
     dataloader_num_workers: int = 0 # DataLoader worker processes
     skip_bad_records: bool = False # drop records that fail validation (and report the counts) instead of refusing
@@ -95,7 +97,7 @@ class TrainConfig:
 
 # the groups `qllava train --help` shows the flags in (every field in exactly one)
 FIELD_GROUPS = {"model": ("stage", "model_name_or_path", "tokenizer", "version", "vision_tower", "mm_projector_type", "tune_mm_mlp_adapter", "pretrain_mm_mlp_adapter", "mm_vision_select_layer", "mm_vision_select_feature", "mm_use_im_start_end", "mm_use_im_patch_token", "mm_patch_merge_type", "freeze_backbone", "freeze_mm_mlp_adapter", "attn_implementation", "cache_dir",),
-                "data": ("data_path", "image_folder", "image_aspect_ratio", "model_max_length", "group_by_modality_length", "lazy_preprocess", "dataloader_num_workers", "skip_bad_records", "blank_media",),
+                "data": ("data_path", "image_folder", "image_aspect_ratio", "model_max_length", "group_by_modality_length", "packing", "packing_max_tokens", "lazy_preprocess", "dataloader_num_workers", "skip_bad_records", "blank_media",),
                 "optimisation": ("num_train_epochs", "max_steps", "global_batch_size", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "mm_projector_lr", "weight_decay", "warmup_ratio", "lr_scheduler_type", "optim", "max_grad_norm", "gradient_checkpointing", "seed",),
                 "lora": ("lora_enable", "lora_r", "lora_alpha", "lora_dropout", "lora_bias", "bits", "double_quant", "quant_type",),
                 "deepspeed": ("deepspeed", "bf16", "fp16", "tf32",),
@@ -167,6 +169,10 @@ def resolve_config(cfg:TrainConfig) -> TrainConfig:
     if cfg.bits < 16 and not cfg.lora_enable:
         raise ConfigError(f"--bits {cfg.bits} quantises the base LLM, which can then only be trained with LoRA. Fix: add --lora_enable True or use --stage qlora.")
     if cfg.bf16 and cfg.fp16: raise ConfigError("--bf16 and --fp16 are exclusive; choose one.")
+    if cfg.packing_max_tokens is not None and cfg.packing_max_tokens < cfg.model_max_length:
+        raise ConfigError(f"--packing_max_tokens {cfg.packing_max_tokens} is below --model_max_length {cfg.model_max_length}: "
+                          "a sample that long would fit no row. Fix: raise it, or leave it out (rows then hold at most the "
+                          "micro-batch's longest sample).")
     if bool(cfg.eval_questions) != bool(cfg.eval_gt):
         raise ConfigError("--eval_questions and --eval_gt go together: the questions to answer and their ground truth.")
     if cfg.eval_questions and cfg.deepspeed in ("zero3", "zero3_offload"):

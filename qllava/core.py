@@ -411,7 +411,7 @@ LAYERS = {
     "modalities": ("modality",),
     "conversations": ("conversation",),
     "tokens and towers": ("tokenize", "encoders"),
-    "data and the model": ("dataset", "model"),
+    "data and the model": ("dataset", "packing", "model"),
     "model in use": ("generate", "checkpoint", "validate", "convert"),
     "answering and judging": ("answer", "review"),
     "conversations with a model": ("chat",),

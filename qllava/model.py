@@ -22,10 +22,10 @@ from .modality import MODALITIES, batch_media
 # %% auto #0
 __all__ = ['WEIGHT_INDEXES', 'WEIGHT_FILES', 'SAFETENSORS_DTYPES', 'default_attn_implementation', 'QllavaConfig', 'get_encoder',
            'get_projector', 'get_llm_preset', 'get_tokenizer', 'media_token_id', 'merge_media',
-           'position_ids_from_mask', 'QllavaForCausalLM', 'zero_stage', 'ds_param_dtype', 'is_partitioned',
-           'full_numel', 'full_shape', 'gathered', 'cast_params', 'partition', 'hf_zero3', 'WeightReader',
-           'whole_models', 'empty_weights', 'meta_names', 'release_memory', 'load_weights', 'llm_from_weights',
-           'resize_embeddings', 'resolve_dtype', 'build_llm', 'build_model']
+           'position_ids_from_mask', 'packed_rows', 'packed_llm_inputs', 'QllavaForCausalLM', 'zero_stage',
+           'ds_param_dtype', 'is_partitioned', 'full_numel', 'full_shape', 'gathered', 'cast_params', 'partition',
+           'hf_zero3', 'WeightReader', 'whole_models', 'empty_weights', 'meta_names', 'release_memory', 'load_weights',
+           'llm_from_weights', 'resize_embeddings', 'resolve_dtype', 'build_llm', 'build_model']
 
 # %% ../nbs/12_model.ipynb #a3a00b8b
 def default_attn_implementation() -> str:
@@ -115,6 +115,22 @@ def merge_media(inputs_embeds:torch.Tensor, # (B, L, D) token embeddings of `inp
 def position_ids_from_mask(attention_mask:torch.Tensor) -> torch.Tensor:
     "Positions 0.. over the real tokens of each row; right for right padding (training) and left padding (generation)."
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+# %% ../nbs/12_model.ipynb #397205e4
+def packed_rows(position_ids:torch.Tensor, # (B, L)
+                attention_mask:torch.Tensor, # (B, L): 1 on real tokens
+               ) -> bool:
+    "Whether some row holds several samples: a real token after a row's first has position 0."
+    return bool(((position_ids[:, 1:] == 0) & attention_mask[:, 1:].bool()).any())
+
+# %% ../nbs/12_model.ipynb #c969491a
+def packed_llm_inputs(attn_implementation:str, # the LLM's attention implementation
+                      inputs_embeds:torch.Tensor, position_ids:torch.Tensor, # (B, L, D), (B, L)
+                      labels:torch.Tensor|None) -> tuple: # (B, L) or None
+    "(inputs_embeds, position_ids, labels) for packed rows: one row for flash-attn's varlen path, as they are otherwise."
+    if not attn_implementation.startswith("flash_attention"): return inputs_embeds, position_ids, labels
+    flat = lambda x: None if x is None else x.reshape(1, -1)
+    return inputs_embeds.reshape(1, -1, inputs_embeds.shape[-1]), flat(position_ids), flat(labels)
 
 # %% ../nbs/12_model.ipynb #7764926a
 def _dummy_input(encoder:nn.Module, device, dtype) -> torch.Tensor:
@@ -214,6 +230,10 @@ class QllavaForCausalLM(PreTrainedModel, GenerationMixin):
             inputs_embeds = self.embed(input_ids, media, run_all=prefill)
         if position_ids is None and attention_mask is not None and prefill:
             position_ids = position_ids_from_mask(attention_mask)
+        elif attention_mask is not None and prefill and packed_rows(position_ids, attention_mask):
+            inputs_embeds, position_ids, labels = packed_llm_inputs(self.llm.config._attn_implementation or "sdpa",
+                                                                    inputs_embeds, position_ids, labels)
+            attention_mask, use_cache = None, False  # transformers masks per sample from the restarts only with no cache
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                         labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
                         **({"cache": cache} if cache is not None else {}), **kwargs)

@@ -12,6 +12,7 @@ from .config import (TrainConfig, STAGE_PRESETS, OPTIMIZERS, DEEPSPEED_PRESETS, 
                            config_parser, parse_config)
 from .model import full_numel, full_shape, partition
 from .dataset import load_records, MultimodalDataset, DataCollator, ModalityLengthGroupedSampler
+from .packing import PackingCollator, batch_counts
 from .validate import validate_data, raise_if_invalid
 from .launch import report_progress, heartbeat
 from .slurm import PREEMPTED_EXIT, RANKS_ENV, ranks_from_slurm
@@ -29,10 +30,10 @@ __all__ = ['NOISY_LOGGERS', 'PUBLISHED_GLOBAL_BATCH', 'ASPECT_RATIOS', 'CKPT_DIR
            'build_dataset', 'build_loader', 'build_eval_loader', 'open_reporters', 'RunLog', 'flag_notes',
            'step_schedule', 'set_aspect_ratio', 'settle_template', 'Run', 'build_run', 'evaluate_vqa', 'evaluate_loss',
            'write_checksums', 'verify_checksums', 'safe_load', 'use_safe_loading', 'share_fp32_master',
-           'save_resumable', 'find_resume', 'load_resumable', 'Progress', 'resume_progress', 'optimiser_step',
-           'after_step', 'final_metrics', 'train_loop', 'Preempted', 'stop_signals', 'catch_stop_signals',
-           'stop_requested', 'save_here', 'save_and_stop', 'save_final', 'tokenizer_summary', 'quantization_summary',
-           'fit', 'train_cli', 'close_distributed', 'exit_rank']
+           'save_resumable', 'find_resume', 'load_resumable', 'throughput', 'Progress', 'resume_progress',
+           'optimiser_step', 'after_step', 'final_metrics', 'train_loop', 'Preempted', 'stop_signals',
+           'catch_stop_signals', 'stop_requested', 'save_here', 'save_and_stop', 'save_final', 'tokenizer_summary',
+           'quantization_summary', 'fit', 'train_cli', 'close_distributed', 'exit_rank']
 
 # %% ../nbs/21_train.ipynb #1a2171d5
 NOISY_LOGGERS = ("py.warnings", "bitsandbytes", "DeepSpeed", "torch.distributed", "accelerate", "peft", "qllava.third_party")
@@ -239,7 +240,9 @@ def build_loader(ds, keep:list[int], cfg:TrainConfig, per_device:int, rank:int, 
     import torch
     # its own generator: creating an iterator then draws no number from the global RNG that dropout uses, so a
     # resumed run (which creates one mid-epoch) keeps the same random stream as an uninterrupted one
-    loader = DataLoader(Subset(ds, keep), batch_sampler=sampler, collate_fn=DataCollator(ds.tokenizer.pad_token_id),
+    pad = ds.tokenizer.pad_token_id
+    collate = PackingCollator(pad, cfg.packing_max_tokens) if cfg.packing else DataCollator(pad)
+    loader = DataLoader(Subset(ds, keep), batch_sampler=sampler, collate_fn=collate,
                         num_workers=cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     return loader, sampler
 
@@ -632,6 +635,14 @@ def load_resumable(run:Run, path:Path) -> dict:
         _set_rng_state(safe_load(rng))
     return client
 
+# %% ../nbs/21_train.ipynb #f63afb81
+def throughput(p, # the loop's `Progress`
+               dt:float) -> dict: # seconds since `p.t0`
+    "samples_per_s, tokens_per_s (real), computed_tokens_per_s, padding_share, rows_per_sample over all ranks."
+    s = {k: _all_sum(getattr(p, k)) for k in ("samples", "tokens", "computed", "rows")}
+    return dict(samples_per_s=s["samples"] / dt, tokens_per_s=s["tokens"] / dt, computed_tokens_per_s=s["computed"] / dt,
+                padding_share=1 - s["tokens"] / max(s["computed"], 1), rows_per_sample=s["rows"] / max(s["samples"], 1))
+
 # %% ../nbs/21_train.ipynb #7d5331a5
 @dataclass
 class Progress:
@@ -640,7 +651,9 @@ class Progress:
     epoch:int = 0
     micro:int = 0
     samples:int = 0
-    tokens:int = 0
+    tokens:int = 0 # real tokens (no padding)
+    computed:int = 0 # tokens computed: rows x width, padding included
+    rows:int = 0
     loss:float = float("nan")
     t0:float = field(default_factory=time.time)
 
@@ -677,7 +690,8 @@ def optimiser_step(run:Run, p:Progress, group:list, # the accumulation group's m
         engine.backward(loss); engine.step()
         loss_sum += out_.loss.item() * n if n else 0.0
         if epoch_batches is not None: _log_ids(out, run.rank, p.step, p.epoch, [run.keep[j] for j in epoch_batches[p.micro + k]])
-        p.samples += b["input_ids"].shape[0]; p.tokens += int(b["attention_mask"].sum())
+        c = batch_counts(b)
+        p.samples += c["samples"]; p.tokens += c["tokens"]; p.computed += c["computed"]; p.rows += c["rows"]
     p.step += 1; p.micro += accum
     p.loss = _all_sum(loss_sum) / max(n_all, 1)
 
@@ -687,7 +701,7 @@ def after_step(run:Run, p:Progress, runlog:RunLog, per_epoch:int):
     if p.step % cfg.logging_steps == 0 or last:
         dt = time.time() - p.t0
         runlog(step=p.step, epoch=round(p.epoch + p.micro / per_epoch, 4), loss=p.loss, lr=run.engine.get_lr()[0],
-               samples_per_s=_all_sum(p.samples) / dt, tokens_per_s=_all_sum(p.tokens) / dt)
+               **throughput(p, dt))
     if run.eval_every and p.step % run.eval_every == 0 and not last:
         heartbeat("held-out evaluation", p.step)
         if run.eval_loader is not None: runlog(step=p.step, eval_loss=evaluate_loss(run))
@@ -698,7 +712,7 @@ def final_metrics(run:Run, p:Progress, runlog:RunLog) -> dict:
     "The run's summary numbers, with the last held-out evaluation."
     dt = max(time.time() - p.t0, 1e-9)
     final = dict(steps=p.step, final_loss=p.loss, train_seconds=round(time.time() - p.t0, 2),
-                 samples_per_s=round(_all_sum(p.samples) / dt, 3), peak_memory_mb=round(_all_mean(_peak_memory_mb()), 1))
+                 **{k: round(v, 4) for k, v in throughput(p, dt).items()}, peak_memory_mb=round(_all_mean(_peak_memory_mb()), 1))
     if run.eval_loader is not None:
         final["eval_loss"] = evaluate_loss(run); runlog(step=p.step, eval_loss=final["eval_loss"])
     if run.cfg.eval_questions:

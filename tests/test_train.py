@@ -100,12 +100,17 @@ def one_process(data, projector, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_two_ranks_shard_the_data_and_follow_the_single_process_curve(data, projector, one_process, tmp_path, zero):
+PACKED = dict(packing=True, packing_max_tokens=128)  # rows of up to 128 tokens: several samples each
+
+
+@pytest.mark.parametrize("zero,packing", [("zero2", False), ("zero3", False), ("zero3", True)])
+def test_two_ranks_shard_the_data_and_follow_the_single_process_curve(data, projector, one_process, tmp_path, zero, packing):
     out = tmp_path / zero
     ds_launch(flags(data, out, pretrain_mm_mlp_adapter=projector / "mm_projector.bin", deepspeed=zero,
-                    log_sample_ids=True, per_device_train_batch_size=4), out)
+                    log_sample_ids=True, per_device_train_batch_size=4, **(PACKED if packing else {})), out)
     summary = json.loads((out / "summary.json").read_text())
+    if packing:  # the same samples per step in fewer rows: the packed curve is the unpacked one
+        assert summary["rows_per_sample"] < 0.6 and summary["padding_share"] < 0.05
     assert summary["world_size"] == 2
     # the CPU world_size trap: each rank must read its own shard, and together every record once per epoch
     seen = {r: [json.loads(l) for l in (out / "sample_ids" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
@@ -141,11 +146,11 @@ def _kill_when_checkpointed(cmd, out, env, min_step=2):
     assert not (out / "summary.json").exists(), "the run finished before the kill"
 
 
-@pytest.mark.parametrize("stage", ["finetune", "lora"])
-def test_killed_and_resumed_run_ends_with_the_same_weights(data, projector, tmp_path, stage):
+@pytest.mark.parametrize("stage,packing", [("finetune", False), ("lora", False), ("lora", True)])
+def test_killed_and_resumed_run_ends_with_the_same_weights(data, projector, tmp_path, stage, packing):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     extra = dict(pretrain_mm_mlp_adapter=projector / "mm_projector.bin", save_steps=2, save_total_limit=2,
-                 num_train_epochs=3, per_device_train_batch_size=4)
+                 num_train_epochs=3, per_device_train_batch_size=4, **(PACKED if packing else {}))
     if stage == "lora": extra.update(lora_r=4, lora_alpha=8)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     cmd = lambda out, *more: [sys.executable, "-m", "qllava.train", *flags(data, out, stage, **extra), *more]
