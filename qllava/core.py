@@ -412,7 +412,7 @@ LAYERS = {
     "conversations": ("conversation",),
     "tokens and towers": ("tokenize", "encoders"),
     "data and the model": ("dataset", "packing", "model"),
-    "model in use": ("generate", "checkpoint", "validate", "convert"),
+    "model in use": ("generate", "checkpoint", "validate", "convert", "flops"),
     "answering and judging": ("answer", "review"),
     "conversations with a model": ("chat",),
     "serving": ("serve", "webdemo"),

@@ -9,8 +9,8 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['PUBLISHED', 'IMU_CHANNELS', 'hyperparameter_table', 'headless_matplotlib', 'read_metrics', 'plot_curves',
-           'plot_accuracy_by_kind', 'sha256', 'git_commit', 'package_versions', 'provenance', 'provenance_table',
-           'plot_sensor', 'show_media']
+           'plot_accuracy_by_kind', 'plot_throughput', 'sha256', 'git_commit', 'package_versions', 'provenance',
+           'provenance_table', 'plot_sensor', 'show_media']
 
 # %% ../nbs/40_report.ipynb #6890e222
 PUBLISHED = {  # Quilt-LLaVA / LLaVA-1.5 tables (7B), for side-by-side display
@@ -90,6 +90,25 @@ def plot_accuracy_by_kind(table, # `qllava.runs.accuracy_by_kind`: a row per que
     ax.set_yticks(range(len(t)), [f"{q[:48]}{'...' if len(q) > 48 else ''} (n={n})" for q, n in zip(t.index, t["n"])])
     ax.set_xlim(0, 100); ax.set_xlabel("held-out accuracy (%)"); ax.set_ylabel(""); ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8); fig.tight_layout()
+    return fig
+
+# %% ../nbs/40_report.ipynb #a4e48f43
+def plot_throughput(metrics, title:str=""):
+    "Real vs computed tokens/s and MFU (%) per logged step; None when the run logged no throughput."
+    if "tokens_per_s" not in metrics or not metrics["tokens_per_s"].notna().any(): return None
+    headless_matplotlib()
+    import matplotlib.pyplot as plt
+    tr = metrics[metrics["tokens_per_s"].notna()]
+    mfu = "mfu" in tr and tr["mfu"].notna().any()
+    fig, axes = plt.subplots(1, 2 if mfu else 1, figsize=(10 if mfu else 5, 3.2), squeeze=False)
+    a = axes[0][0]
+    a.plot(tr["step"], tr["tokens_per_s"], marker=".", label="real tokens/s")
+    if "computed_tokens_per_s" in tr: a.plot(tr["step"], tr["computed_tokens_per_s"], marker=".", label="computed (padding in)")
+    a.set_xlabel("optimiser step"); a.set_ylabel("tokens/s"); a.legend(); a.set_title(title or "throughput")
+    if mfu:
+        axes[0][1].plot(tr["step"], 100 * tr["mfu"], marker=".", color="tab:green")
+        axes[0][1].set_xlabel("optimiser step"); axes[0][1].set_ylabel("MFU (%)"); axes[0][1].set_title("model FLOPs / peak")
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/40_report.ipynb #70b73bb1

@@ -291,6 +291,8 @@ def planned_hyperparameters(plan:TrainPlan):
     t = pd.concat(tables)
     return t[~t.index.duplicated()]
 
+def _pct(x): return None if x is None else round(100 * x, 1)
+
 def stage_results(plan:TrainPlan):
     "Per stage: steps, first and final loss, held-out loss, throughput, peak memory, time, artifacts."
     import pandas as pd
@@ -301,7 +303,9 @@ def stage_results(plan:TrainPlan):
         losses = m["loss"].dropna().tolist() if "loss" in m else []
         rows.append({"stage": s.name, "steps": r.get("steps"), "first loss": losses[0] if losses else None,
                      "final loss": r.get("final_loss"), "held-out loss": r.get("eval_loss"),
-                     "samples/s": r.get("samples_per_s"), "peak memory (MB/rank)": r.get("peak_memory_mb"),
+                     "samples/s": r.get("samples_per_s"), "tokens/s": r.get("tokens_per_s"),
+                     "padding (%)": _pct(r.get("padding_share")), "MFU (%)": _pct(r.get("mfu")),
+                     "peak memory (MB/rank)": r.get("peak_memory_mb"),
                      "train time (s)": r.get("train_seconds"), "ranks": r.get("world_size"),
                      "artifacts": ", ".join(r.get("artifacts", []))})
     return pd.DataFrame(rows).set_index("stage")

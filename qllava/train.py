@@ -13,6 +13,7 @@ from .config import (TrainConfig, STAGE_PRESETS, OPTIMIZERS, DEEPSPEED_PRESETS, 
 from .model import full_numel, full_shape, partition
 from .dataset import load_records, MultimodalDataset, DataCollator, ModalityLengthGroupedSampler
 from .packing import PackingCollator, batch_counts
+from .flops import FlopModel, flop_model, batch_model_flops, matmul_peak
 from .validate import validate_data, raise_if_invalid
 from .launch import report_progress, heartbeat
 from .slurm import PREEMPTED_EXIT, RANKS_ENV, ranks_from_slurm
@@ -406,6 +407,8 @@ class Run:
     writers:dict # tensorboard / wandb writers (rank 0)
     save_every:int # optimiser steps between resumable checkpoints (0: none)
     eval_every:int # optimiser steps between held-out evaluations (0: only at the end)
+    flops:FlopModel|None = None # the model's FLOP figures (model FLOP/s and MFU in the logs)
+    peak_flops:float = 0.0 # measured matmul FLOP/s of all ranks' devices together, in the training dtype
 
 def build_run(cfg:TrainConfig, log=print) -> Run:
     "Setup: distributed state, resolved config, model with the stage applied, data loaders, DeepSpeed engine."
@@ -466,7 +469,7 @@ def build_run(cfg:TrainConfig, log=print) -> Run:
     return Run(cfg=cfg, rank=rank, world=world, model=model, engine=engine, tokenizer=tok, loader=loader, keep=keep,
                 sampler=sampler, eval_loader=eval_loader, steps_per_epoch=steps_per_epoch, total_steps=total,
                 ds_config=ds_cfg, data_counts=counts, modality=modality, writers=writers, save_every=save_every,
-                eval_every=eval_every)
+                eval_every=eval_every, flops=flop_model(model), peak_flops=_all_sum(matmul_peak(engine.device, dtype)))
 
 def evaluate_vqa(run:Run) -> dict:
     "Held-out VQA accuracy during training: rank 0 answers greedily (weights are whole below ZeRO-3), the others wait."
@@ -637,11 +640,14 @@ def load_resumable(run:Run, path:Path) -> dict:
 
 # %% ../nbs/21_train.ipynb #f63afb81
 def throughput(p, # the loop's `Progress`
-               dt:float) -> dict: # seconds since `p.t0`
-    "samples_per_s, tokens_per_s (real), computed_tokens_per_s, padding_share, rows_per_sample over all ranks."
-    s = {k: _all_sum(getattr(p, k)) for k in ("samples", "tokens", "computed", "rows")}
-    return dict(samples_per_s=s["samples"] / dt, tokens_per_s=s["tokens"] / dt, computed_tokens_per_s=s["computed"] / dt,
-                padding_share=1 - s["tokens"] / max(s["computed"], 1), rows_per_sample=s["rows"] / max(s["samples"], 1))
+               dt:float, # seconds since `p.t0`
+               peak_flops:float=0.0) -> dict: # all ranks' measured matmul FLOP/s (0: no MFU)
+    "samples/s, real and computed tokens/s, padding share, rows per sample, model FLOP/s and MFU over all ranks."
+    s = {k: _all_sum(getattr(p, k)) for k in ("samples", "tokens", "computed", "rows", "flops")}
+    out = dict(samples_per_s=s["samples"] / dt, tokens_per_s=s["tokens"] / dt, computed_tokens_per_s=s["computed"] / dt,
+               padding_share=1 - s["tokens"] / max(s["computed"], 1), rows_per_sample=s["rows"] / max(s["samples"], 1),
+               model_flops_per_s=s["flops"] / dt)
+    return {**out, "mfu": out["model_flops_per_s"] / peak_flops} if peak_flops else out
 
 # %% ../nbs/21_train.ipynb #7d5331a5
 @dataclass
@@ -654,6 +660,7 @@ class Progress:
     tokens:int = 0 # real tokens (no padding)
     computed:int = 0 # tokens computed: rows x width, padding included
     rows:int = 0
+    flops:float = 0.0 # model FLOPs (`qllava.flops.batch_model_flops`)
     loss:float = float("nan")
     t0:float = field(default_factory=time.time)
 
@@ -692,6 +699,7 @@ def optimiser_step(run:Run, p:Progress, group:list, # the accumulation group's m
         if epoch_batches is not None: _log_ids(out, run.rank, p.step, p.epoch, [run.keep[j] for j in epoch_batches[p.micro + k]])
         c = batch_counts(b)
         p.samples += c["samples"]; p.tokens += c["tokens"]; p.computed += c["computed"]; p.rows += c["rows"]
+        p.flops += batch_model_flops(run.flops, b) if run.flops else 0.0
     p.step += 1; p.micro += accum
     p.loss = _all_sum(loss_sum) / max(n_all, 1)
 
@@ -701,7 +709,7 @@ def after_step(run:Run, p:Progress, runlog:RunLog, per_epoch:int):
     if p.step % cfg.logging_steps == 0 or last:
         dt = time.time() - p.t0
         runlog(step=p.step, epoch=round(p.epoch + p.micro / per_epoch, 4), loss=p.loss, lr=run.engine.get_lr()[0],
-               **throughput(p, dt))
+               **throughput(p, dt, run.peak_flops))
     if run.eval_every and p.step % run.eval_every == 0 and not last:
         heartbeat("held-out evaluation", p.step)
         if run.eval_loader is not None: runlog(step=p.step, eval_loss=evaluate_loss(run))
@@ -712,7 +720,7 @@ def final_metrics(run:Run, p:Progress, runlog:RunLog) -> dict:
     "The run's summary numbers, with the last held-out evaluation."
     dt = max(time.time() - p.t0, 1e-9)
     final = dict(steps=p.step, final_loss=p.loss, train_seconds=round(time.time() - p.t0, 2),
-                 **{k: round(v, 4) for k, v in throughput(p, dt).items()}, peak_memory_mb=round(_all_mean(_peak_memory_mb()), 1))
+                 **{k: float(f"{v:.4g}") for k, v in throughput(p, dt, run.peak_flops).items()}, peak_memory_mb=round(_all_mean(_peak_memory_mb()), 1))
     if run.eval_loader is not None:
         final["eval_loss"] = evaluate_loss(run); runlog(step=p.step, eval_loss=final["eval_loss"])
     if run.cfg.eval_questions:

@@ -109,6 +109,7 @@ def test_two_ranks_shard_the_data_and_follow_the_single_process_curve(data, proj
     ds_launch(flags(data, out, pretrain_mm_mlp_adapter=projector / "mm_projector.bin", deepspeed=zero,
                     log_sample_ids=True, per_device_train_batch_size=4, **(PACKED if packing else {})), out)
     summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["mfu"] < 1 and summary["model_flops_per_s"] > 0 and summary["tokens_per_s"] > 0
     if packing:  # the same samples per step in fewer rows: the packed curve is the unpacked one
         assert summary["rows_per_sample"] < 0.6 and summary["padding_share"] < 0.05
     assert summary["world_size"] == 2
