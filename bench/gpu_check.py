@@ -14,6 +14,8 @@ Phases (each one a row; an OOM, a missing optional library or the time budget gi
   stage1    projector only (`pretrain` preset), batch 32, captions
   lora      stage 2, LoRA r128 / alpha 256 on every linear layer of the LLM, gradient checkpointing, batch 16
   full      stage 2, full LLM + projector, gradient checkpointing, batch 16
+  full_packed  the same batches packed as `--packing` lays them (`qllava.packing`): sdpa rows up to each batch's
+            longest sample, flash-attn one row per batch for its varlen kernel; lora_packed on request
             (stage1 / lora / full once per attention implementation: sdpa, and flash_attention_2 when flash_attn imports)
   answers   32 prompts answered greedily by `qllava.generate.answer_batch` one at a time vs in one batch of 32;
             answers/s both ways and whether the answers are identical (reported, never asserted)
@@ -252,14 +254,17 @@ def make_sample(i:int, total:int, kind:str, ctx:dict, tok) -> dict:
     return {"input_ids": full, "labels": labels, "images": img}
 
 
-def plan_batches(kind:str, ctx:dict, tok, batch:int, n_steps:int) -> list:
-    "The first `n_steps` collated batches of qllava's length-grouped sampler over a seeded pool of samples."
+def plan_batches(kind:str, ctx:dict, tok, batch:int, n_steps:int, packed:str|None=None) -> list:
+    """The first `n_steps` collated batches of qllava's length-grouped sampler over a seeded pool of samples
+    (`packed` = the attention implementation: the same samples in `PackingCollator` rows as `qllava.train` lays them)."""
     from qllava.dataset import DataCollator, ModalityLengthGroupedSampler
+    from qllava.packing import PackingCollator, row_budget
     pool = batch * max(64, n_steps)
     lens = draw_lengths(kind, pool, ctx["shapes"], ctx["pc"]["image_tokens"], seed={"stage1": 1}.get(kind, 2))
     sampler = ModalityLengthGroupedSampler(lens, batch_size=batch, num_replicas=1, rank=0, seed=0,
                                            group_by_modality=False, modalities=["image"] * pool)
-    coll = DataCollator(tok.pad_token_id)
+    budget = packed and row_budget(packed, None, batch, ctx["shapes"]["max_length"])
+    coll = PackingCollator(tok.pad_token_id, budget) if packed else DataCollator(tok.pad_token_id)
     out = []
     for idx in sampler.batches(0)[:n_steps]:
         b = coll([make_sample(i, lens[i], kind, ctx, tok) for i in idx])
@@ -303,8 +308,9 @@ def quantize_4bit(llm, dtype):
 
 
 def train_phase(kind:str, attn:str, ctx:dict, batch:int) -> dict:
-    "Build, apply the stage, plan the batches, warm up, time the steps; returns the row."
+    "Build, apply the stage, plan the batches, warm up, time the steps; returns the row (`KIND_packed`: packed batches)."
     import dataclasses
+    packed, kind = kind.endswith("_packed"), kind.removesuffix("_packed")
     from qllava.config import TrainConfig, resolve_config
     from qllava.train import apply_stage, param_groups
     dev, dtype, sh = ctx["device"], ctx["dtype"], ctx["shapes"]
@@ -333,8 +339,8 @@ def train_phase(kind:str, attn:str, ctx:dict, batch:int) -> dict:
                             **({"fused": True} if dev == "cuda" else {}))
     params = [p for g in groups for p in g["params"]]
     W, S = ctx["warmup"], ctx["steps"]
-    batches = plan_batches(kind, ctx, tok, batch, W + S)
-    times, losses, toks, lens_all, padded, note = [], [], 0, [], 0, None
+    batches = plan_batches(kind, ctx, tok, batch, W + S, attn if packed else None)
+    times, losses, toks, lens_all, padded, rows, note = [], [], 0, [], 0, 0, None
     mflops = hflops = 0.0
     free(dev)
     for k, b in enumerate(batches):
@@ -348,7 +354,7 @@ def train_phase(kind:str, attn:str, ctx:dict, batch:int) -> dict:
         sync(dev); dt = time.perf_counter() - t0
         if k >= W:
             times.append(dt); losses.append(float(out.loss.detach())); toks += int(b["attention_mask"].sum())
-            padded += b["input_ids"].numel(); lens_all += lens
+            padded += b["input_ids"].numel(); lens_all += lens; rows += b["input_ids"].shape[0]
             m, h = step_flops(kind, lens, b["images"].shape[0], ctx["pc"], n_lora, gc_on)
             mflops += m; hflops += h
         del out, b
@@ -358,7 +364,8 @@ def train_phase(kind:str, attn:str, ctx:dict, batch:int) -> dict:
     if toks != sum(lens_all): raise RuntimeError(f"token count mismatch: mask {toks} vs lengths {sum(lens_all)}")
     total = sum(times)
     peak = ctx["peak"]["flops"]
-    row = dict(phase=kind, attn=attn, status="ok", stage=stage, batch=batch, warmup=W, steps=S,
+    row = dict(phase=kind + ("_packed" if packed else ""), attn=attn, status="ok", stage=stage, batch=batch, warmup=W, steps=S,
+               packed=packed, rows_per_step=round(rows / S, 2),
                gradient_checkpointing=gc_on, trainable_params=trainable, lora_params=n_lora,
                step_s_mean=round(total / S, 4), step_s_std=round(statistics.pstdev(times), 4), step_s_min=round(min(times), 4),
                samples_per_s=round(S * batch / total, 3), tokens_per_s=round(toks / total, 1),
@@ -557,7 +564,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, float32: the same code in well under a minute")
     ap.add_argument("--out", default=str(HERE / "results"), help="results folder (gpu.json/.md, or gpu_smoke.* with --smoke)")
     ap.add_argument("--budget", type=float, default=None, help="seconds; phases not started by then are skipped (default 450, smoke 120)")
-    ap.add_argument("--phases", default="stage1,lora,full,answers,qlora", help="comma-separated subset, in this order; "
+    ap.add_argument("--phases", default="stage1,lora,full,full_packed,answers,qlora", help="comma-separated subset, in this order "
+                    "(full_packed / lora_packed: the same batches packed by qllava.packing.PackingCollator); "
                     "add vllm to check an export in vLLM (when vllm is installed)")
     ap.add_argument("--attn", default="auto", help="attention implementations for the training phases: auto = sdpa + "
                     "flash_attention_2 when flash_attn imports on CUDA; or a comma-separated list")
@@ -621,7 +629,7 @@ def main(argv=None) -> int:
     print(f"matmul peak {peak['n']}^3 {peak['dtype']}: {peak['flops']/1e12:.1f} TFLOP/s", flush=True)
 
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    plan = [(p, a) for p in ("stage1", "lora", "full") if p in phases for a in attns]
+    plan = [(p, a) for p in ("stage1", "lora", "full", "full_packed", "lora_packed") if p in phases for a in attns]
     plan = sorted(plan, key=lambda x: attns.index(x[1]))  # every phase with sdpa first, then with flash-attention
     plan += [(p, None) for p in ("answers", "qlora", "vllm") if p in phases]
     for kind, attn in plan:

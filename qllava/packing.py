@@ -9,7 +9,7 @@ from .modality import MODALITIES
 from .tokenize import IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['pack_rows', 'PackingCollator', 'batch_counts']
+__all__ = ['pack_rows', 'PackingCollator', 'row_budget', 'batch_counts']
 
 # %% ../nbs/06b_packing.ipynb #f39efdc1
 def pack_rows(lengths:list[int], # tokens of each sample
@@ -58,6 +58,15 @@ class PackingCollator:
             parts = [samples[i][key] for i in order if samples[i].get(key) is not None and len(samples[i][key])]
             if parts: batch[key] = torch.cat(parts)
         return batch
+
+# %% ../nbs/06b_packing.ipynb #54c54873
+def row_budget(attn_implementation:str, # the LLM's attention implementation
+               max_tokens:int|None, # `--packing_max_tokens` (None: not given)
+               per_device:int, # samples per micro-batch
+               max_length:int) -> int|None: # `--model_max_length`
+    "Tokens per packed row: as asked; one row per micro-batch for flash-attn; else None (the longest sample)."
+    if max_tokens: return max_tokens
+    return per_device * max_length if attn_implementation.startswith("flash_attention") else None
 
 # %% ../nbs/06b_packing.ipynb #8b140c08
 def batch_counts(batch:dict) -> dict:

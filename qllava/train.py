@@ -12,7 +12,7 @@ from .config import (TrainConfig, STAGE_PRESETS, OPTIMIZERS, DEEPSPEED_PRESETS, 
                            config_parser, parse_config)
 from .model import full_numel, full_shape, partition
 from .dataset import load_records, MultimodalDataset, DataCollator, ModalityLengthGroupedSampler
-from .packing import PackingCollator, batch_counts
+from .packing import PackingCollator, batch_counts, row_budget
 from .flops import FlopModel, flop_model, batch_model_flops, matmul_peak
 from .validate import validate_data, raise_if_invalid
 from .launch import report_progress, heartbeat
@@ -231,7 +231,8 @@ def build_dataset(cfg:TrainConfig, path:str, model, tokenizer, rank:int=0, log=p
     keep = [i for i in range(len(ds)) if i not in set(bad)] if bad else list(range(len(ds)))
     return ds, keep, dict(records=n, skipped=len(bad), truncated=truncated)
 
-def build_loader(ds, keep:list[int], cfg:TrainConfig, per_device:int, rank:int, world:int):
+def build_loader(ds, keep:list[int], cfg:TrainConfig, per_device:int, rank:int, world:int,
+                 attn:str="sdpa"): # the LLM's attention implementation (sets the packed rows' default width)
     "(DataLoader over this rank's shard, its batch sampler): modality-pure batches when asked, length-grouped."
     from torch.utils.data import DataLoader, Subset
     lengths, mods = ds.lengths, ds.modalities
@@ -242,7 +243,8 @@ def build_loader(ds, keep:list[int], cfg:TrainConfig, per_device:int, rank:int, 
     # its own generator: creating an iterator then draws no number from the global RNG that dropout uses, so a
     # resumed run (which creates one mid-epoch) keeps the same random stream as an uninterrupted one
     pad = ds.tokenizer.pad_token_id
-    collate = PackingCollator(pad, cfg.packing_max_tokens) if cfg.packing else DataCollator(pad)
+    budget = row_budget(attn, cfg.packing_max_tokens, per_device, cfg.model_max_length)
+    collate = PackingCollator(pad, budget) if cfg.packing else DataCollator(pad)
     loader = DataLoader(Subset(ds, keep), batch_sampler=sampler, collate_fn=collate,
                         num_workers=cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     return loader, sampler
@@ -445,7 +447,7 @@ def build_run(cfg:TrainConfig, log=print) -> Run:
     model = partition(apply_stage(model, cfg), ds_cfg)  # ZeRO-3: LoRA adapters, made after the build, are sharded too
     model.train()
     ds, keep, counts = build_dataset(cfg, cfg.data_path, model, tok, rank, log)
-    loader, sampler = build_loader(ds, keep, cfg, per_device, rank, world)
+    loader, sampler = build_loader(ds, keep, cfg, per_device, rank, world, model.llm.config._attn_implementation or "sdpa")
     eval_loader = None
     if cfg.eval_data_path:
         eds, _, _ = build_dataset(cfg, cfg.eval_data_path, model, tok, rank, log)

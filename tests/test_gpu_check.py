@@ -55,6 +55,17 @@ def test_training_rows(smoke, phase):
         assert r["hfu"] == r["mfu"]
 
 
+def test_packed_row_trains_the_same_samples_in_fewer_rows(smoke):
+    "full_packed: the same batches as full, packed; the same model FLOPs per token (padding is not model work)."
+    _, res, _, _ = smoke
+    (full,), (packed,) = rows(res, "full"), rows(res, "full_packed")
+    assert packed["status"] == "ok" and packed["packed"] and not full["packed"], packed
+    assert packed["tokens_per_step"] == full["tokens_per_step"] and packed["model_flops_per_token"] == full["model_flops_per_token"]
+    # sdpa here: rows no wider than the batch's longest sample; the length-grouped batches leave little to pack
+    assert packed["rows_per_step"] <= full["rows_per_step"] == full["batch"]
+    assert packed["padding_share"] <= full["padding_share"]
+
+
 def test_answers_identical(smoke):
     _, res, _, _ = smoke
     (r,) = rows(res, "answers")
