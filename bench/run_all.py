@@ -6,7 +6,7 @@ import subprocess, sys, time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_data.py", "bench_model.py", "bench_train.py", "bench_review.py", "bench_memory.py", "bench_stats.py", "bench_serve.py"]
+SCRIPTS = ["bench_data.py", "bench_model.py", "bench_train.py", "bench_packing.py", "bench_review.py", "bench_memory.py", "bench_stats.py", "bench_serve.py"]
 
 def main(names=None) -> int:
     failed = []

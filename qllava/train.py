@@ -31,10 +31,10 @@ __all__ = ['NOISY_LOGGERS', 'PUBLISHED_GLOBAL_BATCH', 'ASPECT_RATIOS', 'CKPT_DIR
            'build_dataset', 'build_loader', 'build_eval_loader', 'open_reporters', 'RunLog', 'flag_notes',
            'step_schedule', 'set_aspect_ratio', 'settle_template', 'Run', 'build_run', 'evaluate_vqa', 'evaluate_loss',
            'write_checksums', 'verify_checksums', 'safe_load', 'use_safe_loading', 'share_fp32_master',
-           'save_resumable', 'find_resume', 'load_resumable', 'throughput', 'Progress', 'resume_progress',
-           'optimiser_step', 'after_step', 'final_metrics', 'train_loop', 'Preempted', 'stop_signals',
-           'catch_stop_signals', 'stop_requested', 'save_here', 'save_and_stop', 'save_final', 'tokenizer_summary',
-           'quantization_summary', 'fit', 'train_cli', 'close_distributed', 'exit_rank']
+           'save_resumable', 'find_resume', 'load_resumable', 'device_peak', 'throughput', 'Progress',
+           'resume_progress', 'optimiser_step', 'after_step', 'final_metrics', 'train_loop', 'Preempted',
+           'stop_signals', 'catch_stop_signals', 'stop_requested', 'save_here', 'save_and_stop', 'save_final',
+           'tokenizer_summary', 'quantization_summary', 'fit', 'train_cli', 'close_distributed', 'exit_rank']
 
 # %% ../nbs/21_train.ipynb #1a2171d5
 NOISY_LOGGERS = ("py.warnings", "bitsandbytes", "DeepSpeed", "torch.distributed", "accelerate", "peft", "qllava.third_party")
@@ -471,7 +471,7 @@ def build_run(cfg:TrainConfig, log=print) -> Run:
     return Run(cfg=cfg, rank=rank, world=world, model=model, engine=engine, tokenizer=tok, loader=loader, keep=keep,
                 sampler=sampler, eval_loader=eval_loader, steps_per_epoch=steps_per_epoch, total_steps=total,
                 ds_config=ds_cfg, data_counts=counts, modality=modality, writers=writers, save_every=save_every,
-                eval_every=eval_every, flops=flop_model(model), peak_flops=_all_sum(matmul_peak(engine.device, dtype)))
+                eval_every=eval_every, flops=flop_model(model), peak_flops=device_peak(engine.device, model))
 
 def evaluate_vqa(run:Run) -> dict:
     "Held-out VQA accuracy during training: rank 0 answers greedily (weights are whole below ZeRO-3), the others wait."
@@ -641,6 +641,11 @@ def load_resumable(run:Run, path:Path) -> dict:
     return client
 
 # %% ../nbs/21_train.ipynb #f63afb81
+def device_peak(device, model) -> float:
+    "All ranks' matmul FLOP/s measured now, in the dtype the model's trainable weights compute in."
+    dtype = next((q.dtype for q in model.parameters() if q.requires_grad and q.is_floating_point()), None)
+    return _all_sum(matmul_peak(device, dtype))
+
 def throughput(p, # the loop's `Progress`
                dt:float, # seconds since `p.t0`
                peak_flops:float=0.0) -> dict: # all ranks' measured matmul FLOP/s (0: no MFU)
@@ -721,7 +726,9 @@ def after_step(run:Run, p:Progress, runlog:RunLog, per_epoch:int):
 def final_metrics(run:Run, p:Progress, runlog:RunLog) -> dict:
     "The run's summary numbers, with the last held-out evaluation."
     dt = max(time.time() - p.t0, 1e-9)
-    final = dict(steps=p.step, final_loss=p.loss, train_seconds=round(time.time() - p.t0, 2),
+    # the higher of two readings (start, end) is the peak: a reading taken while the device was shared never flatters MFU
+    run.peak_flops = max(run.peak_flops, device_peak(run.engine.device, run.model))
+    final = dict(peak_flops=float(f"{run.peak_flops:.4g}"), steps=p.step, final_loss=p.loss, train_seconds=round(dt, 2),
                  **{k: float(f"{v:.4g}") for k, v in throughput(p, dt, run.peak_flops).items()}, peak_memory_mb=round(_all_mean(_peak_memory_mb()), 1))
     if run.eval_loader is not None:
         final["eval_loss"] = evaluate_loss(run); runlog(step=p.step, eval_loss=final["eval_loss"])

@@ -150,3 +150,26 @@ def test_packing_max_tokens_below_the_sample_length_is_refused_before_launch():
     from qllava.core import ConfigError
     with pytest.raises(ConfigError, match="--packing_max_tokens 100 is below --model_max_length 2048"):
         resolve_config(TrainConfig(packing=True, packing_max_tokens=100))
+
+
+def test_a_4_bit_base_with_lora_gives_the_same_loss_and_adapter_gradients_packed(tmp_path):
+    "QLoRA's path: an NF4 (double-quantised) base from a folder, LoRA adapters; packed = unpacked."
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig
+    base, tok = build_model("preset:tiny-llama", {"image": "preset:tiny-clip"}, seed=0, template="vicuna_v1")
+    base.llm.save_pretrained(tmp_path / "llm"); tok.save_pretrained(tmp_path / "llm")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    model, tok = build_model(str(tmp_path / "llm"), {"image": "preset:tiny-clip"}, seed=0, template="vicuna_v1",
+                             quantization_config=q)
+    assert any(type(m).__name__ == "Linear4bit" for m in model.llm.modules())
+    model.llm = get_peft_model(model.llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    samples = demo_samples(model, tok, "pathology", N)
+    plain, packed = batches(tok, samples, budget=512)
+    (l0, g0), (l1, g1) = loss_and_grads(model, plain), loss_and_grads(model, packed)
+    assert abs(l1 - l0) / abs(l0) <= 1e-5, (l0.item(), l1.item())
+    lora = [k for k in g0 if "lora_" in k]
+    assert lora and g0.keys() == g1.keys()
+    a, b = torch.cat([g0[k].flatten() for k in lora]), torch.cat([g1[k].flatten() for k in lora])
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) >= 0.99999
