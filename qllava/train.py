@@ -7,10 +7,11 @@ from __future__ import annotations
 import contextlib, dataclasses, io, json, logging, math, os, random, shutil, signal, sys, threading, time, warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+import torch, torch.utils.data, transformers  # loaded by qllava.model already; the `Run` fields name their types
 from .core import CheckpointError, ConfigError, DataError, QllavaError, asset, resolve_records_path
 from .config import (TrainConfig, STAGE_PRESETS, OPTIMIZERS, DEEPSPEED_PRESETS, resolve_config, resolve_batch, report_targets,
                            config_parser, parse_config)
-from .model import full_numel, full_shape, partition
+from .model import QllavaForCausalLM, full_numel, full_shape, partition
 from .dataset import load_records, MultimodalDataset, DataCollator, ModalityLengthGroupedSampler
 from .packing import PackingCollator, batch_counts, row_budget
 from .flops import FlopModel, flop_model, batch_model_flops, matmul_peak
@@ -394,13 +395,13 @@ class Run:
     cfg:TrainConfig # the resolved settings (batch arithmetic filled in)
     rank:int # this process's rank
     world:int # number of ranks
-    model:object # the QllavaForCausalLM (what DeepSpeed wraps)
-    engine:object # DeepSpeed's engine
-    tokenizer:object # the model's prepared tokenizer
-    loader:object # this rank's DataLoader
+    model:QllavaForCausalLM # what DeepSpeed wraps
+    engine:torch.nn.Module # DeepSpeed's engine (a `deepspeed.DeepSpeedEngine`, imported only when a run starts)
+    tokenizer:transformers.PreTrainedTokenizerBase # the model's prepared tokenizer
+    loader:torch.utils.data.DataLoader # this rank's DataLoader
     keep:list # indices of the records trained on (bad ones skipped with --skip_bad_records)
-    sampler:object # the ModalityLengthGroupedSampler behind `loader` (its state resumes a run)
-    eval_loader:object|None # held-out records' loader, if any
+    sampler:ModalityLengthGroupedSampler # the batch sampler behind `loader` (its state resumes a run)
+    eval_loader:torch.utils.data.DataLoader|None # held-out records' loader, if any
     steps_per_epoch:int # optimiser steps per epoch
     total_steps:int # optimiser steps of the run
     ds_config:dict # the resolved DeepSpeed config
