@@ -7,8 +7,8 @@ padding -- the share of computed tokens (rows x width) that are padding, over on
    `MultimodalDataset` + a batch sampler (batch 4 per rank, 1 and 2 ranks): plain random batches (LLaVA without
    --group_by_modality_length), `ModalityLengthGroupedSampler` with group_by_modality False / True and megabatch_steps
    1 (LLaVA's grouping) / 8 (qllava's default). Each epoch is collated three ways: `DataCollator` (one padded row per
-   sample) and `qllava.packing.PackingCollator` with its default budget (the micro-batch's longest sample, as
-   --packing True) and with 2048 tokens (--packing_max_tokens 2048); rows per sample shown for the packed ones. Two
+   sample) and `qllava.packing.PackingCollator` with its bare default budget (the micro-batch's longest sample) and
+   with 2048 tokens (as `--packing True` lays rows: --model_max_length wide); rows per sample shown for the packed. Two
    data sets: the shipped demo pathology finetune.json and a synthetic LLaVA-like mix (`synthetic_records`). Media are
    not decoded for this part (a stub processor), since they do not change lengths. Tokenizer: llama-demo.
 original -- the original LLaVA-1.5 training code (haotian-liu/LLaVA as released on PyPI, llava-torch 1.2.2.post1: its
@@ -18,8 +18,8 @@ original -- the original LLaVA-1.5 training code (haotian-liu/LLaVA as released 
    one stage-1 projector file both start from; written once by `side_assets` into QLLAVA_BENCH_ORIG_DIR, default
    /tmp/qllava-bench-train-orig), the same records (the demo pathology finetune.json and its images) and the same
    flags (Quilt-LLaVA's stage-2 recipe scaled down, `side_flags`). Runs alternate, `--side-repeats` times: the
-   original with random batches (Quilt's flags), qllava random, grouped, packed (--packing True) and packed to 2048
-   tokens, the original grouped. The original is driven by bench/_original_train_driver.py (a TrainerCallback stamping
+   original with random batches (Quilt's flags), qllava random, grouped, packed (--packing True: rows of
+   --model_max_length, 2048), the original grouped. The original is driven by bench/_original_train_driver.py (a TrainerCallback stamping
    each step, counters around what the LLM is given and the tower; it changes nothing). Steady-state samples/s, real
    and computed tokens/s, padding share and MFU (`qllava.flops` model FLOPs over the best fp32 matmul rate measured
    here) leave out the first `--side-warmup` steps. Without the scratch venv the original's runs are skipped, with the
@@ -159,8 +159,9 @@ def padding_bench(ds, batch:int, seed:int=0, ranks=(1, 2)) -> list:
     all ranks' batches counted). The random baseline uses the permutation the sampler draws for epoch 0 (numpy's
     generator seeded [seed, 0] equals one seeded `seed`), so it differs from the sampler rows by the grouping alone.
     Every row's batches are collated three ways: padded (`DataCollator`, the row's own numbers) and packed
-    (`qllava.packing.PackingCollator`, under `packed_longest`: rows of at most the micro-batch's longest sample, as
-    `--packing True`; `packed_2048`: rows of up to 2048 tokens, as `--packing_max_tokens 2048`)."""
+    (`qllava.packing.PackingCollator`, under `packed_longest`: rows of at most the micro-batch's longest sample, the
+    collator's bare default; `packed_2048`: rows of up to 2048 tokens, as `--packing True` lays them at
+    --model_max_length 2048)."""
     from qllava.dataset import ModalityLengthGroupedSampler
     from qllava.packing import PackingCollator
     import numpy as np
@@ -322,11 +323,11 @@ SIDE_CLIP = {"architectures": ["CLIPModel"], "initializer_factor": 1.0, "logit_s
              "torch_dtype": "float32", "transformers_version": "4.37.2"}
 SIDE_SEED = 0
 # run order within a repeat (the issue's alternation): the original's random batches, qllava's three, the original grouped
-SIDE_SCHEDULE = (("original", "random"), ("qllava", "random"), ("qllava", "grouped"), ("qllava", "packed"), ("qllava", "packed2048"),
+SIDE_SCHEDULE = (("original", "random"), ("qllava", "random"), ("qllava", "grouped"), ("qllava", "packed2048"),
                  ("original", "grouped"))
-SIDE_KEYS = ("original/random", "qllava/random", "original/grouped", "qllava/grouped", "qllava/packed", "qllava/packed2048")  # table order
+SIDE_KEYS = ("original/random", "qllava/random", "original/grouped", "qllava/grouped", "qllava/packed2048")  # table order
 SIDE_BASELINE = {"random": "random", "grouped": "grouped", "packed": "random", "packed2048": "random"}  # qllava mode -> the original's mode it is compared with
-SIDE_MODE_FLAGS = {"packed": ["--packing", "True"], "packed2048": ["--packing", "True", "--packing_max_tokens", "2048"]}  # qllava only
+SIDE_MODE_FLAGS = {"packed2048": ["--packing", "True"]}  # qllava only: rows of --model_max_length (2048), the default
 
 
 def side_assets(folder:Path) -> dict:
@@ -660,8 +661,9 @@ def md_padding(res:dict) -> list:
     pd = res.get("padding_data", {})
     lines = [f"## Padding share of computed tokens over one epoch (batch {pd.get('batch', res['args']['batch'])} per rank; {res['part_dates']['padding']})", "",
              "Each row's batches collated three ways: padded (`DataCollator`, one row per sample, to the longest), packed to the "
-             "longest sample (`qllava.packing.PackingCollator(pad_id)`, as `--packing True`), packed to 2048 tokens "
-             "(`PackingCollator(pad_id, 2048)`, as `--packing_max_tokens 2048`). Packed cells: padding share (rows per sample).", "",
+             "longest sample (`qllava.packing.PackingCollator(pad_id)`, the collator's bare default), packed to 2048 tokens "
+             "(`PackingCollator(pad_id, 2048)`, as `--packing True` lays rows at --model_max_length 2048). Packed cells: padding "
+             "share (rows per sample).", "",
              "| data | ranks | sampler | group_by_modality | megabatch_steps | batches | real tokens | computed tokens (padded) | padding share (padded) | packed, longest | packed, 2048 | mixed-modality batches |",
              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, rows in res["padding"].items():
@@ -696,8 +698,8 @@ def md_side(res:dict) -> list:
                   "observes: a `TrainerCallback` stamping each step's end, a wrapper counting what `prepare_inputs_labels_for_multimodal` "
                   "hands the LLM, and a timer around the vision tower.", ""]
     lines += ["qllava: `python -m qllava.train` with the same flags plus `--deepspeed none` (DeepSpeed's engine at ZeRO stage 0 in one "
-              "process: the single-process equivalent of the Trainer path); packed: `--packing True` (rows of at most the micro-batch's "
-              "longest sample, the default budget) or also `--packing_max_tokens 2048`. qllava's sampler at `--group_by_modality_length "
+              "process: the single-process equivalent of the Trainer path); packed: `--packing True` (rows of --model_max_length, "
+              "2048 tokens, the default budget with sdpa). qllava's sampler at `--group_by_modality_length "
               "False` still sorts by length within megabatches of 8 steps (modalities mixed), the original's is torch's RandomSampler: "
               "the padding column shows what that is worth.", "",
               f"Model, the same folders for both (`{s['assets']['llm']}`, `{s['assets']['clip']}`, seed {SIDE_SEED}, random weights, fp32): "
@@ -723,8 +725,8 @@ def md_side(res:dict) -> list:
               "repeat (contention stretches some steps; the median ignores them while they are fewer than half).", "",
               "| batching | side | samples/s: mean (min-max) | best repeat | from median step (s) | real tokens/s | computed tokens/s | padding share | rows / sample | MFU: mean (best) | **qllava / original: mean; best; median** |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    labels = {"random": "random (Quilt's flags)", "grouped": "grouped", "packed": "packed, rows <= the longest sample (vs the original's random)",
-              "packed2048": "packed, rows <= 2048 tokens (vs the original's random)"}
+    labels = {"random": "random (Quilt's flags)", "grouped": "grouped",
+              "packed2048": "packed: `--packing True`, rows <= 2048 tokens (vs the original's random)"}
     x_ = lambda v: "n/a" if v is None else f"{v:.2f}x"
     for key in SIDE_KEYS:
         side, mode = key.split("/")

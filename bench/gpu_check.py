@@ -14,8 +14,8 @@ Phases (each one a row; an OOM, a missing optional library or the time budget gi
   stage1    projector only (`pretrain` preset), batch 32, captions
   lora      stage 2, LoRA r128 / alpha 256 on every linear layer of the LLM, gradient checkpointing, batch 16
   full      stage 2, full LLM + projector, gradient checkpointing, batch 16
-  full_packed  the same batches packed as `--packing` lays them (`qllava.packing`): sdpa rows up to each batch's
-            longest sample, flash-attn one row per batch for its varlen kernel; lora_packed on request
+  full_packed  the same batches packed as `--packing` lays them (`qllava.packing.row_budget`): sdpa rows of
+            max_length, flash-attn one row per batch for its varlen kernel; lora_packed on request
             (stage1 / lora / full once per attention implementation: sdpa, and flash_attention_2 when flash_attn imports)
   answers   32 prompts answered greedily by `qllava.generate.answer_batch` one at a time vs in one batch of 32;
             answers/s both ways and whether the answers are identical (reported, never asserted)

@@ -43,7 +43,7 @@ class TrainConfig:
     model_max_length: int|None = None # tokens per sample after media expansion
     group_by_modality_length: bool = False # modality-pure, length-grouped batches
     packing: bool = False # pack each micro-batch's samples into as few rows as fit (first-fit decreasing); attention stays within each sample
-    packing_max_tokens: int|None = None # tokens per packed row (at least --model_max_length); default: the micro-batch's longest sample (flash-attn: the whole micro-batch in one row)
+    packing_max_tokens: int|None = None # tokens per packed row (at least --model_max_length); default: --model_max_length (flash-attn: the whole micro-batch in one row)
     lazy_preprocess: bool = True # tokenise on access (always on; kept for flag compatibility)
     dataloader_num_workers: int = 0 # DataLoader worker processes
     skip_bad_records: bool = False # drop records that fail validation (and report the counts) instead of refusing

@@ -9,7 +9,7 @@ from .modality import MODALITIES
 from .tokenize import IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['pack_rows', 'PackingCollator', 'row_budget', 'batch_counts']
+__all__ = ['pack_rows', 'tightest_rows', 'PackingCollator', 'row_budget', 'batch_counts']
 
 # %% ../nbs/06b_packing.ipynb #f39efdc1
 def pack_rows(lengths:list[int], # tokens of each sample
@@ -29,6 +29,14 @@ def pack_rows(lengths:list[int], # tokens of each sample
         rows[k].append(i); room[k] -= lengths[i]
     return rows
 
+# %% ../nbs/06b_packing.ipynb #102bd632
+def tightest_rows(lengths:list[int], # tokens of each sample
+                  budget:int|None, # tokens a row may hold (None: the longest sample)
+                 ) -> list[list[int]]: # sample indices of each row
+    "`pack_rows` at `budget` or at the longest sample, whichever computes fewer tokens (rows x widest row)."
+    computed = lambda rows: len(rows) * max(sum(lengths[i] for i in r) for r in rows)
+    return min((pack_rows(lengths, b) for b in sorted({max(lengths), budget or max(lengths)})), key=computed)
+
 # %% ../nbs/06b_packing.ipynb #8f7c0be9
 class PackingCollator:
     "Samples -> packed batch: input_ids, labels, position_ids, attention_mask (real tokens); media in packed order."
@@ -40,7 +48,7 @@ class PackingCollator:
         import torch  # lazily, as the dataset module: reading records needs no torch
         from torch.nn.utils.rnn import pad_sequence
         lens = [len(s["input_ids"]) for s in samples]
-        rows = pack_rows(lens, self.max_tokens or max(lens))
+        rows = tightest_rows(lens, self.max_tokens)
         order = [i for r in rows for i in r]
         n = torch.tensor([lens[i] for i in order])                                             # (S,) in packed order
         starts = n.cumsum(0) - n                                                  # (S,) flat start of each sample
@@ -64,9 +72,9 @@ def row_budget(attn_implementation:str, # the LLM's attention implementation
                max_tokens:int|None, # `--packing_max_tokens` (None: not given)
                per_device:int, # samples per micro-batch
                max_length:int) -> int|None: # `--model_max_length`
-    "Tokens per packed row: as asked; one row per micro-batch for flash-attn; else None (the longest sample)."
+    "Tokens per packed row: as asked; one row per micro-batch for flash-attn; else `max_length`."
     if max_tokens: return max_tokens
-    return per_device * max_length if attn_implementation.startswith("flash_attention") else None
+    return per_device * max_length if attn_implementation.startswith("flash_attention") else max_length
 
 # %% ../nbs/06b_packing.ipynb #8b140c08
 def batch_counts(batch:dict) -> dict:
