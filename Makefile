@@ -49,7 +49,7 @@ test: setup vocab
 # their dependencies into .venv-min, which sees the project's venv for everything else (no multi-GB download).
 MIN_TESTS := tests/test_tokenize.py tests/test_tokenizer_roundtrip.py tests/test_model.py tests/test_checkpoint.py \
 	tests/test_old_checkpoint.py tests/test_export_answers.py tests/test_answer.py tests/test_serve.py tests/test_review.py \
-	tests/test_bench.py
+	tests/test_bench.py tests/test_packing.py
 test-min: setup
 	rm -rf .venv-min && $(BIN)/python -m venv --without-pip .venv-min
 	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > \

@@ -33,9 +33,10 @@ def pack_rows(lengths:list[int], # tokens of each sample
 def tightest_rows(lengths:list[int], # tokens of each sample
                   budget:int|None, # tokens a row may hold (None: the longest sample)
                  ) -> list[list[int]]: # sample indices of each row
-    "`pack_rows` at `budget` or at the longest sample, whichever computes fewer tokens (rows x widest row)."
+    "`pack_rows` at `budget` or at the longest sample, whichever computes fewer tokens (rows x widest row; ties: `budget`)."
     computed = lambda rows: len(rows) * max(sum(lengths[i] for i in r) for r in rows)
-    return min((pack_rows(lengths, b) for b in sorted({max(lengths), budget or max(lengths)})), key=computed)
+    budgets = dict.fromkeys([budget or max(lengths), max(lengths)])  # min keeps the first of equals: the budget's
+    return min((pack_rows(lengths, b) for b in budgets), key=computed)
 
 # %% ../nbs/06b_packing.ipynb #8f7c0be9
 class PackingCollator:

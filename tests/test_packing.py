@@ -107,7 +107,9 @@ def test_transformers_builds_a_block_diagonal_mask_from_our_positions(setup):
     pos = packed["position_ids"]
     emb = torch.zeros(*pos.shape, model.config.text_config.hidden_size)
     cfg = model.llm.config
-    mask = create_causal_mask(config=cfg, inputs_embeds=emb, attention_mask=None, cache=None, position_ids=pos)
+    import inspect  # the cache argument's name: `cache` from transformers 5.25, `past_key_values` before
+    no_cache = {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
+    mask = create_causal_mask(config=cfg, inputs_embeds=emb, attention_mask=None, position_ids=pos, **no_cache)
     if mask is None: pytest.skip("this transformers version builds no explicit mask for packed rows")
     seg = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)    # segment of each token
     allowed = (seg[:, :, None] == seg[:, None, :]) & torch.ones(pos.shape[1], pos.shape[1]).tril().bool()

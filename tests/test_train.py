@@ -16,6 +16,8 @@ from qllava.core import LaunchError
 
 pytestmark = pytest.mark.timeout(900)
 N_RECORDS = 36
+# three phrasings: samples of different lengths, so packed rows compute fewer tokens than one sample per row
+QUESTIONS = ["Is the tile red?", "Is the tile red? Answer yes or no.", "Look at the tile closely. Is its colour red?"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def data(tmp_path_factory):
         a[..., 0 if red else 2] += 180
         Image.fromarray(a).save(d / "img" / f"{i}.png")
         ft.append({"id": f"q{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nIs the tile red?"}, {"from": "gpt", "value": "Yes" if red else "No"}]})
+            {"from": "human", "value": "<image>\n" + QUESTIONS[i % 3]}, {"from": "gpt", "value": "Yes" if red else "No"}]})
         pt.append({"id": f"c{i}", "image": f"{i}.png", "conversations": [
             {"from": "human", "value": "<image>\nDescribe the tile."}, {"from": "gpt", "value": "A red tile." if red else "A blue tile."}]})
     ft.append({"id": "text", "conversations": [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hi there."}]})
