@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_checkpoint.ipynb #e9652910
 from __future__ import annotations
-import contextlib, copy, json, pickle, re
+import contextlib, copy, json, pickle, re, types
 from pathlib import Path
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from .core import CheckpointError, ConfigError, QllavaError, ArgumentParser
 from .config import TrainConfig
 from .presets import default_tokenizer, save_tokenizer
 from .conversation import IM_END, chat_template, generation_prompt, get_template, render, spans_text
-from .modality import placeholders
+from .modality import media_options, placeholders
 from .encoders import encoder_modality, load_weights_file, resolve_spec
 from .model import (QllavaConfig, QllavaForCausalLM, WeightReader, build_model, cast_params, default_attn_implementation,
                           ds_param_dtype, empty_weights, gathered, get_encoder, get_tokenizer, hf_zero3, llm_from_weights,
@@ -26,11 +26,11 @@ from .tokenize import encode_chunked, prepare_tokenizer
 __all__ = ['MANIFEST', 'COMPONENTS', 'LLAVA_LLM_TYPES', 'load_state_file', 'load_folder_weights', 'make_manifest',
            'read_manifest', 'projector_modality', 'projector_prefix', 'projector_state_dict', 'save_projector',
            'load_projector', 'save_checkpoint', 'load_tokenizer_from', 'load_checkpoint', 'load_model',
-           'register_auto_classes', 'quantization_config', 'load_base_model', 'load_lora_run', 'merge_lora',
-           'merge_lora_cli', 'load_trained', 'read_llava_config', 'llava_text_config', 'split_llava_state_dict',
-           'check_llava_layout', 'llava_template', 'import_llava', 'stop_token_ids', 'save_llava_processor',
-           'align_exported_tokenizer', 'llava_hf_state_dict', 'export_hf', 'import_llava_cli', 'export_hf_cli',
-           'extract_projector_cli']
+           'register_auto_classes', 'quantization_config', 'run_encoders', 'load_base_model', 'load_lora_run',
+           'merge_lora', 'merge_lora_cli', 'load_trained', 'read_llava_config', 'llava_text_config',
+           'split_llava_state_dict', 'check_llava_layout', 'llava_template', 'import_llava', 'stop_token_ids',
+           'save_llava_processor', 'align_exported_tokenizer', 'llava_hf_state_dict', 'export_hf', 'import_llava_cli',
+           'export_hf_cli', 'extract_projector_cli']
 
 # %% ../nbs/14_checkpoint.ipynb #69f85b0e
 def load_state_file(path) -> dict:
@@ -221,12 +221,12 @@ def load_checkpoint(folder, # a qllava checkpoint folder
         llm = llm_from_weights(config.text_config, reader, "llm.", dtype, attn, ds_config, where=folder)
         switch = hf_zero3(ds_config)  # transformers' ZeRO-3 switch, kept with the model
         if llm is None: llm = _quiet_from_pretrained(folder, config.text_config, dtype, attn, key_mapping={r"^llm\.": ""})
-        encs = {}
+        encs, opts = {}, config.media_options or {}
         for m, spec in (config.encoders or {}).items():
             keys = under(f"encoders.{m}.") if "encoders" in comps else {}
             if keys and str(spec).startswith("preset:"):  # a random tower by design: built empty, the saved tensors go in
-                with empty_weights(): e = get_encoder(spec, config.select_layer, config.select_feature, config.train_encoders)
-            else: e = get_encoder(spec, config.select_layer, config.select_feature, config.train_encoders)  # pretrained: overwritten below
+                with empty_weights(): e = get_encoder(spec, config.select_layer, config.select_feature, config.train_encoders, opts.get(m))
+            else: e = get_encoder(spec, config.select_layer, config.select_feature, config.train_encoders, opts.get(m))  # pretrained: overwritten below
             encs[m] = load_weights(e, reader, keys, dtype, ds_config, folder)
         with (empty_weights() if "projectors" in comps else contextlib.nullcontext()):  # projectors empty until read
             model = QllavaForCausalLM(config, llm=llm, encoders=encs)
@@ -236,7 +236,8 @@ def load_checkpoint(folder, # a qllava checkpoint folder
         tok = load_tokenizer_from(folder) if man.get("tokenizer") else default_tokenizer(config.base_llm)
         model, _ = build_model(config.base_llm, config.encoders, config.projector, tokenizer=tok, seed=config.seed or 0,
                                template=config.template, stop_strings=config.stop_strings, select_layer=config.select_layer,
-                               select_feature=config.select_feature, use_im_start_end=config.use_im_start_end, dtype=dtype, ds_config=ds_config)
+                               select_feature=config.select_feature, use_im_start_end=config.use_im_start_end, dtype=dtype, ds_config=ds_config,
+                               media_options=config.media_options)
         model.config.projectors, switch = config.projectors, model._zero3_switch
     load_weights(model.projectors, reader, under("projectors."), dtype, ds_config, folder)
     known = {f"{c}.{k}" for c in COMPONENTS for k in getattr(model, c).state_dict()}
@@ -280,13 +281,20 @@ def quantization_config(cfg:TrainConfig, compute_dtype=None):
                               llm_int8_has_fp16_weight=False, bnb_4bit_compute_dtype=compute_dtype or torch.float32,
                               bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_quant_type=cfg.quant_type)
 
-def load_base_model(cfg:TrainConfig, modality:str, dtype=None, ds_config:dict|None=None):
+def run_encoders(cfg:TrainConfig) -> dict:
+    "modality -> encoder spec a run builds: `--encoders`, else `--vision_tower` under its encoder's modality (none: text only)."
+    if cfg.encoders: return dict(cfg.encoders)
+    return {encoder_modality(cfg.vision_tower): cfg.vision_tower} if cfg.vision_tower else {}
+
+def load_base_model(cfg:TrainConfig, dtype=None, ds_config:dict|None=None):
     "The model a run trains (and a LoRA run's adapters belong to): a preset / hub LLM with a fresh projector, or a qllava checkpoint folder."
     p = Path(cfg.model_name_or_path)
     if (p / "qllava_manifest.json").exists():
         model, tok = load_model(p, dtype=dtype, ds_config=ds_config)
         return model, prepare_tokenizer(tok, use_im_start_end=cfg.mm_use_im_start_end)
-    return build_model(llm=cfg.model_name_or_path, encoders={modality: cfg.vision_tower}, projector=cfg.mm_projector_type,
+    encoders = run_encoders(cfg)
+    return build_model(llm=cfg.model_name_or_path, encoders=encoders, projector=cfg.mm_projector_type,
+                       media_options=media_options(cfg, encoders),
                        attn_implementation=cfg.attn_implementation,
                        tokenizer=cfg.tokenizer, seed=cfg.seed, template=cfg.version,
                        select_layer=cfg.mm_vision_select_layer, select_feature=cfg.mm_vision_select_feature,
@@ -304,7 +312,7 @@ def load_lora_run(run_dir, # output_dir of a LoRA / QLoRA run
         raise QllavaError(f"{run_dir}: not a LoRA run folder (needs adapter/ and train_config.json). Fix: point at the output_dir of a --stage lora run.")
     cfg = TrainConfig(**json.loads(f.read_text()))
     if full_precision: cfg.bits = 16
-    model, tok = load_base_model(cfg, encoder_modality(cfg.vision_tower) if cfg.vision_tower else "image")
+    model, tok = load_base_model(cfg)
     load_projector(model, run_dir)
     try: model.llm = PeftModel.from_pretrained(model.llm, str(run_dir / "adapter"))  # peft reads a .bin with weights_only=True
     except pickle.UnpicklingError as e:
@@ -431,7 +439,8 @@ def import_llava(folder, # an original LLaVA checkpoint folder (config.json with
     reader = WeightReader(folder)
     spec = encoder or _encoder_spec(cfg.get("mm_vision_tower", ""))
     sel_layer, sel_feat = cfg.get("mm_vision_select_layer", -2), cfg.get("mm_vision_select_feature", "patch")
-    enc = get_encoder(spec, sel_layer, sel_feat)  # first: a wrong tower fails before the LLM is read
+    opts = media_options(types.SimpleNamespace(image_aspect_ratio=cfg.get("image_aspect_ratio")), ["image"])  # as the original eval
+    enc = get_encoder(spec, sel_layer, sel_feat, media=opts["image"])  # first: a wrong tower fails before the LLM is read
     if cfg.get("mm_hidden_size") not in (None, enc.hidden_size):
         raise CheckpointError(f"{folder}: mm_hidden_size is {cfg['mm_hidden_size']} but the encoder {spec} gives {enc.hidden_size}-wide "
                               "features. Fix: pass the encoder the checkpoint was trained with (--encoder SPEC).")
@@ -453,7 +462,7 @@ def import_llava(folder, # an original LLaVA checkpoint folder (config.json with
                           media_token_ids={"image": media_token_id(tok, "image")},
                           use_im_start_end=bool(cfg.get("mm_use_im_start_end", False)),
                           use_im_patch_token=bool(cfg.get("mm_use_im_patch_token", False)), template=template, stop_strings=stops,
-                          select_layer=sel_layer, select_feature=sel_feat, image_aspect_ratio=cfg.get("image_aspect_ratio", "pad"),
+                          select_layer=sel_layer, select_feature=sel_feat, media_options=opts,
                           base_llm=str(folder), attn_implementation=llm.config._attn_implementation)
     with (empty_weights() if proj_sd else contextlib.nullcontext()):  # the projector is read, not initialised
         model = QllavaForCausalLM(config, llm=llm, encoders={"image": enc})

@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_config.ipynb #5f661cb1
 from __future__ import annotations
-import argparse, dataclasses, types, typing
+import argparse, dataclasses, json, types, typing
 from dataclasses import dataclass, fields
 from fastcore.docments import docments
 from .core import ConfigError, ArgumentParser
@@ -23,7 +23,8 @@ class TrainConfig:
     model_name_or_path: str = "preset:tiny-llama" # base LLM: hub id, local folder, preset:NAME, or a qllava checkpoint
     tokenizer: str|None = None # tokenizer name or folder; default: the model's own (llama-demo for presets)
     version: str|None = None # conversation template: plain for pretrain; else the tokenizer's own (auto) if it has one, v1 for LLaMA / Vicuna vocabularies
-    vision_tower: str|None = "preset:tiny-clip" # encoder spec (hf-clip:, open_clip:, limu-bert:, preset:)
+    vision_tower: str|None = "preset:tiny-clip" # encoder spec (hf-clip:, open_clip:, limu-bert:, preset:); its modality is the encoder's
+    encoders: dict|None = None # modality -> encoder spec, JSON on the command line (e.g. '{"image": "preset:tiny-clip"}'); replaces --vision_tower
     mm_projector_type: str = "mlp2x_gelu" # linear | mlpNx_gelu | identity
     tune_mm_mlp_adapter: bool|None = None # train only the projector (stage 1)
     pretrain_mm_mlp_adapter: str|None = None # stage-1 projector file (mm_projector.bin/.safetensors) to start from
@@ -96,7 +97,7 @@ class TrainConfig:
     log_sample_ids: bool = False # write which records each rank trained on, per step (sample_ids/rank{R}.jsonl)
 
 # the groups `qllava train --help` shows the flags in (every field in exactly one)
-FIELD_GROUPS = {"model": ("stage", "model_name_or_path", "tokenizer", "version", "vision_tower", "mm_projector_type", "tune_mm_mlp_adapter", "pretrain_mm_mlp_adapter", "mm_vision_select_layer", "mm_vision_select_feature", "mm_use_im_start_end", "mm_use_im_patch_token", "mm_patch_merge_type", "freeze_backbone", "freeze_mm_mlp_adapter", "attn_implementation", "cache_dir",),
+FIELD_GROUPS = {"model": ("stage", "model_name_or_path", "tokenizer", "version", "vision_tower", "encoders", "mm_projector_type", "tune_mm_mlp_adapter", "pretrain_mm_mlp_adapter", "mm_vision_select_layer", "mm_vision_select_feature", "mm_use_im_start_end", "mm_use_im_patch_token", "mm_patch_merge_type", "freeze_backbone", "freeze_mm_mlp_adapter", "attn_implementation", "cache_dir",),
                 "data": ("data_path", "image_folder", "image_aspect_ratio", "model_max_length", "group_by_modality_length", "packing", "packing_max_tokens", "lazy_preprocess", "dataloader_num_workers", "skip_bad_records", "blank_media",),
                 "optimisation": ("num_train_epochs", "max_steps", "global_batch_size", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "mm_projector_lr", "weight_decay", "warmup_ratio", "lr_scheduler_type", "optim", "max_grad_norm", "gradient_checkpointing", "seed",),
                 "lora": ("lora_enable", "lora_r", "lora_alpha", "lora_dropout", "lora_bias", "bits", "double_quant", "quant_type",),
@@ -224,11 +225,19 @@ def _to_bool(s) -> bool:
     if str(s).lower() in ("0", "false", "no", "n", "off"): return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
 
+def _json_dict(s) -> dict:
+    "A dict flag's value: JSON text (or already a dict)."
+    if isinstance(s, dict): return s
+    try: d = json.loads(s)
+    except ValueError: d = None
+    if not isinstance(d, dict): raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"image\": \"preset:tiny-clip\"}}', got {s!r}")
+    return d
+
 def _parse_type(hint):
     "The argparse `type` for a field annotation (`int`, `float|None`, `bool|None`, ...): its first non-None member."
     args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else [hint]
     t = args[0]
-    return _to_bool if t is bool else t
+    return _to_bool if t is bool else _json_dict if t is dict else t
 
 # flags of the original scripts that name a TrainConfig field differently: alias -> field
 FLAG_ALIASES = {"eval_strategy": "evaluation_strategy"}

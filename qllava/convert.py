@@ -11,10 +11,9 @@ from .modality import MODALITIES, get_modality, record_media, record_modalities
 from .dataset import resolve_media_path
 
 # %% auto #0
-__all__ = ['TABLE_FORMATS', 'CAPTION_PROMPTS', 'TABLE_KINDS', 'RECORDING_SUFFIXES', 'TIME_COLUMNS', 'read_table', 'table_kind',
-           'caption_prompts', 'records_from_table', 'split_by_media', 'write_vqa_files', 'make_records',
-           'load_recording', 'resample', 'cut_windows', 'windows_from_recordings', 'make_records_cli',
-           'make_windows_cli']
+__all__ = ['TABLE_FORMATS', 'TABLE_KINDS', 'RECORDING_SUFFIXES', 'TIME_COLUMNS', 'read_table', 'table_kind', 'caption_prompts',
+           'records_from_table', 'split_by_media', 'write_vqa_files', 'make_records', 'load_recording', 'resample',
+           'cut_windows', 'windows_from_recordings', 'make_records_cli', 'make_windows_cli']
 
 # %% ../nbs/09_convert.ipynb #7e53e414
 TABLE_FORMATS = {".csv": ("read_csv", dict(dtype=str, keep_default_na=False)),
@@ -37,12 +36,6 @@ def read_table(path) -> "pd.DataFrame":
     return df.fillna("").astype(str).apply(lambda c: c.str.strip())
 
 # %% ../nbs/09_convert.ipynb #33d1dd94
-CAPTION_PROMPTS = {  # modality -> short instructions for caption records (one picked per record)
-    "image": ("Describe the image briefly.", "Write a short caption for this image.", "What does this image show? Answer in one sentence.",
-              "Summarize what is visible in the image."),
-    "sensor": ("Describe this motion recording briefly.", "What does this sensor window show?", "Summarize the movement in this IMU window.",
-               "Write a short caption for this recording.")}
-
 def _pick_prompt(prompts, key:str) -> str:
     "One of `prompts`, chosen by a stable hash of `key`."
     return prompts[int(hashlib.sha1(key.encode()).hexdigest(), 16) % len(prompts)]
@@ -66,14 +59,14 @@ def _columns(df, file, wanted:dict) -> dict:
 # %% ../nbs/09_convert.ipynb #daaf8731
 def caption_prompts(modality:str, # a registered modality
                    ) -> tuple:
-    "Caption instructions for `modality`: `CAPTION_PROMPTS`' own, else generic ones naming the modality (a new one needs none)."
-    return CAPTION_PROMPTS.get(modality) or (f"Describe this {modality} briefly.", f"Write a short caption for this {modality}.",
+    "Caption instructions for `modality`: its registration's `caption_prompts`, else generic ones naming it (a new one needs none)."
+    return getattr(MODALITIES.get(modality), "caption_prompts", ()) or (f"Describe this {modality} briefly.", f"Write a short caption for this {modality}.",
                                              f"What does this {modality} show? Answer in one sentence.")
 
 # %% ../nbs/09_convert.ipynb #dc9aed43
 def records_from_table(df, # `read_table`'s DataFrame: one row per caption, or per question / answer pair
                        file=None, # the table's path, named in errors
-                       modality:str="image", # a registered modality: its record key and placeholder
+                       modality:str|None=None, # a registered modality: its record key and placeholder (default: the first)
                        media:str|None=None, # column of media paths (default: the modality's name)
                        caption:str="caption", # column of captions: stage-1 records ...
                        question:str="question", answer:str="answer", # ... or of question / answer pairs: stage-2 conversations
@@ -83,8 +76,8 @@ def records_from_table(df, # `read_table`'s DataFrame: one row per caption, or p
                        prompts:tuple|None=None, # caption instructions (default: `caption_prompts(modality)`)
                       ) -> list[dict]:
     "LLaVA-format records from a table: captions (two turns each) or question / answer pairs (one conversation per media file)."
-    mod = get_modality(modality)
-    media, ph, key = media or modality, mod.placeholder, mod.record_key   # records name the file under the record key
+    mod = get_modality(modality or next(iter(MODALITIES)))
+    media, ph, key = media or mod.name, mod.placeholder, mod.record_key   # records name the file under the record key
     qa = table_kind(df, question, answer, kind) == "qa"
     cols = _columns(df, file, dict(media=media, **(dict(question=question, answer=answer) if qa else dict(caption=caption))))
     problems = []
@@ -101,7 +94,7 @@ def records_from_table(df, # `read_table`'s DataFrame: one row per caption, or p
                         fix="fill or correct those cells (or drop the rows) and run again; nothing was written.")
     ids = df[id] if id in df.columns else df[media].map(lambda m: str(Path(m).with_suffix("")))
     if not qa:
-        prompts = prompts or caption_prompts(modality)
+        prompts = prompts or caption_prompts(mod.name)
         return [{"id": rid, key: m, "conversations": [{"from": "human", "value": f"{ph}\n{_pick_prompt(prompts, rid)}"},
                                                             {"from": "gpt", "value": c}]}
                 for rid, m, c in zip(ids, df[media], df[caption])]
@@ -157,7 +150,7 @@ def write_vqa_files(records:list, # held-out conversations
 def make_records(table, # CSV / TSV / JSON / JSONL / Parquet: media column + caption, or + question and answer
                  out, # output folder
                  media_folder, # the folder the table's media paths are relative to (checked: every file must exist)
-                 modality:str="image", # image | sensor
+                 modality:str|None=None, # a registered modality (default: the first registered)
                  kind:str|None=None, # caption | qa (default: from the columns)
                  eval_fraction:float=0.0, # share of media files held out as VQA files (0: none)
                  seed:int=0, # seed of the held-out draw
@@ -265,7 +258,7 @@ def make_records_cli(argv:list[str]|None=None) -> int:
     ap.add_argument("table", help="the table: one row per caption, or per question / answer pair")
     ap.add_argument("--media-folder", required=True, help="folder the table's media paths are relative to (pass it to training as --image_folder)")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--modality", default="image", choices=list(MODALITIES), help="a registered modality: "
+    ap.add_argument("--modality", default=next(iter(MODALITIES)), choices=list(MODALITIES), help="a registered modality: "
                     + ", ".join(MODALITIES))
     ap.add_argument("--kind", choices=list(TABLE_KINDS), default=None, help="caption (stage 1) or qa (stage 2); default: qa when there is a question / answer column")
     ap.add_argument("--eval-fraction", type=float, default=0.0, help="share of media files held out as VQA files (default 0)")

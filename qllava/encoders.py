@@ -796,10 +796,12 @@ def build_encoder(spec:str, # which tower: see the table at the top (e.g. "prese
                   select_feature:str="patch", # "patch" drops the CLS token, "cls_patch" keeps it
                   trainable:bool=False, # train the tower (default frozen: no gradients, eval-mode dropout)
                   arch:dict|None=None, # LIMU-BERT only: n_layers / n_heads / emb_norm, which a checkpoint cannot tell
+                  media:dict|None=None, # preprocessing overrides of the run (`qllava.modality.media_options`), e.g. an aspect ratio
                  ) -> Encoder:
     "Build the encoder a spec string names, by its registered kind, frozen unless `trainable`."
     kind, target = resolve_spec(spec)
     enc = ENCODER_KINDS[kind].build(target, f"{kind}:{target}", select_layer, select_feature, **({} if arch is None else {"arch": arch}))
+    enc.media = {**enc.media, **(media or {})}  # before its processor is first made
     return enc.unfreeze() if trainable else enc.freeze()
 
 # %% ../nbs/10_encoders.ipynb #7fd50aef

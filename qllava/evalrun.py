@@ -12,6 +12,7 @@ from .conversation import TEMPLATES, TEMPLATE_ALIASES
 from .metrics import read_json_records, gt_answer, vqa_metrics, choice_metrics, f1_precision_recall
 from .checkpoint import read_manifest
 from .presets import DEMO_DATA, demo_paths
+from .modality import get_modality
 from .answer import read_questions, answer_questions, read_answers, question_modality
 from .modality import record_media
 from .report import sha256, show_media, provenance
@@ -55,8 +56,7 @@ def check_eval_parameters(values:dict, # allowed parameter name -> value, as the
     "Refuse secrets (by name or value), unknown names, wrong types, unknown choices and out-of-range numbers; returns the values."
     check_against_defaults(values, EVAL_PARAMETERS, injected or {}, untyped=("benchmarks",))  # secrets, unknown names, types
     if "benchmarks" in values: values["benchmarks"] = benchmark_names(values["benchmarks"])
-    if values.get("modality", "image") not in DEMO_DATA:
-        raise ConfigError(f"modality {values['modality']!r} is not one of {', '.join(DEMO_DATA)}. Fix: -p modality image.")
+    if "modality" in values: get_modality(values["modality"])  # a registered one (a notebook can register its own)
     known = sorted(TEMPLATES) + sorted(TEMPLATE_ALIASES)
     if values.get("template") and values["template"] not in known:
         raise ConfigError(f"template {values['template']!r} is not a conversation template. Fix: use one of {', '.join(known)}, or \"\" for the checkpoint's.")
@@ -136,9 +136,11 @@ def plan_eval(values:dict) -> EvalPlan:
         encs = read_manifest(ck).get("encoders") or {}
         if v["modality"] not in encs:
             raise ConfigError(f"{ck} has {', '.join(encs) or 'no'} encoder(s), not {v['modality']}. Fix: pass -p modality "
-                              f"{next(iter(encs), 'image')}, or the checkpoint of a {v['modality']} run.")
-    dp = demo_paths(DEMO_DATA[v["modality"]])
-    pick = lambda k, demo_key: v[k] or str(dp[demo_key])
+                              f"{next(iter(encs), 'MODALITY')}, or the checkpoint of a {v['modality']} run.")
+    dp = demo_paths(DEMO_DATA[v["modality"]]) if v["modality"] in DEMO_DATA else {}
+    def pick(k, demo_key):
+        if v[k] or demo_key in dp: return v[k] or str(dp[demo_key])
+        raise ConfigError(f"{k} is empty and modality {v['modality']!r} has no demo data. Fix: pass -p {k} PATH.")
     files = dict(question_file=pick("question_file", "eval_questions"), media_folder=pick("media_folder", "media_folder"),
                  gt_file=pick("gt_file", "eval_gt"), captions_file=pick("captions_file", "eval_captions"),
                  reference_answers=pick("reference_answers", "eval_reference_answers"))
@@ -343,7 +345,7 @@ def gallery(plan:EvalPlan, # from `plan_eval`
         g = gt.get(q["question_id"])
         ax.set_xlabel(f"Q: {wrap(q['text'])}\nA: {wrap(ans.get(q['question_id'], '(not answered)'))}\n"
                       f"GT: {wrap(gt_answer(g)) if g else '-'}", fontsize=8, loc="left")
-        if m == "image": ax.axis("on"); ax.set_xticks([]); ax.set_yticks([])
+        if ax.images: ax.axis("on"); ax.set_xticks([]); ax.set_yticks([])  # a picture: a frame, no ticks
     for ax in axes[n:]: ax.axis("off")
     return fig
 

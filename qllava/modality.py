@@ -13,8 +13,9 @@ from .core import ConfigError
 from .media import ImageProcessor, SensorProcessor
 
 # %% auto #0
-__all__ = ['MODALITIES', 'IMAGE_SUFFIXES', 'Modality', 'register_modality', 'get_modality', 'placeholders', 'placeholder_re',
-           'record_modalities', 'record_media', 'is_item_of', 'batch_media']
+__all__ = ['MODALITIES', 'IMAGE_SUFFIXES', 'ASPECT_RATIOS', 'Modality', 'register_modality', 'get_modality', 'placeholders',
+           'placeholder_re', 'record_modalities', 'record_media', 'is_item_of', 'default_encoders', 'media_options',
+           'batch_media', 'image_options']
 
 # %% ../nbs/05a_modality.ipynb #05c5d69f
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class Modality:
     input_shape:Callable # an encoder's `media` settings dict -> the shape of one preprocessed item
     suffixes:tuple = () # file suffixes of this media: how a bare file path is told apart in a prompt for a model with several encoders
     item_types:tuple = () # in-memory types of this media (a PIL image, a numpy window), told apart the same way
+    default_encoder:str|None = None # encoder spec where a run or check names none (validate-data, the demo); None: must be given
+    options:Callable|None = None # run settings (a TrainConfig or a model config) -> preprocessing overrides for its encoders
+    caption_prompts:tuple = () # instructions `make-records` puts before a caption (default: generic ones naming the modality)
 
 MODALITIES: dict[str, Modality] = {}  # name -> Modality, in registration order (the placeholders' token order)
 
@@ -75,18 +79,40 @@ def is_item_of(x, modality:str) -> bool:
     if m.item_types and isinstance(x, m.item_types): return True
     return bool(m.suffixes) and isinstance(x, (str, Path)) and str(x).lower().endswith(m.suffixes)
 
+def default_encoders() -> dict[str, str]:
+    "modality -> its default encoder spec, for the registered modalities that declare one."
+    return {m.name: m.default_encoder for m in MODALITIES.values() if m.default_encoder}
+
+def media_options(settings, # a `TrainConfig`, or a model's config: the attributes the modalities' `options` read
+                  modalities, # the modalities of the model's encoders
+                 ) -> dict:
+    "modality -> the preprocessing overrides `settings` ask of its encoders (e.g. an aspect ratio), as each modality says."
+    return {m: o(settings) for m in modalities if (o := get_modality(m).options) is not None}
+
 def batch_media(batch:dict) -> dict:
     "The media inputs of a batch or keyword dict, by modality: {'image': tensor, ...} from its batch keys (others ignored)."
     return {m.name: batch[m.batch_key] for m in MODALITIES.values() if batch.get(m.batch_key) is not None}
 
 # %% ../nbs/05a_modality.ipynb #04ed44aa
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+# --image_aspect_ratio -> `ImageProcessor`'s aspect_ratio ("square" and "None" are the original's centre crop)
+ASPECT_RATIOS = {"pad": "pad", "square": "crop", "None": "crop", "crop": "crop", "resize": "resize"}
+
+def image_options(settings) -> dict:
+    "The image preprocessing a run's `image_aspect_ratio` asks for (pad when it says nothing)."
+    return {"aspect_ratio": ASPECT_RATIOS.get(str(getattr(settings, "image_aspect_ratio", None) or "pad"), "pad")}
 
 register_modality(Modality(
     "image", "<image>", "image", "images",
     make_processor=lambda m: ImageProcessor(m["image_size"], tuple(m["image_mean"]), tuple(m["image_std"]), aspect_ratio=m.get("aspect_ratio", "pad")),
-    input_shape=lambda m: (3, m["image_size"], m["image_size"]), suffixes=IMAGE_SUFFIXES, item_types=(PIL.Image.Image,)))
+    input_shape=lambda m: (3, m["image_size"], m["image_size"]), suffixes=IMAGE_SUFFIXES, item_types=(PIL.Image.Image,),
+    default_encoder="preset:tiny-clip", options=image_options,
+    caption_prompts=("Describe the image briefly.", "Write a short caption for this image.",
+                     "What does this image show? Answer in one sentence.", "Summarize what is visible in the image.")))
 register_modality(Modality(
     "sensor", "<sensor>", "sensor", "sensors",
     make_processor=lambda m: SensorProcessor(m["window"], m["channels"], mean=m.get("mean"), std=m.get("std")),
-    input_shape=lambda m: (m["window"], m["channels"]), suffixes=(".npy",), item_types=(np.ndarray,)));
+    input_shape=lambda m: (m["window"], m["channels"]), suffixes=(".npy",), item_types=(np.ndarray,),
+    default_encoder="preset:tiny-limu",
+    caption_prompts=("Describe this motion recording briefly.", "What does this sensor window show?",
+                     "Summarize the movement in this IMU window.", "Write a short caption for this recording.")));

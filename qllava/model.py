@@ -17,7 +17,7 @@ from .encoders import build_encoder, load_weights_file, seeded
 from .projector import build_projector
 from .tokenize import pick_template, prepare_tokenizer, media_token_id as _mid
 from .conversation import get_template
-from .modality import MODALITIES, batch_media
+from .modality import MODALITIES, batch_media, default_encoders
 
 # %% auto #0
 __all__ = ['WEIGHT_INDEXES', 'WEIGHT_FILES', 'SAFETENSORS_DTYPES', 'default_attn_implementation', 'QllavaConfig', 'get_encoder',
@@ -52,7 +52,7 @@ class QllavaConfig(PreTrainedConfig):
     stop_strings: list | None = None  # strings that end an answer (from the template)
     select_layer: int | None = None  # encoder hidden layer used as features (None: the tower's default, -2 image / -1 IMU)
     select_feature: str = "patch"  # `patch` (drop CLS) or `cls_patch`
-    image_aspect_ratio: str = "pad"  # image preprocessing: pad to square with the mean colour
+    media_options: dict | None = None  # modality -> preprocessing its encoders are built with, e.g. {"image": {"aspect_ratio": "pad"}}
     base_llm: str | None = None  # where the LLM came from (preset, hub id or folder)
     train_encoders: bool = False  # encoders trainable (frozen by default)
     seed: int | None = None  # seed the random parts were built from (rebuilds preset parts exactly)
@@ -66,9 +66,10 @@ class QllavaConfig(PreTrainedConfig):
 def get_encoder(spec:str, # encoder spec, e.g. `preset:tiny-clip`
                 select_layer:int|None=None, # hidden layer to use (None: the tower's default)
                 select_feature:str="patch", # `patch` or `cls_patch`
-                trainable:bool=False) -> nn.Module: # unfreeze the tower
+                trainable:bool=False, # unfreeze the tower
+                media:dict|None=None) -> nn.Module: # preprocessing overrides (`QllavaConfig.media_options` of its modality)
     "An encoder from `qllava.encoders.build_encoder`."
-    return build_encoder(spec, select_layer=select_layer, select_feature=select_feature, trainable=trainable)
+    return build_encoder(spec, select_layer=select_layer, select_feature=select_feature, trainable=trainable, media=media)
 
 def get_projector(kind:str, in_dim:int, out_dim:int) -> nn.Module:
     "A projector from `qllava.projector.build_projector` (original LLaVA key layout)."
@@ -161,7 +162,7 @@ class QllavaForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.llm = llm if llm is not None else AutoModelForCausalLM.from_config(config.text_config)
         encs = encoders if encoders is not None else {
-            m: get_encoder(s, config.select_layer, config.select_feature, config.train_encoders)
+            m: get_encoder(s, config.select_layer, config.select_feature, config.train_encoders, (config.media_options or {}).get(m))
             for m, s in (config.encoders or {}).items()}
         self.encoders = nn.ModuleDict(encs)
         d_llm = config.text_config.hidden_size
@@ -600,9 +601,10 @@ def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a loca
                 train_encoders:bool=False, # unfreeze the encoders
                 ds_config:dict|None=None, # the run's DeepSpeed config: under ZeRO-3 the model is built partitioned over the ranks
                 quantization_config=None, # transformers' `BitsAndBytesConfig`: a 4- / 8-bit base LLM (QLoRA; GPU or CPU)
+                media_options:dict|None=None, # modality -> preprocessing overrides (`qllava.modality.media_options`)
                 ) -> tuple: # (model, tokenizer)
     "Build a `QllavaForCausalLM` and its prepared tokenizer, offline for presets and local folders; the caller's random state is left as it was."
-    encoders = dict(encoders if encoders is not None else {"image": "preset:tiny-clip"})
+    encoders = dict(encoders if encoders is not None else list(default_encoders().items())[:1])  # the first modality's
     tokenizer = get_tokenizer(default_tokenizer(llm) if tokenizer is None else tokenizer, use_im_start_end=use_im_start_end)
     template = pick_template(template, tokenizer)
     prepare_tokenizer(tokenizer, use_im_start_end=use_im_start_end, template=template)
@@ -612,14 +614,16 @@ def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a loca
     if quantization_config is not None: _check_quantizable(llm, zero3)
     with seeded(seed): llm_model, switch = build_llm(llm, tokenizer, attn, dtype, ds_config, quantization_config)
     if stop_strings is None: stop_strings = list(get_template(template, tokenizer).stop_strings)
-    with seeded(seed): encs = {m: cast_params(get_encoder(s, select_layer, select_feature, train_encoders), dtype) for m, s in encoders.items()}
+    opts = media_options or {}
+    with seeded(seed):
+        encs = {m: cast_params(get_encoder(s, select_layer, select_feature, train_encoders, opts.get(m)), dtype) for m, s in encoders.items()}
     for m, e in encs.items():
         if e.modality != m: raise ConfigError(f"encoder {encoders[m]!r} is a {e.modality} encoder but was given for {m!r}.")
     config = QllavaConfig(text_config=llm_model.config.to_dict(), encoders=encoders, projector=projector,
                           media_token_ids={m: media_token_id(tokenizer, m) for m in encoders},
                           use_im_start_end=use_im_start_end, template=template, stop_strings=stop_strings,
                           select_layer=select_layer, select_feature=select_feature, base_llm=llm,
-                          train_encoders=train_encoders, seed=seed, attn_implementation=attn)
+                          train_encoders=train_encoders, seed=seed, attn_implementation=attn, media_options=media_options)
     with seeded(seed), _zero_init(ds_config):  # the projector is born sharded under ZeRO-3
         model = QllavaForCausalLM(config, llm=llm_model, encoders=encs)
     cast_params(model.projectors, dtype)

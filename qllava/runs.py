@@ -12,6 +12,7 @@ from .core import (ConfigError, DataError, ArgumentParser, need_path, resolve_re
 from .presets import preset_names
 from .config import DEEPSPEED_PRESETS, STAGE_PRESETS, parse_config, resolve_config, resolve_batch
 from .modality import MODALITIES, record_media
+from .modality import MODALITIES, get_modality
 from .presets import DEMO_DATA, default_tokenizer, demo_paths, load_tokenizer
 from .tokenize import pick_template
 from .answer import question_modality, question_text, vqa_accuracy
@@ -20,12 +21,12 @@ from .report import hyperparameter_table, read_metrics, provenance
 from .launch import LaunchSpec, SlurmSpec, launch, gpu_count
 
 # %% auto #0
-__all__ = ['TRAIN_PARAMETERS', 'ALLOWED_PARAMETERS', 'TRAIN_FILES', 'DEMO_ENCODERS', 'SENSOR_EPOCHS', 'DEMO_PROFILE',
-           'RUN_HYPERPARAMETERS', 'HELDOUT_SCORES', 'RUNS_COLUMNS', 'RUNS_LEGEND', 'check_train_files',
-           'check_parameters', 'StagePlan', 'TrainPlan', 'vqa_to_records', 'is_demo', 'stage_overrides',
-           'stage_template_note', 'plan_training', 'heldout_accuracy', 'accuracy_by_kind', 'write_heldout_scores',
-           'planned_config', 'planned_hyperparameters', 'stage_results', 'resolved_hyperparameters', 'launch_stage',
-           'run_plan', 'stage_summary', 'record_run', 'list_runs', 'runs_table', 'runs_cli', 'notebooks_cli']
+__all__ = ['TRAIN_PARAMETERS', 'ALLOWED_PARAMETERS', 'TRAIN_FILES', 'SENSOR_EPOCHS', 'DEMO_PROFILE', 'RUN_HYPERPARAMETERS',
+           'HELDOUT_SCORES', 'RUNS_COLUMNS', 'RUNS_LEGEND', 'check_train_files', 'check_parameters', 'StagePlan',
+           'TrainPlan', 'vqa_to_records', 'is_demo', 'stage_overrides', 'stage_template_note', 'plan_training',
+           'heldout_accuracy', 'accuracy_by_kind', 'write_heldout_scores', 'planned_config', 'planned_hyperparameters',
+           'stage_results', 'resolved_hyperparameters', 'launch_stage', 'run_plan', 'stage_summary', 'record_run',
+           'list_runs', 'runs_table', 'runs_cli', 'notebooks_cli']
 
 # %% ../nbs/41_runs.ipynb #8c090adc
 TRAIN_PARAMETERS = dict(
@@ -45,7 +46,6 @@ _FILE_FIX = {
                                "run -p stage pretrain first, or use a published projector; empty on the demo makes one",
 }
 
-DEMO_ENCODERS = {"image": "preset:tiny-clip", "sensor": "preset:tiny-limu"}
 _DEMO_STAGE = {  # stage -> overrides for the embedded demo (tiny random model, a few hundred records)
     "pretrain": dict(global_batch_size=16, learning_rate=2e-3, num_train_epochs=4, model_max_length=512),
     "finetune": dict(global_batch_size=16, learning_rate=1e-3, num_train_epochs=10, model_max_length=512),  # 2026-12-05: 464 overlapping training tiles (was 135 x 2 views at 24 epochs: nuclei 89-92 %); nuclei 95.8 % at 10 epochs over seeds 42, 1, 2 (12: 95.8-100 %, 18 s more, over the 3-minute budget on a slow run)
@@ -61,7 +61,7 @@ SENSOR_EPOCHS = 120
 _DEMO_MODALITY = {"sensor": {"finetune": dict(num_train_epochs=SENSOR_EPOCHS), "lora": dict(num_train_epochs=SENSOR_EPOCHS),
                              "qlora": dict(num_train_epochs=SENSOR_EPOCHS)}}
 DEMO_PROFILE = {(st, mod): {**base, **_DEMO_MODALITY.get(mod, {}).get(st, {})}  # (stage, modality) -> demo overrides
-                for st, base in _DEMO_STAGE.items() for mod in DEMO_ENCODERS}
+                for st, base in _DEMO_STAGE.items() for mod in DEMO_DATA}
 RUN_HYPERPARAMETERS = ("learning_rate", "mm_projector_lr", "num_train_epochs", "global_batch_size", "lora_r", "lora_alpha")
 _USER_FLAGS = RUN_HYPERPARAMETERS + ("model_max_length",)  # parameters whose 0 means "the demo profile's, else the stage preset's"
 
@@ -90,7 +90,7 @@ def check_parameters(values:dict, # parameter name -> value, as the notebook hol
                      injected:set=frozenset()) -> dict: # names papermill injected that the parameters cell lacks
     "Refuse secrets, unknown names, wrong types, unknown choices, negative values and missing files; returns the values."
     check_against_defaults(values, TRAIN_PARAMETERS, injected)  # secrets first, then unknown names and types
-    choices = {"stage": tuple(STAGE_PRESETS), "modality": tuple(DEMO_ENCODERS), "launcher": ("deepspeed", "torchrun", "slurm")}
+    choices = {"stage": tuple(STAGE_PRESETS), "modality": tuple(MODALITIES), "launcher": ("deepspeed", "torchrun", "slurm")}
     for k, ok in choices.items():
         if k in values and values[k] not in ok: raise ConfigError(f"{k} {values[k]!r} is not one of {', '.join(ok)}. Fix: -p {k} {ok[0]}.")
     if values.get("stage") == "qlora" and importlib.util.find_spec("bitsandbytes") is None:  # else each rank would find out, after the launch
@@ -191,7 +191,11 @@ def plan_training(values:dict) -> TrainPlan:
     runs = Path(v["runs_dir"])
     run_dir = runs / (v["run_name"] or f"{stage}-{mod}")
     plan = TrainPlan(values=v, demo=demo, run_dir=str(run_dir))
-    common = dict(model_name_or_path=v["model"], vision_tower=v["encoder"] or DEMO_ENCODERS[mod], tokenizer=v["tokenizer"],
+    encoder = v["encoder"] or get_modality(mod).default_encoder
+    if not encoder: raise ConfigError(f"modality {mod!r} has no default encoder. Fix: pass -p encoder SPEC (a registered encoder kind).")
+    if demo and mod not in DEMO_DATA:
+        raise ConfigError(f"modality {mod!r} has no demo data. Fix: pass -p data_path RECORDS.json -p image_folder DIR.")
+    common = dict(model_name_or_path=v["model"], vision_tower=encoder, tokenizer=v["tokenizer"],
                   mm_projector_type=v["projector"], deepspeed=v["deepspeed"], seed=v["seed"])
     def stage_flags(st:str, data:str, folder:str, out:Path, extra:dict, asked:bool=True):
         return _flags({"stage": st, **common, "data_path": data, "image_folder": folder, **stage_overrides(v, st, asked),

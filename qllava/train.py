@@ -18,24 +18,23 @@ from .flops import FlopModel, flop_model, batch_model_flops, matmul_peak
 from .validate import validate_data, raise_if_invalid
 from .launch import report_progress, heartbeat
 from .slurm import PREEMPTED_EXIT, RANKS_ENV, ranks_from_slurm
-from .checkpoint import load_base_model, load_projector, save_projector, save_checkpoint
-from .encoders import encoder_modality
+from .checkpoint import load_base_model, run_encoders, load_projector, save_projector, save_checkpoint
 from .tokenize import IGNORE_INDEX, pick_template
 from .conversation import get_template
 from .answer import vqa_accuracy
-from .modality import MODALITIES
+from .modality import MODALITIES, media_options
 
 # %% auto #0
-__all__ = ['NOISY_LOGGERS', 'PUBLISHED_GLOBAL_BATCH', 'ASPECT_RATIOS', 'CKPT_DIR', 'CHECKSUMS', 'third_party_log',
-           'third_party_to', 'prints_to_log', 'init_distributed', 'seed_everything', 'hardware_precision',
-           'deepspeed_config', 'apply_stage', 'trainable_summary', 'param_groups', 'make_optimizer', 'media_settings',
-           'build_dataset', 'build_loader', 'build_eval_loader', 'open_reporters', 'RunLog', 'flag_notes',
-           'step_schedule', 'set_aspect_ratio', 'settle_template', 'Run', 'build_run', 'evaluate_vqa', 'evaluate_loss',
-           'write_checksums', 'verify_checksums', 'safe_load', 'use_safe_loading', 'share_fp32_master',
-           'save_resumable', 'find_resume', 'load_resumable', 'device_peak', 'throughput', 'Progress',
-           'resume_progress', 'optimiser_step', 'after_step', 'final_metrics', 'train_loop', 'Preempted',
-           'stop_signals', 'catch_stop_signals', 'stop_requested', 'save_here', 'save_and_stop', 'save_final',
-           'tokenizer_summary', 'quantization_summary', 'fit', 'train_cli', 'close_distributed', 'exit_rank']
+__all__ = ['NOISY_LOGGERS', 'PUBLISHED_GLOBAL_BATCH', 'CKPT_DIR', 'CHECKSUMS', 'third_party_log', 'third_party_to',
+           'prints_to_log', 'init_distributed', 'seed_everything', 'hardware_precision', 'deepspeed_config',
+           'apply_stage', 'trainable_summary', 'param_groups', 'make_optimizer', 'media_settings', 'build_dataset',
+           'build_loader', 'build_eval_loader', 'open_reporters', 'RunLog', 'flag_notes', 'step_schedule',
+           'settle_template', 'Run', 'build_run', 'evaluate_vqa', 'evaluate_loss', 'write_checksums',
+           'verify_checksums', 'safe_load', 'use_safe_loading', 'share_fp32_master', 'save_resumable', 'find_resume',
+           'load_resumable', 'device_peak', 'throughput', 'Progress', 'resume_progress', 'optimiser_step', 'after_step',
+           'final_metrics', 'train_loop', 'Preempted', 'stop_signals', 'catch_stop_signals', 'stop_requested',
+           'save_here', 'save_and_stop', 'save_final', 'tokenizer_summary', 'quantization_summary', 'fit', 'train_cli',
+           'close_distributed', 'exit_rank']
 
 # %% ../nbs/21_train.ipynb #1a2171d5
 NOISY_LOGGERS = ("py.warnings", "bitsandbytes", "DeepSpeed", "torch.distributed", "accelerate", "peft", "qllava.third_party")
@@ -356,11 +355,11 @@ def flag_notes(cfg:TrainConfig, world:int) -> list[str]:
         notes.append(f"note: global batch {cfg.global_batch_size} ({cfg.per_device_train_batch_size} per device x "
                      f"{cfg.gradient_accumulation_steps} accumulation x {world} ranks) differs from the published {pub} of stage {cfg.stage}.")
     if not cfg.lazy_preprocess: notes.append("note: --lazy_preprocess False has no effect: records are always tokenised on access.")
-    if cfg.image_aspect_ratio != "pad" and cfg.vision_tower and (m := encoder_modality(cfg.vision_tower)) != "image":
-        notes.append(f"note: --image_aspect_ratio {cfg.image_aspect_ratio} has no effect on {m} media ({cfg.vision_tower}).")
+    if not media_options(cfg, run_encoders(cfg)) and cfg.image_aspect_ratio != "pad":
+        notes.append(f"note: --image_aspect_ratio {cfg.image_aspect_ratio} has no effect on the media of {', '.join(run_encoders(cfg))}.")
     if cfg.bits == 16 and (cfg.quant_type != "nf4" or not cfg.double_quant):
         notes.append("note: --double_quant / --quant_type only matter with --bits 4 (QLoRA).")
-    if cfg.stage != "pretrain" and not cfg.pretrain_mm_mlp_adapter and cfg.vision_tower:
+    if cfg.stage != "pretrain" and not cfg.pretrain_mm_mlp_adapter and run_encoders(cfg):
         notes.append(f"warning: stage {cfg.stage} starts from a random projector: the recipe trains it in stage 1 first. Fix: "
                      "pass --pretrain_mm_mlp_adapter with stage 1's mm_projector.bin (or a published one), unless this is meant.")
     return notes
@@ -372,16 +371,6 @@ def step_schedule(cfg:TrainConfig, steps_per_epoch:int, total:int) -> tuple[int,
     else: save = math.ceil(cfg.save_steps * total) if 0 < cfg.save_steps < 1 else int(cfg.save_steps)  # HF: < 1 = a fraction
     ev = {"no": 0, "epoch": steps_per_epoch}.get(cfg.evaluation_strategy, cfg.eval_steps)
     return save, ev
-
-ASPECT_RATIOS = {"pad": "pad", "square": "crop", "None": "crop", "crop": "crop", "resize": "resize"}  # flag -> media.ImageProcessor's
-
-def set_aspect_ratio(model, image_aspect_ratio:str|None):
-    "Make every image encoder's processor pad, crop (the original's `square`) or stretch, as the run asks."
-    mode = ASPECT_RATIOS.get(str(image_aspect_ratio or "pad"), "pad")
-    for e in model.encoders.values():
-        if e.modality == "image": e.media = {**e.media, "aspect_ratio": mode}; e._processor = None
-    model.config.image_aspect_ratio = "pad" if mode == "pad" else str(image_aspect_ratio)
-    return model
 
 def settle_template(cfg:TrainConfig, model, tokenizer):
     "Fix the run's template (`pick_template`: named, else the tokenizer's own, else v1) on `cfg` and the model's config."
@@ -406,7 +395,7 @@ class Run:
     total_steps:int # optimiser steps of the run
     ds_config:dict # the resolved DeepSpeed config
     data_counts:dict # records, skipped, truncated
-    modality:str # the encoder's modality
+    modality:str # the encoders' modalities, joined by "+" ("text" without any)
     writers:dict # tensorboard / wandb writers (rank 0)
     save_every:int # optimiser steps between resumable checkpoints (0: none)
     eval_every:int # optimiser steps between held-out evaluations (0: only at the end)
@@ -436,11 +425,9 @@ def build_run(cfg:TrainConfig, log=print) -> Run:
     seed_everything(cfg.seed)
     for note in flag_notes(cfg, world): log(note)
     writers = open_reporters(report_targets(cfg.report_to), Path(cfg.output_dir), cfg) if rank == 0 else {}
-    modality = encoder_modality(cfg.vision_tower) if cfg.vision_tower else "image"
     ds_cfg = deepspeed_config(cfg.deepspeed, per_device, accum, world, precision["bf16"], precision["fp16"], cfg.max_grad_norm)
     dtype = torch.bfloat16 if precision["bf16"] else torch.float16 if precision["fp16"] else torch.float32
-    model, tok = load_base_model(cfg, modality, dtype, ds_cfg)  # in the training dtype (4 / 8 bit: quantised); partitioned at birth under ZeRO-3
-    set_aspect_ratio(model, cfg.image_aspect_ratio)
+    model, tok = load_base_model(cfg, dtype, ds_cfg)  # in the training dtype (4 / 8 bit: quantised); partitioned at birth under ZeRO-3
     settle_template(cfg, model, tok)
     if cfg.pretrain_mm_mlp_adapter:
         load_projector(model, cfg.pretrain_mm_mlp_adapter)
@@ -471,7 +458,7 @@ def build_run(cfg:TrainConfig, log=print) -> Run:
         log(f"fp32 weights: the optimiser's master is this rank's share of them ({shared / 2**20:.1f} MB not cloned)")
     return Run(cfg=cfg, rank=rank, world=world, model=model, engine=engine, tokenizer=tok, loader=loader, keep=keep,
                 sampler=sampler, eval_loader=eval_loader, steps_per_epoch=steps_per_epoch, total_steps=total,
-                ds_config=ds_cfg, data_counts=counts, modality=modality, writers=writers, save_every=save_every,
+                ds_config=ds_cfg, data_counts=counts, modality="+".join(model.encoders) or "text", writers=writers, save_every=save_every,
                 eval_every=eval_every, flops=flop_model(model), peak_flops=device_peak(engine.device, model))
 
 def evaluate_vqa(run:Run) -> dict:

@@ -4,14 +4,14 @@
 
 # %% ../nbs/07_validate.ipynb #5811f100
 from __future__ import annotations
-import json, os, sys
+import argparse, json, os, sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from .core import DataError, ConfigError, ArgumentParser, resolve_records_path
 from .dataset import load_records, resolve_media_path
 from .conversation import get_template
-from .modality import MODALITIES, placeholders
+from .modality import MODALITIES, default_encoders, get_modality, placeholders
 from .presets import get_preset, load_tokenizer, demo_paths
 from .encoders import ENCODER_KINDS, SELECT_FEATURES, encoder_modality, encoder_num_tokens, encoder_processor
 from .tokenize import IGNORE_INDEX, prepare_tokenizer, tokenize_conversation, tokenize_conversations, media_token_id
@@ -275,31 +275,28 @@ def preset_spec(name:str, # a preset name, a preset JSON file, or any encoder sp
     except ConfigError: return str(name)   # not a preset: a hub id, a folder, a checkpoint ... (resolved by the encoder registry)
     return f"preset:{name}"
 
-def media_encoders(image_preset:str="tiny-clip", # image encoder: a preset name or any encoder spec
-                   sensor_preset:str="tiny-limu", # sensor encoder: a preset name or any encoder spec
+def media_encoders(encoders:dict|None=None, # modality -> encoder spec or preset name; others: their modality's default encoder
                   ) -> dict:
     "modality -> encoder spec of the towers whose token counts and preprocessing the validator uses, each checked to be of its modality."
     out = {}
-    for m, name in (("image", image_preset), ("sensor", sensor_preset)):
-        spec = preset_spec(name)
+    for m, name in {**default_encoders(), **(encoders or {})}.items():
+        spec, d = preset_spec(name), get_modality(m).default_encoder
         if (got := encoder_modality(spec)) != m:
-            raise ConfigError(f"the {m} encoder {name!r} gives {got} features, not {m} ones. Fix: pass an encoder of {m}s as the "
-                              f"{m} preset (--{m}-preset), e.g. {'tiny-clip' if m == 'image' else 'tiny-limu'}.")
+            raise ConfigError(f"the {m} encoder {name!r} gives {got} features, not {m} ones. Fix: pass an encoder of {m} media "
+                              f"(--encoder {m}=SPEC" + (f", e.g. {d})." if d else ")."))
         out[m] = spec
     return out
 
-def default_media_tokens(image_preset:str="tiny-clip", # image encoder: a preset name or any encoder spec
-                         sensor_preset:str="tiny-limu", # sensor encoder: a preset name or any encoder spec
+def default_media_tokens(encoders:dict|None=None, # modality -> encoder spec (others: their default encoder)
                          select_feature:str="patch", # "patch", or "cls_patch" (the CLS token too: one more token per image)
                         ) -> dict:
-    "Media tokens per placeholder of these encoders (default: the embedded tiny presets), counted by the encoder registry."
-    return {m: encoder_num_tokens(s, None, select_feature) for m, s in media_encoders(image_preset, sensor_preset).items()}
+    "Media tokens per placeholder of these encoders (default: each modality's default one), counted by the encoder registry."
+    return {m: encoder_num_tokens(s, None, select_feature) for m, s in media_encoders(encoders).items()}
 
-def default_processors(image_preset:str="tiny-clip", # image encoder: a preset name or any encoder spec
-                       sensor_preset:str="tiny-limu", # sensor encoder: a preset name or any encoder spec
+def default_processors(encoders:dict|None=None, # modality -> encoder spec (others: their default encoder)
                       ) -> dict:
-    "The media processors of these encoders (default: the embedded tiny presets): modality -> callable on a path."
-    return {m: encoder_processor(s) for m, s in media_encoders(image_preset, sensor_preset).items()}
+    "The media processors of these encoders (default: each modality's default one): modality -> callable on a path."
+    return {m: encoder_processor(s) for m, s in media_encoders(encoders).items()}
 
 def check_media_files(paths:dict, # (modality, path) -> anything; the files to check
                       processors:dict, # modality -> callable(path) that raises on a bad file
@@ -321,13 +318,13 @@ def check_media_files(paths:dict, # (modality, path) -> anything; the files to c
     with ThreadPoolExecutor(n) as ex: return dict(zip(keys, ex.map(one, keys)))
 
 # %% ../nbs/07_validate.ipynb #a67fedbe
-def _setup(tokenizer, template, n_media_tokens, use_im_start_end, image_preset="tiny-clip", sensor_preset="tiny-limu", select_feature="patch"):
+def _setup(tokenizer, template, n_media_tokens, use_im_start_end, encoders=None, select_feature="patch"):
     name = tokenizer if isinstance(tokenizer, (str, Path)) else getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(str(tokenizer))
     tok = prepare_tokenizer(tokenizer, use_im_start_end=use_im_start_end)
     tmpl = get_template(template, tok)
-    nmt = {**default_media_tokens(image_preset, sensor_preset, select_feature), **(n_media_tokens or {})}
+    nmt = {**default_media_tokens(encoders, select_feature), **(n_media_tokens or {})}
     return tok, tmpl, nmt, str(name)
 
 # %% ../nbs/07_validate.ipynb #fdc19a95
@@ -404,15 +401,14 @@ def validate_data(data_path, # a JSON list or JSONL file of LLaVA records
                   max_problems:int|None=None, # keep at most this many problems in the report (all are counted)
                   processors:dict|None=None, # modality -> media processor (default: the encoder presets')
                   num_workers:int|None=None, # threads decoding media
-                  image_preset:str="tiny-clip", # encoder preset (or any encoder spec) giving the image processor and default media tokens
-                  sensor_preset:str="tiny-limu", # encoder preset (or any encoder spec) giving the sensor processor and default media tokens
+                  encoders:dict|None=None, # modality -> encoder spec or preset: its processor and media tokens (others: the default)
                   select_feature:str="patch", # the encoders' feature selection: "cls_patch" adds the CLS token to each image's tokens
                  ) -> ValidationReport:
     "Scan the whole data set and report every problem, with its file, record, id and fix."
     path, f = Path(data_path), str(data_path)
     if not path.is_file(): raise DataError("the data file does not exist.", file=path, fix="pass the path of a JSON or JSONL file of records.")
     folder = Path(media_folder if media_folder is not None else path.parent).resolve()
-    tok, tmpl, nmt, tok_name = _setup(tokenizer, template, n_media_tokens, use_im_start_end, image_preset, sensor_preset, select_feature)
+    tok, tmpl, nmt, tok_name = _setup(tokenizer, template, n_media_tokens, use_im_start_end, encoders, select_feature)
     rep = ValidationReport(f, tmpl.name, dict(tokenizer=tok_name, max_length=max_length, media_tokens=nmt,
                                               media_folder=str(folder), check_media=check_media), max_problems=max_problems)
     read = ValidationReport(f)
@@ -424,7 +420,7 @@ def validate_data(data_path, # a JSON list or JSONL file of LLaVA records
         else: per_rec[p.record].insert(0, p)
     _supervision_problems(records, to_tokenize, per_rec, tok, tmpl, nmt, max_length, use_im_start_end, f)
     if wanted:
-        procs = processors if processors is not None else default_processors(image_preset, sensor_preset)
+        procs = processors if processors is not None else default_processors(encoders)
         for key, res in check_media_files(wanted, procs, num_workers).items():
             for i in wanted[key] if res else (): per_rec[i].append(Problem(f, i, records[i].get("id"), *res))
     for probs in per_rec:
@@ -498,12 +494,11 @@ def show_labels(data_path, # a JSON list or JSONL file of records
                 use_im_start_end:bool=False, # wrap media in <im_start>/<im_end>
                 start:int=0, # index of the first record shown
                 color:bool|None=None, # ANSI colours (default: when stdout is a terminal)
-                image_preset:str="tiny-clip", # encoder preset (or any encoder spec) giving the default image tokens
-                sensor_preset:str="tiny-limu", # encoder preset (or any encoder spec) giving the default sensor tokens
+                encoders:dict|None=None, # modality -> encoder spec or preset: its processor and media tokens (others: the default)
                 select_feature:str="patch", # "cls_patch" adds the CLS token to each image's tokens
                 ) -> str:
     "`n` samples rendered from their actual token labels, supervised text marked, media shown as `<image xN>`."
-    tok, tmpl, nmt, _ = _setup(tokenizer, template, n_media_tokens, use_im_start_end, image_preset, sensor_preset, select_feature)
+    tok, tmpl, nmt, _ = _setup(tokenizer, template, n_media_tokens, use_im_start_end, encoders, select_feature)
     color = sys.stdout.isatty() if color is None else color
     media_ids = {media_token_id(tok, m): m for m in placeholders()}
     rep = ValidationReport(str(data_path))
@@ -535,6 +530,17 @@ def _parse_media_tokens(items:list) -> dict:
             out[k.strip()] = int(v)
     return out
 
+def _parse_encoders(items:list) -> dict:
+    "`--encoder MODALITY=SPEC` flags -> {modality: spec}, each modality registered."
+    out = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep or not v.strip() or k.strip() not in MODALITIES:
+            raise ConfigError(f"--encoder {it!r}: expected MODALITY=SPEC with MODALITY one of {', '.join(MODALITIES)}, "
+                              "e.g. image=preset:tiny-clip.")
+        out[k.strip()] = v.strip()
+    return out
+
 def _demo_jobs(modality:str) -> list:
     "(data file, media folder, template) for each file of the shipped demo data of `modality`."
     d = demo_paths(modality)
@@ -552,8 +558,11 @@ def validate_data_cli(argv:list[str]|None=None) -> int:
     ap.add_argument("--tokenizer", default="llama-demo", help="tokenizer name (llama-demo, bytebpe-demo) or folder")
     ap.add_argument("--max-length", type=int, default=2048, help="model_max_length samples are truncated to")
     ap.add_argument("--n-media-tokens", action="append", default=[], metavar="MODALITY=N", help="tokens per placeholder, e.g. image=576 (repeatable)")
-    ap.add_argument("--image-preset", default="tiny-clip", help="image encoder preset or any encoder spec: its preprocessing and token count (default tiny-clip)")
-    ap.add_argument("--sensor-preset", default="tiny-limu", help="sensor encoder preset or any encoder spec: its window, channels and token count (default tiny-limu)")
+    ap.add_argument("--encoder", action="append", default=[], metavar="MODALITY=SPEC", help="the encoder (preset or any spec) "
+                    "whose preprocessing and token count a modality's media get, e.g. image=bench-vit-b32 (repeatable; default: "
+                    "each modality's own)")
+    for m in default_encoders():  # the older spelling, one flag per shipped modality: --image-preset NAME
+        ap.add_argument(f"--{m}-preset", dest=f"preset_{m}", help=argparse.SUPPRESS)
     ap.add_argument("--select-feature", default="patch", choices=SELECT_FEATURES, help="the encoders' feature selection, as training's --mm_vision_select_feature (cls_patch: one more token per image)")
     ap.add_argument("--im-start-end", action="store_true", help="wrap media in <im_start>/<im_end> as training will")
     ap.add_argument("--no-media-check", action="store_true", help="check media paths only, do not open the files")
@@ -563,6 +572,7 @@ def validate_data_cli(argv:list[str]|None=None) -> int:
     a = ap.parse_args(argv)
     if bool(a.data) == bool(a.demo): ap.error("give data file(s) or --demo pathology|imu (not both)")
     nmt = _parse_media_tokens(a.n_media_tokens)
+    encs = {**{k[7:]: v for k, v in vars(a).items() if k.startswith("preset_") and v}, **_parse_encoders(a.encoder)}
     jobs = _demo_jobs(a.demo) if a.demo else [(str(resolve_records_path(p, "data")), a.media_folder, a.template or "vicuna_v1")
                                               for p in a.data]   # a file, or a hub dataset id (its records file in the cache)
     if a.demo and a.media_folder: jobs = [(p, a.media_folder, t) for p,_,t in jobs]
@@ -571,10 +581,10 @@ def validate_data_cli(argv:list[str]|None=None) -> int:
     for path, folder, tmpl in jobs:
         rep = validate_data(path, folder, tokenizer=a.tokenizer, template=tmpl, max_length=a.max_length,
                             n_media_tokens=nmt, use_im_start_end=a.im_start_end, check_media=not a.no_media_check,
-                            image_preset=a.image_preset, sensor_preset=a.sensor_preset, select_feature=a.select_feature)
+                            encoders=encs, select_feature=a.select_feature)
         labels = show_labels(path, a.show_labels, tokenizer=a.tokenizer, template=tmpl, max_length=a.max_length, n_media_tokens=nmt,
                              use_im_start_end=a.im_start_end, color=False if a.json else None,
-                             image_preset=a.image_preset, sensor_preset=a.sensor_preset, select_feature=a.select_feature) if a.show_labels else None
+                             encoders=encs, select_feature=a.select_feature) if a.show_labels else None
         reports.append(rep)
         if a.json: texts.append(dict(rep.to_dict(), **({"show_labels": labels} if labels else {})))
         else:

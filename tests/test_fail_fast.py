@@ -105,7 +105,7 @@ BAD = [  # (notebook, parameters, error type, what the message must say besides 
     ("eval", {"batch_sise": 4}, "ConfigError", "did you mean batch_size"),
     ("eval", {"batch_size": "eight"}, "ConfigError", "batch_size='eight' is a str"),
     ("eval", {"limit": -1}, "ConfigError", "limit=-1 must be 0 or more"),
-    ("eval", {"modality": "video"}, "ConfigError", "modality 'video' is not one of image, sensor"),
+    ("eval", {"modality": "video"}, "ConfigError", "unknown modality 'video'"),
     ("eval", {"judge_model": SK}, "ConfigError", "looks like a secret"),
     ("sweep", {"train_parameters": {"data_path": f"{MISSING}/records.json"}}, "DataError", "data_path: no such file"),
     ("sweep", {"pretrain_mm_mlp_adapter": f"{MISSING}/mm_projector.bin"}, "ConfigError", "run -p stage pretrain first"),

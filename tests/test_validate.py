@@ -395,10 +395,10 @@ def test_media_tokens_and_processors_come_from_the_encoder_registry(tmp_path, me
     assert validate_data_cli([str(f), "--media-folder", str(media), "--select-feature", "cls_patch", "--image-preset", "bench-vit-b32",
                               "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["settings"]["media_tokens"] == {"image": 50, "sensor": 100}
-    assert validate_data(f, media, image_preset="hf-clip:" + str(ROOT / "tests/parity/llava_model/clip-vit-tiny"),
+    assert validate_data(f, media, encoders={"image": "hf-clip:" + str(ROOT / "tests/parity/llava_model/clip-vit-tiny")},
                          check_media=False).settings["media_tokens"]["image"] == 16   # any encoder spec: 56 px, patch 14
     with pytest.raises(ConfigError, match="gives sensor features, not image ones"):
-        validate_data(f, media, image_preset="tiny-limu")
+        validate_data(f, media, encoders={"image": "tiny-limu"})
 
 def test_cli_demo(capsys):
     assert validate_data_cli(["--demo", "pathology", "--show-labels", "1"]) == 0
