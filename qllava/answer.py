@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, json, math, os, sys, time, uuid
 from pathlib import Path
-from .core import CheckpointError, ConfigError, DataError, QllavaError, ArgumentParser, read_json_records
+from .core import CheckpointError, ConfigError, DataError, QllavaError, ArgumentParser, load_plugins, read_json_records
 from .dataset import resolve_media_path
 from .conversation import get_template, generation_prompt
 from .modality import get_modality, record_media, record_modalities
@@ -141,14 +141,14 @@ def check_media(questions:list[dict], # questions to answer
                 question_file=None, # for error messages
                 ):
     "Raise a DataError naming the question_id of the first missing media file (or ConfigError for a modality the model lacks)."
-    folder = Path(media_folder) if media_folder else Path(".")
+    folder = media_folder if isinstance(media_folder, dict) else Path(media_folder or ".")
     for i, q in enumerate(questions):
         m = question_modality(q)
         if m is None: continue
         if m not in encoders:
             raise ConfigError(f"question {q['question_id']!r} in {question_file} has {m} media but the model has only "
                               f"{', '.join(encoders) or 'no'} encoder(s). Fix: answer it with a model that has a {m} encoder.")
-        p = resolve_media_path(record_media(q, m), folder, file=question_file, record=i, record_id=q["question_id"])  # never outside the folder
+        p = resolve_media_path(record_media(q, m), folder, file=question_file, record=i, record_id=q["question_id"], modality=m)
         if not p.is_file():
             raise DataError(f"{m} file {str(p)!r} not found.", file=question_file, record=i, record_id=q["question_id"],
                             fix="check --image-folder and the path in the question (it is relative to that folder).")
@@ -159,7 +159,8 @@ def load_batch_media(model, questions:list[dict], media_folder, blank:bool=False
     for i, q in enumerate(questions):
         m = question_modality(q)
         if m is None: out.append(None); continue
-        path = resolve_media_path(record_media(q, m), Path(media_folder or "."), file=question_file, record=i, record_id=q["question_id"])
+        folder = media_folder if isinstance(media_folder, dict) else Path(media_folder or ".")
+        path = resolve_media_path(record_media(q, m), folder, file=question_file, record=i, record_id=q["question_id"], modality=m)
         try: x = model.encoders[m].processor(path)
         except DataError as e:
             raise DataError(f"{m} file {str(path)!r}: {e.problem}", file=question_file, record_id=q["question_id"], fix=e.fix) from None
@@ -319,6 +320,7 @@ _CLI_FLAGS = {"batch_size": "--batch-size", "max_new_tokens": "--max_new_tokens"
 # %% ../nbs/33_answer.ipynb #f2f4d425
 def answer_cli(argv:list[str]|None=None) -> int:
     "`qllava answer`: answer a question JSONL with a checkpoint (the original model_vqa flags, batched and resumable)."
+    load_plugins()
     ap = ArgumentParser(prog="qllava answer", description=answer_cli.__doc__)
     ap.add_argument("--model-path", required=True, help="qllava checkpoint (or LoRA run) folder")
     ap.add_argument("--model-base", default=None, help=argparse.SUPPRESS)  # original flag; a qllava folder knows its base

@@ -5,7 +5,7 @@
 # %% ../nbs/90_cli.ipynb #9571d1e0
 from __future__ import annotations
 import importlib, importlib.util, sys
-from .core import ConfigError, QllavaError
+from .core import ConfigError, QllavaError, load_plugins
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'NEEDS', 'usage', 'resolve', 'check_extras', 'main']
@@ -78,6 +78,7 @@ def main(argv:list[str]|None=None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage()); return 0
     try:
+        load_plugins()  # modalities and encoder kinds registered outside the library
         check_extras(argv[0])
         return resolve(argv[0])(argv[1:]) or 0
     except QllavaError as e:

@@ -39,7 +39,8 @@ class TrainConfig:
     cache_dir: str|None = None # Hugging Face cache folder to read hub models from (sets HF_HUB_CACHE for this run)
     # -- data: records, media and their tokenisation
     data_path: str|None = None # LLaVA-format JSON / JSONL records
-    image_folder: str|None = None # folder the records' media paths are relative to
+    image_folder: str|None = None # folder the records' media paths are relative to (every modality's, unless --media_folders says)
+    media_folders: dict|None = None # modality -> the folder its media paths are relative to, JSON (e.g. '{"sensor": "imu/"}')
     image_aspect_ratio: str|None = None # pad (to square with the mean colour) | square (the original's default, also None: short side resized, centre crop) | resize (stretch); preset: square for pretrain, pad for stage 2
     model_max_length: int|None = None # tokens per sample after media expansion
     group_by_modality_length: bool = False # modality-pure, length-grouped batches
@@ -98,7 +99,7 @@ class TrainConfig:
 
 # the groups `qllava train --help` shows the flags in (every field in exactly one)
 FIELD_GROUPS = {"model": ("stage", "model_name_or_path", "tokenizer", "version", "vision_tower", "encoders", "mm_projector_type", "tune_mm_mlp_adapter", "pretrain_mm_mlp_adapter", "mm_vision_select_layer", "mm_vision_select_feature", "mm_use_im_start_end", "mm_use_im_patch_token", "mm_patch_merge_type", "freeze_backbone", "freeze_mm_mlp_adapter", "attn_implementation", "cache_dir",),
-                "data": ("data_path", "image_folder", "image_aspect_ratio", "model_max_length", "group_by_modality_length", "packing", "packing_max_tokens", "lazy_preprocess", "dataloader_num_workers", "skip_bad_records", "blank_media",),
+                "data": ("data_path", "image_folder", "media_folders", "image_aspect_ratio", "model_max_length", "group_by_modality_length", "packing", "packing_max_tokens", "lazy_preprocess", "dataloader_num_workers", "skip_bad_records", "blank_media",),
                 "optimisation": ("num_train_epochs", "max_steps", "global_batch_size", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "mm_projector_lr", "weight_decay", "warmup_ratio", "lr_scheduler_type", "optim", "max_grad_norm", "gradient_checkpointing", "seed",),
                 "lora": ("lora_enable", "lora_r", "lora_alpha", "lora_dropout", "lora_bias", "bits", "double_quant", "quant_type",),
                 "deepspeed": ("deepspeed", "bf16", "fp16", "tf32",),

@@ -8,12 +8,12 @@ import json, os
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['RUN_NOTEBOOKS', 'OFFLINE_ENV', 'SECRET_VALUE', 'OUTPUT_NOTEBOOK_NOTE', 'SECRET_ENV_HINT', 'HUB_RECORD_FILES',
-           'LAYERS', 'QllavaError', 'DataError', 'ConfigError', 'CheckpointError', 'LaunchError', 'assets_dir', 'asset',
-           'run_notebook', 'set_offline', 'name_words', 'is_secret_name', 'high_entropy', 'named_tokens',
-           'secret_env_values', 'find_secret', 'secret_masker', 'mask_command', 'refuse_secrets', 'injected_names',
-           'notebook_parameters', 'refuse_secret_parameters', 'unknown_parameters', 'check_types',
-           'check_against_defaults', 'need_path', 'hub_cache', 'hub_snapshot', 'resolve_records_path',
+__all__ = ['RUN_NOTEBOOKS', 'OFFLINE_ENV', 'PLUGINS_ENV', 'SECRET_VALUE', 'OUTPUT_NOTEBOOK_NOTE', 'SECRET_ENV_HINT',
+           'HUB_RECORD_FILES', 'LAYERS', 'QllavaError', 'DataError', 'ConfigError', 'CheckpointError', 'LaunchError',
+           'assets_dir', 'asset', 'run_notebook', 'set_offline', 'load_plugins', 'name_words', 'is_secret_name',
+           'high_entropy', 'named_tokens', 'secret_env_values', 'find_secret', 'secret_masker', 'mask_command',
+           'refuse_secrets', 'injected_names', 'notebook_parameters', 'refuse_secret_parameters', 'unknown_parameters',
+           'check_types', 'check_against_defaults', 'need_path', 'hub_cache', 'hub_snapshot', 'resolve_records_path',
            'read_json_records', 'ArgumentParser', 'layer_of']
 
 # %% ../nbs/00_core.ipynb #e284ee10
@@ -79,6 +79,31 @@ def set_offline(env:dict|None=None) -> dict:
     env = os.environ if env is None else env
     env.update(OFFLINE_ENV)
     return env
+
+# %% ../nbs/00_core.ipynb #a8e8cbcc
+PLUGINS_ENV = "QLLAVA_PLUGINS"  # module names or .py files (os.pathsep-separated) every qllava entry point imports
+
+def load_plugins(spec:str|None=None, # module names or .py files, os.pathsep-separated (default: $QLLAVA_PLUGINS)
+                ) -> list[str]:
+    "Import each plugin once (its registrations then hold in this process); returns the module names."
+    import importlib, importlib.util, sys
+    names = []
+    for s in (os.environ.get(PLUGINS_ENV, "") if spec is None else spec).split(os.pathsep):
+        if not (s := s.strip()): continue
+        name = f"_qllava_plugin_{Path(s).stem}" if s.endswith(".py") else s
+        names.append(name)
+        if name in sys.modules: continue
+        if s.endswith(".py") and not Path(s).is_file():
+            raise ConfigError(f"the plugin {s!r} (${PLUGINS_ENV}) does not exist. Fix: give the path of a .py file, or a module name.")
+        try:
+            if not s.endswith(".py"): importlib.import_module(s); continue
+            mod = importlib.util.module_from_spec(spec_ := importlib.util.spec_from_file_location(name, s))
+            sys.modules[name] = mod
+            spec_.loader.exec_module(mod)
+        except Exception as e:
+            sys.modules.pop(name, None)
+            e.add_note(f"while importing the qllava plugin {s!r} (${PLUGINS_ENV})"); raise
+    return names
 
 # %% ../nbs/00_core.ipynb #ae797801
 import re

@@ -192,10 +192,18 @@ def media_files(rec:dict, # one record
     return out
 
 def resolve_media_path(value:str, # the path as written in the record
-                       media_folder, # the folder media paths are relative to
-                       file=None, record:int|None=None, record_id=None) -> Path:
+                       media_folder, # the folder media paths are relative to, or modality -> folder
+                       file=None, record:int|None=None, record_id=None,
+                       modality:str|None=None, # the media's modality (picks its folder when `media_folder` is a dict)
+                      ) -> Path:
     "The media file for `value` under `media_folder`; `DataError` when it is absolute or escapes the folder."
     where = dict(file=file, record=record, record_id=record_id)
+    if isinstance(media_folder, dict):
+        if modality not in media_folder:
+            raise DataError(f"the record refers to the {modality} file {value!r} but no media folder is given for {modality} media "
+                            f"(only for {', '.join(media_folder) or 'none'}).", **where,
+                            fix=f"add {modality} to --media_folders, or give --image_folder (every modality's default).")
+        media_folder = media_folder[modality]
     if media_folder is None:
         raise DataError(f"the record refers to the media file {value!r} but no media_folder was given.", **where,
                         fix="pass media_folder= (the folder the record paths are relative to).")
@@ -245,7 +253,7 @@ class MultimodalDataset:
     def __init__(self, records, # a path (JSON list / JSONL), a `Records`, or a list of record dicts
                  tokenizer, # fast tokenizer already passed through `qllava.tokenize.prepare_tokenizer`
                  template, # conversation template or its name ("plain", "vicuna_v1", ...)
-                 media_folder, # folder the record media paths are relative to (None for text-only data)
+                 media_folder, # folder the record media paths are relative to, or modality -> folder (None: text only)
                  processors:dict, # modality -> callable(path) -> tensor (`ImageProcessor`, `SensorProcessor`, encoder.processor)
                  n_media_tokens:dict, # modality -> tokens each medium becomes (encoder.num_tokens)
                  max_length:int, # longest sample in tokens, media tokens included (model_max_length)
@@ -260,7 +268,7 @@ class MultimodalDataset:
         self.records = load_records(records) if isinstance(records, (str, os.PathLike)) else records
         self.file = getattr(self.records, "path", None)
         self.tokenizer, self.template = tokenizer, get_template(template, tokenizer)
-        self.media_folder = None if media_folder is None else Path(media_folder)
+        self.media_folder = media_folder if media_folder is None or isinstance(media_folder, dict) else Path(media_folder)
         self.processors, self.n_media_tokens = dict(processors or {}), dict(n_media_tokens or {})
         self.max_length, self.use_im_start_end, self.on_error, self.n_calibration = max_length, use_im_start_end, on_error, n_calibration
         self.skipped, self.dropped = {}, {}    # index -> reason: bad data / no supervision left after truncation
@@ -362,7 +370,7 @@ def _load(self:MultimodalDataset, i:int) -> dict:
         keep = files[:s.media_counts.get(m, 0)]      # truncation keeps the first media blocks whole, drops the rest
         tensors = []
         for v in keep:
-            path = resolve_media_path(v, self.media_folder, **where)
+            path = resolve_media_path(v, self.media_folder, **where, modality=m)
             try: tensors.append(self.processors[m](path))
             except DataError as e:
                 raise DataError(f"{e.problem} (a {m} of {self.file})", file=e.file, record=i, record_id=rec.get("id"), fix=e.fix) from None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, os, re, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from .core import CheckpointError, ConfigError, check_against_defaults, need_path
+from .core import CheckpointError, ConfigError, check_against_defaults, load_plugins, need_path
 from .conversation import TEMPLATES, TEMPLATE_ALIASES
 from .metrics import read_json_records, gt_answer, vqa_metrics, choice_metrics, f1_precision_recall
 from .checkpoint import read_manifest
@@ -56,6 +56,7 @@ def check_eval_parameters(values:dict, # allowed parameter name -> value, as the
     "Refuse secrets (by name or value), unknown names, wrong types, unknown choices and out-of-range numbers; returns the values."
     check_against_defaults(values, EVAL_PARAMETERS, injected or {}, untyped=("benchmarks",))  # secrets, unknown names, types
     if "benchmarks" in values: values["benchmarks"] = benchmark_names(values["benchmarks"])
+    load_plugins()
     if "modality" in values: get_modality(values["modality"])  # a registered one (a notebook can register its own)
     known = sorted(TEMPLATES) + sorted(TEMPLATE_ALIASES)
     if values.get("template") and values["template"] not in known:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util, json, os, re, shlex, shutil, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from .core import (ConfigError, DataError, ArgumentParser, need_path, resolve_records_path,
+from .core import (ConfigError, load_plugins, DataError, ArgumentParser, need_path, resolve_records_path,
     check_against_defaults, read_json_records, RUN_NOTEBOOKS, run_notebook)
 from .presets import preset_names
 from .config import DEEPSPEED_PRESETS, STAGE_PRESETS, parse_config, resolve_config, resolve_batch
@@ -90,6 +90,7 @@ def check_parameters(values:dict, # parameter name -> value, as the notebook hol
                      injected:set=frozenset()) -> dict: # names papermill injected that the parameters cell lacks
     "Refuse secrets, unknown names, wrong types, unknown choices, negative values and missing files; returns the values."
     check_against_defaults(values, TRAIN_PARAMETERS, injected)  # secrets first, then unknown names and types
+    load_plugins()  # a modality registered in $QLLAVA_PLUGINS is a choice too
     choices = {"stage": tuple(STAGE_PRESETS), "modality": tuple(MODALITIES), "launcher": ("deepspeed", "torchrun", "slurm")}
     for k, ok in choices.items():
         if k in values and values[k] not in ok: raise ConfigError(f"{k} {values[k]!r} is not one of {', '.join(ok)}. Fix: -p {k} {ok[0]}.")

@@ -8,7 +8,7 @@ import contextlib, dataclasses, io, json, logging, math, os, random, shutil, sig
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import torch, torch.utils.data, transformers  # loaded by qllava.model already; the `Run` fields name their types
-from .core import CheckpointError, ConfigError, DataError, QllavaError, asset, resolve_records_path
+from .core import CheckpointError, ConfigError, DataError, QllavaError, asset, load_plugins, resolve_records_path
 from .config import (TrainConfig, STAGE_PRESETS, OPTIMIZERS, DEEPSPEED_PRESETS, resolve_config, resolve_batch, report_targets,
                            config_parser, parse_config)
 from .model import QllavaForCausalLM, full_numel, full_shape, partition
@@ -27,9 +27,9 @@ from .modality import MODALITIES, media_options
 # %% auto #0
 __all__ = ['NOISY_LOGGERS', 'PUBLISHED_GLOBAL_BATCH', 'CKPT_DIR', 'CHECKSUMS', 'third_party_log', 'third_party_to',
            'prints_to_log', 'init_distributed', 'seed_everything', 'hardware_precision', 'deepspeed_config',
-           'apply_stage', 'trainable_summary', 'param_groups', 'make_optimizer', 'media_settings', 'build_dataset',
-           'build_loader', 'build_eval_loader', 'open_reporters', 'RunLog', 'flag_notes', 'step_schedule',
-           'settle_template', 'Run', 'build_run', 'evaluate_vqa', 'evaluate_loss', 'write_checksums',
+           'apply_stage', 'trainable_summary', 'param_groups', 'make_optimizer', 'media_settings', 'run_media_folders',
+           'build_dataset', 'build_loader', 'build_eval_loader', 'open_reporters', 'RunLog', 'flag_notes',
+           'step_schedule', 'settle_template', 'Run', 'build_run', 'evaluate_vqa', 'evaluate_loss', 'write_checksums',
            'verify_checksums', 'safe_load', 'use_safe_loading', 'share_fp32_master', 'save_resumable', 'find_resume',
            'load_resumable', 'device_peak', 'throughput', 'Progress', 'resume_progress', 'optimiser_step', 'after_step',
            'final_metrics', 'train_loop', 'Preempted', 'stop_signals', 'catch_stop_signals', 'stop_requested',
@@ -208,12 +208,17 @@ def media_settings(model) -> tuple[dict, dict]:
     procs = {m: e.processor for m, e in model.encoders.items()}
     return procs, dict(model.config.encoder_num_tokens)
 
+def run_media_folders(cfg:TrainConfig):
+    "Where a run's media paths are relative to: `--image_folder`, or modality -> folder with `--media_folders` (others: it)."
+    if not cfg.media_folders: return cfg.image_folder
+    return {**{m: cfg.image_folder for m in MODALITIES if cfg.image_folder}, **cfg.media_folders}
+
 def build_dataset(cfg:TrainConfig, path:str, model, tokenizer, rank:int=0, log=print):
     "Validate `path` (rank 0) and return (dataset, kept_indices, report_counts)."
     procs, ntok = media_settings(model)
     verdict = None
     if rank == 0:
-        report = validate_data(path, cfg.image_folder, tokenizer=tokenizer, template=cfg.version,
+        report = validate_data(path, run_media_folders(cfg), tokenizer=tokenizer, template=cfg.version,
                                max_length=cfg.model_max_length, n_media_tokens=ntok,
                                use_im_start_end=cfg.mm_use_im_start_end, processors=procs)
         try: bad = raise_if_invalid(report, skip_bad_records=cfg.skip_bad_records)
@@ -226,7 +231,7 @@ def build_dataset(cfg:TrainConfig, path:str, model, tokenizer, rank:int=0, log=p
     _, bad, n, truncated, notes = verdict
     if bad: log(f"skipping {len(bad)} of {n} records that failed validation (--skip_bad_records)")
     for line in notes: log(line)
-    ds = MultimodalDataset(load_records(path), tokenizer, cfg.version, cfg.image_folder, procs, ntok, cfg.model_max_length,
+    ds = MultimodalDataset(load_records(path), tokenizer, cfg.version, run_media_folders(cfg), procs, ntok, cfg.model_max_length,
                            use_im_start_end=cfg.mm_use_im_start_end)
     keep = [i for i in range(len(ds)) if i not in set(bad)] if bad else list(range(len(ds)))
     return ds, keep, dict(records=n, skipped=len(bad), truncated=truncated)
@@ -468,7 +473,7 @@ def evaluate_vqa(run:Run) -> dict:
     out = {}
     if run.rank == 0:
         engine.module.eval()
-        r = vqa_accuracy(engine.module, run.tokenizer, cfg.eval_questions, cfg.eval_gt, cfg.image_folder,
+        r = vqa_accuracy(engine.module, run.tokenizer, cfg.eval_questions, cfg.eval_gt, run_media_folders(cfg),
                          blank=cfg.blank_media, max_new_tokens=cfg.eval_max_new_tokens)
         out = {k: r[k] for k in ("closed_accuracy", "open_accuracy") if r[k] is not None}
         engine.module.train()
@@ -839,6 +844,7 @@ def fit(cfg:TrainConfig, log=print) -> dict:
 def train_cli(argv:list[str]|None=None) -> int:
     "`qllava train` / `python -m qllava.train`: one stage, configured by the original LLaVA flags."
     if argv is not None and any(a in ("-h", "--help") for a in argv): config_parser().print_help(); return 0
+    load_plugins()  # each rank registers the modalities / encoder kinds $QLLAVA_PLUGINS names
     cfg = parse_config(argv)
     if cfg.cache_dir: os.environ["HF_HUB_CACHE"] = str(Path(cfg.cache_dir).expanduser())  # before transformers is imported
     try:

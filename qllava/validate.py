@@ -260,9 +260,10 @@ def check_structure(rec, # one record, as read from the file
 
 # %% ../nbs/07_validate.ipynb #cab236ed
 def resolve_media(value:str, # the path as written in the record
-                  folder:Path): # the media folder
+                  folder:Path|dict, # the media folder, or modality -> folder
+                  modality:str|None=None): # the media's modality
     "(path to open, None) when `value` stays inside `folder`, else (None, why not), decided as training decides."
-    try: return resolve_media_path(value, folder), None
+    try: return resolve_media_path(value, folder, modality=modality), None
     except DataError as e: return None, e.problem
 
 # %% ../nbs/07_validate.ipynb #3dbd4485
@@ -372,7 +373,7 @@ def _record_problems(records, file:str, folder:Path, check_media:bool):
         if not any(p.kind == "bad_media_field" for p in probs):
             for m, vals in media_refs(rec).items():
                 for v in vals:
-                    full, why = resolve_media(v, folder)
+                    full, why = resolve_media(v, folder, m)
                     if why: per_rec[i].append(Problem(file, i, rid, "media_path_escapes", why))
                     elif check_media: wanted[(m, full)].append(i)
         if all(p.kind in _TOKENIZABLE for p in probs): to_tokenize.append(i)   # else the template refuses it: already reported
@@ -391,7 +392,7 @@ def _supervision_problems(records, idx, per_rec, tok, tmpl, nmt, max_length, use
             per_rec[i].append(Problem(file, i, rid, "truncated", f"the sample is longer than max_length {max_length}; {s.n_supervised} supervised tokens are kept{cut}"))
 
 def validate_data(data_path, # a JSON list or JSONL file of LLaVA records
-                  media_folder=None, # folder the media paths are relative to (default: the data file's folder)
+                  media_folder=None, # folder the media paths are relative to, or modality -> folder (default: the data file's folder)
                   tokenizer="llama-demo", # tokenizer name / folder, or a tokenizer
                   template="vicuna_v1", # conversation template name (or a Template)
                   max_length:int=2048, # model_max_length: samples are truncated to it
@@ -407,7 +408,8 @@ def validate_data(data_path, # a JSON list or JSONL file of LLaVA records
     "Scan the whole data set and report every problem, with its file, record, id and fix."
     path, f = Path(data_path), str(data_path)
     if not path.is_file(): raise DataError("the data file does not exist.", file=path, fix="pass the path of a JSON or JSONL file of records.")
-    folder = Path(media_folder if media_folder is not None else path.parent).resolve()
+    folder = Path(media_folder if media_folder is not None else path.parent).resolve() if not isinstance(media_folder, dict) \
+        else {m: Path(f).resolve() for m, f in media_folder.items()}
     tok, tmpl, nmt, tok_name = _setup(tokenizer, template, n_media_tokens, use_im_start_end, encoders, select_feature)
     rep = ValidationReport(f, tmpl.name, dict(tokenizer=tok_name, max_length=max_length, media_tokens=nmt,
                                               media_folder=str(folder), check_media=check_media), max_problems=max_problems)

@@ -37,3 +37,16 @@ def test_a_sensor_run_has_no_image_options_and_says_the_flag_does_nothing():
     from qllava.train import flag_notes
     cfg = resolve_config(TrainConfig(stage="pretrain", vision_tower="preset:tiny-limu"))
     assert any("--image_aspect_ratio square has no effect on the media of sensor" in n for n in flag_notes(cfg, 1))
+
+
+def test_media_folders_are_per_modality_and_a_missing_one_is_named(tmp_path):
+    from qllava.core import DataError
+    from qllava.dataset import resolve_media_path
+    from qllava.train import run_media_folders
+    folders = {"image": tmp_path / "img", "sensor": tmp_path / "imu"}
+    assert resolve_media_path("a.npy", folders, modality="sensor") == tmp_path / "imu" / "a.npy"
+    with pytest.raises(DataError, match="no media folder is given for sensor media.*add sensor to --media_folders"):
+        resolve_media_path("a.npy", {"image": tmp_path}, file="d.json", record=3, modality="sensor")
+    cfg = TrainConfig(image_folder="all", media_folders={"sensor": "imu"})
+    assert run_media_folders(cfg)["sensor"] == "imu" and run_media_folders(cfg)["image"] == "all"
+    assert run_media_folders(TrainConfig(image_folder="all")) == "all"
