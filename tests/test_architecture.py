@@ -99,3 +99,12 @@ def test_library_names_no_shipped_modality_outside_its_registrations():
             found += [f"{m}.py:{n.lineno} {n.value!r}" for n in ast.walk(top)
                       if isinstance(n, ast.Constant) and n.value in SHIPPED_MODALITY_NAMES]
     assert not found, "\n".join(found)
+
+
+def test_the_ignored_label_is_named_not_written():
+    "-100 is written once, as `qllava.tokenize.IGNORE_INDEX`; every other use names it."
+    lines = {m: (PKG / f"{m}.py").read_text().splitlines() for m in MODULES}
+    found = [f"{m}.py:{n.lineno}: {lines[m][n.lineno - 1].strip()}" for m in MODULES for n in ast.walk(ast.parse("\n".join(lines[m])))
+             if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub) and isinstance(n.operand, ast.Constant)
+             and n.operand.value == 100]
+    assert len(found) == 1 and found[0].startswith("tokenize.py:") and ": IGNORE_INDEX = -100" in found[0], found
