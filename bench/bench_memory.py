@@ -98,7 +98,8 @@ def make_llm(folder:Path, layers:int, ck:Path) -> int:
 def worker(a) -> None:
     import torch
     import deepspeed  # noqa: F401 (imported before measuring: part of the overhead)
-    from qllava.model import build_model, full_numel, partition, release_memory
+    from qllava.model import build_model
+    from qllava.weights import full_numel, partition, release_memory
     from qllava.config import TrainConfig, resolve_config
     from qllava.train import apply_stage, deepspeed_config, init_distributed, make_optimizer, param_groups, share_fp32_master
     rank, world = init_distributed()

@@ -251,7 +251,8 @@ def training_batch(tokenizer, n_tokens:int, processor, batch:int, seed:int=0) ->
 
 
 def build_bench_model():
-    from qllava.model import build_model, resize_embeddings
+    from qllava.model import build_model
+    from qllava.weights import resize_embeddings
     t = time.perf_counter()
     model, tok = build_model(llm="preset:bench-llama", encoders={"image": "preset:bench-vit-b32"}, tokenizer="llama-demo")
     as_built = sum(p.numel() for p in model.llm.parameters())

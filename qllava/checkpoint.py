@@ -17,9 +17,10 @@ from .presets import default_tokenizer, save_tokenizer
 from .conversation import IM_END, chat_template, generation_prompt, get_template, render, spans_text
 from .modality import media_options, placeholders
 from .encoders import encoder_modality, load_weights_file, resolve_spec
-from .model import (QllavaConfig, QllavaForCausalLM, WeightReader, build_model, cast_params, default_attn_implementation,
-                          ds_param_dtype, empty_weights, gathered, get_encoder, get_tokenizer, hf_zero3, llm_from_weights,
-                          load_weights, media_token_id, meta_names, partition, resize_embeddings, resolve_dtype, zero_stage)
+from .weights import (WeightReader, cast_params, default_attn_implementation, ds_param_dtype, empty_weights, gathered,
+                            hf_zero3, llm_from_weights, load_weights, meta_names, partition, resize_embeddings, resolve_dtype,
+                            zero_stage)
+from .model import QllavaConfig, QllavaForCausalLM, build_model, get_encoder, get_tokenizer, media_token_id
 from .tokenize import encode_chunked, prepare_tokenizer
 
 # %% auto #0

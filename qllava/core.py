@@ -436,6 +436,7 @@ LAYERS = {
     "modalities": ("modality",),
     "conversations": ("conversation",),
     "tokens and towers": ("tokenize", "encoders"),
+    "weights": ("weights",),
     "data and the model": ("dataset", "packing", "model"),
     "model in use": ("generate", "checkpoint", "validate", "convert", "flops"),
     "answering and judging": ("answer", "review"),

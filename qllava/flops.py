@@ -7,7 +7,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from .modality import MODALITIES
-from .model import gathered, position_ids_from_mask
+from .weights import gathered
+from .model import position_ids_from_mask
 
 # %% auto #0
 __all__ = ['matmul_peak', 'FlopModel', 'flop_model', 'sample_lengths', 'batch_model_flops']

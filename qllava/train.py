@@ -11,7 +11,8 @@ import torch, torch.utils.data, transformers  # loaded by qllava.model already; 
 from .core import CheckpointError, ConfigError, DataError, QllavaError, asset, load_plugins, resolve_records_path
 from .config import (TrainConfig, STAGE_PRESETS, OPTIMIZERS, DEEPSPEED_PRESETS, resolve_config, resolve_batch, report_targets,
                            config_parser, parse_config)
-from .model import QllavaForCausalLM, full_numel, full_shape, partition
+from .weights import full_numel, full_shape, partition
+from .model import QllavaForCausalLM
 from .dataset import load_records, MultimodalDataset, DataCollator, ModalityLengthGroupedSampler
 from .packing import PackingCollator, batch_counts, row_budget
 from .flops import FlopModel, flop_model, batch_model_flops, matmul_peak

@@ -111,7 +111,8 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 import deepspeed
 from qllava.config import parse_config
 from qllava.train import init_distributed, deepspeed_config, build_run, trainable_summary
-from qllava.model import build_model, full_numel, is_partitioned
+from qllava.model import build_model
+from qllava.weights import full_numel, is_partitioned
 from qllava.checkpoint import load_state_file
 rank, world = init_distributed()
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
