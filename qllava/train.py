@@ -24,18 +24,17 @@ from .tokenize import IGNORE_INDEX, pick_template
 from .conversation import get_template
 from .answer import vqa_accuracy
 from .modality import MODALITIES, media_options
+from .resume import *  # resume safety; re-exported, as these names lived in qllava.train before
 
 # %% auto #0
-__all__ = ['NOISY_LOGGERS', 'PUBLISHED_GLOBAL_BATCH', 'CKPT_DIR', 'CHECKSUMS', 'third_party_log', 'third_party_to',
-           'prints_to_log', 'init_distributed', 'seed_everything', 'hardware_precision', 'deepspeed_config',
-           'apply_stage', 'trainable_summary', 'param_groups', 'make_optimizer', 'media_settings', 'run_media_folders',
-           'build_dataset', 'build_loader', 'build_eval_loader', 'open_reporters', 'RunLog', 'flag_notes',
-           'step_schedule', 'settle_template', 'Run', 'build_run', 'evaluate_vqa', 'evaluate_loss', 'write_checksums',
-           'verify_checksums', 'safe_load', 'use_safe_loading', 'share_fp32_master', 'save_resumable', 'find_resume',
-           'load_resumable', 'device_peak', 'throughput', 'Progress', 'resume_progress', 'optimiser_step', 'after_step',
-           'final_metrics', 'train_loop', 'Preempted', 'stop_signals', 'catch_stop_signals', 'stop_requested',
-           'save_here', 'save_and_stop', 'save_final', 'tokenizer_summary', 'quantization_summary', 'fit', 'train_cli',
-           'close_distributed', 'exit_rank']
+__all__ = ['NOISY_LOGGERS', 'PUBLISHED_GLOBAL_BATCH', 'third_party_log', 'third_party_to', 'prints_to_log', 'init_distributed',
+           'seed_everything', 'hardware_precision', 'deepspeed_config', 'apply_stage', 'trainable_summary',
+           'param_groups', 'make_optimizer', 'media_settings', 'run_media_folders', 'build_dataset', 'build_loader',
+           'build_eval_loader', 'open_reporters', 'RunLog', 'flag_notes', 'step_schedule', 'settle_template', 'Run',
+           'build_run', 'evaluate_vqa', 'evaluate_loss', 'device_peak', 'throughput', 'Progress', 'resume_progress',
+           'optimiser_step', 'after_step', 'final_metrics', 'train_loop', 'Preempted', 'stop_signals',
+           'catch_stop_signals', 'stop_requested', 'save_here', 'save_and_stop', 'save_final', 'tokenizer_summary',
+           'quantization_summary', 'fit', 'train_cli', 'close_distributed', 'exit_rank']
 
 # %% ../nbs/21_train.ipynb #1a2171d5
 NOISY_LOGGERS = ("py.warnings", "bitsandbytes", "DeepSpeed", "torch.distributed", "accelerate", "peft", "qllava.third_party")
@@ -197,13 +196,6 @@ def make_optimizer(groups:list, # `param_groups`
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, **OPTIMIZERS[cfg.optim])
 
 # %% ../nbs/21_train.ipynb #b0dd281f
-def _broadcast(obj, rank:int):
-    import torch.distributed as dist
-    if not dist.is_initialized(): return obj
-    box = [obj if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
 def media_settings(model) -> tuple[dict, dict]:
     "(processors, n_media_tokens) per modality, as declared by the model's encoders."
     procs = {m: e.processor for m, e in model.encoders.items()}
@@ -227,7 +219,7 @@ def build_dataset(cfg:TrainConfig, path:str, model, tokenizer, rank:int=0, log=p
         else:  # the validator's fix names its own CLI flag; here it is the training flag
             notes = [l.replace("--max-length", "--model_max_length") for l in report.notes(kinds=["truncated"])]
             verdict = ("ok", sorted(bad), report.n_records, report.truncation(), notes)
-    verdict = _broadcast(verdict, rank)
+    verdict = broadcast_object(verdict, rank)
     if verdict[0] == "error": raise DataError(verdict[1])
     _, bad, n, truncated, notes = verdict
     if bad: log(f"skipping {len(bad)} of {n} records that failed validation (--skip_bad_records)")
@@ -262,25 +254,6 @@ def build_eval_loader(ds, cfg:TrainConfig, rank:int, world:int):
                       collate_fn=DataCollator(ds.tokenizer.pad_token_id))
 
 # %% ../nbs/21_train.ipynb #266460f3
-def _rng_state() -> dict:
-    "Every RNG this process draws from, as tensors, numbers and strings only: `torch.load(weights_only=True)` reads it back."
-    import numpy as np, torch
-    version, keys, gauss = random.getstate()
-    kind, key, pos, has_gauss, cached = np.random.get_state()
-    s = dict(python=dict(version=version, keys=torch.tensor(keys, dtype=torch.int64), gauss=gauss),
-             numpy=dict(kind=str(kind), key=torch.from_numpy(key.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss), cached=float(cached)),
-             torch=torch.get_rng_state())
-    if torch.cuda.is_available(): s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-def _set_rng_state(s:dict):
-    import numpy as np, torch
-    p, n = s["python"], s["numpy"]
-    random.setstate((p["version"], tuple(p["keys"].tolist()), p["gauss"]))
-    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
-
 def _all_sum(x:float) -> float:
     import torch, torch.distributed as dist
     if not dist.is_initialized(): return x
@@ -496,143 +469,6 @@ def evaluate_loss(run:Run) -> float:
     if dist.is_initialized():
         t = torch.tensor([tot, n], dtype=torch.float64); dist.all_reduce(t); tot, n = t.tolist()
     return tot / max(n, 1)
-
-# %% ../nbs/21_train.ipynb #4c6ba6ee
-CKPT_DIR = "checkpoints"
-CHECKSUMS = "checksums.json"  # in each checkpoint folder: the sha256 and size of every other file in it
-
-def _sha256(p:Path) -> str:
-    import hashlib
-    with open(p, "rb") as f: return hashlib.file_digest(f, "sha256").hexdigest()
-
-def _files(folder:Path) -> dict:
-    "Relative name -> path of every file under `folder` but its checksums."
-    return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
-
-def _sha256s(paths:list) -> list[str]:
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool: return list(pool.map(_sha256, paths))  # hashlib runs outside the GIL
-
-def write_checksums(folder) -> dict:
-    "Record the sha256 and size of every file under `folder` in its `checksums.json`; returns the record."
-    folder = Path(folder)
-    files = _files(folder)
-    rec = {k: dict(sha256=s, size=p.stat().st_size) for (k, p), s in zip(files.items(), _sha256s(list(files.values())))}
-    (folder / CHECKSUMS).write_text(json.dumps(rec, indent=1))
-    return rec
-
-def verify_checksums(folder, # a resumable checkpoint folder
-                     hashes:bool=True): # False: only that the same files, of the same sizes, are there (instant)
-    "Refuse a checkpoint folder whose files are not exactly those recorded when it was saved, before anything unpickles them."
-    folder = Path(folder)
-    fix = ("Fix: resume from a checkpoint this run saved and nobody changed (`last`, or an older checkpoints/step-N), or start over; "
-           "if you changed it yourself and trust every file, record its state again with `qllava.train.write_checksums(folder)`.")
-    if not (folder / CHECKSUMS).is_file():
-        raise CheckpointError(f"{folder}: no {CHECKSUMS}, so its files (DeepSpeed's pickles among them) cannot be checked before loading. {fix}")
-    try: rec = json.loads((folder / CHECKSUMS).read_text())
-    except ValueError as e: raise CheckpointError(f"{folder / CHECKSUMS}: not valid JSON ({e}). {fix}") from None
-    have = _files(folder)
-    bad = [f"{k} (missing)" for k in rec if k not in have] + [f"{k} (not saved with the checkpoint)" for k in have if k not in rec]
-    bad += [f"{k} (size {have[k].stat().st_size}, saved {v['size']})" for k, v in rec.items() if k in have and have[k].stat().st_size != v["size"]]
-    if not bad and hashes:
-        names = sorted(rec)
-        bad = [f"{k} (sha256 differs)" for k, s in zip(names, _sha256s([have[k] for k in names])) if s != rec[k]["sha256"]]
-    if bad: raise CheckpointError(f"{folder}: {len(bad)} file(s) differ from what was saved: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
-                                  f"nothing was loaded. {fix}")
-    return folder
-
-def _deepspeed_record_types() -> list:
-    "The plain record types DeepSpeed pickles into its optimiser files (an enum, a named tuple, loss scalers): data, no code."
-    from deepspeed.utils.tensor_fragment import fragment_address
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
-    return [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
-
-def safe_load(path, # a torch pickle (DeepSpeed's model / optimiser states, an RNG state)
-              map_location=None):
-    "`torch.load(weights_only=True)` allowing DeepSpeed's record types too; a file that needs anything else is refused, unrun."
-    import pickle, re, torch
-    try:
-        with torch.serialization.safe_globals(_deepspeed_record_types()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        what = ", ".join(dict.fromkeys(re.findall(r"GLOBAL (\S+)", str(e)))) or "an object that is not plain data"
-        raise CheckpointError(f"{path}: refused to load: it asks for {what}, which could run code; nothing in it was run. "
-                              "Fix: resume from a checkpoint this run saved and nobody changed, or start over.") from None
-
-def use_safe_loading(engine):
-    "Make a DeepSpeed engine read its checkpoints through `safe_load` (its own loader unpickles any object, code included)."
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    ce = engine.checkpoint_engine
-    if type(ce) is not TorchCheckpointEngine:
-        raise ConfigError(f"the DeepSpeed config picks the {type(ce).__name__} checkpoint engine, whose loading qllava cannot make safe. "
-                          "Fix: drop `checkpoint` / `nebula` from the DeepSpeed config.")
-    ce.load = lambda path, map_location=None: safe_load(path, map_location)
-    return engine
-
-def _master_pairs(opt) -> list:
-    "(fp32 master share, the weights' own flat share) per parameter group of a ZeRO optimiser; [] for any other."
-    import torch.distributed as dist
-    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
-        return [(m, w) for m, w in zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat) if w is not None]
-    if hasattr(opt, "single_partition_of_fp32_groups") and not opt.cpu_offload:  # ZeRO-1 / 2 (offload keeps its own staging buffers)
-        return [(m, ws[dist.get_rank(group=g)]) for m, ws, g in
-                zip(opt.single_partition_of_fp32_groups, opt.parallel_partitioned_bit16_groups, opt.real_dp_process_group)]
-    return []
-
-def share_fp32_master(engine) -> int:
-    "Make DeepSpeed's fp32 master share the fp32 weights' own share instead of a clone of it; returns the bytes freed on this rank."
-    # DeepSpeed 0.19's ZeRO-3 means to skip this clone when dtype and device match, but compares a torch.device with a
-    # string, so it never does; ZeRO-2 always clones. Each step then copies the master into the weights: a self-copy.
-    opt, freed = getattr(engine, "optimizer", None), 0
-    for m, w in _master_pairs(opt):
-        if (m.dtype, m.device, m.shape) == (w.dtype, w.device, w.shape) and m.data_ptr() != w.data_ptr():
-            freed += m.numel() * m.element_size()
-            m.data = w.data  # the same Parameter object (the optimiser's state is keyed by it), now over the weights' storage
-    if freed and hasattr(opt, "_link_all_hp_params"): opt._link_all_hp_params()  # ZeRO-2's per-weight views of the master: onto the shared one (the clone is freed)
-    return freed
-
-def save_resumable(run:Run, step:int, epoch:int, micro:int):
-    "Save a resumable checkpoint `checkpoints/step-{step}` and prune to `save_total_limit`."
-    import torch, torch.distributed as dist
-    cfg, engine, rank = run.cfg, run.engine, run.rank
-    root = Path(cfg.output_dir) / CKPT_DIR
-    tag = f"step-{step}"
-    engine.save_checkpoint(str(root), tag=tag, client_state=dict(step=step, epoch=epoch, micro=micro))
-    torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
-    if dist.is_initialized(): dist.barrier()
-    if rank == 0:
-        write_checksums(root / tag)  # verified before the next resume unpickles anything
-        tmp = root / f".latest_step.{os.getpid()}"  # written whole, then renamed: a reader never sees it half-written
-        tmp.write_text(tag); os.replace(tmp, root / "latest_step")
-        done = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-        for old in done[:-max(cfg.save_total_limit, 1)]: shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized(): dist.barrier()
-
-def find_resume(cfg:TrainConfig) -> Path|None:
-    "The checkpoint folder to resume from: `last` finds the newest under output_dir; None when there is nothing."
-    r = cfg.resume_from_checkpoint
-    if not r: return None
-    if r in ("last", "latest", "True", "true"):
-        f = Path(cfg.output_dir) / CKPT_DIR / "latest_step"
-        return (f.parent / f.read_text().strip()) if f.exists() else None
-    p = Path(r)
-    if not p.is_dir(): raise ConfigError(f"--resume_from_checkpoint {r}: no such checkpoint folder. Fix: pass `last` or an existing {CKPT_DIR}/step-N folder.")
-    return p
-
-def load_resumable(run:Run, path:Path) -> dict:
-    "Restore weights, optimiser, scheduler and RNG from `path` once its checksums hold; returns its client state (step, epoch, micro)."
-    err = None
-    if run.rank == 0:  # one rank hashes; all refuse alike, before DeepSpeed's loader (which unpickles) sees a file
-        try: verify_checksums(path)
-        except CheckpointError as e: err = str(e)
-    err = _broadcast(err, run.rank)
-    if err: raise CheckpointError(err)
-    _, client = run.engine.load_checkpoint(str(path.parent), tag=path.name)
-    rng = path / f"rng_rank{run.rank}.pt"
-    if rng.exists():
-        _set_rng_state(safe_load(rng))
-    return client
 
 # %% ../nbs/21_train.ipynb #f63afb81
 def device_peak(device, model) -> float:

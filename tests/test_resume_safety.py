@@ -68,7 +68,7 @@ def _resume(run, ckpt, tmp_path):
 
 @pytest.mark.parametrize("name", DS_FILES)
 def test_a_planted_payload_in_a_resumable_checkpoint_runs_nothing(run, tmp_path, name):
-    from qllava.train import write_checksums
+    from qllava.resume import write_checksums
     ckpt = tmp_path / "step-2"
     shutil.copytree(run["out"] / "checkpoints" / "step-2", ckpt)
     assert (ckpt / name).is_file() and (ckpt / "checksums.json").is_file()

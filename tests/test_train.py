@@ -84,7 +84,7 @@ def test_stage1_changes_only_the_projector(projector):
     from qllava.model import build_model
     ref, _ = build_model(seed=3)  # the run's base: same presets, same seed
     ck = sorted((projector / "checkpoints").glob("step-*"))[-1]
-    from qllava.train import safe_load
+    from qllava.resume import safe_load
     states = safe_load(next(ck.glob("mp_rank_00_model_states.pt")))["module"]   # trained with gradient checkpointing: gradients reach it
     before = ref.state_dict()
     changed = {k for k, v in states.items() if not torch.equal(v.float(), before[k].float())}
