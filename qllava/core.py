@@ -442,7 +442,7 @@ LAYERS = {
     "answering and judging": ("answer", "review"),
     "conversations with a model": ("chat",),
     "serving": ("serve", "webdemo"),
-    "resume safety": ("resume",),
+    "resume safety and run records": ("resume", "reporting"),
     "training and summaries": ("train", "summarize"),
     "run notebooks": ("runs", "evalrun"),
     "benchmark runs": ("bench",),

@@ -25,62 +25,16 @@ from .conversation import get_template
 from .answer import vqa_accuracy
 from .modality import MODALITIES, media_options
 from .resume import *  # resume safety; re-exported, as these names lived in qllava.train before
+from .reporting import *  # metrics and logs; re-exported the same way
 
 # %% auto #0
-__all__ = ['NOISY_LOGGERS', 'PUBLISHED_GLOBAL_BATCH', 'third_party_log', 'third_party_to', 'prints_to_log', 'init_distributed',
-           'seed_everything', 'hardware_precision', 'deepspeed_config', 'apply_stage', 'trainable_summary',
-           'param_groups', 'make_optimizer', 'media_settings', 'run_media_folders', 'build_dataset', 'build_loader',
-           'build_eval_loader', 'open_reporters', 'RunLog', 'flag_notes', 'step_schedule', 'settle_template', 'Run',
-           'build_run', 'evaluate_vqa', 'evaluate_loss', 'device_peak', 'throughput', 'Progress', 'resume_progress',
-           'optimiser_step', 'after_step', 'final_metrics', 'train_loop', 'Preempted', 'stop_signals',
-           'catch_stop_signals', 'stop_requested', 'save_here', 'save_and_stop', 'save_final', 'tokenizer_summary',
-           'quantization_summary', 'fit', 'train_cli', 'close_distributed', 'exit_rank']
-
-# %% ../nbs/21_train.ipynb #1a2171d5
-NOISY_LOGGERS = ("py.warnings", "bitsandbytes", "DeepSpeed", "torch.distributed", "accelerate", "peft", "qllava.third_party")
-
-def third_party_log(output_dir) -> Path:
-    "This rank's log file of library output in `output_dir`."
-    rank = os.environ.get("RANK", "0")
-    return Path(output_dir) / ("third_party.log" if rank == "0" else f"third_party.rank{rank}.log")
-
-def _warnings_to_log(show):
-    "A `warnings.showwarning` that logs other packages' warnings to `py.warnings` and shows qllava's own with `show`."
-    import qllava
-    ours = Path(qllava.__file__).resolve().parent
-    def showwarning(message, category, filename, lineno, file=None, line=None):
-        if Path(filename).resolve().is_relative_to(ours): return show(message, category, filename, lineno, file, line)
-        text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
-        logging.getLogger("py.warnings").warning(text)
-    return showwarning
-
-@contextlib.contextmanager
-def third_party_to(path:Path):
-    "While the block runs, Python warnings and the libraries' loggers write to `path` instead of the terminal."
-    import torch
-    from transformers.utils import logging as hf_logging
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.device_count(): os.environ["DS_ACCELERATOR"] = "cpu"
-    import deepspeed  # its logger gets a stdout handler when first imported: import it before that logger is redirected
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    h = logging.FileHandler(path); h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    loggers = [logging.getLogger(n) for n in NOISY_LOGGERS]
-    saved = [(l, l.handlers[:], l.propagate) for l in loggers]
-    for l in loggers: l.handlers, l.propagate = [h], False
-    logging.getLogger("qllava.third_party").setLevel(logging.INFO)
-    show, warnings.showwarning = warnings.showwarning, _warnings_to_log(warnings.showwarning)
-    hf_logging.disable_default_handler(); hf_logging.add_handler(h)
-    try: yield Path(path)
-    finally:
-        warnings.showwarning = show; hf_logging.remove_handler(h); hf_logging.enable_default_handler()
-        for l, hs, p in saved: l.handlers, l.propagate = hs, p
-        h.close()
-
-@contextlib.contextmanager
-def prints_to_log():
-    "Whatever the block prints (DeepSpeed's 'op built successfully') goes to the third-party log, not stdout."
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf): yield
-    if buf.getvalue().strip(): logging.getLogger("qllava.third_party").info(buf.getvalue().strip())
+__all__ = ['PUBLISHED_GLOBAL_BATCH', 'init_distributed', 'seed_everything', 'hardware_precision', 'deepspeed_config',
+           'apply_stage', 'trainable_summary', 'param_groups', 'make_optimizer', 'media_settings', 'run_media_folders',
+           'build_dataset', 'build_loader', 'build_eval_loader', 'flag_notes', 'step_schedule', 'settle_template',
+           'Run', 'build_run', 'evaluate_vqa', 'evaluate_loss', 'device_peak', 'throughput', 'Progress',
+           'resume_progress', 'optimiser_step', 'after_step', 'final_metrics', 'train_loop', 'Preempted',
+           'stop_signals', 'catch_stop_signals', 'stop_requested', 'save_here', 'save_and_stop', 'save_final',
+           'tokenizer_summary', 'quantization_summary', 'fit', 'train_cli', 'close_distributed', 'exit_rank']
 
 # %% ../nbs/21_train.ipynb #5f315f46
 def init_distributed() -> tuple[int,int]:
@@ -282,46 +236,6 @@ def _to_device(batch:dict, device, blank:bool=False) -> dict:
             if k in out: out[k] = out[k].new_zeros(out[k].shape)
     return out
 
-def open_reporters(names:list[str], out:Path, cfg:TrainConfig|None=None) -> dict:
-    "The `--report_to` writers, opened on rank 0: tensorboard event files in `out/tensorboard`, a wandb run in `out/wandb`."
-    writers = {}
-    for name in names:
-        try:
-            if name == "tensorboard":
-                from torch.utils.tensorboard import SummaryWriter
-                writers[name] = SummaryWriter(log_dir=str(out / "tensorboard"))
-            elif name == "wandb":
-                import wandb
-                (out / "wandb").mkdir(parents=True, exist_ok=True)
-                writers[name] = wandb.init(project=os.environ.get("WANDB_PROJECT", "qllava"), name=out.name, dir=str(out),
-                                           config=asdict(cfg) if cfg is not None else None, reinit=True)
-        except ImportError as e:
-            raise ConfigError(f"--report_to {name} needs the {name} package ({e}). Fix: pip install {name}, or pass --report_to none.") from None
-    return writers
-
-class RunLog:
-    "Appends JSON lines to `metrics.jsonl` (rank 0), mirrors them to the `--report_to` writers, prints the progress line."
-    def __init__(self, out:Path, rank:int, total_steps:int, writers:dict|None=None):
-        self.path, self.rank, self.total, self.writers = out / "metrics.jsonl", rank, total_steps, writers or {}
-    def __call__(self, **rec):
-        if self.rank != 0: return
-        rec = {"time": round(time.time(), 3), **rec}
-        with open(self.path, "a") as f: f.write(json.dumps(rec) + "\n")
-        scalars = {k: v for k, v in rec.items() if k not in ("time", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if "tensorboard" in self.writers:
-            for k, v in scalars.items(): self.writers["tensorboard"].add_scalar(f"train/{k}", v, rec.get("step", 0))
-        if "wandb" in self.writers: self.writers["wandb"].log({f"train/{k}": v for k, v in scalars.items()}, step=rec.get("step", 0))
-        if "loss" in rec: report_progress(rec["step"], self.total, loss=round(rec["loss"], 4), lr=rec.get("lr"))
-    def truncate(self, step:int):
-        "Drop the records after `step` (a resumed run logs those steps again), so that the file keeps one record per step."
-        if self.rank != 0 or not self.path.exists(): return
-        keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(l + "\n" for l in keep)); tmp.replace(self.path)  # a kill now leaves the old or the new file, whole
-    def close(self):
-        "Flush and close the writers."
-        for name, w in self.writers.items(): w.close() if name == "tensorboard" else w.finish()
-        self.writers = {}
 
 # %% ../nbs/21_train.ipynb #3c13815d
 PUBLISHED_GLOBAL_BATCH = {st: p["global_batch_size"] for st, p in STAGE_PRESETS.items()}
