@@ -1,13 +1,13 @@
 """Data pipeline throughput, side by side with the plain alternatives.
 
-1. Records indexed per second: `qllava.dataset.load_records` (byte-offset index, nothing parsed) on a 100k-record
+1. Records indexed per second: `qllava.data.dataset.load_records` (byte-offset index, nothing parsed) on a 100k-record
    JSON list and JSONL file, against reading the same file whole with `json.load` / `json.loads` per line (what
    LLaVA does). Also: random access and a full pass over the lazy records, and the memory each approach holds.
 2. Length estimates for the sampler: `MultimodalDataset.lengths` on the 100k file (no media decoded, no record
    fully tokenised) against tokenising every conversation's text with the tokenizer in one batch.
 3. Tokenised samples per second: `MultimodalDataset[i]` with the shipped `llama-demo` tokenizer (text only, and with
    the demo pathology tiles decoded by the tiny-clip image processor), and the batched
-   `qllava.tokenize.tokenize_conversations` for comparison; one torch thread, as in a DataLoader worker.
+   `qllava.data.tokenize.tokenize_conversations` for comparison; one torch thread, as in a DataLoader worker.
 4. The sampler: planning one epoch of 100k samples on 8 ranks.
 
 The 100k records are the shipped demo conversations (pathology + IMU) repeated with fresh ids, so the text and
@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from qllava.dataset import load_records, MultimodalDataset, ModalityLengthGroupedSampler  # noqa: E402
+from qllava.data.dataset import load_records, MultimodalDataset, ModalityLengthGroupedSampler  # noqa: E402
 
 
 def timed(fn, repeat=1):
@@ -47,7 +47,7 @@ def held_bytes(fn):
 
 def make_files(folder: Path, n: int):
     "A 100k-record JSON list and JSONL file made of the demo conversations with fresh ids."
-    from qllava.presets import demo_paths
+    from qllava.data.presets import demo_paths
     base = []
     for m in ("pathology", "imu"):
         p = demo_paths(m)
@@ -98,7 +98,7 @@ def bench_index(folder: Path, n: int):
 
 
 def bench_lengths(folder: Path, n: int, tok):
-    from qllava.media import ImageProcessor, SensorProcessor
+    from qllava.data.media import ImageProcessor, SensorProcessor
     ds = MultimodalDataset(folder / "big.jsonl", tok, "vicuna_v1", folder, {"image": ImageProcessor(64), "sensor": SensorProcessor(100, 6)},
                            {"image": 16, "sensor": 100}, max_length=2048)
     t_est, lengths = timed(lambda: ds.lengths)
@@ -107,7 +107,7 @@ def bench_lengths(folder: Path, n: int, tok):
     texts = ["\n".join(t["value"] for t in recs[i]["conversations"]) for i in range(k)]
     t_tok, _ = timed(lambda: tok(texts, add_special_tokens=False)["input_ids"])
     # accuracy of the estimate against the real token count (media placeholders expanded) of 500 random samples
-    from qllava.tokenize import tokenize_conversation
+    from qllava.data.tokenize import tokenize_conversation
     idx = random.Random(1).sample(range(n), 500)
     real = [len(tokenize_conversation(recs[i]["conversations"], tok, "vicuna_v1", ds.n_media_tokens, 2048).input_ids) for i in idx]
     est = [lengths[i] for i in idx]
@@ -120,9 +120,9 @@ def bench_lengths(folder: Path, n: int, tok):
 
 
 def bench_tokenise(folder: Path, tok):
-    from qllava.media import ImageProcessor
-    from qllava.presets import demo_paths, get_preset
-    from qllava.tokenize import tokenize_conversations
+    from qllava.data.media import ImageProcessor
+    from qllava.data.presets import demo_paths, get_preset
+    from qllava.data.tokenize import tokenize_conversations
     rows = []
     recs = load_records(folder / "big.jsonl")
     text_idx = [i for i in range(5000) if "image" not in recs[i] and "sensor" not in recs[i]][:1000]
@@ -192,8 +192,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for data.json and data.md")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    from qllava.presets import load_tokenizer
-    from qllava.tokenize import prepare_tokenizer
+    from qllava.data.presets import load_tokenizer
+    from qllava.data.tokenize import prepare_tokenizer
     import torch, transformers
     torch.set_num_threads(1)   # as in a DataLoader worker (PyTorch gives each worker one thread)
     tok = prepare_tokenizer(load_tokenizer("llama-demo"))

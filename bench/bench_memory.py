@@ -9,11 +9,11 @@ ranks, plus ~1.5 GB for the two launcher processes: a 1B model needs ~35 GB, 300
 (`preset:tiny-clip`, frozen, ~0.1M parameters) so the LLM dominates.
 P = one full fp32 copy of the model's parameters (bytes).
 
-1. Construction and training (`--worker`, launched with `qllava.launch` on 2 CPU ranks over gloo, as tests/test_train.py
+1. Construction and training (`--worker`, launched with `qllava.cluster.launch` on 2 CPU ranks over gloo, as tests/test_train.py
    does), for ZeRO-2, ZeRO-3 and ZeRO-3 offload (the shipped presets) x fp32 and bf16 weights. Each rank: the fixed
    overhead first (the same path on `preset:tiny-llama`: imports, DeepSpeed, tokenizer, tiny parts), then
-   `qllava.model.build_model(folder, dtype=..., ds_config=qllava.train.deepspeed_config(preset, ...))` (peak RSS after
-   construction), then the stage-2 setup of `qllava.train.build_run` (`apply_stage` finetune, `partition`,
+   `qllava.modeling.model.build_model(folder, dtype=..., ds_config=qllava.training.train.deepspeed_config(preset, ...))` (peak RSS after
+   construction), then the stage-2 setup of `qllava.training.train.build_run` (`apply_stage` finetune, `partition`,
    `make_optimizer` over `param_groups`, `deepspeed.initialize` with the config's `auto` buckets sized from the LLM's
    width as `build_run` does, `share_fp32_master`) and 3 optimiser steps on a fixed text-only batch (1 x 64 tokens; the
    tower still runs on a dummy input). `--variants`: `qllava` (that path: fused AdamW, the fp32 master shared with fp32
@@ -21,14 +21,14 @@ P = one full fp32 copy of the model's parameters (bytes).
    Figures: VmHWM (peak RSS) and RssAnon (anonymous memory held) from /proc/self/status. The ranks run with glibc's
    mmap threshold fixed (`--mmap-threshold`), so freed buffers leave RSS at once instead of staying in the heap.
    Theory per rank, 2 ranks: see THEORY / LAYOUT below and the notes written under the table.
-2. Loading (one process each, fresh interpreters, interleaved, median of `--repeats`): `qllava.checkpoint.load_checkpoint`
+2. Loading (one process each, fresh interpreters, interleaved, median of `--repeats`): `qllava.modeling.checkpoint.load_checkpoint`
    of a qllava checkpoint of the same model vs transformers' `AutoModelForCausalLM.from_pretrained` of the LLM folder,
    fp32 and bf16; time, peak RSS right after loading (both loaders keep same-dtype tensors as copy-on-write views of the
    file, read when first used, so this can be far below P) and after reading every weight once (as a first forward
    does); and the previous qllava loader (random init, then the state dict copied in) for reference.
 
-3. QLoRA's base (`--parts qlora`): the same LLM built by `qllava.model.build_model` in bf16 and in 4 bits (bitsandbytes
-   NF4 with double quantisation, `qllava.checkpoint.quantization_config` of `--stage qlora`), one fresh process each,
+3. QLoRA's base (`--parts qlora`): the same LLM built by `qllava.modeling.model.build_model` in bf16 and in 4 bits (bitsandbytes
+   NF4 with double quantisation, `qllava.modeling.checkpoint.quantization_config` of `--stage qlora`), one fresh process each,
    interleaved, median of `--repeats`: the bytes the LLM's weights hold (the quantisation constants included), peak RSS
    after construction, and peak RSS after 3 LoRA steps (r 8 on every linear layer, `apply_stage` as `qllava train`
    runs it, plain AdamW, 1 x 64 tokens; single process, no DeepSpeed: what the base costs, not the sharding).
@@ -71,7 +71,7 @@ import sys, torch
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 from transformers import AutoConfig, AutoModelForCausalLM
-from qllava.presets import load_tokenizer
+from qllava.data.presets import load_tokenizer
 from bench_memory import llm_config
 folder, layers, ck = Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 if not (folder / "model.safetensors").exists():
@@ -79,8 +79,8 @@ if not (folder / "model.safetensors").exists():
     AutoModelForCausalLM.from_config(AutoConfig.for_model(**llm_config(layers))).save_pretrained(folder)
     load_tokenizer("llama-demo").save_pretrained(folder)
 if not (ck / "qllava_manifest.json").exists():  # a qllava checkpoint of the same model, for the loaders
-    from qllava.model import build_model
-    from qllava.checkpoint import save_checkpoint
+    from qllava.modeling.model import build_model
+    from qllava.modeling.checkpoint import save_checkpoint
     model, tok = build_model(str(folder), {"image": "preset:tiny-clip"}, tokenizer="llama-demo")
     save_checkpoint(model, ck, tokenizer=tok, stage="finetune")
 """
@@ -98,10 +98,10 @@ def make_llm(folder:Path, layers:int, ck:Path) -> int:
 def worker(a) -> None:
     import torch
     import deepspeed  # noqa: F401 (imported before measuring: part of the overhead)
-    from qllava.model import build_model
-    from qllava.weights import full_numel, partition, release_memory
+    from qllava.modeling.model import build_model
+    from qllava.modeling.weights import full_numel, partition, release_memory
     from qllava.config import TrainConfig, resolve_config
-    from qllava.train import apply_stage, deepspeed_config, init_distributed, make_optimizer, param_groups, share_fp32_master
+    from qllava.training.train import apply_stage, deepspeed_config, init_distributed, make_optimizer, param_groups, share_fp32_master
     rank, world = init_distributed()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     ds = deepspeed_config(a.zero, 1, 1, world, bf16=a.dtype == "bf16")
@@ -143,10 +143,10 @@ def worker(a) -> None:
 def qlora_worker(a) -> None:
     "One process: build the LLM in bf16 or 4 bits, measure, then 3 LoRA steps; writes a JSON record."
     import torch
-    from qllava.model import build_model
+    from qllava.modeling.model import build_model
     from qllava.config import TrainConfig, resolve_config
-    from qllava.checkpoint import quantization_config
-    from qllava.train import apply_stage, make_optimizer, param_groups
+    from qllava.modeling.checkpoint import quantization_config
+    from qllava.training.train import apply_stage, make_optimizer, param_groups
     cfg = resolve_config(TrainConfig(stage="qlora" if a.bits == 4 else "lora", lora_r=8, lora_alpha=16, learning_rate=1e-4))
     rec = {"bits": a.bits, "before": status()}
     t = time.perf_counter()
@@ -210,7 +210,7 @@ def training_row(zero:str, dtype:str, ranks:list, variant:str="deepspeed") -> di
 
 
 def run_training(llm:Path, out:Path, zero:str, dtype:str, steps:int, rank_env:dict|None=None, variant:str="qllava") -> list[dict]:
-    from qllava.launch import LaunchSpec, launch
+    from qllava.cluster.launch import LaunchSpec, launch
     env = {"QLLAVA_ALLOW_CPU_BF16": "1"} if dtype == "bf16" else {}
     env.update(rank_env or {})
     launch([str(Path(__file__).resolve()), "--worker", "--llm", str(llm), "--out", str(out), "--zero", zero, "--dtype", dtype,
@@ -225,15 +225,15 @@ import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 which, path, dtype = sys.argv[2], sys.argv[3], dict(fp32=torch.float32, bf16=torch.bfloat16)[sys.argv[4]]
 from bench_memory import status
-import transformers, deepspeed, qllava.model, qllava.checkpoint
+import transformers, deepspeed, qllava.modeling.model, qllava.modeling.checkpoint
 from transformers import AutoModelForCausalLM
 before = status()
 t = time.perf_counter()
 if which == "transformers": m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-elif which == "qllava": m = qllava.checkpoint.load_checkpoint(path, dtype=dtype)
+elif which == "qllava": m = qllava.modeling.checkpoint.load_checkpoint(path, dtype=dtype)
 else:  # the previous qllava loader: the model built with random weights, then the whole state dict read and copied in
-    from qllava.model import QllavaConfig, QllavaForCausalLM
-    from qllava.checkpoint import load_folder_weights
+    from qllava.modeling.model import QllavaConfig, QllavaForCausalLM
+    from qllava.modeling.checkpoint import load_folder_weights
     m = QllavaForCausalLM(QllavaConfig.from_pretrained(path))
     m.load_state_dict(load_folder_weights(path), strict=False)
     m = m.to(dtype)
@@ -276,7 +276,7 @@ def tables(res:dict) -> str:
              f"Model: a LLaMA of hidden 1024, MLP 2816, {res['layers']} layers, vocabulary 32,000 ({res['llm_params']:,} parameters; with the "
              f"tiny-clip tower and the projector {res['params']:,}), built from its config and saved as a transformers folder in fp32 "
              f"(scaled down from the issue's ~1B to fit ~8 GB for 2 ranks, see the script). **P = {gb(P)} GB** (one fp32 copy). 2 CPU ranks "
-             f"(gloo) through `qllava.launch`, the shipped DeepSpeed presets (buckets sized from the width as `build_run` does), "
+             f"(gloo) through `qllava.cluster.launch`, the shipped DeepSpeed presets (buckets sized from the width as `build_run` does), "
              f"batches of 1 x 64 tokens. Two paths side by side: `qllava` = what `build_run` does (fused AdamW, the `--optim` default; "
              f"fp32 weights double as DeepSpeed's fp32 master, `share_fp32_master`), `deepspeed` = DeepSpeed's own layout with the "
              f"original's `adamw_torch` (per-tensor AdamW, the master always a clone). Rank environment: {res['rank_env'] or 'default'} (freed buffers leave RSS at once).\n",

@@ -3,7 +3,7 @@
 1. training step (forward + backward, frozen encoder, trainable projector + LLM) of
    a. qllava's QllavaForCausalLM on a DataCollator-shaped batch (media placeholders expanded, one masked scatter),
    b. the bare LLM on the same merged embeddings (encoder + projector run beforehand, outside the timed step),
-   c. transformers' LlavaForConditionalGeneration holding the same weights (exported with qllava.checkpoint),
+   c. transformers' LlavaForConditionalGeneration holding the same weights (exported with qllava.modeling.checkpoint),
    plus the merge itself (embedding lookup + masked scatter, forward + backward) timed alone, and for context the
    original per-sample Python splice of the same features;
 2. answers per second: 16 prompts answered in one left-padded batch vs one at a time (greedy, identical answers).
@@ -20,9 +20,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
-from qllava.model import build_model, merge_media  # noqa: E402
-from qllava.generate import answer_batch  # noqa: E402
-from qllava.checkpoint import llava_hf_state_dict  # noqa: E402
+from qllava.modeling.model import build_model, merge_media  # noqa: E402
+from qllava.modeling.generate import answer_batch  # noqa: E402
+from qllava.modeling.checkpoint import llava_hf_state_dict  # noqa: E402
 
 IGNORE = -100
 
@@ -148,7 +148,7 @@ def bench_generate(model, tok, args) -> dict:
 
 
 def to_hf(model):
-    "transformers' LlavaForConditionalGeneration with our weights (as qllava.checkpoint.export_hf writes it)."
+    "transformers' LlavaForConditionalGeneration with our weights (as qllava.modeling.checkpoint.export_hf writes it)."
     from transformers import LlavaConfig, LlavaForConditionalGeneration
     enc = model.encoders["image"]
     clip = enc.as_hf_clip()

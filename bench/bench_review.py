@@ -1,5 +1,5 @@
 """Reviews per second: `qllava review` with bounded concurrency vs one call at a time, against a local
-OpenAI-compatible judge (qllava.review.LocalJudge on 127.0.0.1) that answers every call after a fixed latency
+OpenAI-compatible judge (qllava.evaluation.review.LocalJudge on 127.0.0.1) that answers every call after a fixed latency
 (200 ms by default, a stand-in for a hosted judge). The judge runs in its own process, as a real judge would, so
 that it does not compete with the client for one interpreter lock. Both runs use the same code path, the real openai
 client and real HTTP; only `concurrency` differs. Writes bench/results/review.json and review.md.
@@ -12,7 +12,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
-from qllava.review import LocalJudge, replay_judge, review  # noqa: E402
+from qllava.evaluation.review import LocalJudge, replay_judge, review  # noqa: E402
 
 SHARED = Path(os.environ.get("QLLAVA_SHARED", REPO.parent / "shared")) / "data" / "quilt_gpt"
 

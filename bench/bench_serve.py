@@ -16,12 +16,12 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
-from qllava.serve import free_port, wait_until_up  # noqa: E402
+from qllava.serving.serve import free_port, wait_until_up  # noqa: E402
 
 
 def build(folder: Path, llm: str, encoder: str) -> Path:
-    from qllava.model import build_model
-    from qllava.checkpoint import save_checkpoint
+    from qllava.modeling.model import build_model
+    from qllava.modeling.checkpoint import save_checkpoint
 
     model, tok = build_model(llm, {"image": encoder}, seed=0)
     save_checkpoint(model, folder / "ckpt", tokenizer=tok)

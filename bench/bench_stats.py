@@ -15,8 +15,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
-from qllava.benchmarks import score_benchmark  # noqa: E402
-from qllava.bench import compare_benchmark  # noqa: E402
+from qllava.evaluation.benchmarks import score_benchmark  # noqa: E402
+from qllava.workflows.bench import compare_benchmark  # noqa: E402
 
 WORDS = "gland mucin nuclei stroma fibrosis necrosis mitosis lymphocyte carcinoma adenoma epithelium vessel".split()
 

@@ -7,13 +7,13 @@ padding -- the share of computed tokens (rows x width) that are padding, over on
    `MultimodalDataset` + a batch sampler (batch 4 per rank, 1 and 2 ranks): plain random batches (LLaVA without
    --group_by_modality_length), `ModalityLengthGroupedSampler` with group_by_modality False / True and megabatch_steps
    1 (LLaVA's grouping) / 8 (qllava's default). Each epoch is collated three ways: `DataCollator` (one padded row per
-   sample) and `qllava.packing.PackingCollator` with its bare default budget (the micro-batch's longest sample) and
+   sample) and `qllava.data.packing.PackingCollator` with its bare default budget (the micro-batch's longest sample) and
    with 2048 tokens (as `--packing True` lays rows: --model_max_length wide); rows per sample shown for the packed. Two
    data sets: the shipped demo pathology finetune.json and a synthetic LLaVA-like mix (`synthetic_records`). Media are
    not decoded for this part (a stub processor), since they do not change lengths. Tokenizer: llama-demo.
 original -- the original LLaVA-1.5 training code (haotian-liu/LLaVA as released on PyPI, llava-torch 1.2.2.post1: its
    own `llava.train.train.train()`, unmodified, in the scratch venv tests/parity/ installs; LLAVA_ORIG_VENV, default
-   /tmp/llava-orig-venv) and `python -m qllava.train`, each in its own single process on CPU, on the same model folders
+   /tmp/llava-orig-venv) and `python -m qllava.training.train`, each in its own single process on CPU, on the same model folders
    (a Vicuna-shaped LLaMA with the real LLaMA-2 vocabulary and a QuiltNet-B/32-shaped CLIP tower, random weights, plus
    one stage-1 projector file both start from; written once by `side_assets` into QLLAVA_BENCH_ORIG_DIR, default
    /tmp/qllava-bench-train-orig), the same records (the demo pathology finetune.json and its images) and the same
@@ -21,15 +21,15 @@ original -- the original LLaVA-1.5 training code (haotian-liu/LLaVA as released 
    original with random batches (Quilt's flags), qllava random, grouped, packed (--packing True: rows of
    --model_max_length, 2048), the original grouped. The original is driven by bench/_original_train_driver.py (a TrainerCallback stamping
    each step, counters around what the LLM is given and the tower; it changes nothing). Steady-state samples/s, real
-   and computed tokens/s, padding share and MFU (`qllava.flops` model FLOPs over the best fp32 matmul rate measured
+   and computed tokens/s, padding share and MFU (`qllava.modeling.flops` model FLOPs over the best fp32 matmul rate measured
    here) leave out the first `--side-warmup` steps. Without the scratch venv the original's runs are skipped, with the
    reason printed and written to train.md.
-step -- the stage-2 step on the `bench` preset (`qllava.model.build_model(llm="preset:bench-llama", encoders={"image":
+step -- the stage-2 step on the `bench` preset (`qllava.modeling.model.build_model(llm="preset:bench-llama", encoders={"image":
    "preset:bench-vit-b32"}, tokenizer="llama-demo")`: a ViT-B/32-shaped CLIP tower (224 px, 49 patch tokens, 12
    layers of 768) and a LLaMA-shaped LLM (8 layers of 768, MLP 2048, vocabulary 32,000, ~106M parameters), random
    weights, mlp2x_gelu projector; `build_model` would shrink the preset's 32,000-row embedding and head to len(llama-demo)
-   = 1,187 rows, so the benchmark pads the vocabulary back to 32,000 with `qllava.model.resize_embeddings`), on the
-   training engine's path -- `qllava.train.apply_stage` of the `finetune` preset (LLM + projector trainable, encoder
+   = 1,187 rows, so the benchmark pads the vocabulary back to 32,000 with `qllava.modeling.model.resize_embeddings`), on the
+   training engine's path -- `qllava.training.train.apply_stage` of the `finetune` preset (LLM + projector trainable, encoder
    frozen), `init_distributed` (a group of one), `make_optimizer` over `param_groups`, `deepspeed.initialize` with
    `deepspeed_config("zero2", ...)`, then engine(**batch) / engine.backward / engine.step on one fixed batch of 4
    synthetic samples (1 image = 49 media tokens + 100-200 text tokens each): warm-up steps, then N timed steps; and
@@ -92,7 +92,7 @@ def matmul_peak(n:int=2048, repeats:int=5, inner:int=3) -> dict:
 
 # ---------------------------------------------------------------- data
 def demo_records() -> list:
-    from qllava.presets import demo_paths
+    from qllava.data.presets import demo_paths
     return json.loads(demo_paths("pathology")["finetune"].read_text())
 
 
@@ -127,8 +127,8 @@ class StubImage:
 
 
 def make_dataset(records, tokenizer, n_tokens:int, processor=None, max_length:int=2048):
-    from qllava.dataset import MultimodalDataset
-    from qllava.presets import demo_paths
+    from qllava.data.dataset import MultimodalDataset
+    from qllava.data.presets import demo_paths
     return MultimodalDataset(records, tokenizer, "vicuna_v1", demo_paths("pathology")["media_folder"],
                              {"image": processor or StubImage()}, {"image": n_tokens}, max_length)
 
@@ -136,9 +136,9 @@ def make_dataset(records, tokenizer, n_tokens:int, processor=None, max_length:in
 def padding_epoch(samples:list, pad_id:int, batches:list, collator=None) -> dict:
     """Real vs computed tokens over one epoch: every rank's batches (lists of sample indices), each collated by
     `collator` (default `DataCollator`: one row per sample, padded to the longest; a `PackingCollator` lays the
-    samples into as few rows as fit its budget). Computed = rows x width (`qllava.packing.batch_counts`)."""
-    from qllava.dataset import DataCollator
-    from qllava.packing import batch_counts
+    samples into as few rows as fit its budget). Computed = rows x width (`qllava.data.packing.batch_counts`)."""
+    from qllava.data.dataset import DataCollator
+    from qllava.data.packing import batch_counts
     coll = collator or DataCollator(pad_id)
     real = computed = n = mixed = rows = 0
     for idx in batches:
@@ -159,11 +159,11 @@ def padding_bench(ds, batch:int, seed:int=0, ranks=(1, 2)) -> list:
     all ranks' batches counted). The random baseline uses the permutation the sampler draws for epoch 0 (numpy's
     generator seeded [seed, 0] equals one seeded `seed`), so it differs from the sampler rows by the grouping alone.
     Every row's batches are collated three ways: padded (`DataCollator`, the row's own numbers) and packed
-    (`qllava.packing.PackingCollator`, under `packed_longest`: rows of at most the micro-batch's longest sample, the
+    (`qllava.data.packing.PackingCollator`, under `packed_longest`: rows of at most the micro-batch's longest sample, the
     collator's bare default; `packed_2048`: rows of up to 2048 tokens, as `--packing True` lays them at
     --model_max_length 2048)."""
-    from qllava.dataset import ModalityLengthGroupedSampler
-    from qllava.packing import PackingCollator
+    from qllava.data.dataset import ModalityLengthGroupedSampler
+    from qllava.data.packing import PackingCollator
     import numpy as np
     samples = [ds[i] for i in range(len(ds))]                       # tokenised once; every configuration collates these
     pad = ds.tokenizer.pad_token_id
@@ -239,7 +239,7 @@ def step_flops(model, batch:dict) -> dict:
 
 def training_batch(tokenizer, n_tokens:int, processor, batch:int, seed:int=0) -> dict:
     "One realistic stage-2 batch: `batch` image samples with 100-200 text tokens, close in length (as grouping gives)."
-    from qllava.dataset import DataCollator
+    from qllava.data.dataset import DataCollator
     ds = make_dataset(synthetic_records(400, seed=seed + 1, text_share=0.0), tokenizer, n_tokens, processor)
     texts = [l - n_tokens for l in ds.lengths]
     pool = [i for i, t in enumerate(texts) if 100 <= t <= 200]
@@ -251,8 +251,8 @@ def training_batch(tokenizer, n_tokens:int, processor, batch:int, seed:int=0) ->
 
 
 def build_bench_model():
-    from qllava.model import build_model
-    from qllava.weights import resize_embeddings
+    from qllava.modeling.model import build_model
+    from qllava.modeling.weights import resize_embeddings
     t = time.perf_counter()
     model, tok = build_model(llm="preset:bench-llama", encoders={"image": "preset:bench-vit-b32"}, tokenizer="llama-demo")
     as_built = sum(p.numel() for p in model.llm.parameters())
@@ -267,7 +267,7 @@ def train_bench(model, batch:dict, steps:int, warmup:int, budget:float=300.0) ->
     "Time `steps` stage-2 steps after `warmup` (fewer, but at least 3, once the timed steps pass `budget` seconds)."
     import deepspeed
     from qllava.config import TrainConfig, resolve_config
-    from qllava.train import (apply_stage, param_groups, deepspeed_config, init_distributed, make_optimizer, share_fp32_master,
+    from qllava.training.train import (apply_stage, param_groups, deepspeed_config, init_distributed, make_optimizer, share_fp32_master,
                               trainable_summary)
     cfg = resolve_config(TrainConfig(stage="finetune", deepspeed="zero2"))
     rank, world = init_distributed()
@@ -337,9 +337,9 @@ def side_assets(folder:Path) -> dict:
     llama2-spm tokenizer files), clip/ (a full CLIPModel folder as openai/clip-vit-* on the hub: config.json,
     preprocessor_config.json, fp32 weights; the tiny text tower is unused) and mm_projector.bin (a stage-1 projector in
     the original's format, `model.mm_projector.{0,2}.*`, given to both sides with --pretrain_mm_mlp_adapter)."""
-    from qllava.testbed import random_state_dict, safetensors_bytes, llama2_tokenizer_dir, TOKENIZER_FILES
-    from qllava.vocab import hf_json
-    from qllava.media import CLIP_MEAN, CLIP_STD
+    from qllava.testing.testbed import random_state_dict, safetensors_bytes, llama2_tokenizer_dir, TOKENIZER_FILES
+    from qllava.testing.vocab import hf_json
+    from qllava.data.media import CLIP_MEAN, CLIP_STD
     recipe = json.dumps(dict(llm=SIDE_LLM, clip=SIDE_CLIP, seed=SIDE_SEED, version=1), sort_keys=True)
     paths = dict(llm=folder / "llm", clip=folder / "clip", projector=folder / "mm_projector.bin")
     if (folder / "recipe.json").is_file() and (folder / "recipe.json").read_text() == recipe and all(p.exists() for p in paths.values()):
@@ -431,7 +431,7 @@ def side_flags(paths:dict, data:dict, mode:str, seed:int, steps:int, out:Path) -
 
 def _per_step_original(rec:dict, steps:int, fm) -> list:
     """Per-step counts of an original run from its driver record: wall time, samples, real tokens (each sample's length after
-    the media expansion), computed tokens (samples x padded width), model FLOPs (`qllava.flops.batch_model_flops`'s
+    the media expansion), computed tokens (samples x padded width), model FLOPs (`qllava.modeling.flops.batch_model_flops`'s
     formula: 6 N T + causal attention per sample + each real image through encoder and projector), tower time."""
     out = []
     for k in range(steps):
@@ -487,7 +487,7 @@ def run_side(side:str, mode:str, rep:int, paths:dict, data:dict, args, venv:Path
     if side == "original":
         cmd = [str(venv / "bin" / "python"), str(HERE / "_original_train_driver.py"), str(out / "driver.json"), "--", *flags]
     else:
-        cmd = [sys.executable, "-m", "qllava.train", *flags, "--deepspeed", "none", *SIDE_MODE_FLAGS.get(mode, [])]
+        cmd = [sys.executable, "-m", "qllava.training.train", *flags, "--deepspeed", "none", *SIDE_MODE_FLAGS.get(mode, [])]
     load0, t0 = os.getloadavg()[0], time.time()
     try:
         with open(out / "log.txt", "w") as log:
@@ -523,10 +523,10 @@ def run_side(side:str, mode:str, rep:int, paths:dict, data:dict, args, venv:Path
 
 def side_flop_model(paths:dict):
     "qllava's `flop_model` of the bench-size model as stage 2 trains it, shared by both sides' model FLOPs (see `batch_model_flops`)."
-    from qllava.model import build_model
-    from qllava.flops import flop_model
+    from qllava.modeling.model import build_model
+    from qllava.modeling.flops import flop_model
     from qllava.config import TrainConfig, resolve_config
-    from qllava.train import apply_stage
+    from qllava.training.train import apply_stage
     model, tok = build_model(llm=str(paths["llm"]), encoders={"image": str(paths["clip"])}, projector="mlp2x_gelu", select_layer=-2)
     model = apply_stage(model, resolve_config(TrainConfig(stage="finetune")))
     fm = flop_model(model)
@@ -566,7 +566,7 @@ def side_summary(runs:list, peak:float) -> tuple:
 
 def side_by_side(args) -> dict:
     "The original LLaVA's train() and qllava's on the same model, data and flags, alternating (see the module docstring)."
-    from qllava.presets import demo_paths
+    from qllava.data.presets import demo_paths
     venv = Path(os.environ.get("LLAVA_ORIG_VENV", ORIG_VENV_DEFAULT))
     work = Path(os.environ.get("QLLAVA_BENCH_ORIG_DIR", SIDE_DIR_DEFAULT))
     t = time.perf_counter()
@@ -662,7 +662,7 @@ def md_padding(res:dict) -> list:
     pd = res.get("padding_data", {})
     lines = [f"## Padding share of computed tokens over one epoch (batch {pd.get('batch', res['args']['batch'])} per rank; {res['part_dates']['padding']})", "",
              "Each row's batches collated three ways: padded (`DataCollator`, one row per sample, to the longest), packed to the "
-             "longest sample (`qllava.packing.PackingCollator(pad_id)`, the collator's bare default), packed to 2048 tokens "
+             "longest sample (`qllava.data.packing.PackingCollator(pad_id)`, the collator's bare default), packed to 2048 tokens "
              "(`PackingCollator(pad_id, 2048)`, as `--packing True` lays rows at --model_max_length 2048). Packed cells: padding "
              "share (rows per sample).", "",
              "| data | ranks | sampler | group_by_modality | megabatch_steps | batches | real tokens | computed tokens (padded) | padding share (padded) | packed, longest | packed, 2048 | mixed-modality batches |",
@@ -698,7 +698,7 @@ def md_side(res:dict) -> list:
                   "`train()`'s default attention (sdpa; the original scripts' `train_mem.py` asks for flash-attn, CUDA only). The driver only "
                   "observes: a `TrainerCallback` stamping each step's end, a wrapper counting what `prepare_inputs_labels_for_multimodal` "
                   "hands the LLM, and a timer around the vision tower.", ""]
-    lines += ["qllava: `python -m qllava.train` with the same flags plus `--deepspeed none` (DeepSpeed's engine at ZeRO stage 0 in one "
+    lines += ["qllava: `python -m qllava.training.train` with the same flags plus `--deepspeed none` (DeepSpeed's engine at ZeRO stage 0 in one "
               "process: the single-process equivalent of the Trainer path); packed: `--packing True` (rows of --model_max_length, "
               "2048 tokens, the default budget with sdpa). qllava's sampler at `--group_by_modality_length "
               "False` still sorts by length within megabatches of 8 steps (modalities mixed), the original's is torch's RandomSampler: "
@@ -743,7 +743,7 @@ def md_side(res:dict) -> list:
                      f"{fmt(t['computed_tokens_per_s'])} | {t['padding_share']:.1%} | {t['rows_per_sample']:.2f} | {t['mfu']:.1%} ({t['mfu_best']:.1%}) | {rtxt} |")
     ra = s["ratios"].get("random", {})
     lines += ["", f"MFU = model FLOP/s / this machine's fp32 matmul peak ({s['peak']['best'] / 1e9:,.0f} GFLOP/s, best 2048^3 `torch.matmul` "
-              "measured in the bench process before, between and after the runs). Model FLOPs are `qllava.flops.batch_model_flops`'s for both "
+              "measured in the bench process before, between and after the runs). Model FLOPs are `qllava.modeling.flops.batch_model_flops`'s for both "
               f"sides (6 N T over real tokens, N = {fmt(mi['flop_model']['llm_matmul'])} LLM matmul weights, + causal attention per sample "
               f"+ {mi['flop_model']['media_flops_per_image'] / 1e9:.2f} GFLOP per real image through tower and projector): useful work only, "
               "so padding, the original's zero images for text-only samples and its extra padded positions count as no work.", ""]

@@ -2,11 +2,11 @@
 
 Random weights with the exact shapes of Vicuna-7B v1.5 (hidden 4096, 32 layers, 32 heads, MLP 11008, vocabulary 32,000
 plus the <image> / <sensor> rows qllava adds) and of the QuiltNet-B-32 / CLIP ViT-B/32 image tower (224 px, patch 32:
-49 patch tokens, width 768, 12 layers), mlp2x_gelu projector, all built by `qllava.model.build_model` directly in
+49 patch tokens, width 768, 12 layers), mlp2x_gelu projector, all built by `qllava.modeling.model.build_model` directly in
 bf16 on the GPU (preset JSON files written to a temporary folder; `torch.device` context, never fp32 first).
 Training phases use `qllava.config.resolve_config` / `apply_stage` / `param_groups` (the published stage presets) and
 a plain torch loop (fused AdamW on CUDA, grad clipping 1.0, bf16 weights; no DeepSpeed on one GPU); batches are
-planned by `qllava.dataset.ModalityLengthGroupedSampler` and collated by `qllava.dataset.DataCollator`, from
+planned by `qllava.data.dataset.ModalityLengthGroupedSampler` and collated by `qllava.data.dataset.DataCollator`, from
 sample lengths drawn with a fixed seed from a Quilt-like distribution (see `draw_lengths`).
 
 Phases (each one a row; an OOM, a missing optional library or the time budget gives a "skipped: why" row instead):
@@ -14,10 +14,10 @@ Phases (each one a row; an OOM, a missing optional library or the time budget gi
   stage1    projector only (`pretrain` preset), batch 32, captions
   lora      stage 2, LoRA r128 / alpha 256 on every linear layer of the LLM, gradient checkpointing, batch 16
   full      stage 2, full LLM + projector, gradient checkpointing, batch 16
-  full_packed  the same batches packed as `--packing` lays them (`qllava.packing.row_budget`): sdpa rows of
+  full_packed  the same batches packed as `--packing` lays them (`qllava.data.packing.row_budget`): sdpa rows of
             max_length, flash-attn one row per batch for its varlen kernel; lora_packed on request
             (stage1 / lora / full once per attention implementation: sdpa, and flash_attention_2 when flash_attn imports)
-  answers   32 prompts answered greedily by `qllava.generate.answer_batch` one at a time vs in one batch of 32;
+  answers   32 prompts answered greedily by `qllava.modeling.generate.answer_batch` one at a time vs in one batch of 32;
             answers/s both ways and whether the answers are identical (reported, never asserted)
   qlora     stage 2 LoRA on a 4-bit NF4 base (bitsandbytes Linear4bit), when bitsandbytes imports and CUDA is there
 
@@ -31,7 +31,7 @@ MFU = achieved model FLOP/s / measured matmul peak, HFU (with the gradient-check
 Compatibility: only torch (>= 2.0: `torch.device` as a context manager, fused AdamW), transformers and peft are required;
 flash_attn / bitsandbytes are optional and detected. The script makes no transformers call whose spelling changed
 between versions (`dtype=` vs `torch_dtype=` and the like): models come from qllava's `build_model`, so the
-transformers qllava needs is the floor (5.20: qllava.model imports `SubConfigSpec`); an older one is reported as a
+transformers qllava needs is the floor (5.20: qllava.modeling.model imports `SubConfigSpec`); an older one is reported as a
 "not run" result with the fix, not a traceback. OOM is caught as `torch.cuda.OutOfMemoryError` where torch has it
 (1.13+), else by its message.
 """
@@ -160,8 +160,8 @@ def write_presets(folder:Path, shapes:dict) -> tuple[str, str]:
 
 
 def build(ctx:dict, attn:str):
-    "A fresh QllavaForCausalLM + tokenizer, made by qllava.model.build_model directly on the device in the run dtype."
-    from qllava.model import build_model
+    "A fresh QllavaForCausalLM + tokenizer, made by qllava.modeling.model.build_model directly on the device in the run dtype."
+    from qllava.modeling.model import build_model
     dev, dtype = ctx["device"], ctx["dtype"]
     t = time.perf_counter()
     with (torch.device(dev) if dev != "cpu" else contextlib.nullcontext()):  # parameters are created on the GPU
@@ -256,9 +256,9 @@ def make_sample(i:int, total:int, kind:str, ctx:dict, tok) -> dict:
 
 def plan_batches(kind:str, ctx:dict, tok, batch:int, n_steps:int, packed:str|None=None) -> list:
     """The first `n_steps` collated batches of qllava's length-grouped sampler over a seeded pool of samples
-    (`packed` = the attention implementation: the same samples in `PackingCollator` rows as `qllava.train` lays them)."""
-    from qllava.dataset import DataCollator, ModalityLengthGroupedSampler
-    from qllava.packing import PackingCollator, row_budget
+    (`packed` = the attention implementation: the same samples in `PackingCollator` rows as `qllava.training.train` lays them)."""
+    from qllava.data.dataset import DataCollator, ModalityLengthGroupedSampler
+    from qllava.data.packing import PackingCollator, row_budget
     pool = batch * max(64, n_steps)
     lens = draw_lengths(kind, pool, ctx["shapes"], ctx["pc"]["image_tokens"], seed={"stage1": 1}.get(kind, 2))
     sampler = ModalityLengthGroupedSampler(lens, batch_size=batch, num_replicas=1, rank=0, seed=0,
@@ -312,7 +312,7 @@ def train_phase(kind:str, attn:str, ctx:dict, batch:int) -> dict:
     import dataclasses
     packed, kind = kind.endswith("_packed"), kind.removesuffix("_packed")
     from qllava.config import TrainConfig, resolve_config
-    from qllava.train import apply_stage, param_groups
+    from qllava.training.train import apply_stage, param_groups
     dev, dtype, sh = ctx["device"], ctx["dtype"], ctx["shapes"]
     stage = {"stage1": "pretrain", "lora": "lora", "full": "finetune", "qlora": "qlora"}[kind]
     gc_on = kind != "stage1"  # the published stage-2 scripts checkpoint; qllava's apply_stage ignores it for pretrain
@@ -388,9 +388,9 @@ QUESTIONS = ["What type of tissue is shown in this image?", "Describe the histol
 
 
 def answers_phase(ctx:dict) -> dict:
-    "32 prompts (one image each) answered greedily one at a time and in one batch by qllava.generate.answer_batch."
-    from qllava.conversation import generation_prompt
-    from qllava.generate import answer_batch
+    "32 prompts (one image each) answered greedily one at a time and in one batch by qllava.modeling.generate.answer_batch."
+    from qllava.data.conversation import generation_prompt
+    from qllava.modeling.generate import answer_batch
     dev, n, max_new = ctx["device"], ctx["shapes"]["answers"], ctx["shapes"]["max_new"]
     model, tok = build(ctx, None)  # qllava's default attention: flash_attention_2 when importable on CUDA, else sdpa
     model.eval()
@@ -430,9 +430,9 @@ def vllm_phase(ctx:dict) -> dict:
     ok, why = importable("vllm")
     if not ok: raise Skip(f"{why}: install vllm on the GPU node to check exports there")
     from PIL import Image
-    from qllava.checkpoint import export_hf
-    from qllava.conversation import generation_prompt
-    from qllava.generate import answer_batch
+    from qllava.modeling.checkpoint import export_hf
+    from qllava.data.conversation import generation_prompt
+    from qllava.modeling.generate import answer_batch
     n, max_new = min(8, ctx["shapes"]["answers"]), ctx["shapes"]["max_new"]
     model, tok = build(ctx, None)
     model.eval()
@@ -488,7 +488,7 @@ def markdown(res:dict) -> str:
               "qllava's <image> / <sensor> tokens" if pc.get('vocab_rows', 0) > L['vocab_size'] else f", tokenizer {sh['tokenizer']}")
            + f"), CLIP ViT tower ({Vn['image_size']} px, patch {Vn['patch_size']}: {pc.get('image_tokens')} patch tokens, "
            f"width {Vn['hidden_size']}, {Vn['num_hidden_layers']} layers, frozen, select layer -2), mlp2x_gelu projector "
-           f"({pc.get('projector', 0) / 1e6:.2f} M); random weights, {res['dtype']}, built by qllava.model.build_model "
+           f"({pc.get('projector', 0) / 1e6:.2f} M); random weights, {res['dtype']}, built by qllava.modeling.model.build_model "
            f"{'directly on the GPU' if gpu else 'on the CPU'} ({', '.join(map(str, res.get('build_s', [])))} s per build). "
            f"Max length {sh['max_length']}.", "",
            f"MFU denominator: measured {peak.get('n')}^3 {peak.get('dtype')} matmul peak **{si(peak.get('flops', 0), 'FLOP/s')}**, the higher "
@@ -522,7 +522,7 @@ def markdown(res:dict) -> str:
     md += [f"- {k}: {val}" for k, val in FORMULAS.items()]
     md += [f"- for reference, 6 x all LLM parameters = {si(6 * pc.get('llm_total', 0))} per token", ""]
     ans = next((r for r in res["rows"] if r["phase"] == "answers"), None)
-    md += ["## Batched greedy answers (qllava.generate.answer_batch)", ""]
+    md += ["## Batched greedy answers (qllava.modeling.generate.answer_batch)", ""]
     if ans and ans["status"] == "ok":
         ident = (("yes" + (f" ({ans['compared']} of {ans['prompts']} compared)" if ans["compared"] < ans["prompts"] else ""))
                  if ans["identical_answers"] else f"no: {ans['n_different']} of {ans['compared']} differ")
@@ -565,7 +565,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"), help="results folder (gpu.json/.md, or gpu_smoke.* with --smoke)")
     ap.add_argument("--budget", type=float, default=None, help="seconds; phases not started by then are skipped (default 450, smoke 120)")
     ap.add_argument("--phases", default="stage1,lora,full,full_packed,answers,qlora", help="comma-separated subset, in this order "
-                    "(full_packed / lora_packed: the same batches packed by qllava.packing.PackingCollator); "
+                    "(full_packed / lora_packed: the same batches packed by qllava.data.packing.PackingCollator); "
                     "add vllm to check an export in vLLM (when vllm is installed)")
     ap.add_argument("--attn", default="auto", help="attention implementations for the training phases: auto = sdpa + "
                     "flash_attention_2 when flash_attn imports on CUDA; or a comma-separated list")
@@ -602,12 +602,12 @@ def main(argv=None) -> int:
         (out / f"{name}.md").write_text(markdown(res))
 
     try:
-        import qllava.model, qllava.train, qllava.generate, qllava.dataset  # noqa: F401
-    except Exception as e:  # e.g. transformers older than qllava needs (qllava.model imports SubConfigSpec, transformers >= 5.20)
+        import qllava.modeling.model, qllava.training.train, qllava.modeling.generate, qllava.data.dataset  # noqa: F401
+    except Exception as e:  # e.g. transformers older than qllava needs (qllava.modeling.model imports SubConfigSpec, transformers >= 5.20)
         res["import_error"] = f"{type(e).__name__}: {e}"
         res["rows"].append(dict(phase="import", status="error", reason=(
             f"qllava does not import with transformers {_version('transformers')}: {type(e).__name__}: {e}. qllava is developed "
-            "with transformers 5.24 (qllava.model imports SubConfigSpec, which transformers has from 5.20 on). Fix: "
+            "with transformers 5.24 (qllava.modeling.model imports SubConfigSpec, which transformers has from 5.20 on). Fix: "
             "pip install -e . (or, offline, carry that transformers wheel: see bench/results/gpu.md).")))
         res["peak"] = {}
         write(); print(res["rows"][-1]["reason"], file=sys.stderr)

@@ -14,7 +14,7 @@ __all__ = ['RUN_NOTEBOOKS', 'OFFLINE_ENV', 'PLUGINS_ENV', 'SECRET_VALUE', 'OUTPU
            'high_entropy', 'named_tokens', 'secret_env_values', 'find_secret', 'secret_masker', 'mask_command',
            'refuse_secrets', 'injected_names', 'notebook_parameters', 'refuse_secret_parameters', 'unknown_parameters',
            'check_types', 'check_against_defaults', 'need_path', 'hub_cache', 'hub_snapshot', 'resolve_records_path',
-           'read_json_records', 'ArgumentParser', 'layer_of']
+           'read_json_records', 'ArgumentParser', 'module_path', 'layer_of', 'FlatNames', 'keep_flat_names']
 
 # %% ../nbs/00_core.ipynb #e284ee10
 class QllavaError(Exception):
@@ -425,33 +425,77 @@ class ArgumentParser(argparse.ArgumentParser):
         return group
 
 # %% ../nbs/00_core.ipynb #7c4dbd86
-# layer name -> its modules; a module may import from the layers above it in this table, never from its own or a later one
+# layer name -> its modules (paths below `qllava`); a module may import from the layers above it in this table, never
+# from its own or a later one. A package's layers are consecutive: its place in the table is its place in the layering.
 LAYERS = {
     "foundation": ("core",),
-    "media files": ("media",),
-    "cluster jobs": ("slurm",),
-    "real vocabularies": ("vocab",),
-    "formats and settings": ("presets", "projector", "metrics", "stats", "report", "launch", "config", "testbed", "demo"),
-    "published sets": ("benchmarks",),
-    "modalities": ("modality",),
-    "conversations": ("conversation",),
-    "tokens and towers": ("tokenize", "encoders"),
-    "weights": ("weights",),
-    "data and the model": ("dataset", "packing", "model"),
-    "model in use": ("generate", "checkpoint", "validate", "convert", "flops"),
-    "answering and judging": ("answer", "review"),
-    "conversations with a model": ("chat",),
-    "serving": ("serve", "webdemo"),
-    "resume safety and run records": ("resume", "reporting"),
-    "training and summaries": ("train", "summarize"),
-    "run notebooks": ("runs", "evalrun"),
-    "benchmark runs": ("bench",),
-    "sweeps": ("sweep",),
+    "run parameters": ("config",),
+    "cluster jobs": ("cluster.slurm",),
+    "launchers": ("cluster.launch",),
+    "media files": ("data.media",),
+    "modalities": ("data.modality",),
+    "conversations": ("data.conversation", "data.presets"),
+    "tokens": ("data.tokenize",),
+    "samples and batches": ("data.dataset", "data.packing"),
+    "record conversion": ("data.convert",),
+    "real vocabularies and demo data": ("testing.vocab", "testing.demo"),
+    "test beds": ("testing.testbed",),
+    "towers": ("modeling.encoders", "modeling.projector"),
+    "weights": ("modeling.weights",),
+    "the model": ("modeling.model",),
+    "model in use": ("modeling.generate", "modeling.flops", "modeling.checkpoint"),
+    "scores and reports": ("evaluation.metrics", "evaluation.stats", "evaluation.review", "evaluation.report"),
+    "answers and summaries": ("evaluation.answer", "evaluation.summarize"),
+    "published sets": ("evaluation.benchmarks",),
+    "checks and run records": ("training.validate", "training.resume", "training.reporting"),
+    "training": ("training.train",),
+    "conversations with a model": ("serving.chat",),
+    "serving": ("serving.serve", "serving.webdemo"),
+    "run notebooks": ("workflows.runs", "workflows.evalrun"),
+    "benchmark runs": ("workflows.bench",),
+    "sweeps": ("workflows.sweep",),
     "command line": ("cli",),
 }
 
+# %% ../nbs/00_core.ipynb #e2d047a6
+def module_path(module:str) -> str:
+    "`module`'s path below `qllava` (`train` or `training.train` -> `training.train`), from `LAYERS`."
+    paths = {m: m for mods in LAYERS.values() for m in mods} | {m.rpartition(".")[2]: m for mods in LAYERS.values() for m in mods}
+    if module not in paths:
+        raise ConfigError(f"module {module!r} is in no layer. Fix: add it to qllava.core.LAYERS where its imports allow.")
+    return paths[module]
+
+# %% ../nbs/00_core.ipynb #3cf59839
 def layer_of(module:str) -> int:
-    "The position of `module` (e.g. `train`) in `LAYERS`, bottom = 0."
-    for i, mods in enumerate(LAYERS.values()):
-        if module in mods: return i
-    raise ConfigError(f"module {module!r} is in no layer. Fix: add it to qllava.core.LAYERS where its imports allow.")
+    "The position of `module` (e.g. `train` or `training.train`) in `LAYERS`, bottom = 0."
+    path = module_path(module)
+    return next(i for i, mods in enumerate(LAYERS.values()) if path in mods)
+
+# %% ../nbs/00_core.ipynb #dffc56cc
+import importlib, importlib.abc, importlib.util, sys
+
+class FlatNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    "Imports `qllava.<module>` (the flat layout's name) as `qllava.<package>.<module>`, the same module object."
+    def target(self, name:str) -> str|None:
+        head, _, mod = name.partition(".")
+        if head != "qllava" or "." in mod: return None
+        try: path = module_path(mod)
+        except ConfigError: return None
+        return f"qllava.{path}" if path != mod else None
+    def find_spec(self, name, path=None, target=None):
+        return importlib.util.spec_from_loader(name, self) if self.target(name) else None
+    def create_module(self, spec):
+        module = importlib.import_module(self.target(spec.name))
+        spec.loader_state = module.__spec__  # the import system sets `module.__spec__` to this spec; put it back after
+        return module
+    def exec_module(self, module):
+        module.__spec__ = module.__spec__.loader_state
+    def get_code(self, name):
+        "For `python -m qllava.<module>`: run the module under its real name, in its package, as `__main__`."
+        return compile(f"import runpy; runpy.run_module({self.target(name)!r}, run_name='__main__', alter_sys=True)",
+                       f"<qllava: python -m {name} runs {self.target(name)}>", "exec")
+
+# %% ../nbs/00_core.ipynb #569de243
+def keep_flat_names():
+    "Install `FlatNames` (once): `import qllava` does, so `qllava.train` and `python -m qllava.train` work as before."
+    if not any(isinstance(f, FlatNames) for f in sys.meta_path): sys.meta_path.append(FlatNames())

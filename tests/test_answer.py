@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qllava.answer import answer_questions, answer_sharded, read_answers, get_chunk, read_questions
+from qllava.evaluation.answer import answer_questions, answer_sharded, read_answers, get_chunk, read_questions
 from qllava.core import CheckpointError, DataError
 
 pytestmark = pytest.mark.timeout(900)
@@ -19,8 +19,8 @@ N_QUESTIONS = 40
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from qllava.model import build_model
-    from qllava.checkpoint import save_checkpoint
+    from qllava.modeling.model import build_model
+    from qllava.modeling.checkpoint import save_checkpoint
     d = tmp_path_factory.mktemp("ckpt") / "tiny-model"
     model, tok = build_model(seed=0)
     save_checkpoint(model, d, tokenizer=tok)
@@ -49,7 +49,7 @@ def data(tmp_path_factory):
 def cli_cmd(*args):
     "`qllava answer` as a user runs it: through the qllava CLI once it is registered there, else the module entry."
     from qllava.cli import SUBCOMMANDS
-    entry = ["-m", "qllava.cli", "answer"] if "answer" in SUBCOMMANDS else ["-m", "qllava.answer"]
+    entry = ["-m", "qllava.cli", "answer"] if "answer" in SUBCOMMANDS else ["-m", "qllava.evaluation.answer"]
     return [sys.executable, *entry, *map(str, args)]
 
 
@@ -66,8 +66,8 @@ def test_answers_file_has_the_original_format(ckpt, data, tmp_path):
         assert rec["prompt"] == q["text"] and isinstance(rec["text"], str) and rec["model_id"] == "tiny-model"
         assert isinstance(rec["metadata"], dict) and len(rec["answer_id"]) == 22
     assert len({x["answer_id"] for x in recs}) == N_QUESTIONS
-    # the answers feed qllava.metrics directly
-    from qllava.metrics import vqa_metrics
+    # the answers feed qllava.evaluation.metrics directly
+    from qllava.evaluation.metrics import vqa_metrics
     gt = [{"id": q["question_id"], "answer": "yes", "answer_type": "CLOSED"} for q in qs]
     assert vqa_metrics(gt, recs)["n_closed"] == N_QUESTIONS
 
@@ -167,7 +167,7 @@ def test_clear_errors(ckpt, data, tmp_path):
 def test_media_paths_never_leave_the_image_folder(tmp_path):
     "A question naming ../../x.png or an absolute path is refused, as training refuses such a record."
     from qllava.core import DataError
-    from qllava.answer import check_media
+    from qllava.evaluation.answer import check_media
     (tmp_path / "imgs").mkdir(); (tmp_path / "secret.png").write_bytes(b"x")
     for bad in ["../secret.png", str(tmp_path / "secret.png")]:
         q = [{"question_id": "q7", "image": bad, "text": "What is shown?"}]

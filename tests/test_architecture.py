@@ -1,47 +1,88 @@
-"""The package's shape: every internal import at module level (so a module's header shows its dependencies) and pointing
-to a lower layer of `qllava.core.LAYERS` (hence no cycle), no class patched by assignment, no function over 60 lines."""
-import ast, graphlib
+"""The package's shape: folders that are layers (a package imports only from itself and the packages below it), every
+internal import at module level (so a module's header shows its dependencies) and pointing to a lower layer of
+`qllava.core.LAYERS` (hence no cycle), no class patched by assignment, no function over 60 lines."""
+import ast, graphlib, subprocess, sys
 from pathlib import Path
 import qllava
 from qllava.core import LAYERS, layer_of
 
 PKG = Path(qllava.__file__).parent
-MODULES = sorted(p.stem for p in PKG.glob("*.py") if not p.stem.startswith("_"))
+# every module as its path below qllava: "core", "training.train", ...
+MODULES = sorted(".".join(p.relative_to(PKG).with_suffix("").parts) for p in PKG.rglob("*.py")
+                 if not p.name.startswith("_"))
+
+def source(module:str) -> str: return (PKG / (module.replace(".", "/") + ".py")).read_text()
+def file_of(module:str) -> str: return module.replace(".", "/") + ".py"
+def package_of(module:str) -> str: return module.rpartition(".")[0]
+
+def _resolve(module:str, n) -> list[str]:
+    "The qllava modules (paths below qllava) an import node names."
+    if isinstance(n, ast.Import): return [a.name[len("qllava."):] for a in n.names if a.name.startswith("qllava.")]
+    if n.level:
+        base = module.split(".")[:-n.level]
+        names = [".".join(base + n.module.split("."))] if n.module else [".".join(base + [a.name]) for a in n.names]
+    elif (n.module or "").startswith("qllava."): names = [n.module[len("qllava."):]]
+    else: return []
+    return [m for m in names if m]
 
 def internal_imports(module:str) -> list[tuple[str, int, bool]]:
     "(imported module, line, at module level) for every import of another qllava module in `module`."
-    tree = ast.parse((PKG / f"{module}.py").read_text())
+    tree = ast.parse(source(module))
     top = {id(n) for n in tree.body}
-    out = []
-    for n in ast.walk(tree):
-        if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module: names = [n.module.split(".")[0]]
-        elif isinstance(n, ast.ImportFrom) and n.level == 1: names = [a.name for a in n.names]
-        elif isinstance(n, ast.ImportFrom) and (n.module or "").startswith("qllava."): names = [n.module.split(".")[1]]
-        elif isinstance(n, ast.Import): names = [a.name.split(".")[1] for a in n.names if a.name.startswith("qllava.")]
-        else: continue
-        out += [(m, n.lineno, id(n) in top) for m in names]
-    return out
+    return [(m, n.lineno, id(n) in top) for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+            for m in _resolve(module, n)]
 
 def test_every_module_has_a_layer():
     assert sorted(m for mods in LAYERS.values() for m in mods) == MODULES
 
+def test_the_folders_are_the_layers():
+    "`ls qllava/` shows the layers: each package's modules fill consecutive layers, and no package comes back later."
+    order = [package_of(m) for mods in LAYERS.values() for m in mods]
+    runs = [p for i, p in enumerate(order) if i == 0 or p != order[i - 1]]
+    assert len([p for p in runs if p]) == len({p for p in runs if p}), runs
+    assert {package_of(m) for m in MODULES} - {""} == {p.name for p in PKG.iterdir() if p.is_dir() and p.name != "assets"
+                                                       and not p.name.startswith("_")}
+
+def test_packages_import_only_downward():
+    "A module imports only from its own package or a package whose layers come before its own."
+    first = {}
+    for i, mods in enumerate(LAYERS.values()):
+        for m in mods: first.setdefault(package_of(m) or m, i)
+    up = [f"{file_of(m)}:{line}: {package_of(m) or m} imports {t} ({package_of(t) or t})" for m in MODULES
+          for t, line, _ in internal_imports(m)
+          if package_of(t) != package_of(m) and first[package_of(t) or t] > first[package_of(m) or m]]
+    assert not up, "\n".join(up)
+
+def test_the_flat_layout_names_still_import():
+    "`qllava.train`, `from qllava.model import ...` and `python -m qllava.train` (before the folders) still work."
+    import importlib
+    for m in MODULES:
+        short = m.rpartition(".")[2]
+        assert importlib.import_module(f"qllava.{short}") is importlib.import_module(f"qllava.{m}"), m
+    from qllava.model import build_model
+    from qllava.modeling.model import build_model as b2
+    assert build_model is b2
+    for name in ("qllava.train", "qllava.answer", "qllava.sweep"):
+        r = subprocess.run([sys.executable, "-m", name, "--help"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "usage:" in r.stdout, (name, r.stdout[-500:], r.stderr[-2000:])
+
 def test_internal_imports_are_at_module_level():
     "`import qllava` (the package, for its version or path) is the one import a function may make."
-    inner = [f"{m}.py:{line} imports {t}" for m in MODULES for t, line, top in internal_imports(m) if not top]
+    inner = [f"{file_of(m)}:{line} imports {t}" for m in MODULES for t, line, top in internal_imports(m) if not top]
     assert not inner, "\n".join(inner)
 
 def test_internal_imports_are_in_the_header():
     "Before the module's first function or class: reading the top of a file tells what it depends on."
     late = []
     for m in MODULES:
-        body = ast.parse((PKG / f"{m}.py").read_text()).body
+        body = ast.parse(source(m)).body
         first = next((n.lineno for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))), 10**9)
-        late += [f"{m}.py:{t_line}: imports {t} after its first definition (line {first})"
+        late += [f"{file_of(m)}:{t_line}: imports {t} after its first definition (line {first})"
                  for t, t_line, top in internal_imports(m) if top and t_line > first]
     assert not late, "\n".join(late)
 
 def test_imports_point_down_the_layers():
-    up = [f"{m}.py:{line}: {m} ({list(LAYERS)[layer_of(m)]}) imports {t} ({list(LAYERS)[layer_of(t)]})"
+    up = [f"{file_of(m)}:{line}: {m} ({list(LAYERS)[layer_of(m)]}) imports {t} ({list(LAYERS)[layer_of(t)]})"
           for m in MODULES for t, line, _ in internal_imports(m) if layer_of(t) >= layer_of(m)]
     assert not up, "\n".join(up)
 
@@ -53,18 +94,18 @@ def test_no_class_is_patched_by_assignment():
     "Methods live in the class body or come with fastcore's `@patch` (which says where they belong), never `Cls.attr = f`."
     found = []
     for m in MODULES:
-        for n in ast.parse((PKG / f"{m}.py").read_text()).body:
+        for n in ast.parse(source(m)).body:
             targets = n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, (ast.AnnAssign, ast.AugAssign)) else []
             for t in targets:
                 for e in (t.elts if isinstance(t, ast.Tuple) else [t]):
                     if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) and e.value.id[:1].isupper():
-                        found.append(f"{m}.py:{n.lineno}: {e.value.id}.{e.attr} = ...")
+                        found.append(f"{file_of(m)}:{n.lineno}: {e.value.id}.{e.attr} = ...")
     assert not found, "\n".join(found)
 
 def test_no_function_is_over_60_lines():
     "Long procedures are split into named steps, each findable by its name."
-    long = [f"{m}.py:{n.lineno} {n.name}: {n.end_lineno - n.lineno + 1} lines" for m in MODULES
-            for n in ast.walk(ast.parse((PKG / f"{m}.py").read_text()))
+    long = [f"{file_of(m)}:{n.lineno} {n.name}: {n.end_lineno - n.lineno + 1} lines" for m in MODULES
+            for n in ast.walk(ast.parse(source(m)))
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60]
     assert not long, "\n".join(long)
 
@@ -91,20 +132,21 @@ def test_library_names_no_shipped_modality_outside_its_registrations():
     "No string 'image' / 'sensor' in the library outside `MAY_NAME_THEM`: layers ask the modality registry instead."
     found = []
     for m in MODULES:
-        if m in MAY_NAME_THEM: continue
-        tree = ast.parse((PKG / f"{m}.py").read_text())
+        short = m.rpartition(".")[2]
+        if short in MAY_NAME_THEM: continue
+        tree = ast.parse(source(m))
         for top in tree.body:
-            where = f"{m}.{getattr(top, 'name', '')}"
+            where = f"{short}.{getattr(top, 'name', '')}"
             if where in MAY_NAME_THEM: continue
-            found += [f"{m}.py:{n.lineno} {n.value!r}" for n in ast.walk(top)
+            found += [f"{file_of(m)}:{n.lineno} {n.value!r}" for n in ast.walk(top)
                       if isinstance(n, ast.Constant) and n.value in SHIPPED_MODALITY_NAMES]
     assert not found, "\n".join(found)
 
 
 def test_the_ignored_label_is_named_not_written():
-    "-100 is written once, as `qllava.tokenize.IGNORE_INDEX`; every other use names it."
-    lines = {m: (PKG / f"{m}.py").read_text().splitlines() for m in MODULES}
-    found = [f"{m}.py:{n.lineno}: {lines[m][n.lineno - 1].strip()}" for m in MODULES for n in ast.walk(ast.parse("\n".join(lines[m])))
+    "-100 is written once, as `qllava.data.tokenize.IGNORE_INDEX`; every other use names it."
+    lines = {m: source(m).splitlines() for m in MODULES}
+    found = [f"{file_of(m)}:{n.lineno}: {lines[m][n.lineno - 1].strip()}" for m in MODULES for n in ast.walk(ast.parse("\n".join(lines[m])))
              if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub) and isinstance(n.operand, ast.Constant)
              and n.operand.value == 100]
-    assert len(found) == 1 and found[0].startswith("tokenize.py:") and ": IGNORE_INDEX = -100" in found[0], found
+    assert len(found) == 1 and found[0].startswith("data/tokenize.py:") and ": IGNORE_INDEX = -100" in found[0], found

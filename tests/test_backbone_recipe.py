@@ -21,8 +21,8 @@ LLAMA3, QWEN25, TOWER = "meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen2.5-7B-Ins
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     from qllava.core import ConfigError
-    from qllava.testbed import build_testbed, testbed_env
-    from qllava.vocab import hub_tokenizer_dir, vocab_cache
+    from qllava.testing.testbed import build_testbed, testbed_env
+    from qllava.testing.vocab import hub_tokenizer_dir, vocab_cache
     try: [hub_tokenizer_dir(r, build=False) for r in (LLAMA3, QWEN25)]
     except ConfigError: pytest.skip(f"the real tokenizers are not built in {vocab_cache()}: run `make vocab` first")
     cache = tmp_path_factory.mktemp("hf") / "hub"
@@ -48,7 +48,7 @@ def qllava(env, *args):
 
 @pytest.fixture(scope="module")
 def runs(hub, tmp_path_factory):
-    from qllava.presets import demo_paths, demo_subset
+    from qllava.data.presets import demo_paths, demo_subset
     cache, env = hub
     work = tmp_path_factory.mktemp("backbones")
     runs = work / "runs"
@@ -79,9 +79,9 @@ def test_the_models_own_tokenizer_and_template_are_used_and_saved(runs):
     assert tok("Hello world").input_ids == [128000, 9906, 1917] and tok.convert_tokens_to_ids("<|eot_id|>") == 128009
     assert "Cutting Knowledge Date" in tok.chat_template   # the model card's own template travels with the checkpoint
     assert json.loads((runs / "ft" / "config.json").read_text())["stop_strings"] == ["<|eot_id|>"]
-    from qllava.tokenize import prepare_tokenizer, tokenize_conversation
-    from qllava.conversation import get_template
-    from qllava.vocab import hub_tokenizer_dir
+    from qllava.data.tokenize import prepare_tokenizer, tokenize_conversation
+    from qllava.data.conversation import get_template
+    from qllava.testing.vocab import hub_tokenizer_dir
     rec = json.loads((work / "tiles.json").read_text())[0]["conversations"]
     saved, hub = tok, prepare_tokenizer(AutoTokenizer.from_pretrained(hub_tokenizer_dir(LLAMA3, build=False)))
     ids = [tokenize_conversation(rec, t, get_template("auto", t), {"image": 49}, None) for t in (saved, hub)]
@@ -93,9 +93,9 @@ def test_the_models_own_tokenizer_and_template_are_used_and_saved(runs):
 
 CHECK = r'''
 import json, sys, torch
-from qllava.answer import load_answering_model, read_questions, question_text, load_batch_media
-from qllava.conversation import generation_prompt, get_template
-from qllava.generate import encode_prompts, collect_media, generation_config
+from qllava.evaluation.answer import load_answering_model, read_questions, question_text, load_batch_media
+from qllava.data.conversation import generation_prompt, get_template
+from qllava.modeling.generate import encode_prompts, collect_media, generation_config
 model, tok = load_answering_model(sys.argv[1])
 qs = read_questions(sys.argv[2])[:16]
 t = get_template(model.config.template, tok)
@@ -118,7 +118,7 @@ print("RESULT " + json.dumps({"ends": ends, "stop": t.stop_strings}))
 
 @pytest.mark.parametrize("name,demo", [("ft", "pathology"), ("llasa", "imu")])
 def test_answers_stop_at_the_end_of_turn_token_and_batches_answer_as_one(runs, name, demo):
-    from qllava.presets import demo_paths
+    from qllava.data.presets import demo_paths
     work, runs, env = runs
     d = demo_paths(demo)
     cmd = [sys.executable, "-c", CHECK, str(runs / name), str(d["eval_questions"]), str(d["media_folder"])]
@@ -142,9 +142,9 @@ EXPORT = r'''
 import json, sys, torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
-from qllava.answer import load_answering_model
-from qllava.conversation import generation_prompt, get_template
-from qllava.generate import encode_prompts, collect_media
+from qllava.evaluation.answer import load_answering_model
+from qllava.data.conversation import generation_prompt, get_template
+from qllava.modeling.generate import encode_prompts, collect_media
 model, tok = load_answering_model(sys.argv[1]); model.eval()
 proc = AutoProcessor.from_pretrained(sys.argv[2])
 hf = LlavaForConditionalGeneration.from_pretrained(sys.argv[2]).eval()
@@ -169,7 +169,7 @@ print("RESULT " + json.dumps({"prompt": ours == theirs, "ids": enc.input_ids[0].
 
 
 def test_the_hf_export_prompts_and_computes_as_ours(runs):
-    from qllava.presets import demo_paths
+    from qllava.data.presets import demo_paths
     work, runs, env = runs
     out = work / "ft-hf"
     qllava(env, "export-hf", runs / "ft", out)
@@ -187,7 +187,7 @@ def test_the_hf_export_prompts_and_computes_as_ours(runs):
 
 
 def test_the_qlora_run_was_4bit_and_merges_into_a_full_checkpoint_that_answers(runs):
-    from qllava.presets import demo_paths
+    from qllava.data.presets import demo_paths
     work, runs, env = runs
     q = json.loads((runs / "llasa" / "run.json").read_text())["stages"][-1]["summary"]["quantization"]
     assert q["bits"] == 4 and q["quant_type"] == "nf4" and q["double_quant"], q

@@ -3,10 +3,10 @@
 of a template when none is named. The vocabularies come from `make vocab` (run by `make test`); without them these skip."""
 import pytest
 from transformers import AutoTokenizer
-from qllava.conversation import TEMPLATES, generation_prompt, get_template
+from qllava.data.conversation import TEMPLATES, generation_prompt, get_template
 from qllava.core import ConfigError
-from qllava.tokenize import IGNORE_INDEX, pick_template, prepare_tokenizer, tokenize_conversation
-from qllava.vocab import HUB_VOCABS, check_hub_tokenizer, fetch_llama_cpp_models, hub_tokenizer_dir, vocab_cache
+from qllava.data.tokenize import IGNORE_INDEX, pick_template, prepare_tokenizer, tokenize_conversation
+from qllava.testing.vocab import HUB_VOCABS, check_hub_tokenizer, fetch_llama_cpp_models, hub_tokenizer_dir, vocab_cache
 
 LLAMA3, QWEN25, QWEN3, PHI35 = "meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen3-8B", \
     "microsoft/Phi-3.5-mini-instruct"
@@ -83,7 +83,7 @@ def test_qwen_2_is_qwen2s_own_format_with_its_default_system_prompt(toks):
 
 
 def test_a_template_is_picked_from_the_tokenizer_or_refused_naming_the_templates(toks):
-    from qllava.model import get_tokenizer
+    from qllava.modeling.model import get_tokenizer
     assert pick_template(None, toks[LLAMA3]) == "auto" and pick_template(None, toks[QWEN25]) == "auto"
     assert pick_template(None, get_tokenizer("llama2-spm")) == "vicuna_v1"   # Vicuna ships no chat template: v1
     assert pick_template("llama_3", toks[LLAMA3]) == "llama_3"
@@ -95,8 +95,8 @@ def test_a_template_is_picked_from_the_tokenizer_or_refused_naming_the_templates
 
 
 def test_a_run_whose_tokenizer_has_no_template_is_refused_before_any_launch(tmp_path):
-    from qllava.presets import demo_paths
-    from qllava.runs import plan_training
+    from qllava.data.presets import demo_paths
+    from qllava.workflows.runs import plan_training
     base = AutoTokenizer.from_pretrained(_dir(LLAMA3))
     base.chat_template = None   # a base model's tokenizer: no chat template, no </s>
     base.save_pretrained(tmp_path / "tok")
@@ -119,8 +119,8 @@ CARD_CONVS = [CONV, CONV[:2], [{"from": "human", "value": " Padded question? "},
 def test_named_mistral_and_gemma_render_as_their_model_cards(name):
     "No vocabulary of these models can be had here: the rendered text is checked against the cards' own templates."
     from transformers.utils.chat_template_utils import render_jinja_template
-    from qllava.conversation import render, spans_text
-    from qllava.vocab import CARD_TEMPLATES
+    from qllava.data.conversation import render, spans_text
+    from qllava.testing.vocab import CARD_TEMPLATES
     try: card = (fetch_llama_cpp_models() / CARD_TEMPLATES[name]).read_text()
     except Exception as e: pytest.skip(f"the model cards' templates are not in {vocab_cache()} ({e}): run `make vocab`")
     t = get_template(name)
@@ -138,7 +138,7 @@ def test_named_mistral_and_gemma_render_as_their_model_cards(name):
 
 def test_qlora_under_zero3_is_refused_before_launch_naming_zero2(tmp_path):
     "The train notebook resolves its planned stages (the hyperparameter table) before any launch: 4 bits + ZeRO-3 stop."
-    from qllava.runs import plan_training, planned_hyperparameters
+    from qllava.workflows.runs import plan_training, planned_hyperparameters
     plan = plan_training({"stage": "qlora", "deepspeed": "zero3", "runs_dir": str(tmp_path)})
     with pytest.raises(ConfigError, match="--deepspeed zero2"): planned_hyperparameters(plan)
     planned_hyperparameters(plan_training({"stage": "qlora", "deepspeed": "zero2", "runs_dir": str(tmp_path)}))

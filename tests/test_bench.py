@@ -3,7 +3,7 @@ hub-layout cache holding stand-ins in the real schemas (`qllava make-bench-cache
 with 95 % intervals beside the paper's numbers; every data problem reported before a model loads; interrupted answers
 resumed; two runs compared with paired tests; Quilt-LLaVA's published GPT-review inputs replayed against an OpenAI-
 compatible judge; hub dataset ids accepted as `data_path`. The checkpoint is a tiny random model: these tests prove
-the pipeline, and the statistics are checked against closed forms in nbs/35_stats.ipynb."""
+the pipeline, and the statistics are checked against closed forms in nbs/41_stats.ipynb."""
 
 import json, os, shutil, subprocess, sys
 from pathlib import Path
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from qllava.benchmarks import BENCHMARKS, Benchmark, register_benchmark, write_benchmark_cache
-from qllava.bench import BenchConfig, prepare_benchmarks
+from qllava.evaluation.benchmarks import BENCHMARKS, Benchmark, register_benchmark, write_benchmark_cache
+from qllava.workflows.bench import BenchConfig, prepare_benchmarks
 from qllava.core import DataError, resolve_records_path
-from qllava.metrics import evaluate_files
-from qllava.presets import demo_paths
+from qllava.evaluation.metrics import evaluate_files
+from qllava.data.presets import demo_paths
 
 pytestmark = pytest.mark.timeout(900)
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +37,8 @@ def qllava(args, env, cwd=None):
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
     "A hub cache of the benchmarks' stand-ins, a tiny checkpoint, and the environment of an offline machine using them."
-    from qllava.model import build_model
-    from qllava.checkpoint import save_checkpoint
+    from qllava.modeling.model import build_model
+    from qllava.modeling.checkpoint import save_checkpoint
 
     d = tmp_path_factory.mktemp("bench")
     r = subprocess.run(
@@ -253,8 +253,8 @@ def test_the_eval_notebook_runs_benchmarks_with_a_forest_plot(bed, tmp_path):
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"the published Quilt-LLaVA review tables are not at {SHARED}")
 def test_the_published_gpt_review_replays_against_an_openai_compatible_judge(bed, tmp_path):
-    from qllava.review import LocalJudge
-    from qllava.evalrun import reference_overlap_judge
+    from qllava.evaluation.review import LocalJudge
+    from qllava.workflows.evalrun import reference_overlap_judge
 
     d, env = bed
     qs = [json.loads(l) for l in (SHARED / "questions.jsonl").read_text().splitlines()][:12]
@@ -285,7 +285,7 @@ def test_a_hub_dataset_id_is_a_data_path(bed, monkeypatch):
     p = resolve_records_path("wisdomik/QUILT-LLaVA-Instruct-107K")
     assert p.name == "quilt_instruct_107k.json" and "datasets--wisdomik--QUILT-LLaVA-Instruct-107K" in str(p)
     assert p.read_bytes() == dp["finetune"].read_bytes()
-    from qllava.runs import check_train_files
+    from qllava.workflows.runs import check_train_files
 
     check_train_files(
         {"data_path": "wisdomik/Quilt-LLaVA-Pretrain", "eval_data_path": "wisdomik/QUILT-LLaVA-Instruct-107K"}

@@ -1,4 +1,4 @@
-"""qllava.checkpoint on tiny models: manifest-driven save/load round trips, the projector file under its original key
+"""qllava.modeling.checkpoint on tiny models: manifest-driven save/load round trips, the projector file under its original key
 names in both directions, an original LLaVA checkpoint written here exactly as the original code names keys and config
 fields, export to transformers' Llava (logits and greedy answers), safe .bin loading, and the CLI functions."""
 import os
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest, torch
 from torch import nn
 from qllava.core import CheckpointError
-from qllava.model import build_model, QllavaForCausalLM
-from qllava.generate import answer_batch, encode_prompts
-from qllava.checkpoint import (MANIFEST, read_manifest, save_checkpoint, load_checkpoint, load_model, save_projector,
+from qllava.modeling.model import build_model, QllavaForCausalLM
+from qllava.modeling.generate import answer_batch, encode_prompts
+from qllava.modeling.checkpoint import (MANIFEST, read_manifest, save_checkpoint, load_checkpoint, load_model, save_projector,
                                load_projector, projector_state_dict, load_state_file, import_llava, export_hf,
                                import_llava_cli, export_hf_cli, extract_projector_cli)
 
@@ -170,7 +170,7 @@ def _original_logits(llm, clip, proj, ids_with_marker:list, image):
 
 
 def test_import_original_llava_identical_logits(tmp_path):
-    from qllava.presets import load_tokenizer
+    from qllava.data.presets import load_tokenizer
     ck, llm, clip, proj = _write_original(tmp_path, load_tokenizer("llama-demo"))
     V = llm.config.vocab_size
     model, tok = import_llava(ck, tmp_path / "imported")
@@ -190,7 +190,7 @@ def test_import_original_llava_identical_logits(tmp_path):
 
 
 def test_import_llava_cli_and_wrong_encoder(tmp_path):
-    from qllava.presets import load_tokenizer
+    from qllava.data.presets import load_tokenizer
     ck, *_ = _write_original(tmp_path, load_tokenizer("llama-demo"), seed=1)
     assert import_llava_cli([str(ck), str(tmp_path / "out")]) == 0
     assert read_manifest(tmp_path / "out")["components"] == ["llm", "encoders", "projectors"]

@@ -6,13 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from qllava.modality import MODALITIES, Modality, placeholder_re, record_media, register_modality
+from qllava.data.modality import MODALITIES, Modality, placeholder_re, record_media, register_modality
 
 
 @pytest.fixture
 def ecg():
     "A third modality registered as the ECG tutorial does (record key `ecg_file`), removed afterwards."
-    from qllava.media import SensorProcessor
+    from qllava.data.media import SensorProcessor
     m = register_modality(Modality("ecg", "<ecg>", record_key="ecg_file", batch_key="ecgs",
                                    make_processor=lambda s: SensorProcessor(s["window"], s["channels"]),
                                    input_shape=lambda s: (s["window"], s["channels"]), suffixes=(".ecg.npy",)))
@@ -32,7 +32,7 @@ def _table(tmp_path, rows:int=10, qa:bool=True):
 
 
 def test_make_records_names_the_file_under_the_record_key_and_splits_and_writes_vqa_files(tmp_path, ecg):
-    from qllava.convert import make_records
+    from qllava.data.convert import make_records
     res = make_records(_table(tmp_path), tmp_path / "out", tmp_path / "ecg", modality="ecg", eval_fraction=0.3)
     recs = json.loads(res["data"].read_text())
     assert res["records"] == 7 and res["held_out_records"] == 3
@@ -44,7 +44,7 @@ def test_make_records_names_the_file_under_the_record_key_and_splits_and_writes_
 
 
 def test_caption_records_of_a_new_modality_get_generic_instructions(tmp_path, ecg):
-    from qllava.convert import make_records
+    from qllava.data.convert import make_records
     res = make_records(_table(tmp_path, 4, qa=False), tmp_path / "out", tmp_path / "ecg", modality="ecg")
     recs = json.loads(res["data"].read_text())
     assert res["data"].name == "pretrain.json" and len(recs) == 4

@@ -1,4 +1,4 @@
-"""Media loading, lazy records, the dataset, the collator and the modality/length-grouped sampler (qllava.media, qllava.dataset)."""
+"""Media loading, lazy records, the dataset, the collator and the modality/length-grouped sampler (qllava.data.media, qllava.data.dataset)."""
 import json, os, time
 from pathlib import Path
 
@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from qllava.core import DataError, ConfigError
-from qllava.media import ImageProcessor, SensorProcessor, load_image, load_sensor, pad_to_square, CLIP_MEAN, CLIP_STD
-from qllava.dataset import (load_records, Records, MultimodalDataset, DataCollator, ModalityLengthGroupedSampler,
+from qllava.data.media import ImageProcessor, SensorProcessor, load_image, load_sensor, pad_to_square, CLIP_MEAN, CLIP_STD
+from qllava.data.dataset import (load_records, Records, MultimodalDataset, DataCollator, ModalityLengthGroupedSampler,
                             media_files)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -350,8 +350,8 @@ def test_collator_shapes_and_padding():
 
 @pytest.fixture(scope="module")
 def tok():
-    from qllava.presets import load_tokenizer
-    from qllava.tokenize import prepare_tokenizer
+    from qllava.data.presets import load_tokenizer
+    from qllava.data.tokenize import prepare_tokenizer
     return prepare_tokenizer(load_tokenizer("llama-demo"))
 
 def _tiny_set(root):
@@ -430,7 +430,7 @@ def test_dataset_errors_name_file_record_and_id(tmp_path, tok):
         assert part in str(e.value), str(e.value)
     with pytest.raises(ConfigError, match="no sensor processor"): _ds(tmp_path, tok, processors={"image": ImageProcessor(32)})[5]
     with pytest.raises(ConfigError, match="prepare_tokenizer"):
-        from qllava.presets import load_tokenizer
+        from qllava.data.presets import load_tokenizer
         _ds(tmp_path, load_tokenizer("llama-demo"))
 
 def test_dataset_skip_mode_counts_and_stays_modality_pure(tmp_path, tok):
@@ -454,7 +454,7 @@ DEMO = Path(__file__).resolve().parents[1] / "qllava" / "assets" / "demo"
 
 @pytest.mark.parametrize("modality", ["pathology", "imu"])
 def test_shipped_demo_data_loads(modality, tok):
-    from qllava.presets import demo_paths, get_preset
+    from qllava.data.presets import demo_paths, get_preset
     p = demo_paths(modality)
     if not p["finetune"].exists(): pytest.skip(f"demo data not built yet ({p['finetune']} missing; `qllava make-demo`)")
     enc = get_preset("tiny-clip" if modality == "pathology" else "tiny-limu")
@@ -476,8 +476,8 @@ def test_shipped_demo_data_loads(modality, tok):
 
 @pytest.mark.timeout(600)
 def test_record_without_id_is_named_in_the_training_log(tmp_path):
-    "qllava.train under deepspeed (2 CPU ranks) on records of which two have no id: the launch log says so once, by index."
-    from qllava.launch import LaunchSpec, launch
+    "qllava.training.train under deepspeed (2 CPU ranks) on records of which two have no id: the launch log says so once, by index."
+    from qllava.cluster.launch import LaunchSpec, launch
     (tmp_path / "img").mkdir()
     recs = []
     for i in range(8):
@@ -488,7 +488,7 @@ def test_record_without_id_is_named_in_the_training_log(tmp_path):
         recs.append(r)
     (tmp_path / "ft.json").write_text(json.dumps(recs))
     out = tmp_path / "out"
-    launch(["-m", "qllava.train", "--stage", "finetune", "--data_path", str(tmp_path / "ft.json"), "--image_folder", str(tmp_path / "img"),
+    launch(["-m", "qllava.training.train", "--stage", "finetune", "--data_path", str(tmp_path / "ft.json"), "--image_folder", str(tmp_path / "img"),
             "--output_dir", str(out), "--model_max_length", "96", "--global_batch_size", "4", "--num_train_epochs", "1"],
            out, LaunchSpec(launcher="deepspeed", gpus_per_node=0, cpu_ranks=2), hang_timeout=300, echo=False)
     log = (out / "launch.log").read_text()

@@ -7,7 +7,7 @@ import pytest
 
 os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
 from qllava.core import assets_dir
-from qllava.presets import demo_paths, load_tokenizer, get_preset
+from qllava.data.presets import demo_paths, load_tokenizer, get_preset
 
 MODALITIES = ["pathology", "imu"]
 
@@ -23,7 +23,7 @@ def _yes_no(text):
 
 @pytest.fixture(scope="module")
 def rebuilt(tmp_path_factory):
-    from qllava.demo import make_demo
+    from qllava.testing.demo import make_demo
     out = tmp_path_factory.mktemp("assets")
     make_demo(out)
     return out
@@ -44,7 +44,7 @@ def test_rebuild_is_byte_identical_to_shipped(rebuilt):
     assert len(pngs) > 200
     # and nothing stale is shipped beside them
     for sub in ["tokenizers", "demo", "presets"]:
-        # llama2-spm is not make-demo's: qllava.testbed builds it from llama-cpp-python's gguf (tests/test_testbed.py checks it)
+        # llama2-spm is not make-demo's: qllava.testing.testbed builds it from llama-cpp-python's gguf (tests/test_testbed.py checks it)
         shipped = {p.relative_to(assets_dir()) for p in (assets_dir() / sub).rglob("*") if p.is_file()
                    and not str(p.relative_to(assets_dir())).startswith("tokenizers/llama2-spm/")}
         assert shipped == {p for p in built if str(p).startswith(sub + "/")}, sub

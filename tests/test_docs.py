@@ -40,7 +40,7 @@ def _notebooks():
 
 
 def _page(nb):
-    "`index.ipynb` -> `index.html`, `21_train.ipynb` -> `train.html`, the run notebook `train.ipynb` -> `run-train.html`"
+    "`index.ipynb` -> `index.html`, `53_train.ipynb` -> `train.html`, the run notebook `train.ipynb` -> `run-train.html`"
     if nb.stem in RUN_NOTEBOOKS: return f'run-{nb.stem}.html'
     return re.sub(r'^\d+[a-zA-Z0-9]*_', '', nb.stem).lower() + '.html'
 

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 from qllava.core import CheckpointError, ConfigError
-from qllava.encoders import (HFClipEncoder, LimuBert, OpenClipEncoder, build_encoder, convert_open_clip_to_hf_clip,
+from qllava.modeling.encoders import (HFClipEncoder, LimuBert, OpenClipEncoder, build_encoder, convert_open_clip_to_hf_clip,
                              load_weights_file, resolve_spec)
-from qllava.projector import build_projector, infer_projector
+from qllava.modeling.projector import build_projector, infer_projector
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,7 +132,7 @@ def test_hf_clip_folder_reads_its_preprocessing(tmp_path):
     enc = build_encoder(str(tmp_path))
     assert enc.spec == f"hf-clip:{tmp_path}"
     assert enc.media == {"image_size": 32, "image_mean": (0.1, 0.2, 0.3), "image_std": (0.4, 0.5, 0.6)}
-    pytest.importorskip("qllava.media")
+    pytest.importorskip("qllava.data.media")
     assert enc.processor.image_size == 32 and enc.processor.mean == (0.1, 0.2, 0.3)
 
 
@@ -328,7 +328,7 @@ def test_unsafe_pickle_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- processors
 def test_processors_match_the_towers():
-    media = pytest.importorskip("qllava.media")
+    media = pytest.importorskip("qllava.data.media")
     import numpy as np
     from PIL import Image
     img = build_encoder("preset:tiny-clip")
@@ -372,7 +372,7 @@ def test_projector_errors():
 
 # ---------------------------------------------------------------- import hygiene
 def test_importing_encoders_does_not_import_open_clip():
-    code = ("import sys, qllava.encoders, qllava.projector; "
+    code = ("import sys, qllava.modeling.encoders, qllava.modeling.projector; "
             "assert 'open_clip' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
@@ -380,7 +380,7 @@ def test_importing_encoders_does_not_import_open_clip():
 # ---------------------------------------------------------------- the encoder registry
 REGISTRY_CODE = """
 import json
-from qllava.encoders import resolve_spec, encoder_modality, encoder_num_tokens, encoder_media, build_encoder
+from qllava.modeling.encoders import resolve_spec, encoder_modality, encoder_num_tokens, encoder_media, build_encoder
 out = {}
 for spec in ("someone/pathology-tower", "someone/vision-model", "wisdomik/QuiltNet-B-99"):
     out[spec] = list(resolve_spec(spec))
@@ -393,7 +393,7 @@ print("RESULT " + json.dumps(out))
 
 def test_bare_hub_ids_are_recognised_by_their_files_not_their_names(tmp_path):
     "The testbed's QuiltNet-B-32 and CLIP-L/336 repositories under names that say nothing: told apart by open_clip_config.json / config.json."
-    from qllava.testbed import clip_l336_files, quiltnet_files, run_with_testbed, write_hub_repo
+    from qllava.testing.testbed import clip_l336_files, quiltnet_files, run_with_testbed, write_hub_repo
     cache = tmp_path / "hub"
     write_hub_repo(cache, "someone/pathology-tower", quiltnet_files())
     write_hub_repo(cache, "someone/vision-model", clip_l336_files())
@@ -405,8 +405,8 @@ def test_bare_hub_ids_are_recognised_by_their_files_not_their_names(tmp_path):
 
 
 def test_bare_folders_and_files_are_recognised_by_their_files(tmp_path):
-    from qllava.testbed import quiltnet_files
-    from qllava.encoders import encoder_modality, encoder_num_tokens
+    from qllava.testing.testbed import quiltnet_files
+    from qllava.modeling.encoders import encoder_modality, encoder_num_tokens
     oc = tmp_path / "clip-like-name"; oc.mkdir()           # an open_clip folder whose name says CLIP
     for n, b in quiltnet_files().items(): (oc / n).write_bytes(b.encode() if isinstance(b, str) else b)
     assert resolve_spec(str(oc)) == ("open_clip", f"local-dir:{oc.resolve()}")
@@ -423,7 +423,7 @@ def test_bare_folders_and_files_are_recognised_by_their_files(tmp_path):
 
 def test_register_encoder_kind_needs_no_library_edit(tmp_path):
     "A 1-D toy tower as a new kind: its specs build, count tokens, preprocess and resolve (bare files by content) like the built-in ones."
-    from qllava.encoders import (ENCODER_KINDS, Encoder, encoder_media, encoder_modality, encoder_num_tokens, encoder_processor,
+    from qllava.modeling.encoders import (ENCODER_KINDS, Encoder, encoder_media, encoder_modality, encoder_num_tokens, encoder_processor,
                                  register_encoder_kind)
 
     class Conv1d(Encoder):
@@ -453,7 +453,7 @@ def test_register_encoder_kind_needs_no_library_edit(tmp_path):
 
 
 def test_token_counts_without_building_agree_with_the_towers():
-    from qllava.encoders import encoder_media, encoder_num_tokens
+    from qllava.modeling.encoders import encoder_media, encoder_num_tokens
     for spec in ("preset:tiny-clip", "preset:tiny-limu", "preset:bench-vit-b32", "preset:limu-bert"):
         for layer, feat in ((None, "patch"), (-1, "cls_patch"), (0, "patch")):
             e = build_encoder(spec, layer, feat)

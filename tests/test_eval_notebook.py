@@ -9,8 +9,8 @@ import pytest
 
 papermill = pytest.importorskip("papermill")
 from papermill.exceptions import PapermillExecutionError
-from qllava.evalrun import reference_overlap_judge
-from qllava.review import LocalJudge
+from qllava.workflows.evalrun import reference_overlap_judge
+from qllava.evaluation.review import LocalJudge
 
 pytestmark = pytest.mark.timeout(900)
 REPO = Path(__file__).resolve().parents[1]
@@ -20,8 +20,8 @@ SECRET = "sk-" + "test-3a9c0e5b-DO-NOT-LEAK-eval-77d1"  # split so no key-shaped
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    from qllava.model import build_model
-    from qllava.checkpoint import save_checkpoint
+    from qllava.modeling.model import build_model
+    from qllava.modeling.checkpoint import save_checkpoint
     d = tmp_path_factory.mktemp("ckpts")
     m, t = build_model(seed=0)
     save_checkpoint(m, d / "finetune-image", tokenizer=t)
@@ -63,7 +63,7 @@ class RecordingJudge(LocalJudge):
 
 
 def test_eval_notebook_shows_everything_and_never_leaks_the_key(ckpts, tmp_path, monkeypatch, caplog, keep_for_docs):
-    from qllava.presets import demo_paths
+    from qllava.data.presets import demo_paths
     n_q = sum(1 for l in demo_paths("pathology")["eval_questions"].read_text().splitlines() if l.strip())
     caplog.set_level(logging.INFO)
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)   # the kernel inherits it and sends it to the judge over HTTP

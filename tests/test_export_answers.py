@@ -4,12 +4,12 @@ For the tiny demo model (demo vocabulary), Vicuna's real LLaMA-2 vocabulary with
 CLIP-L/336 tower (the test bed's hub-shaped stand-ins), and every conversation template: `export_hf`, then
 `processor.apply_chat_template` gives our prompt text, `processor(text=..., images=...)` gives our ids (the text after
 an image tokenised as training did), and `generate` on the exported `LlavaForConditionalGeneration`, batched with the
-exported left padding, gives the greedy answers of `qllava.generate.answer_batch` on every question.
+exported left padding, gives the greedy answers of `qllava.modeling.generate.answer_batch` on every question.
 """
 import json
 import pytest
 
-from qllava.testbed import build_testbed, run_with_testbed
+from qllava.testing.testbed import build_testbed, run_with_testbed
 
 TEMPLATES = ["plain", "vicuna_v1", "llama_2", "mistral_instruct", "llava_llama_2", "chatml"]
 SETUPS = {"tiny": ("preset:tiny-llama", "preset:tiny-clip", TEMPLATES),
@@ -23,10 +23,10 @@ CODE = r'''
 import json, tempfile, torch, numpy as np
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
-from qllava.model import build_model
-from qllava.checkpoint import export_hf
-from qllava.conversation import generation_prompt, get_template
-from qllava.generate import answer_batch, encode_prompts
+from qllava.modeling.model import build_model
+from qllava.modeling.checkpoint import export_hf
+from qllava.data.conversation import generation_prompt, get_template
+from qllava.modeling.generate import answer_batch, encode_prompts
 SETUPS = json.loads(%r)
 QS = ["What is shown?", " Describe the tissue.", "Is it stained?\n", "nuclei?", "What stain is used?",
       "Name the organ.", "Is there necrosis?", "What colour dominates?", "Count the glands."]

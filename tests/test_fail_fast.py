@@ -71,7 +71,7 @@ def test_secret_parameter_is_refused_first(nb, params, name, why, tmp_path, monk
 
 def test_secret_in_a_launched_job_never_reaches_its_log(tmp_path):
     "A job that prints key-shaped values and an environment secret (as a leaky library would): the log and record mask them."
-    from qllava.launch import LaunchSpec, launch
+    from qllava.cluster.launch import LaunchSpec, launch
     script = tmp_path / "leak.py"
     script.write_text("import os, sys\nprint('argv', sys.argv[1])\nprint('env', os.environ['MY_SERVICE_TOKEN'])\n"
                       "print('header Authorization: Bearer', os.environ['MY_SERVICE_TOKEN'])\nprint('flag --hub_token', sys.argv[3])\n")

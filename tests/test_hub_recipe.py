@@ -1,5 +1,5 @@
 """The README's Quilt-LLaVA recipe on hub ids, offline: `papermill nbs/train.ipynb ... -p model lmsys/vicuna-7b-v1.5
--p encoder wisdomik/QuiltNet-B-32` against a local Hugging Face cache in the real hub layout (`qllava.testbed`: the
+-p encoder wisdomik/QuiltNet-B-32` against a local Hugging Face cache in the real hub layout (`qllava.testing.testbed`: the
 real LLaMA-2 / Vicuna v1.5 tokenizer, a shrunken LLaMA and a shrunken QuiltNet-B-32 with random weights), through the
 real DeepSpeed launcher with 2 CPU ranks: stage 1, stage 2 full and LoRA, then `qllava answer` and `qllava metrics`.
 
@@ -21,7 +21,7 @@ LLM, TOWER = "lmsys/vicuna-7b-v1.5", "wisdomik/QuiltNet-B-32"
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     "The hub cache and the environment a user would have after downloading the recipe's models."
-    from qllava.testbed import build_testbed, testbed_env
+    from qllava.testing.testbed import build_testbed, testbed_env
     cache = tmp_path_factory.mktemp("hf") / "hub"
     build_testbed(cache)
     return cache, {**os.environ, **testbed_env(cache)}
@@ -39,7 +39,7 @@ def papermill(env, out, **params):
 @pytest.fixture(scope="module")
 def recipe(hub, tmp_path_factory):
     "Stage 1, then stage 2 full and LoRA from its projector, as the README's commands run them."
-    from qllava.presets import demo_paths
+    from qllava.data.presets import demo_paths
     cache, env = hub
     d, work = demo_paths("pathology"), tmp_path_factory.mktemp("recipe")
     runs = work / "runs"
@@ -68,7 +68,7 @@ def test_every_stage_used_the_models_own_tokenizer_and_the_hub_ids(recipe):
     assert tok("Hello world").input_ids == [1, 15043, 3186] and tok.legacy is False  # Vicuna v1.5's, not the demo's
     sd_keys = json.loads((runs / "ft" / "config.json").read_text())
     assert sd_keys["text_config"]["vocab_size"] == 32002  # grown by the two placeholders, never shrunk to the demo's 1185
-    code = ("from qllava.checkpoint import load_model; m, t = load_model(%r); "
+    code = ("from qllava.modeling.checkpoint import load_model; m, t = load_model(%r); "
             "print(m.llm.get_input_embeddings().weight.shape[0], m.config.encoder_num_tokens['image'], len(t))" % str(runs / "ft"))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)   # the hub ids resolve offline
     assert r.returncode == 0, r.stderr[-2000:]
@@ -88,7 +88,7 @@ def test_qlora_trains_lora_adapters_on_a_4bit_nf4_base_on_cpu(recipe):
 
 
 def test_answers_decode_to_real_text_and_are_scored(recipe):
-    from qllava.presets import demo_paths
+    from qllava.data.presets import demo_paths
     work, runs, env = recipe
     d = demo_paths("pathology")
     for name in ("ft", "lora", "qlora"):

@@ -18,7 +18,7 @@ def test_import_qllava_is_fast_and_imports_no_heavy_library():
 
 
 def test_cli_help_and_light_modules_do_not_import_torch():
-    code = "import sys, json; import qllava.core, qllava.conversation, qllava.cli; " \
+    code = "import sys, json; import qllava.core, qllava.data.conversation, qllava.cli; " \
            "print(json.dumps(sorted(m for m in ('torch', 'deepspeed', 'open_clip', 'transformers') if m in sys.modules)))"
     out, _ = _run(code)
     assert json.loads(out) == []
@@ -27,7 +27,7 @@ def test_cli_help_and_light_modules_do_not_import_torch():
 
 
 def test_model_modules_do_not_import_deepspeed_or_open_clip():
-    code = "import sys, json; import qllava.model, qllava.encoders, qllava.dataset, qllava.train, qllava.launch; " \
+    code = "import sys, json; import qllava.modeling.model, qllava.modeling.encoders, qllava.data.dataset, qllava.training.train, qllava.cluster.launch; " \
            "print(json.dumps(sorted(m for m in ('deepspeed', 'open_clip') if m in sys.modules)))"
     out, _ = _run(code)
     assert json.loads(out) == []

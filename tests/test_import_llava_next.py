@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qllava.core import ConfigError, CheckpointError
-from qllava.vocab import hub_tokenizer_dir, vocab_cache
+from qllava.testing.vocab import hub_tokenizer_dir, vocab_cache
 
 LLAMA3, QWEN25 = "meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen2.5-7B-Instruct"
 
@@ -69,9 +69,9 @@ def _original_logits(llm, clip, proj, ids:list, marker_at:int, pixels):
 @pytest.mark.parametrize("repo,template,stop", [(LLAMA3, "llama_3", "<|eot_id|>"), (QWEN25, "qwen_2", "<|im_end|>")])
 def test_llava_next_checkpoint_imports_to_its_logits_in_its_template(tmp_path, repo, template, stop):
     from PIL import Image
-    from qllava.checkpoint import import_llava_cli, load_model
-    from qllava.conversation import generation_prompt, get_template
-    from qllava.generate import collect_media, encode_prompts
+    from qllava.modeling.checkpoint import import_llava_cli, load_model
+    from qllava.data.conversation import generation_prompt, get_template
+    from qllava.modeling.generate import collect_media, encode_prompts
     ck, llm, clip, proj = _write_next(tmp_path, repo)
     assert import_llava_cli([str(ck), str(tmp_path / "imported")]) == 0
     model, tok = load_model(tmp_path / "imported")
@@ -92,7 +92,7 @@ def test_llava_next_checkpoint_imports_to_its_logits_in_its_template(tmp_path, r
 
 
 def test_anyres_llava_next_checkpoint_is_refused_by_name(tmp_path):
-    from qllava.checkpoint import import_llava
+    from qllava.modeling.checkpoint import import_llava
     ck, *_ = _write_next(tmp_path, LLAMA3, image_aspect_ratio="anyres_max_9", mm_patch_merge_type="spatial_unpad")
     with pytest.raises(CheckpointError, match="AnyRes.*--image_aspect_ratio pad --mm_patch_merge_type flat"):
         import_llava(ck)

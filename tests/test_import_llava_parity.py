@@ -30,7 +30,7 @@ def original():
 
 @pytest.fixture(scope="module")
 def imported():
-    from qllava.checkpoint import import_llava
+    from qllava.modeling.checkpoint import import_llava
     model, tok = import_llava(CKPT, encoder=f"hf-clip:{CLIP}")
     return model.float().eval(), tok
 
@@ -49,8 +49,8 @@ def collapse(ids, media_id):
 def run_ours(model, tok, case, pixels=None):
     "qllava's prompt, ids (expanded), pixels and logits for one fixture case."
     from PIL import Image
-    from qllava.conversation import generation_prompt
-    from qllava.generate import encode_prompts
+    from qllava.data.conversation import generation_prompt
+    from qllava.modeling.generate import encode_prompts
     prompt = generation_prompt(model.config.template, "<image>\n" + case["question"])
     ids, mask = encode_prompts(tok, [prompt], model.config)
     if pixels is None:
@@ -102,7 +102,7 @@ def test_fixture_discriminates(original, imported):
     "The comparison would catch the usual mistakes: logits are O(1), the image matters, and a wrong select layer or a "
     "stretched (not padded) image moves the logits far past the tolerance."
     from PIL import Image
-    from qllava.media import ImageProcessor
+    from qllava.data.media import ImageProcessor
     meta, ref = original
     a, b = ref["square.logits"], ref["wide.logits"]
     assert a.std().item() > 0.5
@@ -126,7 +126,7 @@ def test_fixture_discriminates(original, imported):
 
 def test_import_llava_cli_default_tower(original, tmp_path, monkeypatch):
     "`qllava import-llava` with no --encoder resolves mm_vision_tower (relative to the working folder, as the original)."
-    from qllava.checkpoint import import_llava_cli, load_model
+    from qllava.modeling.checkpoint import import_llava_cli, load_model
     meta, ref = original
     monkeypatch.chdir(ROOT)
     assert import_llava_cli([str(CKPT), str(tmp_path / "out")]) == 0
@@ -140,7 +140,7 @@ def test_import_llava_cli_default_tower(original, tmp_path, monkeypatch):
 
 def test_imported_checkpoint_loads_from_another_folder(tmp_path, monkeypatch):
     "An imported checkpoint does not depend on the working folder of the import."
-    from qllava.checkpoint import import_llava_cli, load_model
+    from qllava.modeling.checkpoint import import_llava_cli, load_model
     monkeypatch.chdir(ROOT)
     assert import_llava_cli([str(CKPT), str(tmp_path / "out")]) == 0
     monkeypatch.chdir(tmp_path)

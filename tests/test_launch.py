@@ -1,4 +1,4 @@
-"""End-to-end tests of qllava.launch with real launchers and real processes (no mocks).
+"""End-to-end tests of qllava.cluster.launch with real launchers and real processes (no mocks).
 
 deepspeed on 2 CPU ranks (gloo), deepspeed and torchrun node launchers on loopback standing in for two machines,
 the generated Slurm script and hostfile command, a failing child and a hung rank.
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qllava.core import ConfigError, LaunchError
-from qllava.launch import (LaunchSpec, SlurmSpec, build_command, free_port, gpu_count, hostfile_text, launch, read_heartbeats,
+from qllava.cluster.launch import (LaunchSpec, SlurmSpec, build_command, free_port, gpu_count, hostfile_text, launch, read_heartbeats,
                            resolve_spec, sbatch_script, shell_join)
 
 pytestmark = pytest.mark.timeout(600)  # generous: a first DeepSpeed comm-op build under load takes minutes
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(600)  # generous: a first DeepSpeed comm-op bui
 RANK_SCRIPT = textwrap.dedent('''
     import json, os, sys
     from pathlib import Path
-    from qllava.launch import heartbeat, report_progress, dist_backend
+    from qllava.cluster.launch import heartbeat, report_progress, dist_backend
     heartbeat("startup")
     out, how = Path(sys.argv[1]), sys.argv[2]
     import torch, torch.distributed as dist
@@ -120,11 +120,11 @@ def test_deepspeed_hostfile_two_node_launchers_on_loopback(tmp_path):
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 and r["sum"] == 3.0 for r in ranks)
 
 
-ENTRY = ["-m", "qllava.train", "--stage", "finetune", "--output_dir", "runs/ft 1"]
+ENTRY = ["-m", "qllava.training.train", "--stage", "finetune", "--output_dir", "runs/ft 1"]
 
 EXPECTED_HOSTFILE_COMMAND = (
     "python -u -m deepspeed.launcher.runner --hostfile /runs/ft/hostfile --master_addr 10.1.0.5 --master_port 29500 "
-    "--no_local_rank --module qllava.train --stage finetune --output_dir 'runs/ft 1'")
+    "--no_local_rank --module qllava.training.train --stage finetune --output_dir 'runs/ft 1'")
 
 EXPECTED_SBATCH = '''\
 #!/bin/bash
@@ -136,7 +136,7 @@ EXPECTED_SBATCH = '''\
 #SBATCH --time=08:00:00
 #SBATCH --partition=a100
 #SBATCH --output=/runs/ft/slurm-%j.out
-# written by qllava.launch
+# written by qllava.cluster.launch
 set -euo pipefail
 module load cuda/12.4
 export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
@@ -146,7 +146,7 @@ export QLLAVA_RUN_DIR=/runs/ft
 export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 export MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"
 scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots=4/" > "/runs/ft/hostfile.$SLURM_JOB_ID"
-srun --kill-on-bad-exit=1 bash -c 'python -u -m deepspeed.launcher.runner --hostfile "/runs/ft/hostfile.$SLURM_JOB_ID" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --no_ssh --node_rank "$SLURM_NODEID" --no_local_rank --module qllava.train --stage finetune --output_dir '"'"'runs/ft 1'"'"''
+srun --kill-on-bad-exit=1 bash -c 'python -u -m deepspeed.launcher.runner --hostfile "/runs/ft/hostfile.$SLURM_JOB_ID" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --no_ssh --node_rank "$SLURM_NODEID" --no_local_rank --module qllava.training.train --stage finetune --output_dir '"'"'runs/ft 1'"'"''
 '''
 
 EXPECTED_ARRAY = '''\
@@ -158,14 +158,14 @@ EXPECTED_ARRAY = '''\
 #SBATCH --time=24:00:00
 #SBATCH --output=/runs/sweep/slurm-%A_%a.out
 #SBATCH --array=0-1%1
-# written by qllava.launch
+# written by qllava.cluster.launch
 set -euo pipefail
 export QLLAVA_RUN_DIR=/runs/sweep
 export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 export MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"
 case "$SLURM_ARRAY_TASK_ID" in
-  0) srun --kill-on-bad-exit=1 python -u -m torch.distributed.run --nnodes 1 --nproc_per_node 2 --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" -m qllava.train --learning_rate 0.0001 ;;
-  1) srun --kill-on-bad-exit=1 python -u -m torch.distributed.run --nnodes 1 --nproc_per_node 2 --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" -m qllava.train --learning_rate 0.0002 ;;
+  0) srun --kill-on-bad-exit=1 python -u -m torch.distributed.run --nnodes 1 --nproc_per_node 2 --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" -m qllava.training.train --learning_rate 0.0001 ;;
+  1) srun --kill-on-bad-exit=1 python -u -m torch.distributed.run --nnodes 1 --nproc_per_node 2 --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" -m qllava.training.train --learning_rate 0.0002 ;;
   *) echo "no command for array task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;
 esac
 '''
@@ -181,7 +181,7 @@ def test_hostfile_command_and_sbatch_text():
                       setup=["module load cuda/12.4"])
     spec = LaunchSpec(nodes=2, gpus_per_node=4, python="python", env={"HF_HUB_OFFLINE": "1", "WANDB_API_KEY": "abc123secret"})
     assert sbatch_script(spec, slurm, [ENTRY], "/runs/ft") == EXPECTED_SBATCH
-    sweep = [["-m", "qllava.train", "--learning_rate", str(lr)] for lr in (1e-4, 2e-4)]
+    sweep = [["-m", "qllava.training.train", "--learning_rate", str(lr)] for lr in (1e-4, 2e-4)]
     text = sbatch_script(LaunchSpec(launcher="torchrun", gpus_per_node=2, python="python"),
                          SlurmSpec(job_name="sweep", array_parallel=1), sweep, "/runs/sweep")
     assert text == EXPECTED_ARRAY
@@ -199,7 +199,7 @@ def test_slurm_script_is_valid_bash_and_submission_is_explained(tmp_path, capsys
 
 def test_requeueing_srun_script_is_valid_bash_and_requeues_on_the_preempted_exit_code(tmp_path):
     import subprocess
-    job = launch(["-m", "qllava.train", "--stage", "lora"], tmp_path, LaunchSpec(launcher="srun", gpus_per_node=4),
+    job = launch(["-m", "qllava.training.train", "--stage", "lora"], tmp_path, LaunchSpec(launcher="srun", gpus_per_node=4),
                  slurm=SlurmSpec(requeue=True, signal_s=300), submit=False)
     text = job.script.read_text()
     assert subprocess.run(["bash", "-n", str(job.script)]).returncode == 0
@@ -239,7 +239,7 @@ def test_failing_rank_under_torchrun(tmp_path):
 HANG_SCRIPT = textwrap.dedent('''
     import os, sys, time
     from pathlib import Path
-    from qllava.launch import heartbeat
+    from qllava.cluster.launch import heartbeat
     rank = int(os.environ["RANK"])
     (Path(sys.argv[1]) / f"pid{rank}").write_text(str(os.getpid()))
     if rank == 1:
@@ -284,7 +284,7 @@ KILL_SCRIPT = textwrap.dedent('''
     import os, sys, time
     from pathlib import Path
     import torch, torch.distributed as dist
-    from qllava.launch import dist_backend, heartbeat
+    from qllava.cluster.launch import dist_backend, heartbeat
     out = Path(sys.argv[1])
     dist.init_process_group(dist_backend())
     rank = dist.get_rank()

@@ -27,8 +27,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from qllava.core import ConfigError
-from qllava.tokenize import IGNORE_INDEX, media_token_id, prepare_tokenizer, tokenize_conversations
-from qllava.vocab import hub_tokenizer_dir
+from qllava.data.tokenize import IGNORE_INDEX, media_token_id, prepare_tokenizer, tokenize_conversations
+from qllava.testing.vocab import hub_tokenizer_dir
 
 HERE = Path(__file__).parent
 FIXTURE = HERE / "parity" / "llava_next_fixture.json.gz"

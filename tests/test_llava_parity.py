@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from qllava.core import asset
-from qllava.presets import load_tokenizer
-from qllava.tokenize import prepare_tokenizer, media_token_id, tokenize_conversations, IGNORE_INDEX
+from qllava.data.presets import load_tokenizer
+from qllava.data.tokenize import prepare_tokenizer, media_token_id, tokenize_conversations, IGNORE_INDEX
 
 HERE = Path(__file__).parent
 FIXTURE = HERE / "parity" / "llava_fixture.json.gz"

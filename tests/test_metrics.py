@@ -1,9 +1,9 @@
-"Hand-made checks of qllava.metrics against the published VQA metric definitions, and the metrics CLI."
+"Hand-made checks of qllava.evaluation.metrics against the published VQA metric definitions, and the metrics CLI."
 import json, math, subprocess, sys
 from pathlib import Path
 import pytest
 from qllava.core import DataError
-from qllava.metrics import (normalize_answer, exact_match, f1_precision_recall, sentence_bleu, vqa_metrics,
+from qllava.evaluation.metrics import (normalize_answer, exact_match, f1_precision_recall, sentence_bleu, vqa_metrics,
                             choice_metrics, parse_choice, metrics_cli, evaluate_files, closed_hit, closed_hit_strict)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +162,7 @@ def test_cli_json(tmp_path, capsys):
 def test_cli_error_names_ids(tmp_path):
     (tmp_path / "gt.json").write_text(json.dumps([{"id": 0, "answer": "x", "answer_type": "OPEN"}]))
     (tmp_path / "a.jsonl").write_text(json.dumps({"question_id": 3, "text": "x"}))
-    code = "import sys; from qllava.metrics import metrics_cli; from qllava.core import DataError\n" \
+    code = "import sys; from qllava.evaluation.metrics import metrics_cli; from qllava.core import DataError\n" \
            "try: metrics_cli(sys.argv[1:])\nexcept DataError as e: print('ERR', e); sys.exit(2)"
     r = subprocess.run([sys.executable, "-c", code, "--gt", str(tmp_path / "gt.json"), "--pred", str(tmp_path / "a.jsonl")],
                        capture_output=True, text=True, cwd=REPO)

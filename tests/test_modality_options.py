@@ -9,7 +9,7 @@ from qllava.core import ConfigError
 
 
 def test_encoders_flag_is_json_by_modality_and_vision_tower_stays_its_one_encoder_spelling():
-    from qllava.checkpoint import run_encoders
+    from qllava.modeling.checkpoint import run_encoders
     cfg = parse_config(["--encoders", '{"sensor": "preset:tiny-limu"}', "--data_path", "x.json"])
     assert run_encoders(cfg) == {"sensor": "preset:tiny-limu"}
     assert run_encoders(parse_config(["--vision_tower", "preset:tiny-limu"])) == {"sensor": "preset:tiny-limu"}
@@ -19,8 +19,8 @@ def test_encoders_flag_is_json_by_modality_and_vision_tower_stays_its_one_encode
 
 
 def test_aspect_ratio_is_given_at_construction_and_survives_save_and_load(tmp_path):
-    from qllava.checkpoint import load_base_model, load_model
-    from qllava.modality import media_options
+    from qllava.modeling.checkpoint import load_base_model, load_model
+    from qllava.data.modality import media_options
     cfg = resolve_config(TrainConfig(stage="pretrain"))            # the original stage 1: `square`, a centre crop
     assert media_options(cfg, ["image"]) == {"image": {"aspect_ratio": "crop"}}
     model, tok = load_base_model(cfg)
@@ -34,15 +34,15 @@ def test_aspect_ratio_is_given_at_construction_and_survives_save_and_load(tmp_pa
 
 
 def test_a_sensor_run_has_no_image_options_and_says_the_flag_does_nothing():
-    from qllava.train import flag_notes
+    from qllava.training.train import flag_notes
     cfg = resolve_config(TrainConfig(stage="pretrain", vision_tower="preset:tiny-limu"))
     assert any("--image_aspect_ratio square has no effect on the media of sensor" in n for n in flag_notes(cfg, 1))
 
 
 def test_media_folders_are_per_modality_and_a_missing_one_is_named(tmp_path):
     from qllava.core import DataError
-    from qllava.dataset import resolve_media_path
-    from qllava.train import run_media_folders
+    from qllava.data.dataset import resolve_media_path
+    from qllava.training.train import run_media_folders
     folders = {"image": tmp_path / "img", "sensor": tmp_path / "imu"}
     assert resolve_media_path("a.npy", folders, modality="sensor") == tmp_path / "imu" / "a.npy"
     with pytest.raises(DataError, match="no media folder is given for sensor media.*add sensor to --media_folders"):

@@ -1,13 +1,13 @@
-"""qllava.model / qllava.generate on tiny models: the vectorised merge against a plain per-sample splice written here
+"""qllava.modeling.model / qllava.modeling.generate on tiny models: the vectorised merge against a plain per-sample splice written here
 (the way the original LLaVA code splices), the loss against the bare LLM, padding sides, gradient checkpointing,
 ZeRO-3-safe text-only batches, and batched generation against one-at-a-time generation."""
 import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest, torch
 from qllava.core import DataError
-from qllava.model import build_model
-from qllava.modality import MODALITIES
-from qllava.generate import answer_batch, cut_at_stop
+from qllava.modeling.model import build_model
+from qllava.data.modality import MODALITIES
+from qllava.modeling.generate import answer_batch, cut_at_stop
 
 IGNORE = -100
 
@@ -41,7 +41,7 @@ def _samples(model, tok):
 
 
 def _collate_ours(model, samples, pad_id):
-    "Our path: expanded placeholders (as qllava.tokenize makes them), right padding, media concatenated in order."
+    "Our path: expanded placeholders (as qllava.data.tokenize makes them), right padding, media concatenated in order."
     ids_l, lab_l, media = [], [], {"image": [], "sensor": []}
     for s in samples:
         ids, labs = [], []

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import deepspeed, torch.distributed as dist
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 rank = dist.get_rank()
-from qllava.model import build_model
+from qllava.modeling.model import build_model
 torch.manual_seed(0)
 model, tok = build_model(seed=0)
 model.train()

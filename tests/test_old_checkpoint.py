@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 import pytest, torch
+# the flat layout's module names, as a script written for that version says them (qllava.core.FlatNames keeps them)
 from qllava.checkpoint import load_model, load_projector, read_manifest
 from qllava.generate import collect_media, encode_prompts
 from qllava.model import build_model

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from qllava.core import ConfigError
-from qllava.presets import demo_paths
+from qllava.data.presets import demo_paths
 from qllava.config import TrainConfig, config_parser, parse_config, resolve_config, resolve_batch
-from qllava.train import deepspeed_config, flag_notes, step_schedule, train_cli
+from qllava.training.train import deepspeed_config, flag_notes, step_schedule, train_cli
 
 SCRIPTS = json.loads((Path(__file__).parent / "fixtures" / "original_scripts.json").read_text())["scripts"]
 SHELL_VARS = {"$lr": "2e-4", "$mm_lr": "2e-5", "$epoch": "1", "$lora_r": "8", "$lora_alpha": "16",
@@ -92,7 +92,7 @@ def test_values_qllava_cannot_honour_are_refused_with_the_choices():
 
 
 def test_help_explains_every_flag():
-    out = subprocess.run([sys.executable, "-m", "qllava.train", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "qllava.training.train", "--help"], capture_output=True, text=True, check=True).stdout
     flat = " ".join(out.split())
     for f in TrainConfig.__dataclass_fields__:
         assert f"--{f}" in flat
@@ -103,8 +103,8 @@ def test_help_explains_every_flag():
 
 def test_every_command_takes_both_spellings_and_no_abbreviations(capsys):
     "The original scripts write --image_folder, our docs --media-folder: either spelling works, for every command."
-    from qllava.validate import validate_data_cli
-    from qllava.metrics import metrics_cli
+    from qllava.training.validate import validate_data_cli
+    from qllava.evaluation.metrics import metrics_cli
     d = demo_paths("pathology")
     outs = []
     for spelling in ("--media-folder", "--media_folder"):

@@ -5,11 +5,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest, torch
 from qllava.core import DataError
-from qllava.dataset import DataCollator, MultimodalDataset, load_records
-from qllava.model import build_model
-from qllava.packing import PackingCollator, batch_counts
-from qllava.presets import demo_paths
-from qllava.tokenize import IGNORE_INDEX
+from qllava.data.dataset import DataCollator, MultimodalDataset, load_records
+from qllava.modeling.model import build_model
+from qllava.data.packing import PackingCollator, batch_counts
+from qllava.data.presets import demo_paths
+from qllava.data.tokenize import IGNORE_INDEX
 
 N = 10  # samples: one micro-batch
 

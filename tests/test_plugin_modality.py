@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 
 import qllava
-from qllava.launch import LaunchSpec, launch
+from qllava.cluster.launch import LaunchSpec, launch
 
 PLUGIN = '''
 from torch import nn
-from qllava.modality import Modality, register_modality
-from qllava.encoders import Encoder, register_encoder_kind, seeded
-from qllava.media import SensorProcessor
+from qllava.data.modality import Modality, register_modality
+from qllava.modeling.encoders import Encoder, register_encoder_kind, seeded
+from qllava.data.media import SensorProcessor
 WINDOW = 64
 
 class SpectrumEncoder(Encoder):
@@ -67,7 +67,7 @@ def test_a_plugin_modality_is_converted_validated_trained_on_two_ranks_answered_
                   "--max-length", "128", "--json", env=env)
     assert json.loads(out)["settings"]["media_tokens"]["spectrum"] == 8
     run = tmp_path / "run"
-    launch(["-m", "qllava.train", "--stage", "finetune", "--encoders", json.dumps({"spectrum": "spec-conv:tiny"}),
+    launch(["-m", "qllava.training.train", "--stage", "finetune", "--encoders", json.dumps({"spectrum": "spec-conv:tiny"}),
             "--media_folders", json.dumps({"spectrum": str(media)}), "--data_path", str(recs / "finetune.json"),
             "--output_dir", str(run), "--model_max_length", "128", "--global_batch_size", "8", "--max_steps", "4",
             "--learning_rate", "1e-3"],

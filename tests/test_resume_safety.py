@@ -1,6 +1,6 @@
 """Resuming runs nothing from a checkpoint, and a training log says what it cut.
 
-A real run (`python -m qllava.train`, DeepSpeed engine, one process) saves a resumable checkpoint; each kind of file
+A real run (`python -m qllava.training.train`, DeepSpeed engine, one process) saves a resumable checkpoint; each kind of file
 in it (our RNG state, DeepSpeed's model and optimiser states) is then replaced by a pickle whose loading would run a
 command. With the saved checksums the resume is refused before any file is read; with the checksums forged too, the
 safe loader refuses the file. The command never runs. Projector `.bin` files and LoRA adapters are checked the same way.
@@ -45,7 +45,7 @@ def run(tmp_path_factory):
     out = d / "out"
     args = ["--stage", "finetune", "--data_path", str(d / "ft.json"), "--image_folder", str(d / "img"), "--output_dir", str(out),
             "--model_max_length", "128", "--global_batch_size", "4", "--max_steps", "4", "--save_steps", "2", "--seed", "3"]
-    r = subprocess.run([sys.executable, "-m", "qllava.train", *args], env=ENV, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "qllava.training.train", *args], env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return dict(dir=d, out=out, args=args, stdout=r.stdout)
 
@@ -62,13 +62,13 @@ def _resume(run, ckpt, tmp_path):
     "Resume a copy of the run from `ckpt` (a copy of its checkpoint folder)."
     args = list(run["args"])
     args[args.index("--output_dir") + 1] = str(tmp_path / "out")
-    return subprocess.run([sys.executable, "-m", "qllava.train", *args, "--resume_from_checkpoint", str(ckpt)],
+    return subprocess.run([sys.executable, "-m", "qllava.training.train", *args, "--resume_from_checkpoint", str(ckpt)],
                           env=ENV, capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("name", DS_FILES)
 def test_a_planted_payload_in_a_resumable_checkpoint_runs_nothing(run, tmp_path, name):
-    from qllava.resume import write_checksums
+    from qllava.training.resume import write_checksums
     ckpt = tmp_path / "step-2"
     shutil.copytree(run["out"] / "checkpoints" / "step-2", ckpt)
     assert (ckpt / name).is_file() and (ckpt / "checksums.json").is_file()
@@ -118,10 +118,10 @@ def test_an_untouched_checkpoint_resumes(run, tmp_path):
 def test_a_planted_payload_in_a_projector_or_lora_adapter_runs_nothing(tmp_path):
     from peft import LoraConfig, get_peft_model
     from qllava.core import CheckpointError
-    from qllava.checkpoint import load_projector, save_projector
-    from qllava.model import build_model
+    from qllava.modeling.checkpoint import load_projector, save_projector
+    from qllava.modeling.model import build_model
     from dataclasses import asdict
-    from qllava.checkpoint import load_lora_run
+    from qllava.modeling.checkpoint import load_lora_run
     from qllava.config import TrainConfig, resolve_config
     marker = tmp_path / "PWNED"
     model, _ = build_model()

@@ -4,7 +4,7 @@ import json, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 from qllava.core import ConfigError
-from qllava.review import LocalJudge, replay_judge, review, review_cli, load_reviews, make_client
+from qllava.evaluation.review import LocalJudge, replay_judge, review, review_cli, load_reviews, make_client
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("QLLAVA_SHARED", REPO.parents[0] / "shared"))
@@ -99,7 +99,7 @@ def test_failed_calls_are_recorded_then_retried_on_rerun(tmp_path, monkeypatch):
 def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
     env = dict(os.environ, OPENAI_API_KEY=SECRET, PYTHONPATH=str(REPO))
     out = tmp_path / "reviews.jsonl"
-    code = "import sys; from qllava.review import review_cli; sys.exit(review_cli(sys.argv[1:]))"
+    code = "import sys; from qllava.evaluation.review import review_cli; sys.exit(review_cli(sys.argv[1:]))"
     with LocalJudge(reply=quilt_replay(), latency=0.1) as judge:
         args = [sys.executable, "-c", code, *cli_args(out, judge.url, "--limit", "80", "--concurrency", "4")]
         with open(tmp_path / "run1.log", "w") as log:

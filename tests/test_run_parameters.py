@@ -1,6 +1,6 @@
 """Each run notebook's papermill `parameters` cell (nbs/train.ipynb, nbs/eval.ipynb, nbs/sweep.ipynb) declares exactly the
-parameters of its table in the library (`qllava.runs.TRAIN_PARAMETERS`, `qllava.evalrun.EVAL_PARAMETERS`,
-`qllava.sweep.SWEEP_PARAMETERS`): the same names in the same order, the same defaults, and annotations naming the type of
+parameters of its table in the library (`qllava.workflows.runs.TRAIN_PARAMETERS`, `qllava.workflows.evalrun.EVAL_PARAMETERS`,
+`qllava.workflows.sweep.SWEEP_PARAMETERS`): the same names in the same order, the same defaults, and annotations naming the type of
 each default, the type `qllava.core.check_types` holds a given value to. The notebook passes only the table's names on
 (`{k: globals()[k] for k in TABLE}`) and the library fills omitted ones from the table, so a drift between the two would
 make the notebook and the library disagree about a default."""
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from qllava.runs import TRAIN_PARAMETERS
-from qllava.evalrun import EVAL_PARAMETERS
-from qllava.sweep import SWEEP_PARAMETERS
+from qllava.workflows.runs import TRAIN_PARAMETERS
+from qllava.workflows.evalrun import EVAL_PARAMETERS
+from qllava.workflows.sweep import SWEEP_PARAMETERS
 
 NBS = Path(__file__).resolve().parents[1] / "nbs"
 CASES = {"train": TRAIN_PARAMETERS, "eval": EVAL_PARAMETERS, "sweep": SWEEP_PARAMETERS}

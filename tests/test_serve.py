@@ -12,7 +12,7 @@ import openai
 import pytest
 from PIL import Image
 
-from qllava.serve import free_port, wait_until_up
+from qllava.serving.serve import free_port, wait_until_up
 
 pytestmark = pytest.mark.timeout(900)
 KEY_ENV, KEY = "QLLAVA_TEST_SERVE_KEY", "test-key-not-secret"
@@ -27,8 +27,8 @@ QUESTIONS = [
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
     "A tiny checkpoint, 8 images, 16 questions (12 with an image) and their batch-1 answers from `qllava answer`."
-    from qllava.model import build_model
-    from qllava.checkpoint import save_checkpoint
+    from qllava.modeling.model import build_model
+    from qllava.modeling.checkpoint import save_checkpoint
 
     d = tmp_path_factory.mktemp("serve")
     model, tok = build_model(seed=0)

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from qllava.core import LaunchError
-from qllava.launch import LaunchSpec, SlurmSpec, launch
-from qllava.slurm import wait_job
+from qllava.cluster.launch import LaunchSpec, SlurmSpec, launch
+from qllava.cluster.slurm import wait_job
 from test_train import data, flags  # the tiny red / blue tile data set and the train flags of test_train
 
 pytestmark = pytest.mark.timeout(1500)
@@ -43,7 +43,7 @@ TRAIN = dict(num_train_epochs=10, per_device_train_batch_size=4)
 
 def train_job(data, out, **kw):
     "A 2-rank training job (one srun task per rank) that requeues itself when signalled."
-    return launch(["-m", "qllava.train", *flags(data, out, **TRAIN)], out, spec=SRUN,
+    return launch(["-m", "qllava.training.train", *flags(data, out, **TRAIN)], out, spec=SRUN,
                   slurm=SlurmSpec(job_name=out.name, time="00:30:00", requeue=True), **kw)
 
 
@@ -110,7 +110,7 @@ def test_sweep_notebook_runs_a_four_task_array_and_ranks_the_runs(cluster, tmp_p
 
 def test_a_task_that_fails_is_named_with_its_log(cluster, tmp_path):
     with pytest.raises(LaunchError) as e:
-        entry = ["-m", "qllava.train", "--data_path", str(tmp_path / "missing.json"), "--output_dir", str(tmp_path / "o")]
+        entry = ["-m", "qllava.training.train", "--data_path", str(tmp_path / "missing.json"), "--output_dir", str(tmp_path / "o")]
         launch(entry, tmp_path, spec=SRUN, slurm=SlurmSpec(time="00:05:00"), timeout=300)
     msg = str(e.value)
     assert "FAILED" in msg and "exit code" in msg and str(tmp_path / "slurm-") in msg and "missing.json" in msg, msg
@@ -121,14 +121,14 @@ def test_a_rejected_submission_says_what_sbatch_said(cluster, tmp_path):
                          (SlurmSpec(time="1-00:00:00"), "time limit"),
                          (SlurmSpec(cpus_per_task=64), "more processors requested than permitted")]:
         with pytest.raises(LaunchError, match="sbatch refused") as e:
-            launch(["-m", "qllava.train"], tmp_path, spec=SRUN, slurm=slurm)
+            launch(["-m", "qllava.training.train"], tmp_path, spec=SRUN, slurm=slurm)
         assert words in str(e.value).lower() and "job.sbatch" in str(e.value), str(e.value)
 
 
 def test_a_job_that_can_never_start_or_runs_too_long_ends_the_wait(cluster, tmp_path):
     script = tmp_path / "sleep.sbatch"
     script.write_text(f"#!/bin/bash\n#SBATCH --output={tmp_path}/sleep-%j.out\n#SBATCH --time=00:05:00\nsleep 120\n")
-    from qllava.slurm import submit
+    from qllava.cluster.slurm import submit
     job = submit(script)
     t0 = time.time()
     with pytest.raises(LaunchError, match=f"Slurm job {job} had not ended after 3 s") as e:
@@ -147,5 +147,5 @@ def test_a_job_that_can_never_start_or_runs_too_long_ends_the_wait(cluster, tmp_
 def test_without_sbatch_the_error_names_the_script(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm command on it
     with pytest.raises(LaunchError, match="sbatch is not on PATH") as e:
-        launch(["-m", "qllava.train"], tmp_path, spec=SRUN, slurm=SlurmSpec())
+        launch(["-m", "qllava.training.train"], tmp_path, spec=SRUN, slurm=SlurmSpec())
     assert str(tmp_path / "job.sbatch") in str(e.value)

@@ -5,7 +5,7 @@ from collections import defaultdict
 from pathlib import Path
 import pytest
 from qllava.core import DataError
-from qllava.summarize import summarize_files, summarize_reviews, summary_table, plot_summary, summarize_cli
+from qllava.evaluation.summarize import summarize_files, summarize_reviews, summary_table, plot_summary, summarize_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("QLLAVA_SHARED", REPO.parents[0] / "shared"))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qllava import runs, sweep
+from qllava.workflows import runs, sweep
 from qllava.core import LaunchError
-from qllava.launch import SlurmSpec
+from qllava.cluster.launch import SlurmSpec
 
 pytestmark = pytest.mark.timeout(1200)
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +89,7 @@ def test_rerun_runs_nothing_new(swept, stage1):
     assert {p: p.stat().st_mtime for p in sd.glob("*/train.ipynb")} == before
     assert [r["status"] for r in rec["runs"]].count("finished") == 2
     # the same through the array task entry point: a finished combination is skipped at once
-    p = subprocess.run([sys.executable, "-m", "qllava.sweep", "task", str(sd), "0"], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-m", "qllava.workflows.sweep", "task", str(sd), "0"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     assert {p: p.stat().st_mtime for p in sd.glob("*/train.ipynb")} == before
 
@@ -98,7 +98,7 @@ def test_runs_lists_and_compares_the_sweep_runs(swept):
     d, sd, _ = swept
     df = runs.list_runs(sd)
     assert len(df) == 2 and set(df["modality"]) == {"sensor"} and df["open_accuracy"].notna().all()
-    p = subprocess.run([sys.executable, "-m", "qllava.sweep", "status", str(sd)], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-m", "qllava.workflows.sweep", "status", str(sd)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "failed" in p.stdout and "finetune-sensor-lr0.002-plr0.002-ep1" in p.stdout
 
 
@@ -120,12 +120,12 @@ EXPECTED_ARRAY = """#!/bin/bash
 #SBATCH --partition=gpu
 #SBATCH --output=/scratch/sweeps/imu/slurm-%A_%a.out
 #SBATCH --array=0-3%2
-# written by qllava.sweep: task i runs combination i of tasks.tsv
+# written by qllava.workflows.sweep: task i runs combination i of tasks.tsv
 set -euo pipefail
 module load cuda/12.4
 source .venv/bin/activate
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
-python -m qllava.sweep task /scratch/sweeps/imu "$SLURM_ARRAY_TASK_ID"
+python -m qllava.workflows.sweep task /scratch/sweeps/imu "$SLURM_ARRAY_TASK_ID"
 """
 
 
@@ -143,6 +143,6 @@ def test_slurm_launcher_without_sbatch_writes_the_scripts_and_says_how_to_submit
     sd = tmp_path / "s"
     array = (sd / "sweep_array.sbatch").read_text()
     assert "#SBATCH --array=0-1" in array and "#SBATCH --gpus-per-node=2" in array and "#SBATCH --partition=gpu" in array
-    assert "qllava.sweep stage1" in (sd / "stage1.sbatch").read_text()  # no projector yet: stage 1 is its own job
+    assert "qllava.workflows.sweep stage1" in (sd / "stage1.sbatch").read_text()  # no projector yet: stage 1 is its own job
     assert f"jid=$(sbatch --parsable {sd}/stage1.sbatch) && sbatch --dependency=afterok:$jid {sd}/sweep_array.sbatch" in str(e.value)
     assert (sd / "tasks.tsv").read_text().splitlines()[2].startswith("1\tfinetune-sensor-lr0.002-plr0.002-ep120\t")

@@ -1,4 +1,4 @@
-"""The offline hub test bed (qllava.testbed): the cache is built once into a temporary folder, then every repository is
+"""The offline hub test bed (qllava.testing.testbed): the cache is built once into a temporary folder, then every repository is
 loaded by its hub id in fresh processes pointed at it with HF_HUB_CACHE + HF_HUB_OFFLINE, through transformers,
 open_clip and qllava's own resolution of the Quilt-LLaVA recipe's ids."""
 import os, subprocess, sys
@@ -6,8 +6,8 @@ import os, subprocess, sys
 import pytest
 
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-import qllava.testbed as tb   # a module import: pytest would collect the functions named testbed_* as tests
-from qllava.testbed import (LLAMA2_TOKENIZER_MODEL_SHA256, TESTBED_REPOS, blob_name, build_testbed, check_testbed,
+import qllava.testing.testbed as tb   # a module import: pytest would collect the functions named testbed_* as tests
+from qllava.testing.testbed import (LLAMA2_TOKENIZER_MODEL_SHA256, TESTBED_REPOS, blob_name, build_testbed, check_testbed,
                             hub_repo_dir, llama2_tokenizer_dir, run_with_testbed, sha256_file, varied_strings)
 
 KNOWN = {"Hello world": [1, 15043, 3186], "2023": [1, 29871, 29906, 29900, 29906, 29941], "\n": [1, 29871, 13]}
@@ -75,8 +75,8 @@ def test_fast_matches_sentencepiece_except_spaces(plain):
 def test_qllava_tokenizes_as_sentencepiece_everywhere(plain):
     "transformers 5 alone differs from SentencePiece on spaces (above); qllava's loading + chunked encoding does not."
     import sentencepiece as spm
-    from qllava.presets import load_tokenizer
-    from qllava.tokenize import encode_chunked
+    from qllava.data.presets import load_tokenizer
+    from qllava.data.tokenize import encode_chunked
     sp = spm.SentencePieceProcessor(model_file=str(llama2_tokenizer_dir() / "tokenizer.model"))
     tok = load_tokenizer(str(llama2_tokenizer_dir()))
     # SentencePiece reads a placeholder as text; a literal "▁" in data (U+2581) is its own whitespace symbol (not compared)
@@ -99,8 +99,8 @@ def test_open_clip_and_clip_by_hub_id(checks):
 QLLAVA_CODE = """
 import json, torch
 from qllava.core import CheckpointError
-from qllava.encoders import build_encoder
-from qllava.presets import load_tokenizer
+from qllava.modeling.encoders import build_encoder
+from qllava.data.presets import load_tokenizer
 out = {}
 for spec in ("wisdomik/QuiltNet-B-32", "hf-clip:openai/clip-vit-large-patch14-336", "openai/clip-vit-large-patch14-336"):
     e = build_encoder(spec)

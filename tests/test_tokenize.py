@@ -13,10 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMER
 torch = pytest.importorskip("torch")
 
 from qllava.core import DataError, ConfigError
-from qllava.conversation import TEMPLATES, get_template, render, spans_text, generation_prompt
-from qllava.presets import load_tokenizer
-from qllava.modality import placeholders
-from qllava.tokenize import (IGNORE_INDEX, IM_START, IM_END, prepare_tokenizer, media_token_id,
+from qllava.data.conversation import TEMPLATES, get_template, render, spans_text, generation_prompt
+from qllava.data.presets import load_tokenizer
+from qllava.data.modality import placeholders
+from qllava.data.tokenize import (IGNORE_INDEX, IM_START, IM_END, prepare_tokenizer, media_token_id,
                              tokenize_conversation, tokenize_conversations)
 
 FAMILIES = ["llama-demo", "bytebpe-demo"]
@@ -421,7 +421,7 @@ def test_generation_prompt_is_training_prefix():
 
 
 def test_import_conversation_without_torch():
-    code = "import sys, qllava.conversation; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = "import sys, qllava.data.conversation; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

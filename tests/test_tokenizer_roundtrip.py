@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest, torch
 
 from qllava.core import asset
-from qllava.conversation import generation_prompt
-from qllava.presets import demo_paths, load_tokenizer
-from qllava.model import build_model
-from qllava.checkpoint import save_checkpoint, load_model, export_hf
-from qllava.generate import encode_prompts
-from qllava.tokenize import tokenize_conversations
+from qllava.data.conversation import generation_prompt
+from qllava.data.presets import demo_paths, load_tokenizer
+from qllava.modeling.model import build_model
+from qllava.modeling.checkpoint import save_checkpoint, load_model, export_hf
+from qllava.modeling.generate import encode_prompts
+from qllava.data.tokenize import tokenize_conversations
 
 PARITY_RECORDS = Path(__file__).parent / "parity" / "records.json"
 CHAT = ["vicuna_v1", "llama_2", "mistral_instruct", "llava_llama_2", "chatml"]
@@ -96,7 +96,7 @@ def test_tokenizer_model_folder_without_sentencepiece_names_the_package(tmp_path
     "A Vicuna-style folder (tokenizer.model only) on a machine without sentencepiece: the message names it."
     import subprocess, sys
     (tmp_path / "sentencepiece.py").write_text('raise ImportError("No module named sentencepiece")\n')  # as if not installed
-    r = subprocess.run([sys.executable, "-c", "from qllava.presets import load_tokenizer; load_tokenizer('llama2-spm')"],
+    r = subprocess.run([sys.executable, "-c", "from qllava.data.presets import load_tokenizer; load_tokenizer('llama2-spm')"],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert r.returncode != 0 and "needs sentencepiece. Fix: pip install sentencepiece" in r.stderr
     assert "tiktoken" not in r.stderr

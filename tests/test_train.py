@@ -1,6 +1,6 @@
 """Training end to end through the real launchers (DeepSpeed on 2 CPU ranks over gloo, torchrun on loopback).
 
-Each test launches `python -m qllava.train` as a user would; nothing is mocked.
+Each test launches `python -m qllava.training.train` as a user would; nothing is mocked.
 """
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from qllava.launch import LaunchSpec, launch
+from qllava.cluster.launch import LaunchSpec, launch
 from qllava.core import LaunchError
 
 pytestmark = pytest.mark.timeout(900)
@@ -51,7 +51,7 @@ def flags(data, out, stage="finetune", **kw):
 
 
 def ds_launch(args, run_dir, ranks=2, **kw):
-    return launch(["-m", "qllava.train", *args], run_dir, spec=LaunchSpec(launcher="deepspeed", gpus_per_node=0, cpu_ranks=ranks),
+    return launch(["-m", "qllava.training.train", *args], run_dir, spec=LaunchSpec(launcher="deepspeed", gpus_per_node=0, cpu_ranks=ranks),
                   hang_timeout=600, echo=False, **kw)
 
 
@@ -64,7 +64,7 @@ def projector(data, tmp_path_factory):
     "A stage-1 run (1 process, no launcher): only the projector may change."
     out = tmp_path_factory.mktemp("pretrain")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    subprocess.run([sys.executable, "-m", "qllava.train", *flags(data, out, "pretrain", save_steps=2, save_total_limit=1, gradient_checkpointing=True,
+    subprocess.run([sys.executable, "-m", "qllava.training.train", *flags(data, out, "pretrain", save_steps=2, save_total_limit=1, gradient_checkpointing=True,
                                                                 report_to="tensorboard,wandb")],
                    check=True, env=env, capture_output=True, text=True)
     return out
@@ -81,10 +81,10 @@ def test_report_to_tensorboard_and_wandb_get_the_same_losses(projector):
 
 
 def test_stage1_changes_only_the_projector(projector):
-    from qllava.model import build_model
+    from qllava.modeling.model import build_model
     ref, _ = build_model(seed=3)  # the run's base: same presets, same seed
     ck = sorted((projector / "checkpoints").glob("step-*"))[-1]
-    from qllava.resume import safe_load
+    from qllava.training.resume import safe_load
     states = safe_load(next(ck.glob("mp_rank_00_model_states.pt")))["module"]   # trained with gradient checkpointing: gradients reach it
     before = ref.state_dict()
     changed = {k for k, v in states.items() if not torch.equal(v.float(), before[k].float())}
@@ -130,7 +130,7 @@ def test_two_ranks_shard_the_data_and_follow_the_single_process_curve(data, proj
     # fp32 weights: the optimiser's master is each rank's share of the weights, not a clone (bench_memory: P/2 per rank)
     assert "the optimiser's master is this rank's share of them" in (out / "launch.log").read_text()
     # ZeRO-3 saves gathered full weights: the checkpoint loads and has every LLM tensor at full size
-    from qllava.checkpoint import load_model
+    from qllava.modeling.checkpoint import load_model
     m, _ = load_model(out)
     ref = load_file(one_process / "model.safetensors")
     assert all(m.state_dict()[k].shape == v.shape for k, v in ref.items() if k in m.state_dict())
@@ -157,7 +157,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(data, projector, tmp_
     if packing: extra.update(PACKED, per_device_train_batch_size=2)  # and 4 accumulation steps per optimiser step
     if stage == "lora": extra.update(lora_r=4, lora_alpha=8)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    cmd = lambda out, *more: [sys.executable, "-m", "qllava.train", *flags(data, out, stage, **extra), *more]
+    cmd = lambda out, *more: [sys.executable, "-m", "qllava.training.train", *flags(data, out, stage, **extra), *more]
     subprocess.run(cmd(whole), check=True, env=env, capture_output=True)
     _kill_when_checkpointed(cmd(broken), broken, env)
     r = subprocess.run(cmd(broken, "--resume_from_checkpoint", "last"), env=env, capture_output=True, text=True)
@@ -173,26 +173,26 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(data, projector, tmp_
     assert steps(broken) == steps(whole) == sorted(set(steps(whole)))   # one record per step: none repeated after the resume
     assert losses(broken) == losses(whole)
     if stage == "lora":  # merging the adapters gives the same logits as running them unmerged
-        from qllava.checkpoint import load_lora_run, merge_lora
+        from qllava.modeling.checkpoint import load_lora_run, merge_lora
         unmerged, tok = load_lora_run(whole)
         merged = merge_lora(whole, tmp_path / "merged")
         ids = tok("USER: Is the tile red? ASSISTANT:", return_tensors="pt").input_ids
         with torch.no_grad():
             torch.testing.assert_close(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
-        from qllava.checkpoint import load_model
+        from qllava.modeling.checkpoint import load_model
         again, _ = load_model(tmp_path / "merged")
         with torch.no_grad(): torch.testing.assert_close(again(input_ids=ids).logits, merged(input_ids=ids).logits)
 
 
 def test_two_torchrun_node_launchers_on_loopback_train_one_model(data, projector, tmp_path):
-    from qllava.launch import free_port
+    from qllava.cluster.launch import free_port
     port = free_port()
     out = tmp_path / "two-nodes"
     nodes = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "qllava-test",
-               "-m", "qllava.train", *flags(data, out, pretrain_mm_mlp_adapter=projector / "mm_projector.bin",
+               "-m", "qllava.training.train", *flags(data, out, pretrain_mm_mlp_adapter=projector / "mm_projector.bin",
                                             per_device_train_batch_size=4, num_train_epochs=1)]
         nodes.append(subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -218,7 +218,7 @@ def test_held_out_loss_and_accuracy_land_in_the_logs_during_training(data, proje
     (tmp_path / "gt.json").write_text(json.dumps([{"id": f"h{i}", "answer": "yes" if i % 2 == 0 else "no",
                                                     "answer_type": "CLOSED", "yes_no_answer": "yes" if i % 2 == 0 else "no"} for i in range(8)]))
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "qllava.train", *flags(data, out, pretrain_mm_mlp_adapter=projector / "mm_projector.bin",
+    r = subprocess.run([sys.executable, "-m", "qllava.training.train", *flags(data, out, pretrain_mm_mlp_adapter=projector / "mm_projector.bin",
                         eval_data_path=data / "ft.json", eval_questions=tmp_path / "q.jsonl", eval_gt=tmp_path / "gt.json",
                         eval_steps=3, eval_max_new_tokens=4)], env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -230,6 +230,6 @@ def test_held_out_loss_and_accuracy_land_in_the_logs_during_training(data, proje
     s = json.loads((out / "summary.json").read_text())
     assert "eval_loss" in s and "closed_accuracy" in s
     # ZeRO-3 partitions the weights, so answering during training is refused before anything starts
-    bad = subprocess.run([sys.executable, "-m", "qllava.train", *flags(data, tmp_path / "z3", deepspeed="zero3",
+    bad = subprocess.run([sys.executable, "-m", "qllava.training.train", *flags(data, tmp_path / "z3", deepspeed="zero3",
                           eval_questions=tmp_path / "q.jsonl", eval_gt=tmp_path / "gt.json")], capture_output=True, text=True)
     assert bad.returncode == 2 and "ZeRO-3" in bad.stderr

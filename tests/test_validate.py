@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from qllava.core import ConfigError, DataError, set_offline
-from qllava.validate import (KINDS, Problem, ValidationReport, validate_data, raise_if_invalid, show_labels,
+from qllava.training.validate import (KINDS, Problem, ValidationReport, validate_data, raise_if_invalid, show_labels,
                              validate_data_cli, default_processors)
 
 set_offline()
@@ -86,7 +86,7 @@ def test_clean_fixture(tmp_path, media):
 
 @pytest.mark.parametrize("modality", ["pathology", "imu"])
 def test_shipped_demo_data_is_clean(modality):
-    from qllava.validate import _demo_jobs
+    from qllava.training.validate import _demo_jobs
     jobs = _demo_jobs(modality)
     assert {t for _, _, t in jobs} == {"plain", "vicuna_v1"}
     for path, folder, template in jobs:
@@ -385,7 +385,7 @@ def test_cli_exit_codes(tmp_path, media, capsys):
 
 def test_media_tokens_and_processors_come_from_the_encoder_registry(tmp_path, media, capsys):
     "The validator counts tokens as the towers do, cls_patch's CLS token included, for presets and any other encoder spec."
-    from qllava.encoders import build_encoder
+    from qllava.modeling.encoders import build_encoder
     f = write(tmp_path, [good(i) for i in range(4)])
     for feat in ("patch", "cls_patch"):
         want = {"image": build_encoder("preset:tiny-clip", select_feature=feat).num_tokens,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qllava.serve import free_port, wait_until_up
+from qllava.serving.serve import free_port, wait_until_up
 
 pytestmark = pytest.mark.timeout(900)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -22,9 +22,9 @@ if not Path(CHROMIUM).exists():
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    from qllava.model import build_model
-    from qllava.checkpoint import save_checkpoint
-    from qllava.webdemo import example_media
+    from qllava.modeling.model import build_model
+    from qllava.modeling.checkpoint import save_checkpoint
+    from qllava.serving.webdemo import example_media
 
     d = tmp_path_factory.mktemp("webdemo")
     model, tok = build_model(seed=0)

@@ -104,7 +104,7 @@ def test_make_demo_rebuilds_the_demo_outside_the_repository(installed):
 def trained(installed):
     "Stage 1 and stage 2 on the IMU demo with `qllava train` (one process each, a few steps)."
     d = installed
-    paths = json.loads(run(d, "python", "-c", "import json; from qllava.presets import demo_paths; "
+    paths = json.loads(run(d, "python", "-c", "import json; from qllava.data.presets import demo_paths; "
                                              "print(json.dumps({k: str(v) for k, v in demo_paths('imu').items()}))").stdout)
     common = ["--model_name_or_path", "preset:tiny-llama", "--vision_tower", "preset:tiny-limu",
               "--image_folder", paths["media_folder"], "--global_batch_size", "8", "--model_max_length", "256"]

@@ -44,7 +44,7 @@ def _python(code:str, *args) -> dict:
 def test_bf16_build_never_materialises_fp32(llm_folder):
     out = _python("""
         import json, resource, sys, torch
-        from qllava.model import build_model
+        from qllava.modeling.model import build_model
         peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         build_model(tokenizer="llama-demo")  # imports, tokenizer and tiny parts: the fixed overhead
         before = peak()
@@ -79,9 +79,9 @@ def _random_fills(fn):
 
 
 def test_load_checkpoint_and_import_llava_never_run_a_random_init(tmp_path):
-    from qllava.model import build_model
-    from qllava.checkpoint import save_checkpoint, load_checkpoint, import_llava
-    from qllava.presets import load_tokenizer
+    from qllava.modeling.model import build_model
+    from qllava.modeling.checkpoint import save_checkpoint, load_checkpoint, import_llava
+    from qllava.data.presets import load_tokenizer
     from test_checkpoint import _write_original
     (model, tok), n_build = _random_fills(lambda: build_model(seed=0))
     assert n_build >= sum(p.numel() for p in model.llm.parameters())  # the watch sees a random init when there is one
@@ -110,10 +110,10 @@ out, llm_folder, data = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 import deepspeed
 from qllava.config import parse_config
-from qllava.train import init_distributed, deepspeed_config, build_run, trainable_summary
-from qllava.model import build_model
-from qllava.weights import full_numel, is_partitioned
-from qllava.checkpoint import load_state_file
+from qllava.training.train import init_distributed, deepspeed_config, build_run, trainable_summary
+from qllava.modeling.model import build_model
+from qllava.modeling.weights import full_numel, is_partitioned
+from qllava.modeling.checkpoint import load_state_file
 rank, world = init_distributed()
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 res = {"rank": rank}
@@ -128,7 +128,7 @@ res["placeholders_empty"] = all(p.numel() == 0 for p in ps)
 res["share_at_most_half"] = all(p.ds_tensor.numel() <= math.ceil(p.ds_numel / world) for p in ps)
 res["share"], res["whole"] = sum(p.ds_tensor.numel() for p in ps), sum(full_numel(p) for p in ps)
 del model, ps
-# a stage-2 run from a stage-1 projector file, set up as `python -m qllava.train` sets it up
+# a stage-2 run from a stage-1 projector file, set up as `python -m qllava.training.train` sets it up
 args = ["--data_path", data / "ft.json", "--image_folder", data / "img", "--output_dir", out / "run", "--model_max_length", 128,
         "--global_batch_size", 4, "--seed", 3, "--deepspeed", "zero3"]
 for stage in ("finetune", "lora"):
@@ -157,8 +157,8 @@ def data(tmp_path_factory):
     "Eight red / blue tiles with yes / no answers, and a stage-1 projector file for the run's base (seed 3)."
     import numpy as np
     from PIL import Image
-    from qllava.model import build_model
-    from qllava.checkpoint import save_projector
+    from qllava.modeling.model import build_model
+    from qllava.modeling.checkpoint import save_projector
     d = tmp_path_factory.mktemp("data"); (d / "img").mkdir()
     rng, recs = np.random.default_rng(0), []
     for i in range(8):
@@ -176,16 +176,16 @@ def data(tmp_path_factory):
 
 def _reference_counts(stage):
     "What ZeRO-2 counts: the same model built whole (ZeRO-2 never partitions parameters)."
-    from qllava.model import build_model
+    from qllava.modeling.model import build_model
     from qllava.config import TrainConfig, resolve_config
-    from qllava.train import apply_stage, trainable_summary
+    from qllava.training.train import apply_stage, trainable_summary
     kw = dict(lora_r=4, lora_alpha=8) if stage == "lora" else {}
     model, _ = build_model(seed=3)
     return trainable_summary(apply_stage(model, resolve_config(TrainConfig(stage=stage, **kw))))
 
 
 def test_zero3_builds_partitioned_and_starts_from_the_stage1_projector(llm_folder, data, tmp_path):
-    from qllava.launch import LaunchSpec, launch
+    from qllava.cluster.launch import LaunchSpec, launch
     script = tmp_path / "zero3_build.py"
     script.write_text(ZERO3_SCRIPT)
     launch([script, tmp_path, llm_folder, data], tmp_path, spec=LaunchSpec(launcher="deepspeed", gpus_per_node=0, cpu_ranks=2),
@@ -206,9 +206,9 @@ def test_zero3_builds_partitioned_and_starts_from_the_stage1_projector(llm_folde
 
 def test_zero3_run_logs_and_summarises_the_zero2_counts(data, tmp_path):
     "The real entry point: the setup log line and summary.json carry whole-model counts under ZeRO-3."
-    from qllava.launch import LaunchSpec, launch
+    from qllava.cluster.launch import LaunchSpec, launch
     out = tmp_path / "z3"
-    args = ["-m", "qllava.train", "--stage", "finetune", "--data_path", data / "ft.json", "--image_folder", data / "img",
+    args = ["-m", "qllava.training.train", "--stage", "finetune", "--data_path", data / "ft.json", "--image_folder", data / "img",
             "--output_dir", out, "--model_max_length", 128, "--global_batch_size", 4, "--max_steps", 1, "--seed", 3,
             "--deepspeed", "zero3", "--pretrain_mm_mlp_adapter", data / "mm_projector.bin", "--save_strategy", "no"]
     launch(args, out, spec=LaunchSpec(launcher="deepspeed", gpus_per_node=0, cpu_ranks=2), hang_timeout=600, echo=False)
