@@ -19,12 +19,18 @@ __all__ = ['FIELD_GROUPS', 'STAGE_PRESETS', 'OPTIMIZERS', 'CHOICES', 'REPORTERS'
 class TrainConfig:
     "Every setting of a training run; field names are the original LLaVA flags, `None` = the stage preset's value."
     # -- model: the LLM, the encoder, the projector and what of them trains
-    stage: str|None = None # pretrain | finetune | lora | qlora; default: from the original flags (--tune_mm_mlp_adapter: pretrain, --lora_enable: lora, with --bits 4: qlora), else finetune
+    # pretrain | finetune | lora | qlora; default: from the original flags (--tune_mm_mlp_adapter: pretrain,
+    # --lora_enable: lora, with --bits 4: qlora), else finetune
+    stage: str|None = None
     model_name_or_path: str = "preset:tiny-llama" # base LLM: hub id, local folder, preset:NAME, or a qllava checkpoint
     tokenizer: str|None = None # tokenizer name or folder; default: the model's own (llama-demo for presets)
-    version: str|None = None # conversation template: plain for pretrain; else the tokenizer's own (auto) if it has one, v1 for LLaMA / Vicuna vocabularies
-    vision_tower: str|None = "preset:tiny-clip" # encoder spec (hf-clip:, open_clip:, limu-bert:, preset:); its modality is the encoder's
-    encoders: dict|None = None # modality -> encoder spec, JSON on the command line (e.g. '{"image": "preset:tiny-clip"}'); replaces --vision_tower
+    # conversation template: plain for pretrain; else the tokenizer's own (auto) if it has one, v1 for LLaMA / Vicuna
+    # vocabularies
+    version: str|None = None
+    # encoder spec (hf-clip:, open_clip:, limu-bert:, preset:); its modality is the encoder's
+    vision_tower: str|None = "preset:tiny-clip"
+    # modality -> encoder spec, JSON on the command line (e.g. '{"image": "preset:tiny-clip"}'); replaces --vision_tower
+    encoders: dict|None = None
     mm_projector_type: str = "mlp2x_gelu" # linear | mlpNx_gelu | identity
     tune_mm_mlp_adapter: bool|None = None # train only the projector (stage 1)
     pretrain_mm_mlp_adapter: str|None = None # stage-1 projector file (mm_projector.bin/.safetensors) to start from
@@ -32,20 +38,29 @@ class TrainConfig:
     mm_vision_select_feature: str = "patch" # patch | cls_patch
     mm_use_im_start_end: bool = False # wrap each media block in <im_start> / <im_end>
     mm_use_im_patch_token: bool = False # add the <im_patch> token to the tokenizer (LLaVA compatibility)
-    mm_patch_merge_type: str = "flat" # flat: one token per patch (LLaVA-1.5); LLaVA-NeXT's anyres merges are not supported
+    # flat: one token per patch (LLaVA-1.5); LLaVA-NeXT's anyres merges are not supported
+    mm_patch_merge_type: str = "flat"
     freeze_backbone: bool = False # keep the LLM frozen in stage 2 (only the projector, and LoRA adapters if any, train)
     freeze_mm_mlp_adapter: bool = False # keep the projector frozen (stage 2 with a fixed stage-1 projector)
-    attn_implementation: str|None = None # sdpa | eager | flash_attention_2 (default: flash_attention_2 on CUDA when installed, else sdpa)
+    # sdpa | eager | flash_attention_2 (default: flash_attention_2 on CUDA when installed, else sdpa)
+    attn_implementation: str|None = None
     cache_dir: str|None = None # Hugging Face cache folder to read hub models from (sets HF_HUB_CACHE for this run)
     # -- data: records, media and their tokenisation
     data_path: str|None = None # LLaVA-format JSON / JSONL records
-    image_folder: str|None = None # folder the records' media paths are relative to (every modality's, unless --media_folders says)
-    media_folders: dict|None = None # modality -> the folder its media paths are relative to, JSON (e.g. '{"sensor": "imu/"}')
-    image_aspect_ratio: str|None = None # pad (to square with the mean colour) | square (the original's default, also None: short side resized, centre crop) | resize (stretch); preset: square for pretrain, pad for stage 2
+    # folder the records' media paths are relative to (every modality's, unless --media_folders says)
+    image_folder: str|None = None
+    # modality -> the folder its media paths are relative to, JSON (e.g. '{"sensor": "imu/"}')
+    media_folders: dict|None = None
+    # pad (to square with the mean colour) | square (the original's default, also None: short side resized, centre crop)
+    # | resize (stretch); preset: square for pretrain, pad for stage 2
+    image_aspect_ratio: str|None = None
     model_max_length: int|None = None # tokens per sample after media expansion
     group_by_modality_length: bool = False # modality-pure, length-grouped batches
-    packing: bool = False # pack each micro-batch's samples into as few rows as fit (first-fit decreasing); attention stays within each sample
-    packing_max_tokens: int|None = None # tokens per packed row (at least --model_max_length); default: --model_max_length (flash-attn: the whole micro-batch in one row)
+    # pack each micro-batch's samples into as few rows as fit (first-fit decreasing); attention stays within each sample
+    packing: bool = False
+    # tokens per packed row (at least --model_max_length); default: --model_max_length (flash-attn: the whole
+    # micro-batch in one row)
+    packing_max_tokens: int|None = None
     lazy_preprocess: bool = True # tokenise on access (always on; kept for flag compatibility)
     dataloader_num_workers: int = 0 # DataLoader worker processes
     skip_bad_records: bool = False # drop records that fail validation (and report the counts) instead of refusing
@@ -61,7 +76,9 @@ class TrainConfig:
     weight_decay: float|None = None # AdamW weight decay
     warmup_ratio: float|None = None # share of the steps spent warming up
     lr_scheduler_type: str|None = None # cosine | linear | constant | constant_with_warmup ...
-    optim: str = "adamw_torch_fused" # optimiser, AdamW with betas (0.9, 0.999), eps 1e-8: adamw_torch_fused (transformers' default for torch >= 2.8: one pass, no temporary copy of the weights), adamw_torch (the original's, foreach / per tensor), adamw_hf
+    # optimiser, AdamW with betas (0.9, 0.999), eps 1e-8: adamw_torch_fused (transformers' default for torch >= 2.8: one
+    # pass, no temporary copy of the weights), adamw_torch (the original's, foreach / per tensor), adamw_hf
+    optim: str = "adamw_torch_fused"
     max_grad_norm: float = 1.0 # gradient clipping
     gradient_checkpointing: bool = False # recompute activations in the backward pass
     seed: int = 42 # seeds python, numpy, torch and the sampler
@@ -71,7 +88,9 @@ class TrainConfig:
     lora_alpha: int|None = None # LoRA alpha
     lora_dropout: float = 0.05 # LoRA dropout
     lora_bias: str = "none" # none | all | lora_only: which biases train with LoRA
-    bits: int|None = None # 16 | 8 | 4: the base LLM's weights (4 = QLoRA with bitsandbytes, on GPU or CPU); default 4 for --stage qlora, else 16
+    # 16 | 8 | 4: the base LLM's weights (4 = QLoRA with bitsandbytes, on GPU or CPU); default 4 for --stage qlora, else
+    # 16
+    bits: int|None = None
     double_quant: bool = True # QLoRA: also quantise the quantisation constants (bitsandbytes bnb_4bit_use_double_quant)
     quant_type: str = "nf4" # QLoRA: nf4 | fp4 (bitsandbytes bnb_4bit_quant_type)
     # -- DeepSpeed and precision
@@ -82,15 +101,19 @@ class TrainConfig:
     # -- held-out evaluation during training
     eval_data_path: str|None = None # optional held-out records: eval loss every eval_steps
     eval_steps: int = 0 # run the held-out evaluation every N optimiser steps (0 = only at the end)
-    evaluation_strategy: str|None = None # no | steps | epoch (transformers' flag; --eval_strategy too): no = no held-out evaluation, epoch = after each epoch
-    eval_questions: str|None = None # held-out VQA questions (JSONL): greedy closed / one-word accuracy at each evaluation
+    # no | steps | epoch (transformers' flag; --eval_strategy too): no = no held-out evaluation, epoch = after each
+    # epoch
+    evaluation_strategy: str|None = None
+    # held-out VQA questions (JSONL): greedy closed / one-word accuracy at each evaluation
+    eval_questions: str|None = None
     eval_gt: str|None = None # their ground truth (Quilt-VQA style JSON: id, answer, answer_type, yes_no_answer)
     eval_max_new_tokens: int = 64 # answer length for that accuracy
     per_device_eval_batch_size: int = 4 # micro-batch for held-out evaluation
     # -- logging and checkpoints
     output_dir: str = "runs/train" # where checkpoints, metrics and the summary go
     save_strategy: str = "steps" # steps (every save_steps) | epoch (after each epoch) | no (only the final artifacts)
-    save_steps: float = 0 # save a resumable checkpoint every N optimiser steps (0 = only at the end; below 1 = that fraction of the run)
+    # save a resumable checkpoint every N optimiser steps (0 = only at the end; below 1 = that fraction of the run)
+    save_steps: float = 0
     save_total_limit: int = 1 # how many resumable checkpoints to keep
     resume_from_checkpoint: str|None = None # "last" or a checkpoint folder to resume from
     logging_steps: int = 1 # log every N optimiser steps
@@ -98,31 +121,48 @@ class TrainConfig:
     log_sample_ids: bool = False # write which records each rank trained on, per step (sample_ids/rank{R}.jsonl)
 
 # the groups `qllava train --help` shows the flags in (every field in exactly one)
-FIELD_GROUPS = {"model": ("stage", "model_name_or_path", "tokenizer", "version", "vision_tower", "encoders", "mm_projector_type", "tune_mm_mlp_adapter", "pretrain_mm_mlp_adapter", "mm_vision_select_layer", "mm_vision_select_feature", "mm_use_im_start_end", "mm_use_im_patch_token", "mm_patch_merge_type", "freeze_backbone", "freeze_mm_mlp_adapter", "attn_implementation", "cache_dir",),
-                "data": ("data_path", "image_folder", "media_folders", "image_aspect_ratio", "model_max_length", "group_by_modality_length", "packing", "packing_max_tokens", "lazy_preprocess", "dataloader_num_workers", "skip_bad_records", "blank_media",),
-                "optimisation": ("num_train_epochs", "max_steps", "global_batch_size", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "mm_projector_lr", "weight_decay", "warmup_ratio", "lr_scheduler_type", "optim", "max_grad_norm", "gradient_checkpointing", "seed",),
-                "lora": ("lora_enable", "lora_r", "lora_alpha", "lora_dropout", "lora_bias", "bits", "double_quant", "quant_type",),
+FIELD_GROUPS = {"model": ("stage", "model_name_or_path", "tokenizer", "version", "vision_tower", "encoders",
+                          "mm_projector_type", "tune_mm_mlp_adapter", "pretrain_mm_mlp_adapter",
+                          "mm_vision_select_layer", "mm_vision_select_feature", "mm_use_im_start_end",
+                          "mm_use_im_patch_token", "mm_patch_merge_type", "freeze_backbone", "freeze_mm_mlp_adapter",
+                          "attn_implementation", "cache_dir",),
+                "data": ("data_path", "image_folder", "media_folders", "image_aspect_ratio", "model_max_length",
+                         "group_by_modality_length", "packing", "packing_max_tokens", "lazy_preprocess",
+                         "dataloader_num_workers", "skip_bad_records", "blank_media",),
+                "optimisation": ("num_train_epochs", "max_steps", "global_batch_size", "per_device_train_batch_size",
+                                 "gradient_accumulation_steps", "learning_rate", "mm_projector_lr", "weight_decay",
+                                 "warmup_ratio", "lr_scheduler_type", "optim", "max_grad_norm",
+                                 "gradient_checkpointing", "seed",),
+                "lora": ("lora_enable", "lora_r", "lora_alpha", "lora_dropout", "lora_bias", "bits", "double_quant",
+                         "quant_type",),
                 "deepspeed": ("deepspeed", "bf16", "fp16", "tf32",),
-                "evaluation": ("eval_data_path", "eval_steps", "evaluation_strategy", "eval_questions", "eval_gt", "eval_max_new_tokens", "per_device_eval_batch_size",),
-                "logging": ("output_dir", "save_strategy", "save_steps", "save_total_limit", "resume_from_checkpoint", "logging_steps", "report_to", "log_sample_ids",)}
+                "evaluation": ("eval_data_path", "eval_steps", "evaluation_strategy", "eval_questions", "eval_gt",
+                               "eval_max_new_tokens", "per_device_eval_batch_size",),
+                "logging": ("output_dir", "save_strategy", "save_steps", "save_total_limit", "resume_from_checkpoint",
+                            "logging_steps", "report_to", "log_sample_ids",)}
 
 # %% ../nbs/01_config.ipynb #2f57660a
 STAGE_PRESETS = {
-    "pretrain": dict(version="plain", tune_mm_mlp_adapter=True, lora_enable=False, global_batch_size=256, image_aspect_ratio="square",
+    "pretrain": dict(version="plain", tune_mm_mlp_adapter=True, lora_enable=False, global_batch_size=256,
+                     image_aspect_ratio="square",
                      learning_rate=1e-3, weight_decay=0.0, warmup_ratio=0.03, lr_scheduler_type="cosine",
                      num_train_epochs=1, model_max_length=2048),
-    "finetune": dict(version=None, tune_mm_mlp_adapter=False, lora_enable=False, global_batch_size=128, image_aspect_ratio="pad",
+    "finetune": dict(version=None, tune_mm_mlp_adapter=False, lora_enable=False, global_batch_size=128,
+                     image_aspect_ratio="pad",
                      learning_rate=2e-5, weight_decay=0.0, warmup_ratio=0.03, lr_scheduler_type="cosine",
                      num_train_epochs=1, model_max_length=2048),
-    "lora": dict(version=None, tune_mm_mlp_adapter=False, lora_enable=True, lora_r=128, lora_alpha=256, image_aspect_ratio="pad",
+    "lora": dict(version=None, tune_mm_mlp_adapter=False, lora_enable=True, lora_r=128, lora_alpha=256,
+                 image_aspect_ratio="pad",
                  global_batch_size=128, learning_rate=2e-4, mm_projector_lr=2e-5, weight_decay=0.0,
                  warmup_ratio=0.03, lr_scheduler_type="cosine", num_train_epochs=1, model_max_length=2048),
-    "qlora": dict(version=None, tune_mm_mlp_adapter=False, lora_enable=True, lora_r=128, lora_alpha=256, bits=4, image_aspect_ratio="pad",
+    "qlora": dict(version=None, tune_mm_mlp_adapter=False, lora_enable=True, lora_r=128, lora_alpha=256, bits=4,
+                  image_aspect_ratio="pad",
                   global_batch_size=128, learning_rate=2e-4, mm_projector_lr=2e-5, weight_decay=0.0,
                   warmup_ratio=0.03, lr_scheduler_type="cosine", num_train_epochs=1, model_max_length=2048),
 }
 
-OPTIMIZERS = {"adamw_torch_fused": dict(fused=True), "adamw_torch": dict(foreach=None), "adamw_hf": dict(foreach=False)}  # --optim -> AdamW's kernel
+# --optim -> AdamW's kernel
+OPTIMIZERS = {"adamw_torch_fused": dict(fused=True), "adamw_torch": dict(foreach=None), "adamw_hf": dict(foreach=False)}
 
 # the accepted values of the original flags that take one of a few words: flag -> allowed values
 CHOICES = {"evaluation_strategy": ("no", "steps", "epoch", None), "save_strategy": ("no", "steps", "epoch"),
@@ -145,7 +185,9 @@ def report_targets(report_to:str) -> list[str]:
     if names in ([], ["none"]): return []
     if names == ["all"]: return list(REPORTERS)
     bad = [n for n in names if n not in REPORTERS]
-    if bad: raise ConfigError(f"--report_to {report_to}: unknown {', '.join(bad)}. Fix: use none, all, or any of {', '.join(REPORTERS)}.")
+    if bad:
+        raise ConfigError(f"--report_to {report_to}: unknown {', '.join(bad)}. Fix: use none, all, or any of "
+                          f"{', '.join(REPORTERS)}.")
     return names
 
 def resolve_config(cfg:TrainConfig) -> TrainConfig:
@@ -155,35 +197,41 @@ def resolve_config(cfg:TrainConfig) -> TrainConfig:
         raise ConfigError(f"unknown stage {cfg.stage!r}. Fix: use one of {', '.join(STAGE_PRESETS)}.")
     preset = dict(STAGE_PRESETS[cfg.stage])
     if cfg.per_device_train_batch_size and cfg.gradient_accumulation_steps and cfg.global_batch_size is None:
-        preset.pop("global_batch_size")  # the user fixed per-device x accumulation (as the original scripts do): honour it
+        # the user fixed per-device x accumulation (as the original scripts do): honour it
+        preset.pop("global_batch_size")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in preset.items() if getattr(cfg, k) is None})
     if cfg.bits is None: cfg = dataclasses.replace(cfg, bits=16)
     for k, allowed in CHOICES.items():
         if getattr(cfg, k) not in allowed:
-            raise ConfigError(f"--{k} {getattr(cfg, k)}: qllava supports {', '.join(str(a) for a in allowed if a is not None)}. "
-                              f"Fix: pass one of those (or leave the flag out).")
+            raise ConfigError(f"--{k} {getattr(cfg, k)}: qllava supports "
+                              f"{', '.join(str(a) for a in allowed if a is not None)}. Fix: pass one of those (or "
+                              "leave the flag out).")
     report_targets(cfg.report_to)
     if cfg.stage == "pretrain" and cfg.lora_enable:
-        raise ConfigError("stage pretrain trains the projector only; --lora_enable contradicts it. Fix: use --stage lora.")
+        raise ConfigError("stage pretrain trains the projector only; --lora_enable contradicts it. Fix: use --stage "
+                          "lora.")
     if cfg.tune_mm_mlp_adapter and cfg.lora_enable:
         raise ConfigError("--tune_mm_mlp_adapter (projector only) and --lora_enable cannot both be on.")
     if cfg.bits not in (4, 8, 16): raise ConfigError(f"--bits {cfg.bits}: use 16, 8 or 4.")
     if cfg.bits < 16 and not cfg.lora_enable:
-        raise ConfigError(f"--bits {cfg.bits} quantises the base LLM, which can then only be trained with LoRA. Fix: add --lora_enable True or use --stage qlora.")
+        raise ConfigError(f"--bits {cfg.bits} quantises the base LLM, which can then only be trained with LoRA. Fix: "
+                          "add --lora_enable True or use --stage qlora.")
     if cfg.bf16 and cfg.fp16: raise ConfigError("--bf16 and --fp16 are exclusive; choose one.")
     if cfg.packing_max_tokens is not None and cfg.packing_max_tokens < cfg.model_max_length:
-        raise ConfigError(f"--packing_max_tokens {cfg.packing_max_tokens} is below --model_max_length {cfg.model_max_length}: "
-                          "a sample that long would fit no row. Fix: raise it, or leave it out (rows then hold at most the "
-                          "micro-batch's longest sample).")
+        raise ConfigError(f"--packing_max_tokens {cfg.packing_max_tokens} is below --model_max_length "
+                          f"{cfg.model_max_length}: "
+                          "a sample that long would fit no row. Fix: raise it, or leave it out (rows then hold at most "
+                          "the micro-batch's longest sample).")
     if bool(cfg.eval_questions) != bool(cfg.eval_gt):
         raise ConfigError("--eval_questions and --eval_gt go together: the questions to answer and their ground truth.")
     if cfg.eval_questions and cfg.deepspeed in ("zero3", "zero3_offload"):
         raise ConfigError("answering held-out questions during training needs every weight on one rank, which ZeRO-3 "
-                          "partitions. Fix: use --deepspeed zero2 for such runs, or run eval.ipynb on the saved checkpoint.")
+                          "partitions. Fix: use --deepspeed zero2 for such runs, or run eval.ipynb on the saved "
+                          "checkpoint.")
     if cfg.bits < 16 and cfg.deepspeed in ("zero3", "zero3_offload"):
-        raise ConfigError(f"--bits {cfg.bits} under ZeRO-3: qllava does not partition bitsandbytes' packed weights (untested "
-                          "here). Fix: use --deepspeed zero2, as the original's finetune_qlora.sh does (in 4 bits the base is "
-                          "small, and only LoRA and the projector train).")
+        raise ConfigError(f"--bits {cfg.bits} under ZeRO-3: qllava does not partition bitsandbytes' packed weights "
+                          "(untested here). Fix: use --deepspeed zero2, as the original's finetune_qlora.sh does (in 4 "
+                          "bits the base is small, and only LoRA and the projector train).")
     return cfg
 
 # the --deepspeed names that select a shipped config (qllava/assets/deepspeed/NAME.json); else a JSON file or none
@@ -203,18 +251,22 @@ def resolve_batch(global_batch_size:int|None, # samples per optimiser step over 
     g, w = global_batch_size, world_size
     def _refuse(why):
         raise ConfigError(f"global batch {g} cannot be split over {w} rank(s): {why}. "
-                          f"per_device_train_batch_size x gradient_accumulation_steps x world_size must equal the global batch. "
-                          f"Fix: choose a global batch divisible by {w}, or set the per-device batch and accumulation so their product x {w} = {g}.")
+                          "per_device_train_batch_size x gradient_accumulation_steps x world_size must equal the "
+                          f"global batch. Fix: choose a global batch divisible by {w}, or set the per-device batch and "
+                          f"accumulation so their product x {w} = {g}.")
     if g % w: _refuse(f"{g} is not divisible by world_size {w}")
     per_rank = g // w
     if per_device and grad_accum:
-        if per_device * grad_accum * w != g: _refuse(f"{per_device} x {grad_accum} x {w} = {per_device*grad_accum*w}, not {g}")
+        if per_device * grad_accum * w != g:
+            _refuse(f"{per_device} x {grad_accum} x {w} = {per_device*grad_accum*w}, not {g}")
         return per_device, grad_accum, g
     if per_device:
-        if per_rank % per_device: _refuse(f"{per_rank} samples per rank is not a multiple of per_device_train_batch_size {per_device}")
+        if per_rank % per_device:
+            _refuse(f"{per_rank} samples per rank is not a multiple of per_device_train_batch_size {per_device}")
         return per_device, per_rank // per_device, g
     if grad_accum:
-        if per_rank % grad_accum: _refuse(f"{per_rank} samples per rank is not a multiple of gradient_accumulation_steps {grad_accum}")
+        if per_rank % grad_accum:
+            _refuse(f"{per_rank} samples per rank is not a multiple of gradient_accumulation_steps {grad_accum}")
         return per_rank // grad_accum, grad_accum, g
     per_device = max(d for d in range(1, min(per_rank, max_per_device) + 1) if per_rank % d == 0)
     return per_device, per_rank // per_device, g
@@ -231,12 +283,15 @@ def _json_dict(s) -> dict:
     if isinstance(s, dict): return s
     try: d = json.loads(s)
     except ValueError: d = None
-    if not isinstance(d, dict): raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"image\": \"preset:tiny-clip\"}}', got {s!r}")
+    if not isinstance(d, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"image\": \"preset:tiny-clip\"}}', got "
+                                         f"{s!r}")
     return d
 
 def _parse_type(hint):
     "The argparse `type` for a field annotation (`int`, `float|None`, `bool|None`, ...): its first non-None member."
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else [hint]
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
     t = args[0]
     return _to_bool if t is bool else _json_dict if t is dict else t
 
@@ -244,25 +299,33 @@ def _parse_type(hint):
 FLAG_ALIASES = {"eval_strategy": "evaluation_strategy"}
 
 def config_parser() -> argparse.ArgumentParser:
-    "An argparse parser with one `--flag` per `TrainConfig` field (also `--dashed-spelling`), helped by the field's comment and default."
+    ("An argparse parser with one `--flag` per `TrainConfig` field (also `--dashed-spelling`), helped by the field's "
+     "comment and default.")
     hints, docs = typing.get_type_hints(TrainConfig), docments(TrainConfig, full=False)
-    p = ArgumentParser(prog="qllava train", description="Train a LLaVA-style model (stage 1 or 2) on DeepSpeed. Flags are the "
-                       "original LLaVA scripts' names; a value left out takes the stage preset's (the published recipe).")
+    p = ArgumentParser(prog="qllava train",
+                       description="Train a LLaVA-style model (stage 1 or 2) on DeepSpeed. Flags are the "
+                       "original LLaVA scripts' names; a value left out takes the stage preset's (the published "
+                       "recipe).")
     alias_of = {v: k for k, v in FLAG_ALIASES.items()}
     group_of = {n: g for g, names in FIELD_GROUPS.items() for n in names}
     groups = {g: p.add_argument_group(g) for g in FIELD_GROUPS}
     for f in fields(TrainConfig):
         typ = _parse_type(hints[f.name])
-        kw = dict(type=typ, default=None, dest=f.name, metavar=typ.__name__.strip("_").upper() if typ is not _to_bool else "BOOL",
-                  help=f"{docs.get(f.name) or ''} (default: {'the stage preset' if f.default is None else repr(f.default)})".replace("%", "%%"))
+        kw = dict(type=typ, default=None, dest=f.name,
+                  metavar=typ.__name__.strip("_").upper() if typ is not _to_bool else "BOOL",
+                  help=f"{docs.get(f.name) or ''} (default: "
+                       f"{'the stage preset' if f.default is None else repr(f.default)})".replace("%", "%%"))
         if typ is _to_bool: kw.update(nargs="?", const=True)
-        groups[group_of[f.name]].add_argument(f"--{f.name}", *([f"--{alias_of[f.name]}"] if f.name in alias_of else []), **kw)
+        groups[group_of[f.name]].add_argument(f"--{f.name}", *([f"--{alias_of[f.name]}"] if f.name in alias_of else []),
+                                              **kw)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     return p
 
 FLAG_SHORTHANDS = {"lr": "learning_rate", "epochs": "num_train_epochs", "bs": "per_device_train_batch_size",
-                   "batch_size": "global_batch_size", "model": "model_name_or_path", "data": "data_path", "output": "output_dir",
-                   "out": "output_dir", "max_length": "model_max_length", "projector_lr": "mm_projector_lr", "encoder": "vision_tower",
+                   "batch_size": "global_batch_size", "model": "model_name_or_path", "data": "data_path",
+                   "output": "output_dir",
+                   "out": "output_dir", "max_length": "model_max_length", "projector_lr": "mm_projector_lr",
+                   "encoder": "vision_tower",
                    "projector": "mm_projector_type", "template": "version", "rank": "lora_r", "alpha": "lora_alpha"}
 
 def suggest_flag(flag:str) -> str|None:
@@ -277,7 +340,8 @@ def parse_config(argv:list[str]|None=None) -> TrainConfig:
     "A `TrainConfig` from command-line flags (the original flag names)."
     ns, unknown = config_parser().parse_known_args(argv)
     if unknown:
-        hints = [f"{u} (did you mean --{m}?)" if (m := suggest_flag(u)) else u for u in unknown if u.startswith("-")] or unknown
+        hints = [f"{u} (did you mean --{m}?)" if (m := suggest_flag(u)) else u for u in unknown
+                 if u.startswith("-")] or unknown
         raise ConfigError(f"unknown training flag(s) {', '.join(hints)}. Fix: see `qllava train --help` for the flags.")
     given = {k: v for k, v in vars(ns).items() if v is not None and k != "local_rank"}
     return TrainConfig(**given)

@@ -55,7 +55,9 @@ def assets_dir() -> Path:
 def asset(*parts:str) -> Path:
     "Path to a shipped asset; raises `QllavaError` naming the missing file."
     p = assets_dir().joinpath(*parts)
-    if not p.exists(): raise QllavaError(f"{p}: this shipped asset is missing. Fix: reinstall qllava (pip install -e .) or rebuild it with `make assets`.")
+    if not p.exists():
+        raise QllavaError(f"{p}: this shipped asset is missing. Fix: reinstall qllava (pip install -e .) or rebuild it "
+                          "with `make assets`.")
     return p
 
 # %% ../nbs/00_core.ipynb #0643e013
@@ -64,7 +66,8 @@ RUN_NOTEBOOKS = ("train.ipynb", "eval.ipynb", "sweep.ipynb")
 def run_notebook(name:str) -> Path:
     "A run notebook by name: the checkout's `nbs/` copy, else the one shipped inside the installed package."
     import qllava
-    if name not in RUN_NOTEBOOKS: raise ConfigError(f"no run notebook {name!r}. Fix: use one of {', '.join(RUN_NOTEBOOKS)}.")
+    if name not in RUN_NOTEBOOKS:
+        raise ConfigError(f"no run notebook {name!r}. Fix: use one of {', '.join(RUN_NOTEBOOKS)}.")
     pkg = Path(qllava.__file__).resolve().parent
     for p in (pkg.parent / "nbs" / name, pkg / "notebooks" / name):
         if p.is_file(): return p
@@ -94,7 +97,8 @@ def load_plugins(spec:str|None=None, # module names or .py files, os.pathsep-sep
         names.append(name)
         if name in sys.modules: continue
         if s.endswith(".py") and not Path(s).is_file():
-            raise ConfigError(f"the plugin {s!r} (${PLUGINS_ENV}) does not exist. Fix: give the path of a .py file, or a module name.")
+            raise ConfigError(f"the plugin {s!r} (${PLUGINS_ENV}) does not exist. Fix: give the path of a .py file, or "
+                              "a module name.")
         try:
             if not s.endswith(".py"): importlib.import_module(s); continue
             mod = importlib.util.module_from_spec(spec_ := importlib.util.spec_from_file_location(name, s))
@@ -121,7 +125,8 @@ def name_words(name:str) -> list[str]:
             for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", part)]
 
 def is_secret_name(name:str) -> bool:
-    "Whether a parameter's, flag's or environment variable's name says it holds a secret (key, token, secret, password, credential, auth, bearer, cookie)."
+    ("Whether a parameter's, flag's or environment variable's name says it holds a secret (key, token, secret, "
+     "password, credential, auth, bearer, cookie).")
     return any(_SECRET_WORD.fullmatch(w) for w in name_words(name))
 
 # %% ../nbs/00_core.ipynb #20f3b9a1
@@ -136,15 +141,18 @@ _VALUE_AFTER = re.compile(r"[\"']?\s*(?:=|:|\s)\s*[\"']?([^\s\"'&;,)}\]]+)")
 
 def high_entropy(s:str, # a candidate token
                  min_len:int=16) -> bool: # shorter strings never count as random
-    "Whether `s` looks like a random token: long, one word of key characters, letters and digits, >= 3 bits of entropy per character."
+    ("Whether `s` looks like a random token: long, one word of key characters, letters and digits, >= 3 bits of "
+     "entropy per character.")
     import math
     from collections import Counter
-    if len(s) < min_len or not re.fullmatch(r"[A-Za-z0-9+=_\-.~]+", s) or not (re.search(r"[A-Za-z]", s) and re.search(r"\d", s)):
+    if len(s) < min_len or not re.fullmatch(r"[A-Za-z0-9+=_\-.~]+",
+                                            s) or not (re.search(r"[A-Za-z]", s) and re.search(r"\d", s)):
         return False
     return -sum(c / len(s) * math.log2(c / len(s)) for c in Counter(s).values()) >= 3.0
 
 def named_tokens(text:str) -> list[tuple[str,int,int]]:
-    "(name, start, end) of each long random token given to a key-named flag or field in `text` (`--hub_token X`, `token=X`, `\"api_key\": \"X\"`)."
+    ("(name, start, end) of each long random token given to a key-named flag or field in `text` (`--hub_token X`, "
+     "`token=X`, `\"api_key\": \"X\"`).")
     out = []
     for m in _NAME_AT.finditer(text):
         v = _VALUE_AFTER.match(text, m.end())
@@ -156,7 +164,8 @@ def secret_env_values(env:dict|None=None, # default `os.environ`
                       paths:bool=False) -> dict: # also values that are absolute paths (SSH_AUTH_SOCK ...)
     "Name -> value of the environment variables whose names mark them as secrets."
     env = os.environ if env is None else env
-    return {k: str(v) for k, v in env.items() if is_secret_name(k) and len(str(v)) >= min_len and (paths or not os.path.isabs(str(v)))}
+    return {k: str(v) for k,
+            v in env.items() if is_secret_name(k) and len(str(v)) >= min_len and (paths or not os.path.isabs(str(v)))}
 
 # %% ../nbs/00_core.ipynb #be7a9574
 _KIND = {"token": "an API key or access token (sk-, hf_, ghp_ ...)", "assign": "an api_key= assignment",
@@ -164,8 +173,10 @@ _KIND = {"token": "an API key or access token (sk-, hf_, ghp_ ...)", "assign": "
 
 def find_secret(value, # a value: str, number, list or dict (searched inside; a dict's keys count as names)
                 name:str="", # its name
-                env:dict|None=None) -> tuple[str,str]|None: # environment whose secret values are looked for (default os.environ)
-    "(where, why) when `name` or `value` (or anything inside it) looks like a secret, else None; neither repeats the value."
+                # environment whose secret values are looked for (default os.environ)
+                env:dict|None=None) -> tuple[str,str]|None:
+    ("(where, why) when `name` or `value` (or anything inside it) looks like a secret, else None; neither repeats the "
+     "value.")
     if name and is_secret_name(name): return name, "by its name"
     if isinstance(value, dict):
         for k, v in value.items():
@@ -184,7 +195,8 @@ def find_secret(value, # a value: str, number, list or dict (searched inside; a 
 
 def secret_masker(env:dict|None=None, # environment whose secret-named variables' values are masked (default os.environ)
                   mask:str="***"): # what replaces a secret
-    "A function that masks, in a line of text, the values of `env`'s secret variables and anything shaped like a key or token."
+    ("A function that masks, in a line of text, the values of `env`'s secret variables and anything shaped like a key "
+     "or token.")
     vals = sorted(set(secret_env_values(env, min_len=6, paths=True).values()), key=len, reverse=True)
     known = re.compile("|".join(map(re.escape, vals))) if vals else None
     def keep_name(m):  # api_key=VALUE -> api_key=***, Bearer VALUE -> Bearer ***
@@ -200,29 +212,33 @@ def secret_masker(env:dict|None=None, # environment whose secret-named variables
 
 def mask_command(argv:list, # a command line, one argument per item
                  env:dict|None=None) -> list[str]: # environment whose secret values are masked (default os.environ)
-    "`argv` with secrets masked: key-shaped arguments, secret environment values, and any value given to a key-named flag (`--hub_token X`)."
+    ("`argv` with secrets masked: key-shaped arguments, secret environment values, and any value given to a key-named "
+     "flag (`--hub_token X`).")
     masked, out = secret_masker(env), []
     for i, a in enumerate(map(str, argv)):
         prev = str(argv[i - 1]) if i else ""
-        out.append("***" if prev.startswith("-") and "=" not in prev and is_secret_name(prev.lstrip("-")) else masked(a))
+        out.append("***" if prev.startswith("-") and "=" not in prev and is_secret_name(prev.lstrip("-"))
+                   else masked(a))
     return out
 
 # %% ../nbs/00_core.ipynb #5aba9b17
-OUTPUT_NOTEBOOK_NOTE = ("The output notebook already holds the value: papermill wrote every parameter into its injected-parameters "
-                        "cell ('# Parameters') before this check ran, so delete that output notebook now (and rotate the secret "
-                        "if the file was copied or shared).")
-SECRET_ENV_HINT = ("OPENAI_API_KEY or AZURE_OPENAI_API_KEY for the judge, HF_TOKEN for the Hugging Face hub, WANDB_API_KEY for "
-                   "wandb")
+OUTPUT_NOTEBOOK_NOTE = ("The output notebook already holds the value: papermill wrote every parameter into its "
+                        "injected-parameters cell ('# Parameters') before this check ran, so delete that output "
+                        "notebook now (and rotate the secret if the file was copied or shared).")
+SECRET_ENV_HINT = ("OPENAI_API_KEY or AZURE_OPENAI_API_KEY for the judge, HF_TOKEN for the Hugging Face hub, "
+                   "WANDB_API_KEY for wandb")
 
 def refuse_secrets(values:dict, # name -> value
                    what:str="parameter", # what the values are, for the message
                    note:str="", # a sentence on where the value already is (e.g. `OUTPUT_NOTEBOOK_NOTE`)
                    env:dict|None=None) -> dict: # environment whose secret values are looked for (default os.environ)
-    "Raise `ConfigError` naming the first value that looks like a secret (by its name or value); the message never repeats it."
+    ("Raise `ConfigError` naming the first value that looks like a secret (by its name or value); the message never "
+     "repeats it.")
     for k, v in values.items():
         if hit := find_secret(v, k, env):
             raise ConfigError(f"{what} {hit[0]!r} looks like a secret ({hit[1]}); secrets are never {what}s. "
-                              + (note + " " if note else "") + f"Fix: put the secret in the environment instead ({SECRET_ENV_HINT}), "
+                              + (note + " " if note else "")
+                              + f"Fix: put the secret in the environment instead ({SECRET_ENV_HINT}), "
                               f"where qllava reads it, and drop the {what}.")
     return values
 
@@ -239,7 +255,8 @@ def injected_names(history:list) -> set:
 
 def notebook_parameters(namespace:dict, # the kernel's `globals()`
                         history:list) -> dict: # the kernel's input history `In`
-    "Name -> value of every name assigned at top level by the cells run so far (the `parameters` cell and papermill's injected one)."
+    ("Name -> value of every name assigned at top level by the cells run so far (the `parameters` cell and papermill's "
+     "injected one).")
     import ast
     out = {}
     for src in history or []:
@@ -253,7 +270,8 @@ def notebook_parameters(namespace:dict, # the kernel's `globals()`
 
 def refuse_secret_parameters(namespace:dict, # the kernel's `globals()`
                              history:list) -> dict: # the kernel's input history `In`
-    "The first check of every run notebook: refuse a parameter that looks like a secret, saying that the output notebook holds it."
+    ("The first check of every run notebook: refuse a parameter that looks like a secret, saying that the output "
+     "notebook holds it.")
     return refuse_secrets(notebook_parameters(namespace, history), note=OUTPUT_NOTEBOOK_NOTE)
 
 # %% ../nbs/00_core.ipynb #c32b91d8
@@ -265,30 +283,38 @@ def unknown_parameters(names, # the names given (also those papermill injected)
     unknown = sorted(set(names) - set(allowed))
     if not unknown: return
     hints = {u: difflib.get_close_matches(u, list(allowed), 1) for u in unknown}
-    raise ConfigError(f"unknown {what}(s): " + ", ".join(u + (f" (did you mean {h[0]}?)" if h else "") for u, h in hints.items())
+    raise ConfigError(f"unknown {what}(s): " + ", ".join(u + (f" (did you mean {h[0]}?)" if h else "") for u,
+                                                         h in hints.items())
                        + f". Fix: use one of {', '.join(sorted(allowed))}.")
 
 def check_types(values:dict, # name -> value
                 defaults:dict, # name -> default value, whose type each value must have (an int is a fine float)
                 what:str="parameter") -> dict:
-    "Raise `ConfigError` for the first value whose type is not its default's (e.g. `-p num_gpus two`); returns the values."
+    ("Raise `ConfigError` for the first value whose type is not its default's (e.g. `-p num_gpus two`); returns the "
+     "values.")
     for k, v in values.items():
         d = defaults[k]; want = type(d)
         if want is float and isinstance(v, int) and not isinstance(v, bool): continue
         if not isinstance(v, want) or (want is int and isinstance(v, bool)):
-            ex = {int: f"an integer, e.g. -p {k} {d or 1}", float: f"a number, e.g. -p {k} {d or 2e-5}", bool: f"True or False, e.g. -p {k} {d}",
+            ex = {int: f"an integer, e.g. -p {k} {d or 1}", float: f"a number, e.g. -p {k} {d or 2e-5}",
+                  bool: f"True or False, e.g. -p {k} {d}",
                   str: f"a string, e.g. -p {k} {d or 'NAME'}", list: f'a list, e.g. -y "{k}: {json.dumps(d)}"',
                   dict: f'a dict, e.g. -y "{k}: {{name: value}}"'}.get(want, want.__name__)
             raise ConfigError(f"{what} {k}={v!r} is a {type(v).__name__}, not a {want.__name__}. Fix: pass {ex}.")
     return values
 
 def check_against_defaults(values:dict, # name -> value, as the run notebook holds them
-                           defaults:dict, # the notebook's table of name -> default (`TRAIN_PARAMETERS`, `EVAL_PARAMETERS`, `SWEEP_PARAMETERS`)
-                           injected=(), # what papermill injected that the parameters cell lacks: names, or name -> value (then searched for secrets too)
+                           # the notebook's table of name -> default (`TRAIN_PARAMETERS`, `EVAL_PARAMETERS`,
+                           # `SWEEP_PARAMETERS`)
+                           defaults:dict,
+                           # what papermill injected that the parameters cell lacks: names, or name -> value (then
+                           # searched for secrets too)
+                           injected=(),
                            what:str="parameter", # for the messages, e.g. "sweep parameter"
                            untyped=(), # names whose type the caller checks itself (e.g. a rule or a number)
                           ) -> dict:
-    "The checks every run notebook starts with: secrets first (no later message may repeat one), then unknown names (with the closest known one), then types against the defaults; returns `values`."
+    ("The checks every run notebook starts with: secrets first (no later message may repeat one), then unknown names "
+     "(with the closest known one), then types against the defaults; returns `values`.")
     refuse_secrets({**injected, **values} if isinstance(injected, dict) else values)
     unknown_parameters(set(injected) | set(values), defaults, what)
     check_types({k: v for k, v in values.items() if k not in untyped}, defaults, what)
@@ -300,7 +326,8 @@ def need_path(path, # the path as the user gave it
               kind:str="file", # what it must be: "file", "folder" or "path" (either)
               error:type|None=None, # the exception raised (default `DataError`)
               fix:str|None=None) -> Path: # what to do instead (default: give an existing one)
-    "`path` as a `Path` when it exists as `kind`; else raise naming the parameter, the path, the folder it was looked for in and the fix."
+    ("`path` as a `Path` when it exists as `kind`; else raise naming the parameter, the path, the folder it was looked "
+     "for in and the fix.")
     p = Path(os.path.expanduser(str(path)))
     ok = p.is_file() if kind == "file" else p.is_dir() if kind == "folder" else p.exists()
     if ok: return p
@@ -331,9 +358,11 @@ def hub_snapshot(repo_id:str, # "ORG/NAME"
                  allow_patterns:list|None=None, # files to fetch when downloading (None: all)
                  what:str="dataset", # how the message names it
                 ) -> Path:
-    "The snapshot folder of a hub repository: from the local cache first, downloaded only where it lacks it and the hub is on."
+    ("The snapshot folder of a hub repository: from the local cache first, downloaded only where it lacks it and the "
+     "hub is on.")
     from huggingface_hub import snapshot_download
-    if not _HUB_ID.match(repo_id): raise ConfigError(f"{repo_id!r} is not a hub id. Fix: use ORG/NAME, e.g. wisdomik/Quilt_VQA.")
+    if not _HUB_ID.match(repo_id):
+        raise ConfigError(f"{repo_id!r} is not a hub id. Fix: use ORG/NAME, e.g. wisdomik/Quilt_VQA.")
     kw = dict(repo_type=repo_type, revision=revision, allow_patterns=allow_patterns, cache_dir=hub_cache())
     try: return Path(snapshot_download(repo_id, local_files_only=True, **kw))
     except FileNotFoundError as e: missing = e
@@ -342,9 +371,10 @@ def hub_snapshot(repo_id:str, # "ORG/NAME"
         except Exception as e: missing = e   # gated, unknown, no network: all end in the same fix
     at = f" at revision {revision}" if revision else ""
     raise DataError(f"{what} {repo_id}{at} is not in the Hugging Face cache {hub_cache()} "
-                    f"({type(missing).__name__}).", fix=f"download it once where there is network: `hf download --repo-type "
-                    f"{repo_type} {repo_id}` (for a gated set, accept its terms on the hub and log in first), then run here "
-                    "with HF_HUB_CACHE pointing at that cache.")
+                    f"({type(missing).__name__}).",
+                    fix=f"download it once where there is network: `hf download --repo-type "
+                    f"{repo_type} {repo_id}` (for a gated set, accept its terms on the hub and log in first), then run "
+                    "here with HF_HUB_CACHE pointing at that cache.")
 
 # %% ../nbs/00_core.ipynb #01fad0c6
 def _hub_spec(spec:str) -> tuple[str, str]|None:
@@ -363,9 +393,12 @@ def resolve_records_path(spec, # a local JSON / JSONL file, or ORG/NAME (a hub d
     if hub is None: return need_path(spec, param, "file", fix=fix)
     repo, file = hub
     file = file or HUB_RECORD_FILES.get(repo, "")
-    try: snap = hub_snapshot(repo, allow_patterns=[file] if file else ["*.json", "*.jsonl", "*.md"], what=f"{param} dataset")
+    try:
+        snap = hub_snapshot(repo, allow_patterns=[file] if file else ["*.json", "*.jsonl", "*.md"],
+                            what=f"{param} dataset")
     except DataError as e:
-        raise DataError(f"{param}: {spec} is neither a file here ({os.getcwd()}) nor a hub dataset in the cache: {e.problem}",
+        raise DataError(f"{param}: {spec} is neither a file here ({os.getcwd()}) nor a hub dataset in the cache: "
+                        f"{e.problem}",
                         fix=(fix + "; or " if fix else "") + e.fix) from None
     if file: return need_path(snap / file, param, "file", fix=f"name a records file of {repo}: {_json_files(snap)}.")
     found = _json_files(snap)
@@ -381,7 +414,9 @@ def read_json_records(path, # a JSON list (its text starts with "[") or a JSONL 
                       what:str="file", # what the file is, named when it is missing (e.g. "question file")
                       missing_fix:str="check the path.", # the fix named when it is missing
                       fix:str="repair or delete that line.", # the fix named for a JSONL line that is not valid JSON
-                      skip_bad=None, # callable(line, last) -> bool, `line` 1-based, `last` for the file's last line: True drops a bad JSONL line instead of raising
+                      # callable(line, last) -> bool, `line` 1-based, `last` for the file's last line: True drops a bad
+                      # JSONL line instead of raising
+                      skip_bad=None,
                       with_lines:bool=False, # also return the 1-based line of each record (a JSON list: its position)
                      ) -> list|tuple[list, list[int]]:
     "The records of a JSON list or a JSONL file; `DataError` naming the file and the line of bad JSON."
@@ -391,7 +426,8 @@ def read_json_records(path, # a JSON list (its text starts with "[") or a JSONL 
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         try: recs = json.loads(text)
-        except json.JSONDecodeError as e: raise DataError(f"not valid JSON ({e}).", file=path, fix="repair the JSON list.") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"not valid JSON ({e}).", file=path, fix="repair the JSON list.") from None
         return (recs, list(range(1, len(recs) + 1))) if with_lines else recs
     recs, lines, rows = [], [], text.splitlines()
     for i, line in enumerate(rows):
@@ -399,7 +435,8 @@ def read_json_records(path, # a JSON list (its text starts with "[") or a JSONL 
         try: recs.append(json.loads(line))
         except json.JSONDecodeError as e:
             if skip_bad is not None and skip_bad(i + 1, i == len(rows) - 1): continue
-            raise DataError(f"line {i + 1} is not valid JSON ({e.msg}, column {e.colno}).", file=path, record=i, fix=fix) from None
+            raise DataError(f"line {i + 1} is not valid JSON ({e.msg}, column {e.colno}).", file=path, record=i,
+                            fix=fix) from None
         lines.append(i + 1)
     return (recs, lines) if with_lines else recs
 
@@ -413,7 +450,8 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
     def _spellings(self, names) -> list:
         "The other spelling (`_` <-> `-`) of each long flag in `names` not taken yet."
-        alts = ["--" + (n[2:].replace("_", "-") if "_" in n else n[2:].replace("-", "_")) for n in names if n.startswith("--")]
+        other = lambda n: n[2:].replace("_", "-") if "_" in n else n[2:].replace("-", "_")
+        alts = ["--" + other(n) for n in names if n.startswith("--")]
         return [a for a in dict.fromkeys(alts) if a not in names and a not in self._option_string_actions]
     def add_argument(self, *names, **kwargs):
         return super().add_argument(*names, *self._spellings(names), **kwargs)
@@ -460,9 +498,11 @@ LAYERS = {
 # %% ../nbs/00_core.ipynb #e2d047a6
 def module_path(module:str) -> str:
     "`module`'s path below `qllava` (`train` or `training.train` -> `training.train`), from `LAYERS`."
-    paths = {m: m for mods in LAYERS.values() for m in mods} | {m.rpartition(".")[2]: m for mods in LAYERS.values() for m in mods}
+    paths = {m: m for mods in LAYERS.values() for m in mods} | {m.rpartition(".")[2]: m for mods in LAYERS.values()
+                                                                for m in mods}
     if module not in paths:
-        raise ConfigError(f"module {module!r} is in no layer. Fix: add it to qllava.core.LAYERS where its imports allow.")
+        raise ConfigError(f"module {module!r} is in no layer. Fix: add it to qllava.core.LAYERS where its imports "
+                          "allow.")
     return paths[module]
 
 # %% ../nbs/00_core.ipynb #3cf59839

@@ -1,6 +1,7 @@
 """The package's shape: folders that are layers (a package imports only from itself and the packages below it), every
 internal import at module level (so a module's header shows its dependencies) and pointing to a lower layer of
-`qllava.core.LAYERS` (hence no cycle), no class patched by assignment, no function over 60 lines."""
+`qllava.core.LAYERS` (hence no cycle), no class patched by assignment, no function over 50 lines, no line over 120
+columns."""
 import ast, graphlib, subprocess, sys
 from pathlib import Path
 import qllava
@@ -40,7 +41,8 @@ def test_the_folders_are_the_layers():
     order = [package_of(m) for mods in LAYERS.values() for m in mods]
     runs = [p for i, p in enumerate(order) if i == 0 or p != order[i - 1]]
     assert len([p for p in runs if p]) == len({p for p in runs if p}), runs
-    assert {package_of(m) for m in MODULES} - {""} == {p.name for p in PKG.iterdir() if p.is_dir() and p.name != "assets"
+    assert {package_of(m) for m in MODULES} - {""} == {p.name for p in PKG.iterdir() if p.is_dir()
+                                                       and p.name != "assets"
                                                        and not p.name.startswith("_")}
 
 def test_packages_import_only_downward():
@@ -76,7 +78,8 @@ def test_internal_imports_are_in_the_header():
     late = []
     for m in MODULES:
         body = ast.parse(source(m)).body
-        first = next((n.lineno for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))), 10**9)
+        first = next((n.lineno for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))),
+                     10**9)
         late += [f"{file_of(m)}:{t_line}: imports {t} after its first definition (line {first})"
                  for t, t_line, top in internal_imports(m) if top and t_line > first]
     assert not late, "\n".join(late)
@@ -91,23 +94,44 @@ def test_no_import_cycle():
     graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
 
 def test_no_class_is_patched_by_assignment():
-    "Methods live in the class body or come with fastcore's `@patch` (which says where they belong), never `Cls.attr = f`."
+    ("Methods live in the class body or come with fastcore's `@patch` (which says where they belong), never `Cls.attr "
+     "= f`.")
     found = []
     for m in MODULES:
         for n in ast.parse(source(m)).body:
-            targets = n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, (ast.AnnAssign, ast.AugAssign)) else []
+            targets = n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, (ast.AnnAssign,
+                                                                                               ast.AugAssign)) else []
             for t in targets:
                 for e in (t.elts if isinstance(t, ast.Tuple) else [t]):
                     if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) and e.value.id[:1].isupper():
                         found.append(f"{file_of(m)}:{n.lineno}: {e.value.id}.{e.attr} = ...")
     assert not found, "\n".join(found)
 
-def test_no_function_is_over_60_lines():
-    "Long procedures are split into named steps, each findable by its name."
+def test_no_function_is_over_50_lines():
+    "Long procedures are split into named steps, each findable by its name (lines within 120 columns make it count)."
     long = [f"{file_of(m)}:{n.lineno} {n.name}: {n.end_lineno - n.lineno + 1} lines" for m in MODULES
             for n in ast.walk(ast.parse(source(m)))
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60]
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 50]
     assert not long, "\n".join(long)
+
+LIBRARY_NOTEBOOKS = sorted(Path(__file__).parents[1].glob("nbs/[0-9]*.ipynb"))
+WIDTH = 120
+
+def test_no_line_is_wider_than_120_columns():
+    """Every line of the library's code cells (the source) and of its modules, but for what nbdev writes itself: a
+    module's first line (its docstring, the notebook's description) and its `__all__` list."""
+    import json
+    wide = [f"{nb.name} cell {i}: {len(l)} columns: {l.strip()[:60]}" for nb in LIBRARY_NOTEBOOKS
+            for i, c in enumerate(json.loads(nb.read_text())["cells"]) if c["cell_type"] == "code"
+            for l in "".join(c["source"]).splitlines() if len(l) > WIDTH]
+    for m in MODULES:
+        tree = ast.parse(source(m))
+        generated = {1} | {n for a in tree.body if isinstance(a, ast.Assign) and getattr(a.targets[0], "id",
+                                                                                         "") == "__all__"
+                           for n in range(a.lineno, a.end_lineno + 1)}
+        wide += [f"{file_of(m)}:{i}: {len(l)} columns" for i, l in enumerate(source(m).splitlines(), 1)
+                 if len(l) > WIDTH and i not in generated]
+    assert LIBRARY_NOTEBOOKS and not wide, "\n".join(wide)
 
 # Where the names of the shipped modalities may be written (issue 22): their registrations, and code that is about
 # them by nature. Everywhere else a modality is whatever the registry says, so a modality registered in a notebook
@@ -146,7 +170,8 @@ def test_library_names_no_shipped_modality_outside_its_registrations():
 def test_the_ignored_label_is_named_not_written():
     "-100 is written once, as `qllava.data.tokenize.IGNORE_INDEX`; every other use names it."
     lines = {m: source(m).splitlines() for m in MODULES}
-    found = [f"{file_of(m)}:{n.lineno}: {lines[m][n.lineno - 1].strip()}" for m in MODULES for n in ast.walk(ast.parse("\n".join(lines[m])))
+    found = [f"{file_of(m)}:{n.lineno}: {lines[m][n.lineno - 1].strip()}" for m in MODULES
+             for n in ast.walk(ast.parse("\n".join(lines[m])))
              if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub) and isinstance(n.operand, ast.Constant)
              and n.operand.value == 100]
     assert len(found) == 1 and found[0].startswith("data/tokenize.py:") and ": IGNORE_INDEX = -100" in found[0], found

@@ -8,7 +8,8 @@ import json, os, re, shlex, shutil, socket, sys, time
 from dataclasses import dataclass, field, replace, asdict
 from pathlib import Path
 from ..core import ConfigError, LaunchError, ArgumentParser, is_secret_name, mask_command, secret_masker
-from .slurm import PREEMPTED_EXIT, RANKS_ENV, SlurmTask, check_tasks, slurm_seconds, submit as submit_script, wait_job
+from .slurm import (PREEMPTED_EXIT, RANKS_ENV, SlurmTask, check_tasks, slurm_seconds,
+                                  submit as submit_script, wait_job)
 
 # %% auto #0
 __all__ = ['PROGRESS_PREFIX', 'RUN_DIR_ENV', 'BACKEND_ENV', 'LAUNCHERS', 'DEFAULT_PORT', 'progress_line', 'parse_progress',
@@ -100,8 +101,10 @@ class LaunchSpec:
     gpus_per_node:int|None=None   # ranks per machine; None: the GPUs found here, 0: CPU ranks
     cpu_ranks:int=2               # ranks per machine when there is no GPU (gloo backend)
     include:str|None=None         # deepspeed --include, e.g. 'localhost:0,1' (one node only)
-    node_rank:int|None=None       # this machine's index, for one launcher per node (deepspeed ssh=False, torchrun static)
-    master_addr:str|None=None     # node 0 / the rendezvous host; None: 127.0.0.1 on one node, asked of node 0 by deepspeed over ssh
+    # this machine's index, for one launcher per node (deepspeed ssh=False, torchrun static)
+    node_rank:int|None=None
+    # node 0 / the rendezvous host; None: 127.0.0.1 on one node, asked of node 0 by deepspeed over ssh
+    master_addr:str|None=None
     master_port:int|str|None=None # None: a free port (one node), 29500 (many nodes), or from the job id (Slurm)
     hosts:list[str]|None=None     # machine names for a deepspeed hostfile (many nodes)
     hostfile:str|None=None        # an existing deepspeed hostfile; written from `hosts` by `launch` when None
@@ -111,14 +114,18 @@ class LaunchSpec:
     local_rank_arg:bool=False     # deepspeed: also pass --local_rank=N to the entry (LOCAL_RANK is always set)
     env:dict=field(default_factory=dict) # extra environment for the ranks (names are logged, values never)
     python:str=sys.executable     # the interpreter that runs the launcher and the ranks
-    log:str|None=None             # the launch log; default run_dir/launch.log (many nodes: launch.node{R}.log / launch.{host}.log)
+    # the launch log; default run_dir/launch.log (many nodes: launch.node{R}.log / launch.{host}.log)
+    log:str|None=None
 
     @property
     def ranks_per_node(self) -> int:
         "How many ranks each machine runs."
         if self.launcher == "python": return 1
-        if self.include: return sum(len(part.split(":")[1].split(",")) if ":" in part else 1 for part in self.include.split("@"))
-        if self.gpus_per_node is None: raise ConfigError("gpus_per_node is not resolved yet. Fix: call resolve_spec(spec) first or set gpus_per_node.")
+        if self.include:
+            return sum(len(part.split(":")[1].split(",")) if ":" in part else 1 for part in self.include.split("@"))
+        if self.gpus_per_node is None:
+            raise ConfigError("gpus_per_node is not resolved yet. Fix: call resolve_spec(spec) first or set "
+                              "gpus_per_node.")
         return self.gpus_per_node or self.cpu_ranks
 
     @property
@@ -155,13 +162,17 @@ def resolve_spec(spec:LaunchSpec, # what the user asked for
         raise ConfigError("launcher 'srun' starts one Slurm task per rank, inside a Slurm job. Fix: submit it as a "
                           "Slurm job (--slurm), or use deepspeed or torchrun on this machine.")
     if spec.nodes > 1 and spec.launcher == "python":
-        raise ConfigError("launcher 'python' starts one process on one machine. Fix: use 'deepspeed' or 'torchrun' for many nodes.")
+        raise ConfigError("launcher 'python' starts one process on one machine. Fix: use 'deepspeed' or 'torchrun' for "
+                          "many nodes.")
     if spec.include and spec.nodes > 1:
-        raise ConfigError("include selects devices on one node. Fix: for many nodes give hosts (a hostfile) and gpus_per_node instead.")
+        raise ConfigError("include selects devices on one node. Fix: for many nodes give hosts (a hostfile) and "
+                          "gpus_per_node instead.")
     if local and spec.launcher == "deepspeed" and spec.nodes > 1 and not (spec.hosts or spec.hostfile):
-        raise ConfigError(f"deepspeed on {spec.nodes} nodes needs the machine names. Fix: set hosts=['node0', 'node1', ...] or hostfile='path'.")
+        raise ConfigError(f"deepspeed on {spec.nodes} nodes needs the machine names. Fix: set hosts=['node0', 'node1', "
+                          "...] or hostfile='path'.")
     if spec.hosts and len(spec.hosts) != spec.nodes:
-        raise ConfigError(f"{len(spec.hosts)} hosts given for nodes={spec.nodes}. Fix: give exactly one host name per node.")
+        raise ConfigError(f"{len(spec.hosts)} hosts given for nodes={spec.nodes}. Fix: give exactly one host name per "
+                          "node.")
     if spec.rdzv_backend not in ("c10d", "static"):
         raise ConfigError(f"unknown rdzv_backend {spec.rdzv_backend!r}. Fix: use 'c10d' or 'static'.")
     out = replace(spec, env=dict(spec.env), hosts=list(spec.hosts) if spec.hosts else None)
@@ -174,7 +185,9 @@ def resolve_spec(spec:LaunchSpec, # what the user asked for
         print(f"no GPU here: include={out.include!r} becomes {out.ranks_per_node} CPU ranks (gloo)")
         out.include, out.gpus_per_node, out.cpu_ranks = None, 0, out.ranks_per_node
     if out.gpus_per_node is None and not out.include:
-        if not local: raise ConfigError("gpus_per_node must be given for a job that runs on other machines (Slurm). Fix: set gpus_per_node (0 for CPU ranks).")
+        if not local:
+            raise ConfigError("gpus_per_node must be given for a job that runs on other machines (Slurm). Fix: set "
+                              "gpus_per_node (0 for CPU ranks).")
         out.gpus_per_node = gpu_count()
     if out.master_port is None and local:  # many nodes: every machine must agree without asking node 0
         out.master_port = free_port() if out.nodes == 1 else DEFAULT_PORT
@@ -200,11 +213,14 @@ def shell_join(cmd:list) -> str:
 def split_entry(entry_args:list[str]) -> tuple[bool,str,list[str]]:
     "(is_module, module or script, its arguments) from python-style entry arguments."
     entry_args = [str(a) for a in entry_args]
-    if not entry_args: raise ConfigError("nothing to launch. Fix: pass e.g. ['-m', 'qllava.training.train', '--stage', 'finetune'].")
+    if not entry_args:
+        raise ConfigError("nothing to launch. Fix: pass e.g. ['-m', 'qllava.training.train', '--stage', 'finetune'].")
     if entry_args[0] == "-m":
-        if len(entry_args) < 2: raise ConfigError("'-m' needs a module name. Fix: pass ['-m', 'qllava.training.train', ...].")
+        if len(entry_args) < 2:
+            raise ConfigError("'-m' needs a module name. Fix: pass ['-m', 'qllava.training.train', ...].")
         return True, entry_args[1], entry_args[2:]
-    if entry_args[0].startswith("-"): raise ConfigError(f"the entry must start with '-m module' or a script path, not {entry_args[0]!r}.")
+    if entry_args[0].startswith("-"):
+        raise ConfigError(f"the entry must start with '-m module' or a script path, not {entry_args[0]!r}.")
     return False, entry_args[0], entry_args[1:]
 
 # %% ../../nbs/03_launch.ipynb #a68eec34
@@ -214,12 +230,14 @@ def hostfile_text(hosts:list[str], # machine names, node 0 first
     return "".join(f"{h} slots={slots}\n" for h in hosts)
 
 def build_command(spec:LaunchSpec, # a resolved spec (see `resolve_spec`)
-                  entry_args:list[str]) -> list[str]: # what would follow `python`, e.g. ['-m', 'qllava.training.train', ...]
+                  # what would follow `python`, e.g. ['-m', 'qllava.training.train', ...]
+                  entry_args:list[str]) -> list[str]:
     "The launcher command line for `entry_args` under `spec` (pure: the same spec gives the same command)."
     is_mod, target, args = split_entry(entry_args)
     if spec.launcher in ("python", "srun"):  # srun: Slurm starts every rank itself, each a plain python
         return [spec.python, "-u", *(["-m"] if is_mod else []), target, *args]
-    if spec.master_port is None: raise ConfigError("master_port is not set. Fix: call resolve_spec(spec) first or set master_port.")
+    if spec.master_port is None:
+        raise ConfigError("master_port is not set. Fix: call resolve_spec(spec) first or set master_port.")
     n = spec.ranks_per_node
     if spec.launcher == "deepspeed":
         cmd = [spec.python, "-u", "-m", "deepspeed.launcher.runner"]
@@ -227,23 +245,33 @@ def build_command(spec:LaunchSpec, # a resolved spec (see `resolve_spec`)
             cmd += ["--include", spec.include] if spec.include else ["--num_gpus", str(n)]
             cmd += ["--master_port", _s(spec.master_port)]
         else:
-            if not spec.hostfile: raise ConfigError("deepspeed on many nodes needs hostfile set. Fix: launch() writes it from hosts; or set hostfile.")
+            if not spec.hostfile:
+                raise ConfigError("deepspeed on many nodes needs hostfile set. Fix: launch() writes it from hosts; or "
+                                  "set hostfile.")
             cmd += ["--hostfile", spec.hostfile] + (["--master_addr", spec.master_addr] if spec.master_addr else [])
             cmd += ["--master_port", _s(spec.master_port)]
             if not spec.ssh:
-                if spec.node_rank is None: raise ConfigError("ssh=False starts one launcher per node, so node_rank is needed. Fix: set node_rank (0 on the master).")
+                if spec.node_rank is None:
+                    raise ConfigError("ssh=False starts one launcher per node, so node_rank is needed. Fix: set "
+                                      "node_rank (0 on the master).")
                 cmd += ["--no_ssh", "--node_rank", _s(spec.node_rank)]
         if not spec.local_rank_arg: cmd.append("--no_local_rank")
         if is_mod: cmd.append("--module")
         return cmd + [target, *args]
     # torchrun
-    if not spec.master_addr: raise ConfigError("torchrun needs master_addr (node 0's address). Fix: set it, or call resolve_spec(spec) for one node.")
+    if not spec.master_addr:
+        raise ConfigError("torchrun needs master_addr (node 0's address). Fix: set it, or call resolve_spec(spec) for "
+                          "one node.")
     cmd = [spec.python, "-u", "-m", "torch.distributed.run", "--nnodes", str(spec.nodes), "--nproc_per_node", str(n)]
     if spec.rdzv_backend == "c10d":
-        cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", _cat(spec.master_addr, ":", spec.master_port), "--rdzv_id", spec.rdzv_id]
+        cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", _cat(spec.master_addr, ":", spec.master_port), "--rdzv_id",
+                spec.rdzv_id]
     else:
-        if spec.node_rank is None and spec.nodes > 1: raise ConfigError("a static torchrun rendezvous needs node_rank. Fix: set node_rank, or use rdzv_backend='c10d'.")
-        cmd += ["--node_rank", _s(spec.node_rank or 0), "--master_addr", spec.master_addr, "--master_port", _s(spec.master_port)]
+        if spec.node_rank is None and spec.nodes > 1:
+            raise ConfigError("a static torchrun rendezvous needs node_rank. Fix: set node_rank, or use "
+                              "rdzv_backend='c10d'.")
+        cmd += ["--node_rank", _s(spec.node_rank or 0), "--master_addr", spec.master_addr, "--master_port",
+                _s(spec.master_port)]
     return cmd + (["-m"] if is_mod else []) + [target, *args]
 
 # %% ../../nbs/03_launch.ipynb #ed17e46f
@@ -265,7 +293,8 @@ class SlurmSpec:
 
 def _slurm_launch_line(spec:LaunchSpec, entry_args:list[str], hostfile:str) -> str:
     "The srun line that starts one launcher per node for `entry_args` (or, for launcher 'srun', one task per rank)."
-    if spec.launcher == "srun":  # each task reads its rank from Slurm's variables (`qllava.cluster.slurm.ranks_from_slurm`)
+    # each task reads its rank from Slurm's variables (`qllava.cluster.slurm.ranks_from_slurm`)
+    if spec.launcher == "srun":
         srun = f"srun --kill-on-bad-exit=1 --export=ALL,{RANKS_ENV}=slurm "
         return srun + shell_join(build_command(spec, entry_args))
     s = replace(spec, master_addr=ShellVar("$MASTER_ADDR"), master_port=ShellVar("$MASTER_PORT"),
@@ -328,7 +357,8 @@ def sbatch_script(spec:LaunchSpec, # launcher, nodes, gpus_per_node (explicit), 
              else 'export MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"')
     hostfile = f"{run_dir}/hostfile.$SLURM_JOB_ID"
     if spec.launcher == "deepspeed" and spec.nodes > 1:
-        o.append(f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots={spec.ranks_per_node}/" > "{hostfile}"')
+        o.append(f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots={spec.ranks_per_node}/" > '
+                 f'"{hostfile}"')
     lines = [_slurm_launch_line(spec, e, hostfile) + (" || rc=$?" if slurm.requeue else "") for e in entries]
     if slurm.requeue: o.append("rc=0")
     if not array: o.append(lines[0])
@@ -361,9 +391,11 @@ def submit_sbatch(script, # path of an sbatch script
 
 # %% ../../nbs/03_launch.ipynb #63131a08
 def resumable_entry(entry_args:list[str]) -> list[str]:
-    "The entry with `--resume_from_checkpoint last` added to a qllava.training.train run that does not say where to resume."
+    ("The entry with `--resume_from_checkpoint last` added to a qllava.training.train run that does not say where to "
+     "resume.")
     args = [str(a) for a in entry_args]
-    if args[:1] == ["-m"] and args[1:2] in (["qllava.training.train"], ["qllava.train"]) and "--resume_from_checkpoint" not in args:
+    if args[:1] == ["-m"] and args[1:2] in (["qllava.training.train"],
+                                            ["qllava.train"]) and "--resume_from_checkpoint" not in args:
         return args + ["--resume_from_checkpoint", "last"]
     return args
 
@@ -421,21 +453,25 @@ def hung_ranks(beats:dict[int,dict], # from `read_heartbeats`
                hang_timeout:float, # seconds without a heartbeat that make a rank hung
                started:float|None=None, # launch time, to judge ranks that never wrote a heartbeat
                expect_ranks:int|None=None, # ranks 0..n-1 must heartbeat
-               startup_timeout:float|None=None) -> list[dict]: # seconds a rank may take to its first heartbeat; default hang_timeout
+               # seconds a rank may take to its first heartbeat; default hang_timeout
+               startup_timeout:float|None=None) -> list[dict]:
     "The ranks whose last heartbeat is older than `hang_timeout`, the longest silent first (finished ranks excluded)."
     out = [{**b, "rank": r, "silent": now - float(b.get("time", 0))} for r, b in beats.items()
            if b.get("phase") != "done" and now - float(b.get("time", 0)) > hang_timeout]
     if expect_ranks and started is not None and now - started > (startup_timeout or hang_timeout):
-        out += [{"rank": r, "phase": None, "step": None, "silent": now - started} for r in range(expect_ranks) if r not in beats]
+        out += [{"rank": r, "phase": None, "step": None,
+                 "silent": now - started} for r in range(expect_ranks) if r not in beats]
     return sorted(out, key=lambda b: -b["silent"])
 
 def _describe_hang(hung:list[dict], beats:dict, now:float, hang_timeout:float) -> str:
     "One paragraph naming the hung ranks, what they last reported, and where the others are."
     def what(b): 
         if b.get("phase") is None: return "never sent a heartbeat"
-        return f"last reported phase {b['phase']!r}" + (f" at step {b['step']}" if b.get("step") is not None else "") + \
+        return f"last reported phase {b['phase']!r}" + (f" at step {b['step']}" if b.get("step") is not None
+                                                        else "") + \
                (f" (pid {b['pid']} on {b['host']})" if b.get("pid") else "")
-    lines = [f"rank {b['rank']} is hung: no heartbeat for {b['silent']:.1f} s (hang_timeout {hang_timeout:g} s); it {what(b)}."
+    lines = [f"rank {b['rank']} is hung: no heartbeat for {b['silent']:.1f} s (hang_timeout {hang_timeout:g} s); it "
+             f"{what(b)}."
              for b in hung]
     bad = {b["rank"] for b in hung}
     others = [f"rank {r} in {b['phase']!r}" + (f" step {b['step']}" if b.get('step') is not None else "") +
@@ -466,7 +502,8 @@ def signal_name(n:int) -> str:
     except ValueError: return f"signal {n}"
 
 def exit_status(pid:int) -> dict|None:
-    "How process `pid` ended, read from /proc while it is a zombie (ended, not yet reaped): `{'signal': n}` or `{'exit_code': n}`; None while it runs or once it is gone."
+    ("How process `pid` ended, read from /proc while it is a zombie (ended, not yet reaped): `{'signal': n}` or "
+     "`{'exit_code': n}`; None while it runs or once it is gone.")
     try: s = Path(f"/proc/{pid}/stat").read_text()
     except OSError: return None
     f = s[s.rindex(")") + 2:].split()   # fields 3.. of proc(5); field 52 is the wait status (exit_code)
@@ -481,13 +518,14 @@ def describe_exit(status:dict|None) -> str:
     return f"exited with exit code {status['exit_code']}"
 
 _SIGNAL_FIX = {
-    "SIGKILL": "nobody sent kill -9 and no scheduler limit was hit? Then it was most likely the kernel's out-of-memory killer "
-               "(`dmesg | grep -i 'killed process'` or `journalctl -k` says so): lower the per-device batch or model_max_length, "
-               "turn on --gradient_checkpointing True, or use -p deepspeed zero3_offload.",
-    "SIGSEGV": "a crash in native code (CUDA, NCCL, a C extension): rerun the same entry with launcher 'python' (one process) "
-               "to get its native backtrace, and check that torch, deepspeed and the driver versions fit together.",
-    "SIGBUS": "usually shared memory running out (/dev/shm is small in containers): give the container more --shm-size, or "
-              "use fewer dataloader workers.",
+    "SIGKILL": "nobody sent kill -9 and no scheduler limit was hit? Then it was most likely the kernel's out-of-memory "
+               "killer (`dmesg | grep -i 'killed process'` or `journalctl -k` says so): lower the per-device batch or "
+               "model_max_length, turn on --gradient_checkpointing True, or use -p deepspeed zero3_offload.",
+    "SIGSEGV": "a crash in native code (CUDA, NCCL, a C extension): rerun the same entry with launcher 'python' (one "
+               "process) to get its native backtrace, and check that torch, deepspeed and the driver versions fit "
+               "together.",
+    "SIGBUS": "usually shared memory running out (/dev/shm is small in containers): give the container more "
+              "--shm-size, or use fewer dataloader workers.",
     "SIGABRT": "a C++ abort (an assertion in torch, NCCL or gloo): its message is in the lines above.",
     "SIGTERM": "something asked it to stop: a scheduler (a Slurm time or memory limit, preemption) or a user.",
     "SIGINT": "it was interrupted (Ctrl-C).",
@@ -495,7 +533,8 @@ _SIGNAL_FIX = {
 
 # %% ../../nbs/03_launch.ipynb #51ca5a9d
 class RankWatch:
-    "Follows the rank processes (those with `RANK` set) a launcher starts on this machine: the order they end in, and how."
+    ("Follows the rank processes (those with `RANK` set) a launcher starts on this machine: the order they end in, and "
+     "how.")
     def __init__(self, root:int, # pid of the launcher; its descendants are searched
                  every:float=0.05): # seconds between looks at each rank where pidfds are not available
         import threading
@@ -512,7 +551,8 @@ class RankWatch:
             if p.pid in self.ranks or p.pid in self._skip: continue
             try: ppid, rank = p.ppid(), p.environ().get("RANK", "")
             except (psutil.Error, OSError): continue
-            if ppid in self.ranks or ppid in self._skip: self._skip.add(p.pid); continue  # a rank's own child (data worker, compiler)
+            # a rank's own child (data worker, compiler)
+            if ppid in self.ranks or ppid in self._skip: self._skip.add(p.pid); continue
             if not rank.isdigit(): continue   # a launcher process, or a rank not started yet: looked at again later
             self.ranks[p.pid] = int(rank)
             try: self._fds[os.pidfd_open(p.pid)] = p.pid   # readable the moment the process ends (Linux >= 5.3)
@@ -546,52 +586,68 @@ class RankWatch:
 
     def failures(self) -> list[dict]:
         "The ranks seen to end without exit code 0, first first: {'rank', 'pid', 'time', 'status'}."
-        return sorted((e for e in self.ended if e["status"] and e["status"] != {"exit_code": 0}), key=lambda e: e["time"])
+        return sorted((e for e in self.ended if e["status"] and e["status"] != {"exit_code": 0}),
+                      key=lambda e: e["time"])
 
 
 # %% ../../nbs/03_launch.ipynb #c1d42bab
 class LauncherReport:
-    "What a launcher printed about a failed rank: deepspeed's `exits with return code = -9`, torchrun's root-cause `rank :` / `exitcode :`."
+    ("What a launcher printed about a failed rank: deepspeed's `exits with return code = -9`, torchrun's root-cause "
+     "`rank :` / `exitcode :`.")
     def __init__(self): self.return_code, self.rank, self._root = None, None, False
     def __call__(self, line:str):
         bare = re.sub(r"^\[[^\]]*\]\s*", "", line)
         if m := re.search(r"exits with return code = (-?\d+)", bare):
             if self.return_code is None: self.return_code = int(m.group(1))
-        if "Root Cause (first observed failure)" in bare: self._root = True   # torchrun's summary: its first block is the cause
+        # torchrun's summary: its first block is the cause
+        if "Root Cause (first observed failure)" in bare: self._root = True
         if not self._root: return
-        if (m := re.match(r"\s*exitcode\s*:\s*(-?\d+)", bare)) and self.return_code is None: self.return_code = int(m.group(1))
+        if (m := re.match(r"\s*exitcode\s*:\s*(-?\d+)", bare)) and self.return_code is None:
+            self.return_code = int(m.group(1))
         if (m := re.match(r"\s*rank\s*:\s*(\d+)", bare)) and self.rank is None: self.rank = int(m.group(1))
 
 def _status_of(rc:int) -> dict: return {"signal": -rc} if rc < 0 else {"exit_code": rc}
 
-_STOP_SIGNALS = ("SIGTERM", "SIGINT")   # what a launcher or scheduler sends to stop ranks: a consequence more often than a cause
+# what a launcher or scheduler sends to stop ranks: a consequence more often than a cause
+_STOP_SIGNALS = ("SIGTERM", "SIGINT")
 
 def first_cause(failures:list[dict], # `RankWatch.failures()`, first first
-                window:float=2.0) -> dict: # seconds after the first failure in which a killed rank is still taken as the cause
-    "The rank whose end caused the others': the first to fail, unless a rank killed by a signal (not SIGTERM/SIGINT) ended within `window` s of it."
+                # seconds after the first failure in which a killed rank is still taken as the cause
+                window:float=2.0) -> dict:
+    ("The rank whose end caused the others': the first to fail, unless a rank killed by a signal (not SIGTERM/SIGINT) "
+     "ended within `window` s of it.")
     first = failures[0]
-    killed = [f for f in failures if "signal" in (f["status"] or {}) and signal_name(f["status"]["signal"]) not in _STOP_SIGNALS
+    killed = [f for f in failures if "signal" in (f["status"] or {})
+              and signal_name(f["status"]["signal"]) not in _STOP_SIGNALS
               and f["time"] - first["time"] <= window]
-    return killed[0] if killed else first   # a peer of a killed rank ends with gloo's / NCCL's error a moment later, or in the same look
+    # a peer of a killed rank ends with gloo's / NCCL's error a moment later, or in the same look
+    return killed[0] if killed else first
 
 def rank_failure(failures:list[dict], # `RankWatch.failures()`: the ranks seen to fail, first first
                  report:LauncherReport|None=None) -> tuple[dict,str,str]|None: # what the launcher printed
-    "(the rank that failed first, what happened, the fix), by rank and signal or exit code; None when nothing names one."
+    ("(the rank that failed first, what happened, the fix), by rank and signal or exit code; None when nothing names "
+     "one.")
     rc = report.return_code if report is not None and report.return_code not in (None, 0) else None
-    if rc is not None and report.rank is not None:   # torchrun names the first failure itself: trust it, with the pid seen
+    # torchrun names the first failure itself: trust it, with the pid seen
+    if rc is not None and report.rank is not None:
         seen = [f for f in failures if f["rank"] == report.rank]
         culprit = seen[0] if seen else {"rank": report.rank, "pid": None, "status": _status_of(rc)}
-    elif failures: culprit = first_cause(failures)   # seen as each rank ended; deepspeed's return code is only the first it polled
+    # seen as each rank ended; deepspeed's return code is only the first it polled
+    elif failures: culprit = first_cause(failures)
     elif rc is not None: culprit = {"rank": None, "pid": None, "status": _status_of(rc)}
     else: return None
-    who = "a rank" if culprit["rank"] is None else f"rank {culprit['rank']}" + (f" (pid {culprit['pid']})" if culprit["pid"] else "")
+    who = "a rank" if culprit["rank"] is None else f"rank {culprit['rank']}" + (f" (pid {culprit['pid']})"
+                                                                                if culprit["pid"] else "")
     status = culprit["status"]
     if "signal" in status:
         name = signal_name(status["signal"])
-        return (culprit, f"{who} {describe_exit(status)}, and the launcher stopped the other ranks (their errors, such as gloo's or "
-                f"NCCL's 'connection reset', follow from it)", _SIGNAL_FIX.get(name, f"find out what sent {name} to the rank."))
+        return (culprit,
+                f"{who} {describe_exit(status)}, and the launcher stopped the other ranks (their errors, such as "
+                f"gloo's or NCCL's 'connection reset', follow from it)",
+                _SIGNAL_FIX.get(name, f"find out what sent {name} to the rank."))
     return (culprit, f"{who} failed first: it {describe_exit(status)}, and the launcher stopped the other ranks",
-            "the cause is that rank's error in the lines above (the first error printed by a rank is usually the real one).")
+            "the cause is that rank's error in the lines above (the first error printed by a rank is usually the real "
+            "one).")
 
 # %% ../../nbs/03_launch.ipynb #bf6933d1
 _LOG_RECORD = re.compile(r"(?:\[(?:rank|default)?\d+\]:\s*)?(?:"  # torchrun may prefix a rank's lines with [rank1]:
@@ -607,7 +663,8 @@ def is_launcher_chatter(line:str) -> bool:
     return bool(_LOG_RECORD.match(line))
 
 class LauncherChatter:
-    "Follows a stream of lines: True for launcher chatter and for the indented lines that continue an open `{` of one (DeepSpeed's config dump)."
+    ("Follows a stream of lines: True for launcher chatter and for the indented lines that continue an open `{` of one "
+     "(DeepSpeed's config dump).")
     def __init__(self): self.depth, self.source_line = 0, False
     def __call__(self, line:str) -> bool:
         if self.source_line and line[:1] in (" ", "\t"):  # the source line Python prints under a warning
@@ -631,7 +688,8 @@ class _LineSink:
 
 def progress_bar(total:int, # steps in the run
                  every:float=5.0): # seconds between redraws when drawn as plain lines
-    "A tqdm bar and a function printing a line above it: a widget in Jupyter with ipywidgets, a live bar in a terminal, else a line every `every` s."
+    ("A tqdm bar and a function printing a line above it: a widget in Jupyter with ipywidgets, a live bar in a "
+     "terminal, else a line every `every` s.")
     import importlib.util
     from tqdm import std
     in_kernel = "ipykernel" in sys.modules
@@ -657,7 +715,8 @@ def _failure(msg:str, code, tail, log:Path, fix:str, first:list[str]|None=None) 
     return e
 
 class _Output:
-    "What `run` does with each line of the child: mask secrets, log it, turn progress lines into a bar and progress.jsonl, keep the tail and the first traceback, echo the rest."
+    ("What `run` does with each line of the child: mask secrets, log it, turn progress lines into a bar and "
+     "progress.jsonl, keep the tail and the first traceback, echo the rest.")
     def __init__(self, flog, fprog, redact, tail:int, echo:bool, progress:bool):
         import collections
         self.flog, self.fprog, self.redact, self.echo, self.progress = flog, fprog, redact, echo, progress
@@ -698,7 +757,8 @@ def _start_child(command:list, child_env:dict, cwd):
 def _follow(proc, # the child, from `_start_child`
             out:_Output, # takes each line
             run_dir:Path, started:float, grace:float, hang_timeout, expect_ranks, startup_timeout) -> str|None:
-    "Feed the child's lines to `out` until it ends (and its ranks have flushed), or stop it when a rank hangs; the hang's description, or None."
+    ("Feed the child's lines to `out` until it ends (and its ranks have flushed), or stop it when a rank hangs; the "
+     "hang's description, or None.")
     import threading, queue
     q = queue.Queue()
     def pump():
@@ -718,7 +778,8 @@ def _follow(proc, # the child, from `_start_child`
         elif hang_timeout and now - last_check >= min(1.0, hang_timeout/4):
             last_check = now
             beats = read_heartbeats(run_dir)
-            found = hung_ranks(beats, now, hang_timeout, started, expect_ranks, startup_timeout or max(hang_timeout, 120))
+            found = hung_ranks(beats, now, hang_timeout, started, expect_ranks,
+                               startup_timeout or max(hang_timeout, 120))
             if found:
                 hung = _describe_hang(found, beats, now, hang_timeout)
                 out.flog.write(f"# qllava.cluster.launch: {hung}\n# stopping the launch\n"); out.flog.flush()
@@ -729,15 +790,18 @@ def _raise_if_failed(code:int, # the launcher's exit code
                      hung:str|None, # from `_follow`
                      failed, # from `rank_failure`
                      out:_Output, log:Path):
-    "Raise the `LaunchError` an ended launch deserves (a hung rank, a failed rank, a failed command); nothing when it succeeded."
+    ("Raise the `LaunchError` an ended launch deserves (a hung rank, a failed rank, a failed command); nothing when it "
+     "succeeded.")
     lines, first = out.lines, out.first.lines
     if hung:
         raise _failure(f"a rank stopped sending heartbeats, so the launch was stopped.\n{hung}\n", code, lines, log,
-                       "see what the hung rank does after the phase it last reported (a collective the other ranks never "
-                       "reach, a dead data worker, a lock); raise hang_timeout if that phase can legitimately take longer.", first)
+                       "see what the hung rank does after the phase it last reported (a collective the other ranks "
+                       "never reach, a dead data worker, a lock); raise hang_timeout if that phase can legitimately "
+                       "take longer.", first)
     if failed:
         culprit, what, fix = failed
-        signalled = "signal" in culprit["status"]   # the other ranks' errors are consequences: no 'first error' from them
+        # the other ranks' errors are consequences: no 'first error' from them
+        signalled = "signal" in culprit["status"]
         e = _failure(f"the launch failed: {what}", code, lines, log, fix, None if signalled else first)
         e.failed_rank = culprit
         raise e
@@ -745,15 +809,26 @@ def _raise_if_failed(code:int, # the launcher's exit code
         how = f"was killed by {signal_name(-code)} (signal {-code})" if code < 0 else f"failed with exit code {code}"
         fix = _SIGNAL_FIX.get(signal_name(-code), "") if code < 0 else ""
         raise _failure(f"the launched command {how}", code, lines, log,
-                       fix or "the cause is in the lines above (the first error printed by a rank is usually the real one).", first)
+                       fix
+                       or "the cause is in the lines above (the first error printed by a rank is usually the real "
+                          "one).", first)
+
+def _fresh_run_dir(run_dir, clear_heartbeats:bool) -> Path:
+    "`run_dir`, created; without an earlier launch's heartbeats when asked (they must not look alive or hung)."
+    run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
+    if clear_heartbeats:
+        for p in (run_dir/"heartbeat").glob("rank*.json"): p.unlink(missing_ok=True)
+    return run_dir
 
 def run(command:list[str], # the command, e.g. from build_command
         run_dir, # run folder: launch.log, progress.jsonl, heartbeat/ and launch.json go here
         env:dict|None=None, # variables added to this process's environment for the child (names logged, values never)
         hang_timeout:float|None=None, # seconds without a heartbeat after which a rank counts as hung; None: no watchdog
         expect_ranks:int|None=None, # ranks 0..n-1 must send a first heartbeat within startup_timeout
-        startup_timeout:float|None=None, # seconds from the start to a rank's first heartbeat; default max(hang_timeout, 120)
-        echo:bool=True, # print the child's lines here (live in a notebook), but for launcher chatter (`LauncherChatter`)
+        # seconds from the start to a rank's first heartbeat; default max(hang_timeout, 120)
+        startup_timeout:float|None=None,
+        # print the child's lines here (live in a notebook), but for launcher chatter (`LauncherChatter`)
+        echo:bool=True,
         progress:bool=True, # draw a progress bar from QLLAVA_PROGRESS lines (and record them in progress.jsonl)
         tail:int=40, # lines of output a LaunchError shows
         log=None, # log path; default run_dir/{name}.log
@@ -764,9 +839,7 @@ def run(command:list[str], # the command, e.g. from build_command
         record:dict|None=None) -> Path: # extra fields for run_dir/launch.json
     "Run `command` in its own process group, streaming its output; return `run_dir`, or raise `LaunchError`."
     import datetime
-    run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
-    if clear_heartbeats:  # an earlier launch in this folder must not look alive or hung
-        for p in (run_dir/"heartbeat").glob("rank*.json"): p.unlink(missing_ok=True)
+    run_dir = _fresh_run_dir(run_dir, clear_heartbeats)
     log = Path(log) if log else run_dir/f"{name}.log"
     env = {k: str(v) for k, v in (env or {}).items()}
     child_env = {**os.environ, **env, RUN_DIR_ENV: str(run_dir.resolve()), "PYTHONUNBUFFERED": "1"}
@@ -790,7 +863,8 @@ def run(command:list[str], # the command, e.g. from build_command
         except (ProcessLookupError, PermissionError): pass
         watch.stop()
         failed = rank_failure(watch.failures(), out.report) if code != 0 and not hung else None
-        rec.update(exit_code=code, seconds=round(time.time() - started, 2), hung=hung, failed_rank=failed[0] if failed else None)
+        rec.update(exit_code=code, seconds=round(time.time() - started, 2), hung=hung,
+                   failed_rank=failed[0] if failed else None)
         flog.write(f"# exit code {code} after {rec['seconds']} s\n")
     (run_dir/f"{name}.json").write_text(json.dumps(rec, indent=1))
     _raise_if_failed(code, hung, failed, out, log)
@@ -814,7 +888,8 @@ def launch_env(spec:LaunchSpec) -> dict:
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.ranks_per_node)))
     return env
 
-def launch(entry_args:list[str], # what would follow `python`, e.g. ['-m', 'qllava.training.train', '--stage', 'finetune']
+# what would follow `python`, e.g. ['-m', 'qllava.training.train', '--stage', 'finetune']
+def launch(entry_args:list[str],
            run_dir, # the run folder
            spec:LaunchSpec|None=None, # how to launch; default: deepspeed on this machine (GPUs, else 2 CPU ranks)
            slurm:SlurmSpec|None=None, # given: write run_dir/job.sbatch and submit it instead of running here
@@ -830,19 +905,25 @@ def launch(entry_args:list[str], # what would follow `python`, e.g. ['-m', 'qlla
         tmp.write_text(hostfile_text(spec.hosts, spec.ranks_per_node)); os.replace(tmp, run_dir/"hostfile")
         spec = replace(spec, hostfile=str((run_dir/"hostfile").resolve()))
     cmd = build_command(spec, entry_args)
-    if kwargs.get("echo", True): print(f"launching {spec.world_size} rank(s) with {spec.launcher}: {shell_join(mask_command(cmd, {**os.environ, **spec.env}))}", flush=True)
+    if kwargs.get("echo", True):
+        print(f"launching {spec.world_size} rank(s) with {spec.launcher}: "
+              f"{shell_join(mask_command(cmd, {**os.environ, **spec.env}))}", flush=True)
     one = spec.nodes == 1  # with many nodes the run folder may be shared (one launcher per node): per-node log names
-    name = "launch" if one else f"launch.node{spec.node_rank}" if spec.node_rank is not None else f"launch.{socket.gethostname()}"
+    name = ("launch" if one else f"launch.node{spec.node_rank}" if spec.node_rank is not None
+            else f"launch.{socket.gethostname()}")
     try:
-        return run(cmd, run_dir, env=launch_env(spec), hang_timeout=hang_timeout, expect_ranks=spec.ranks_per_node if one else None,
+        return run(cmd, run_dir, env=launch_env(spec), hang_timeout=hang_timeout,
+                   expect_ranks=spec.ranks_per_node if one else None,
                    log=spec.log, name=name, clear_heartbeats=one, record={"spec": spec.describe()}, **kwargs)
     finally:
         if one: release_shm_buffers(spec.master_port)
 
 def release_shm_buffers(port, # the launch's master port, part of each buffer's name
                         folder="/dev/shm") -> int:
-    "Remove the all-reduce buffers DeepSpeed's CPU comm op leaves in shared memory after a launch on `port`; returns how many."
-    # DeepSpeed never unlinks them: ~70 MB per rank per launch, held in RAM (tmpfs) until reboot (16 GB after a day of runs here)
+    ("Remove the all-reduce buffers DeepSpeed's CPU comm op leaves in shared memory after a launch on `port`; returns "
+     "how many.")
+    # DeepSpeed never unlinks them: ~70 MB per rank per launch, held in RAM (tmpfs) until reboot (16 GB after a day of
+    # runs here)
     gone = 0
     for f in Path(folder).glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
         f.unlink(missing_ok=True); gone += 1
@@ -855,7 +936,8 @@ def launch_cli(argv:list[str]|None=None) -> int:
     entry = argv[argv.index("--")+1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
     ap = ArgumentParser(prog="qllava launch", description=launch_cli.__doc__,
-                                 epilog="Everything after -- is the entry, as after `python`: -m qllava.training.train --stage finetune")
+                                 epilog="Everything after -- is the entry, as after `python`: -m qllava.training.train "
+                                        "--stage finetune")
     ap.add_argument("--run-dir", required=True, help="run folder (launch.log, progress.jsonl, heartbeat/)")
     ap.add_argument("--launcher", default="deepspeed", choices=LAUNCHERS)
     ap.add_argument("--nodes", type=int, default=1)
@@ -869,11 +951,13 @@ def launch_cli(argv:list[str]|None=None) -> int:
     ap.add_argument("--hostfile", default=None)
     ap.add_argument("--no-ssh", action="store_true", help="deepspeed, many nodes: one launcher per node")
     ap.add_argument("--rdzv-id", default="qllava")
-    ap.add_argument("--hang-timeout", type=float, default=None, help="seconds without a heartbeat before a rank counts as hung")
+    ap.add_argument("--hang-timeout", type=float, default=None,
+                    help="seconds without a heartbeat before a rank counts as hung")
     ap.add_argument("--dry-run", action="store_true", help="print the command (or write the sbatch script) only")
     g = ap.add_argument_group("slurm")
     g.add_argument("--slurm", action="store_true", help="write run-dir/job.sbatch and submit it")
-    g.add_argument("--job-name", default="qllava"); g.add_argument("--partition"); g.add_argument("--time", default="24:00:00")
+    g.add_argument("--job-name", default="qllava"); g.add_argument("--partition"); g.add_argument("--time",
+                                                                                                  default="24:00:00")
     g.add_argument("--cpus-per-task", type=int); g.add_argument("--account")
     g.add_argument("--requeue", action="store_true", help="launcher srun: save on SIGUSR1 / preemption and requeue")
     g.add_argument("--no-wait", action="store_true", help="submit and return, without following the job")
@@ -882,7 +966,8 @@ def launch_cli(argv:list[str]|None=None) -> int:
     if not entry: ap.error("give the entry after --, e.g. -- -m qllava.training.train --stage finetune")
     spec = LaunchSpec(launcher=a.launcher, nodes=a.nodes, gpus_per_node=a.gpus_per_node, cpu_ranks=a.cpu_ranks,
                       include=a.include, node_rank=a.node_rank, master_addr=a.master_addr, master_port=a.master_port,
-                      hosts=a.hosts.split(",") if a.hosts else None, hostfile=a.hostfile, ssh=not a.no_ssh, rdzv_id=a.rdzv_id)
+                      hosts=a.hosts.split(",") if a.hosts else None, hostfile=a.hostfile, ssh=not a.no_ssh,
+                      rdzv_id=a.rdzv_id)
     if a.slurm:
         sl = SlurmSpec(job_name=a.job_name, partition=a.partition, time=a.time, cpus_per_task=a.cpus_per_task,
                        account=a.account, requeue=a.requeue)
@@ -890,7 +975,8 @@ def launch_cli(argv:list[str]|None=None) -> int:
         return 0
     if a.dry_run:
         s = resolve_spec(spec)
-        if s.launcher == "deepspeed" and s.nodes > 1 and not s.hostfile: s = replace(s, hostfile=str(Path(a.run_dir)/"hostfile"))
+        if s.launcher == "deepspeed" and s.nodes > 1 and not s.hostfile:
+            s = replace(s, hostfile=str(Path(a.run_dir)/"hostfile"))
         print(shell_join(build_command(s, entry))); return 0
     launch(entry, a.run_dir, spec, hang_timeout=a.hang_timeout)
     return 0

@@ -46,7 +46,8 @@ _LLAMA_2_SYSTEM = ("You are a helpful, respectful and honest assistant. Always a
     "something not correct. If you don't know the answer to a question, please don't share false information.")
 
 _HEADER = "<|start_header_id|>{}<|end_header_id|>\n\n"   # Llama-3's role header
-_LLAMA_3_SYSTEM = _HEADER.format("system") + ("You are a helpful language and vision assistant. You are able to understand "
+_LLAMA_3_SYSTEM = _HEADER.format("system") + ("You are a helpful language and vision assistant. You are able to "
+                                              "understand "
     "the visual content that the user provides, and assist the user with a variety of tasks using natural language.")
 _LLAMA_3_ROLES = (_HEADER.format("user"), _HEADER.format("assistant"))
 
@@ -55,13 +56,15 @@ TEMPLATES = {t.name: t for t in [
     Template("vicuna_v1", _VICUNA_SYSTEM, ("USER", "ASSISTANT"), "two", " ", "</s>", ["</s>"]),
     Template("llama_2", _LLAMA_2_SYSTEM, ("USER", "ASSISTANT"), "llama_2", "<s>", "</s>", ["</s>"]),
     Template("mistral_instruct", "", ("USER", "ASSISTANT"), "llama_2", "", "</s>", ["</s>"]),
-    Template("llava_llama_2", "You are a helpful language and vision assistant. You are able to understand the visual content "
+    Template("llava_llama_2",
+             "You are a helpful language and vision assistant. You are able to understand the visual content "
              "that the user provides, and assist the user with a variety of tasks using natural language.",
              ("USER", "ASSISTANT"), "llama_2", "<s>", "</s>", ["</s>"]),
     Template("chatml", "<|im_start|>system\nAnswer the questions.", ("<|im_start|>user\n", "<|im_start|>assistant\n"),
              "mpt", "<|im_end|>", None, ["<|im_end|>"]),
     Template("llama_3", _LLAMA_3_SYSTEM, _LLAMA_3_ROLES, "chat", "<|eot_id|>", None, ["<|eot_id|>"], strip_turns=True),
-    Template("qwen_2", "<|im_start|>system\nYou are a helpful assistant.", ("<|im_start|>user\n", "<|im_start|>assistant\n"),
+    Template("qwen_2", "<|im_start|>system\nYou are a helpful assistant.",
+             ("<|im_start|>user\n", "<|im_start|>assistant\n"),
              "chat", "<|im_end|>\n", None, ["<|im_end|>"]),
     Template("phi_3", "", ("<|user|>\n", "<|assistant|>\n"), "chat", "<|end|>\n", None, ["<|end|>"]),
     Template("mistral", "", ("[INST]", "[/INST]"), "chat", "", "</s>", ["</s>"]),
@@ -74,7 +77,8 @@ TEMPLATE_ALIASES = {"v1": "vicuna_v1", "chatml_direct": "chatml"}
 def get_template(name:str|Template, # a registered name, an alias, "auto", or a `Template` (passes through)
                  tokenizer=None, # for "auto": the tokenizer whose chat template is used
                 ) -> Template:
-    "The template called `name` (aliases: `v1` -> `vicuna_v1`, `chatml_direct` -> `chatml`; `auto`: the tokenizer's own)."
+    ("The template called `name` (aliases: `v1` -> `vicuna_v1`, `chatml_direct` -> `chatml`; `auto`: the tokenizer's "
+     "own).")
     if isinstance(name, Template): return name
     if name == "auto": return auto_template(tokenizer)
     key = TEMPLATE_ALIASES.get(name, name)
@@ -101,7 +105,8 @@ def _jinja_pieces(t:Template, n:int, add_generation_prompt:bool) -> list[str]:
     import re
     pieces = re.split("\ue000\\d+\ue001", _jinja_render(t, [_MARK.format(i) for i in range(n)], add_generation_prompt))
     if len(pieces) != n + 1:
-        raise ConfigError(f"the model's chat template does not print each message's content once ({len(pieces) - 1} of {n}). "
+        raise ConfigError(f"the model's chat template does not print each message's content once ({len(pieces) - 1} of "
+                          f"{n}). "
                           "Fix: pass a named template (--version llama_3, qwen_2, ...).")
     return pieces
 
@@ -123,7 +128,8 @@ def auto_template(tokenizer, # a transformers tokenizer that ships a chat templa
     import os
     jinja = getattr(tokenizer, "chat_template", None)
     if not isinstance(jinja, str) or not jinja:
-        raise ConfigError("the tokenizer ships no chat template, so --version auto has nothing to use. Fix: pass one of "
+        raise ConfigError("the tokenizer ships no chat template, so --version auto has nothing to use. Fix: pass one "
+                          "of "
                           + ", ".join(sorted(TEMPLATES)) + " with --version (v1 for Vicuna / LLaVA-1.5).")
     eos = tokenizer.eos_token or ""
     special = dict(bos_token="" if _adds_bos(tokenizer) else (tokenizer.bos_token or ""), eos_token=eos,
@@ -158,7 +164,8 @@ def check_turns(conversations:list, # LLaVA turns [{"from": "human"|"gpt", "valu
     "Raise `DataError` unless the turns are dicts with a known `from` and a str `value`, alternating from the human."
     where = dict(file=file, record=record, record_id=record_id)
     if not isinstance(conversations, (list, tuple)) or len(conversations) == 0:
-        raise DataError("`conversations` is missing or empty.", **where, fix="give a list of turns {\"from\": \"human\"|\"gpt\", \"value\": \"...\"}.")
+        raise DataError("`conversations` is missing or empty.", **where,
+                        fix="give a list of turns {\"from\": \"human\"|\"gpt\", \"value\": \"...\"}.")
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise DataError(f"turn {i} is not a {{\"from\", \"value\"}} object: {turn!r:.80}.", **where,
@@ -166,13 +173,16 @@ def check_turns(conversations:list, # LLaVA turns [{"from": "human"|"gpt", "valu
         if turn["from"] not in _ROLES:
             raise DataError(f"turn {i} has unknown role {turn['from']!r}.", **where, fix="use \"human\" or \"gpt\".")
         if not isinstance(turn["value"], str):
-            raise DataError(f"turn {i} has a non-text value ({type(turn['value']).__name__}).", **where, fix="make `value` a string.")
+            raise DataError(f"turn {i} has a non-text value ({type(turn['value']).__name__}).", **where,
+                            fix="make `value` a string.")
         if turn["from"] != _ROLES[i % 2]:
-            first = "the conversation starts with a gpt turn" if i == 0 else f"turn {i} is from {turn['from']!r} after a {turn['from']!r} turn"
+            first = "the conversation starts with a gpt turn" if i == 0 else (f"turn {i} is from {turn['from']!r} "
+                                                                              f"after a {turn['from']!r} turn")
             raise DataError(f"{first}; turns must alternate human, gpt, human, ...", **where,
                             fix="start with the human's turn and alternate (merge or drop the repeated turn).")
         if turn["from"] == "gpt" and find_placeholders(turn["value"]):
-            raise DataError(f"turn {i} (gpt) contains the media placeholder {find_placeholders(turn['value'])[0]}.", **where,
+            raise DataError(f"turn {i} (gpt) contains the media placeholder {find_placeholders(turn['value'])[0]}.",
+                            **where,
                             fix="put media placeholders in human turns only.")
     if len(conversations) % 2 and not allow_open:
         raise DataError(f"the last turn ({len(conversations)-1}) is a human turn with no gpt answer.", **where,
@@ -227,8 +237,8 @@ def _jinja_contents(t, turns, pieces, gen):
     full = _jinja_render(t, turns, gen)
     for cs in (turns, [c.strip() for c in turns]):
         if full == "".join(p + c for p, c in zip(pieces, cs + [""])): return cs
-    raise ConfigError("the model's chat template changes message text beyond stripping it, so the answer spans cannot be "
-                      "found. Fix: pass a named template (--version llama_3, qwen_2, ...).")
+    raise ConfigError("the model's chat template changes message text beyond stripping it, so the answer spans cannot "
+                      "be found. Fix: pass a named template (--version llama_3, qwen_2, ...).")
 
 def _render_jinja(t, turns):
     gen = len(turns) % 2 == 1
@@ -259,14 +269,17 @@ def render(template:str|Template, # template name or `Template`
     t = get_template(template)
     check_turns(conversations, file=file, record=record, record_id=record_id, allow_open=add_generation_prompt)
     if add_generation_prompt and len(conversations) % 2 == 0:
-        raise DataError("add_generation_prompt needs a conversation that ends with a human turn.", file=file, record=record,
+        raise DataError("add_generation_prompt needs a conversation that ends with a human turn.", file=file,
+                        record=record,
                         record_id=record_id, fix="drop the final gpt turn or pass add_generation_prompt=False.")
     if t.style == "plain" and len(conversations) > 2:
-        raise DataError(f"the `plain` template takes one human and one gpt turn; this record has {len(conversations)} turns.",
+        raise DataError(f"the `plain` template takes one human and one gpt turn; this record has {len(conversations)} "
+                        "turns.",
                         file=file, record=record, record_id=record_id,
                         fix="use `plain` for caption pairs only, or a chat template (vicuna_v1 ...) for conversations.")
     turns = [c["value"] for c in conversations]
-    turns = [_frame(_media_first(v) if media_first and i % 2 == 0 else v, use_im_start_end) for i, v in enumerate(turns)]
+    turns = [_frame(_media_first(v) if media_first and i % 2 == 0 else v, use_im_start_end) for i,
+             v in enumerate(turns)]
     if t.strip_turns: turns = [v.strip() for v in turns]
     if t.style == "plain": turns[0] = _frame("".join(find_placeholders(conversations[0]["value"])), use_im_start_end)
     return [s for s in _RENDERERS[t.style](t, turns) if s.text]
@@ -334,7 +347,8 @@ def chat_template(template:str|Template, # template name or `Template`
     "The Jinja chat template that renders transformers-style messages to the exact prompt text of `template`."
     t = get_template(template)
     if t.style == "jinja": return _auto_chat_template(t, use_im_start_end)
-    consts = {"SYSTEM": t.system, "SEP": t.sep, "SEP2": t.sep2 or "", "R0": t.roles[0], "R1": t.roles[1], "STRIP": t.strip_turns,
+    consts = {"SYSTEM": t.system, "SEP": t.sep, "SEP2": t.sep2 or "", "R0": t.roles[0], "R1": t.roles[1],
+              "STRIP": t.strip_turns,
               "PH": IM_START + "<image>" + IM_END if use_im_start_end else "<image>"}
     head = "".join(f"{{%- set {k} = {json.dumps(v)} -%}}" for k, v in consts.items())  # JSON strings are Jinja literals
     return head + _JINJA_VALUE + _JINJA_TURNS[t.style]

@@ -26,7 +26,8 @@ def read_table(path) -> "pd.DataFrame":
     import pandas as pd
     p = Path(path)
     if p.suffix.lower() not in TABLE_FORMATS:
-        raise DataError(f"unknown table format {p.suffix!r}.", file=p, fix=f"save it as one of {', '.join(TABLE_FORMATS)}.")
+        raise DataError(f"unknown table format {p.suffix!r}.", file=p,
+                        fix=f"save it as one of {', '.join(TABLE_FORMATS)}.")
     if not p.is_file(): raise DataError("no such file.", file=p, fix="pass the path of a table that exists.")
     reader, kw = TABLE_FORMATS[p.suffix.lower()]
     try: df = getattr(pd, reader)(p, **kw)
@@ -44,42 +45,50 @@ TABLE_KINDS = {"caption": "pretrain", "qa": "finetune"}  # table kind -> the sta
 
 def table_kind(df, question:str="question", answer:str="answer", kind:str|None=None) -> str:
     "`caption` or `qa`: as asked, else `qa` when the table has a question or an answer column."
-    if kind is not None and kind not in TABLE_KINDS: raise ConfigError(f"unknown table kind {kind!r}. Fix: use one of {', '.join(TABLE_KINDS)}.")
+    if kind is not None and kind not in TABLE_KINDS:
+        raise ConfigError(f"unknown table kind {kind!r}. Fix: use one of {', '.join(TABLE_KINDS)}.")
     return kind or ("qa" if question in df.columns or answer in df.columns else "caption")
 
 def _columns(df, file, wanted:dict) -> dict:
     "`wanted` (role -> column name) checked against the table; `ConfigError` names the missing ones and what there is."
     missing = {role: col for role, col in wanted.items() if col not in df.columns}
     if missing:
-        raise ConfigError(f"{file}: no column {', '.join(repr(c) for c in missing.values())} (for the {', '.join(missing)}); the table has "
-                          f"{', '.join(repr(c) for c in df.columns)}. Fix: rename the columns, or name them with "
+        raise ConfigError(f"{file}: no column {', '.join(repr(c) for c in missing.values())} (for the "
+                          f"{', '.join(missing)}); the table has {', '.join(repr(c) for c in df.columns)}. Fix: rename "
+                          "the columns, or name them with "
                           + " ".join(f"--{role}-column COLUMN" for role in missing) + ".")
     return wanted
 
 # %% ../../nbs/17_convert.ipynb #daaf8731
 def caption_prompts(modality:str, # a registered modality
                    ) -> tuple:
-    "Caption instructions for `modality`: its registration's `caption_prompts`, else generic ones naming it (a new one needs none)."
-    return getattr(MODALITIES.get(modality), "caption_prompts", ()) or (f"Describe this {modality} briefly.", f"Write a short caption for this {modality}.",
+    ("Caption instructions for `modality`: its registration's `caption_prompts`, else generic ones naming it (a new "
+     "one needs none).")
+    return getattr(MODALITIES.get(modality), "caption_prompts", ()) or (f"Describe this {modality} briefly.",
+                                                                        f"Write a short caption for this {modality}.",
                                              f"What does this {modality} show? Answer in one sentence.")
 
 # %% ../../nbs/17_convert.ipynb #dc9aed43
 def records_from_table(df, # `read_table`'s DataFrame: one row per caption, or per question / answer pair
                        file=None, # the table's path, named in errors
-                       modality:str|None=None, # a registered modality: its record key and placeholder (default: the first)
+                       # a registered modality: its record key and placeholder (default: the first)
+                       modality:str|None=None,
                        media:str|None=None, # column of media paths (default: the modality's name)
                        caption:str="caption", # column of captions: stage-1 records ...
-                       question:str="question", answer:str="answer", # ... or of question / answer pairs: stage-2 conversations
+                       # ... or of question / answer pairs: stage-2 conversations
+                       question:str="question", answer:str="answer",
                        id:str="id", # column of record ids (optional; default: the media path, without its suffix)
                        kind:str|None=None, # caption | qa (default: qa when the table has a question or answer column)
                        media_folder=None, # the folder media paths are relative to; given: every file must exist there
                        prompts:tuple|None=None, # caption instructions (default: `caption_prompts(modality)`)
                       ) -> list[dict]:
-    "LLaVA-format records from a table: captions (two turns each) or question / answer pairs (one conversation per media file)."
+    ("LLaVA-format records from a table: captions (two turns each) or question / answer pairs (one conversation per "
+     "media file).")
     mod = get_modality(modality or next(iter(MODALITIES)))
     media, ph, key = media or mod.name, mod.placeholder, mod.record_key   # records name the file under the record key
     qa = table_kind(df, question, answer, kind) == "qa"
-    cols = _columns(df, file, dict(media=media, **(dict(question=question, answer=answer) if qa else dict(caption=caption))))
+    cols = _columns(df, file,
+                    dict(media=media, **(dict(question=question, answer=answer) if qa else dict(caption=caption))))
     problems = []
     for i, row in df.iterrows():  # preprocessing, once per data set: plain checks per row
         where = f"row {int(i) + 2}"
@@ -87,10 +96,12 @@ def records_from_table(df, # `read_table`'s DataFrame: one row per caption, or p
             if not row[col]: problems.append(f"{where}: empty {col!r}")
         if row[media] and media_folder is not None:
             try:
-                if not resolve_media_path(row[media], media_folder).is_file(): problems.append(f"{where}: no file {row[media]!r} in {media_folder}")
+                if not resolve_media_path(row[media], media_folder).is_file():
+                    problems.append(f"{where}: no file {row[media]!r} in {media_folder}")
             except DataError as e: problems.append(f"{where}: {e.problem}")
     if problems:
-        raise DataError(f"{len(problems)} problem(s): " + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""), file=file,
+        raise DataError(f"{len(problems)} problem(s): " + "; ".join(problems[:10])
+                        + (" ..." if len(problems) > 10 else ""), file=file,
                         fix="fill or correct those cells (or drop the rows) and run again; nothing was written.")
     ids = df[id] if id in df.columns else df[media].map(lambda m: str(Path(m).with_suffix("")))
     if not qa:
@@ -100,7 +111,8 @@ def records_from_table(df, # `read_table`'s DataFrame: one row per caption, or p
                 for rid, m, c in zip(ids, df[media], df[caption])]
     recs = []
     for m, g in df.assign(_id=ids).groupby(media, sort=False):  # one conversation per media file, rows in table order
-        turns = [t for q, a in zip(g[question], g[answer]) for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+        turns = [t for q,
+                 a in zip(g[question], g[answer]) for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
         if ph not in turns[0]["value"]: turns[0] = {"from": "human", "value": f"{ph}\n{turns[0]['value']}"}
         recs.append({"id": g["_id"].iloc[0], key: m, "conversations": turns})
     return recs
@@ -111,7 +123,9 @@ def split_by_media(records:list, # `records_from_table`'s records
                    seed:int=0) -> tuple[list, list]:
     "(train, held-out) records, with disjoint media files; the same seed gives the same split."
     import numpy as np
-    if not 0 <= eval_fraction < 1: raise ConfigError(f"eval_fraction {eval_fraction} is not in [0, 1). Fix: e.g. 0.1 holds out 10 % of the media files.")
+    if not 0 <= eval_fraction < 1:
+        raise ConfigError(f"eval_fraction {eval_fraction} is not in [0, 1). Fix: e.g. 0.1 holds out 10 % of the media "
+                          "files.")
     key = lambda r: next((str(record_media(r, m)) for m in record_modalities(r)), "")
     files = sorted({key(r) for r in records})
     held = set(np.random.default_rng(seed).permutation(files)[:round(eval_fraction * len(files))].tolist())
@@ -123,26 +137,35 @@ def _closed(answer:str) -> str|None:
     return a if a in ("yes", "no") else None
 
 def write_vqa_files(records:list, # held-out conversations
-                    out, # folder for eval_questions.jsonl, eval_gt.json, eval_reference_answers.jsonl, eval_captions.jsonl
+                    # folder for eval_questions.jsonl, eval_gt.json, eval_reference_answers.jsonl, eval_captions.jsonl
+                    out,
                    ) -> dict:
-    "The VQA files `qllava answer` / `metrics` / `review` read (questions, ground truth, reference answers, judge captions), one question per question / answer turn; returns their paths."
+    ("The VQA files `qllava answer` / `metrics` / `review` read (questions, ground truth, reference answers, judge "
+     "captions), one question per question / answer turn; returns their paths.")
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     qs, gt, refs, caps = [], [], [], []
     for r in records:
         mod = get_modality(record_modalities(r)[0])
         conv = r["conversations"]
-        context = " ".join(t["value"].replace(mod.placeholder, "").strip() for t in conv)  # the judge's context: the whole reference conversation
+        # the judge's context: the whole reference conversation
+        context = " ".join(t["value"].replace(mod.placeholder, "").strip() for t in conv)
         for k in range(0, len(conv) - 1, 2):
-            qid, q, a = f"{r['id']}-{k // 2}", conv[k]["value"].replace(mod.placeholder, "").strip(), conv[k + 1]["value"]
+            qid, q, a = f"{r['id']}-{k // 2}", conv[k]["value"].replace(mod.placeholder,
+                                                                        "").strip(), conv[k + 1]["value"]
             yn = _closed(a)
-            qs.append({"question_id": qid, mod.record_key: r[mod.record_key], "text": q, "category": "conv" if yn else "detail"})
+            qs.append({"question_id": qid, mod.record_key: r[mod.record_key], "text": q,
+                       "category": "conv" if yn else "detail"})
             gt.append({"id": qid, "answer": yn or a, "answer_type": "CLOSED" if yn else "OPEN", "yes_no_answer": yn})
-            refs.append({"question_id": qid, "prompt": q, "text": a, "answer_id": f"reference-{qid}", "model_id": "reference", "metadata": {}})
-            caps.append({"question_id": qid, mod.record_key: r[mod.record_key], "text": context, "type": "CLOSED" if yn else "OPEN"})
-    paths = dict(questions=out / "eval_questions.jsonl", gt=out / "eval_gt.json", references=out / "eval_reference_answers.jsonl",
+            refs.append({"question_id": qid, "prompt": q, "text": a, "answer_id": f"reference-{qid}",
+                         "model_id": "reference", "metadata": {}})
+            caps.append({"question_id": qid, mod.record_key: r[mod.record_key], "text": context,
+                         "type": "CLOSED" if yn else "OPEN"})
+    paths = dict(questions=out / "eval_questions.jsonl", gt=out / "eval_gt.json",
+                 references=out / "eval_reference_answers.jsonl",
                  captions=out / "eval_captions.jsonl")
     jsonl = lambda rows: "".join(json.dumps(x) + "\n" for x in rows)
-    paths["questions"].write_text(jsonl(qs)); paths["references"].write_text(jsonl(refs)); paths["captions"].write_text(jsonl(caps))
+    paths["questions"].write_text(jsonl(qs)); paths["references"].write_text(jsonl(refs)); paths["captions"].write_text(
+        jsonl(caps))
     paths["gt"].write_text(json.dumps(gt, indent=1))
     return paths
 
@@ -155,7 +178,8 @@ def make_records(table, # CSV / TSV / JSON / JSONL / Parquet: media column + cap
                  eval_fraction:float=0.0, # share of media files held out as VQA files (0: none)
                  seed:int=0, # seed of the held-out draw
                  **columns) -> dict: # column names for `records_from_table` (media, caption, question, answer, id)
-    "Table -> `pretrain.json` (captions) or `finetune.json` (question / answer pairs), + held-out VQA files, in `out`; returns paths and counts."
+    ("Table -> `pretrain.json` (captions) or `finetune.json` (question / answer pairs), + held-out VQA files, in "
+     "`out`; returns paths and counts.")
     df = read_table(table)
     kind = table_kind(df, columns.get("question", "question"), columns.get("answer", "answer"), kind)
     recs = records_from_table(df, table, modality=modality, media_folder=media_folder, kind=kind, **columns)
@@ -171,27 +195,40 @@ RECORDING_SUFFIXES = (".npy", ".csv", ".tsv")
 TIME_COLUMNS = ("time", "timestamp", "t", "seconds", "ms")  # CSV columns that are not channels
 
 def load_recording(path, # .npy (time, channels) or CSV / TSV with one column per channel
-                   columns:list|None=None) -> "np.ndarray": # channel columns to use, in order (CSV); default: every numeric one but time
+                   # channel columns to use, in order (CSV); default: every numeric one but time
+                   columns:list|None=None) -> "np.ndarray":
     "One recording as float32 (time, channels); `DataError` names the file and what is wrong."
     import numpy as np, pandas as pd
     p = Path(path)
     if p.suffix == ".npy":
         try: a = np.load(p, allow_pickle=False)
-        except Exception as e: raise DataError(f"not a readable .npy array ({e}).", file=p, fix="save it with numpy.save(path, array).") from None
-        if columns: raise ConfigError(f"{p}: columns= names CSV columns; a .npy recording has none. Fix: drop columns, or save the recording as CSV.")
+        except Exception as e:
+            raise DataError(f"not a readable .npy array ({e}).", file=p,
+                            fix="save it with numpy.save(path, array).") from None
+        if columns:
+            raise ConfigError(f"{p}: columns= names CSV columns; a .npy recording has none. Fix: drop columns, or save "
+                              "the recording as CSV.")
     else:
         try: df = pd.read_csv(p, sep="\t" if p.suffix == ".tsv" else ",")
-        except Exception as e: raise DataError(f"pandas could not read it ({type(e).__name__}: {str(e)[:200]}).", file=p, fix="check it is a CSV with a header row.") from None
+        except Exception as e:
+            raise DataError(f"pandas could not read it ({type(e).__name__}: {str(e)[:200]}).", file=p,
+                            fix="check it is a CSV with a header row.") from None
         if columns:
             if missing := [c for c in columns if c not in df.columns]:
-                raise DataError(f"no column {', '.join(map(repr, missing))}; it has {', '.join(map(repr, df.columns))}.", file=p, fix="name the channel columns it has.")
+                raise DataError(f"no column {', '.join(map(repr, missing))}; "
+                                f"it has {', '.join(map(repr, df.columns))}.",
+                                file=p, fix="name the channel columns it has.")
             df = df[list(columns)]
-        else: df = df.drop(columns=[c for c in df.columns if str(c).strip().lower() in TIME_COLUMNS]).select_dtypes("number")
+        else:
+            df = df.drop(columns=[c for c in df.columns
+                                  if str(c).strip().lower() in TIME_COLUMNS]).select_dtypes("number")
         a = df.to_numpy()
     if a.ndim != 2 or not a.size or not np.issubdtype(a.dtype, np.number):
-        raise DataError(f"holds a {a.dtype} array of shape {a.shape}, not numbers of shape (time, channels).", file=p, fix="one row per time step, one column per channel.")
+        raise DataError(f"holds a {a.dtype} array of shape {a.shape}, not numbers of shape (time, channels).", file=p,
+                        fix="one row per time step, one column per channel.")
     if not np.isfinite(a).all():
-        raise DataError(f"has {int((~np.isfinite(a)).sum())} NaN or infinite values (first at step {int(np.argwhere(~np.isfinite(a))[0, 0])}).", file=p,
+        raise DataError(f"has {int((~np.isfinite(a)).sum())} NaN or infinite values (first at step "
+                        f"{int(np.argwhere(~np.isfinite(a))[0, 0])}).", file=p,
                         fix="fill or cut the gaps (e.g. pandas interpolate) before windowing.")
     return a.astype(np.float32)
 
@@ -202,7 +239,8 @@ def resample(a:"np.ndarray", # (time, channels)
     if rate == target_rate: return a
     t = np.arange(len(a)) / rate
     tn = np.arange(int(np.floor(t[-1] * target_rate)) + 1) / target_rate
-    return np.stack([np.interp(tn, t, a[:, c]) for c in range(a.shape[1])], axis=1).astype(a.dtype)  # one call per channel, not per step
+    # one call per channel, not per step
+    return np.stack([np.interp(tn, t, a[:, c]) for c in range(a.shape[1])], axis=1).astype(a.dtype)
 
 def cut_windows(a:"np.ndarray", # (time, channels)
                 window:int, stride:int) -> "np.ndarray":
@@ -217,23 +255,29 @@ def windows_from_recordings(folder, # recordings (.npy / .csv / .tsv), one sub-f
                             window:int=120, # steps per window (LIMU-BERT: 120)
                             stride:int|None=None, # steps between window starts (default: window, no overlap)
                             rate:float|None=None, # the recordings' sampling rate in Hz ...
-                            target_rate:float|None=None, # ... and the encoder's (LIMU-BERT: 20); both given: resampled first
+                            # ... and the encoder's (LIMU-BERT: 20); both given: resampled first
+                            target_rate:float|None=None,
                             columns:list|None=None, # CSV channel columns, in order
                             question:str="What activity is this?", # the question of each window's question / answer row
                             caption:str="{label}", # each window's caption, formatted with its label
                            ) -> "pd.DataFrame":
-    "Cut every recording under `folder` into `.npy` windows; write and return their table (sensor, label, recording, start, caption, question, answer)."
+    ("Cut every recording under `folder` into `.npy` windows; write and return their table (sensor, label, recording, "
+     "start, caption, question, answer).")
     import numpy as np, pandas as pd
     folder, out = Path(folder), Path(out)
     files = sorted(p for p in folder.rglob("*") if p.suffix in RECORDING_SUFFIXES and p.is_file())
-    if not files: raise DataError(f"no recordings ({', '.join(RECORDING_SUFFIXES)}) under it.", file=folder, fix="put one file per session in a folder per label.")
-    if (rate is None) != (target_rate is None): raise ConfigError("give both rate and target_rate (to resample), or neither.")
+    if not files:
+        raise DataError(f"no recordings ({', '.join(RECORDING_SUFFIXES)}) under it.", file=folder,
+                        fix="put one file per session in a folder per label.")
+    if (rate is None) != (target_rate is None):
+        raise ConfigError("give both rate and target_rate (to resample), or neither.")
     rows, channels = [], None
     for f in files:
         a = load_recording(f, columns)
         if channels is None: channels = (a.shape[1], f)
         elif a.shape[1] != channels[0]:
-            raise DataError(f"has {a.shape[1]} channels, {channels[1]} has {channels[0]}.", file=f, fix="give every recording the same channels (columns= picks them by name).")
+            raise DataError(f"has {a.shape[1]} channels, {channels[1]} has {channels[0]}.", file=f,
+                            fix="give every recording the same channels (columns= picks them by name).")
         if rate: a = resample(a, rate, target_rate)
         label = f.parent.relative_to(folder).as_posix() if f.parent != folder else ""
         rel = f.relative_to(folder).with_suffix("")
@@ -241,8 +285,11 @@ def windows_from_recordings(folder, # recordings (.npy / .csv / .tsv), one sub-f
             name = Path("windows") / rel.parent / f"{rel.name}_{k:04d}.npy"
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             np.save(out / name, np.ascontiguousarray(w))
-            rows.append({"sensor": name.as_posix(), "label": label, "recording": f.relative_to(folder).as_posix(), "start": k * (stride or window)})
-    if not rows: raise DataError(f"every recording is shorter than the window of {window} steps.", file=folder, fix="lower window, or record longer sessions.")
+            rows.append({"sensor": name.as_posix(), "label": label, "recording": f.relative_to(folder).as_posix(),
+                         "start": k * (stride or window)})
+    if not rows:
+        raise DataError(f"every recording is shorter than the window of {window} steps.", file=folder,
+                        fix="lower window, or record longer sessions.")
     df = pd.DataFrame(rows)
     df["caption"] = [caption.format(label=l) for l in df["label"]]
     df["question"], df["answer"] = question, df["label"]
@@ -252,42 +299,58 @@ def windows_from_recordings(folder, # recordings (.npy / .csv / .tsv), one sub-f
 
 # %% ../../nbs/17_convert.ipynb #de9bd698
 def make_records_cli(argv:list[str]|None=None) -> int:
-    "`qllava make-records`: a table of media + captions or question / answer pairs -> LLaVA records (+ held-out VQA files)."
-    ap = ArgumentParser(prog="qllava make-records", description="Turn a table (CSV, TSV, JSON, JSONL, Parquet) of media files with captions, "
+    ("`qllava make-records`: a table of media + captions or question / answer pairs -> LLaVA records (+ held-out VQA "
+     "files).")
+    ap = ArgumentParser(prog="qllava make-records",
+                        description="Turn a table (CSV, TSV, JSON, JSONL, Parquet) of media files with captions, "
                         "or with question / answer pairs, into pretrain.json / finetune.json and held-out VQA files.")
     ap.add_argument("table", help="the table: one row per caption, or per question / answer pair")
-    ap.add_argument("--media-folder", required=True, help="folder the table's media paths are relative to (pass it to training as --image_folder)")
+    ap.add_argument("--media-folder", required=True,
+                    help="folder the table's media paths are relative to (pass it to training as --image_folder)")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--modality", default=next(iter(MODALITIES)), choices=list(MODALITIES), help="a registered modality: "
+    ap.add_argument("--modality", default=next(iter(MODALITIES)), choices=list(MODALITIES),
+                    help="a registered modality: "
                     + ", ".join(MODALITIES))
-    ap.add_argument("--kind", choices=list(TABLE_KINDS), default=None, help="caption (stage 1) or qa (stage 2); default: qa when there is a question / answer column")
-    ap.add_argument("--eval-fraction", type=float, default=0.0, help="share of media files held out as VQA files (default 0)")
+    ap.add_argument("--kind", choices=list(TABLE_KINDS), default=None,
+                    help="caption (stage 1) or qa (stage 2); default: qa when there is a question / answer column")
+    ap.add_argument("--eval-fraction", type=float, default=0.0,
+                    help="share of media files held out as VQA files (default 0)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
     for role in ("media", "caption", "question", "answer", "id"):
-        ap.add_argument(f"--{role}-column", default=None, help=f"column of the {role} (default: {'the modality name' if role == 'media' else role})")
+        ap.add_argument(f"--{role}-column", default=None,
+                        help=f"column of the {role} (default: {'the modality name' if role == 'media' else role})")
     a = ap.parse_args(argv)
-    cols = {r: getattr(a, f"{r}_column") for r in ("media", "caption", "question", "answer", "id") if getattr(a, f"{r}_column")}
+    cols = {r: getattr(a, f"{r}_column") for r in ("media", "caption", "question", "answer",
+                                                   "id") if getattr(a, f"{r}_column")}
     res = make_records(a.table, a.out, a.media_folder, a.modality, a.kind, a.eval_fraction, a.seed, **cols)
-    print(f"wrote {res['data']} ({res['records']} records)" + (f"; held out {res['held_out_records']} records as {res['questions']}, "
+    print(f"wrote {res['data']} ({res['records']} records)"
+          + (f"; held out {res['held_out_records']} records as {res['questions']}, "
           f"{res['gt']}, {res['references']}, {res['captions']}" if res["held_out_records"] else ""))
     return 0
 
 def make_windows_cli(argv:list[str]|None=None) -> int:
-    "`qllava make-windows`: IMU recordings (a folder per label) -> .npy windows and windows.csv for `qllava make-records`."
-    ap = ArgumentParser(prog="qllava make-windows", description="Cut IMU recordings (.npy, .csv, .tsv; one sub-folder per label) into "
-                        ".npy windows and a windows.csv table (sensor, label, caption, question, answer) for qllava make-records --modality sensor.")
+    ("`qllava make-windows`: IMU recordings (a folder per label) -> .npy windows and windows.csv for `qllava "
+     "make-records`.")
+    ap = ArgumentParser(prog="qllava make-windows",
+                        description="Cut IMU recordings (.npy, .csv, .tsv; one sub-folder per label) into "
+                        ".npy windows and a windows.csv table (sensor, label, caption, question, answer) for qllava "
+                        "make-records --modality sensor.")
     ap.add_argument("folder", help="recordings, one sub-folder per label (walking/s01.csv)")
     ap.add_argument("--window", type=int, default=120, help="steps per window (LIMU-BERT: 120)")
     ap.add_argument("--out", required=True, help="output folder (windows/ and windows.csv)")
     ap.add_argument("--stride", type=int, default=None, help="steps between window starts (default: the window)")
-    ap.add_argument("--rate", type=float, default=None, help="the recordings' sampling rate in Hz (with --target-rate: resample)")
+    ap.add_argument("--rate", type=float, default=None,
+                    help="the recordings' sampling rate in Hz (with --target-rate: resample)")
     ap.add_argument("--target-rate", type=float, default=None, help="the encoder's rate in Hz (LIMU-BERT: 20)")
-    ap.add_argument("--columns", default=None, help="comma-separated CSV channel columns, in order (default: every numeric one but time)")
-    ap.add_argument("--question", default="What activity is this?", help="question asked of each window (its answer is the label)")
+    ap.add_argument("--columns", default=None,
+                    help="comma-separated CSV channel columns, in order (default: every numeric one but time)")
+    ap.add_argument("--question", default="What activity is this?",
+                    help="question asked of each window (its answer is the label)")
     ap.add_argument("--caption", default="{label}", help="caption of each window, formatted with {label}")
     a = ap.parse_args(argv)
     df = windows_from_recordings(a.folder, a.out, a.window, a.stride, a.rate, a.target_rate,
                                  a.columns.split(",") if a.columns else None, a.question, a.caption)
-    print(f"wrote {len(df)} windows from {df['recording'].nunique()} recordings ({', '.join(f'{k}: {v}' for k, v in df.groupby('label').size().items())}) "
-          f"and {Path(a.out) / 'windows.csv'}")
+    print(f"wrote {len(df)} windows from {df['recording'].nunique()} recordings "
+          f"({', '.join(f'{k}: {v}' for k, v in df.groupby('label').size().items())}) and "
+          f"{Path(a.out) / 'windows.csv'}")
     return 0

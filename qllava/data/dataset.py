@@ -78,7 +78,8 @@ class Records:
                  starts=None, ends=None, # byte span of every record
                  lines=None, # 1-based line of every record (JSONL), None = counted on demand
                  items:list|None=None): # parsed records, when the file had to be read whole
-        self.path, self.kind, self._starts, self._ends, self._lines, self._items = Path(path), kind, starts, ends, lines, items
+        self.path, self.kind, self._starts, self._ends, self._lines, self._items = (Path(path), kind, starts, ends,
+                                                                                    lines, items)
         self._fd, self._pid = None, None
 
     def __len__(self): return len(self._items) if self._items is not None else len(self._starts)
@@ -100,7 +101,8 @@ class Records:
     def _parse(self, raw:bytes, i:int) -> dict:
         try: rec = json.loads(raw)
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            msg = f"{e.msg} at line {self.line(i) + e.lineno - 1}, column {e.colno}" if isinstance(e, json.JSONDecodeError) \
+            msg = (f"{e.msg} at line {self.line(i) + e.lineno - 1}, column "
+                   f"{e.colno}") if isinstance(e, json.JSONDecodeError) \
                   else f"line {self.line(i)}: {e}"
             raise DataError(f"the record is not valid JSON ({msg}).", file=self.path, record=i,
                             fix="repair that line (`qllava validate-data` lists every broken record); "
@@ -152,11 +154,15 @@ def load_records(path, # a JSON list (.json) or JSONL (.jsonl / .ndjson, or any 
     import mmap, numpy as np
     p = Path(path)
     if not p.exists(): raise DataError("data file not found.", file=p, fix="check the data path.")
-    if not p.is_file(): raise DataError("the data path is not a file.", file=p, fix="give the JSON or JSONL file itself, not a folder.")
-    if p.stat().st_size == 0: raise DataError("the data file is empty.", file=p, fix="write a JSON list or JSONL file of records.")
+    if not p.is_file():
+        raise DataError("the data path is not a file.", file=p, fix="give the JSON or JSONL file itself, not a folder.")
+    if p.stat().st_size == 0:
+        raise DataError("the data file is empty.", file=p, fix="write a JSON list or JSONL file of records.")
     with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         head = mm[:4096].lstrip(b"\xef\xbb\xbf" + _WS)
-        if not head: raise DataError("the data file holds only blanks.", file=p, fix="write a JSON list or JSONL file of records.")
+        if not head:
+            raise DataError("the data file holds only blanks.", file=p,
+                            fix="write a JSON list or JSONL file of records.")
         kind = "jsonl" if p.suffix.lower() in (".jsonl", ".ndjson") or head[:1] != b"[" else "json"
         buf = np.frombuffer(mm, np.uint8)
         try:
@@ -187,7 +193,8 @@ def media_files(rec:dict, # one record
         vals = v if isinstance(v, list) else [v]
         if not vals or not all(isinstance(x, str) and x.strip() for x in vals):
             raise DataError(f'"{m}" is {json.dumps(v)[:60]}, not a file path or a list of file paths.', file=file,
-                            record=record, record_id=rec.get("id"), fix=f'write "{m}": "relative/path" or a list of such paths.')
+                            record=record, record_id=rec.get("id"),
+                            fix=f'write "{m}": "relative/path" or a list of such paths.')
         out[m] = vals
     return out
 
@@ -200,9 +207,10 @@ def resolve_media_path(value:str, # the path as written in the record
     where = dict(file=file, record=record, record_id=record_id)
     if isinstance(media_folder, dict):
         if modality not in media_folder:
-            raise DataError(f"the record refers to the {modality} file {value!r} but no media folder is given for {modality} media "
-                            f"(only for {', '.join(media_folder) or 'none'}).", **where,
-                            fix=f"add {modality} to --media_folders, or give --image_folder (every modality's default).")
+            raise DataError(f"the record refers to the {modality} file {value!r} but no media folder is given for "
+                            f"{modality} media (only for {', '.join(media_folder) or 'none'}).", **where,
+                            fix=f"add {modality} to --media_folders, or give --image_folder (every modality's "
+                                "default).")
         media_folder = media_folder[modality]
     if media_folder is None:
         raise DataError(f"the record refers to the media file {value!r} but no media_folder was given.", **where,
@@ -231,7 +239,8 @@ def fit_length_model(records:list, # a sample of records (dicts)
                      tokenizer, template, # as given to the dataset
                      use_im_start_end:bool=False) -> tuple:
     "(a, c, b): a record's text tokens ~ a + c * turns + b * characters for this tokenizer and template."
-    n_tok = lambda texts, special: [len(x) for x in tokenizer(texts, add_special_tokens=special)["input_ids"]] if texts else []
+    n_tok = lambda texts, special: [len(x) for x in tokenizer(texts,
+                                                              add_special_tokens=special)["input_ids"]] if texts else []
     def conv(k): return [{"from": ("human", "gpt")[j % 2], "value": "x"} for j in range(k)]
     t2, = n_tok([spans_text(render(template, conv(2)))], True)
     try: t4, = n_tok([spans_text(render(template, conv(4)))], True)
@@ -249,28 +258,35 @@ def fit_length_model(records:list, # a sample of records (dicts)
 
 # %% ../../nbs/15_dataset.ipynb #b8d6cde6
 class MultimodalDataset:
-    "LLaVA records -> tokenised samples with media tensors, on access; `lengths` / `modality_lengths` estimated without decoding media."
+    ("LLaVA records -> tokenised samples with media tensors, on access; `lengths` / `modality_lengths` estimated "
+     "without decoding media.")
     def __init__(self, records, # a path (JSON list / JSONL), a `Records`, or a list of record dicts
                  tokenizer, # fast tokenizer already passed through `qllava.data.tokenize.prepare_tokenizer`
                  template, # conversation template or its name ("plain", "vicuna_v1", ...)
                  media_folder, # folder the record media paths are relative to, or modality -> folder (None: text only)
-                 processors:dict, # modality -> callable(path) -> tensor (`ImageProcessor`, `SensorProcessor`, encoder.processor)
+                 # modality -> callable(path) -> tensor (`ImageProcessor`, `SensorProcessor`, encoder.processor)
+                 processors:dict,
                  n_media_tokens:dict, # modality -> tokens each medium becomes (encoder.num_tokens)
                  max_length:int, # longest sample in tokens, media tokens included (model_max_length)
                  use_im_start_end:bool=False, # frame each placeholder as <im_start>ph<im_end>
-                 on_error:str="raise", # "raise": a bad sample stops training; "skip": it is replaced by the next good sample of its modality
+                 # "raise": a bad sample stops training; "skip": it is replaced by the next good sample of its modality
+                 on_error:str="raise",
                  n_calibration:int=64): # records tokenised to fit the length estimate
-        if on_error not in ("raise", "skip"): raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
+        if on_error not in ("raise", "skip"):
+            raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
         added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
         if not all(ph in added for ph in placeholders().values()):
-            raise ConfigError("the tokenizer has no media placeholder tokens. Fix: call qllava.data.tokenize.prepare_tokenizer(tokenizer) "
-                              "once, before building the model (its embeddings must cover the added tokens) and this dataset.")
+            raise ConfigError("the tokenizer has no media placeholder tokens. Fix: call "
+                              "qllava.data.tokenize.prepare_tokenizer(tokenizer) once, before building the model (its "
+                              "embeddings must cover the added tokens) and this dataset.")
         self.records = load_records(records) if isinstance(records, (str, os.PathLike)) else records
         self.file = getattr(self.records, "path", None)
         self.tokenizer, self.template = tokenizer, get_template(template, tokenizer)
-        self.media_folder = media_folder if media_folder is None or isinstance(media_folder, dict) else Path(media_folder)
+        self.media_folder = media_folder if media_folder is None or isinstance(media_folder,
+                                                                               dict) else Path(media_folder)
         self.processors, self.n_media_tokens = dict(processors or {}), dict(n_media_tokens or {})
-        self.max_length, self.use_im_start_end, self.on_error, self.n_calibration = max_length, use_im_start_end, on_error, n_calibration
+        self.max_length, self.use_im_start_end, self.on_error, self.n_calibration = (max_length, use_im_start_end,
+                                                                                     on_error, n_calibration)
         self.skipped, self.dropped = {}, {}    # index -> reason: bad data / no supervision left after truncation
         self.missing_ids = []                  # indices of records without an "id" (filled by the scan)
         self._stats = None
@@ -314,8 +330,8 @@ def _scan(self:MultimodalDataset):
         groups.append("+".join(sorted(mf)) or "text")
     self._stats, self.missing_ids = (lengths, groups, (a, c, b)), no_id
     if no_id and os.environ.get("RANK", "0") == "0":   # once per run (rank 0): it lands in the training log
-        log.warning("%d of %d records of %s have no \"id\" (record %s%s): answers, reviews and skip lists name records by id. "
-                    "Fix: give every record a unique \"id\".", len(no_id), n, self.file or "the data",
+        log.warning("%d of %d records of %s have no \"id\" (record %s%s): answers, reviews and skip lists name records "
+                    "by id. Fix: give every record a unique \"id\".", len(no_id), n, self.file or "the data",
                     ", ".join(map(str, no_id[:5])), " ..." if len(no_id) > 5 else "")
     return self._stats
 
@@ -352,9 +368,11 @@ def _load(self:MultimodalDataset, i:int) -> dict:
     mf = media_files(rec, self.file, i)
     for m in mf:
         if m not in self.processors:
-            raise ConfigError(f"{self.file}, record {i}: the record has {m!r} media but the dataset has no {m} processor. "
-                              f"Fix: pass processors={{'{m}': ...}} (e.g. the {m} encoder's .processor) and n_media_tokens for {m}.")
-    s = tokenize_conversation(rec.get("conversations"), self.tokenizer, self.template, self.n_media_tokens, self.max_length,
+            raise ConfigError(f"{self.file}, record {i}: the record has {m!r} media but the dataset has no {m} "
+                              f"processor. Fix: pass processors={{'{m}': ...}} (e.g. the {m} encoder's .processor) and "
+                              f"n_media_tokens for {m}.")
+    s = tokenize_conversation(rec.get("conversations"), self.tokenizer, self.template, self.n_media_tokens,
+                              self.max_length,
                               use_im_start_end=self.use_im_start_end, **where)
     if s.n_supervised == 0:
         why = (f"no supervised token left after truncation to max_length={self.max_length} (media tokens included)"
@@ -365,7 +383,8 @@ def _load(self:MultimodalDataset, i:int) -> dict:
         files = mf.get(m, [])
         n_ph = s.media_counts.get(m, 0) + s.media_dropped.get(m, 0)
         if n_ph != len(files):
-            raise DataError(f"the conversation has {n_ph} {m} placeholder(s) for {len(files)} \"{m}\" file(s).", **where,
+            raise DataError(f"the conversation has {n_ph} {m} placeholder(s) for {len(files)} \"{m}\" file(s).",
+                            **where,
                             fix=f"use exactly one placeholder per {m} file, in the human turns.")
         keep = files[:s.media_counts.get(m, 0)]      # truncation keeps the first media blocks whole, drops the rest
         tensors = []
@@ -373,7 +392,8 @@ def _load(self:MultimodalDataset, i:int) -> dict:
             path = resolve_media_path(v, self.media_folder, **where, modality=m)
             try: tensors.append(self.processors[m](path))
             except DataError as e:
-                raise DataError(f"{e.problem} (a {m} of {self.file})", file=e.file, record=i, record_id=rec.get("id"), fix=e.fix) from None
+                raise DataError(f"{e.problem} (a {m} of {self.file})", file=e.file, record=i, record_id=rec.get("id"),
+                                fix=e.fix) from None
         out[key] = torch.stack(tensors) if tensors else None
     return out
 
@@ -385,13 +405,15 @@ def __getitem__(self:MultimodalDataset, i:int) -> dict:
     "Sample `i`: input_ids, labels, images (k,3,S,S) or None, sensors (k,T,C) or None."
     if isinstance(i, (list, tuple)):
         raise ConfigError("the dataset got a list of indices: ModalityLengthGroupedSampler yields whole batches. "
-                          "Fix: DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collator()), not sampler=.")
+                          "Fix: DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collator()), not "
+                          "sampler=.")
     n = len(self)
     if not -n <= i < n: raise IndexError(f"sample {i} out of range for {n} samples")
     i %= n
     if self.on_error == "raise":
         try: return self._load(i)
-        except _Dropped as e: raise DataError(e.problem, file=e.file, record=e.record, record_id=e.record_id, fix=e.fix) from None
+        except _Dropped as e:
+            raise DataError(e.problem, file=e.file, record=e.record, record_id=e.record_id, fix=e.fix) from None
     def attempt(k):
         if k in self.skipped or k in self.dropped: return None
         try: return self._load(k)
@@ -418,7 +440,9 @@ class DataCollator:
     "List of samples -> batch dict: right-padded input_ids / attention_mask / labels, images / sensors concatenated."
     def __init__(self, pad_token_id:int, # id written into padding positions (attention 0, label -100)
                  pad_to_multiple_of:int|None=None): # round the padded length up (e.g. 8 for tensor cores)
-        if pad_token_id is None: raise ConfigError("pad_token_id is None. Fix: pass tokenizer.pad_token_id after qllava.data.tokenize.prepare_tokenizer(tokenizer).")
+        if pad_token_id is None:
+            raise ConfigError("pad_token_id is None. Fix: pass tokenizer.pad_token_id after "
+                              "qllava.data.tokenize.prepare_tokenizer(tokenizer).")
         self.pad_token_id, self.pad_to_multiple_of = int(pad_token_id), pad_to_multiple_of
 
     def __call__(self, samples:list[dict]) -> dict:
@@ -461,15 +485,18 @@ def _n_pad(n:int, R:int, B:int) -> int:
 
 # %% ../../nbs/15_dataset.ipynb #cd19edb8
 class ModalityLengthGroupedSampler:
-    "Batch sampler: modality-pure, length-grouped batches; each rank its own share; deterministic per (seed, epoch); resumable."
-    def __init__(self, lengths, # per-sample length; sign = modality (LLaVA's modality_lengths) unless `modalities` is given
+    ("Batch sampler: modality-pure, length-grouped batches; each rank its own share; deterministic per (seed, epoch); "
+     "resumable.")
+    # per-sample length; sign = modality (LLaVA's modality_lengths) unless `modalities` is given
+    def __init__(self, lengths,
                  batch_size:int, # samples per rank per step
                  num_replicas:int|None=None, # number of ranks (default: torch.distributed world size, else 1)
                  rank:int|None=None, # this rank (default: torch.distributed rank, else 0)
                  seed:int=0, # same on every rank
                  group_by_modality:bool=True, # False: one group, steps may mix modalities
                  modalities=None, # per-sample group label (e.g. dataset.modalities), overrides the sign of `lengths`
-                 megabatch_steps:int=8): # steps sorted together by length (1 = LLaVA's grouping; larger = tighter, less random)
+                 # steps sorted together by length (1 = LLaVA's grouping; larger = tighter, less random)
+                 megabatch_steps:int=8):
         import numpy as np
         if num_replicas is None or rank is None:
             import torch.distributed as dist
@@ -477,8 +504,9 @@ class ModalityLengthGroupedSampler:
             num_replicas = (dist.get_world_size() if on else 1) if num_replicas is None else num_replicas
             rank = (dist.get_rank() if on else 0) if rank is None else rank
         if batch_size < 1 or num_replicas < 1 or not 0 <= rank < num_replicas or megabatch_steps < 1:
-            raise ConfigError(f"need batch_size >= 1, num_replicas >= 1, 0 <= rank < num_replicas and megabatch_steps >= 1; "
-                              f"got batch_size={batch_size}, num_replicas={num_replicas}, rank={rank}, megabatch_steps={megabatch_steps}.")
+            raise ConfigError("need batch_size >= 1, num_replicas >= 1, 0 <= rank < num_replicas and megabatch_steps "
+                              f">= 1; got batch_size={batch_size}, num_replicas={num_replicas}, rank={rank}, "
+                              f"megabatch_steps={megabatch_steps}.")
         lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
         if len(lengths) == 0: raise ConfigError("the sampler got no samples (empty lengths).")
         if modalities is None: keys = np.where(lengths > 0, "media", "text")
@@ -488,7 +516,8 @@ class ModalityLengthGroupedSampler:
         if not group_by_modality: keys = np.full(len(lengths), "all", dtype=object)
         self.lengths = np.abs(lengths)
         self.groups = {str(g): np.flatnonzero(keys == g) for g in sorted(set(keys.tolist()), key=str)}
-        self.batch_size, self.num_replicas, self.rank, self.seed = int(batch_size), int(num_replicas), int(rank), int(seed)
+        self.batch_size, self.num_replicas, self.rank, self.seed = int(batch_size), int(num_replicas), int(rank), int(
+            seed)
         self.group_by_modality, self.megabatch_steps = group_by_modality, int(megabatch_steps)
         self.epoch, self._start, self._pos = 0, 0, 0
         R, B = self.num_replicas, self.batch_size
@@ -537,13 +566,15 @@ def __iter__(self:ModalityLengthGroupedSampler):
 
 @patch
 def set_epoch(self:ModalityLengthGroupedSampler, epoch:int):
-    "Use the order of `epoch`; a new epoch starts from its first batch (the epoch restored by `load_state_dict` resumes)."
+    ("Use the order of `epoch`; a new epoch starts from its first batch (the epoch restored by `load_state_dict` "
+     "resumes).")
     if int(epoch) != self.epoch: self._start = self._pos = 0
     self.epoch = int(epoch)
 
 @patch
 def state_dict(self:ModalityLengthGroupedSampler, consumed:int|None=None) -> dict:
-    "Where this rank is: epoch and batches done in it (`consumed`: pass your loop's count when the DataLoader prefetches)."
+    ("Where this rank is: epoch and batches done in it (`consumed`: pass your loop's count when the DataLoader "
+     "prefetches).")
     return {"epoch": self.epoch, "position": self._pos if consumed is None else int(consumed), "seed": self.seed,
             "num_replicas": self.num_replicas, "batch_size": self.batch_size, "n_samples": len(self.lengths),
             "group_by_modality": self.group_by_modality, "megabatch_steps": self.megabatch_steps}
@@ -552,10 +583,13 @@ def state_dict(self:ModalityLengthGroupedSampler, consumed:int|None=None) -> dic
 def load_state_dict(self:ModalityLengthGroupedSampler, state:dict):
     "Continue from `state`: the next iteration yields the batches after `position` in epoch `epoch`."
     mine = self.state_dict()
-    diff = [k for k in ("seed", "num_replicas", "batch_size", "n_samples", "group_by_modality", "megabatch_steps") if state.get(k) != mine[k]]
+    diff = [k for k in ("seed", "num_replicas", "batch_size", "n_samples", "group_by_modality",
+                        "megabatch_steps") if state.get(k) != mine[k]]
     if diff:
-        raise ConfigError("the sampler state does not match this sampler (" + ", ".join(f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in diff)
-                          + "); the order would differ. Fix: resume with the same data, batch size, number of ranks and seed.")
+        raise ConfigError("the sampler state does not match this sampler ("
+                          + ", ".join(f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in diff)
+                          + "); the order would differ. Fix: resume with the same data, batch size, number of ranks "
+                            "and seed.")
     self.epoch, self._start = int(state["epoch"]), int(state["position"])
     self._pos = self._start
 

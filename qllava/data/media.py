@@ -26,24 +26,31 @@ def _rgb(im) -> "PIL.Image.Image":
 
 def load_image(path, # image file (any format PIL reads)
               ) -> "PIL.Image.Image":
-    "Open and fully decode `path` as an RGB PIL image; `DataError` names the file if it is missing, unreadable, truncated or too large."
+    ("Open and fully decode `path` as an RGB PIL image; `DataError` names the file if it is missing, unreadable, "
+     "truncated or too large.")
     from PIL import Image, UnidentifiedImageError
     p = Path(path)
-    if not p.exists(): raise DataError("image file not found.", file=p, fix="check the path in the record (it is relative to media_folder) and that the file was copied.")
-    if not p.is_file(): raise DataError("the image path is not a file.", file=p, fix="point the record at an image file, not a folder.")
+    if not p.exists():
+        raise DataError("image file not found.", file=p,
+                        fix="check the path in the record (it is relative to media_folder) and that the file was "
+                            "copied.")
+    if not p.is_file():
+        raise DataError("the image path is not a file.", file=p, fix="point the record at an image file, not a folder.")
     try:
         with Image.open(p) as im:
             im.load()
             return _rgb(im)
     except Image.DecompressionBombError as e:
         raise DataError(f"PIL refused this image as a possible decompression bomb ({e})", file=p,
-                        fix="downscale the image, or raise PIL.Image.MAX_IMAGE_PIXELS (None turns the guard off) if you trust the file.") from None
+                        fix="downscale the image, or raise PIL.Image.MAX_IMAGE_PIXELS (None turns the guard off) if "
+                            "you trust the file.") from None
     except UnidentifiedImageError:
         raise DataError("this is not an image PIL can read (unknown format or corrupt header).", file=p,
                         fix="re-export the image as PNG or JPEG, or remove the record.") from None
     except (OSError, SyntaxError, ValueError) as e:
         what = "the image file is truncated" if "truncat" in str(e).lower() else f"the image could not be decoded ({e})"
-        raise DataError(f"{what}.", file=p, fix="re-copy or re-export the image; the file on disk is damaged.") from None
+        raise DataError(f"{what}.", file=p,
+                        fix="re-copy or re-export the image; the file on disk is damaged.") from None
 
 # %% ../../nbs/10_media.ipynb #d3b24ff9
 def pad_to_square(im, # PIL image
@@ -63,12 +70,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, 
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 class ImageProcessor:
-    "Image file or PIL image -> normalised float tensor (3, S, S); `aspect_ratio` says how a non-square picture becomes square."
+    ("Image file or PIL image -> normalised float tensor (3, S, S); `aspect_ratio` says how a non-square picture "
+     "becomes square.")
     modality = "image"
     def __init__(self, image_size:int=224, # side S of the square the encoder takes
                  mean:tuple=CLIP_MEAN, # per-channel mean (0..1) the encoder was trained with
                  std:tuple=CLIP_STD, # per-channel std (0..1)
-                 aspect_ratio:str="pad", # "pad" (mean colour, LLaVA's pad), "resize" (stretch) or "crop" (shorter side to S, centre crop)
+                 # "pad" (mean colour, LLaVA's pad), "resize" (stretch) or "crop" (shorter side to S, centre crop)
+                 aspect_ratio:str="pad",
                  interpolation:str="bicubic"): # resampling filter: "bicubic", "bilinear" or "nearest"
         if aspect_ratio not in ("pad", "resize", "crop"):
             raise ConfigError(f"unknown aspect_ratio {aspect_ratio!r}. Fix: use 'pad', 'resize' or 'crop'.")
@@ -82,7 +91,8 @@ class ImageProcessor:
 
     @property
     def fill(self) -> tuple:
-        "The mean colour as 0..255 RGB, truncated as the original LLaVA's `int(x*255)`: the padding colour (normalises to ~0)."
+        ("The mean colour as 0..255 RGB, truncated as the original LLaVA's `int(x*255)`: the padding colour "
+         "(normalises to ~0).")
         return tuple(int(m * 255) for m in self.mean)
 
     def transform(self):
@@ -94,7 +104,8 @@ class ImageProcessor:
             S = self.image_size
             size = [T.Resize(S, interpolation=mode, antialias=True), T.CenterCrop(S)] if self.aspect_ratio == "crop" \
                    else [T.Resize((S, S), interpolation=mode, antialias=True)]
-            self._tf = T.Compose([*size, T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(self.mean, self.std)])
+            self._tf = T.Compose([*size, T.PILToTensor(), T.ToDtype(torch.float32, scale=True),
+                                  T.Normalize(self.mean, self.std)])
         return self._tf
 
     def prepare(self, x) -> "PIL.Image.Image":
@@ -119,15 +130,21 @@ def load_sensor(path, # .npy file holding one window (time, channels)
     "Read a `.npy` sensor window as a float32 array; `DataError` names the file if it is missing or unreadable."
     import numpy as np
     p = Path(path)
-    if not p.exists(): raise DataError("sensor file not found.", file=p, fix="check the path in the record (it is relative to media_folder) and that the file was copied.")
-    if not p.is_file(): raise DataError("the sensor path is not a file.", file=p, fix="point the record at a .npy file, not a folder.")
+    if not p.exists():
+        raise DataError("sensor file not found.", file=p,
+                        fix="check the path in the record (it is relative to media_folder) and that the file was "
+                            "copied.")
+    if not p.is_file():
+        raise DataError("the sensor path is not a file.", file=p, fix="point the record at a .npy file, not a folder.")
     try: a = np.load(p, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise DataError(f"this is not a readable .npy array ({e}).", file=p,
-                        fix="save each window with numpy.save(path, array) as a plain numeric (time, channels) array.") from None
+                        fix="save each window with numpy.save(path, array) as a plain numeric (time, channels) "
+                            "array.") from None
     if not isinstance(a, np.ndarray):  # an .npz archive
         a.close()
-        raise DataError("this is an .npz archive, not a single .npy array.", file=p, fix="save each window with numpy.save(path, array).")
+        raise DataError("this is an .npz archive, not a single .npy array.", file=p,
+                        fix="save each window with numpy.save(path, array).")
     if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
         raise DataError(f"the array has non-numeric dtype {a.dtype}.", file=p, fix="save the window as a float array.")
     return a.astype(np.float32, copy=False)
@@ -145,17 +162,22 @@ def check_sensor(a:"np.ndarray", # the window as loaded
     T, C = a.shape
     if C != channels:
         if T == channels:
-            raise DataError(f"the array has shape {tuple(a.shape)}, which looks channels-first ({channels} channels x {C} steps); "
-                            f"qllava expects (time, channels) = ({C}, {channels}).", file=file,
+            raise DataError(f"the array has shape {tuple(a.shape)}, which looks channels-first ({channels} channels x "
+                            f"{C} steps); qllava expects (time, channels) = ({C}, {channels}).", file=file,
                             fix="save the transpose: numpy.save(path, array.T).")
-        raise DataError(f"the window has {C} channels (shape {tuple(a.shape)}), the encoder expects {channels}.", file=file,
-                        fix=f"give the encoder's {channels} channels in (time, channels) layout, or use a sensor encoder built for {C} channels.")
-    if T == 0: raise DataError("the sensor window has no time steps.", file=file, fix="remove the record or save a non-empty window.")
+        raise DataError(f"the window has {C} channels (shape {tuple(a.shape)}), the encoder expects {channels}.",
+                        file=file,
+                        fix=f"give the encoder's {channels} channels in (time, channels) layout, or use a sensor "
+                            f"encoder built for {C} channels.")
+    if T == 0:
+        raise DataError("the sensor window has no time steps.", file=file,
+                        fix="remove the record or save a non-empty window.")
     bad = ~np.isfinite(a)
     if bad.any():
         t, c = np.argwhere(bad)[0]
         n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
-        raise DataError(f"the window holds {n_nan} NaN and {n_inf} inf values (first at time {t}, channel {c}).", file=file,
+        raise DataError(f"the window holds {n_nan} NaN and {n_inf} inf values (first at time {t}, channel {c}).",
+                        file=file,
                         fix="interpolate or drop the gaps before saving, or remove the record.")
     return a
 
@@ -168,7 +190,8 @@ def channel_stats(windows, # paths or (time, channels) arrays
     n, s, ss = 0, 0.0, 0.0
     for w in windows:
         a = load_sensor(w) if isinstance(w, (str, os.PathLike)) else np.asarray(w, np.float32)
-        a = check_sensor(a, channels if channels is not None else a.shape[-1], file=w if isinstance(w, (str, os.PathLike)) else None).astype(np.float64)
+        a = check_sensor(a, channels if channels is not None else a.shape[-1],
+                         file=w if isinstance(w, (str, os.PathLike)) else None).astype(np.float64)
         n, s, ss = n + len(a), s + a.sum(0), ss + (a * a).sum(0)
     if n == 0: raise DataError("channel_stats got no windows.", fix="pass at least one window.")
     mean = s / n
@@ -177,7 +200,8 @@ def channel_stats(windows, # paths or (time, channels) arrays
 
 # %% ../../nbs/10_media.ipynb #d6a8d889
 class SensorProcessor:
-    "`.npy` path or (T, C) array -> float tensor (window, channels), checked, normalised per channel, cropped or padded to `window`."
+    ("`.npy` path or (T, C) array -> float tensor (window, channels), checked, normalised per channel, cropped or "
+     "padded to `window`.")
     modality = "sensor"
     def __init__(self, window:int=120, # time steps the encoder takes
                  channels:int=6, # channels the encoder takes (e.g. 6 = acc xyz + gyro xyz)
@@ -186,13 +210,18 @@ class SensorProcessor:
                  crop:str="center", # which part of a longer window to keep: "center" or "start"
                  eps:float=1e-6): # a channel with std <= eps * (1 + |mean|) counts as constant (becomes 0)
         if crop not in ("center", "start"): raise ConfigError(f"unknown crop {crop!r}. Fix: use 'center' or 'start'.")
-        if (mean is None) != (std is None): raise ConfigError("give both mean and std, or neither (per-window z-score).")
+        if (mean is None) != (std is None):
+            raise ConfigError("give both mean and std, or neither (per-window z-score).")
         if mean is not None:
             if len(mean) != channels or len(std) != channels:
-                raise ConfigError(f"mean and std need {channels} values (one per channel), got {len(mean)} and {len(std)}.")
-            if min(std) <= 0: raise ConfigError(f"every std must be > 0, got {tuple(std)}. Fix: drop constant channels or use 1.0 for them.")
+                raise ConfigError(f"mean and std need {channels} values (one per channel), got {len(mean)} and "
+                                  f"{len(std)}.")
+            if min(std) <= 0:
+                raise ConfigError(f"every std must be > 0, got {tuple(std)}. Fix: drop constant channels or use 1.0 "
+                                  "for them.")
             mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-        self.window, self.channels, self.mean, self.std, self.crop, self.eps = int(window), int(channels), mean, std, crop, eps
+        self.window, self.channels, self.mean, self.std, self.crop, self.eps = (int(window), int(channels), mean, std,
+                                                                                crop, eps)
 
     def normalise(self, a:"np.ndarray") -> "np.ndarray":
         "Per-channel normalisation of a checked (T, C) array (given statistics, else per-window z-score)."

@@ -25,13 +25,18 @@ class Modality:
     placeholder:str # its token in conversation text, e.g. "<image>"
     record_key:str # the record / question field that names its file, e.g. "image"
     batch_key:str # the DataCollator's batch key and the model's keyword, e.g. "images"
-    make_processor:Callable # an encoder's `media` settings dict -> a processor (file or array -> the tower's input tensor)
+    # an encoder's `media` settings dict -> a processor (file or array -> the tower's input tensor)
+    make_processor:Callable
     input_shape:Callable # an encoder's `media` settings dict -> the shape of one preprocessed item
-    suffixes:tuple = () # file suffixes of this media: how a bare file path is told apart in a prompt for a model with several encoders
+    # file suffixes of this media: how a bare file path is told apart in a prompt for a model with several encoders
+    suffixes:tuple = ()
     item_types:tuple = () # in-memory types of this media (a PIL image, a numpy window), told apart the same way
-    default_encoder:str|None = None # encoder spec where a run or check names none (validate-data, the demo); None: must be given
-    options:Callable|None = None # run settings (a TrainConfig or a model config) -> preprocessing overrides for its encoders
-    caption_prompts:tuple = () # instructions `make-records` puts before a caption (default: generic ones naming the modality)
+    # encoder spec where a run or check names none (validate-data, the demo); None: must be given
+    default_encoder:str|None = None
+    # run settings (a TrainConfig or a model config) -> preprocessing overrides for its encoders
+    options:Callable|None = None
+    # instructions `make-records` puts before a caption (default: generic ones naming the modality)
+    caption_prompts:tuple = ()
 
 MODALITIES: dict[str, Modality] = {}  # name -> Modality, in registration order (the placeholders' token order)
 
@@ -44,7 +49,8 @@ def register_modality(m:Modality) -> Modality:
             if getattr(o, f) == getattr(m, f):
                 raise ConfigError(f"modality {m.name!r}: its {f} {getattr(m, f)!r} is already modality {o.name!r}'s. "
                                   f"Fix: choose another {f} (registered: {', '.join(MODALITIES)}).")
-    if not re.fullmatch(r"<\w+>", m.placeholder): raise ConfigError(f"modality {m.name!r}: placeholder {m.placeholder!r} is not like <name>.")
+    if not re.fullmatch(r"<\w+>", m.placeholder):
+        raise ConfigError(f"modality {m.name!r}: placeholder {m.placeholder!r} is not like <name>.")
     MODALITIES[m.name] = m
     placeholder_re.cache_clear()
     return m
@@ -52,7 +58,8 @@ def register_modality(m:Modality) -> Modality:
 def get_modality(name:str) -> Modality:
     "The registered modality `name`; a ConfigError naming the registered ones otherwise."
     if name not in MODALITIES:
-        raise ConfigError(f"unknown modality {name!r}. Fix: use one of {', '.join(MODALITIES)}, or register it with qllava.data.modality.register_modality.")
+        raise ConfigError(f"unknown modality {name!r}. Fix: use one of {', '.join(MODALITIES)}, or register it with "
+                          "qllava.data.modality.register_modality.")
     return MODALITIES[name]
 
 # %% ../../nbs/11_modality.ipynb #e0d32234
@@ -70,7 +77,8 @@ def record_modalities(record:dict) -> list[str]:
     return [m.name for m in MODALITIES.values() if record.get(m.record_key) not in (None, "", [])]
 
 def record_media(record:dict, modality:str):
-    "The media `record` gives for `modality` (a path as written, or a list of them), read under that modality's record key; None without."
+    ("The media `record` gives for `modality` (a path as written, or a list of them), read under that modality's "
+     "record key; None without.")
     return record.get(get_modality(modality).record_key)
 
 def is_item_of(x, modality:str) -> bool:
@@ -86,11 +94,13 @@ def default_encoders() -> dict[str, str]:
 def media_options(settings, # a `TrainConfig`, or a model's config: the attributes the modalities' `options` read
                   modalities, # the modalities of the model's encoders
                  ) -> dict:
-    "modality -> the preprocessing overrides `settings` ask of its encoders (e.g. an aspect ratio), as each modality says."
+    ("modality -> the preprocessing overrides `settings` ask of its encoders (e.g. an aspect ratio), as each modality "
+     "says.")
     return {m: o(settings) for m in modalities if (o := get_modality(m).options) is not None}
 
 def batch_media(batch:dict) -> dict:
-    "The media inputs of a batch or keyword dict, by modality: {'image': tensor, ...} from its batch keys (others ignored)."
+    ("The media inputs of a batch or keyword dict, by modality: {'image': tensor, ...} from its batch keys (others "
+     "ignored).")
     return {m.name: batch[m.batch_key] for m in MODALITIES.values() if batch.get(m.batch_key) is not None}
 
 # %% ../../nbs/11_modality.ipynb #04ed44aa
@@ -104,7 +114,8 @@ def image_options(settings) -> dict:
 
 register_modality(Modality(
     "image", "<image>", "image", "images",
-    make_processor=lambda m: ImageProcessor(m["image_size"], tuple(m["image_mean"]), tuple(m["image_std"]), aspect_ratio=m.get("aspect_ratio", "pad")),
+    make_processor=lambda m: ImageProcessor(m["image_size"], tuple(m["image_mean"]), tuple(m["image_std"]),
+                                            aspect_ratio=m.get("aspect_ratio", "pad")),
     input_shape=lambda m: (3, m["image_size"], m["image_size"]), suffixes=IMAGE_SUFFIXES, item_types=(PIL.Image.Image,),
     default_encoder="preset:tiny-clip", options=image_options,
     caption_prompts=("Describe the image briefly.", "Write a short caption for this image.",

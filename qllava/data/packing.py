@@ -33,7 +33,8 @@ def pack_rows(lengths:list[int], # tokens of each sample
 def tightest_rows(lengths:list[int], # tokens of each sample
                   budget:int|None, # tokens a row may hold (None: the longest sample)
                  ) -> list[list[int]]: # sample indices of each row
-    "`pack_rows` at `budget` or at the longest sample, whichever computes fewer tokens (rows x widest row; ties: `budget`)."
+    ("`pack_rows` at `budget` or at the longest sample, whichever computes fewer tokens (rows x widest row; ties: "
+     "`budget`).")
     computed = lambda rows: len(rows) * max(sum(lengths[i] for i in r) for r in rows)
     budgets = dict.fromkeys([budget or max(lengths), max(lengths)])  # min keeps the first of equals: the budget's
     return min((pack_rows(lengths, b) for b in budgets), key=computed)

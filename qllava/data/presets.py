@@ -13,7 +13,8 @@ __all__ = ['SHIPPED_TOKENIZERS', 'SPM_PREFIX', 'DEMO_MODALITIES', 'DEMO_DATA', '
            'save_tokenizer', 'preset_names', 'get_preset', 'llama_param_count', 'demo_paths', 'demo_subset']
 
 # %% ../../nbs/13_presets.ipynb #169e0ccc
-SHIPPED_TOKENIZERS = ("llama-demo", "bytebpe-demo", "llama2-spm")  # llama2-spm: the real LLaMA-2 / Vicuna v1.5 vocabulary
+# llama2-spm: the real LLaMA-2 / Vicuna v1.5 vocabulary
+SHIPPED_TOKENIZERS = ("llama-demo", "bytebpe-demo", "llama2-spm")
 
 def default_tokenizer(llm:str, # the LLM: `preset:NAME`, a hub id or a folder
                      ) -> str:
@@ -54,8 +55,9 @@ def load_tokenizer(name_or_path:str="llama-demo", # a shipped name, a local toke
     elif Path(name).expanduser().is_dir(): folder = str(Path(name).expanduser())
     elif Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ConfigError(f"{name!r} is neither a shipped tokenizer nor a tokenizer folder. "
-                          f"Fix: use one of the shipped tokenizers {', '.join(SHIPPED_TOKENIZERS)}, a folder holding tokenizer.json, "
-                          "or a hub id such as 'lmsys/vicuna-7b-v1.5' (downloaded beforehand when offline).")
+                          f"Fix: use one of the shipped tokenizers {', '.join(SHIPPED_TOKENIZERS)}, a folder holding "
+                          "tokenizer.json, or a hub id such as 'lmsys/vicuna-7b-v1.5' (downloaded beforehand when "
+                          "offline).")
     else: folder = name
     if missing := _missing_tokenizer_packages(folder):
         raise ConfigError(f"{name!r} holds only a SentencePiece tokenizer.model, which needs {' and '.join(missing)}. "
@@ -63,7 +65,8 @@ def load_tokenizer(name_or_path:str="llama-demo", # a shipped name, a local toke
     kwargs.setdefault("trust_remote_code", False)  # a tokenizer folder must never run code of its own
     tcfg = _tokenizer_config(folder)
     if "legacy" not in tcfg and str(tcfg.get("tokenizer_class", "")).startswith("LlamaTokenizer"):
-        kwargs.setdefault("legacy", True)  # no `legacy` key: the original LLaVA's transformers (4.37) then uses legacy=True
+        # no `legacy` key: the original LLaVA's transformers (4.37) then uses legacy=True
+        kwargs.setdefault("legacy", True)
     try: tok = AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, ImportError) as e:
         raise ConfigError(f"cannot load the tokenizer {name!r}: {e}. Fix: check the folder or hub id; offline, "
@@ -87,14 +90,18 @@ def _tokenizer_file(folder:str, name:str) -> Path|None:
     if p.is_file(): return p
     try:
         from transformers.utils import cached_file
-        f = cached_file(folder, name, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+        f = cached_file(folder, name, _raise_exceptions_for_missing_entries=False,
+                        _raise_exceptions_for_connection_errors=False)
     except Exception: return None  # not a hub id in the cache
     return Path(f) if f else None
 
 def _merges_by_score(tok, spm_file:Path):
-    "Rank a SentencePiece BPE's merges by piece score, as SentencePiece does (transformers 5 converts them by piece id)."
-    # written by hand: no library converts tokenizer.model to a `tokenizers` BPE with score-ranked merges (measured: transformers
-    # 5.24's conversion splits runs of spaces unlike SentencePiece, e.g. "tissue  nuclei" -> ▁▁ n uc lei instead of ▁ ▁nuclei)
+    ("Rank a SentencePiece BPE's merges by piece score, as SentencePiece does (transformers 5 converts them by piece "
+     "id).")
+    # written by hand: no library converts tokenizer.model to a `tokenizers` BPE with score-ranked merges (measured:
+    # transformers
+    # 5.24's conversion splits runs of spaces unlike SentencePiece, e.g. "tissue  nuclei" -> ▁▁ n uc lei instead of ▁
+    # ▁nuclei)
     from sentencepiece import sentencepiece_model_pb2 as pb
     from tokenizers.models import BPE
     from transformers.tokenization_utils_base import generate_merges
@@ -104,7 +111,8 @@ def _merges_by_score(tok, spm_file:Path):
     if m.trainer_spec.model_type != m.trainer_spec.BPE: return tok
     vocab = {p.piece: i for i, p in enumerate(m.pieces)}
     scores = {p.piece: p.score for p in m.pieces if p.type in (p.NORMAL, p.USER_DEFINED)}
-    backend.model = BPE(vocab=vocab, merges=generate_merges(vocab, scores), unk_token=m.pieces[m.trainer_spec.unk_id].piece,
+    backend.model = BPE(vocab=vocab, merges=generate_merges(vocab, scores),
+                        unk_token=m.pieces[m.trainer_spec.unk_id].piece,
                         fuse_unk=True, byte_fallback=m.trainer_spec.byte_fallback)
     return tok
 
@@ -118,14 +126,17 @@ def save_tokenizer(tokenizer, # the (prepared) tokenizer a model trained with
     folder = Path(folder); tokenizer.save_pretrained(str(folder))
     f = folder / "tokenizer_config.json"
     cfg = json.loads(f.read_text())
-    for k in ("legacy", "add_prefix_space", "padding_side"):  # transformers 5 omits padding_side for some classes (Qwen2)
+    # transformers 5 omits padding_side for some classes (Qwen2)
+    for k in ("legacy", "add_prefix_space", "padding_side"):
         if getattr(tokenizer, k, None) is not None: cfg[k] = getattr(tokenizer, k)
-    if tokenizer.init_kwargs.get(SPM_PREFIX): cfg[SPM_PREFIX] = True  # built from a tokenizer.model (see load_tokenizer)
+    # built from a tokenizer.model (see load_tokenizer)
+    if tokenizer.init_kwargs.get(SPM_PREFIX): cfg[SPM_PREFIX] = True
     f.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
     again = load_tokenizer(str(folder))
     if again(_PROBE).input_ids != tokenizer(_PROBE).input_ids:
         raise ConfigError(f"{folder}: the saved tokenizer does not load back identical ({type(tokenizer).__name__}). "
-                          "Fix: report this with the tokenizer's source; pass --tokenizer explicitly when loading the checkpoint.")
+                          "Fix: report this with the tokenizer's source; pass --tokenizer explicitly when loading the "
+                          "checkpoint.")
     return folder
 
 # %% ../../nbs/13_presets.ipynb #750ab7c9
@@ -141,10 +152,13 @@ def get_preset(name:str, # a shipped preset name (see `preset_names()`) or a pat
     if not (p.suffix == ".json" and p.is_file()):
         p = assets_dir() / "presets" / f"{name}.json"
         if not p.is_file():
-            raise ConfigError(f"unknown preset {name!r}. Fix: use one of {', '.join(preset_names()) or '(none shipped: run `qllava make-demo`)'} "
+            raise ConfigError(f"unknown preset {name!r}. Fix: use one of "
+                              f"{', '.join(preset_names()) or '(none shipped: run `qllava make-demo`)'} "
                               "or the path of a preset JSON file.")
     try: return json.loads(p.read_text())
-    except json.JSONDecodeError as e: raise ConfigError(f"{p}: not valid JSON ({e}). Fix: repair the file or rebuild it with `qllava make-demo`.") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON ({e}). Fix: repair the file or rebuild it with `qllava "
+                          "make-demo`.") from None
 
 # %% ../../nbs/13_presets.ipynb #1fd1eed5
 def llama_param_count(cfg:dict, # LlamaConfig kwargs
@@ -166,9 +180,11 @@ def demo_paths(modality:str="pathology", # "pathology" (images) or "imu" (sensor
         raise ConfigError(f"unknown demo modality {modality!r}. Fix: use one of {', '.join(DEMO_MODALITIES)}.")
     root = assets_dir() / "demo" / modality
     return {"root": root, "pretrain": root / "pretrain.json", "finetune": root / "finetune.json",
-            "media_folder": root / DEMO_MODALITIES[modality], "media_key": {v: k for k, v in DEMO_DATA.items()}[modality],
+            "media_folder": root / DEMO_MODALITIES[modality],
+            "media_key": {v: k for k, v in DEMO_DATA.items()}[modality],
             "eval_questions": root / "eval_questions.jsonl", "eval_gt": root / "eval_gt.json",
-            "eval_captions": root / "eval_captions.jsonl", "eval_reference_answers": root / "eval_reference_answers.jsonl",
+            "eval_captions": root / "eval_captions.jsonl",
+            "eval_reference_answers": root / "eval_reference_answers.jsonl",
             "sources": root.parent / "SOURCES.md"}
 
 # %% ../../nbs/13_presets.ipynb #fc076bd5

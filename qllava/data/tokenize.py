@@ -38,7 +38,8 @@ def prepare_tokenizer(tokenizer, # a transformers fast tokenizer (changed in pla
                       use_im_start_end:bool=False, # also add <im_start> / <im_end>
                       use_im_patch_token:bool=False, # also add <im_patch>
                       template:str|Template|None=None): # also make this template's answer terminators single tokens
-    "Add the media placeholders (and frame / patch tokens when asked) as special tokens and ensure a pad token; idempotent."
+    ("Add the media placeholders (and frame / patch tokens when asked) as special tokens and ensure a pad token; "
+     "idempotent.")
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"{type(tokenizer).__name__} is a slow tokenizer; labels need character offsets. "
                           "Fix: load it with use_fast=True (AutoTokenizer.from_pretrained(path, use_fast=True)).")
@@ -57,13 +58,14 @@ def prepare_tokenizer(tokenizer, # a transformers fast tokenizer (changed in pla
 def pick_template(version:str|None, # the template asked for (`--version`); None: choose from the tokenizer
                   tokenizer, # the model's tokenizer
                  ) -> str:
-    "The template name a run uses: `version` if given, else `auto` when the tokenizer has a chat template, else `vicuna_v1`."
+    ("The template name a run uses: `version` if given, else `auto` when the tokenizer has a chat template, else "
+     "`vicuna_v1`.")
     if version: return version if version == "auto" else get_template(version).name
     if getattr(tokenizer, "chat_template", None): return "auto"
     if "</s>" in tokenizer.get_vocab(): return "vicuna_v1"
-    raise ConfigError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')} ships no chat template and no --version was "
-                      f"given. Fix: pass --version with one of {', '.join(sorted(TEMPLATES))} (llama_3, qwen_2, phi_3, mistral, "
-                      "gemma for those backbones), or use a tokenizer with a chat template (auto).")
+    raise ConfigError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')} ships no chat template and no --version "
+                      f"was given. Fix: pass --version with one of {', '.join(sorted(TEMPLATES))} (llama_3, qwen_2, "
+                      "phi_3, mistral, gemma for those backbones), or use a tokenizer with a chat template (auto).")
 
 # %% ../../nbs/14_tokenize.ipynb #b044c8a4
 def media_token_id(tokenizer, # a tokenizer passed through `prepare_tokenizer`
@@ -71,7 +73,8 @@ def media_token_id(tokenizer, # a tokenizer passed through `prepare_tokenizer`
     "The id of `modality`'s placeholder token."
     ph = get_modality(modality).placeholder
     if ph not in tokenizer.get_added_vocab():
-        raise ConfigError(f"the tokenizer has no {ph} token. Fix: call qllava.data.tokenize.prepare_tokenizer(tokenizer) first.")
+        raise ConfigError(f"the tokenizer has no {ph} token. Fix: call "
+                          "qllava.data.tokenize.prepare_tokenizer(tokenizer) first.")
     return tokenizer.convert_tokens_to_ids(ph)
 
 # %% ../../nbs/14_tokenize.ipynb #a7148979
@@ -134,9 +137,11 @@ def _encode_whole(tokenizer, texts:list[str]) -> list[tuple]:
 
 # %% ../../nbs/14_tokenize.ipynb #76f9036f
 def _dummy_prefix(tokenizer) -> bool:
-    "Whether the tokenizer stands for a SentencePiece model (built from tokenizer.model) whose Metaspace adds the prefix `▁`."
+    ("Whether the tokenizer stands for a SentencePiece model (built from tokenizer.model) whose Metaspace adds the "
+     "prefix `▁`.")
     import json as _json
-    if not tokenizer.init_kwargs.get(SPM_PREFIX): return False  # a tokenizer.json tokenizer: the original used it as it is
+    # a tokenizer.json tokenizer: the original used it as it is
+    if not tokenizer.init_kwargs.get(SPM_PREFIX): return False
     pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
     if pre is None: return False
     d = _json.loads(pre.__getstate__() if isinstance(pre.__getstate__(), str) else pre.__getstate__().decode())
@@ -146,19 +151,24 @@ def _dummy_prefix(tokenizer) -> bool:
 def encode_chunked(tokenizer, # fast tokenizer passed through `prepare_tokenizer`
                    texts:list[str], # prompt texts with media placeholders
                   ) -> list[tuple]: # [(ids, offsets, special_tokens_mask)] per text
-    "Tokenize as the original's `tokenizer_image_token`: each chunk between media placeholders on its own, one BOS, one id per placeholder."
+    ("Tokenize as the original's `tokenizer_image_token`: each chunk between media placeholders on its own, one BOS, "
+     "one id per placeholder.")
     added = tokenizer.get_added_vocab()
     if any(p not in added for t in texts for p in placeholder_re().findall(t)):
-        raise ConfigError("the tokenizer has no media placeholder tokens. Fix: call qllava.data.tokenize.prepare_tokenizer(tokenizer) first.")
+        raise ConfigError("the tokenizer has no media placeholder tokens. Fix: call "
+                          "qllava.data.tokenize.prepare_tokenizer(tokenizer) first.")
     pieces, chunks = [], []                                     # per text: [(chunk start, placeholder text or None)]
     for t in texts:
         start, parts = 0, []
         for m in placeholder_re().finditer(t):
-            parts.append((start, t[start:m.start()], None)); parts.append((m.start(), m.group(0), m.group(0))); start = m.end()
+            parts.append((start, t[start:m.start()], None)); parts.append((m.start(), m.group(0),
+                                                                           m.group(0))); start = m.end()
         parts.append((start, t[start:], None))
         pieces.append(parts); chunks += [c for _, c, ph in parts if ph is None]
-    # SentencePiece gives every chunk a dummy-prefix "▁", also before a leading space; a `tokenizers` Metaspace adds none to
-    # text that starts with a space. An extra space in front makes the same pieces (written by hand: no tokenizers option does it)
+    # SentencePiece gives every chunk a dummy-prefix "▁", also before a leading space; a `tokenizers` Metaspace adds
+    # none to
+    # text that starts with a space. An extra space in front makes the same pieces (written by hand: no tokenizers
+    # option does it)
     lead = _dummy_prefix(tokenizer)
     extra = [lead and c.startswith(" ") for c in chunks]
     encoded, out, k = _encode_whole(tokenizer, [" " + c if x else c for c, x in zip(chunks, extra)]), [], 0
@@ -184,7 +194,8 @@ def _finish(text, ids, labels, counts, dropped, truncated, max_length, require_s
             raise DataError(f"no supervised token left after truncation to max_length={max_length} "
                             f"(media tokens included).", **where,
                             fix="raise model_max_length or shorten the conversation (or drop this record).")
-        raise DataError("no supervised token: the conversation has no assistant text.", **where, fix="add the gpt answer.")
+        raise DataError("no supervised token: the conversation has no assistant text.", **where,
+                        fix="add the gpt answer.")
     return TokenizedSample(ids, labels, counts, n_sup, truncated, dropped, text)
 
 def tokenize_conversation(conversations:list[dict], # LLaVA turns [{"from": "human"|"gpt", "value": str}, ...]
@@ -201,7 +212,8 @@ def tokenize_conversation(conversations:list[dict], # LLaVA turns [{"from": "hum
     spans = render(template, conversations, use_im_start_end=use_im_start_end, **where)
     text = spans_text(spans)
     ids, offsets, special = encode_chunked(tokenizer, [text])[0]
-    out = _expand(np.asarray(ids, dtype=np.int64), _span_labels(spans, offsets, special), tokenizer, n_media_tokens, max_length, **where)
+    out = _expand(np.asarray(ids, dtype=np.int64), _span_labels(spans, offsets, special), tokenizer, n_media_tokens,
+                  max_length, **where)
     return _finish(text, *out, max_length, require_supervision, where)
 
 # %% ../../nbs/14_tokenize.ipynb #826e470c
@@ -217,12 +229,14 @@ def tokenize_conversations(conversations:list[list[dict]], # one list of turns p
                           ) -> list[TokenizedSample]:
     "`tokenize_conversation` for many records with one batched tokenizer call."
     rid = (lambda i: None) if record_ids is None else record_ids.__getitem__
-    all_spans = [render(template, c, use_im_start_end=use_im_start_end, file=file, record=record_offset + i, record_id=rid(i))
+    all_spans = [render(template, c, use_im_start_end=use_im_start_end, file=file, record=record_offset + i,
+                        record_id=rid(i))
                  for i, c in enumerate(conversations)]
     texts = [spans_text(sp) for sp in all_spans]
     out = []
     for i, (sp, (ids, offsets, special)) in enumerate(zip(all_spans, encode_chunked(tokenizer, texts))):
         where = dict(file=file, record=record_offset + i, record_id=rid(i))
-        res = _expand(np.asarray(ids, dtype=np.int64), _span_labels(sp, offsets, special), tokenizer, n_media_tokens, max_length, **where)
+        res = _expand(np.asarray(ids, dtype=np.int64), _span_labels(sp, offsets, special), tokenizer, n_media_tokens,
+                      max_length, **where)
         out.append(_finish(texts[i], *res, max_length, require_supervision, where))
     return out

@@ -6,7 +6,8 @@
 from __future__ import annotations
 import argparse, json, math, os, sys, time, uuid
 from pathlib import Path
-from ..core import CheckpointError, ConfigError, DataError, QllavaError, ArgumentParser, load_plugins, read_json_records
+from ..core import (CheckpointError, ConfigError, DataError, QllavaError, ArgumentParser, load_plugins,
+                         read_json_records)
 from ..data.dataset import resolve_media_path
 from ..data.conversation import get_template, generation_prompt
 from ..data.modality import get_modality, record_media, record_modalities
@@ -40,15 +41,19 @@ def read_questions(path, # question JSONL: question_id, text, image | sensor
     seen = {}
     for k, (q, ln) in enumerate(zip(qs, lines)):
         if not isinstance(q, dict) or "question_id" not in q:
-            raise DataError(f"line {ln} has no question_id.", file=path, record=k, fix="give every question a question_id.")
+            raise DataError(f"line {ln} has no question_id.", file=path, record=k,
+                            fix="give every question a question_id.")
         qid = q["question_id"]
         if not isinstance(q.get("text"), str):
-            raise DataError(f"line {ln} has no text.", file=path, record=k, record_id=qid, fix="give every question a `text` string.")
+            raise DataError(f"line {ln} has no text.", file=path, record=k, record_id=qid,
+                            fix="give every question a `text` string.")
         if len(mods := record_modalities(q)) > 1:
-            raise DataError(f"line {ln} has several media ({' and '.join(mods)} files).", file=path, record=k, record_id=qid,
+            raise DataError(f"line {ln} has several media ({' and '.join(mods)} files).", file=path, record=k,
+                            record_id=qid,
                             fix="one medium per question.")
         if qid in seen:
-            raise DataError(f"question_id {qid!r} appears on lines {seen[qid]} and {ln}.", file=path, record=k, record_id=qid,
+            raise DataError(f"question_id {qid!r} appears on lines {seen[qid]} and {ln}.", file=path, record=k,
+                            record_id=qid,
                             fix="keep one line per question (answers are matched by question_id).")
         seen[qid] = ln
     return qs
@@ -64,7 +69,8 @@ def get_chunk(items:list, # the questions
               ) -> list:
     "Shard `chunk_idx` of `num_chunks` consecutive shards of `ceil(len/num_chunks)` items (the original split)."
     if num_chunks < 1 or not 0 <= chunk_idx < num_chunks:
-        raise ConfigError(f"chunk_idx={chunk_idx} with num_chunks={num_chunks}. Fix: use num_chunks >= 1 and 0 <= chunk_idx < num_chunks.")
+        raise ConfigError(f"chunk_idx={chunk_idx} with num_chunks={num_chunks}. Fix: use num_chunks >= 1 and 0 <= "
+                          "chunk_idx < num_chunks.")
     size = math.ceil(len(items) / num_chunks) if items else 0
     return list(items[chunk_idx * size:(chunk_idx + 1) * size])
 
@@ -98,13 +104,16 @@ def read_answers(path, # an answers JSONL (may not exist yet)
         cut = repair_tail(path)
         if cut: print(f"{path}: dropped a cut-off last line ({cut} bytes) left by an interrupted run.", file=sys.stderr)
     recs, seen = [], {}
-    rows, lines = read_json_records(path, "answers file", fix="delete that line; its question is answered again on the next run.",
-                                    skip_bad=lambda line, last: last and not repair, with_lines=True)  # a cut-off last line, left in place
+    rows, lines = read_json_records(path, "answers file",
+                                    fix="delete that line; its question is answered again on the next run.",
+                                    # a cut-off last line, left in place
+                                    skip_bad=lambda line, last: last and not repair, with_lines=True)
     for r, ln in zip(rows, lines):
         if not isinstance(r, dict) or "question_id" not in r:
             raise DataError(f"line {ln} has no question_id.", file=path, record=ln - 1, fix="delete that line.")
         if r["question_id"] in seen:
-            raise DataError(f"question_id {r['question_id']!r} is answered twice (lines {seen[r['question_id']]} and {ln}).",
+            raise DataError(f"question_id {r['question_id']!r} is answered twice (lines {seen[r['question_id']]} and "
+                            f"{ln}).",
                             file=path, record=ln - 1, record_id=r["question_id"], fix="delete one of the two lines.")
         seen[r["question_id"]] = ln
         recs.append(r)
@@ -140,15 +149,18 @@ def check_media(questions:list[dict], # questions to answer
                 encoders, # the model's encoders (modality -> module)
                 question_file=None, # for error messages
                 ):
-    "Raise a DataError naming the question_id of the first missing media file (or ConfigError for a modality the model lacks)."
+    ("Raise a DataError naming the question_id of the first missing media file (or ConfigError for a modality the "
+     "model lacks).")
     folder = media_folder if isinstance(media_folder, dict) else Path(media_folder or ".")
     for i, q in enumerate(questions):
         m = question_modality(q)
         if m is None: continue
         if m not in encoders:
             raise ConfigError(f"question {q['question_id']!r} in {question_file} has {m} media but the model has only "
-                              f"{', '.join(encoders) or 'no'} encoder(s). Fix: answer it with a model that has a {m} encoder.")
-        p = resolve_media_path(record_media(q, m), folder, file=question_file, record=i, record_id=q["question_id"], modality=m)
+                              f"{', '.join(encoders) or 'no'} encoder(s). Fix: answer it with a model that has a {m} "
+                              "encoder.")
+        p = resolve_media_path(record_media(q, m), folder, file=question_file, record=i, record_id=q["question_id"],
+                               modality=m)
         if not p.is_file():
             raise DataError(f"{m} file {str(p)!r} not found.", file=question_file, record=i, record_id=q["question_id"],
                             fix="check --image-folder and the path in the question (it is relative to that folder).")
@@ -160,10 +172,12 @@ def load_batch_media(model, questions:list[dict], media_folder, blank:bool=False
         m = question_modality(q)
         if m is None: out.append(None); continue
         folder = media_folder if isinstance(media_folder, dict) else Path(media_folder or ".")
-        path = resolve_media_path(record_media(q, m), folder, file=question_file, record=i, record_id=q["question_id"], modality=m)
+        path = resolve_media_path(record_media(q, m), folder, file=question_file, record=i, record_id=q["question_id"],
+                                  modality=m)
         try: x = model.encoders[m].processor(path)
         except DataError as e:
-            raise DataError(f"{m} file {str(path)!r}: {e.problem}", file=question_file, record_id=q["question_id"], fix=e.fix) from None
+            raise DataError(f"{m} file {str(path)!r}: {e.problem}", file=question_file, record_id=q["question_id"],
+                            fix=e.fix) from None
         out.append({m: x * 0 if blank else x})
     return out
 
@@ -178,13 +192,16 @@ def _lock(f, path):
     except ImportError: return
     try: fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise ConfigError(f"{path} is being written by another run. Fix: wait for it, or write to another --answers-file.") from None
+        raise ConfigError(f"{path} is being written by another run. Fix: wait for it, or write to another "
+                          "--answers-file.") from None
 
 def load_answering_model(model_dir, device=None) -> tuple:
     "(model, tokenizer) of a checkpoint or LoRA run folder, in eval mode on `device` (CUDA when there is one)."
     import torch
     p = Path(model_dir)
-    if not p.is_dir(): raise CheckpointError(f"{p}: no such checkpoint folder. Fix: check --model-path (train one with `qllava train` or the train notebook).")
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: no such checkpoint folder. Fix: check --model-path (train one with `qllava train` "
+                              "or the train notebook).")
     model, tok = load_trained(p)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tok
@@ -206,7 +223,8 @@ def answer_questions(model_dir, # qllava checkpoint (or LoRA run) folder
                      model=None, # an already loaded (model, tokenizer), instead of loading model_dir
                      progress=None, # callable(done, total) after every batch
                      ) -> dict: # {"answers_file", "total", "skipped", "answered", "seconds"}
-    "Answer the questions not yet in `answers_file` in batches, appending and fsyncing each batch (the original model_vqa)."
+    ("Answer the questions not yet in `answers_file` in batches, appending and fsyncing each batch (the original "
+     "model_vqa).")
     t0 = time.time()
     questions = get_chunk(read_questions(question_file), num_chunks, chunk_idx)
     answers_file = Path(answers_file)
@@ -229,7 +247,8 @@ def answer_questions(model_dir, # qllava checkpoint (or LoRA run) folder
             media = load_batch_media(model, batch, media_folder, blank_media, question_file)
             texts = answer_batch(model, tok, prompts, media, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_p=top_p, num_beams=num_beams, batch_size=len(batch))
-            append_answers(f, [{"question_id": q["question_id"], "prompt": q["text"], "text": t, "answer_id": short_uuid(),
+            append_answers(f,
+                           [{"question_id": q["question_id"], "prompt": q["text"], "text": t, "answer_id": short_uuid(),
                                 "model_id": model_id, "metadata": dict(meta)} for q, t in zip(batch, texts)])
             if progress: progress(b + len(batch), len(todo))
     return {"answers_file": str(answers_file), "total": len(questions), "skipped": len(questions) - len(todo),
@@ -272,7 +291,8 @@ def _seed_chunks(answers_file:Path, questions:list[dict], num_chunks:int):
     for i in range(num_chunks):
         part = Path(f"{answers_file}.chunk{i}")
         have = {r["question_id"] for r in read_answers(part)}
-        add = [old[q["question_id"]] for q in get_chunk(questions, num_chunks, i) if q["question_id"] in old and q["question_id"] not in have]
+        add = [old[q["question_id"]] for q in get_chunk(questions, num_chunks,
+                                                        i) if q["question_id"] in old and q["question_id"] not in have]
         with open(part, "a", encoding="utf-8") as f: append_answers(f, add)
 
 def answer_sharded(model_dir, question_file, media_folder, answers_file, # as `answer_questions`
@@ -287,18 +307,22 @@ def answer_sharded(model_dir, question_file, media_folder, answers_file, # as `a
     gpus = gpu_count()
     n = num_gpus if num_gpus is not None else (gpus or 2)
     if n < 1: raise ConfigError(f"num_gpus={n}: need at least 1 process.")
-    if not Path(model_dir).is_dir(): raise CheckpointError(f"{model_dir}: no such checkpoint folder. Fix: check --model-path.")
+    if not Path(model_dir).is_dir():
+        raise CheckpointError(f"{model_dir}: no such checkpoint folder. Fix: check --model-path.")
     answers_file.parent.mkdir(parents=True, exist_ok=True)
     _seed_chunks(answers_file, questions, n)
     flags = []
     for k, v in kwargs.items():
-        if k not in _CLI_FLAGS: raise ConfigError(f"answer_sharded got an unknown option {k!r}. Fix: use one of {', '.join(_CLI_FLAGS)}.")
+        if k not in _CLI_FLAGS:
+            raise ConfigError(f"answer_sharded got an unknown option {k!r}. Fix: use one of {', '.join(_CLI_FLAGS)}.")
         if v is None or v is False: continue
         flags += [_CLI_FLAGS[k]] + ([] if v is True else [str(v)])
     errors, threads = {}, []
     def shard(i):
-        env = {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
-        cmd = [sys.executable, "-u", "-m", "qllava.evaluation.answer", "--model-path", str(model_dir), "--question-file", str(question_file),
+        env = {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {"OMP_NUM_THREADS": str(max(1, (os.cpu_count()
+                                                                                                   or 1) // n))}
+        cmd = [sys.executable, "-u", "-m", "qllava.evaluation.answer", "--model-path", str(model_dir),
+               "--question-file", str(question_file),
                "--image-folder", str(media_folder or ""), "--answers-file", f"{answers_file}.chunk{i}",
                "--num-chunks", str(n), "--chunk-idx", str(i), *flags]
         try: run(cmd, Path(f"{answers_file}.shards") / f"chunk{i}", env=env, echo=echo, progress=True)
@@ -311,10 +335,12 @@ def answer_sharded(model_dir, question_file, media_folder, answers_file, # as `a
         if isinstance(e, QllavaError): raise type(e)(f"shard {i} of {n} failed: {e}") from None
         raise e
     merge_chunks(answers_file, question_file, n)
-    return {"answers_file": str(answers_file), "total": len(questions), "shards": n, "seconds": round(time.time() - t0, 2)}
+    return {"answers_file": str(answers_file), "total": len(questions), "shards": n,
+            "seconds": round(time.time() - t0, 2)}
 
 _CLI_FLAGS = {"batch_size": "--batch-size", "max_new_tokens": "--max_new_tokens", "temperature": "--temperature",
-              "num_beams": "--num_beams", "template": "--conv-mode", "model_id": "--model-id", "blank_media": "--blank-media",
+              "num_beams": "--num_beams", "template": "--conv-mode", "model_id": "--model-id",
+              "blank_media": "--blank-media",
               "top_p": "--top_p"}
 
 # %% ../../nbs/45_answer.ipynb #f2f4d425
@@ -323,11 +349,14 @@ def answer_cli(argv:list[str]|None=None) -> int:
     load_plugins()
     ap = ArgumentParser(prog="qllava answer", description=answer_cli.__doc__)
     ap.add_argument("--model-path", required=True, help="qllava checkpoint (or LoRA run) folder")
-    ap.add_argument("--model-base", default=None, help=argparse.SUPPRESS)  # original flag; a qllava folder knows its base
+    # original flag; a qllava folder knows its base
+    ap.add_argument("--model-base", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--question-file", required=True, help="question JSONL: question_id, image | sensor, text")
     ap.add_argument("--image-folder", default="", help="folder the image / sensor paths are relative to")
-    ap.add_argument("--answers-file", required=True, help="answers JSONL (appended to; question_ids already there are skipped)")
-    ap.add_argument("--conv-mode", default=None, help="conversation template (default: the model's; llava_v1 = vicuna_v1)")
+    ap.add_argument("--answers-file", required=True,
+                    help="answers JSONL (appended to; question_ids already there are skipped)")
+    ap.add_argument("--conv-mode", default=None,
+                    help="conversation template (default: the model's; llava_v1 = vicuna_v1)")
     ap.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many shards")
     ap.add_argument("--chunk-idx", type=int, default=0, help="the shard this run answers")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -337,19 +366,25 @@ def answer_cli(argv:list[str]|None=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
     ap.add_argument("--model-id", default=None, help="model_id in the records (default: the folder name)")
     ap.add_argument("--blank-media", action="store_true", help="zero every media input (control run)")
-    ap.add_argument("--num-gpus", type=int, default=None, help="run one process per GPU (or N CPU processes) and merge the shards")
+    ap.add_argument("--num-gpus", type=int, default=None,
+                    help="run one process per GPU (or N CPU processes) and merge the shards")
     a = ap.parse_args(argv)
-    kw = dict(batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, temperature=a.temperature, num_beams=a.num_beams,
+    kw = dict(batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+              num_beams=a.num_beams,
               template=a.conv_mode, model_id=a.model_id, blank_media=a.blank_media, top_p=a.top_p)
     if a.num_gpus is not None:
-        if a.num_chunks != 1: raise ConfigError("--num-gpus shards by itself. Fix: drop --num-chunks/--chunk-idx, or drop --num-gpus.")
-        r = answer_sharded(a.model_path, a.question_file, a.image_folder, a.answers_file, num_gpus=a.num_gpus, echo=True, **kw)
-        print(f"{r['answers_file']}: {r['total']} answers merged from {r['shards']} shards ({r['seconds']} s)", file=sys.stderr)
+        if a.num_chunks != 1:
+            raise ConfigError("--num-gpus shards by itself. Fix: drop --num-chunks/--chunk-idx, or drop --num-gpus.")
+        r = answer_sharded(a.model_path, a.question_file, a.image_folder, a.answers_file, num_gpus=a.num_gpus,
+                           echo=True, **kw)
+        print(f"{r['answers_file']}: {r['total']} answers merged from {r['shards']} shards ({r['seconds']} s)",
+              file=sys.stderr)
         return 0
     def progress(done, total): print(progress_line(done, total), file=sys.stderr, flush=True)
     r = answer_questions(a.model_path, a.question_file, a.image_folder, a.answers_file, num_chunks=a.num_chunks,
                          chunk_idx=a.chunk_idx, progress=progress, **kw)
-    print(f"{r['answers_file']}: answered {r['answered']}, already there {r['skipped']}, of {r['total']} ({r['seconds']} s)", file=sys.stderr)
+    print(f"{r['answers_file']}: answered {r['answered']}, already there {r['skipped']}, of {r['total']} "
+          f"({r['seconds']} s)", file=sys.stderr)
     return 0
 
 def _main(argv=None) -> int:
@@ -376,12 +411,16 @@ def vqa_accuracy(model, tokenizer, # a QllavaForCausalLM and its tokenizer
     answers = []
     for q, p in zip(qs, preds):
         g = truth[q["question_id"]]
-        if str(g.get("answer_type", "")).upper() == "CLOSED": kind, hit = "closed", closed_hit(p, str(g.get("yes_no_answer") or g["answer"]).lower())
-        elif len(normalize_answer(str(g["answer"])).split()) == 1:  # a one-word answer (e.g. the activity): is it named?
+        if str(g.get("answer_type", "")).upper() == "CLOSED":
+            kind, hit = "closed", closed_hit(p, str(g.get("yes_no_answer") or g["answer"]).lower())
+        # a one-word answer (e.g. the activity): is it named?
+        elif len(normalize_answer(str(g["answer"])).split()) == 1:
             kind, hit = "one_word", int(normalize_answer(str(g["answer"])) in normalize_answer(p).split())
         else: kind, hit = "open", None  # free text: scored by `qllava metrics`, not here
-        answers.append(dict(question_id=q["question_id"], text=q["text"], answer=p, gt=g["answer"], scored=kind, hit=hit))
+        answers.append(dict(question_id=q["question_id"], text=q["text"], answer=p, gt=g["answer"], scored=kind,
+                            hit=hit))
     pct = lambda xs: round(100 * sum(xs) / len(xs), 2) if xs else None
     closed, one_word = ([a["hit"] for a in answers if a["scored"] == k] for k in ("closed", "one_word"))
-    return {"closed_accuracy": pct(closed), "n_closed": len(closed), "open_accuracy": pct(one_word), "n_open": len(one_word), "answers": answers}
+    return {"closed_accuracy": pct(closed), "n_closed": len(closed), "open_accuracy": pct(one_word),
+            "n_open": len(one_word), "answers": answers}
 

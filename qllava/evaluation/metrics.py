@@ -15,7 +15,8 @@ __all__ = ['CONTRACTIONS', 'NUMBER_WORDS', 'ARTICLES', 'PUNCT', 'BLEU_WEIGHTS', 
            'choice_metrics', 'choice_item_scores', 'evaluate_files', 'format_metrics', 'metrics_cli']
 
 # %% ../../nbs/40_metrics.ipynb #9e648db8
-_CANONICAL_CONTRACTIONS = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't
+_CANONICAL_CONTRACTIONS = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've \
+hasn't
 haven't he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't
 must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've
 somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll that's
@@ -24,7 +25,8 @@ what'll what're what's what've when's where'd where's where've who'd who'd've wh
 won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've""".split()
 
 def _contraction_table() -> dict:
-    "Map each spelling missing exactly one apostrophe to its canonical contraction (plus the reference's one reversed entry)."
+    ("Map each spelling missing exactly one apostrophe to its canonical contraction (plus the reference's one reversed "
+     "entry).")
     table = {}
     for word in _CANONICAL_CONTRACTIONS:
         cuts = [i for i,ch in enumerate(word) if ch == "'"]
@@ -33,7 +35,8 @@ def _contraction_table() -> dict:
     return table
 
 CONTRACTIONS = _contraction_table()
-NUMBER_WORDS = {w: str(i) for i,w in enumerate("zero one two three four five six seven eight nine ten".split())} | {"none": "0"}
+NUMBER_WORDS = {w: str(i) for i,
+                w in enumerate("zero one two three four five six seven eight nine ten".split())} | {"none": "0"}
 ARTICLES = {"a", "an", "the"}
 PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
@@ -42,7 +45,8 @@ _PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit ("2.5" kee
 # %% ../../nbs/40_metrics.ipynb #1b775491
 def normalize_answer(text:str, # an answer, any case
                     ) -> str:
-    "Lower-case and normalise an answer as the reference evaluation does (punctuation, periods, number words, articles, contractions)."
+    ("Lower-case and normalise an answer as the reference evaluation does (punctuation, periods, number words, "
+     "articles, contractions).")
     has_number_comma = _DIGIT_COMMA_DIGIT.search(text) is not None
     out = text
     for p in PUNCT:
@@ -98,13 +102,15 @@ def sentence_bleu(reference:list[str], # reference tokens
     logs = [w * math.log(m / d if m else sys.float_info.min) for w,(m,d) in zip(weights, precisions)]
     return bp * math.exp(math.fsum(logs))
 
-BLEU_WEIGHTS = {"bleu": (0.25, 0.25, 0.25, 0.25), "bleu_1": (1, 0, 0, 0), "bleu_2": (0, 1, 0, 0), "bleu_3": (0, 0, 1, 0)}
+BLEU_WEIGHTS = {"bleu": (0.25, 0.25, 0.25, 0.25), "bleu_1": (1, 0, 0, 0), "bleu_2": (0, 1, 0, 0),
+                "bleu_3": (0, 0, 1, 0)}
 
 # %% ../../nbs/40_metrics.ipynb #ba4cbf8d
 def closed_hit(pred:str, # model answer (raw or normalised)
                gt:str, # "yes" or "no"
               ) -> int:
-    "Published Quilt-VQA rule: the answer means 'no' if it contains the word 'no' or 'not', else 'yes'; 1 if that is `gt`."
+    ("Published Quilt-VQA rule: the answer means 'no' if it contains the word 'no' or 'not', else 'yes'; 1 if that is "
+     "`gt`.")
     return _negation_rule(normalize_answer(pred.lower()), gt)
 
 def _negation_rule(norm:str, gt:str) -> int:   # on an already normalised answer
@@ -122,7 +128,8 @@ def closed_hit_strict(pred:str, # model answer (raw or normalised)
     return _strict_rule(normalize_answer(pred.lower()), gt)
 
 # %% ../../nbs/40_metrics.ipynb #0f48e8fc
-_CHOICE_PATTERNS = [re.compile(p) for p in (r"([A-Z]).", r"option ([A-Z]).", r" ([A-Z]):", r"'([A-Z])'", r"is ([A-Z]).")]
+_CHOICE_PATTERNS = [re.compile(p) for p in (r"([A-Z]).", r"option ([A-Z]).", r" ([A-Z]):", r"'([A-Z])'",
+                                            r"is ([A-Z]).")]
 
 def parse_choice(text:str, # a model's answer to a multiple-choice question
                  options:tuple=("A", "B", "C", "D"), # the option letters
@@ -150,7 +157,9 @@ def join_by_id(gt:list[dict], # ground-truth records with `id`
                gt_file=None, pred_file=None) -> list[tuple[dict, dict]]:
     "Pairs (gt, pred) in ground-truth order; DataError naming missing, extra or repeated ids."
     gt_ids = [r["id"] for r in gt]; pred_ids = [r["question_id"] for r in pred]
-    def _show(ids): ids = list(ids); return ", ".join(map(repr, ids[:10])) + (f" ... ({len(ids)} in all)" if len(ids) > 10 else "")
+    def _show(ids): ids = list(ids); return ", ".join(map(repr,
+                                                          ids[:10])) + (f" ... ({len(ids)} in all)" if len(ids) > 10
+                                                                        else "")
     for ids, f, key in ((gt_ids, gt_file, "id"), (pred_ids, pred_file, "question_id")):
         dup = [k for k,c in Counter(ids).items() if c > 1]
         if dup: raise DataError(f"repeated {key}s: {_show(dup)}.", file=f, fix="keep one record per question.")
@@ -158,14 +167,18 @@ def join_by_id(gt:list[dict], # ground-truth records with `id`
     missing = [i for i in gt_ids if i not in pred_set]
     extra = [i for i in pred_ids if i not in gt_set]
     if missing or extra:
-        msg = "predictions and ground truth do not match:" + (f" no prediction for ids {_show(missing)};" if missing else "") \
+        msg = "predictions and ground truth do not match:" + (f" no prediction for ids {_show(missing)};" if missing
+                                                              else "") \
               + (f" predictions for unknown ids {_show(extra)};" if extra else "")
-        raise DataError(msg, file=pred_file, fix="answer exactly the questions of the ground-truth file (rerun `qllava answer`, it resumes).")
+        raise DataError(msg, file=pred_file,
+                        fix="answer exactly the questions of the ground-truth file (rerun `qllava answer`, it "
+                            "resumes).")
     by_id = {r["question_id"]: r for r in pred}
     return [(g, by_id[g["id"]]) for g in gt]
 
 # %% ../../nbs/40_metrics.ipynb #8e8ac93b
-def _pct(xs:list): return sum(xs) / len(xs) * 100 if xs else None   # the reference's order of operations, to the last bit
+# the reference's order of operations, to the last bit
+def _pct(xs:list): return sum(xs) / len(xs) * 100 if xs else None
 
 def _anchor_texts(gt:list[dict], anchor:list[dict]|None, anchor_file=None) -> dict|None:
     "Anchor answer text by question id (every ground-truth id must have one)."
@@ -182,10 +195,12 @@ def _open_scores(pred_value:str, gt_value:str) -> dict:
 
 def _closed_truth(g:dict, gt_value:str, quilt:bool, gt_file) -> str:
     if quilt and "yes_no_answer" not in g:
-        raise DataError("closed question without yes_no_answer.", file=gt_file, record_id=g["id"], fix="add yes_no_answer, or drop --quilt.")
+        raise DataError("closed question without yes_no_answer.", file=gt_file, record_id=g["id"],
+                        fix="add yes_no_answer, or drop --quilt.")
     answer = str(g["yes_no_answer"]).lower() if quilt else gt_value
     if answer not in ("yes", "no"):
-        raise DataError(f"closed question whose ground truth is {answer!r}, not yes or no.", file=gt_file, record_id=g["id"],
+        raise DataError(f"closed question whose ground truth is {answer!r}, not yes or no.", file=gt_file,
+                        record_id=g["id"],
                         fix="fix the record, set answer_type to OPEN, or pass --quilt to use `yes_no_answer`.")
     return answer
 
@@ -218,7 +233,8 @@ def vqa_metrics(gt:list[dict], # ground-truth records
                 anchor:list[dict]|None=None, # answers whose (normalised) lengths cut the predictions
                 gt_file=None, pred_file=None, anchor_file=None) -> dict:
     "Open and closed VQA metrics in percent, as the reference evaluation defines them."
-    scores = item_columns(vqa_item_scores(gt, pred, quilt, anchor, gt_file, pred_file, anchor_file), OPEN_METRICS + CLOSED_METRICS)
+    scores = item_columns(vqa_item_scores(gt, pred, quilt, anchor, gt_file, pred_file, anchor_file),
+                          OPEN_METRICS + CLOSED_METRICS)
     out = {k: _pct(v) for k,v in scores.items()}
     out["n_open"], out["n_closed"] = len(scores["f1"]), len(scores["yes_no_accuracy"])
     return out
@@ -240,7 +256,8 @@ def choice_item_scores(gt:list[dict], pred:list[dict], # as `choice_metrics`
     anchors = _anchor_texts(gt, anchor, anchor_file)
     cut = lambda g, t: t if anchors is None else t[:len(anchors[g["id"]])]
     parsed = [parse_choice(cut(g, str(p["text"])), options) for g,p in pairs]
-    return [{"id": g["id"], "kind": "choice", "parsed": a, "choice_accuracy": int(a == gt_answer(g))} for (g,_),a in zip(pairs, parsed)]
+    return [{"id": g["id"], "kind": "choice", "parsed": a, "choice_accuracy": int(a == gt_answer(g))} for (g,_),
+            a in zip(pairs, parsed)]
 
 # %% ../../nbs/40_metrics.ipynb #9f732b8f
 def evaluate_files(gt_file, # ground truth (JSON list or JSONL)
@@ -252,7 +269,8 @@ def evaluate_files(gt_file, # ground truth (JSON list or JSONL)
     "Metrics of one prediction file against its ground truth."
     gt, pred = read_json_records(gt_file), read_json_records(pred_file)
     anchor = read_json_records(anchor_file) if anchor_file else None
-    if choice is None: choice = bool(gt) and all(g.get("answer_type", "CHOICE") == "CHOICE" for g in gt)  # none, or CHOICE
+    # none, or CHOICE
+    if choice is None: choice = bool(gt) and all(g.get("answer_type", "CHOICE") == "CHOICE" for g in gt)
     kw = dict(anchor=anchor, gt_file=gt_file, pred_file=pred_file, anchor_file=anchor_file)
     return choice_metrics(gt, pred, **kw) if choice else vqa_metrics(gt, pred, quilt=quilt, **kw)
 
@@ -264,12 +282,17 @@ def format_metrics(m:dict) -> str:
 
 def metrics_cli(argv:list[str]|None=None) -> int:
     "`qllava metrics`: VQA metrics of an answers file against ground truth."
-    ap = ArgumentParser(prog="qllava metrics", description="VQA metrics (exact match, F1, BLEU, yes/no and multiple-choice accuracy) as published.")
-    ap.add_argument("--gt", required=True, help="ground truth: JSON list or JSONL with id, answer (or conversations), answer_type")
+    ap = ArgumentParser(prog="qllava metrics",
+                        description="VQA metrics (exact match, F1, BLEU, yes/no and multiple-choice accuracy) as "
+                                    "published.")
+    ap.add_argument("--gt", required=True,
+                    help="ground truth: JSON list or JSONL with id, answer (or conversations), answer_type")
     ap.add_argument("--pred", required=True, help="answers JSONL with question_id and text")
     ap.add_argument("--quilt", action="store_true", help="closed questions use the yes_no_answer field (Quilt-VQA)")
-    ap.add_argument("--choice", action="store_true", default=None, help="multiple-choice accuracy (PMC-VQA); default when no answer_type")
-    ap.add_argument("--anchor", default=None, help="answers JSONL whose answer lengths cut the predictions (as the reference's --anchor)")
+    ap.add_argument("--choice", action="store_true", default=None,
+                    help="multiple-choice accuracy (PMC-VQA); default when no answer_type")
+    ap.add_argument("--anchor", default=None,
+                    help="answers JSONL whose answer lengths cut the predictions (as the reference's --anchor)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     m = evaluate_files(args.gt, args.pred, quilt=args.quilt, choice=args.choice, anchor_file=args.anchor)

@@ -77,9 +77,11 @@ def plot_curves(metrics, title:str=""):
     fig.tight_layout()
     return fig
 
-def plot_accuracy_by_kind(table, # `qllava.workflows.runs.accuracy_by_kind`: a row per question, "with media (%)", "media blanked (%)", "n"
+# `qllava.workflows.runs.accuracy_by_kind`: a row per question, "with media (%)", "media blanked (%)", "n"
+def plot_accuracy_by_kind(table,
                           title:str="held-out accuracy per question"):
-    "Bars per question kind, with media beside media blanked, and the yes / no chance level (50 %) dashed; returns the figure."
+    ("Bars per question kind, with media beside media blanked, and the yes / no chance level (50 %) dashed; returns "
+     "the figure.")
     headless_matplotlib()
     import matplotlib.pyplot as plt
     cols = [c for c in ("with media (%)", "media blanked (%)") if c in table]
@@ -103,11 +105,13 @@ def plot_throughput(metrics, title:str=""):
     fig, axes = plt.subplots(1, 2 if mfu else 1, figsize=(10 if mfu else 5, 3.2), squeeze=False)
     a = axes[0][0]
     a.plot(tr["step"], tr["tokens_per_s"], marker=".", label="real tokens/s")
-    if "computed_tokens_per_s" in tr: a.plot(tr["step"], tr["computed_tokens_per_s"], marker=".", label="computed (padding in)")
+    if "computed_tokens_per_s" in tr:
+        a.plot(tr["step"], tr["computed_tokens_per_s"], marker=".", label="computed (padding in)")
     a.set_xlabel("optimiser step"); a.set_ylabel("tokens/s"); a.legend(); a.set_title(title or "throughput")
     if mfu:
         axes[0][1].plot(tr["step"], 100 * tr["mfu"], marker=".", color="tab:green")
-        axes[0][1].set_xlabel("optimiser step"); axes[0][1].set_ylabel("MFU (%)"); axes[0][1].set_title("model FLOPs / peak")
+        axes[0][1].set_xlabel("optimiser step"); axes[0][1].set_ylabel("MFU (%)"); axes[0][1].set_title(
+            "model FLOPs / peak")
     fig.tight_layout()
     return fig
 
@@ -122,12 +126,15 @@ def sha256(path, chunk:int=1<<20) -> str:
 def git_commit(repo=".") -> str:
     "`<sha>` of HEAD, with `+dirty` when the work tree has changes; `unknown` outside git."
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                               text=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError): return "unknown"
 
-def package_versions(names=("qllava", "torch", "transformers", "deepspeed", "peft", "open_clip_torch", "tokenizers", "accelerate")) -> dict:
+def package_versions(names=("qllava", "torch", "transformers", "deepspeed", "peft", "open_clip_torch", "tokenizers",
+                            "accelerate")) -> dict:
     "Installed versions of the packages that decide a run's numbers."
     from importlib.metadata import version, PackageNotFoundError
     out = {"python": platform.python_version()}

@@ -40,14 +40,19 @@ def load_prompt(path=None, # None for ours; a .json (system / rule / role) or a 
     "The review prompt: ours, or one read from a file."
     if path is None: return ReviewPrompt()
     path = Path(path)
-    if not path.is_file(): raise ConfigError(f"{path}: prompt file not found. Fix: check the path given to --prompt-file.")
+    if not path.is_file():
+        raise ConfigError(f"{path}: prompt file not found. Fix: check the path given to --prompt-file.")
     text = path.read_text(encoding="utf-8")
     if path.suffix != ".json": return ReviewPrompt(rule=text.strip())
     try: spec = json.loads(text)
-    except json.JSONDecodeError as e: raise ConfigError(f"{path}: not valid JSON ({e}). Fix: repair it, or use a .txt file holding just the rule.") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}). Fix: repair it, or use a .txt file holding just the "
+                          "rule.") from None
     unknown = set(spec) - {"system", "rule", "prompt", "role"}
-    if unknown: raise ConfigError(f"{path}: unknown keys {sorted(unknown)}. Fix: use only system, rule (or prompt) and role.")
-    return ReviewPrompt(system=spec.get("system", DEFAULT_SYSTEM), rule=spec.get("rule", spec.get("prompt", DEFAULT_RULE)),
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}. Fix: use only system, rule (or prompt) and role.")
+    return ReviewPrompt(system=spec.get("system", DEFAULT_SYSTEM),
+                        rule=spec.get("rule", spec.get("prompt", DEFAULT_RULE)),
                         role=spec.get("role", "Assistant"))
 
 def build_content(context:str, # caption describing the image
@@ -78,9 +83,11 @@ def _by_qid(records:list[dict], path, what:str) -> dict:
     out = {}
     for i,r in enumerate(records):
         if not isinstance(r, dict) or "question_id" not in r:
-            raise DataError(f"{what} record has no question_id.", file=path, record=i, fix="add question_id to every line.")
+            raise DataError(f"{what} record has no question_id.", file=path, record=i,
+                            fix="add question_id to every line.")
         if r["question_id"] in out:
-            raise DataError(f"question_id {r['question_id']!r} appears twice.", file=path, record=i, fix="keep one line per question.")
+            raise DataError(f"question_id {r['question_id']!r} appears twice.", file=path, record=i,
+                            fix="keep one line per question.")
         out[r["question_id"]] = r
     return out
 
@@ -91,25 +98,34 @@ def review_items(question_file, # questions JSONL: question_id, text, category
                  answer1_file, # reference answers JSONL (Assistant 1)
                  answer2_file, # model answers JSONL (Assistant 2)
                  prompt:ReviewPrompt|None=None) -> list[dict]:
-    "One dict per question: the review record's ids and category, the `messages` for the judge and the `digests` of its inputs."
+    ("One dict per question: the review record's ids and category, the `messages` for the judge and the `digests` of "
+     "its inputs.")
     prompt = prompt or ReviewPrompt()
     questions = _by_qid(read_json_records(question_file), question_file, "question")
-    maps = {f: _by_qid(read_json_records(f), f, what) for f,what in ((context_file, "context"), (answer1_file, "answer"), (answer2_file, "answer"))}
+    maps = {f: _by_qid(read_json_records(f), f, what) for f,
+            what in ((context_file, "context"), (answer1_file, "answer"), (answer2_file, "answer"))}
     items = []
     for idx,(qid,q) in enumerate(questions.items()):
         missing = [str(f) for f,m in maps.items() if qid not in m]
-        if missing: raise DataError(f"question_id {qid!r} is missing from {', '.join(missing)}.", file=question_file, record=idx, record_id=qid,
-                                    fix="give every question a caption and both answers (rerun `qllava answer`, it resumes).")
+        if missing:
+            raise DataError(f"question_id {qid!r} is missing from {', '.join(missing)}.", file=question_file,
+                            record=idx, record_id=qid,
+                                    fix="give every question a caption and both answers (rerun `qllava answer`, it "
+                                        "resumes).")
         cap, a1, a2 = (maps[f][qid] for f in (context_file, answer1_file, answer2_file))
         for rec, f in ((q, question_file), (cap, context_file), (a1, answer1_file), (a2, answer2_file)):
             if not isinstance(rec.get("text"), str):
-                raise DataError("the record has no text.", file=f, record_id=qid, fix="give every record a `text` string.")
+                raise DataError("the record has no text.", file=f, record_id=qid,
+                                fix="give every record a `text` string.")
         content = build_content(cap["text"], q["text"], a1["text"], a2["text"], prompt)
-        items.append({"id": idx + 1, "question_id": qid, "answer1_id": a1.get("answer_id", qid), "answer2_id": a2.get("answer_id", qid),
+        items.append({"id": idx + 1, "question_id": qid, "answer1_id": a1.get("answer_id", qid),
+                      "answer2_id": a2.get("answer_id", qid),
                       "category": q.get("category"),
                       "messages": [{"role": "system", "content": prompt.system}, {"role": "user", "content": content}],
-                      "digests": {"prompt": _digest(prompt.system, prompt.rule, prompt.role), "context": _digest(cap["text"]),
-                                  "question": _digest(q["text"]), "answer1": _digest(a1["text"]), "answer2": _digest(a2["text"])}})
+                      "digests": {"prompt": _digest(prompt.system, prompt.rule, prompt.role),
+                                  "context": _digest(cap["text"]),
+                                  "question": _digest(q["text"]), "answer1": _digest(a1["text"]),
+                                  "answer2": _digest(a2["text"])}})
     return items
 
 # %% ../../nbs/42_review.ipynb #6c2e1d3b
@@ -131,7 +147,8 @@ def changed_parts(rec:dict, # a stored review
 KEY_VARS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY")
 
 def redact(text:str|None) -> str|None:
-    "`text` with secrets masked by the project's one rule (`core.secret_masker`): the environment's key values, read now, and key-shaped tokens."
+    ("`text` with secrets masked by the project's one rule (`core.secret_masker`): the environment's key values, read "
+     "now, and key-shaped tokens.")
     return None if text is None else secret_masker()(text)
 
 def _is_local(url:str|None) -> bool:
@@ -139,9 +156,9 @@ def _is_local(url:str|None) -> bool:
     return bool(url) and (urlparse(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
 
 def _refuse_key():
-    raise ConfigError("an API key was passed as an argument; keys are read from the environment only (OPENAI_API_KEY, or "
-                      "AZURE_OPENAI_API_KEY for Azure) so that they never reach a notebook, a log or a shell history. "
-                      "Fix: export the key in the environment and drop the argument.")
+    raise ConfigError("an API key was passed as an argument; keys are read from the environment only (OPENAI_API_KEY, "
+                      "or AZURE_OPENAI_API_KEY for Azure) so that they never reach a notebook, a log or a shell "
+                      "history. Fix: export the key in the environment and drop the argument.")
 
 def make_client(base_url:str|None=None, # any OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; None = OpenAI
                 azure_endpoint:str|None=None, # an Azure OpenAI endpoint (or env AZURE_OPENAI_ENDPOINT)
@@ -153,23 +170,27 @@ def make_client(base_url:str|None=None, # any OpenAI-compatible endpoint, e.g. h
     "An `openai.AsyncOpenAI` (or `AsyncAzureOpenAI`) client whose key comes from the environment."
     if api_key is not None: _refuse_key()
     if base_url and azure_endpoint:
-        raise ConfigError("--base-url and --azure-endpoint were both given; a judge is either an OpenAI-compatible server or an "
-                          "Azure OpenAI resource. Fix: pass only one: --base-url URL for OpenAI or a compatible server (vLLM, "
-                          "Ollama), or --azure-endpoint URL (with --api-version) for Azure OpenAI.")
+        raise ConfigError("--base-url and --azure-endpoint were both given; a judge is either an OpenAI-compatible "
+                          "server or an Azure OpenAI resource. Fix: pass only one: --base-url URL for OpenAI or a "
+                          "compatible server (vLLM, Ollama), or --azure-endpoint URL (with --api-version) for Azure "
+                          "OpenAI.")
     if base_url and api_version:
-        raise ConfigError("--api-version applies to Azure OpenAI only, and --base-url names an OpenAI-compatible server. "
-                          "Fix: drop --api-version, or use --azure-endpoint instead of --base-url.")
+        raise ConfigError("--api-version applies to Azure OpenAI only, and --base-url names an OpenAI-compatible "
+                          "server. Fix: drop --api-version, or use --azure-endpoint instead of --base-url.")
     import openai
     azure_endpoint = azure_endpoint or (None if base_url else os.environ.get("AZURE_OPENAI_ENDPOINT"))
     if azure_endpoint:
         key = os.environ.get("AZURE_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        if not key: raise ConfigError("no key for the Azure endpoint. Fix: export AZURE_OPENAI_API_KEY (or OPENAI_API_KEY).")
-        return openai.AsyncAzureOpenAI(azure_endpoint=azure_endpoint, api_key=key, timeout=timeout, max_retries=max_retries,
+        if not key:
+            raise ConfigError("no key for the Azure endpoint. Fix: export AZURE_OPENAI_API_KEY (or OPENAI_API_KEY).")
+        return openai.AsyncAzureOpenAI(azure_endpoint=azure_endpoint, api_key=key, timeout=timeout,
+                                       max_retries=max_retries,
                                        api_version=api_version or os.environ.get("OPENAI_API_VERSION") or "2024-06-01")
     key = os.environ.get("OPENAI_API_KEY")
     if not key:
         if not _is_local(base_url):
-            raise ConfigError("no API key in the environment. Fix: export OPENAI_API_KEY, or point --base-url at a judge on this machine.")
+            raise ConfigError("no API key in the environment. Fix: export OPENAI_API_KEY, or point --base-url at a "
+                              "judge on this machine.")
         key = "local-judge-needs-no-key"
     return openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
 
@@ -178,12 +199,13 @@ def review_status(rec:dict, # a review record
                  ) -> str:
     "'failed' (the call failed, or the original scripts' [-1, -1]), 'flagged' (no scores in 0-10) or 'scored'."
     t = rec.get("tuple")
-    nums = isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in t)
+    nums = isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                                for x in t)
     if rec.get("failed") or (nums and any(x < 0 for x in t)): return "failed"
     return "scored" if nums and all(x <= 10 for x in t) and not rec.get("flagged") else "flagged"
 
-_REVIEW_FIX = ("a reviews file holds one review per line (`qllava review` writes them; the published review files work too): "
-               "check that this is a reviews file and not an answers or questions file.")
+_REVIEW_FIX = ("a reviews file holds one review per line (`qllava review` writes them; the published review files work "
+               "too): check that this is a reviews file and not an answers or questions file.")
 
 def load_reviews(path, # a reviews JSONL
                  keep_failed:bool=True, # keep records of failed calls
@@ -195,14 +217,18 @@ def load_reviews(path, # a reviews JSONL
     if not path.exists(): return []
     def drop(line, last):  # not strict: a bad line is dropped (and noted), its question reviewed again
         if not strict and notes is not None:
-            notes.append(f"{path}, line {line}: not valid JSON (cut off by a killed run?); dropped, its question is reviewed again.")
+            notes.append(f"{path}, line {line}: not valid JSON (cut off by a killed run?); dropped, its question is "
+                         "reviewed again.")
         return not strict
-    recs, lines = read_json_records(path, "reviews file", fix="rerun `qllava review` with the same arguments: it drops a line cut off "
-                                    "by a killed run and reviews that question again (or delete the line).", skip_bad=drop, with_lines=True)
+    recs, lines = read_json_records(path, "reviews file",
+                                    fix="rerun `qllava review` with the same arguments: it drops a line cut off "
+                                    "by a killed run and reviews that question again (or delete the line).",
+                                    skip_bad=drop, with_lines=True)
     by_qid = {}
     for rec, ln in zip(recs, lines):
         if not isinstance(rec, dict) or "question_id" not in rec or "tuple" not in rec:
-            what = "a JSON object" if not isinstance(rec, dict) else "question_id" if "question_id" not in rec else "tuple"
+            what = "a JSON object" if not isinstance(rec,
+                                                     dict) else "question_id" if "question_id" not in rec else "tuple"
             raise DataError(f"line {ln} is not a review (it has no {what}).", file=path, record=ln - 1, fix=_REVIEW_FIX)
         failed = review_status(rec) == "failed"
         if failed and not keep_failed: continue
@@ -223,10 +249,12 @@ def check_output(output, # the reviews JSONL to write
     "`output` as a Path; ConfigError when it is a folder, sits under a file, or is one of `inputs`."
     p = Path(output)
     if p.is_dir():
-        raise ConfigError(f"{p}: is a directory; the output is the reviews JSONL file itself. Fix: name a file, e.g. -o {p / 'reviews.jsonl'}.")
+        raise ConfigError(f"{p}: is a directory; the output is the reviews JSONL file itself. Fix: name a file, e.g. "
+                          f"-o {p / 'reviews.jsonl'}.")
     parent = next((a for a in p.parents if a.exists()), None)
     if parent is not None and not parent.is_dir():
-        raise ConfigError(f"{p}: {parent} is a file, so nothing can be written under it. Fix: choose an output path in a folder.")
+        raise ConfigError(f"{p}: {parent} is a file, so nothing can be written under it. Fix: choose an output path in "
+                          "a folder.")
     for f in inputs:
         if f is not None and p.resolve() == Path(f).resolve():
             raise ConfigError(f"{p}: is also an input of the review; writing the reviews would overwrite it. "
@@ -248,12 +276,14 @@ def review_record(item:dict, # from `review_items`
 async def _judge(client, item:dict, model:str, temperature:float, max_tokens:int, output=None) -> dict:
     import openai
     try:
-        resp = await client.chat.completions.create(model=model, messages=item["messages"], temperature=temperature, max_tokens=max_tokens)
+        resp = await client.chat.completions.create(model=model, messages=item["messages"], temperature=temperature,
+                                                    max_tokens=max_tokens)
         return review_record(item, reply=resp.choices[0].message.content or "")
     except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-        raise ConfigError(redact(f"question_id {item['question_id']!r}: the judge refused the request ({type(e).__name__}: {e}); "
-                                 f"the reviews finished so far are kept in {output}. Fix: check the key in the environment, "
-                                 f"the --base-url / --azure-endpoint and the --model (or Azure deployment) name, then run again.")) from None
+        raise ConfigError(redact(f"question_id {item['question_id']!r}: the judge refused the request "
+                                 f"({type(e).__name__}: {e}); the reviews finished so far are kept in {output}. Fix: "
+                                 "check the key in the environment, the --base-url / --azure-endpoint and the --model "
+                                 "(or Azure deployment) name, then run again.")) from None
     except (openai.APIError, IndexError, AttributeError) as e:
         return review_record(item, error=f"{type(e).__name__}: {e}")
 
@@ -267,7 +297,8 @@ def plan_resume(items:list[dict], # from `review_items`
     "(reviews to keep, items to ask, counts, changed parts): what a run does with the reviews already in its output."
     old_by = {r["question_id"]: r for r in old}
     ids = {it["question_id"] for it in items}
-    keep = [r for r in old if r["question_id"] not in ids and review_status(r) != "failed"]   # outside this run: untouched
+    # outside this run: untouched
+    keep = [r for r in old if r["question_id"] not in ids and review_status(r) != "failed"]
     todo, counts, changed = [], Counter(skipped=0), Counter()
     for it in items:
         r = old_by.get(it["question_id"])
@@ -275,7 +306,8 @@ def plan_resume(items:list[dict], # from `review_items`
         parts = changed_parts(r, review_fingerprint(it, model))
         if parts: changed.update(parts); counts["stale"] += 1; todo.append(it); continue
         if redo_flagged and review_status(r) == "flagged": counts["redo"] += 1; todo.append(it); continue
-        keep.append(r | {k: it[k] for k in ("id", "answer1_id", "answer2_id", "category")})   # ids follow the question file
+        # ids follow the question file
+        keep.append(r | {k: it[k] for k in ("id", "answer1_id", "answer2_id", "category")})
         counts["skipped"] += 1
     return keep, todo, counts, changed
 
@@ -283,11 +315,15 @@ def _stale_note(output, counts:Counter, changed:Counter) -> str|None:
     notes, bare = [], changed["fingerprint"]
     if counts["stale"] - bare:
         why = ", ".join(f"{k} changed for {n}" for k,n in changed.items() if k != "fingerprint")
-        notes.append(f"{output}: {_plural(counts['stale'] - bare, 'review was', 'reviews were')} made with other inputs ({why}): asking the judge again.")
+        notes.append(f"{output}: {_plural(counts['stale'] - bare, 'review was', 'reviews were')} made with other "
+                     f"inputs ({why}): asking the judge again.")
     if bare:
-        notes.append(f"{output}: {_plural(bare, 'review has', 'reviews have')} no fingerprint (written by the original scripts, an older "
-                     "qllava or another tool), so nothing shows they match these inputs: asking the judge again.")
-    if counts["redo"]: notes.append(f"{output}: asking again for {_plural(counts['redo'], 'flagged reply', 'flagged replies')} (redo_flagged).")
+        notes.append(f"{output}: {_plural(bare, 'review has', 'reviews have')} no fingerprint (written by the original "
+                     "scripts, an older qllava or another tool), so nothing shows they match these inputs: asking the "
+                     "judge again.")
+    if counts["redo"]:
+        notes.append(f"{output}: asking again for {_plural(counts['redo'], 'flagged reply', 'flagged replies')} "
+                     "(redo_flagged).")
     if notes: notes[-1] += f" {counts['skipped']} kept."
     return " ".join(notes) or None
 
@@ -295,14 +331,16 @@ async def review_async(items:list[dict], # from `review_items`
                        output, # reviews JSONL, appended to
                        client, # from `make_client`
                        model:str, # judge model (Azure: deployment name)
-                       concurrency:int=16, # calls in flight at once (16 gives >= 12x over one at a time against a 200 ms judge)
+                       # calls in flight at once (16 gives >= 12x over one at a time against a 200 ms judge)
+                       concurrency:int=16,
                        temperature:float=0.2, # judge sampling temperature
                        max_tokens:int=1024, # longest reply
                        progress=None, # callable(done:int, total:int, counts:Counter) or None
                        redo_flagged:bool=False, # also ask again for replies that had no readable scores
                        log=None, # callable(message:str) for what is dropped or asked again, or None
                       ) -> Counter:
-    "Review the items without a matching review in `output`; return counts of reviewed / flagged / failed / skipped / stale / redo."
+    ("Review the items without a matching review in `output`; return counts of reviewed / flagged / failed / skipped / "
+     "stale / redo.")
     output = check_output(output)
     notes = []
     old = load_reviews(output, notes=notes)
@@ -313,13 +351,15 @@ async def review_async(items:list[dict], # from `review_items`
         output.parent.mkdir(parents=True, exist_ok=True)
         write_reviews(output, keep)                 # drop failed, stale and cut-off lines before appending
     except OSError as e:
-        raise ConfigError(f"{output}: cannot be written ({e.strerror or e}). Fix: choose an output path in a folder you can write to.") from None
+        raise ConfigError(f"{output}: cannot be written ({e.strerror or e}). Fix: choose an output path in a folder "
+                          "you can write to.") from None
     fps = {it["question_id"]: review_fingerprint(it, model) for it in todo}
     sem = asyncio.Semaphore(max(1, concurrency))
     with open(output, "a", encoding="utf-8") as f:
         async def one(item):
             async with sem: rec = await _judge(client, item, model, temperature, max_tokens, output)
-            f.write(json.dumps(rec | {"fingerprint": fps[item["question_id"]]}) + "\n"); f.flush()  # one line per review, written as soon as it arrives
+            # one line per review, written as soon as it arrives
+            f.write(json.dumps(rec | {"fingerprint": fps[item["question_id"]]}) + "\n"); f.flush()
             counts["failed" if rec.get("failed") else "flagged" if rec.get("flagged") else "reviewed"] += 1
             if progress: progress(counts["reviewed"] + counts["flagged"] + counts["failed"], len(todo), counts)
         tasks = [asyncio.ensure_future(one(it)) for it in todo]
@@ -357,15 +397,18 @@ def review(question_file, context_file, answer1_file, answer2_file, # inputs, jo
           ) -> Counter:
     "Review every question of the inputs into `output`, keeping the reviews whose fingerprint still matches."
     if api_key is not None: _refuse_key()
-    for name, v, ok, want in (("timeout", timeout, timeout > 0, "more than 0 seconds"), ("max_retries", max_retries, max_retries >= 0, "0 or more"),
+    for name, v, ok, want in (("timeout", timeout, timeout > 0, "more than 0 seconds"),
+                              ("max_retries", max_retries, max_retries >= 0, "0 or more"),
                               ("concurrency", concurrency, concurrency >= 1, "at least 1")):
-        if not ok: raise ConfigError(f"{name}={v!r}: must be {want}. Fix: pass --{name.replace('_', '-')} with such a value.")
+        if not ok:
+            raise ConfigError(f"{name}={v!r}: must be {want}. Fix: pass --{name.replace('_', '-')} with such a value.")
     check_output(output, (question_file, context_file, answer1_file, answer2_file, prompt_file))
     items = review_items(question_file, context_file, answer1_file, answer2_file, load_prompt(prompt_file))[:limit]
     async def go():
         client = make_client(base_url, azure_endpoint, api_version, timeout=timeout, max_retries=max_retries)
         async with client:
-            return await review_async(items, output, client, model, concurrency, temperature, max_tokens, progress, redo_flagged, log)
+            return await review_async(items, output, client, model, concurrency, temperature, max_tokens, progress,
+                                      redo_flagged, log)
     return _run_sync(go())
 
 # %% ../../nbs/42_review.ipynb #af175585
@@ -375,7 +418,8 @@ def split_content(content:str) -> dict:
     "The context, question, answer1 and answer2 sections of a judge prompt built by `build_content`."
     parts = {k: v for k,v in _SECTION.findall(content)}
     get = lambda suffix: next((v for k,v in parts.items() if k.endswith(suffix)), "")
-    return {"context": parts.get("Context", ""), "question": parts.get("Question", ""), "answer1": get(" 1"), "answer2": get(" 2")}
+    return {"context": parts.get("Context", ""), "question": parts.get("Question", ""), "answer1": get(" 1"),
+            "answer2": get(" 2")}
 
 def overlap_judge(content:str) -> str:
     "A deterministic stand-in judge: each answer scores 1-10 by the share of its words found in the context."
@@ -385,13 +429,15 @@ def overlap_judge(content:str) -> str:
         words = re.findall(r"[a-z]+", ans.lower())
         return 1 + round(9 * sum(w in ctx for w in words) / len(words)) if words else 1
     s1, s2 = score(s["answer1"]), score(s["answer2"])
-    return f"{s1} {s2}\nLocal word-overlap judge: the scores are the share of each answer's words that the context contains, on a 1-10 scale."
+    return (f"{s1} {s2}\nLocal word-overlap judge: the scores are the share of each answer's words that the context "
+            "contains, on a 1-10 scale.")
 
 def replay_judge(questions_file, answers2_file, reviews_file, fallback=overlap_judge):
     "A reply function returning the published review for the same question text and Assistant 2 answer."
     qs = {r["question_id"]: r["text"] for r in read_json_records(questions_file)}
     a2 = {r["question_id"]: r["text"] for r in read_json_records(answers2_file)}
-    table = {(qs[r["question_id"]].strip(), a2[r["question_id"]].strip()): r["content"] for r in read_json_records(reviews_file)}
+    table = {(qs[r["question_id"]].strip(),
+              a2[r["question_id"]].strip()): r["content"] for r in read_json_records(reviews_file)}
     def reply(content:str) -> str:
         s = split_content(content)
         return table.get((s["question"].strip(), s["answer2"].strip())) or fallback(content)
@@ -419,27 +465,34 @@ class LocalJudge:
     def _handle(self, h):
         n = int(h.headers.get("Content-Length") or 0)
         body = json.loads(h.rfile.read(n) or b"{}")
-        if not h.path.split("?")[0].endswith("/chat/completions"): return self._send(h, 404, {"error": {"message": "not found"}})
+        if not h.path.split("?")[0].endswith("/chat/completions"):
+            return self._send(h, 404, {"error": {"message": "not found"}})
         content = next((m["content"] for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
         fault = self._fault_for(content)
         with self._lock: self.stats["requests"] += 1; self.stats[fault or "ok"] += 1
         if self.latency: time.sleep(self.latency)
-        if fault == "429": return self._send(h, 429, {"error": {"message": "rate limited", "type": "rate_limit"}}, {"retry-after-ms": "20"})
+        if fault == "429":
+            return self._send(h, 429, {"error": {"message": "rate limited", "type": "rate_limit"}},
+                              {"retry-after-ms": "20"})
         if fault == "500": return self._send(h, 500, {"error": {"message": "server error", "type": "server_error"}})
-        if fault == "401": return self._send(h, 401, {"error": {"message": "invalid key", "type": "invalid_request_error"}})
+        if fault == "401":
+            return self._send(h, 401, {"error": {"message": "invalid key", "type": "invalid_request_error"}})
         if fault == "timeout": time.sleep(self.hang); h.close_connection = True; return
         text = {"garbage": "Both answers are reasonable, but the first is clearer.\nNo scores, sorry.",
                 "echo": f"9 9\nheader: {h.headers.get('Authorization')}"}.get(fault) or self.reply(content)
-        self._send(h, 200, {"id": f"chatcmpl-{self.stats['requests']}", "object": "chat.completion", "created": int(time.time()),
+        self._send(h, 200, {"id": f"chatcmpl-{self.stats['requests']}", "object": "chat.completion",
+                            "created": int(time.time()),
                             "model": body.get("model", "local-judge"),
-                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                         "finish_reason": "stop"}],
                             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}})
 
     @staticmethod
     def _send(h, code:int, obj:dict, headers:dict|None=None):
         data = json.dumps(obj).encode()
         try:
-            h.send_response(code); h.send_header("Content-Type", "application/json"); h.send_header("Content-Length", str(len(data)))
+            h.send_response(code); h.send_header("Content-Type", "application/json"); h.send_header("Content-Length",
+                                                                                                    str(len(data)))
             for k,v in (headers or {}).items(): h.send_header(k, v)
             h.end_headers(); h.wfile.write(data)
         except OSError: pass   # the client gave up (its timeout)
@@ -470,20 +523,27 @@ class LocalJudge:
 # %% ../../nbs/42_review.ipynb #c90a5c40
 def review_cli(argv:list[str]|None=None) -> int:
     "`qllava review`: LLM-judge review of a model's answers against reference answers."
-    ap = ArgumentParser(prog="qllava review", description="Ask a judge model to score reference and model answers (resumable).")
+    ap = ArgumentParser(prog="qllava review",
+                        description="Ask a judge model to score reference and model answers (resumable).")
     ap.add_argument("-q", "--question", required=True, help="questions JSONL (question_id, text, category)")
     ap.add_argument("-c", "--context", required=True, help="context captions JSONL (question_id, text)")
-    ap.add_argument("-a", "--answer-list", nargs=2, required=True, metavar=("REF", "OURS"), help="reference answers and model answers JSONL")
-    ap.add_argument("-o", "--output", required=True, help="reviews JSONL; resumed when it exists: a review is kept while its fingerprint "
+    ap.add_argument("-a", "--answer-list", nargs=2, required=True, metavar=("REF", "OURS"),
+                    help="reference answers and model answers JSONL")
+    ap.add_argument("-o", "--output", required=True,
+                    help="reviews JSONL; resumed when it exists: a review is kept while its fingerprint "
                     "(judge model, prompt, caption, question, both answers) matches, asked again otherwise")
-    ap.add_argument("-m", "--model", "--eval-engine", dest="model", default="gpt-4", help="judge model (Azure: deployment name)")
-    ap.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, Ollama)")
+    ap.add_argument("-m", "--model", "--eval-engine", dest="model", default="gpt-4",
+                    help="judge model (Azure: deployment name)")
+    ap.add_argument("--base-url", default=None,
+                    help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, Ollama)")
     ap.add_argument("--azure-endpoint", default=None, help="Azure OpenAI endpoint (key from AZURE_OPENAI_API_KEY)")
     ap.add_argument("--api-version", default=None, help="Azure API version")
     ap.add_argument("--concurrency", type=int, default=16, help="judge calls in flight at once")
-    ap.add_argument("--max-retries", type=int, default=5, help="retries per call on rate limits, server errors, timeouts")
+    ap.add_argument("--max-retries", type=int, default=5,
+                    help="retries per call on rate limits, server errors, timeouts")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
-    ap.add_argument("--prompt-file", default=None, help="replaces our review prompt (.json with system/rule/role, or text = rule)")
+    ap.add_argument("--prompt-file", default=None,
+                    help="replaces our review prompt (.json with system/rule/role, or text = rule)")
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--temperature", type=float, default=0.2)
     ap.add_argument("--limit", type=int, default=None, help="review only the first N questions")
@@ -495,14 +555,18 @@ def review_cli(argv:list[str]|None=None) -> int:
     t0 = time.time()
     def progress(done, total, counts):
         if done == total or done % 25 == 0:
-            print(f"reviewed {done}/{total} (flagged {counts['flagged']}, failed {counts['failed']})", file=sys.stderr, flush=True)
-    counts = review(args.question, args.context, *args.answer_list, args.output, model=args.model, base_url=args.base_url,
+            print(f"reviewed {done}/{total} (flagged {counts['flagged']}, failed {counts['failed']})", file=sys.stderr,
+                  flush=True)
+    counts = review(args.question, args.context, *args.answer_list, args.output, model=args.model,
+                    base_url=args.base_url,
                     azure_endpoint=args.azure_endpoint, api_version=args.api_version, concurrency=args.concurrency,
-                    max_retries=args.max_retries, timeout=args.timeout, prompt_file=args.prompt_file, temperature=args.temperature,
+                    max_retries=args.max_retries, timeout=args.timeout, prompt_file=args.prompt_file,
+                    temperature=args.temperature,
                     max_tokens=args.max_tokens, limit=args.limit, progress=progress, redo_flagged=args.redo_flagged,
                     log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"{args.output}: {counts['reviewed']} scored, {counts['flagged']} flagged, {counts['failed']} failed, "
-          f"{counts['skipped']} already done" + (f", {counts['stale']} asked again because their inputs changed" if counts["stale"] else "")
+          f"{counts['skipped']} already done"
+          + (f", {counts['stale']} asked again because their inputs changed" if counts["stale"] else "")
           + f" ({time.time() - t0:.1f} s)", file=sys.stderr)
     for note in review_notes(args.output, max_retries=args.max_retries): print(note, file=sys.stderr)
     return 1 if counts["failed"] else 0
@@ -515,20 +579,25 @@ def review_notes(output, # a reviews JSONL
                 ) -> list[str]:
     "What still needs attention in `output`: failed calls and flagged replies, with their question_ids and the fix."
     recs = load_reviews(output)
-    ids = lambda rs: ", ".join(repr(r["question_id"]) for r in rs[:show]) + (f" ... ({len(rs)} in all)" if len(rs) > show else "")
+    ids = lambda rs: ", ".join(repr(r["question_id"]) for r in rs[:show]) + (f" ... ({len(rs)} in all)"
+                                                                             if len(rs) > show else "")
     failed = [r for r in recs if review_status(r) == "failed"]
     flagged = [r for r in recs if review_status(r) == "flagged"]
     notes = []
     if failed:
         errs = Counter((r.get("error") or "the original scripts' [-1, -1]").split(":")[0] for r in failed)
-        notes.append(f"{output}: {_plural(len(failed), 'call', 'calls')} failed" + (f" after {_plural(max_retries, 'retry', 'retries')}" if max_retries is not None else "")
-                     + f" (question_ids {ids(failed)}; {', '.join(f'{k} x{n}' for k,n in errs.items())}): recorded as failed and left out "
-                     "of the means. Fix: run the same command again to retry them (what is done is kept); raise --timeout or "
-                     "--max-retries if the judge is slow or overloaded" + ("" if set(errs) <= _TRANSIENT else
-                     "; a request the judge itself rejected (e.g. BadRequestError) fails again until --model, --max-tokens or "
-                     "the prompt change") + ".")
+        notes.append(f"{output}: {_plural(len(failed), 'call', 'calls')} failed"
+                     + (f" after {_plural(max_retries, 'retry', 'retries')}" if max_retries is not None else "")
+                     + f" (question_ids {ids(failed)}; {', '.join(f'{k} x{n}' for k,n in errs.items())}): recorded as "
+                       "failed and left out "
+                     "of the means. Fix: run the same command again to retry them (what is done is kept); raise "
+                     "--timeout or --max-retries if the judge is slow or overloaded"
+                     + ("" if set(errs) <= _TRANSIENT else
+                     "; a request the judge itself rejected (e.g. BadRequestError) fails again until --model, "
+                     "--max-tokens or the prompt change") + ".")
     if flagged:
-        notes.append(f"{output}: {_plural(len(flagged), 'reply has', 'replies have')} no readable score line (question_ids {ids(flagged)}): "
-                     "flagged and left out of the means. Fix: rerun with --redo-flagged to ask again, or a --prompt-file that "
-                     "asks for the scores first.")
+        notes.append(f"{output}: {_plural(len(flagged), 'reply has', 'replies have')} no readable score line "
+                     f"(question_ids {ids(flagged)}): "
+                     "flagged and left out of the means. Fix: rerun with --redo-flagged to ask again, or a "
+                     "--prompt-file that asks for the scores first.")
     return notes

@@ -20,7 +20,8 @@ def _group_stats(kind:str, recs:list[dict]) -> dict:
     if not scored: return out | {"score1": None, "score2": None, "relative": None, "mean1": None, "mean2": None}
     m1 = sum(float(t[0]) for t in scored) / len(scored)
     m2 = sum(float(t[1]) for t in scored) / len(scored)
-    return out | {"score1": 10 * m1, "score2": 10 * m2, "relative": 100 * m2 / m1 if m1 else None, "mean1": m1, "mean2": m2}
+    return out | {"score1": 10 * m1, "score2": 10 * m2, "relative": 100 * m2 / m1 if m1 else None, "mean1": m1,
+                  "mean2": m2}
 
 def summarize_reviews(reviews:list[dict], # review records (id, question_id, category, tuple, ...)
                       captions:list[dict]|None=None, # caption records with question_id and type (subspecialty)
@@ -31,13 +32,16 @@ def summarize_reviews(reviews:list[dict], # review records (id, question_id, cat
     if captions is not None:
         types = {c["question_id"]: c.get("type") for c in captions}
         missing = [r["question_id"] for r in reviews if r["question_id"] not in types]
-        if missing: raise DataError(f"question_ids {missing[:10]} have no caption" + (f" ({len(missing)} in all)." if len(missing) > 10 else "."),
+        if missing:
+            raise DataError(f"question_ids {missing[:10]} have no caption"
+                            + (f" ({len(missing)} in all)." if len(missing) > 10 else "."),
                                     file=file, fix="pass the captions file the reviews were made with.")
     groups = {}
     for r in reviews:
         if r.get("category"): groups.setdefault(("category", r["category"]), []).append(r)
     for r in reviews:
-        if types and types.get(r["question_id"]): groups.setdefault(("subspecialty", types[r["question_id"]]), []).append(r)
+        if types and types.get(r["question_id"]):
+            groups.setdefault(("subspecialty", types[r["question_id"]]), []).append(r)
     keys = sorted(k for k in groups if k[0] == "category") + sorted(k for k in groups if k[0] == "subspecialty")
     out = {name: _group_stats(kind, groups[(kind, name)]) for kind,name in keys}
     out["all"] = _group_stats("all", reviews)
@@ -72,9 +76,11 @@ def plot_summary(summary:dict, # from `summarize_reviews`
     ax.bar([i + w/2 for i in x], s2, w, label=labels[1], color="#c0504d")
     for i,k in zip(x, names):
         if summary[k]["relative"] is None: continue   # a reference mean of 0
-        ax.annotate(f"{summary[k]['relative']:.1f}%", (i, max(s1[i], s2[i])), ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+        ax.annotate(f"{summary[k]['relative']:.1f}%", (i, max(s1[i], s2[i])), ha="center", va="bottom", fontsize=7,
+                    xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(list(x), names, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("mean judge score x 10"); ax.set_ylim(0, 110); ax.set_title(title); ax.legend(fontsize=8, loc="upper right")
+    ax.set_ylabel("mean judge score x 10"); ax.set_ylim(0, 110); ax.set_title(title); ax.legend(fontsize=8,
+                                                                                                loc="upper right")
     return fig
 
 # %% ../../nbs/43_summarize.ipynb #f9b6aed9
@@ -88,7 +94,9 @@ def summarize_files(reviews_file, # reviews JSONL
 
 def summarize_cli(argv:list[str]|None=None) -> int:
     "`qllava summarize`: judge-review summary per category, subspecialty and overall."
-    ap = ArgumentParser(prog="qllava summarize", description="Mean judge scores (x10) and relative score per category, subspecialty and overall.")
+    ap = ArgumentParser(prog="qllava summarize",
+                        description="Mean judge scores (x10) and relative score per category, subspecialty and "
+                                    "overall.")
     ap.add_argument("reviews", help="reviews JSONL (qllava review, or a published review file)")
     ap.add_argument("--captions", default=None, help="captions JSONL with question_id and type (subspecialty)")
     ap.add_argument("--json", action="store_true", help="print one JSON object keyed by category, subspecialty and all")
@@ -99,5 +107,6 @@ def summarize_cli(argv:list[str]|None=None) -> int:
     if args.json: print(json.dumps(summary))
     else:
         import pandas as pd
-        with pd.option_context("display.width", 200, "display.max_columns", 20): print(summary_table(summary).to_string())
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            print(summary_table(summary).to_string())
     return 0

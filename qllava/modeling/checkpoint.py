@@ -17,10 +17,13 @@ from ..data.presets import default_tokenizer, save_tokenizer
 from ..data.conversation import IM_END, chat_template, generation_prompt, get_template, render, spans_text
 from ..data.modality import media_options, placeholders
 from .encoders import encoder_modality, load_weights_file, resolve_spec
-from .weights import (WeightReader, cast_params, default_attn_implementation, ds_param_dtype, empty_weights, gathered,
-                            hf_zero3, llm_from_weights, load_weights, meta_names, partition, resize_embeddings, resolve_dtype,
+from .weights import (WeightReader, cast_params, default_attn_implementation, ds_param_dtype,
+                                     empty_weights, gathered,
+                            hf_zero3, llm_from_weights, load_weights, meta_names, partition, resize_embeddings,
+                                     resolve_dtype,
                             zero_stage)
-from .model import QllavaConfig, QllavaForCausalLM, build_model, get_encoder, get_tokenizer, media_token_id
+from .model import (QllavaConfig, QllavaForCausalLM, build_model, get_encoder, get_tokenizer,
+                                   media_token_id)
 from ..data.tokenize import encode_chunked, prepare_tokenizer
 
 # %% auto #0
@@ -40,8 +43,10 @@ def load_state_file(path) -> dict:
 
 # %% ../../nbs/36_checkpoint.ipynb #6da6f22f
 def load_folder_weights(folder) -> dict:
-    "All tensors of a transformers-style weights folder (single file or sharded with an index), each in memory of its own."
-    reader = WeightReader(folder)  # the one reader of weights folders (model.py), which the loaders use one tensor at a time
+    ("All tensors of a transformers-style weights folder (single file or sharded with an index), each in memory of its "
+     "own.")
+    # the one reader of weights folders (model.py), which the loaders use one tensor at a time
+    reader = WeightReader(folder)
     return {k: reader[k] for k in reader.keys()}
 
 # %% ../../nbs/36_checkpoint.ipynb #53b8e8ae
@@ -64,7 +69,8 @@ def make_manifest(model, # a QllavaForCausalLM
     return {"format": "qllava", "format_version": 1, "qllava_version": _version(), "stage": stage,
             "components": list(components), "tokenizer": tokenizer, "base_llm": c.base_llm,
             "llm_model_type": c.text_config.model_type, "encoders": dict(c.encoders or {}),
-            "projectors": {m: c.projector_kind(m) for m in (c.encoders or {})}, "media_token_ids": dict(c.media_token_ids or {}),
+            "projectors": {m: c.projector_kind(m) for m in (c.encoders or {})},
+            "media_token_ids": dict(c.media_token_ids or {}),
             "template": c.template, "stop_strings": list(c.stop_strings or []), "seed": c.seed, "files": sorted(files)}
 
 def read_manifest(folder) -> dict:
@@ -76,15 +82,18 @@ def read_manifest(folder) -> dict:
         cfg = folder / "config.json"
         hint = ""
         if cfg.is_file() and "mm_vision_tower" in cfg.read_text():
-            hint = f" It looks like an original LLaVA checkpoint. Fix: convert it with `qllava import-llava {folder} OUT_DIR`."
+            hint = (f" It looks like an original LLaVA checkpoint. Fix: convert it with `qllava import-llava {folder} "
+                    "OUT_DIR`.")
         elif cfg.is_file() and '"llava"' in cfg.read_text() and "vision_config" in cfg.read_text():
-            hint = " It looks like a transformers Llava folder. Fix: load it with transformers' LlavaForConditionalGeneration."
+            hint = (" It looks like a transformers Llava folder. Fix: load it with transformers' "
+                    "LlavaForConditionalGeneration.")
         raise CheckpointError(f"{folder}: not a qllava checkpoint (no {MANIFEST}).{hint}")
     try: m = json.loads(p.read_text())
     except json.JSONDecodeError as e: raise CheckpointError(f"{p}: invalid JSON ({e}).") from None
     bad = set(m.get("components", [])) - set(COMPONENTS)
     if m.get("format") != "qllava" or bad:
-        raise CheckpointError(f"{p}: not a qllava manifest (format={m.get('format')!r}, unknown components {sorted(bad)}).")
+        raise CheckpointError(f"{p}: not a qllava manifest (format={m.get('format')!r}, unknown components "
+                              f"{sorted(bad)}).")
     return m
 
 # %% ../../nbs/36_checkpoint.ipynb #b4ca5342
@@ -111,7 +120,8 @@ def projector_state_dict(model, modality:str|None=None, include_embed_tokens:boo
     "The projector's tensors under their original LLaVA names (+ `model.embed_tokens.weight` with im_start/end)."
     modality = projector_modality(model, modality)
     kind, pre = model.config.projector_kind(modality), projector_prefix(model, modality)
-    sd = {pre + k: v.detach().cpu().contiguous().clone() for k, v in _to_original_keys(model.projectors[modality].state_dict(), kind).items()}
+    sd = {pre + k: v.detach().cpu().contiguous().clone() for k,
+          v in _to_original_keys(model.projectors[modality].state_dict(), kind).items()}
     if include_embed_tokens if include_embed_tokens is not None else model.config.use_im_start_end:
         sd["model.embed_tokens.weight"] = model.get_input_embeddings().weight.detach().cpu().clone()
     return sd
@@ -146,14 +156,16 @@ def load_projector(model, # a QllavaForCausalLM (changed in place)
     sub = {k.split(key + ".", 1)[1]: v for k, v in sd.items() if key + "." in k}
     if not sub: raise CheckpointError(f"{path}: no '{key}.*' tensors (found {sorted(sd)[:5]}...).")
     proj = model.projectors[modality]
-    with gathered(list(proj.parameters()), modifier_rank=0):  # ZeRO-3: whole inside, rank 0's values become every rank's share
+    # ZeRO-3: whole inside, rank 0's values become every rank's share
+    with gathered(list(proj.parameters()), modifier_rank=0):
         sub = _from_original_keys(sub, list(proj.state_dict()))
         try: proj.load_state_dict(sub, strict=True)
         except RuntimeError:
             shapes = {k: tuple(v.shape) for k, v in sub.items()}
             ours = {k: tuple(v.shape) for k, v in proj.state_dict().items()}
-            raise CheckpointError(f"{path}: the projector does not fit this model: file {shapes}, model {ours}. Fix: build the "
-                                  f"model with the projector kind, encoder and LLM the file was trained with.") from None
+            raise CheckpointError(f"{path}: the projector does not fit this model: file {shapes}, model {ours}. Fix: "
+                                  "build the model with the projector kind, encoder and LLM the file was trained "
+                                  "with.") from None
     if "model.embed_tokens.weight" in sd and model.config.use_im_start_end:
         emb = model.get_input_embeddings().weight
         with gathered([emb], modifier_rank=0), torch.no_grad():  # the <im_start>/<im_end> rows stage 1 trained
@@ -183,7 +195,8 @@ def save_checkpoint(model, # a QllavaForCausalLM
         for m in model.projectors: save_projector(model, folder, m)
     if tokenizer is not None: save_tokenizer(tokenizer, folder)  # loads back identical (its legacy flag kept)
     files = [p.name for p in folder.iterdir() if p.name != MANIFEST]
-    (folder / MANIFEST).write_text(json.dumps(make_manifest(model, stage, comps, files, tokenizer is not None), indent=1))
+    (folder / MANIFEST).write_text(json.dumps(make_manifest(model, stage, comps, files, tokenizer is not None),
+                                              indent=1))
     return folder
 
 def load_tokenizer_from(folder):
@@ -192,23 +205,87 @@ def load_tokenizer_from(folder):
     return AutoTokenizer.from_pretrained(str(folder))
 
 def _quiet_from_pretrained(folder, text_config, dtype, attn, **kw):
-    "transformers' own loading of the LLM in `folder` (for layouts it converts); CheckpointError when tensors are missing."
+    ("transformers' own loading of the LLM in `folder` (for layouts it converts); CheckpointError when tensors are "
+     "missing.")
     from transformers.utils import logging as hf_logging
     old = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the encoder / projector tensors beside the LLM's are expected leftovers
-    try: llm, info = AutoModelForCausalLM.from_pretrained(str(folder), config=text_config, dtype=dtype, attn_implementation=attn,
+    try:
+        llm, info = AutoModelForCausalLM.from_pretrained(str(folder), config=text_config, dtype=dtype,
+                                                         attn_implementation=attn,
                                                           output_loading_info=True, **kw)
     finally: hf_logging.set_verbosity(old)
     missing = [k for k in info["missing_keys"] if "rotary_emb" not in k]
     if missing: raise CheckpointError(f"{folder}: the language model's weights are missing: {missing[:5]}.")
     return llm
 
+# %% ../../nbs/36_checkpoint.ipynb #04e5a155
+def _keys_under(reader, prefix:str) -> dict:
+    "A part's own tensor names -> the reader's keys, for the keys under `prefix` (e.g. `projectors.`)."
+    return {k[len(prefix):]: k for k in reader.keys() if k.startswith(prefix)}
+
+# %% ../../nbs/36_checkpoint.ipynb #fbb0ae67
+def _checkpoint_encoders(folder:Path, config, comps:set, reader, dtype, ds_config:dict|None) -> dict:
+    "modality -> encoder built from its spec, its saved tensors read into place (a preset tower built empty first)."
+    encs, opts = {}, config.media_options or {}
+    for m, spec in (config.encoders or {}).items():
+        keys = _keys_under(reader, f"encoders.{m}.") if "encoders" in comps else {}
+        # a random tower by design is built empty, the saved tensors go in; a pretrained one is overwritten below
+        with (empty_weights() if keys and str(spec).startswith("preset:") else contextlib.nullcontext()):
+            e = get_encoder(spec, config.select_layer, config.select_feature, config.train_encoders, opts.get(m))
+        encs[m] = load_weights(e, reader, keys, dtype, ds_config, folder)
+    return encs
+
+# %% ../../nbs/36_checkpoint.ipynb #4b13ada9
+def _model_from_weights(folder:Path, config, comps:set, reader, dtype, ds_config:dict|None, attn:str|None) -> tuple:
+    "(model, ZeRO-3 switch) of a folder with the LLM's weights: LLM and encoders read from it, the projectors empty."
+    attn = attn or default_attn_implementation()
+    llm = llm_from_weights(config.text_config, reader, "llm.", dtype, attn, ds_config, where=folder)
+    switch = hf_zero3(ds_config)  # transformers' ZeRO-3 switch, kept with the model
+    if llm is None:
+        llm = _quiet_from_pretrained(folder, config.text_config, dtype, attn, key_mapping={r"^llm\.": ""})
+    encs = _checkpoint_encoders(folder, config, comps, reader, dtype, ds_config)
+    with (empty_weights() if "projectors" in comps else contextlib.nullcontext()):  # projectors empty until read
+        model = QllavaForCausalLM(config, llm=llm, encoders=encs)
+    model.config.text_config = llm.config
+    return model, switch
+
+# %% ../../nbs/36_checkpoint.ipynb #04b678f5
+def _model_from_base(folder:Path, man:dict, config, dtype, ds_config:dict|None) -> tuple:
+    "(model, ZeRO-3 switch) of a folder without the LLM's weights, rebuilt from its base LLM and encoder specs."
+    if not config.base_llm:
+        raise CheckpointError(f"{folder}: the manifest has no LLM weights and no base_llm to rebuild from.")
+    tok = load_tokenizer_from(folder) if man.get("tokenizer") else default_tokenizer(config.base_llm)
+    model, _ = build_model(config.base_llm, config.encoders, config.projector, tokenizer=tok, seed=config.seed or 0,
+                           template=config.template, stop_strings=config.stop_strings,
+                           select_layer=config.select_layer,
+                           select_feature=config.select_feature, use_im_start_end=config.use_im_start_end,
+                           dtype=dtype, ds_config=ds_config,
+                           media_options=config.media_options)
+    model.config.projectors, switch = config.projectors, model._zero3_switch
+    return model, switch
+
+# %% ../../nbs/36_checkpoint.ipynb #5f7e5daf
+def _check_loaded(model, reader, comps:set, folder:Path):
+    "Refuse a folder with tensors the model does not have, or a model left with parameters that got no values."
+    known = {f"{c}.{k}" for c in COMPONENTS for k in getattr(model, c).state_dict()}
+    unexpected = [k for k in reader.keys() if k not in known]
+    if unexpected:
+        raise CheckpointError(f"{folder}: weights the model does not have: "
+                              f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}.")
+    if meta_names(model):
+        raise CheckpointError(f"{folder}: the manifest lists {sorted(comps)} but weights are missing: "
+                              f"{meta_names(model)[:5]}.")
+
+# %% ../../nbs/36_checkpoint.ipynb #b1ae2fb2
 def load_checkpoint(folder, # a qllava checkpoint folder
                     dtype=None, # weight dtype (default float32); each tensor is cast as it is read
                     device=None, # move the model here
-                    ds_config:dict|None=None, # a ZeRO-3 config: built partitioned, each tensor read by rank 0 into every rank's share
+                    # a ZeRO-3 config: built partitioned, each tensor read by rank 0 into every rank's share
+                    ds_config:dict|None=None,
                     **kwargs): # attn_implementation
-    "Rebuild a `QllavaForCausalLM` from what the manifest says is inside, its weights read straight into place (no random init)."
+    ("Rebuild a `QllavaForCausalLM` from what the manifest says is inside, its weights read straight into place (no "
+     "random init).")
     register_auto_classes()
     folder = Path(folder)
     man = read_manifest(folder)
@@ -216,35 +293,13 @@ def load_checkpoint(folder, # a qllava checkpoint folder
     comps = set(man["components"])
     dtype = ds_param_dtype(ds_config) if zero_stage(ds_config) == 3 else resolve_dtype(dtype)
     reader = WeightReader(folder)
-    under = lambda pre: {k[len(pre):]: k for k in reader.keys() if k.startswith(pre)}  # a part's names -> the file's keys
     if "llm" in comps:
-        attn = kwargs.get("attn_implementation") or default_attn_implementation()
-        llm = llm_from_weights(config.text_config, reader, "llm.", dtype, attn, ds_config, where=folder)
-        switch = hf_zero3(ds_config)  # transformers' ZeRO-3 switch, kept with the model
-        if llm is None: llm = _quiet_from_pretrained(folder, config.text_config, dtype, attn, key_mapping={r"^llm\.": ""})
-        encs, opts = {}, config.media_options or {}
-        for m, spec in (config.encoders or {}).items():
-            keys = under(f"encoders.{m}.") if "encoders" in comps else {}
-            if keys and str(spec).startswith("preset:"):  # a random tower by design: built empty, the saved tensors go in
-                with empty_weights(): e = get_encoder(spec, config.select_layer, config.select_feature, config.train_encoders, opts.get(m))
-            else: e = get_encoder(spec, config.select_layer, config.select_feature, config.train_encoders, opts.get(m))  # pretrained: overwritten below
-            encs[m] = load_weights(e, reader, keys, dtype, ds_config, folder)
-        with (empty_weights() if "projectors" in comps else contextlib.nullcontext()):  # projectors empty until read
-            model = QllavaForCausalLM(config, llm=llm, encoders=encs)
-        model.config.text_config = llm.config
+        model, switch = _model_from_weights(folder, config, comps, reader, dtype, ds_config,
+                                            kwargs.get("attn_implementation"))
     else:  # e.g. a stage-1 projector-only folder: rebuild the base LLM (and encoders) it was trained on
-        if not config.base_llm: raise CheckpointError(f"{folder}: the manifest has no LLM weights and no base_llm to rebuild from.")
-        tok = load_tokenizer_from(folder) if man.get("tokenizer") else default_tokenizer(config.base_llm)
-        model, _ = build_model(config.base_llm, config.encoders, config.projector, tokenizer=tok, seed=config.seed or 0,
-                               template=config.template, stop_strings=config.stop_strings, select_layer=config.select_layer,
-                               select_feature=config.select_feature, use_im_start_end=config.use_im_start_end, dtype=dtype, ds_config=ds_config,
-                               media_options=config.media_options)
-        model.config.projectors, switch = config.projectors, model._zero3_switch
-    load_weights(model.projectors, reader, under("projectors."), dtype, ds_config, folder)
-    known = {f"{c}.{k}" for c in COMPONENTS for k in getattr(model, c).state_dict()}
-    unexpected = [k for k in reader.keys() if k not in known]
-    if unexpected: raise CheckpointError(f"{folder}: weights the model does not have: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}.")
-    if meta_names(model): raise CheckpointError(f"{folder}: the manifest lists {sorted(comps)} but weights are missing: {meta_names(model)[:5]}.")
+        model, switch = _model_from_base(folder, man, config, dtype, ds_config)
+    load_weights(model.projectors, reader, _keys_under(reader, "projectors."), dtype, ds_config, folder)
+    _check_loaded(model, reader, comps, folder)
     cast_params(model, dtype)
     partition(model, ds_config)
     model._zero3_switch = switch
@@ -253,7 +308,8 @@ def load_checkpoint(folder, # a qllava checkpoint folder
 
 def load_model(folder, **kwargs) -> tuple:
     "(model, tokenizer) of a qllava checkpoint folder that holds its tokenizer."
-    if not read_manifest(folder).get("tokenizer"): raise CheckpointError(f"{folder}: no tokenizer inside; load it separately.")
+    if not read_manifest(folder).get("tokenizer"):
+        raise CheckpointError(f"{folder}: no tokenizer inside; load it separately.")
     return load_checkpoint(folder, **kwargs), load_tokenizer_from(folder)
 
 # %% ../../nbs/36_checkpoint.ipynb #70d2e21b
@@ -271,7 +327,8 @@ def save_pretrained(self:QllavaForCausalLM, save_directory, tokenizer=None, stag
 
 @patch(cls_method=True)
 def from_pretrained(cls:QllavaForCausalLM, pretrained_model_name_or_path, *args, **kwargs):
-    "Load a qllava checkpoint folder, as `load_checkpoint`: what is inside is read from its manifest, never guessed from the name."
+    ("Load a qllava checkpoint folder, as `load_checkpoint`: what is inside is read from its manifest, never guessed "
+     "from the name.")
     return load_checkpoint(pretrained_model_name_or_path, **kwargs)
 
 # %% ../../nbs/36_checkpoint.ipynb #bd3add10
@@ -283,12 +340,14 @@ def quantization_config(cfg:TrainConfig, compute_dtype=None):
                               bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_quant_type=cfg.quant_type)
 
 def run_encoders(cfg:TrainConfig) -> dict:
-    "modality -> encoder spec a run builds: `--encoders`, else `--vision_tower` under its encoder's modality (none: text only)."
+    ("modality -> encoder spec a run builds: `--encoders`, else `--vision_tower` under its encoder's modality (none: "
+     "text only).")
     if cfg.encoders: return dict(cfg.encoders)
     return {encoder_modality(cfg.vision_tower): cfg.vision_tower} if cfg.vision_tower else {}
 
 def load_base_model(cfg:TrainConfig, dtype=None, ds_config:dict|None=None):
-    "The model a run trains (and a LoRA run's adapters belong to): a preset / hub LLM with a fresh projector, or a qllava checkpoint folder."
+    ("The model a run trains (and a LoRA run's adapters belong to): a preset / hub LLM with a fresh projector, or a "
+     "qllava checkpoint folder.")
     p = Path(cfg.model_name_or_path)
     if (p / "qllava_manifest.json").exists():
         model, tok = load_model(p, dtype=dtype, ds_config=ds_config)
@@ -310,14 +369,17 @@ def load_lora_run(run_dir, # output_dir of a LoRA / QLoRA run
     run_dir = Path(run_dir)
     f = run_dir / "train_config.json"
     if not (run_dir / "adapter").is_dir() or not f.exists():
-        raise QllavaError(f"{run_dir}: not a LoRA run folder (needs adapter/ and train_config.json). Fix: point at the output_dir of a --stage lora run.")
+        raise QllavaError(f"{run_dir}: not a LoRA run folder (needs adapter/ and train_config.json). Fix: point at the "
+                          "output_dir of a --stage lora run.")
     cfg = TrainConfig(**json.loads(f.read_text()))
     if full_precision: cfg.bits = 16
     model, tok = load_base_model(cfg)
     load_projector(model, run_dir)
-    try: model.llm = PeftModel.from_pretrained(model.llm, str(run_dir / "adapter"))  # peft reads a .bin with weights_only=True
+    # peft reads a .bin with weights_only=True
+    try: model.llm = PeftModel.from_pretrained(model.llm, str(run_dir / "adapter"))
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{run_dir / 'adapter'}: refused to load the adapter: its .bin asks for more than tensors ({str(e).splitlines()[0][:200]}); "
+        raise CheckpointError(f"{run_dir / 'adapter'}: refused to load the adapter: its .bin asks for more than "
+                              f"tensors ({str(e).splitlines()[0][:200]}); "
                               "nothing in it was run. Fix: use an adapter_model.safetensors you trust.") from None
     return model.eval(), tok
 
@@ -347,7 +409,8 @@ def load_trained(run_dir):
 LLAVA_LLM_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_mixtral": "mixtral",
                    "llava_qwen": "qwen2", "llava_qwen2": "qwen2", "llava_gemma": "gemma"}
 _LLAVA_ONLY_FIELDS = {"architectures", "auto_map", "_name_or_path", "transformers_version", "image_aspect_ratio",
-                      "image_grid_pinpoints", "tokenizer_model_max_length", "tokenizer_padding_side", "tune_mm_mlp_adapter",
+                      "image_grid_pinpoints", "tokenizer_model_max_length", "tokenizer_padding_side",
+                      "tune_mm_mlp_adapter",
                       "freeze_mm_mlp_adapter", "use_mm_proj", "unfreeze_mm_vision_tower", "s2", "s2_scales"}
 
 def read_llava_config(folder) -> dict:
@@ -367,9 +430,11 @@ def llava_text_config(cfg:dict) -> dict:
     return out
 
 def _encoder_spec(tower:str) -> str:
-    "qllava spec for an original `mm_vision_tower` value: a local folder the encoder registry recognises by its files becomes `KIND:FOLDER`."
+    ("qllava spec for an original `mm_vision_tower` value: a local folder the encoder registry recognises by its files "
+     "becomes `KIND:FOLDER`.")
     if Path(tower).expanduser().is_dir():
-        try: return "%s:%s" % resolve_spec(tower)  # absolute: the imported checkpoint then loads from any working folder
+        # absolute: the imported checkpoint then loads from any working folder
+        try: return "%s:%s" % resolve_spec(tower)
         except ConfigError: pass  # no encoder kind recognises it: building the encoder says so
     return tower
 
@@ -390,15 +455,16 @@ def check_llava_layout(cfg:dict, # an original config.json (`read_llava_config`)
     "Refuse an image path qllava does not build: LLaVA-NeXT's AnyRes tiling (anyres aspect, spatial / unpad merges)."
     aspect, merge = str(cfg.get("image_aspect_ratio", "pad")), str(cfg.get("mm_patch_merge_type", "flat"))
     if aspect.startswith("anyres") or merge != "flat":
-        raise CheckpointError(f"{where}: image_aspect_ratio={aspect!r}, mm_patch_merge_type={merge!r} is LLaVA-NeXT's AnyRes "
-                              "tiling, which qllava does not build. Fix: import a checkpoint trained with "
+        raise CheckpointError(f"{where}: image_aspect_ratio={aspect!r}, mm_patch_merge_type={merge!r} is LLaVA-NeXT's "
+                              "AnyRes tiling, which qllava does not build. Fix: import a checkpoint trained with "
                               "--image_aspect_ratio pad --mm_patch_merge_type flat (LLaVA-1.5's image path).")
 
 # %% ../../nbs/36_checkpoint.ipynb #182f8d0f
 def llava_template(cfg:dict, # an original config.json
                    tokenizer, # the checkpoint's tokenizer
                   ) -> str:
-    "The template an original checkpoint was trained in: qwen_2 for LLaVA-NeXT's Qwen, llama_3 for Llama-3, else vicuna_v1."
+    ("The template an original checkpoint was trained in: qwen_2 for LLaVA-NeXT's Qwen, llama_3 for Llama-3, else "
+     "vicuna_v1.")
     if cfg.get("model_type") in ("llava_qwen", "llava_qwen2"): return "qwen_2"
     return "llama_3" if "<|eot_id|>" in tokenizer.get_vocab() else "vicuna_v1"
 
@@ -408,47 +474,49 @@ def _load_into(module:nn.Module, sd:dict, what:str, where, allow_missing=()):
     missing, unexpected = module.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not any(re.search(a, k) for a in allow_missing)]
     if missing or unexpected:
-        raise CheckpointError(f"{where}: the {what} tensors do not match: missing {missing[:4]}, unexpected {unexpected[:4]}.")
+        raise CheckpointError(f"{where}: the {what} tensors do not match: missing {missing[:4]}, unexpected "
+                              f"{unexpected[:4]}.")
 
 def _load_clip_tower(encoder, tower_sd:dict, where):
     "Put original `vision_tower` tensors into an HF-CLIP encoder (keys with or without `vision_model.`)."
     hf = encoder.as_hf_clip() if hasattr(encoder, "as_hf_clip") else None
     if hf is None or hf is not getattr(encoder, "tower", None):
         import warnings
-        warnings.warn(f"{where}: the checkpoint holds vision-tower tensors but the encoder {encoder.spec} is not a transformers "
-                      "CLIP tower; the encoder keeps the weights of its spec.")
+        warnings.warn(f"{where}: the checkpoint holds vision-tower tensors but the encoder {encoder.spec} is not a "
+                      "transformers CLIP tower; the encoder keeps the weights of its spec.")
         return
     ours = set(hf.state_dict())
     sd = {(k if k in ours else k[len("vision_model."):]): v for k, v in tower_sd.items()}
     _load_into(hf, sd, "vision tower", where, allow_missing=(r"position_ids$",))
 
-def import_llava(folder, # an original LLaVA checkpoint folder (config.json with mm_* fields + weights)
-                 out_dir=None, # write a qllava checkpoint here (optional)
-                 encoder:str|None=None, # encoder spec overriding `mm_vision_tower` (e.g. a local hf-clip folder)
-                 tokenizer=None, # tokenizer (object or path); default: the one in `folder`
-                 template:str|None=None, # its conversation template (default: `llava_template`)
-                 dtype=None, # weight dtype (default float32); each tensor is cast as it is read
-                 ) -> tuple: # (model, tokenizer)
-    "Convert a full original LLaVA checkpoint (LlavaLlamaForCausalLM keys) into a qllava model, its weights read straight into place."
-    folder = Path(folder)
-    cfg = read_llava_config(folder)
-    check_llava_layout(cfg, folder)
-    dtype = resolve_dtype(dtype)
-    tok = get_tokenizer(tokenizer if tokenizer is not None else str(folder), use_im_start_end=bool(cfg.get("mm_use_im_start_end")))
+# %% ../../nbs/36_checkpoint.ipynb #331d2421
+def _llava_tokenizer(cfg:dict, tokenizer, folder:Path):
+    "The tokenizer of an original checkpoint (`tokenizer`, else the folder's), its placeholders as its mm_* flags say."
+    tok = get_tokenizer(tokenizer if tokenizer is not None else str(folder),
+                        use_im_start_end=bool(cfg.get("mm_use_im_start_end")))
     if cfg.get("mm_use_im_patch_token"):
         tok = prepare_tokenizer(tok, use_im_start_end=bool(cfg.get("mm_use_im_start_end")), use_im_patch_token=True)
-    reader = WeightReader(folder)
-    spec = encoder or _encoder_spec(cfg.get("mm_vision_tower", ""))
-    sel_layer, sel_feat = cfg.get("mm_vision_select_layer", -2), cfg.get("mm_vision_select_feature", "patch")
-    opts = media_options(types.SimpleNamespace(image_aspect_ratio=cfg.get("image_aspect_ratio")), ["image"])  # as the original eval
-    enc = get_encoder(spec, sel_layer, sel_feat, media=opts["image"])  # first: a wrong tower fails before the LLM is read
+    return tok
+
+# %% ../../nbs/36_checkpoint.ipynb #1dc05572
+def _llava_select(cfg:dict) -> tuple:
+    "The vision feature layer and kind an original config selects (`mm_vision_select_*`; -2 and patch by default)."
+    return cfg.get("mm_vision_select_layer", -2), cfg.get("mm_vision_select_feature", "patch")
+
+# %% ../../nbs/36_checkpoint.ipynb #e140338f
+def _llava_encoder(cfg:dict, spec:str, opts:dict, folder:Path):
+    "The image encoder `spec` of an original checkpoint, refused unless its features are `mm_hidden_size` wide."
+    sel_layer, sel_feat = _llava_select(cfg)
+    enc = get_encoder(spec, sel_layer, sel_feat, media=opts["image"])
     if cfg.get("mm_hidden_size") not in (None, enc.hidden_size):
-        raise CheckpointError(f"{folder}: mm_hidden_size is {cfg['mm_hidden_size']} but the encoder {spec} gives {enc.hidden_size}-wide "
-                              "features. Fix: pass the encoder the checkpoint was trained with (--encoder SPEC).")
-    mm = [k for k in reader.keys() if k.startswith(("model.mm_projector.", "model.vision_tower."))]
-    _, proj_sd, tower_sd = split_llava_state_dict({k: reader[k] for k in mm})  # small; the LLM's tensors are read into it below
-    if tower_sd: _load_clip_tower(enc, tower_sd, folder)
-    cast_params(enc, dtype)
+        raise CheckpointError(f"{folder}: mm_hidden_size is {cfg['mm_hidden_size']} but the encoder {spec} gives "
+                              f"{enc.hidden_size}-wide features. Fix: pass the encoder the checkpoint was trained "
+                              "with (--encoder SPEC).")
+    return enc
+
+# %% ../../nbs/36_checkpoint.ipynb #b1d7bbcb
+def _llava_llm(cfg:dict, reader, mm:list, tok, dtype, folder:Path):
+    "The language model of an original checkpoint read into place (`mm`: the other keys), its vocabulary grown."
     text_cfg = AutoConfig.for_model(**llava_text_config(cfg))
     attn = default_attn_implementation()
     llm = llm_from_weights(text_cfg, reader, "", dtype, attn, where=folder)
@@ -456,28 +524,71 @@ def import_llava(folder, # an original LLaVA checkpoint folder (config.json with
     llm_keys = set(llm.state_dict())
     extra = [k for k in reader.keys() if k not in mm and k not in llm_keys and "rotary_emb" not in k]
     if extra: raise CheckpointError(f"{folder}: the language model tensors do not match: unexpected {extra[:4]}.")
-    resize_embeddings(llm, max(len(tok), llm.get_input_embeddings().num_embeddings))  # never below a padded vocabulary (Qwen)
+    # never below a padded vocabulary (Qwen)
+    resize_embeddings(llm, max(len(tok), llm.get_input_embeddings().num_embeddings))
+    return llm
+
+# %% ../../nbs/36_checkpoint.ipynb #a7f2959d
+def _llava_qllava_config(cfg:dict, llm, tok, spec:str, opts:dict, template:str|None, folder:Path) -> QllavaConfig:
+    "The `QllavaConfig` of an imported checkpoint: its LLM, image encoder and projector, placeholders and template."
     template = template or llava_template(cfg, tok)
     stops = list(get_template(template, tok).stop_strings)
-    config = QllavaConfig(text_config=llm.config, encoders={"image": spec}, projector=cfg.get("mm_projector_type", "linear"),
-                          media_token_ids={"image": media_token_id(tok, "image")},
-                          use_im_start_end=bool(cfg.get("mm_use_im_start_end", False)),
-                          use_im_patch_token=bool(cfg.get("mm_use_im_patch_token", False)), template=template, stop_strings=stops,
-                          select_layer=sel_layer, select_feature=sel_feat, media_options=opts,
-                          base_llm=str(folder), attn_implementation=llm.config._attn_implementation)
-    with (empty_weights() if proj_sd else contextlib.nullcontext()):  # the projector is read, not initialised
-        model = QllavaForCausalLM(config, llm=llm, encoders={"image": enc})
+    sel_layer, sel_feat = _llava_select(cfg)
+    return QllavaConfig(text_config=llm.config, encoders={"image": spec},
+                        projector=cfg.get("mm_projector_type", "linear"),
+                        media_token_ids={"image": media_token_id(tok, "image")},
+                        use_im_start_end=bool(cfg.get("mm_use_im_start_end", False)),
+                        use_im_patch_token=bool(cfg.get("mm_use_im_patch_token", False)), template=template,
+                        stop_strings=stops,
+                        select_layer=sel_layer, select_feature=sel_feat, media_options=opts,
+                        base_llm=str(folder), attn_implementation=llm.config._attn_implementation)
+
+# %% ../../nbs/36_checkpoint.ipynb #5783ce45
+def _load_llava_projector(model, proj_sd:dict, dtype, folder:Path):
+    "Read an original checkpoint's projector tensors into the image projector (only a warning when it has none)."
     if proj_sd:
         proj = model.projectors["image"]
         sd = _from_original_keys(proj_sd, list(proj.state_dict()))
         unexpected = sorted(set(sd) - set(proj.state_dict()))
         load_weights(proj, sd, {k: k for k in sd if k not in unexpected}, dtype)
         if unexpected or meta_names(proj):
-            raise CheckpointError(f"{folder}: the projector (model.mm_projector.*) tensors do not match: missing {meta_names(proj)[:4]}, "
-                                  f"unexpected {unexpected[:4]}.")
+            raise CheckpointError(f"{folder}: the projector (model.mm_projector.*) tensors do not match: missing "
+                                  f"{meta_names(proj)[:4]}, unexpected {unexpected[:4]}.")
     else:
         import warnings
-        warnings.warn(f"{folder}: no model.mm_projector.* tensors; load the stage-1 projector with load_projector(model, mm_projector.bin).")
+        warnings.warn(f"{folder}: no model.mm_projector.* tensors; load the stage-1 projector with "
+                      "load_projector(model, mm_projector.bin).")
+
+# %% ../../nbs/36_checkpoint.ipynb #fdaefe77
+def import_llava(folder, # an original LLaVA checkpoint folder (config.json with mm_* fields + weights)
+                 out_dir=None, # write a qllava checkpoint here (optional)
+                 encoder:str|None=None, # encoder spec overriding `mm_vision_tower` (e.g. a local hf-clip folder)
+                 tokenizer=None, # tokenizer (object or path); default: the one in `folder`
+                 template:str|None=None, # its conversation template (default: `llava_template`)
+                 dtype=None, # weight dtype (default float32); each tensor is cast as it is read
+                 ) -> tuple: # (model, tokenizer)
+    ("Convert a full original LLaVA checkpoint (LlavaLlamaForCausalLM keys) into a qllava model, its weights read "
+     "straight into place.")
+    folder = Path(folder)
+    cfg = read_llava_config(folder)
+    check_llava_layout(cfg, folder)
+    dtype = resolve_dtype(dtype)
+    tok = _llava_tokenizer(cfg, tokenizer, folder)
+    reader = WeightReader(folder)
+    spec = encoder or _encoder_spec(cfg.get("mm_vision_tower", ""))
+    # as the original eval
+    opts = media_options(types.SimpleNamespace(image_aspect_ratio=cfg.get("image_aspect_ratio")), ["image"])
+    enc = _llava_encoder(cfg, spec, opts, folder)  # first: a wrong tower fails before the LLM is read
+    mm = [k for k in reader.keys() if k.startswith(("model.mm_projector.", "model.vision_tower."))]
+    # small; the LLM's tensors are read into it below
+    _, proj_sd, tower_sd = split_llava_state_dict({k: reader[k] for k in mm})
+    if tower_sd: _load_clip_tower(enc, tower_sd, folder)
+    cast_params(enc, dtype)
+    llm = _llava_llm(cfg, reader, mm, tok, dtype, folder)
+    config = _llava_qllava_config(cfg, llm, tok, spec, opts, template, folder)
+    with (empty_weights() if proj_sd else contextlib.nullcontext()):  # the projector is read, not initialised
+        model = QllavaForCausalLM(config, llm=llm, encoders={"image": enc})
+    _load_llava_projector(model, proj_sd, dtype, folder)
     cast_params(model.projectors, dtype)
     model.eval()
     if out_dir is not None: save_checkpoint(model, out_dir, tokenizer=tok, stage="import")
@@ -510,7 +621,8 @@ def _export_probes(template:str, use_im_start_end:bool) -> list[str]:
     qs = ["<image>\nWhat is shown?", "<image>\n Describe it.", "Is <image> stained?", "hello", "<image>"]
     out = [generation_prompt(template, q, use_im_start_end=use_im_start_end) for q in qs]
     conv = [{"from": "human", "value": qs[0]}, {"from": "gpt", "value": "A gland."}]
-    if getattr(template, "name", template) != "plain": conv += [{"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]
+    if getattr(template, "name", template) != "plain":
+        conv += [{"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]
     return out + [spans_text(render(template, conv, use_im_start_end=use_im_start_end))]
 
 def _ids_ours(tokenizer, texts:list[str], n:int) -> list[list[int]]:
@@ -525,7 +637,8 @@ def _ids_whole(tokenizer, texts:list[str], n:int) -> list[list[int]]:
 # %% ../../nbs/36_checkpoint.ipynb #1ebd3a8d
 def stop_token_ids(tokenizer, template:str) -> list[int]:
     "The EOS id and each of the template's stop strings that is one token: where transformers' `generate` stops."
-    ids = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(s) for s in get_template(template, tokenizer).stop_strings
+    stops = get_template(template, tokenizer).stop_strings
+    ids = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(s) for s in stops
                                       if s in tokenizer.get_added_vocab() or s == tokenizer.eos_token]
     return list(dict.fromkeys(i for i in ids if i is not None))
 
@@ -538,7 +651,8 @@ def save_llava_processor(model, clip, tokenizer, out_dir:Path):
                              image_mean=list(enc.media.get("image_mean")) if hasattr(enc, "media") else None,
                              image_std=list(enc.media.get("image_std")) if hasattr(enc, "media") else None)
     tok = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own chat template and padding side
-    tok.chat_template, tok.padding_side = chat_template(get_template(c.template, tokenizer), c.use_im_start_end), "left"  # batched generate
+    # batched generate
+    tok.chat_template, tok.padding_side = chat_template(get_template(c.template, tokenizer), c.use_im_start_end), "left"
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=clip.config.patch_size, image_token="<image>",
                           vision_feature_select_strategy="default" if enc.select_feature == "patch" else "full",
                           num_additional_image_tokens=1, chat_template=tok.chat_template)
@@ -574,8 +688,10 @@ def llava_hf_state_dict(model, clip) -> dict:
     "Our tensors under `LlavaForConditionalGeneration` names."
     sd = {f"model.vision_tower.{k}": v for k, v in clip.state_dict().items()}
     p = model.projectors["image"].state_dict()
-    sd |= {"model.multi_modal_projector.linear_1.weight": p["0.weight"], "model.multi_modal_projector.linear_1.bias": p["0.bias"],
-           "model.multi_modal_projector.linear_2.weight": p["2.weight"], "model.multi_modal_projector.linear_2.bias": p["2.bias"]}
+    sd |= {"model.multi_modal_projector.linear_1.weight": p["0.weight"],
+           "model.multi_modal_projector.linear_1.bias": p["0.bias"],
+           "model.multi_modal_projector.linear_2.weight": p["2.weight"],
+           "model.multi_modal_projector.linear_2.bias": p["2.bias"]}
     base = model.llm.base_model_prefix
     for k, v in model.llm.state_dict().items():
         sd[f"model.language_model.{k[len(base) + 1:]}" if k.startswith(base + ".") else k] = v
@@ -587,15 +703,19 @@ def export_hf(model, # a QllavaForCausalLM with one CLIP-family image encoder an
               ):
     "Write the model as a transformers `LlavaForConditionalGeneration` folder (+ processor)."
     if set(model.encoders) != {"image"}:
-        raise ConfigError(f"transformers' Llava takes one image tower; this model has {sorted(model.encoders)}. Fix: export image-only models.")
+        raise ConfigError(f"transformers' Llava takes one image tower; this model has {sorted(model.encoders)}. Fix: "
+                          "export image-only models.")
     enc, kind = model.encoders["image"], model.config.projector_kind("image")
     if kind != "mlp2x_gelu":
-        raise ConfigError(f"transformers' Llava projector is linear-GELU-linear (mlp2x_gelu); this model's is {kind!r}.")
+        raise ConfigError("transformers' Llava projector is linear-GELU-linear (mlp2x_gelu); this model's is "
+                          f"{kind!r}.")
     if not hasattr(enc, "as_hf_clip"):
-        raise ConfigError(f"the encoder {enc.spec} is not CLIP-family; only CLIP / open_clip ViT towers export to transformers' Llava.")
+        raise ConfigError(f"the encoder {enc.spec} is not CLIP-family; only CLIP / open_clip ViT towers export to "
+                          "transformers' Llava.")
     clip = enc.as_hf_clip()
     N, mid = enc.num_tokens, model.config.media_token_ids["image"]
-    cfg = LlavaConfig(vision_config=clip.config.to_dict(), text_config=model.llm.config.to_dict(), image_token_index=mid,
+    cfg = LlavaConfig(vision_config=clip.config.to_dict(), text_config=model.llm.config.to_dict(),
+                      image_token_index=mid,
                       image_seq_length=N, vision_feature_layer=enc.select_layer,
                       vision_feature_select_strategy="default" if enc.select_feature == "patch" else "full",
                       projector_hidden_act="gelu", multimodal_projector_bias=True,
@@ -621,12 +741,13 @@ def import_llava_cli(argv:list[str]|None=None) -> int:
     ap.add_argument("out_dir", help="qllava checkpoint folder to write")
     ap.add_argument("--encoder", help="encoder spec overriding mm_vision_tower (e.g. hf-clip:/path/to/clip)")
     ap.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the checkpoint's)")
-    ap.add_argument("--template", help="conversation template the model was trained with (default: qwen_2 for LLaVA-NeXT's "
+    ap.add_argument("--template",
+                    help="conversation template the model was trained with (default: qwen_2 for LLaVA-NeXT's "
                     "Qwen, llama_3 for a Llama-3 vocabulary, else vicuna_v1)")
     a = ap.parse_args(argv)
     model, _ = import_llava(a.folder, a.out_dir, encoder=a.encoder, tokenizer=a.tokenizer, template=a.template)
-    print(f"wrote {a.out_dir}: {sum(p.numel() for p in model.parameters()):,} parameters, encoder {model.config.encoders['image']}, "
-          f"projector {model.config.projector}")
+    print(f"wrote {a.out_dir}: {sum(p.numel() for p in model.parameters()):,} parameters, encoder "
+          f"{model.config.encoders['image']}, projector {model.config.projector}")
     return 0
 
 def _checkpoint_out_parser(prog:str, description:str, out_help:str) -> ArgumentParser:
@@ -638,7 +759,8 @@ def _checkpoint_out_parser(prog:str, description:str, out_help:str) -> ArgumentP
 
 def export_hf_cli(argv:list[str]|None=None) -> int:
     "qllava export-hf: write a qllava checkpoint as a transformers LlavaForConditionalGeneration folder."
-    a = _checkpoint_out_parser("qllava export-hf", export_hf.__doc__, "transformers Llava folder to write").parse_args(argv)
+    a = _checkpoint_out_parser("qllava export-hf", export_hf.__doc__,
+                               "transformers Llava folder to write").parse_args(argv)
     man = read_manifest(a.checkpoint)
     model = load_checkpoint(a.checkpoint)
     export_hf(model, a.out_dir, tokenizer=load_tokenizer_from(a.checkpoint) if man.get("tokenizer") else None)
@@ -647,7 +769,8 @@ def export_hf_cli(argv:list[str]|None=None) -> int:
 
 def extract_projector_cli(argv:list[str]|None=None) -> int:
     "qllava extract-projector: write mm_projector.bin/.safetensors (original key names) from a qllava checkpoint."
-    ap = _checkpoint_out_parser("qllava extract-projector", extract_projector_cli.__doc__, "folder for mm_projector.bin and mm_projector.safetensors")
+    ap = _checkpoint_out_parser("qllava extract-projector", extract_projector_cli.__doc__,
+                                "folder for mm_projector.bin and mm_projector.safetensors")
     ap.add_argument("--modality", default=None, help="whose projector (image or sensor; default: the model's first)")
     a = ap.parse_args(argv)
     files = save_projector(load_checkpoint(a.checkpoint), a.out_dir, a.modality)

@@ -29,39 +29,58 @@ __all__ = ['ENCODER_KINDS', 'WEIGHT_SUFFIXES', 'SELECT_FEATURES', 'LIMU_BERT_LLA
 # %% ../../nbs/30_encoders.ipynb #11e16049
 @dataclass(frozen=True)
 class EncoderKind:
-    "One kind of encoder tower: its spec prefix, how a bare spec is recognised as it, how it is built and what it gives."
+    ("One kind of encoder tower: its spec prefix, how a bare spec is recognised as it, how it is built and what it "
+     "gives.")
     name:str # the spec prefix, e.g. "hf-clip" in "hf-clip:openai/clip-vit-large-patch14-336"
-    build:Callable # (target, spec, select_layer, select_feature, **options) -> Encoder; select_layer None = the tower's default
-    modality:str|Callable # the modality of its features ("image", "sensor", ...), or target -> modality (preset: the preset's kind decides)
+    # (target, spec, select_layer, select_feature, **options) -> Encoder; select_layer None = the tower's default
+    build:Callable
+    # the modality of its features ("image", "sensor", ...), or target -> modality (preset: the preset's kind decides)
+    modality:str|Callable
     syntax:str # how its specs are written, for error messages, e.g. "hf-clip:HUB_ID|FOLDER"
-    recognise:Callable|None=None # bare spec -> target, or None: claims a bare spec by the files it has, never by the words in its name
-    fallback:Callable|None=None # the same, tried only when no kind recognised the spec (hf-clip: any other ORG/NAME hub id, as LLaVA)
-    num_tokens:Callable|None=None # (target, select_layer, select_feature) -> media tokens per item, without building the tower (None: it is built)
-    media:Callable|None=None # target -> its preprocessing settings (`Encoder.media`), without building the tower (None: it is built)
-    local_paths:bool=True # a target naming an existing file or folder is made absolute (a checkpoint recording it loads from anywhere)
-    preset_kind:str|None=None # the `kind` of the qllava presets describing this tower: `preset:NAME` builds it with random weights
-    from_preset:Callable|None=None # (preset dict, spec, select_layer, select_feature) -> Encoder, initialised from the preset's seed
-    preset_tokens:Callable|None=None # (preset dict, select_layer, select_feature) -> media tokens per item, without building
+    # bare spec -> target, or None: claims a bare spec by the files it has, never by the words in its name
+    recognise:Callable|None=None
+    # the same, tried only when no kind recognised the spec (hf-clip: any other ORG/NAME hub id, as LLaVA)
+    fallback:Callable|None=None
+    # (target, select_layer, select_feature) -> media tokens per item, without building the tower (None: it is built)
+    num_tokens:Callable|None=None
+    # target -> its preprocessing settings (`Encoder.media`), without building the tower (None: it is built)
+    media:Callable|None=None
+    # a target naming an existing file or folder is made absolute (a checkpoint recording it loads from anywhere)
+    local_paths:bool=True
+    # the `kind` of the qllava presets describing this tower: `preset:NAME` builds it with random weights
+    preset_kind:str|None=None
+    # (preset dict, spec, select_layer, select_feature) -> Encoder, initialised from the preset's seed
+    from_preset:Callable|None=None
+    # (preset dict, select_layer, select_feature) -> media tokens per item, without building
+    preset_tokens:Callable|None=None
     preset_media:Callable|None=None # preset dict -> preprocessing settings, without building
 
-ENCODER_KINDS: dict[str, EncoderKind] = {}  # spec prefix -> EncoderKind, in registration order (the order bare specs are tried in)
+# spec prefix -> EncoderKind, in registration order (the order bare specs are tried in)
+ENCODER_KINDS: dict[str, EncoderKind] = {}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
-def register_encoder_kind(name:str, # the spec prefix (letters, digits, '_', '-', '.'); registering a name again replaces that kind
+# the spec prefix (letters, digits, '_', '-', '.'); registering a name again replaces that kind
+def register_encoder_kind(name:str,
                           build:Callable, # (target, spec, select_layer, select_feature, **options) -> Encoder
                           modality:str|Callable, # a registered modality (qllava.data.modality), or target -> modality
                           syntax:str="", # how its specs are written, for error messages (default NAME:TARGET)
                           **fields) -> EncoderKind: # any other `EncoderKind` field
-    "Add an encoder kind: `NAME:TARGET` specs, and the bare specs its `recognise` claims, then build with it everywhere."
+    ("Add an encoder kind: `NAME:TARGET` specs, and the bare specs its `recognise` claims, then build with it "
+     "everywhere.")
     if not re.fullmatch(r"[\w.\-]+", name or ""):
-        raise ConfigError(f"encoder kind {name!r}: a spec prefix is made of letters, digits, '_', '-' and '.'. Fix: choose such a name.")
+        raise ConfigError(f"encoder kind {name!r}: a spec prefix is made of letters, digits, '_', '-' and '.'. Fix: "
+                          "choose such a name.")
     if isinstance(modality, str): get_modality(modality)
     kind = EncoderKind(name, build, modality, syntax or f"{name}:TARGET", **fields)
     if kind.preset_kind is not None:
-        other = next((k.name for k in ENCODER_KINDS.values() if k.preset_kind == kind.preset_kind and k.name != name), None)
-        if other: raise ConfigError(f"encoder kind {name!r}: presets of kind {kind.preset_kind!r} already build {other!r} towers. Fix: choose another preset_kind.")
+        other = next((k.name for k in ENCODER_KINDS.values() if k.preset_kind == kind.preset_kind and k.name != name),
+                     None)
+        if other:
+            raise ConfigError(f"encoder kind {name!r}: presets of kind {kind.preset_kind!r} already build {other!r} "
+                              "towers. Fix: choose another preset_kind.")
         if kind.from_preset is None or not isinstance(modality, str):
-            raise ConfigError(f"encoder kind {name!r}: a kind built from presets needs `from_preset` and a fixed modality. Fix: give both, or no preset_kind.")
+            raise ConfigError(f"encoder kind {name!r}: a kind built from presets needs `from_preset` and a fixed "
+                              "modality. Fix: give both, or no preset_kind.")
     ENCODER_KINDS[name] = kind
     return kind
 
@@ -69,11 +88,13 @@ def _spec_help() -> str: return "use one of " + ", ".join(k.syntax for k in ENCO
 
 def resolve_spec(spec:str, # e.g. "preset:tiny-clip", "openai/clip-vit-large-patch14-336", "wisdomik/QuiltNet-B-32"
                 ) -> tuple[str, str]:
-    "Split an encoder spec into `(kind, target)`: `KIND:TARGET` of a registered kind, or a bare spec a kind recognises by its files."
+    ("Split an encoder spec into `(kind, target)`: `KIND:TARGET` of a registered kind, or a bare spec a kind "
+     "recognises by its files.")
     spec = (spec or "").strip()
     kind, sep, target = spec.partition(":")
     if sep and kind in ENCODER_KINDS:
-        if not target.strip(): raise ConfigError(f"encoder spec {spec!r} names no model after '{kind}:'. Fix: {_spec_help()}.")
+        if not target.strip():
+            raise ConfigError(f"encoder spec {spec!r} names no model after '{kind}:'. Fix: {_spec_help()}.")
         target = target.strip()
         p = Path(target).expanduser()
         # a local folder or file is made absolute: a checkpoint that records the spec must load from any working folder
@@ -84,8 +105,8 @@ def resolve_spec(spec:str, # e.g. "preset:tiny-clip", "openai/clip-vit-large-pat
             if (claim := getattr(k, stage)) is not None and (target := claim(spec)) is not None: return k.name, target
     p = Path(spec).expanduser()
     if p.suffix in WEIGHT_SUFFIXES:
-        raise ConfigError(f"encoder spec {spec!r} is a weights file{'' if p.is_file() else ' (not found)'} whose tensors no encoder kind "
-                          f"recognises, so it does not say which tower it holds. "
+        raise ConfigError(f"encoder spec {spec!r} is a weights file{'' if p.is_file() else ' (not found)'} whose "
+                          f"tensors no encoder kind recognises, so it does not say which tower it holds. "
                           f"Fix: write limu-bert:{spec} or open_clip:ARCH@{spec} (e.g. open_clip:ViT-B-32@{spec}).")
     if p.is_dir():
         raise ConfigError(f"encoder spec {spec!r} is a folder without the files any encoder kind is recognised by "
@@ -108,7 +129,9 @@ def _unwrap_state_dict(obj, path) -> dict:
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict): obj = obj[key]
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
-    if not tensors: raise CheckpointError(f"{path}: holds no tensors (found {type(obj).__name__}). Fix: point at a state-dict file.")
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors (found {type(obj).__name__}). Fix: point at a state-dict "
+                              "file.")
     if all(k.startswith("module.") for k in tensors): tensors = {k[len("module."):]: v for k, v in tensors.items()}
     return tensors
 
@@ -121,21 +144,29 @@ def load_weights_file(path, # a .safetensors file, or a .bin/.pt/.pth/.ckpt pick
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
         try: return load_file(str(p))
-        except Exception as e: raise CheckpointError(f"{p}: not a readable safetensors file ({e}). Fix: re-download or re-save it.") from None
+        except Exception as e:
+            raise CheckpointError(f"{p}: not a readable safetensors file ({e}). Fix: re-download or re-save "
+                                  "it.") from None
     try: obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-        why = next((l for l in lines if "GLOBAL" in l.upper() and ("unsupported" in l.lower() or "blocked" in l.lower())), None)
+        why = next((l for l in lines if "GLOBAL" in l.upper()
+                    and ("unsupported" in l.lower() or "blocked" in l.lower())), None)
         if why is None:  # not a pickle of objects at all: a corrupt or foreign file
-            detail = next((l for l in lines if "operand" in l or "load key" in l), lines[0] if lines else type(e).__name__)
-            raise CheckpointError(f"{p}: not a readable torch checkpoint ({detail}). Fix: re-download or re-save it.") from None
-        raise CheckpointError(  # no ready-to-paste unpickling command: pasted for a planted file, it would run the payload
-            f"{p}: refused to load: this pickle needs more than tensors to unpickle, and unpickling arbitrary objects can run "
-            f"code ({why}); nothing in it was run. Fix: use a .safetensors copy of these weights ({p.with_suffix('.safetensors').name}, "
-            "as most hubs publish); if you trust whoever made the file, convert it once to safetensors with their tools and use "
-            "that file instead.") from None
+            detail = next((l for l in lines if "operand" in l or "load key" in l),
+                          lines[0] if lines else type(e).__name__)
+            raise CheckpointError(f"{p}: not a readable torch checkpoint ({detail}). Fix: re-download or re-save "
+                                  "it.") from None
+        # no ready-to-paste unpickling command: pasted for a planted file, it would run the payload
+        raise CheckpointError(
+            f"{p}: refused to load: this pickle needs more than tensors to unpickle, and unpickling arbitrary objects "
+            f"can run code ({why}); nothing in it was run. Fix: use a .safetensors copy of these weights "
+            f"({p.with_suffix('.safetensors').name}, "
+            "as most hubs publish); if you trust whoever made the file, convert it once to safetensors with their "
+            "tools and use that file instead.") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{p}: not a readable torch checkpoint ({str(e).splitlines()[0]}). Fix: re-download or re-save it.") from None
+        raise CheckpointError(f"{p}: not a readable torch checkpoint ({str(e).splitlines()[0]}). Fix: re-download or "
+                              "re-save it.") from None
     return _unwrap_state_dict(obj, p)
 
 # %% ../../nbs/30_encoders.ipynb #3af8cea3
@@ -152,7 +183,8 @@ def check_select(select_layer:int, # index into [embeddings, block 1, ..., block
                  spec:str="") -> int:
     "Validate the layer/feature selection; returns how many blocks must run to reach `select_layer`."
     if select_feature not in SELECT_FEATURES:
-        raise ConfigError(f"{spec}: select_feature {select_feature!r} is not one of {SELECT_FEATURES}. Fix: use 'patch' (LLaVA's default) or 'cls_patch'.")
+        raise ConfigError(f"{spec}: select_feature {select_feature!r} is not one of {SELECT_FEATURES}. Fix: use "
+                          "'patch' (LLaVA's default) or 'cls_patch'.")
     if not -(n_blocks + 1) <= select_layer <= n_blocks:
         raise ConfigError(f"{spec}: select_layer {select_layer} is outside this tower's {n_blocks} blocks. "
                           f"Fix: use a value in [{-(n_blocks + 1)}, {n_blocks}] (-2 = penultimate block, as LLaVA).")
@@ -166,7 +198,8 @@ def make_processor(modality:str, # "image" or "sensor"
 
 # %% ../../nbs/30_encoders.ipynb #da34d7a4
 class Encoder(nn.Module):
-    "A media tower: `forward(x) -> (B, N, D)` features, with modality, `hidden_size`, `num_tokens` and preprocessing declared up front."
+    ("A media tower: `forward(x) -> (B, N, D)` features, with modality, `hidden_size`, `num_tokens` and preprocessing "
+     "declared up front.")
     def __init__(self, spec:str, # canonical spec string the tower was built from
                  modality:str, # "image" or "sensor"
                  hidden_size:int, # D, width of each feature token
@@ -223,16 +256,19 @@ class Encoder(nn.Module):
 
     def forward(self, x:torch.Tensor, # (B, *input_shape) preprocessed media
                ) -> torch.Tensor: # (B, num_tokens, hidden_size), in the tower's dtype
-        "Check the batch's shape, move it to the tower's device and dtype, and return `features` (no gradients when frozen)."
+        ("Check the batch's shape, move it to the tower's device and dtype, and return `features` (no gradients when "
+         "frozen).")
         if tuple(x.shape[1:]) != self.input_shape:
-            raise ConfigError(f"{self.spec}: got media batch of shape {tuple(x.shape)}, this tower expects (B, {', '.join(map(str, self.input_shape))}). "
-                              f"Fix: preprocess media with this encoder's processor.")
+            raise ConfigError(f"{self.spec}: got media batch of shape {tuple(x.shape)}, this tower expects (B, "
+                              f"{', '.join(map(str, self.input_shape))}). Fix: preprocess media with this encoder's "
+                              "processor.")
         p = next(self.parameters())
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             return self.features(x.to(device=p.device, dtype=p.dtype))
 
     def extra_repr(self) -> str:
-        return f"spec={self.spec!r}, tokens={self.num_tokens}, hidden={self.hidden_size}, select_layer={self.select_layer}, select_feature={self.select_feature!r}, trainable={self.trainable}"
+        return (f"spec={self.spec!r}, tokens={self.num_tokens}, hidden={self.hidden_size}, "
+                f"select_layer={self.select_layer}, select_feature={self.select_feature!r}, trainable={self.trainable}")
 
 # %% ../../nbs/30_encoders.ipynb #14fde4ac
 def select_tokens(h:torch.Tensor, # (B, 1 + patches, D) hidden state, CLS first
@@ -249,7 +285,8 @@ class HFClipEncoder(Encoder):
         c = tower.config
         check_select(select_layer, select_feature, c.num_hidden_layers, spec)
         n = vit_num_tokens(c.image_size // c.patch_size, select_feature)
-        super().__init__(spec, "image", c.hidden_size, n, dict(image_size=c.image_size, image_mean=tuple(image_mean), image_std=tuple(image_std)),
+        super().__init__(spec, "image", c.hidden_size, n,
+                         dict(image_size=c.image_size, image_mean=tuple(image_mean), image_std=tuple(image_std)),
                          select_layer, select_feature)
         self.tower = tower
 
@@ -286,9 +323,10 @@ def load_hf_clip(name_or_path:str, # hub id or folder of a CLIPVisionModel or a 
     hf_logging.set_verbosity_error()  # a full CLIPModel's text weights are expected leftovers
     try: return CLIPVisionModel.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{name_or_path}: cannot load a transformers CLIP vision model ({str(e).splitlines()[0]}). "
-                              f"Fix: pass a local folder (hf-clip:/path/to/folder), or download it once with network access "
-                              f"(unset HF_HUB_OFFLINE) so the hub cache has it.") from None
+        raise CheckpointError(f"{name_or_path}: cannot load a transformers CLIP vision model "
+                              f"({str(e).splitlines()[0]}). Fix: pass a local folder (hf-clip:/path/to/folder), or "
+                              "download it once with network access (unset HF_HUB_OFFLINE) so the hub cache has "
+                              "it.") from None
     finally: hf_logging.set_verbosity(old)
 
 # %% ../../nbs/30_encoders.ipynb #eef3bacc
@@ -325,10 +363,13 @@ class OpenClipEncoder(Encoder):
         self_n = check_select(select_layer, select_feature, len(visual.transformer.resblocks), spec)
         gh, gw = visual.grid_size
         size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
-        if gh != gw: raise ConfigError(f"{spec}: non-square open_clip towers are not supported. Fix: use a square image size.")
+        if gh != gw:
+            raise ConfigError(f"{spec}: non-square open_clip towers are not supported. Fix: use a square image size.")
         pp = getattr(visual, "preprocess_cfg", None) or {}
-        media = dict(image_size=int(size), image_mean=tuple(pp.get("mean", OPENAI_CLIP_MEAN)), image_std=tuple(pp.get("std", OPENAI_CLIP_STD)))
-        super().__init__(spec, "image", visual.conv1.out_channels, vit_num_tokens(gh, select_feature), media, select_layer, select_feature)
+        media = dict(image_size=int(size), image_mean=tuple(pp.get("mean", OPENAI_CLIP_MEAN)),
+                     image_std=tuple(pp.get("std", OPENAI_CLIP_STD)))
+        super().__init__(spec, "image", visual.conv1.out_channels, vit_num_tokens(gh, select_feature), media,
+                         select_layer, select_feature)
         self.visual, self.n_blocks = visual, self_n
 
     def features(self, x):
@@ -344,7 +385,8 @@ def _hf_act_name(act:nn.Module) -> str:
     name = type(act).__name__
     if name == "QuickGELU": return "quick_gelu"
     if isinstance(act, nn.GELU): return "gelu_pytorch_tanh" if act.approximate == "tanh" else "gelu"
-    raise ConfigError(f"open_clip activation {name} has no transformers CLIP equivalent. Fix: export only towers using GELU or QuickGELU.")
+    raise ConfigError(f"open_clip activation {name} has no transformers CLIP equivalent. Fix: export only towers using "
+                      "GELU or QuickGELU.")
 
 def open_clip_to_hf_config(visual, # open_clip VisionTransformer
                           ):
@@ -354,19 +396,25 @@ def open_clip_to_hf_config(visual, # open_clip VisionTransformer
     blocks = visual.transformer.resblocks
     b0 = blocks[0]
     unsupported = [n for n, bad in [("no ln_pre", isinstance(visual.ln_pre, nn.Identity)),
-                                    ("custom attention blocks", not isinstance(getattr(b0, "attn", None), nn.MultiheadAttention)),
-                                    ("layer scale", not (isinstance(getattr(b0, "ls_1", None), nn.Identity) and isinstance(getattr(b0, "ls_2", None), nn.Identity))),
+                                    ("custom attention blocks",
+                                     not isinstance(getattr(b0, "attn", None), nn.MultiheadAttention)),
+                                    ("layer scale", not all(isinstance(getattr(b0, k, None), nn.Identity)
+                                                            for k in ("ls_1", "ls_2"))),
                                     ("non-square images", visual.grid_size[0] != visual.grid_size[1]),
                                     ("a patch-embedding bias", visual.conv1.bias is not None)] if bad]
-    if unsupported: raise ConfigError(f"this open_clip ViT uses {', '.join(unsupported)}, which transformers' CLIPVisionModel cannot represent. Fix: export a plain CLIP ViT.")
+    if unsupported:
+        raise ConfigError(f"this open_clip ViT uses {', '.join(unsupported)}, which transformers' CLIPVisionModel "
+                          "cannot represent. Fix: export a plain CLIP ViT.")
     return CLIPVisionConfig(hidden_size=visual.conv1.out_channels, intermediate_size=b0.mlp.c_fc.out_features,
                             num_hidden_layers=len(blocks), num_attention_heads=b0.attn.num_heads,
-                            image_size=visual.grid_size[0] * visual.conv1.kernel_size[0], patch_size=visual.conv1.kernel_size[0],
+                            image_size=visual.grid_size[0] * visual.conv1.kernel_size[0],
+                            patch_size=visual.conv1.kernel_size[0],
                             hidden_act=_hf_act_name(b0.mlp.gelu), layer_norm_eps=visual.ln_pre.eps,
                             projection_dim=getattr(visual, "output_dim", 512), num_channels=visual.conv1.in_channels)
 
 # %% ../../nbs/30_encoders.ipynb #7d219c56
-def convert_open_clip_to_hf_clip(open_clip_visual, # open_clip VisionTransformer (`model.visual`) or a whole open_clip CLIP model
+# open_clip VisionTransformer (`model.visual`) or a whole open_clip CLIP model
+def convert_open_clip_to_hf_clip(open_clip_visual,
                                 ):
     "A `transformers.CLIPVisionModel` holding the same weights as an open_clip ViT image tower."
     from transformers import CLIPVisionModel
@@ -413,7 +461,8 @@ class _LimuAttention(nn.Module):
         self.n_heads = n_heads
     def forward(self, h):                      # (B, T, H) -> (B, T, H)
         B, T, H = h.shape
-        q, k, v = (p(h).view(B, T, self.n_heads, -1).transpose(1, 2) for p in (self.proj_q, self.proj_k, self.proj_v))  # (B, nh, T, hd)
+        # (B, nh, T, hd)
+        q, k, v = (p(h).view(B, T, self.n_heads, -1).transpose(1, 2) for p in (self.proj_q, self.proj_k, self.proj_v))
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, H)
 
 class _LimuFeedForward(nn.Module):
@@ -433,11 +482,15 @@ class LimuBert(nn.Module):
                  seq_len:int=120, # window length (positions)
                  emb_norm:bool=True): # layer-norm the channel projection before adding positions (LIMU-BERT default)
         super().__init__()
-        self.config = dict(feature_num=feature_num, hidden=hidden, hidden_ff=hidden_ff, n_layers=n_layers, n_heads=n_heads, seq_len=seq_len, emb_norm=emb_norm)
-        if hidden % n_heads: raise ConfigError(f"LIMU-BERT hidden {hidden} is not divisible by n_heads {n_heads}. Fix: choose n_heads dividing hidden.")
+        self.config = dict(feature_num=feature_num, hidden=hidden, hidden_ff=hidden_ff, n_layers=n_layers,
+                           n_heads=n_heads, seq_len=seq_len, emb_norm=emb_norm)
+        if hidden % n_heads:
+            raise ConfigError(f"LIMU-BERT hidden {hidden} is not divisible by n_heads {n_heads}. Fix: choose n_heads "
+                              "dividing hidden.")
         self.embed = _LimuEmbed(feature_num, hidden, seq_len, emb_norm)
         self.attn, self.proj = _LimuAttention(hidden, n_heads), nn.Linear(hidden, hidden)
-        self.norm1, self.pwff, self.norm2 = nn.LayerNorm(hidden, eps=1e-12), _LimuFeedForward(hidden, hidden_ff), nn.LayerNorm(hidden, eps=1e-12)
+        self.norm1 = nn.LayerNorm(hidden, eps=1e-12)  # created in the original's order: norm1, pwff, norm2
+        self.pwff, self.norm2 = _LimuFeedForward(hidden, hidden_ff), nn.LayerNorm(hidden, eps=1e-12)
 
     def forward(self, x:torch.Tensor, # (B, T, feature_num)
                 n_passes:int|None=None, # stop after this many passes (default all)
@@ -452,11 +505,12 @@ class LimuBert(nn.Module):
 # %% ../../nbs/30_encoders.ipynb #79577058
 def limu_bert_state_dict(sd:dict, # tensors as a LIMU-BERT checkpoint names them
                          path="LIMU-BERT checkpoint") -> dict:
-    "Rename a LIMU-BERT checkpoint's encoder tensors to `LimuBert`'s names (gamma/beta -> weight/bias, prefix stripped)."
+    ("Rename a LIMU-BERT checkpoint's encoder tensors to `LimuBert`'s names (gamma/beta -> weight/bias, prefix "
+     "stripped).")
     anchors = [k for k in sd if k == "embed.lin.weight" or k.endswith(".embed.lin.weight")]
     if len(anchors) != 1:
-        raise CheckpointError(f"{path}: expected exactly one LIMU-BERT encoder (a key ending in 'embed.lin.weight'), found {len(anchors)}. "
-                              f"Fix: pass a LIMU-BERT pretraining or classifier state dict.")
+        raise CheckpointError(f"{path}: expected exactly one LIMU-BERT encoder (a key ending in 'embed.lin.weight'), "
+                              f"found {len(anchors)}. Fix: pass a LIMU-BERT pretraining or classifier state dict.")
     prefix = anchors[0][: -len("embed.lin.weight")]
     out = {}
     for k, v in sd.items():
@@ -476,11 +530,15 @@ def load_limu_bert(path, # LIMU-BERT checkpoint (.pt/.bin state dict or .safeten
     try:
         hidden, feature_num = sd["embed.lin.weight"].shape
         seq_len, hidden_ff = sd["embed.pos_embed.weight"].shape[0], sd["pwff.fc1.weight"].shape[0]
-    except KeyError as e: raise CheckpointError(f"{path}: LIMU-BERT tensor {e} is missing. Fix: pass a complete LIMU-BERT checkpoint.") from None
+    except KeyError as e:
+        raise CheckpointError(f"{path}: LIMU-BERT tensor {e} is missing. Fix: pass a complete LIMU-BERT "
+                              "checkpoint.") from None
     model = LimuBert(feature_num, hidden, hidden_ff, n_layers, n_heads, seq_len, emb_norm)
     want = model.state_dict()
     missing = sorted(set(want) - set(sd))
-    if missing: raise CheckpointError(f"{path}: LIMU-BERT tensors missing: {missing}. Fix: pass a complete LIMU-BERT checkpoint.")
+    if missing:
+        raise CheckpointError(f"{path}: LIMU-BERT tensors missing: {missing}. Fix: pass a complete LIMU-BERT "
+                              "checkpoint.")
     bad = [k for k in want if sd[k].shape != want[k].shape]
     if bad: raise CheckpointError(f"{path}: LIMU-BERT tensors with unexpected shapes: {bad}.")
     model.load_state_dict({k: sd[k] for k in want})
@@ -493,7 +551,8 @@ class LimuBertEncoder(Encoder):
                  mean=None, std=None): # per-channel normalisation for the SensorProcessor (None = processor default)
         c = limu.config
         n = check_select(select_layer, select_feature, c["n_layers"], spec)
-        super().__init__(spec, "sensor", c["hidden"], c["seq_len"], dict(window=c["seq_len"], channels=c["feature_num"], mean=mean, std=std),
+        super().__init__(spec, "sensor", c["hidden"], c["seq_len"],
+                         dict(window=c["seq_len"], channels=c["feature_num"], mean=mean, std=std),
                          select_layer, select_feature)
         self.limu, self.n_passes = limu, n
 
@@ -502,7 +561,8 @@ class LimuBertEncoder(Encoder):
 # %% ../../nbs/30_encoders.ipynb #3a9b61b2
 @contextlib.contextmanager
 def seeded(seed:int):
-    "Run the block with torch's random state seeded to `seed`; the caller's state (CPU and CUDA) is restored afterwards."
+    ("Run the block with torch's random state seeded to `seed`; the caller's state (CPU and CUDA) is restored "
+     "afterwards.")
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
         yield
@@ -513,7 +573,8 @@ def _preset_mean_std(p:dict) -> tuple[tuple, tuple]:
     pre = p.get("preprocessing", {})
     return tuple(pre.get("mean") or OPENAI_CLIP_MEAN), tuple(pre.get("std") or OPENAI_CLIP_STD)
 
-def _vit_tokens(image_size:int, patch_size:int, n_blocks:int, select_layer, select_feature:str, spec:str, default_layer:int=-2) -> int:
+def _vit_tokens(image_size:int, patch_size:int, n_blocks:int, select_layer, select_feature:str, spec:str,
+                default_layer:int=-2) -> int:
     "`vit_num_tokens` after the same layer / feature check the tower makes when it is built."
     check_select(_layer(select_layer, default_layer), select_feature, n_blocks, spec)
     return vit_num_tokens(image_size // patch_size, select_feature)
@@ -530,7 +591,8 @@ def _clip_from_preset(p:dict, spec:str, select_layer=None, select_feature:str="p
 
 def _clip_preset_tokens(p:dict, select_layer=None, select_feature:str="patch") -> int:
     c = _clip_preset_config(p)
-    return _vit_tokens(c.image_size, c.patch_size, c.num_hidden_layers, select_layer, select_feature, f"preset:{p.get('name')}")
+    return _vit_tokens(c.image_size, c.patch_size, c.num_hidden_layers, select_layer, select_feature,
+                       f"preset:{p.get('name')}")
 
 def _clip_preset_media(p:dict) -> dict:
     mean, std = _preset_mean_std(p)
@@ -548,7 +610,8 @@ def _open_clip_from_preset(p:dict, spec:str, select_layer=None, select_feature:s
 
 def _open_clip_preset_tokens(p:dict, select_layer=None, select_feature:str="patch") -> int:
     c = p["config"]
-    return _vit_tokens(c["image_size"], c["patch_size"], c["layers"], select_layer, select_feature, f"preset:{p.get('name')}")
+    return _vit_tokens(c["image_size"], c["patch_size"], c["layers"], select_layer, select_feature,
+                       f"preset:{p.get('name')}")
 
 def _open_clip_preset_media(p:dict) -> dict:
     mean, std = _preset_mean_std(p)
@@ -578,8 +641,8 @@ def preset_encoder_kind(name:str, # shipped preset name (e.g. "tiny-clip") or pa
     k = next((k for k in ENCODER_KINDS.values() if k.preset_kind is not None and k.preset_kind == p.get("kind")), None)
     if k is None:
         kinds = [k.preset_kind for k in ENCODER_KINDS.values() if k.preset_kind is not None]
-        raise ConfigError(f"preset {name!r} is a {p.get('kind')!r} preset, not an encoder. Fix: use a preset of kind {', '.join(kinds)} "
-                          f"(e.g. tiny-clip, tiny-limu, bench-vit-b32, limu-bert).")
+        raise ConfigError(f"preset {name!r} is a {p.get('kind')!r} preset, not an encoder. Fix: use a preset of kind "
+                          f"{', '.join(kinds)} (e.g. tiny-clip, tiny-limu, bench-vit-b32, limu-bert).")
     return k, p
 
 def build_preset_encoder(name:str, # shipped preset name (e.g. "tiny-clip") or path of a preset JSON file
@@ -589,36 +652,47 @@ def build_preset_encoder(name:str, # shipped preset name (e.g. "tiny-clip") or p
     return k.from_preset(p, f"preset:{name}", select_layer, select_feature)
 
 # %% ../../nbs/30_encoders.ipynb #1dec2eb1
-def load_open_clip_visual(target:str, # "hf-hub:ID", "local-dir:FOLDER", "ARCH@CKPT_FILE", "ARCH@TAG" or "ARCH" (random, seed 0)
+# "hf-hub:ID", "local-dir:FOLDER", "ARCH@CKPT_FILE", "ARCH@TAG" or "ARCH" (random, seed 0)
+def load_open_clip_visual(target:str,
                          ):
     "The image tower (`model.visual`) of an open_clip model; the text tower is dropped."
     import open_clip
     if target.startswith(("hf-hub:", "local-dir:")):
         try: return open_clip.create_model(target).visual.eval()
         except Exception as e:
-            raise CheckpointError(f"open_clip could not load {target} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-                                  f"Fix: download it once with network access (unset HF_HUB_OFFLINE), or use a local file: "
-                                  f"open_clip:ViT-B-32@/path/to/open_clip_pytorch_model.bin.") from None
+            raise CheckpointError(f"open_clip could not load {target} ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}). Fix: download it once with network "
+                                  "access (unset HF_HUB_OFFLINE), or use a local file: "
+                                  "open_clip:ViT-B-32@/path/to/open_clip_pytorch_model.bin.") from None
     arch, _, weights = target.partition("@")
     if arch not in open_clip.list_models():
-        raise ConfigError(f"unknown open_clip architecture {arch!r}. Fix: use one of open_clip.list_models(), e.g. ViT-B-32.")
-    is_file = weights and (Path(weights).expanduser().exists() or Path(weights).suffix in WEIGHT_SUFFIXES or "/" in weights)
+        raise ConfigError(f"unknown open_clip architecture {arch!r}. Fix: use one of open_clip.list_models(), e.g. "
+                          "ViT-B-32.")
+    is_file = weights and (Path(weights).expanduser().exists() or Path(weights).suffix in WEIGHT_SUFFIXES
+                           or "/" in weights)
     if weights and not is_file:  # a pretrained tag such as "openai"
         try: return open_clip.create_model(arch, pretrained=weights).visual.eval()
-        except Exception as e: raise CheckpointError(f"open_clip could not load {arch} weights {weights!r} ({e}). Fix: use a local checkpoint file.") from None
+        except Exception as e:
+            raise CheckpointError(f"open_clip could not load {arch} weights {weights!r} ({e}). Fix: use a local "
+                                  "checkpoint file.") from None
     with seeded(0): visual = open_clip.create_model(arch, pretrained=None).visual
     if weights:
         sd = load_weights_file(weights)
-        if any(k.startswith("visual.") for k in sd): sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+        if any(k.startswith("visual.") for k in sd):
+            sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
         want = visual.state_dict()
         bad = [k for k in want if k not in sd or sd[k].shape != want[k].shape]
-        if bad: raise CheckpointError(f"{weights}: not an open_clip {arch} checkpoint; image-tower tensors missing or of another shape: "
-                                      f"{bad[:5]}{' ...' if len(bad) > 5 else ''}. Fix: check the architecture name before '@'.")
+        if bad:
+            raise CheckpointError(f"{weights}: not an open_clip {arch} checkpoint; image-tower tensors missing or of "
+                                  "another shape: "
+                                      f"{bad[:5]}{' ...' if len(bad) > 5 else ''}. Fix: check the architecture name "
+                                      "before '@'.")
         visual.load_state_dict({k: sd[k] for k in want})
     return visual.eval()
 
 # %% ../../nbs/30_encoders.ipynb #c53013fc
-OPEN_CLIP_HUB_IDS = ("wisdomik/QuiltNet-B-32", "wisdomik/QuiltNet-B-16", "wisdomik/QuiltNet-B-16-PMB")  # hub repos known to be open_clip models (they hold open_clip_config.json), for when the hub cache has not got them yet
+# hub repos known to be open_clip models (they hold open_clip_config.json), for when the hub cache has not got them yet
+OPEN_CLIP_HUB_IDS = ("wisdomik/QuiltNet-B-32", "wisdomik/QuiltNet-B-16", "wisdomik/QuiltNet-B-16-PMB")
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 CLIP_MODEL_TYPES = ("clip", "clip_vision_model")  # config.json `model_type`s transformers' CLIPVisionModel loads
 
@@ -648,11 +722,13 @@ def _open_clip_recognise(spec:str) -> str|None:
     if spec.startswith(("hf-hub:", "local-dir:")): return spec   # open_clip's own names of a model
     p = Path(spec).expanduser()
     if p.is_dir(): return f"local-dir:{p.resolve()}" if (p/OPEN_CLIP_CONFIG).is_file() else None
-    if _hub_id(spec) and (spec in OPEN_CLIP_HUB_IDS or _cached_hub_file(spec, OPEN_CLIP_CONFIG)): return f"hf-hub:{spec}"
+    if _hub_id(spec) and (spec in OPEN_CLIP_HUB_IDS or _cached_hub_file(spec, OPEN_CLIP_CONFIG)):
+        return f"hf-hub:{spec}"
     return None
 
 def _open_clip_config(target:str) -> dict|None:
-    "open_clip's config of a target ({'model_cfg': ..., 'preprocess_cfg': ...}) from its open_clip_config.json or open_clip's own table."
+    ("open_clip's config of a target ({'model_cfg': ..., 'preprocess_cfg': ...}) from its open_clip_config.json or "
+     "open_clip's own table.")
     if target.startswith("hf-hub:"):
         f = _cached_hub_file(target[len("hf-hub:"):], OPEN_CLIP_CONFIG)
         return _read_json(f) if f else None
@@ -662,10 +738,12 @@ def _open_clip_config(target:str) -> dict|None:
     return {"model_cfg": cfg} if cfg else None
 
 def _open_clip_vision(target:str):
-    "open_clip's CLIPVisionCfg of a target when it is a plain square ViT the config files describe (else None: building tells why)."
+    ("open_clip's CLIPVisionCfg of a target when it is a plain square ViT the config files describe (else None: "
+     "building tells why).")
     from open_clip.model import CLIPVisionCfg
     v = ((_open_clip_config(target) or {}).get("model_cfg") or {}).get("vision_cfg")
-    try: v = CLIPVisionCfg(**v) if isinstance(v, dict) else None   # open_clip's defaults for the keys the file leaves out
+    # open_clip's defaults for the keys the file leaves out
+    try: v = CLIPVisionCfg(**v) if isinstance(v, dict) else None
     except TypeError: return None
     if v is None or v.timm_model_name or v.attentional_pool or not isinstance(v.layers, int): return None
     if not isinstance(v.image_size, int) and len(set(v.image_size)) != 1: return None
@@ -675,14 +753,17 @@ def _open_clip_size(v) -> int: return v.image_size if isinstance(v.image_size, i
 
 def _open_clip_tokens(target:str, select_layer=None, select_feature:str="patch") -> int|None:
     v = _open_clip_vision(target)
-    return None if v is None else _vit_tokens(_open_clip_size(v), v.patch_size, v.layers, select_layer, select_feature, f"open_clip:{target}")
+    return None if v is None else _vit_tokens(_open_clip_size(v), v.patch_size, v.layers, select_layer, select_feature,
+                                              f"open_clip:{target}")
 
 def _open_clip_media(target:str) -> dict|None:
-    if not target.startswith(("hf-hub:", "local-dir:")): return None   # a pretrained tag may bring its own normalisation: built
+    # a pretrained tag may bring its own normalisation: built
+    if not target.startswith(("hf-hub:", "local-dir:")): return None
     from open_clip.transform import PreprocessCfg
     v = _open_clip_vision(target)
     if v is None: return None
-    pp = {"mean": PreprocessCfg().mean, "std": PreprocessCfg().std, **((_open_clip_config(target) or {}).get("preprocess_cfg") or {})}
+    pp = {"mean": PreprocessCfg().mean, "std": PreprocessCfg().std,
+          **((_open_clip_config(target) or {}).get("preprocess_cfg") or {})}
     return dict(image_size=int(_open_clip_size(v)), image_mean=tuple(pp["mean"]), image_std=tuple(pp["std"]))
 
 def _build_open_clip(target:str, spec:str, select_layer=None, select_feature:str="patch", **_) -> Encoder:
@@ -709,7 +790,8 @@ def _hf_clip_config(target:str):
 
 def _hf_clip_tokens(target:str, select_layer=None, select_feature:str="patch") -> int|None:
     c = _hf_clip_config(target)
-    return None if c is None else _vit_tokens(c.image_size, c.patch_size, c.num_hidden_layers, select_layer, select_feature, f"hf-clip:{target}")
+    return None if c is None else _vit_tokens(c.image_size, c.patch_size, c.num_hidden_layers, select_layer,
+                                              select_feature, f"hf-clip:{target}")
 
 def _hf_clip_media(target:str) -> dict|None:
     c = _hf_clip_config(target)
@@ -735,7 +817,8 @@ def _tensor_names(p:Path, max_pickle_bytes:int=256 << 20) -> list|None:
     except Exception: return None
 
 def is_limu_bert_names(names) -> bool:
-    "Whether tensor names hold exactly one LIMU-BERT encoder (one `embed.lin.weight`, with its `embed.pos_embed.weight`)."
+    ("Whether tensor names hold exactly one LIMU-BERT encoder (one `embed.lin.weight`, with its "
+     "`embed.pos_embed.weight`).")
     names = set(names)
     anchors = [k for k in names if k == "embed.lin.weight" or k.endswith(".embed.lin.weight")]
     return len(anchors) == 1 and anchors[0][: -len("lin.weight")] + "pos_embed.weight" in names
@@ -750,19 +833,25 @@ def _limu_shape(target:str) -> tuple[int, int]:
     "(window, channels) of a LIMU-BERT checkpoint, from its tensors."
     sd = limu_bert_state_dict(load_weights_file(target), target)
     try: return sd["embed.pos_embed.weight"].shape[0], sd["embed.lin.weight"].shape[1]
-    except KeyError as e: raise CheckpointError(f"{target}: LIMU-BERT tensor {e} is missing. Fix: pass a complete LIMU-BERT checkpoint.") from None
+    except KeyError as e:
+        raise CheckpointError(f"{target}: LIMU-BERT tensor {e} is missing. Fix: pass a complete LIMU-BERT "
+                              "checkpoint.") from None
 
 def _limu_tokens(target:str, select_layer=None, select_feature:str="patch") -> int:
-    check_select(0, select_feature, 0, f"limu-bert:{target}")  # the feature only: the passes depend on `arch`, which the file cannot tell
+    # the feature only: the passes depend on `arch`, which the file cannot tell
+    check_select(0, select_feature, 0, f"limu-bert:{target}")
     return _limu_shape(target)[0]
 
 def _limu_media(target:str) -> dict:
     T, C = _limu_shape(target)
     return dict(window=T, channels=C, mean=None, std=None)
 
-def _build_limu_bert(target:str, spec:str, select_layer=None, select_feature:str="patch", arch:dict|None=None, **_) -> Encoder:
+def _build_limu_bert(target:str, spec:str, select_layer=None, select_feature:str="patch", arch:dict|None=None,
+                     **_) -> Encoder:
     unknown = set(arch or {}) - set(LIMU_ARCH_KEYS)
-    if unknown: raise ConfigError(f"{spec}: unknown LIMU-BERT arch keys {sorted(unknown)}. Fix: use {', '.join(LIMU_ARCH_KEYS)}.")
+    if unknown:
+        raise ConfigError(f"{spec}: unknown LIMU-BERT arch keys {sorted(unknown)}. Fix: use "
+                          f"{', '.join(LIMU_ARCH_KEYS)}.")
     return LimuBertEncoder(load_limu_bert(target, **(arch or {})), spec, _layer(select_layer, -1), select_feature)
 
 # ---- presets: the preset's kind decides
@@ -779,28 +868,38 @@ def _preset_media(target:str) -> dict|None:
 def _build_preset(target:str, spec:str, select_layer=None, select_feature:str="patch", **_) -> Encoder:
     return build_preset_encoder(target, select_layer, select_feature)
 
-register_encoder_kind("preset", _build_preset, _preset_modality, "preset:NAME", num_tokens=_preset_tokens, media=_preset_media, local_paths=False)
-register_encoder_kind("open_clip", _build_open_clip, "image", "open_clip:hf-hub:HUB_ID, open_clip:ARCH@CHECKPOINT", recognise=_open_clip_recognise,
-                      num_tokens=_open_clip_tokens, media=_open_clip_media, preset_kind="open_clip", from_preset=_open_clip_from_preset,
+register_encoder_kind("preset", _build_preset, _preset_modality, "preset:NAME", num_tokens=_preset_tokens,
+                      media=_preset_media, local_paths=False)
+register_encoder_kind("open_clip", _build_open_clip, "image", "open_clip:hf-hub:HUB_ID, open_clip:ARCH@CHECKPOINT",
+                      recognise=_open_clip_recognise,
+                      num_tokens=_open_clip_tokens, media=_open_clip_media, preset_kind="open_clip",
+                      from_preset=_open_clip_from_preset,
                       preset_tokens=_open_clip_preset_tokens, preset_media=_open_clip_preset_media)
-register_encoder_kind("hf-clip", _build_hf_clip, "image", "hf-clip:HUB_ID|FOLDER", recognise=_hf_clip_recognise, fallback=_hf_clip_fallback,
-                      num_tokens=_hf_clip_tokens, media=_hf_clip_media, preset_kind="clip_vision", from_preset=_clip_from_preset,
+register_encoder_kind("hf-clip", _build_hf_clip, "image", "hf-clip:HUB_ID|FOLDER", recognise=_hf_clip_recognise,
+                      fallback=_hf_clip_fallback,
+                      num_tokens=_hf_clip_tokens, media=_hf_clip_media, preset_kind="clip_vision",
+                      from_preset=_clip_from_preset,
                       preset_tokens=_clip_preset_tokens, preset_media=_clip_preset_media)
 register_encoder_kind("limu-bert", _build_limu_bert, "sensor", "limu-bert:CHECKPOINT", recognise=_limu_recognise,
-                      num_tokens=_limu_tokens, media=_limu_media, preset_kind="limu_bert", from_preset=_limu_from_preset,
+                      num_tokens=_limu_tokens, media=_limu_media, preset_kind="limu_bert",
+                      from_preset=_limu_from_preset,
                       preset_tokens=_limu_preset_tokens, preset_media=_limu_preset_media);
 
 # %% ../../nbs/30_encoders.ipynb #75c7af8c
 def build_encoder(spec:str, # which tower: see the table at the top (e.g. "preset:tiny-clip", "wisdomik/QuiltNet-B-32")
-                  select_layer:int|None=None, # hidden state after this block; None = the tower's default (-2 for image towers as LLaVA, -1 for LIMU-BERT as LLaSA)
+                  # hidden state after this block; None = the tower's default (-2 for image towers as LLaVA, -1 for
+                  # LIMU-BERT as LLaSA)
+                  select_layer:int|None=None,
                   select_feature:str="patch", # "patch" drops the CLS token, "cls_patch" keeps it
                   trainable:bool=False, # train the tower (default frozen: no gradients, eval-mode dropout)
                   arch:dict|None=None, # LIMU-BERT only: n_layers / n_heads / emb_norm, which a checkpoint cannot tell
-                  media:dict|None=None, # preprocessing overrides of the run (`qllava.data.modality.media_options`), e.g. an aspect ratio
+                  # preprocessing overrides of the run (`qllava.data.modality.media_options`), e.g. an aspect ratio
+                  media:dict|None=None,
                  ) -> Encoder:
     "Build the encoder a spec string names, by its registered kind, frozen unless `trainable`."
     kind, target = resolve_spec(spec)
-    enc = ENCODER_KINDS[kind].build(target, f"{kind}:{target}", select_layer, select_feature, **({} if arch is None else {"arch": arch}))
+    enc = ENCODER_KINDS[kind].build(target, f"{kind}:{target}", select_layer, select_feature,
+                                    **({} if arch is None else {"arch": arch}))
     enc.media = {**enc.media, **(media or {})}  # before its processor is first made
     return enc.unfreeze() if trainable else enc.freeze()
 
@@ -809,14 +908,16 @@ def encoder_num_tokens(spec:str, # an encoder spec
                        select_layer:int|None=None, # as `build_encoder` takes it (checked the same way)
                        select_feature:str="patch", # "patch", or "cls_patch" (one more token: the CLS token)
                       ) -> int:
-    "Media tokens one item becomes with the encoder `spec` names (its `num_tokens`), without building it where its kind can tell."
+    ("Media tokens one item becomes with the encoder `spec` names (its `num_tokens`), without building it where its "
+     "kind can tell.")
     kind, target = resolve_spec(spec)
     k = ENCODER_KINDS[kind]
     n = k.num_tokens(target, select_layer, select_feature) if k.num_tokens else None
     return build_encoder(spec, select_layer, select_feature).num_tokens if n is None else n
 
 def encoder_media(spec:str) -> dict:
-    "The preprocessing settings (`Encoder.media`) of the encoder `spec` names, without building it where its kind can tell."
+    ("The preprocessing settings (`Encoder.media`) of the encoder `spec` names, without building it where its kind can "
+     "tell.")
     kind, target = resolve_spec(spec)
     k = ENCODER_KINDS[kind]
     m = k.media(target) if k.media else None

@@ -34,7 +34,8 @@ def encode_prompts(tokenizer, # tokenizer prepared with the media tokens
     if config.use_im_start_end: prompts = [p if "<im_start>" in p else _wrap_all(p, config) for p in prompts]
     n = {config.media_token_ids[m]: config.encoder_num_tokens[m] for m in config.media_token_ids}
     # tokenised as in training (and as the original's model_vqa): chunk by chunk around the placeholders
-    seqs = [expand_media_tokens(torch.tensor(x, dtype=torch.long), n) for x, _, _ in encode_chunked(tokenizer, list(prompts))]
+    seqs = [expand_media_tokens(torch.tensor(x, dtype=torch.long), n) for x, _,
+            _ in encode_chunked(tokenizer, list(prompts))]
     L = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), L), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
@@ -45,12 +46,14 @@ def encode_prompts(tokenizer, # tokenizer prepared with the media tokens
 def media_modality(x, # a media item: a tensor, a file path, a PIL image, an array ...
                    encoders:dict, # the model's encoders (modality -> module)
                   ) -> str:
-    "Which encoder takes bare media item `x`: the only one; else a tensor by the input shape each takes, a file or object by its modality."
+    ("Which encoder takes bare media item `x`: the only one; else a tensor by the input shape each takes, a file or "
+     "object by its modality.")
     if len(encoders) == 1: return next(iter(encoders))
     if isinstance(x, torch.Tensor): hits = [m for m, e in encoders.items() if tuple(x.shape) == tuple(e.input_shape)]
     else: hits = [m for m in encoders if is_item_of(x, m)]
     if len(hits) != 1:
-        raise ConfigError(f"cannot tell which of the model's encoders ({', '.join(encoders)}) takes {type(x).__name__} {str(x)[:60]!r}. "
+        raise ConfigError(f"cannot tell which of the model's encoders ({', '.join(encoders)}) takes {type(x).__name__} "
+                          f"{str(x)[:60]!r}. "
                           "Fix: give that prompt's media as {modality: item}.")
     return hits[0]
 
@@ -71,12 +74,14 @@ def collect_media(model, # a QllavaForCausalLM
             for x in (xs if isinstance(xs, (list, tuple)) else [xs]):
                 if not isinstance(x, torch.Tensor):
                     proc = getattr(model.encoders[m], "processor", None)
-                    if proc is None: raise ConfigError(f"the {m} encoder has no processor; pass prompt {i}'s media as tensors.")
+                    if proc is None:
+                        raise ConfigError(f"the {m} encoder has no processor; pass prompt {i}'s media as tensors.")
                     x = proc(x)
                 out[m].append(x)
             ph, n = get_modality(m).placeholder, len(xs if isinstance(xs, (list, tuple)) else [xs])
             if prompts is not None and prompts[i].count(ph) != n:
-                raise DataError(f"prompt {i} has {prompts[i].count(ph)} {ph} placeholder(s) but {n} {m} input(s).", record=i,
+                raise DataError(f"prompt {i} has {prompts[i].count(ph)} {ph} placeholder(s) but {n} {m} input(s).",
+                                record=i,
                                 fix=f"put one {ph} in the prompt per {m} given.")
     return {m: torch.stack(xs) for m, xs in out.items() if xs}
 
@@ -119,7 +124,8 @@ def answer_batch(model, # a QllavaForCausalLM
     "Answer prompts in left-padded batches; identical to answering each alone under greedy decoding."
     prompts = list(prompts)
     media = list(media) if media is not None else [None] * len(prompts)
-    if len(media) != len(prompts): raise ConfigError(f"{len(prompts)} prompts but {len(media)} media entries; give one (or None) per prompt.")
+    if len(media) != len(prompts):
+        raise ConfigError(f"{len(prompts)} prompts but {len(media)} media entries; give one (or None) per prompt.")
     stops = list(stop_strings if stop_strings is not None else (model.config.stop_strings or []))
     gc = generation_config(tokenizer, max_new_tokens, temperature, top_p, num_beams, stops)
     device = next(model.parameters()).device
@@ -130,7 +136,8 @@ def answer_batch(model, # a QllavaForCausalLM
         ps, ms = prompts[b:b + batch_size], media[b:b + batch_size]
         ids, mask = encode_prompts(tokenizer, ps, model.config)
         media_in = {k: v.to(device) for k, v in collect_media(model, ms, ps).items()}
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), media=media_in, generation_config=gc,
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), media=media_in,
+                             generation_config=gc,
                              tokenizer=tokenizer if gc.stop_strings else None)
         texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         answers += [cut_at_stop(t, stops) for t in texts]
@@ -169,7 +176,9 @@ def stream_answer(model, tokenizer, # a QllavaForCausalLM and its tokenizer
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     failed = []
     def run():
-        try: model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), media=media_in, generation_config=gc,
+        try:
+            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), media=media_in,
+                           generation_config=gc,
                             streamer=streamer, tokenizer=tokenizer if gc.stop_strings else None)
         except Exception as e: failed.append(e); streamer.end()
     worker = threading.Thread(target=run, daemon=True); worker.start()

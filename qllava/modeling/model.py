@@ -5,7 +5,8 @@
 # %% ../../nbs/33_model.ipynb #5dcb3465
 from __future__ import annotations
 import contextlib, copy, json, os
-from typing import Literal  # named by the `__init__` transformers generates for `QllavaConfig`: lets its signature resolve (show_doc)
+# named by the `__init__` transformers generates for `QllavaConfig`: lets its signature resolve (show_doc)
+from typing import Literal
 from pathlib import Path
 import torch
 from torch import nn
@@ -18,7 +19,8 @@ from .projector import build_projector
 from ..data.tokenize import pick_template, prepare_tokenizer, media_token_id as _mid
 from ..data.conversation import get_template
 from ..data.modality import MODALITIES, batch_media, default_encoders
-from .weights import *  # what the model stands on; re-exported, as these names lived in qllava.modeling.model before
+# what the model stands on; re-exported, as these names lived in qllava.modeling.model before
+from .weights import *
 
 # %% auto #0
 __all__ = ['QllavaConfig', 'get_encoder', 'get_projector', 'get_llm_preset', 'get_tokenizer', 'media_token_id', 'merge_media',
@@ -41,9 +43,11 @@ class QllavaConfig(PreTrainedConfig):
     use_im_patch_token: bool = False  # original LLaVA's patch token flag (kept for import/export)
     template: str = "vicuna_v1"  # conversation template name (qllava.data.conversation)
     stop_strings: list | None = None  # strings that end an answer (from the template)
-    select_layer: int | None = None  # encoder hidden layer used as features (None: the tower's default, -2 image / -1 IMU)
+    # encoder hidden layer used as features (None: the tower's default, -2 image / -1 IMU)
+    select_layer: int | None = None
     select_feature: str = "patch"  # `patch` (drop CLS) or `cls_patch`
-    media_options: dict | None = None  # modality -> preprocessing its encoders are built with, e.g. {"image": {"aspect_ratio": "pad"}}
+    # modality -> preprocessing its encoders are built with, e.g. {"image": {"aspect_ratio": "pad"}}
+    media_options: dict | None = None
     base_llm: str | None = None  # where the LLM came from (preset, hub id or folder)
     train_encoders: bool = False  # encoders trainable (frozen by default)
     seed: int | None = None  # seed the random parts were built from (rebuilds preset parts exactly)
@@ -58,9 +62,11 @@ def get_encoder(spec:str, # encoder spec, e.g. `preset:tiny-clip`
                 select_layer:int|None=None, # hidden layer to use (None: the tower's default)
                 select_feature:str="patch", # `patch` or `cls_patch`
                 trainable:bool=False, # unfreeze the tower
-                media:dict|None=None) -> nn.Module: # preprocessing overrides (`QllavaConfig.media_options` of its modality)
+                # preprocessing overrides (`QllavaConfig.media_options` of its modality)
+                media:dict|None=None) -> nn.Module:
     "An encoder from `qllava.modeling.encoders.build_encoder`."
-    return build_encoder(spec, select_layer=select_layer, select_feature=select_feature, trainable=trainable, media=media)
+    return build_encoder(spec, select_layer=select_layer, select_feature=select_feature, trainable=trainable,
+                         media=media)
 
 def get_projector(kind:str, in_dim:int, out_dim:int) -> nn.Module:
     "A projector from `qllava.modeling.projector.build_projector` (original LLaVA key layout)."
@@ -97,8 +103,9 @@ def merge_media(inputs_embeds:torch.Tensor, # (B, L, D) token embeddings of `inp
         if n_pos != m * n:
             raise DataError(f"the batch has {n_pos} <{modality}> placeholder positions in input_ids but {m} {modality} "
                             f"input(s) x {n} tokens each = {m*n} feature rows.",
-                            fix=f"expand each <{modality}> placeholder to exactly {n} tokens (the encoder's num_tokens) when "
-                                f"tokenizing, and pass one {modality} per placeholder (truncation must not cut a media block).")
+                            fix=f"expand each <{modality}> placeholder to exactly {n} tokens (the encoder's "
+                                f"num_tokens) when tokenizing, and pass one {modality} per placeholder (truncation "
+                                "must not cut a media block).")
         # one out-of-place index_put for the whole batch (same result as masked_scatter, ~20x faster on CPU)
         inputs_embeds = inputs_embeds.index_put(where, feats.reshape(-1, d).to(inputs_embeds.dtype))  # (B, L, D)
     return inputs_embeds
@@ -119,7 +126,8 @@ def packed_rows(position_ids:torch.Tensor, # (B, L)
 def packed_llm_inputs(attn_implementation:str, # the LLM's attention implementation
                       inputs_embeds:torch.Tensor, position_ids:torch.Tensor, # (B, L, D), (B, L)
                       labels:torch.Tensor|None) -> tuple: # (B, L) or None
-    "(inputs_embeds, position_ids, labels) for packed rows: one row for flash-attn's varlen path, as they are otherwise."
+    ("(inputs_embeds, position_ids, labels) for packed rows: one row for flash-attn's varlen path, as they are "
+     "otherwise.")
     if not attn_implementation.startswith("flash_attention"): return inputs_embeds, position_ids, labels
     flat = lambda x: None if x is None else x.reshape(1, -1)
     return inputs_embeds.reshape(1, -1, inputs_embeds.shape[-1]), flat(position_ids), flat(labels)
@@ -130,7 +138,8 @@ def _dummy_input(encoder:nn.Module, device, dtype) -> torch.Tensor:
     return encoder.dummy_input(1).to(device=device)
 
 def _media_args(media:dict|None, kwargs:dict) -> tuple[dict, dict]:
-    "Split a call's keywords into the media mapping (`media=` and any registered batch key, e.g. a collator's `images=`) and the rest."
+    ("Split a call's keywords into the media mapping (`media=` and any registered batch key, e.g. a collator's "
+     "`images=`) and the rest.")
     keys = {m.batch_key for m in MODALITIES.values()}
     return {**batch_media(kwargs), **(media or {})}, {k: v for k, v in kwargs.items() if k not in keys}
 
@@ -153,7 +162,8 @@ class QllavaForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.llm = llm if llm is not None else AutoModelForCausalLM.from_config(config.text_config)
         encs = encoders if encoders is not None else {
-            m: get_encoder(s, config.select_layer, config.select_feature, config.train_encoders, (config.media_options or {}).get(m))
+            m: get_encoder(s, config.select_layer, config.select_feature, config.train_encoders,
+                           (config.media_options or {}).get(m))
             for m, s in (config.encoders or {}).items()}
         self.encoders = nn.ModuleDict(encs)
         d_llm = config.text_config.hidden_size
@@ -170,8 +180,10 @@ class QllavaForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, v): self.llm.set_output_embeddings(v)
     def _init_weights(self, module): pass  # parts come initialised from their own builders
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers:int=1, offload:bool=False):
-        "Checkpoint the LLM's layers (encoders are frozen; projectors are tiny). `gradient_checkpointing_enable` lands here too."
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers:int=1,
+                                        offload:bool=False):
+        ("Checkpoint the LLM's layers (encoders are frozen; projectors are tiny). `gradient_checkpointing_enable` "
+         "lands here too.")
         self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs or {"use_reentrant": False},
                                                  every_n_layers=every_n_layers, offload=offload)
     def activation_checkpointing_disable(self): self.llm.activation_checkpointing_disable()
@@ -194,13 +206,15 @@ class QllavaForCausalLM(PreTrainedModel, GenerationMixin):
         media = {m: x for m, x in (media or {}).items() if x is not None}
         unknown = set(media) - set(self.encoders)
         if unknown: raise ConfigError(f"the batch has {sorted(unknown)} media but the model has encoders only for "
-                                      f"{sorted(self.encoders)}. Fix: build the model with an encoder for each modality in the data.")
+                                      f"{sorted(self.encoders)}. Fix: build the model with an encoder for each "
+                                      "modality in the data.")
         emb = self.get_input_embeddings()(input_ids)
         feats = {m: self.encode(m, x) for m, x in media.items() if len(x)}
         ids = self.config.media_token_ids or {}
         for m in self.encoders:  # placeholders with no media at all are a mismatch too
             if m not in feats and m in ids and bool((input_ids == ids[m]).any()):
-                merge_media(emb, input_ids, {m: emb.new_zeros(0, self.config.encoder_num_tokens[m], emb.shape[-1])}, ids)
+                merge_media(emb, input_ids, {m: emb.new_zeros(0, self.config.encoder_num_tokens[m], emb.shape[-1])},
+                            ids)
         emb = merge_media(emb, input_ids, feats, ids)
         if run_all:
             for m in self.encoders:
@@ -212,7 +226,9 @@ class QllavaForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids:torch.LongTensor|None=None, attention_mask:torch.Tensor|None=None,
                 position_ids:torch.LongTensor|None=None, cache=None, inputs_embeds:torch.Tensor|None=None,
                 labels:torch.LongTensor|None=None,
-                media:dict|None=None, # modality -> (M, ...) preprocessed media; a DataCollator batch's keys (`images`, `sensors`, ...) work too
+                # modality -> (M, ...) preprocessed media; a DataCollator batch's keys (`images`, `sensors`, ...) work
+                # too
+                media:dict|None=None,
                 use_cache:bool|None=None, logits_to_keep:int=0, **kwargs):
         "The DataCollator's batch in, the LLM's `CausalLMOutputWithPast` out (loss = LLM loss on merged embeddings)."
         media, kwargs = _media_args(media, kwargs)
@@ -225,7 +241,8 @@ class QllavaForCausalLM(PreTrainedModel, GenerationMixin):
         elif attention_mask is not None and prefill and packed_rows(position_ids, attention_mask):
             inputs_embeds, position_ids, labels = packed_llm_inputs(self.llm.config._attn_implementation or "sdpa",
                                                                     inputs_embeds, position_ids, labels)
-            attention_mask, use_cache = None, False  # transformers masks per sample from the restarts only with no cache
+            # transformers masks per sample from the restarts only with no cache
+            attention_mask, use_cache = None, False
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                         labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
                         **({"cache": cache} if cache is not None else {}), **kwargs)
@@ -247,12 +264,14 @@ def _weights_folder(llm:str) -> Path|None:
     if not p.is_dir():
         try:
             from transformers.utils import cached_file
-            f = cached_file(llm, "config.json", _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+            f = cached_file(llm, "config.json", _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
         except Exception: f = None
         p = Path(f).parent if f else None
     if p is None or not any((p / f).is_file() for f in WEIGHT_FILES + WEIGHT_INDEXES): return None
     idx = next((p / f for f in WEIGHT_INDEXES if (p / f).is_file()), None)
-    if idx is not None and not all((p / s).is_file() for s in set(json.loads(idx.read_text())["weight_map"].values())): return None
+    if idx is not None and not all((p / s).is_file() for s in set(json.loads(idx.read_text())["weight_map"].values())):
+        return None
     return p
 
 def _rank_device():
@@ -260,9 +279,12 @@ def _rank_device():
     return int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else "cpu"
 
 def _hub_llm(llm:str, attn:str, dtype, ds_config:dict|None, quantization_config):
-    "A hub / folder LLM: built empty, each tensor read once into place (cast as read; under ZeRO-3 by rank 0 into every rank's share)."
-    folder = _weights_folder(llm) if quantization_config is None else None  # quantised: transformers quantises as it loads
-    llm_model = llm_from_weights(AutoConfig.from_pretrained(str(folder)), WeightReader(folder), dtype=dtype, attn_implementation=attn,
+    ("A hub / folder LLM: built empty, each tensor read once into place (cast as read; under ZeRO-3 by rank 0 into "
+     "every rank's share).")
+    # quantised: transformers quantises as it loads
+    folder = _weights_folder(llm) if quantization_config is None else None
+    llm_model = llm_from_weights(AutoConfig.from_pretrained(str(folder)), WeightReader(folder), dtype=dtype,
+                                 attn_implementation=attn,
                                  ds_config=ds_config, where=llm) if folder is not None else None
     if llm_model is not None and (folder / "generation_config.json").is_file():
         llm_model.generation_config = GenerationConfig.from_pretrained(str(folder))
@@ -271,26 +293,45 @@ def _hub_llm(llm:str, attn:str, dtype, ds_config:dict|None, quantization_config)
         quant = {} if quantization_config is None else dict(quantization_config=quantization_config,
                                                             device_map={"": _rank_device()})
         try: llm_model = AutoModelForCausalLM.from_pretrained(llm, attn_implementation=attn, dtype=dtype, **quant)
-        except OSError as e: raise CheckpointError(f"{llm}: cannot load a causal LM from here ({e}). Fix: give a preset:NAME, "
-                                                   "a folder with config.json + weights, or a hub id cached locally.") from None
+        except OSError as e:
+            raise CheckpointError(f"{llm}: cannot load a causal LM from here ({e}). Fix: give a preset:NAME, "
+                                                   "a folder with config.json + weights, or a hub id cached "
+                                                   "locally.") from None
     return llm_model, switch
 
 def build_llm(llm:str, tokenizer, attn:str, dtype, ds_config:dict|None=None, quantization_config=None) -> tuple:
-    "(the causal LM, transformers' ZeRO-3 switch): a preset with random weights (from torch's current seed), or a hub id / folder; embeddings grown to the tokenizer."
-    grow = lambda m: resize_embeddings(m, len(tokenizer)) if len(tokenizer) > full_shape(m.get_input_embeddings().weight)[0] else m
+    ("(the causal LM, transformers' ZeRO-3 switch): a preset with random weights (from torch's current seed), or a hub "
+     "id / folder; embeddings grown to the tokenizer.")
+    grow = (lambda m: resize_embeddings(m,
+                                        len(tokenizer))
+            if len(tokenizer) > full_shape(m.get_input_embeddings().weight)[0] else m)
     if not llm.startswith("preset:"):
         llm_model, switch = _hub_llm(llm, attn, dtype, ds_config, quantization_config)
         return grow(llm_model), switch
-    cfg = AutoConfig.for_model(**get_llm_preset(llm.split(":", 1)[1]))  # built whole, so a seed gives one model at every ZeRO stage
+    # built whole, so a seed gives one model at every ZeRO stage
+    cfg = AutoConfig.for_model(**get_llm_preset(llm.split(":", 1)[1]))
     cfg.vocab_size = max(cfg.vocab_size, len(tokenizer))
     for k in ("pad_token_id", "bos_token_id", "eos_token_id"): setattr(cfg, k, getattr(tokenizer, k))
     with whole_models(): llm_model = grow(AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype))
     return llm_model, hf_zero3(ds_config)
 
+def _build_encoders(encoders:dict, select_layer, select_feature:str, train:bool, media_options:dict|None, dtype,
+                    seed:int) -> dict:
+    "modality -> its encoder, built seeded and cast to `dtype`; `ConfigError` for an encoder of another modality."
+    opts = media_options or {}
+    with seeded(seed):
+        encs = {m: cast_params(get_encoder(s, select_layer, select_feature, train, opts.get(m)), dtype)
+                for m, s in encoders.items()}
+    for m, e in encs.items():
+        if e.modality != m:
+            raise ConfigError(f"encoder {encoders[m]!r} is a {e.modality} encoder but was given for {m!r}.")
+    return encs
+
 def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a local folder of a causal LM
                 encoders:dict|None=None, # modality -> encoder spec, e.g. {"image": "preset:tiny-clip"}
                 projector:str="mlp2x_gelu", # projector kind (`linear`, `mlpNx_gelu`, `identity`)
-                tokenizer=None, # tokenizer object, shipped name, folder or hub id (default: the LLM's own; llama-demo for presets)
+                # tokenizer object, shipped name, folder or hub id (default: the LLM's own; llama-demo for presets)
+                tokenizer=None,
                 seed:int=0, # seed for every randomly initialised part
                 template:str|None=None, # conversation template name (None: `pick_template` chooses from the tokenizer)
                 stop_strings:list|None=None, # answer stop strings (default: the template's)
@@ -298,15 +339,21 @@ def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a loca
                 select_feature:str="patch", # `patch` or `cls_patch`
                 use_im_start_end:bool=False, # wrap media in <im_start> ... <im_end>
                 attn_implementation:str|None=None, # default: flash_attention_2 on CUDA when installed, else sdpa
-                dtype=None, # weight dtype of every part; the LLM is loaded straight in it, never via fp32 (default float32)
+                # weight dtype of every part; the LLM is loaded straight in it, never via fp32 (default float32)
+                dtype=None,
                 train_encoders:bool=False, # unfreeze the encoders
-                ds_config:dict|None=None, # the run's DeepSpeed config: under ZeRO-3 the model is built partitioned over the ranks
-                quantization_config=None, # transformers' `BitsAndBytesConfig`: a 4- / 8-bit base LLM (QLoRA; GPU or CPU)
-                media_options:dict|None=None, # modality -> preprocessing overrides (`qllava.data.modality.media_options`)
+                # the run's DeepSpeed config: under ZeRO-3 the model is built partitioned over the ranks
+                ds_config:dict|None=None,
+                # transformers' `BitsAndBytesConfig`: a 4- / 8-bit base LLM (QLoRA; GPU or CPU)
+                quantization_config=None,
+                # modality -> preprocessing overrides (`qllava.data.modality.media_options`)
+                media_options:dict|None=None,
                 ) -> tuple: # (model, tokenizer)
-    "Build a `QllavaForCausalLM` and its prepared tokenizer, offline for presets and local folders; the caller's random state is left as it was."
+    ("Build a `QllavaForCausalLM` and its prepared tokenizer, offline for presets and local folders; the caller's "
+     "random state is left as it was.")
     encoders = dict(encoders if encoders is not None else list(default_encoders().items())[:1])  # the first modality's
-    tokenizer = get_tokenizer(default_tokenizer(llm) if tokenizer is None else tokenizer, use_im_start_end=use_im_start_end)
+    tokenizer = get_tokenizer(default_tokenizer(llm) if tokenizer is None else tokenizer,
+                              use_im_start_end=use_im_start_end)
     template = pick_template(template, tokenizer)
     prepare_tokenizer(tokenizer, use_im_start_end=use_im_start_end, template=template)
     attn = attn_implementation or default_attn_implementation()
@@ -315,16 +362,13 @@ def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a loca
     if quantization_config is not None: _check_quantizable(llm, zero3)
     with seeded(seed): llm_model, switch = build_llm(llm, tokenizer, attn, dtype, ds_config, quantization_config)
     if stop_strings is None: stop_strings = list(get_template(template, tokenizer).stop_strings)
-    opts = media_options or {}
-    with seeded(seed):
-        encs = {m: cast_params(get_encoder(s, select_layer, select_feature, train_encoders, opts.get(m)), dtype) for m, s in encoders.items()}
-    for m, e in encs.items():
-        if e.modality != m: raise ConfigError(f"encoder {encoders[m]!r} is a {e.modality} encoder but was given for {m!r}.")
+    encs = _build_encoders(encoders, select_layer, select_feature, train_encoders, media_options, dtype, seed)
     config = QllavaConfig(text_config=llm_model.config.to_dict(), encoders=encoders, projector=projector,
                           media_token_ids={m: media_token_id(tokenizer, m) for m in encoders},
                           use_im_start_end=use_im_start_end, template=template, stop_strings=stop_strings,
                           select_layer=select_layer, select_feature=select_feature, base_llm=llm,
-                          train_encoders=train_encoders, seed=seed, attn_implementation=attn, media_options=media_options)
+                          train_encoders=train_encoders, seed=seed, attn_implementation=attn,
+                          media_options=media_options)
     with seeded(seed), _zero_init(ds_config):  # the projector is born sharded under ZeRO-3
         model = QllavaForCausalLM(config, llm=llm_model, encoders=encs)
     cast_params(model.projectors, dtype)
@@ -336,11 +380,12 @@ def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a loca
 def _check_quantizable(llm:str, zero3:bool):
     "Refuse a quantised base that cannot be built: a preset (random weights, no file to quantise from) or ZeRO-3."
     if llm.startswith("preset:"):
-        raise ConfigError(f"a 4- / 8-bit base LLM is quantised by transformers as it loads a hub id or a folder; {llm} has no weights to load. "
-                          "Fix: pass --model_name_or_path a hub id or folder, or use --bits 16 (--stage lora).")
+        raise ConfigError(f"a 4- / 8-bit base LLM is quantised by transformers as it loads a hub id or a folder; {llm} "
+                          "has no weights to load. Fix: pass --model_name_or_path a hub id or folder, or use --bits 16 "
+                          "(--stage lora).")
     if zero3:
-        raise ConfigError("a 4- / 8-bit base LLM cannot be partitioned by ZeRO-3 (bitsandbytes weights). Fix: use --deepspeed zero2, as the "
-                          "original QLoRA scripts do.")
+        raise ConfigError("a 4- / 8-bit base LLM cannot be partitioned by ZeRO-3 (bitsandbytes weights). Fix: use "
+                          "--deepspeed zero2, as the original QLoRA scripts do.")
 
 def _zero_init(ds_config):
     "DeepSpeed's `zero.Init` for a ZeRO-3 config (modules built inside are sharded at birth), else a no-op."

@@ -15,7 +15,8 @@ __all__ = ['PROJECTOR_KINDS', 'PROJECTOR_MODULE_NAME', 'NEVER_QUANTIZE', 'build_
 # %% ../../nbs/31_projector.ipynb #547abcd7
 PROJECTOR_KINDS = ("linear", "mlpNx_gelu", "identity")
 PROJECTOR_MODULE_NAME = "mm_projector"  # the original repositories' attribute name (keys `model.mm_projector.*`)
-NEVER_QUANTIZE = [PROJECTOR_MODULE_NAME, "projectors", "encoders", "vision_tower"]  # module names to keep out of bitsandbytes' quantisation
+# module names to keep out of bitsandbytes' quantisation
+NEVER_QUANTIZE = [PROJECTOR_MODULE_NAME, "projectors", "encoders", "vision_tower"]
 _MLP_RE = re.compile(r"mlp(\d+)x_gelu")
 
 def build_projector(kind:str, # "linear", "mlpNx_gelu" (e.g. "mlp2x_gelu", LLaVA-1.5's) or "identity"
@@ -25,11 +26,14 @@ def build_projector(kind:str, # "linear", "mlpNx_gelu" (e.g. "mlp2x_gelu", LLaVA
     "The projector LLaVA's builder makes for `kind`, so its state-dict keys match the original `mm_projector`."
     if kind == "linear": return nn.Linear(in_dim, out_dim)
     if kind == "identity":
-        if in_dim != out_dim: raise ConfigError(f"the identity projector needs encoder width == LLM width, got {in_dim} and {out_dim}. Fix: use 'linear' or 'mlp2x_gelu'.")
+        if in_dim != out_dim:
+            raise ConfigError(f"the identity projector needs encoder width == LLM width, got {in_dim} and {out_dim}. "
+                              "Fix: use 'linear' or 'mlp2x_gelu'.")
         return nn.Identity()
     m = _MLP_RE.fullmatch(kind or "")
     if not m or int(m.group(1)) < 1:
-        raise ConfigError(f"unknown projector kind {kind!r}. Fix: use one of {', '.join(PROJECTOR_KINDS)} (N >= 1, e.g. mlp2x_gelu).")
+        raise ConfigError(f"unknown projector kind {kind!r}. Fix: use one of {', '.join(PROJECTOR_KINDS)} (N >= 1, "
+                          "e.g. mlp2x_gelu).")
     layers = [nn.Linear(in_dim, out_dim)]
     for _ in range(int(m.group(1)) - 1): layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
     return nn.Sequential(*layers)
@@ -42,7 +46,8 @@ def infer_projector(state_dict:dict, # projector tensors, with or without a `...
     if set(sd) == {"weight", "bias"}: return "linear", sd["weight"].shape[1], sd["weight"].shape[0]
     idx = sorted({int(k.split(".")[0]) for k in sd if re.fullmatch(r"\d+\.(weight|bias)", k)})
     if not idx or idx != list(range(0, 2 * len(idx), 2)) or len(idx) * 2 != len(sd):
-        raise ConfigError(f"these tensors are not a linear or mlpNx_gelu projector: {sorted(sd)[:6]}. Fix: pass the mm_projector tensors only.")
+        raise ConfigError(f"these tensors are not a linear or mlpNx_gelu projector: {sorted(sd)[:6]}. Fix: pass the "
+                          "mm_projector tensors only.")
     return f"mlp{len(idx)}x_gelu", sd["0.weight"].shape[1], sd[f"{idx[-1]}.weight"].shape[0]
 
 # %% ../../nbs/31_projector.ipynb #e6912d7b
@@ -50,4 +55,6 @@ def assert_not_quantized(module:nn.Module, # a projector (or any module that mus
                          name:str="projector"):
     "Raise ConfigError if bitsandbytes replaced any layer inside `module` (it must stay in full precision)."
     bad = [n for n, m in module.named_modules() if type(m).__module__.startswith("bitsandbytes")]
-    if bad: raise ConfigError(f"the {name} was quantised ({bad[:3]}). Fix: pass llm_int8_skip_modules={NEVER_QUANTIZE} to BitsAndBytesConfig.")
+    if bad:
+        raise ConfigError(f"the {name} was quantised ({bad[:3]}). Fix: pass llm_int8_skip_modules={NEVER_QUANTIZE} to "
+                          "BitsAndBytesConfig.")

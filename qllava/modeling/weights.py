@@ -31,7 +31,8 @@ def zero_stage(ds_config:dict|None) -> int:
     return int(((ds_config or {}).get("zero_optimization") or {}).get("stage", 0) or 0)
 
 def ds_param_dtype(ds_config:dict|None) -> torch.dtype:
-    "The dtype DeepSpeed keeps module parameters in under `ds_config`: bf16, fp16 or fp32 (its optimiser keeps fp32 masters)."
+    ("The dtype DeepSpeed keeps module parameters in under `ds_config`: bf16, fp16 or fp32 (its optimiser keeps fp32 "
+     "masters).")
     on = lambda k: ((ds_config or {}).get(k) or {}).get("enabled") is True
     return torch.bfloat16 if on("bf16") else torch.float16 if on("fp16") else torch.float32
 
@@ -56,17 +57,21 @@ def gathered(params, # parameters (partitioned or not)
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 def cast_params(module:nn.Module, dtype) -> nn.Module:
-    "Cast the floating parameters of `module` that are not partitioned to `dtype` (buffers keep theirs, as DeepSpeed does)."
+    ("Cast the floating parameters of `module` that are not partitioned to `dtype` (buffers keep theirs, as DeepSpeed "
+     "does).")
     for p in module.parameters():
-        if not is_partitioned(p) and p.is_floating_point() and p.device.type != "meta" and p.dtype != dtype: p.data = p.data.to(dtype)
+        if not is_partitioned(p) and p.is_floating_point() and p.device.type != "meta" and p.dtype != dtype:
+            p.data = p.data.to(dtype)
     return module
 
 def partition(module:nn.Module, ds_config:dict|None) -> nn.Module:
-    "Under a ZeRO-3 config, shard every parameter of `module` not yet sharded (cast first to DeepSpeed's dtype); else a no-op."
+    ("Under a ZeRO-3 config, shard every parameter of `module` not yet sharded (cast first to DeepSpeed's dtype); else "
+     "a no-op.")
     if zero_stage(ds_config) != 3 or all(is_partitioned(p) for p in module.parameters()): return module
     import deepspeed
     cast_params(module, ds_param_dtype(ds_config))
-    deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)  # rank 0's values are broadcast, then each rank keeps its share
+    # rank 0's values are broadcast, then each rank keeps its share
+    deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
     return module
 
 def hf_zero3(ds_config:dict|None):
@@ -78,7 +83,8 @@ def hf_zero3(ds_config:dict|None):
 # %% ../../nbs/32_weights.ipynb #cbb822c6
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "I64": torch.int64,
                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 def _drop_pages(view:torch.Tensor):
@@ -86,13 +92,15 @@ def _drop_pages(view:torch.Tensor):
     import ctypes, mmap, sys
     if not sys.platform.startswith("linux") or view.numel() == 0: return
     start = view.data_ptr(); end = start + view.numel() * view.element_size()
-    a, b = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE  # pages shared with a neighbour stay
+    # pages shared with a neighbour stay
+    a, b = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
     if b <= a: return
     try: ctypes.CDLL(None).madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4)  # MADV_DONTNEED
     except (OSError, AttributeError): pass
 
 class WeightReader:
-    "The tensors of a transformers-style weights folder (one file or index-sharded; safetensors or .bin), read one at a time."
+    ("The tensors of a transformers-style weights folder (one file or index-sharded; safetensors or .bin), read one at "
+     "a time.")
     def __init__(self, folder): # a folder with model.safetensors / pytorch_model.bin, or an index of shards
         self.folder, self._open, self._bin = Path(folder), {}, (None, None)
         self.where = self._index()  # key -> file holding it
@@ -103,14 +111,17 @@ class WeightReader:
         for f in WEIGHT_FILES:
             if (self.folder / f).is_file():
                 return {k: f for k in (self._handle(f).keys() if f.endswith(".safetensors") else self._bin_file(f))}
-        raise CheckpointError(f"{self.folder}: no weights found (looked for {', '.join(WEIGHT_FILES + WEIGHT_INDEXES)}).")
+        raise CheckpointError(f"{self.folder}: no weights found (looked for "
+                              f"{', '.join(WEIGHT_FILES + WEIGHT_INDEXES)}).")
 
     def _handle(self, f:str):
         if f not in self._open:
             from safetensors import safe_open
             p = str(self.folder / f)
             try: self._open[f] = safe_open(p, framework="pt")  # a copy-on-write memory map of the file
-            except Exception as e: raise CheckpointError(f"{p}: not a readable safetensors file ({e}). Fix: re-download or re-save it.") from None
+            except Exception as e:
+                raise CheckpointError(f"{p}: not a readable safetensors file ({e}). Fix: re-download or re-save "
+                                      "it.") from None
         return self._open[f]
 
     def _bin_file(self, f:str) -> dict:
@@ -128,7 +139,8 @@ class WeightReader:
         return self.read(key)
 
     def view(self, key:str) -> torch.Tensor:
-        "The tensor `key` as a copy-on-write view of the file (as transformers loads): no copy, pages read when first used."
+        ("The tensor `key` as a copy-on-write view of the file (as transformers loads): no copy, pages read when first "
+         "used.")
         f = self.where[key]
         return self._handle(f).get_tensor(key) if f.endswith(".safetensors") else self._bin_file(f)[key]
 
@@ -141,7 +153,8 @@ class WeightReader:
         v = self.view(key)
         out = torch.empty(v.shape, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
         rows = max(1, 2**26 // max(1, v[:1].numel() * v.element_size())) if v.ndim else 1
-        for a in range(0, len(v) if v.ndim else 1, rows):  # 64 MB of the file at a time: copied (cast) out, its pages let go
+        # 64 MB of the file at a time: copied (cast) out, its pages let go
+        for a in range(0, len(v) if v.ndim else 1, rows):
             src = v[a:a + rows] if v.ndim else v
             (out[a:a + rows] if v.ndim else out).copy_(src)
             _drop_pages(src)  # as fast as the memory map, without its pages piling up in RSS (pread is 3-4x slower)
@@ -156,7 +169,8 @@ class WeightReader:
     def shape(self, key:str) -> tuple:
         "Shape of `key` (from the safetensors header, without reading the tensor)."
         f = self.where[key]
-        return tuple(self._handle(f).get_slice(key).get_shape()) if f.endswith(".safetensors") else tuple(self._bin_file(f)[key].shape)
+        return (tuple(self._handle(f).get_slice(key).get_shape()) if f.endswith(".safetensors")
+                else tuple(self._bin_file(f)[key].shape))
 
 def whole_models():
     "A context in which transformers builds models whole even while a ZeRO-3 switch (`HfDeepSpeedConfig`) is alive."
@@ -171,7 +185,8 @@ def empty_weights():
     from accelerate import init_empty_weights
     try: from transformers.initialization import no_init_weights  # transformers 5
     except ImportError: from transformers.modeling_utils import no_init_weights
-    with init_empty_weights(include_buffers=False), whole_models(), no_init_weights(): yield  # nothing to initialise on meta
+    # nothing to initialise on meta
+    with init_empty_weights(include_buffers=False), whole_models(), no_init_weights(): yield
 
 def meta_names(module:nn.Module) -> list:
     "Names of the parameters of `module` that have no values yet (still on the meta device)."
@@ -179,7 +194,8 @@ def meta_names(module:nn.Module) -> list:
 
 # %% ../../nbs/32_weights.ipynb #f9a3a8e2
 def release_memory():
-    "Hand freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere): many freed tensors of a few MB each would else stay resident."
+    ("Hand freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere): many freed tensors of a few MB "
+     "each would else stay resident.")
     import ctypes, ctypes.util, sys
     if not sys.platform.startswith("linux"): return
     try: ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
@@ -191,64 +207,112 @@ def _shape(reader, key) -> tuple:
 def _persistent(sub:nn.Module):
     return [(n, b) for n, b in sub._buffers.items() if b is not None and n not in sub._non_persistent_buffers_set]
 
+# %% ../../nbs/32_weights.ipynb #98b023da
+def _qualified(mname:str, n:str) -> str:
+    "The state-dict name of the tensor `n` of the submodule `mname` (`n` itself in the module's own)."
+    return f"{mname}.{n}" if mname else n
+
+# %% ../../nbs/32_weights.ipynb #3cb64bc3
+def _check_shapes(module:nn.Module, reader, keys:dict, where="") -> dict:
+    "`module`'s parameters and persistent buffers named in `keys` (name -> tensor), refused unless shaped as stored."
+    found, bad = {}, []
+    for mname, sub in module.named_modules():
+        for n, t in [(n, p) for n, p in sub._parameters.items() if p is not None] + _persistent(sub):
+            k = _qualified(mname, n)
+            if k in keys:
+                found[k] = t
+                if _shape(reader, keys[k]) != full_shape(t):
+                    bad.append(f"{keys[k]} {_shape(reader, keys[k])} vs {full_shape(t)}")
+    if bad:
+        raise CheckpointError(f"{where or getattr(reader, 'folder', 'the weights')}: tensors of another shape than the "
+                              f"model's: {bad[:4]}. Fix: load it with the config it was saved with.")
+    return found
+
+# %% ../../nbs/32_weights.ipynb #52289601
+def _weight_value(reader, key:str, t:torch.Tensor, dtype, zero3:bool, rank:int) -> torch.Tensor:
+    "The value for `t` of the reader's `key`: a view of the file, a copy cast as read, or (ZeRO-3, rank > 0) empty."
+    # filled by rank 0
+    if zero3 and rank != 0: return torch.empty(full_shape(t), dtype=dtype if t.is_floating_point() else t.dtype)
+    stored = reader.dtype(key) if hasattr(reader, "dtype") else None
+    if not zero3 and hasattr(reader, "view") and (dtype is None or stored == dtype
+                                                  or (stored is not None and not stored.is_floating_point)):
+        return reader.view(key)  # kept as stored: share the file's pages, as transformers does
+    if hasattr(reader, "read"): return reader.read(key, dtype)  # into memory of its own, cast as read
+    v = reader[key]
+    return v.to(dtype) if dtype is not None and v.is_floating_point() and v.dtype != dtype else v
+
+# %% ../../nbs/32_weights.ipynb #230a4c25
+def _param_items(module:nn.Module, found:dict, zero3:bool) -> list:
+    "(submodule name, submodule, parameter name) of each parameter in `found`; under ZeRO-3 the largest first."
+    items = [(mname, sub, n) for mname, sub in module.named_modules() for n, p in sub._parameters.items()
+             if _qualified(mname, n) in found]
+    if zero3:  # largest first: a rank holds the shares read so far plus the one whole tensor being read
+        items.sort(key=lambda it: -full_numel(it[1]._parameters[it[2]]))
+    return items
+
+# %% ../../nbs/32_weights.ipynb #cc115366
+def _reads_in_parallel(reader, items:list, zero3:bool) -> bool:
+    "Whether `items` are read four at a time: all from memory-mapped files, without ZeRO-3, none of them partitioned."
+    # (memory maps only)
+    mapped = all(str(f).endswith(".safetensors") for f in getattr(reader, "where", {None: None}).values())
+    return mapped and not zero3 and not any(is_partitioned(sub._parameters[n]) for _, sub, n in items)
+
+# %% ../../nbs/32_weights.ipynb #f8d0bd92
+def _load_parallel(items:list, value):
+    "Replace the parameters of `items` by `value(name, parameter)`, four reads at a time (as transformers does)."
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        vals = pool.map(lambda it: value(_qualified(it[0], it[2]), it[1]._parameters[it[2]]), items)
+        for (mname, sub, n), v in zip(items, vals):
+            sub._parameters[n] = nn.Parameter(v, requires_grad=sub._parameters[n].requires_grad)
+
+# %% ../../nbs/32_weights.ipynb #b8d31f60
+def _put_param(sub:nn.Module, n:str, k:str, value, rank:int, ds_config:dict|None):
+    "Put `value(k, p)` into the parameter `p` (`n` of `sub`): a partitioned one filled, another replaced (and sharded)."
+    p = sub._parameters[n]
+    if is_partitioned(p):
+        with gathered([p], modifier_rank=0), torch.no_grad():
+            if rank == 0: p.data.copy_(value(k, p))
+        return
+    sub._parameters[n] = new = nn.Parameter(value(k, p), requires_grad=p.requires_grad)
+    if zero_stage(ds_config) == 3:  # shard it before reading the next one
+        import deepspeed
+        deepspeed.zero.Init(module=nn.ParameterList([new]), config_dict_or_path=ds_config)
+        del new
+        release_memory()
+
+# %% ../../nbs/32_weights.ipynb #d57c7da5
+def _load_buffers(module:nn.Module, found:dict, value, zero3:bool):
+    "Put `value(name, buffer)` into each persistent buffer named in `found` (under ZeRO-3 rank 0's, broadcast)."
+    import torch.distributed as dist
+    for mname, sub in module.named_modules():
+        for n, b in _persistent(sub):
+            if _qualified(mname, n) not in found: continue
+            v = value(_qualified(mname, n), b)
+            if zero3 and dist.is_initialized(): dist.broadcast(v, 0)
+            sub._buffers[n] = v
+
+# %% ../../nbs/32_weights.ipynb #70111726
 def load_weights(module:nn.Module, # built under `empty_weights()`, or an ordinary / ZeRO-3 partitioned module
                  reader, # a `WeightReader` (any mapping key -> tensor with a `shape(key)` method)
                  keys:dict, # the module's state-dict names -> the reader's keys
                  dtype=None, # cast floating tensors to this (None: as stored; under ZeRO-3 always DeepSpeed's dtype)
-                 ds_config:dict|None=None, # a ZeRO-3 config: each tensor goes from rank 0 straight into every rank's share
+                 # a ZeRO-3 config: each tensor goes from rank 0 straight into every rank's share
+                 ds_config:dict|None=None,
                  where="") -> nn.Module: # named in errors
-    "Put `reader`'s tensors into `module` one at a time: meta / ordinary parameters are replaced, partitioned ones filled."
+    ("Put `reader`'s tensors into `module` one at a time: meta / ordinary parameters are replaced, partitioned ones "
+     "filled.")
     import torch.distributed as dist
     zero3 = zero_stage(ds_config) == 3
     if zero3: dtype = ds_param_dtype(ds_config)
     rank = dist.get_rank() if zero3 and dist.is_initialized() else 0
-    found, bad = {}, []
-    for mname, sub in module.named_modules():  # check every shape first (headers only): each rank refuses a bad file alike
-        for n, t in [(n, p) for n, p in sub._parameters.items() if p is not None] + _persistent(sub):
-            k = f"{mname}.{n}" if mname else n
-            if k in keys:
-                found[k] = t
-                if _shape(reader, keys[k]) != full_shape(t): bad.append(f"{keys[k]} {_shape(reader, keys[k])} vs {full_shape(t)}")
-    if bad: raise CheckpointError(f"{where or getattr(reader, 'folder', 'the weights')}: tensors of another shape than the model's: {bad[:4]}. Fix: load it with the "
-                                  "config it was saved with.")
-    def value(k, t):
-        if zero3 and rank != 0: return torch.empty(full_shape(t), dtype=dtype if t.is_floating_point() else t.dtype)  # filled by rank 0
-        stored = reader.dtype(keys[k]) if hasattr(reader, "dtype") else None
-        if not zero3 and hasattr(reader, "view") and (dtype is None or stored == dtype or (stored is not None and not stored.is_floating_point)):
-            return reader.view(keys[k])  # kept as stored: share the file's pages, as transformers does
-        if hasattr(reader, "read"): return reader.read(keys[k], dtype)  # into memory of its own, cast as read
-        v = reader[keys[k]]
-        return v.to(dtype) if dtype is not None and v.is_floating_point() and v.dtype != dtype else v
-    name = lambda mname, n: f"{mname}.{n}" if mname else n
-    items = [(mname, sub, n) for mname, sub in module.named_modules() for n, p in sub._parameters.items() if name(mname, n) in found]
-    if zero3:  # largest first: a rank holds the shares read so far plus the one whole tensor being read
-        items.sort(key=lambda it: -full_numel(it[1]._parameters[it[2]]))
-    mapped = all(str(f).endswith(".safetensors") for f in getattr(reader, "where", {None: None}).values())  # (memory maps only)
-    if mapped and not zero3 and not any(is_partitioned(sub._parameters[n]) for _, sub, n in items):  # 4 reads at a time, as transformers
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
-            vals = pool.map(lambda it: value(name(it[0], it[2]), it[1]._parameters[it[2]]), items)
-            for (mname, sub, n), v in zip(items, vals):
-                sub._parameters[n] = nn.Parameter(v, requires_grad=sub._parameters[n].requires_grad)
-        items = []
-    for mname, sub, n in items:
-        p, k = sub._parameters[n], name(mname, n)
-        if is_partitioned(p):
-            with gathered([p], modifier_rank=0), torch.no_grad():
-                if rank == 0: p.data.copy_(value(k, p))
-            continue
-        sub._parameters[n] = new = nn.Parameter(value(k, p), requires_grad=p.requires_grad)
-        if zero3:  # shard it before reading the next one
-            import deepspeed
-            deepspeed.zero.Init(module=nn.ParameterList([new]), config_dict_or_path=ds_config)
-            del new
-            release_memory()
-    for mname, sub in module.named_modules():
-        for n, b in _persistent(sub):
-            if name(mname, n) not in found: continue
-            v = value(name(mname, n), b)
-            if zero3 and dist.is_initialized(): dist.broadcast(v, 0)
-            sub._buffers[n] = v
+    found = _check_shapes(module, reader, keys, where)  # headers only: each rank refuses a bad file alike
+    value = lambda k, t: _weight_value(reader, keys[k], t, dtype, zero3, rank)  # of the module's tensor `k`
+    items = _param_items(module, found, zero3)
+    if _reads_in_parallel(reader, items, zero3): _load_parallel(items, value)
+    else:
+        for mname, sub, n in items: _put_param(sub, n, _qualified(mname, n), value, rank, ds_config)
+    _load_buffers(module, found, value, zero3)
     return module
 
 def llm_from_weights(text_config, # the LLM's config (vocabulary as in the weights)
@@ -258,9 +322,11 @@ def llm_from_weights(text_config, # the LLM's config (vocabulary as in the weigh
                      attn_implementation:str|None=None, # default: `default_attn_implementation()`
                      ds_config:dict|None=None, # under ZeRO-3 the LLM is built sharded
                      where=""):
-    "A causal LM built empty and filled from `reader` (no random init, one copy of the weights); None if its key names differ."
+    ("A causal LM built empty and filled from `reader` (no random init, one copy of the weights); None if its key "
+     "names differ.")
     with empty_weights():
-        llm = AutoModelForCausalLM.from_config(copy.deepcopy(text_config), attn_implementation=attn_implementation or default_attn_implementation(),
+        llm = AutoModelForCausalLM.from_config(copy.deepcopy(text_config),
+                                               attn_implementation=attn_implementation or default_attn_implementation(),
                                                dtype=dtype or torch.float32)
     want = list(llm.state_dict())
     tied = bool(getattr(llm.config, "tie_word_embeddings", False))
@@ -283,15 +349,19 @@ def _grown(w:torch.Tensor, n:int) -> torch.Tensor:
 
 def resize_embeddings(llm:nn.Module, # a transformers causal LM (partitioned under ZeRO-3 or not)
                       n:int): # new vocabulary size (len(tokenizer))
-    "Resize the LLM's input/output embeddings to `n` rows; new rows are the mean of the old ones (deterministic, no random init)."
+    ("Resize the LLM's input/output embeddings to `n` rows; new rows are the mean of the old ones (deterministic, no "
+     "random init).")
     emb, head = llm.get_input_embeddings(), llm.get_output_embeddings()
     old = full_shape(emb.weight)[0]
     if old == n: return llm
-    if is_partitioned(emb.weight):  # ZeRO-3: transformers resizes the shards; the new rows are then set from the gathered old ones
+    # ZeRO-3: transformers resizes the shards; the new rows are then set from the gathered old ones
+    if is_partitioned(emb.weight):
         llm.resize_token_embeddings(n, mean_resizing=False)
         if n > old:
-            for e in {id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None}.values():
-                with gathered([e.weight], modifier_rank=0), torch.no_grad(): e.weight[old:] = e.weight[:old].mean(0, keepdim=True)
+            for e in {id(m): m for m in (llm.get_input_embeddings(),
+                                         llm.get_output_embeddings()) if m is not None}.values():
+                with gathered([e.weight], modifier_rank=0), torch.no_grad():
+                    e.weight[old:] = e.weight[:old].mean(0, keepdim=True)
         return llm
     tied = head is not None and head.weight is emb.weight
     emb.weight = nn.Parameter(_grown(emb.weight, n), requires_grad=emb.weight.requires_grad)
@@ -311,8 +381,10 @@ def resize_embeddings(llm:nn.Module, # a transformers causal LM (partitioned und
 def resolve_dtype(dtype) -> torch.dtype:
     "A torch dtype from a dtype, its name (`bfloat16`, `bf16`, `float16`, `fp16`, `float32`) or None (float32)."
     if dtype is None or isinstance(dtype, torch.dtype): return dtype or torch.float32
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16, "fp32": torch.float32, "float": torch.float32}
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16, "fp32": torch.float32,
+             "float": torch.float32}
     d = names.get(str(dtype).removeprefix("torch."), getattr(torch, str(dtype).removeprefix("torch."), None))
-    if not isinstance(d, torch.dtype): raise ConfigError(f"dtype {dtype!r} is not a torch dtype. Fix: use bfloat16, float16 or float32.")
+    if not isinstance(d, torch.dtype):
+        raise ConfigError(f"dtype {dtype!r} is not a torch dtype. Fix: use bfloat16, float16 or float32.")
     return d
 

@@ -161,7 +161,8 @@ def _modality(x, model) -> str:
     except ConfigError as e:
         raise APIError(400, str(e), param="messages") from None
     if not isinstance(x, Path) and not is_item_of(x, m):
-        raise APIError(400, f"this model takes {m} media, not {type(x).__name__}.", "invalid_request_error", "invalid_image")
+        raise APIError(400, f"this model takes {m} media, not {type(x).__name__}.", "invalid_request_error",
+                       "invalid_image")
     return m
 
 # %% ../../nbs/61_serve.ipynb #06b5badf
@@ -232,7 +233,8 @@ async def answer(self: BatchEngine, prompt: str, media: list, settings: GenSetti
 
 @patch
 async def _gather(self: BatchEngine, first: _Job) -> list:
-    "`first` and the jobs with its settings that keep arriving, each within the wait window of the last (others requeued)."
+    ("`first` and the jobs with its settings that keep arriving, each within the wait window of the last (others "
+     "requeued).")
     clock = asyncio.get_running_loop().time
     jobs, others, cap = [first], [], clock() + 20 * self.wait_s  # a burst of clients arrives over many windows
     while len(jobs) < self.max_batch:
@@ -428,7 +430,8 @@ def make_app(
         return JSONResponse(e.body, status_code=e.status)
 
     @app.exception_handler(Exception)
-    async def server_error(request, e: Exception):  # a failure inside generation: still OpenAI's shape, the server stays up
+    # a failure inside generation: still OpenAI's shape, the server stays up
+    async def server_error(request, e: Exception):
         return JSONResponse(APIError(500, f"{type(e).__name__}: {e}", "server_error").body, status_code=500)
 
     @app.get("/health")

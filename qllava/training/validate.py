@@ -13,8 +13,10 @@ from ..data.dataset import load_records, resolve_media_path
 from ..data.conversation import get_template
 from ..data.modality import MODALITIES, default_encoders, get_modality, placeholders
 from ..data.presets import get_preset, load_tokenizer, demo_paths
-from ..modeling.encoders import ENCODER_KINDS, SELECT_FEATURES, encoder_modality, encoder_num_tokens, encoder_processor
-from ..data.tokenize import IGNORE_INDEX, prepare_tokenizer, tokenize_conversation, tokenize_conversations, media_token_id
+from ..modeling.encoders import (ENCODER_KINDS, SELECT_FEATURES, encoder_modality, encoder_num_tokens,
+                                      encoder_processor)
+from ..data.tokenize import (IGNORE_INDEX, prepare_tokenizer, tokenize_conversation, tokenize_conversations,
+                                  media_token_id)
 
 # %% auto #0
 __all__ = ['KINDS', 'Problem', 'ValidationReport', 'read_records', 'media_refs', 'check_structure', 'resolve_media',
@@ -24,10 +26,15 @@ __all__ = ['KINDS', 'Problem', 'ValidationReport', 'read_records', 'media_refs',
 # %% ../../nbs/50_validate.ipynb #d474ebc4
 KINDS = {
     # kind: (severity, default fix)
-    "unreadable_json": ("error", "fix the JSON syntax at that position: the file must be a JSON list of record objects, or one JSON object per line (.jsonl)"),
+    "unreadable_json": ("error",
+                        "fix the JSON syntax at that position: the file must be a JSON list of record objects, or one "
+                        "JSON object per line (.jsonl)"),
     "empty_file": ("error", "put at least one record into the file (or pass the right file)"),
-    "not_object": ("error", 'make every record a JSON object {"id": ..., "image" or "sensor": ..., "conversations": [...]}'),
-    "no_conversations": ("error", 'give the record a non-empty "conversations" list of {"from": "human"|"gpt", "value": "..."} turns'),
+    "not_object": ("error",
+                   'make every record a JSON object {"id": ..., "image" or "sensor": ..., "conversations": [...]}'),
+    "no_conversations": ("error",
+                         'give the record a non-empty "conversations" list of {"from": "human"|"gpt", "value": "..."} '
+                         'turns'),
     "bad_turn": ("error", 'make every turn an object {"from": "human"|"gpt", "value": "<text>"}'),
     "unknown_role": ("error", 'use "human" for the user turns and "gpt" for the assistant turns (the LLaVA roles)'),
     "not_human_first": ("error", "start the conversation with a human turn (drop or move the leading assistant turn)"),
@@ -37,14 +44,20 @@ KINDS = {
     "bad_media_field": ("error", 'give the media key a path (or a list of paths) relative to the media folder'),
     "media_count_mismatch": ("error", "make the number of placeholders equal the number of media files"),
     "placeholder_in_answer": ("error", "move the media placeholder into a human turn"),
-    "media_path_escapes": ("error", "use a path relative to the media folder that stays inside it (no absolute path, no `..`), or pass the folder that holds the files as --media-folder"),
-    "media_missing": ("error", "put the file into the media folder, correct the path, or pass the right --media-folder"),
+    "media_path_escapes": ("error",
+                           "use a path relative to the media folder that stays inside it (no absolute path, no `..`), "
+                           "or pass the folder that holds the files as --media-folder"),
+    "media_missing": ("error",
+                      "put the file into the media folder, correct the path, or pass the right --media-folder"),
     "media_unreadable": ("error", "replace the file with a valid one, or drop the record"),
     "bad_conversation": ("error", "correct the conversation so the template can render it"),
-    "no_supervision": ("error", "raise --max-length, shorten the human turns or use fewer media tokens, or drop the record"),
+    "no_supervision": ("error",
+                       "raise --max-length, shorten the human turns or use fewer media tokens, or drop the record"),
     "truncated": ("warning", "raise --max-length or shorten the conversation; tokens past max_length are not learned"),
     "duplicate_id": ("warning", "give every record a unique id (answers, reviews and skip lists are matched by id)"),
-    "missing_id": ("warning", 'give every record a unique "id" (answers, reviews, skip lists and these reports name records by it)'),
+    "missing_id": ("warning",
+                   'give every record a unique "id" (answers, reviews, skip lists and these reports name records by '
+                   'it)'),
 }
 
 # %% ../../nbs/50_validate.ipynb #fd7ad6b7
@@ -84,13 +97,15 @@ class ValidationReport:
     bad_records:set=field(default_factory=set) # indices of records with at least one error
     file_error:bool=False # True when the file itself could not be read (no record can be trusted)
     max_problems:int|None=None # keep at most this many problems (counting continues)
-    examples:dict=field(default_factory=dict) # kind -> the first `n_examples` (record, record_id) of that kind, also past `max_problems`
+    # kind -> the first `n_examples` (record, record_id) of that kind, also past `max_problems`
+    examples:dict=field(default_factory=dict)
     n_examples:int=10 # records remembered per kind in `examples`
 
     def add(self, p:Problem):
         "Record problem `p`."
         self.counts[p.kind] += 1
-        if p.record is not None and len(ex := self.examples.setdefault(p.kind, [])) < self.n_examples: ex.append((p.record, p.record_id))
+        if p.record is not None and len(ex := self.examples.setdefault(p.kind, [])) < self.n_examples:
+            ex.append((p.record, p.record_id))
         if p.severity == "error":
             if p.record is None: self.file_error = True
             else: self.bad_records.add(p.record)
@@ -119,7 +134,8 @@ class ValidationReport:
         return list(self.examples.get(kind, []))[:n]
 
     def truncation(self, n:int=5) -> dict:
-        "Records longer than max_length (trained on their first max_length tokens only): how many, and the first `n`, for a training log and summary."
+        ("Records longer than max_length (trained on their first max_length tokens only): how many, and the first `n`, "
+         "for a training log and summary.")
         first = self.first_records("truncated", n)
         return dict(count=self.counts.get("truncated", 0), max_length=self.settings.get("max_length"),
                     first_records=[r for r, _ in first], first_ids=[_jsonable(i) for _, i in first])
@@ -140,7 +156,8 @@ class ValidationReport:
         "A JSON-ready summary with every kept problem, the truncated records and the warning notes."
         return dict(file=self.file, template=self.template, settings=self.settings, ok=self.ok,
                     n_records=self.n_records, n_ok=self.n_ok, n_errors=self.n_errors, n_warnings=self.n_warnings,
-                    counts=dict(self.counts), n_omitted=self.n_omitted, truncation=self.truncation(), notes=self.notes(),
+                    counts=dict(self.counts), n_omitted=self.n_omitted, truncation=self.truncation(),
+                    notes=self.notes(),
                     problems=[dict(asdict(p), record_id=_jsonable(p.record_id)) for p in self.problems])
 
     def summary(self, max_per_kind:int|None=20) -> str:
@@ -159,7 +176,9 @@ class ValidationReport:
                 lines.append(f"{sev}s of kind {kind} ({self.counts[kind]}):")
                 shown = by_kind[kind] if max_per_kind is None else by_kind[kind][:max_per_kind]
                 lines += [f"  {p}" for p in shown]
-                if self.counts[kind] > len(shown): lines.append(f"  ... and {self.counts[kind]-len(shown)} more {kind} problems (see to_frame() or --json)")
+                if self.counts[kind] > len(shown):
+                    lines.append(f"  ... and {self.counts[kind]-len(shown)} more {kind} problems (see to_frame() or "
+                                 "--json)")
         return "\n".join(lines)
 
     def __str__(self): return self.summary()
@@ -167,7 +186,8 @@ class ValidationReport:
 
 def _n(k:int, word:str) -> str: return f"{k} {word}" + ("" if k == 1 else "s")
 
-_NOTE = {"truncated": "are longer than max_length and are cut to it", "duplicate_id": "reuse an id of an earlier record",
+_NOTE = {"truncated": "are longer than max_length and are cut to it",
+         "duplicate_id": "reuse an id of an earlier record",
          "missing_id": 'have no "id"'}
 
 def _jsonable(x):
@@ -190,11 +210,14 @@ def read_records(path, # a JSON list or JSONL file of records
         try: out.append(recs[i])
         except DataError as e:
             out.append(_UNREADABLE)
-            report.add(Problem(f, i, None, "not_object" if "not an object" in e.problem else "unreadable_json", e.problem))
+            report.add(Problem(f, i, None, "not_object" if "not an object" in e.problem else "unreadable_json",
+                               e.problem))
     if not out:
         try: data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
         except ValueError: data = None
-        what = f"the JSON list holds {len(data)} items but no record object" if isinstance(data, list) and data else "the file holds no records"
+        what = (f"the JSON list holds {len(data)} items but no record object" if isinstance(data,
+                                                                                            list) and data
+                else "the file holds no records")
         report.add(Problem(f, None, None, "empty_file", what))
     return out
 
@@ -206,6 +229,69 @@ def media_refs(rec:dict) -> dict:
         if (v := rec.get(m.record_key)) is not None: out[m.name] = v if isinstance(v, list) else [v]
     return out
 
+# %% ../../nbs/50_validate.ipynb #6b8bb2c0
+def _turn_problems(conv:list, P) -> list:
+    "A problem per turn that is not an object with \"from\" and a text \"value\"."
+    return [P("bad_turn", f"turn {t} is {json.dumps(turn)[:60]}, not an object with \"from\" and a text \"value\"")
+            for t, turn in enumerate(conv)
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn]
+
+# %% ../../nbs/50_validate.ipynb #c0c872ed
+def _role_problems(conv:list, roles, P) -> list:
+    "A problem per turn whose \"from\" is not one of `roles`."
+    return [P("unknown_role", f"turn {t} has the unknown role \"from\": {turn['from']!r} (known: {roles[0]!r}, "
+                              f"{roles[1]!r})") for t, turn in enumerate(conv) if turn["from"] not in roles]
+
+# %% ../../nbs/50_validate.ipynb #5cae5296
+def _order_problems(conv:list, roles, P) -> list:
+    "A conversation that does not start with a question or alternate, ends unanswered, or has an empty answer."
+    human, gpt = roles
+    froms, probs = [turn["from"] for turn in conv], []
+    if froms[0] != human:
+        probs.append(P("not_human_first", f"the conversation starts with a {froms[0]!r} turn, not {human!r}"))
+    elif (t := next((t for t in range(1, len(froms)) if froms[t] == froms[t-1]), None)) is not None:
+        probs.append(P("not_alternating", f"turns {t-1} and {t} are both {froms[t]!r}"))
+    if froms[-1] == human and not probs:
+        probs.append(P("unanswered_question", f"the last turn ({len(conv)-1}) is a question with no answer"))
+    return probs + [P("empty_answer", f"the answer in turn {t} is empty") for t, turn in enumerate(conv)
+                    if turn["from"] == gpt and not turn["value"].strip()]
+
+# %% ../../nbs/50_validate.ipynb #8ce1059c
+def _media_count_problem(mod, v, n_q:int, n_media:int, P):
+    "The problem of a record whose `mod` placeholders (`n_q`) and media files (`n_media`) differ in number."
+    m, ph, key = mod.name, mod.placeholder, mod.record_key
+    if n_media == 0:
+        return P("media_count_mismatch",
+                 f"the conversation has {n_q} {ph} placeholder(s) but the record has no \"{key}\" key",
+                 fix=f"add \"{key}\": \"<file relative to the media folder>\", or remove the {ph} "
+                     "placeholder(s) for a text-only sample")
+    if n_q == 0:
+        return P("media_count_mismatch",
+                 f"the record has \"{key}\" = {json.dumps(v)[:60]} but no {ph} placeholder in its human turns",
+                 fix=f"put \"{ph}\\n\" at the start of the first human turn (LLaVA never inserts it; without "
+                     f"it the {m} is silently ignored)")
+    return P("media_count_mismatch", f"the conversation has {n_q} {ph} placeholders for {n_media} \"{key}\" file(s)",
+             fix=f"use exactly one {ph} placeholder per \"{key}\" file")
+
+# %% ../../nbs/50_validate.ipynb #64814197
+def _media_problems(rec:dict, conv:list, roles, P) -> list:
+    "For each registered modality: a malformed media field, placeholders in answers, placeholders vs media files."
+    human, gpt = roles
+    probs = []
+    for mod in MODALITIES.values():
+        ph, key, v = mod.placeholder, mod.record_key, rec.get(mod.record_key)
+        paths = isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v)
+        if v is not None and not (isinstance(v, str) and v.strip()) and not paths:
+            probs.append(P("bad_media_field",
+                           f"\"{key}\" is {json.dumps(v)[:60]}, not a file path or a list of file paths")); continue
+        n_media = len(v) if isinstance(v, list) else int(v is not None)
+        n_q = sum(turn["value"].count(ph) for turn in conv if turn["from"] == human)
+        n_a = sum(turn["value"].count(ph) for turn in conv if turn["from"] == gpt)
+        if n_a: probs.append(P("placeholder_in_answer", f"an answer contains {n_a} {ph} placeholder(s)"))
+        if n_q != n_media: probs.append(_media_count_problem(mod, v, n_q, n_media, P))
+    return probs
+
+# %% ../../nbs/50_validate.ipynb #acef844f
 def check_structure(rec, # one record, as read from the file
                     i:int, # its index
                     file:str, # the data file (for the messages)
@@ -216,47 +302,12 @@ def check_structure(rec, # one record, as read from the file
     if not isinstance(rec, dict): return [P("not_object", f"the record is a JSON {type(rec).__name__}, not an object")]
     conv = rec.get("conversations")
     if not isinstance(conv, list) or not conv:
-        what = "has no \"conversations\" key" if "conversations" not in rec else f"has \"conversations\" = {json.dumps(conv)[:40]}, not a non-empty list"
+        what = ("has no \"conversations\" key" if "conversations" not in rec
+                else f"has \"conversations\" = {json.dumps(conv)[:40]}, not a non-empty list")
         return [P("no_conversations", f"the record {what}")]
-    probs = []
-    for t, turn in enumerate(conv):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
-            probs.append(P("bad_turn", f"turn {t} is {json.dumps(turn)[:60]}, not an object with \"from\" and a text \"value\""))
-    if probs: return probs
-    human, gpt = roles
-    froms = [turn["from"] for turn in conv]
-    for t, r in enumerate(froms):
-        if r not in roles: probs.append(P("unknown_role", f"turn {t} has the unknown role \"from\": {r!r} (known: {human!r}, {gpt!r})"))
-    if probs: return probs
-    if froms[0] != human: probs.append(P("not_human_first", f"the conversation starts with a {froms[0]!r} turn, not {human!r}"))
-    else:
-        for t in range(1, len(froms)):
-            if froms[t] == froms[t-1]:
-                probs.append(P("not_alternating", f"turns {t-1} and {t} are both {froms[t]!r}")); break
-    if froms[-1] == human and not probs: probs.append(P("unanswered_question", f"the last turn ({len(conv)-1}) is a question with no answer"))
-    for t, turn in enumerate(conv):
-        if turn["from"] == gpt and not turn["value"].strip(): probs.append(P("empty_answer", f"the answer in turn {t} is empty"))
-    # media placeholders against media keys
-    for mod in MODALITIES.values():
-        m, ph, key = mod.name, mod.placeholder, mod.record_key
-        v = rec.get(key)
-        if v is not None and not (isinstance(v, str) and v.strip()) and not (isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v)):
-            probs.append(P("bad_media_field", f"\"{key}\" is {json.dumps(v)[:60]}, not a file path or a list of file paths")); continue
-        n_media = len(v) if isinstance(v, list) else int(v is not None)
-        n_q = sum(turn["value"].count(ph) for turn in conv if turn["from"] == human)
-        n_a = sum(turn["value"].count(ph) for turn in conv if turn["from"] == gpt)
-        if n_a: probs.append(P("placeholder_in_answer", f"an answer contains {n_a} {ph} placeholder(s)"))
-        if n_q == n_media: continue
-        if n_media == 0:
-            probs.append(P("media_count_mismatch", f"the conversation has {n_q} {ph} placeholder(s) but the record has no \"{key}\" key",
-                           fix=f"add \"{key}\": \"<file relative to the media folder>\", or remove the {ph} placeholder(s) for a text-only sample"))
-        elif n_q == 0:
-            probs.append(P("media_count_mismatch", f"the record has \"{key}\" = {json.dumps(v)[:60]} but no {ph} placeholder in its human turns",
-                           fix=f"put \"{ph}\\n\" at the start of the first human turn (LLaVA never inserts it; without it the {m} is silently ignored)"))
-        else:
-            probs.append(P("media_count_mismatch", f"the conversation has {n_q} {ph} placeholders for {n_media} \"{key}\" file(s)",
-                           fix=f"use exactly one {ph} placeholder per \"{key}\" file"))
-    return probs
+    if probs := _turn_problems(conv, P): return probs
+    if probs := _role_problems(conv, roles, P): return probs
+    return _order_problems(conv, roles, P) + _media_problems(rec, conv, roles, P)
 
 # %% ../../nbs/50_validate.ipynb #cab236ed
 def resolve_media(value:str, # the path as written in the record
@@ -269,29 +320,35 @@ def resolve_media(value:str, # the path as written in the record
 # %% ../../nbs/50_validate.ipynb #3dbd4485
 def preset_spec(name:str, # a preset name, a preset JSON file, or any encoder spec
                ) -> str:
-    "The encoder spec of an image / sensor preset setting: a preset becomes `preset:NAME`, any other encoder spec stays as it is."
+    ("The encoder spec of an image / sensor preset setting: a preset becomes `preset:NAME`, any other encoder spec "
+     "stays as it is.")
     kind, sep, _ = str(name).partition(":")
     if sep and kind in ENCODER_KINDS: return str(name)
     try: get_preset(str(name))
-    except ConfigError: return str(name)   # not a preset: a hub id, a folder, a checkpoint ... (resolved by the encoder registry)
+    # not a preset: a hub id, a folder, a checkpoint ... (resolved by the encoder registry)
+    except ConfigError: return str(name)
     return f"preset:{name}"
 
-def media_encoders(encoders:dict|None=None, # modality -> encoder spec or preset name; others: their modality's default encoder
+# modality -> encoder spec or preset name; others: their modality's default encoder
+def media_encoders(encoders:dict|None=None,
                   ) -> dict:
-    "modality -> encoder spec of the towers whose token counts and preprocessing the validator uses, each checked to be of its modality."
+    ("modality -> encoder spec of the towers whose token counts and preprocessing the validator uses, each checked to "
+     "be of its modality.")
     out = {}
     for m, name in {**default_encoders(), **(encoders or {})}.items():
         spec, d = preset_spec(name), get_modality(m).default_encoder
         if (got := encoder_modality(spec)) != m:
-            raise ConfigError(f"the {m} encoder {name!r} gives {got} features, not {m} ones. Fix: pass an encoder of {m} media "
-                              f"(--encoder {m}=SPEC" + (f", e.g. {d})." if d else ")."))
+            raise ConfigError(f"the {m} encoder {name!r} gives {got} features, not {m} ones. Fix: pass an encoder of "
+                              f"{m} media (--encoder {m}=SPEC" + (f", e.g. {d})." if d else ")."))
         out[m] = spec
     return out
 
 def default_media_tokens(encoders:dict|None=None, # modality -> encoder spec (others: their default encoder)
-                         select_feature:str="patch", # "patch", or "cls_patch" (the CLS token too: one more token per image)
+                         # "patch", or "cls_patch" (the CLS token too: one more token per image)
+                         select_feature:str="patch",
                         ) -> dict:
-    "Media tokens per placeholder of these encoders (default: each modality's default one), counted by the encoder registry."
+    ("Media tokens per placeholder of these encoders (default: each modality's default one), counted by the encoder "
+     "registry.")
     return {m: encoder_num_tokens(s, None, select_feature) for m, s in media_encoders(encoders).items()}
 
 def default_processors(encoders:dict|None=None, # modality -> encoder spec (others: their default encoder)
@@ -306,11 +363,14 @@ def check_media_files(paths:dict, # (modality, path) -> anything; the files to c
     from concurrent.futures import ThreadPoolExecutor
     def one(key):
         m, p = key
-        if not p.exists(): return "media_missing", f"{m} file {str(p)!r} does not exist" + (" (a broken symlink)" if p.is_symlink() else "")
+        if not p.exists():
+            return "media_missing", f"{m} file {str(p)!r} does not exist" + (" (a broken symlink)" if p.is_symlink()
+                                                                             else "")
         if not p.is_file(): return "media_unreadable", f"{m} path {str(p)!r} is not a file"
         try: processors[m](p)
         except DataError as e: return "media_unreadable", f"{m} file {str(p)!r}: {e.problem}"
-        except Exception as e: return "media_unreadable", f"{m} file {str(p)!r} cannot be loaded ({type(e).__name__}: {e})"
+        except Exception as e:
+            return "media_unreadable", f"{m} file {str(p)!r} cannot be loaded ({type(e).__name__}: {e})"
         return None
     keys = list(paths)
     if not keys: return {}
@@ -320,7 +380,8 @@ def check_media_files(paths:dict, # (modality, path) -> anything; the files to c
 
 # %% ../../nbs/50_validate.ipynb #a67fedbe
 def _setup(tokenizer, template, n_media_tokens, use_im_start_end, encoders=None, select_feature="patch"):
-    name = tokenizer if isinstance(tokenizer, (str, Path)) else getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+    name = tokenizer if isinstance(tokenizer, (str, Path)) else getattr(tokenizer, "name_or_path",
+                                                                        type(tokenizer).__name__)
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(str(tokenizer))
     tok = prepare_tokenizer(tokenizer, use_im_start_end=use_im_start_end)
@@ -334,12 +395,15 @@ def _tokenize_all(records, idx, tok, tmpl, nmt, max_length, use_im_start_end, fi
     for c in range(0, len(idx), chunk):
         part = idx[c:c+chunk]
         try:
-            yield from zip(part, tokenize_conversations([records[i]["conversations"] for i in part], tok, tmpl, nmt, max_length,
+            yield from zip(part, tokenize_conversations([records[i]["conversations"] for i in part], tok, tmpl, nmt,
+                                                        max_length,
                                                         use_im_start_end=use_im_start_end, file=file))
             continue
         except DataError: pass
         for i in part:
-            try: yield i, tokenize_conversation(records[i]["conversations"], tok, tmpl, nmt, max_length, use_im_start_end=use_im_start_end,
+            try:
+                yield i, tokenize_conversation(records[i]["conversations"], tok, tmpl, nmt, max_length,
+                                               use_im_start_end=use_im_start_end,
                                                 file=file, record=i, record_id=records[i].get("id"))
             except DataError as e: yield i, e
 
@@ -348,7 +412,8 @@ def _no_supervision_message(rec, s, tok, tmpl, nmt, max_length, use_im_start_end
     full = tokenize_conversation(rec["conversations"], tok, tmpl, nmt, None, use_im_start_end=use_im_start_end)
     media = ", ".join(f"{placeholders()[m]} = {nmt[m]} tokens" for m in full.media_counts)
     return (f"after truncation to max_length {max_length} no supervised token is left: the sample is {len(full)} tokens"
-            + (f" with each {media}" if media else "") + f" and its first answer starts at token {_first_supervised(full.labels)}")
+            + (f" with each {media}" if media else "")
+            + f" and its first answer starts at token {_first_supervised(full.labels)}")
 
 def _first_supervised(labels) -> int:
     nz = (labels != IGNORE_INDEX).nonzero()
@@ -357,9 +422,11 @@ def _first_supervised(labels) -> int:
 _TOKENIZABLE = {"empty_answer", "media_count_mismatch", "bad_media_field"}  # structural problems render() still accepts
 
 def _record_problems(records, file:str, folder:Path, check_media:bool):
-    "Structure, duplicate ids and media paths of every record: (problems per record, records to tokenize, media to open)."
+    ("Structure, duplicate ids and media paths of every record: (problems per record, records to tokenize, media to "
+     "open).")
     per_rec = [[] for _ in records]
-    to_tokenize, wanted, seen = [], defaultdict(list), {}   # wanted: (modality, path) -> indices of the records using it
+    # wanted: (modality, path) -> indices of the records using it
+    to_tokenize, wanted, seen = [], defaultdict(list), {}
     for i, rec in enumerate(records):
         if rec is _UNREADABLE: continue
         probs = check_structure(rec, i, file)
@@ -368,7 +435,9 @@ def _record_problems(records, file:str, folder:Path, check_media:bool):
         if rid is None or rid == "": per_rec[i].append(Problem(file, i, None, "missing_id", 'the record has no "id"'))
         else:
             key = json.dumps(rid, sort_keys=True, default=repr)
-            if key in seen: per_rec[i].append(Problem(file, i, rid, "duplicate_id", f"id {rid!r} is also used by record {seen[key]}"))
+            if key in seen:
+                per_rec[i].append(Problem(file, i, rid, "duplicate_id",
+                                          f"id {rid!r} is also used by record {seen[key]}"))
             else: seen[key] = i
         if not any(p.kind == "bad_media_field" for p in probs):
             for m, vals in media_refs(rec).items():
@@ -376,7 +445,8 @@ def _record_problems(records, file:str, folder:Path, check_media:bool):
                     full, why = resolve_media(v, folder, m)
                     if why: per_rec[i].append(Problem(file, i, rid, "media_path_escapes", why))
                     elif check_media: wanted[(m, full)].append(i)
-        if all(p.kind in _TOKENIZABLE for p in probs): to_tokenize.append(i)   # else the template refuses it: already reported
+        # else the template refuses it: already reported
+        if all(p.kind in _TOKENIZABLE for p in probs): to_tokenize.append(i)
     return per_rec, to_tokenize, wanted
 
 def _supervision_problems(records, idx, per_rec, tok, tmpl, nmt, max_length, use_im_start_end, file):
@@ -386,13 +456,18 @@ def _supervision_problems(records, idx, per_rec, tok, tmpl, nmt, max_length, use
         if isinstance(s, DataError): per_rec[i].append(Problem(file, i, rid, "bad_conversation", s.problem, fix=s.fix))
         elif s.n_supervised == 0:
             if not any(p.kind == "empty_answer" for p in per_rec[i]):
-                per_rec[i].append(Problem(file, i, rid, "no_supervision", _no_supervision_message(records[i], s, tok, tmpl, nmt, max_length, use_im_start_end)))
+                per_rec[i].append(Problem(file, i, rid, "no_supervision",
+                                          _no_supervision_message(records[i], s, tok, tmpl, nmt, max_length,
+                                                                  use_im_start_end)))
         elif s.truncated:
             cut = "".join(f" and {n} {placeholders()[m]} block(s) are cut away" for m, n in s.media_dropped.items())
-            per_rec[i].append(Problem(file, i, rid, "truncated", f"the sample is longer than max_length {max_length}; {s.n_supervised} supervised tokens are kept{cut}"))
+            per_rec[i].append(Problem(file, i, rid, "truncated",
+                                      f"the sample is longer than max_length {max_length}; {s.n_supervised} supervised "
+                                      f"tokens are kept{cut}"))
 
 def validate_data(data_path, # a JSON list or JSONL file of LLaVA records
-                  media_folder=None, # folder the media paths are relative to, or modality -> folder (default: the data file's folder)
+                  # folder the media paths are relative to, or modality -> folder (default: the data file's folder)
+                  media_folder=None,
                   tokenizer="llama-demo", # tokenizer name / folder, or a tokenizer
                   template="vicuna_v1", # conversation template name (or a Template)
                   max_length:int=2048, # model_max_length: samples are truncated to it
@@ -402,17 +477,22 @@ def validate_data(data_path, # a JSON list or JSONL file of LLaVA records
                   max_problems:int|None=None, # keep at most this many problems in the report (all are counted)
                   processors:dict|None=None, # modality -> media processor (default: the encoder presets')
                   num_workers:int|None=None, # threads decoding media
-                  encoders:dict|None=None, # modality -> encoder spec or preset: its processor and media tokens (others: the default)
-                  select_feature:str="patch", # the encoders' feature selection: "cls_patch" adds the CLS token to each image's tokens
+                  # modality -> encoder spec or preset: its processor and media tokens (others: the default)
+                  encoders:dict|None=None,
+                  # the encoders' feature selection: "cls_patch" adds the CLS token to each image's tokens
+                  select_feature:str="patch",
                  ) -> ValidationReport:
     "Scan the whole data set and report every problem, with its file, record, id and fix."
     path, f = Path(data_path), str(data_path)
-    if not path.is_file(): raise DataError("the data file does not exist.", file=path, fix="pass the path of a JSON or JSONL file of records.")
-    folder = Path(media_folder if media_folder is not None else path.parent).resolve() if not isinstance(media_folder, dict) \
-        else {m: Path(f).resolve() for m, f in media_folder.items()}
+    if not path.is_file():
+        raise DataError("the data file does not exist.", file=path,
+                        fix="pass the path of a JSON or JSONL file of records.")
+    if isinstance(media_folder, dict): folder = {m: Path(f).resolve() for m, f in media_folder.items()}
+    else: folder = Path(media_folder if media_folder is not None else path.parent).resolve()
     tok, tmpl, nmt, tok_name = _setup(tokenizer, template, n_media_tokens, use_im_start_end, encoders, select_feature)
     rep = ValidationReport(f, tmpl.name, dict(tokenizer=tok_name, max_length=max_length, media_tokens=nmt,
-                                              media_folder=str(folder), check_media=check_media), max_problems=max_problems)
+                                              media_folder=str(folder), check_media=check_media),
+                           max_problems=max_problems)
     read = ValidationReport(f)
     records = read_records(path, read)
     rep.n_records = len(records)
@@ -438,16 +518,19 @@ def raise_if_invalid(report:ValidationReport, # from `validate_data`
     if skip_bad_records and not report.file_error: return set(report.bad_records)
     errs = [p for p in report.problems if p.severity == "error"]
     firsts = {}
-    for p in errs: firsts.setdefault(p.kind, p)                           # the first problem of every kind is quoted first
+    # the first problem of every kind is quoted first
+    for p in errs: firsts.setdefault(p.kind, p)
     firsts = list(firsts.values())
     errs = firsts + [p for p in errs if all(p is not q for q in firsts)]
     counts = ", ".join(f"{k}: {n}" for k,n in report.counts.items() if KINDS[k][0] == "error")
-    listed = "\n".join(f"  {p}" for p in errs[:n_listed]) + (f"\n  ... and {report.n_errors-n_listed} more" if report.n_errors > n_listed else "")
+    listed = "\n".join(f"  {p}" for p in errs[:n_listed]) + (f"\n  ... and {report.n_errors-n_listed} more"
+                                                             if report.n_errors > n_listed else "")
     if report.file_error:
         fix = "correct the file so it parses (records cannot be skipped when the file itself is unreadable)."
     else: fix = ("correct the records, or pass --skip_bad_records to training (in the train notebook: -p extra_args "
                  "--skip_bad_records) to leave them out; the counts are reported.")
-    what = "the file cannot be read" if report.file_error else f"{len(report.bad_records)} of {report.n_records} records have errors"
+    what = "the file cannot be read" if report.file_error else (f"{len(report.bad_records)} of {report.n_records} "
+                                                                "records have errors")
     raise DataError(f"{what} ({counts}):\n{listed}\n", file=report.file, fix=fix)
 
 # %% ../../nbs/50_validate.ipynb #9ffe70fa
@@ -470,7 +553,8 @@ def _decode_runs(tok, runs) -> list:
         if kind == "media": out.append(None); continue
         acc += ids
         cur = tok.decode(acc, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        out.append(cur[len(prev):] if cur.startswith(prev) else tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        out.append(cur[len(prev):] if cur.startswith(prev) else tok.decode(ids, skip_special_tokens=False,
+                                                                           clean_up_tokenization_spaces=False))
         prev = cur
     return out
 
@@ -496,7 +580,8 @@ def show_labels(data_path, # a JSON list or JSONL file of records
                 use_im_start_end:bool=False, # wrap media in <im_start>/<im_end>
                 start:int=0, # index of the first record shown
                 color:bool|None=None, # ANSI colours (default: when stdout is a terminal)
-                encoders:dict|None=None, # modality -> encoder spec or preset: its processor and media tokens (others: the default)
+                # modality -> encoder spec or preset: its processor and media tokens (others: the default)
+                encoders:dict|None=None,
                 select_feature:str="patch", # "cls_patch" adds the CLS token to each image's tokens
                 ) -> str:
     "`n` samples rendered from their actual token labels, supervised text marked, media shown as `<image xN>`."
@@ -513,11 +598,15 @@ def show_labels(data_path, # a JSON list or JSONL file of records
         rid = rec.get("id") if isinstance(rec, dict) else None
         head = f"--- {data_path}:{i}" + (f" (id {rid!r})" if rid is not None else "")
         if rec is _UNREADABLE: out += [head + " ---", "(cannot render: the JSON line is unreadable)"]; continue
-        probs = [p for p in check_structure(rec, i, str(data_path)) if p.severity == "error" and p.kind not in _TOKENIZABLE]
+        probs = [p for p in check_structure(rec, i,
+                                            str(data_path)) if p.severity == "error" and p.kind not in _TOKENIZABLE]
         if probs: out += [head + " ---", f"(cannot render: {probs[0].message})"]; continue
-        try: s = tokenize_conversation(rec["conversations"], tok, tmpl, nmt, max_length, use_im_start_end=use_im_start_end)
+        try:
+            s = tokenize_conversation(rec["conversations"], tok, tmpl, nmt, max_length,
+                                      use_im_start_end=use_im_start_end)
         except DataError as e: out += [head + " ---", f"(cannot render: {e.problem})"]; continue
-        out.append(f"{head}: {len(s.input_ids)} tokens, {s.n_supervised} supervised" + (", truncated" if s.truncated else "") + " ---")
+        out.append(f"{head}: {len(s.input_ids)} tokens, {s.n_supervised} supervised"
+                   + (", truncated" if s.truncated else "") + " ---")
         out.append(render_labels(tok, s.input_ids, s.labels, media_ids, color))
     return "\n".join(out)
 
@@ -528,7 +617,8 @@ def _parse_media_tokens(items:list) -> dict:
         for kv in it.split(","):
             k, sep, v = kv.partition("=")
             if not sep or not v.strip().isdigit() or k.strip() not in placeholders():
-                raise ConfigError(f"--n-media-tokens {kv!r}: expected MODALITY=N with MODALITY one of {', '.join(placeholders())}, e.g. image=576.")
+                raise ConfigError(f"--n-media-tokens {kv!r}: expected MODALITY=N with MODALITY one of "
+                                  f"{', '.join(placeholders())}, e.g. image=576.")
             out[k.strip()] = int(v)
     return out
 
@@ -548,43 +638,65 @@ def _demo_jobs(modality:str) -> list:
     d = demo_paths(modality)
     return [(d["pretrain"], d["media_folder"], "plain"), (d["finetune"], d["media_folder"], "vicuna_v1")]
 
-# %% ../../nbs/50_validate.ipynb #fd5c6162
-def validate_data_cli(argv:list[str]|None=None) -> int:
-    "`qllava validate-data`: check data sets, print every problem; exit 1 when errors were found."
+# %% ../../nbs/50_validate.ipynb #75a18480
+def _validate_data_parser() -> ArgumentParser:
+    "The command line of `qllava validate-data`."
     ap = ArgumentParser(prog="qllava validate-data",
         description="Check LLaVA-format data before training: every problem with file, record, id and fix.")
     ap.add_argument("data", nargs="*", help="data file(s): a JSON list or JSONL of records")
     ap.add_argument("--media-folder", help="folder the media paths are relative to (default: the data file's folder)")
-    ap.add_argument("--demo", choices=["pathology", "imu"], help="check the shipped demo data (pretrain.json with template plain, finetune.json with vicuna_v1)")
+    ap.add_argument("--demo", choices=["pathology", "imu"],
+                    help="check the shipped demo data (pretrain.json with template plain, finetune.json with "
+                         "vicuna_v1)")
     ap.add_argument("--template", default=None, help="conversation template (default vicuna_v1; v1 = vicuna_v1)")
     ap.add_argument("--tokenizer", default="llama-demo", help="tokenizer name (llama-demo, bytebpe-demo) or folder")
     ap.add_argument("--max-length", type=int, default=2048, help="model_max_length samples are truncated to")
-    ap.add_argument("--n-media-tokens", action="append", default=[], metavar="MODALITY=N", help="tokens per placeholder, e.g. image=576 (repeatable)")
-    ap.add_argument("--encoder", action="append", default=[], metavar="MODALITY=SPEC", help="the encoder (preset or any spec) "
-                    "whose preprocessing and token count a modality's media get, e.g. image=bench-vit-b32 (repeatable; default: "
-                    "each modality's own)")
+    ap.add_argument("--n-media-tokens", action="append", default=[], metavar="MODALITY=N",
+                    help="tokens per placeholder, e.g. image=576 (repeatable)")
+    ap.add_argument("--encoder", action="append", default=[], metavar="MODALITY=SPEC",
+                    help="the encoder (preset or any spec) "
+                    "whose preprocessing and token count a modality's media get, e.g. image=bench-vit-b32 (repeatable; "
+                    "default: each modality's own)")
     for m in default_encoders():  # the older spelling, one flag per shipped modality: --image-preset NAME
         ap.add_argument(f"--{m}-preset", dest=f"preset_{m}", help=argparse.SUPPRESS)
-    ap.add_argument("--select-feature", default="patch", choices=SELECT_FEATURES, help="the encoders' feature selection, as training's --mm_vision_select_feature (cls_patch: one more token per image)")
+    ap.add_argument("--select-feature", default="patch", choices=SELECT_FEATURES,
+                    help="the encoders' feature selection, as training's --mm_vision_select_feature (cls_patch: one "
+                         "more token per image)")
     ap.add_argument("--im-start-end", action="store_true", help="wrap media in <im_start>/<im_end> as training will")
     ap.add_argument("--no-media-check", action="store_true", help="check media paths only, do not open the files")
-    ap.add_argument("--show-labels", type=int, default=0, metavar="N", help="also print N samples with the supervised text marked")
-    ap.add_argument("--max-listed", type=int, default=20, metavar="K", help="problems listed per kind in the text report")
+    ap.add_argument("--show-labels", type=int, default=0, metavar="N",
+                    help="also print N samples with the supervised text marked")
+    ap.add_argument("--max-listed", type=int, default=20, metavar="K",
+                    help="problems listed per kind in the text report")
     ap.add_argument("--json", action="store_true", help="print the report(s) as JSON")
+    return ap
+
+# %% ../../nbs/50_validate.ipynb #f282f6f8
+def _validate_jobs(a) -> list:
+    "(data file, media folder, template) of each file `qllava validate-data` checks: the given ones, or the demo's."
+    # each given file, or hub dataset id (its records file in the cache)
+    jobs = _demo_jobs(a.demo) if a.demo else [(str(resolve_records_path(p, "data")), a.media_folder,
+                                               a.template or "vicuna_v1") for p in a.data]
+    if a.demo and a.media_folder: jobs = [(p, a.media_folder, t) for p,_,t in jobs]
+    if a.demo and a.template: jobs = [(p, m, a.template) for p,m,_ in jobs]
+    return jobs
+
+# %% ../../nbs/50_validate.ipynb #fd5c6162
+def validate_data_cli(argv:list[str]|None=None) -> int:
+    "`qllava validate-data`: check data sets, print every problem; exit 1 when errors were found."
+    ap = _validate_data_parser()
     a = ap.parse_args(argv)
     if bool(a.data) == bool(a.demo): ap.error("give data file(s) or --demo pathology|imu (not both)")
     nmt = _parse_media_tokens(a.n_media_tokens)
     encs = {**{k[7:]: v for k, v in vars(a).items() if k.startswith("preset_") and v}, **_parse_encoders(a.encoder)}
-    jobs = _demo_jobs(a.demo) if a.demo else [(str(resolve_records_path(p, "data")), a.media_folder, a.template or "vicuna_v1")
-                                              for p in a.data]   # a file, or a hub dataset id (its records file in the cache)
-    if a.demo and a.media_folder: jobs = [(p, a.media_folder, t) for p,_,t in jobs]
-    if a.demo and a.template: jobs = [(p, m, a.template) for p,m,_ in jobs]
+    jobs = _validate_jobs(a)
     reports, texts = [], []
     for path, folder, tmpl in jobs:
         rep = validate_data(path, folder, tokenizer=a.tokenizer, template=tmpl, max_length=a.max_length,
                             n_media_tokens=nmt, use_im_start_end=a.im_start_end, check_media=not a.no_media_check,
                             encoders=encs, select_feature=a.select_feature)
-        labels = show_labels(path, a.show_labels, tokenizer=a.tokenizer, template=tmpl, max_length=a.max_length, n_media_tokens=nmt,
+        labels = show_labels(path, a.show_labels, tokenizer=a.tokenizer, template=tmpl, max_length=a.max_length,
+                             n_media_tokens=nmt,
                              use_im_start_end=a.im_start_end, color=False if a.json else None,
                              encoders=encs, select_feature=a.select_feature) if a.show_labels else None
         reports.append(rep)

@@ -9,9 +9,11 @@ from dataclasses import dataclass, asdict
 from pathlib import Path
 from fastcore.docments import docments
 from ..core import ArgumentParser, CheckpointError, ConfigError, DataError, read_json_records
-from ..evaluation.benchmarks import BENCHMARKS, get_benchmark, materialize, score_benchmark, paper_numbers, comparison_table
+from ..evaluation.benchmarks import (BENCHMARKS, get_benchmark, materialize, score_benchmark, paper_numbers,
+                                          comparison_table)
 from ..evaluation.stats import mcnemar, paired_bootstrap
-from ..evaluation.answer import answer_questions, answer_sharded, load_answering_model, read_answers, read_questions
+from ..evaluation.answer import (answer_questions, answer_sharded, load_answering_model, read_answers,
+                                      read_questions)
 from ..evaluation.review import LocalJudge, review, load_reviews
 from ..evaluation.summarize import summarize_reviews, summary_table
 from .evalrun import checkpoint_fingerprint, judge_setup, reference_overlap_judge

@@ -29,7 +29,8 @@ __all__ = ['EVAL_PARAMETERS', 'KEY_ENV_VARS', 'EVAL_FILES', 'LOCAL_JUDGE_NAME', 
 # %% ../../nbs/71_evalrun.ipynb #6b0d10c9
 EVAL_PARAMETERS = dict(
     checkpoint="runs/finetune-image", modality="image", question_file="", media_folder="", gt_file="", captions_file="",
-    reference_answers="", batch_size=16, max_new_tokens=128, template="", limit=0, blank_media=False, judge_model="gpt-4",
+    reference_answers="", batch_size=16, max_new_tokens=128, template="", limit=0, blank_media=False,
+                       judge_model="gpt-4",
     judge_base_url="", judge_concurrency=8, judge_timeout=60.0, judge_max_retries=5,
     judge_redo_flagged=False, answers_file="", run_dir="", gallery_size=6, benchmarks=[])
 KEY_ENV_VARS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY")  # where the judge's key is read from (never a parameter)
@@ -45,44 +46,58 @@ def benchmark_names(value, # a list of names, or a string: a JSON list or comma-
     if isinstance(value, str):
         text = value.strip()
         try: value = json.loads(text) if text.startswith("[") else [n.strip() for n in text.split(",") if n.strip()]
-        except ValueError: raise ConfigError(f"benchmarks {value!r} is not a list. Fix: -p benchmarks quilt_vqa,path_vqa") from None
-    if not isinstance(value, list): raise ConfigError(f"benchmarks={value!r}: give a list of names. Fix: -p benchmarks quilt_vqa,path_vqa")
+        except ValueError:
+            raise ConfigError(f"benchmarks {value!r} is not a list. Fix: -p benchmarks quilt_vqa,path_vqa") from None
+    if not isinstance(value, list):
+        raise ConfigError(f"benchmarks={value!r}: give a list of names. Fix: -p benchmarks quilt_vqa,path_vqa")
     for name in value: get_benchmark(name)
     return list(value)
 
 def check_eval_parameters(values:dict, # allowed parameter name -> value, as the notebook holds them
-                          injected:dict|None=None, # name -> value of what papermill injected (`injected_names` + globals)
+                          # name -> value of what papermill injected (`injected_names` + globals)
+                          injected:dict|None=None,
                           ) -> dict:
-    "Refuse secrets (by name or value), unknown names, wrong types, unknown choices and out-of-range numbers; returns the values."
-    check_against_defaults(values, EVAL_PARAMETERS, injected or {}, untyped=("benchmarks",))  # secrets, unknown names, types
+    ("Refuse secrets (by name or value), unknown names, wrong types, unknown choices and out-of-range numbers; returns "
+     "the values.")
+    # secrets, unknown names, types
+    check_against_defaults(values, EVAL_PARAMETERS, injected or {}, untyped=("benchmarks",))
     if "benchmarks" in values: values["benchmarks"] = benchmark_names(values["benchmarks"])
     load_plugins()
     if "modality" in values: get_modality(values["modality"])  # a registered one (a notebook can register its own)
     known = sorted(TEMPLATES) + sorted(TEMPLATE_ALIASES)
     if values.get("template") and values["template"] not in known:
-        raise ConfigError(f"template {values['template']!r} is not a conversation template. Fix: use one of {', '.join(known)}, or \"\" for the checkpoint's.")
+        raise ConfigError(f"template {values['template']!r} is not a conversation template. Fix: use one of "
+                          f"{', '.join(known)}, or \"\" for the checkpoint's.")
     for k in ("batch_size", "max_new_tokens", "judge_concurrency"):
-        if k in values and values[k] < 1: raise ConfigError(f"parameter {k}={values[k]} must be at least 1. Fix: -p {k} {EVAL_PARAMETERS[k]}")
+        if k in values and values[k] < 1:
+            raise ConfigError(f"parameter {k}={values[k]} must be at least 1. Fix: -p {k} {EVAL_PARAMETERS[k]}")
     for k, zero in (("limit", "all questions"), ("gallery_size", "no gallery")):
-        if values.get(k, 0) < 0: raise ConfigError(f"parameter {k}={values[k]} must be 0 or more (0: {zero}). Fix: -p {k} {EVAL_PARAMETERS[k]}")
+        if values.get(k, 0) < 0:
+            raise ConfigError(f"parameter {k}={values[k]} must be 0 or more (0: {zero}). Fix: -p {k} "
+                              f"{EVAL_PARAMETERS[k]}")
     if values.get("judge_timeout", 1) <= 0:
-        raise ConfigError(f"parameter judge_timeout={values['judge_timeout']} must be more than 0 (seconds per judge call). Fix: -p judge_timeout 60")
+        raise ConfigError(f"parameter judge_timeout={values['judge_timeout']} must be more than 0 (seconds per judge "
+                          "call). Fix: -p judge_timeout 60")
     if values.get("judge_max_retries", 0) < 0:
-        raise ConfigError(f"parameter judge_max_retries={values['judge_max_retries']} must be 0 or more. Fix: -p judge_max_retries 5")
+        raise ConfigError(f"parameter judge_max_retries={values['judge_max_retries']} must be 0 or more. Fix: -p "
+                          "judge_max_retries 5")
     url = values.get("judge_base_url", "")
     if url not in ("", "local") and not re.match(r"https?://", url):
-        raise ConfigError(f"judge_base_url {url!r} is not an http(s) URL. Fix: -p judge_base_url http://HOST:PORT/v1, local, or \"\" (OpenAI with a key).")
+        raise ConfigError(f"judge_base_url {url!r} is not an http(s) URL. Fix: -p judge_base_url http://HOST:PORT/v1, "
+                          "local, or \"\" (OpenAI with a key).")
     return values
 
 def check_eval_files(values:dict) -> dict:
-    "Raise `CheckpointError` / `DataError` at once for a checkpoint folder or a given evaluation file that does not exist."
+    ("Raise `CheckpointError` / `DataError` at once for a checkpoint folder or a given evaluation file that does not "
+     "exist.")
     ck = values.get("checkpoint", EVAL_PARAMETERS["checkpoint"])
     if not Path(ck).is_dir():
         raise CheckpointError(f"{ck}: no such checkpoint folder. Fix: train one first (the train notebook writes "
                               "runs/finetune-image: papermill nbs/train.ipynb runs/train.ipynb in a clone, or "
                               "`qllava notebooks nbs` first after pip install), or pass -p checkpoint FOLDER.")
     for k, (kind, what) in EVAL_FILES.items():
-        if values.get(k): need_path(values[k], k, kind, fix=f"pass -p {k} with an existing {what}, or \"\" for the demo's.")
+        if values.get(k):
+            need_path(values[k], k, kind, fix=f"pass -p {k} with an existing {what}, or \"\" for the demo's.")
     return values
 
 # %% ../../nbs/71_evalrun.ipynb #7486daa6
@@ -106,7 +121,8 @@ class EvalPlan:
     def table(self):
         "The resolved inputs and outputs as a two-column table."
         import pandas as pd
-        rows = [(k, getattr(self, k)) for k in ("checkpoint", "modality", "question_file", "media_folder", "gt_file", "captions_file",
+        rows = [(k, getattr(self, k)) for k in ("checkpoint", "modality", "question_file", "media_folder", "gt_file",
+                                                "captions_file",
                                                  "reference_answers", "run_dir", "answers_file", "reviews_file")]
         return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
 
@@ -121,13 +137,17 @@ def _subset(src, dst:Path, ids:set, key:str):
     return str(dst)
 
 def eval_run_dir(values:dict) -> Path:
-    "The evaluation's run folder: `run_dir`, else runs/eval-NAME (NAME the checkpoint folder's, -blank with blank_media)."
+    ("The evaluation's run folder: `run_dir`, else runs/eval-NAME (NAME the checkpoint folder's, -blank with "
+     "blank_media).")
     v = {**EVAL_PARAMETERS, **values}
-    return Path(v["run_dir"] or Path("runs") / f"eval-{Path(v['checkpoint']).resolve().name}{'-blank' if v['blank_media'] else ''}")
+    return Path(v["run_dir"]
+                or Path("runs") / f"eval-{Path(v['checkpoint']).resolve().name}{'-blank' if v['blank_media'] else ''}")
 
 def wants_question_file(values:dict) -> bool:
-    "Whether the notebook answers a question file (given, or the demo's): not when only published benchmarks are asked for."
-    return not values.get("benchmarks") or any(values.get(k) for k in ("question_file", "gt_file", "captions_file", "reference_answers"))
+    ("Whether the notebook answers a question file (given, or the demo's): not when only published benchmarks are "
+     "asked for.")
+    return not values.get("benchmarks") or any(values.get(k) for k in ("question_file", "gt_file", "captions_file",
+                                                                       "reference_answers"))
 
 def plan_eval(values:dict) -> EvalPlan:
     "Resolve the eval notebook's parameters into files to read and write (demo files for empty paths)."
@@ -136,13 +156,14 @@ def plan_eval(values:dict) -> EvalPlan:
     if not (ck / "adapter").is_dir():
         encs = read_manifest(ck).get("encoders") or {}
         if v["modality"] not in encs:
-            raise ConfigError(f"{ck} has {', '.join(encs) or 'no'} encoder(s), not {v['modality']}. Fix: pass -p modality "
-                              f"{next(iter(encs), 'MODALITY')}, or the checkpoint of a {v['modality']} run.")
+            raise ConfigError(f"{ck} has {', '.join(encs) or 'no'} encoder(s), not {v['modality']}. Fix: pass -p "
+                              f"modality {next(iter(encs), 'MODALITY')}, or the checkpoint of a {v['modality']} run.")
     dp = demo_paths(DEMO_DATA[v["modality"]]) if v["modality"] in DEMO_DATA else {}
     def pick(k, demo_key):
         if v[k] or demo_key in dp: return v[k] or str(dp[demo_key])
         raise ConfigError(f"{k} is empty and modality {v['modality']!r} has no demo data. Fix: pass -p {k} PATH.")
-    files = dict(question_file=pick("question_file", "eval_questions"), media_folder=pick("media_folder", "media_folder"),
+    files = dict(question_file=pick("question_file", "eval_questions"),
+                 media_folder=pick("media_folder", "media_folder"),
                  gt_file=pick("gt_file", "eval_gt"), captions_file=pick("captions_file", "eval_captions"),
                  reference_answers=pick("reference_answers", "eval_reference_answers"))
     what = {"question_file": "question file", "media_folder": "media folder", "gt_file": "ground-truth file",
@@ -155,18 +176,22 @@ def plan_eval(values:dict) -> EvalPlan:
         qs = read_questions(files["question_file"])[:v["limit"]]
         ids = {q["question_id"] for q in qs}
         n = v["limit"]
-        files["question_file"] = _subset(files["question_file"], run_dir / f"questions-first{n}.jsonl", ids, "question_id")
-        files["gt_file"] = _subset(files["gt_file"], run_dir / f"gt-first{n}{Path(files['gt_file']).suffix or '.json'}", ids, "id")
+        files["question_file"] = _subset(files["question_file"], run_dir / f"questions-first{n}.jsonl", ids,
+                                         "question_id")
+        files["gt_file"] = _subset(files["gt_file"], run_dir / f"gt-first{n}{Path(files['gt_file']).suffix or '.json'}",
+                                   ids, "id")
     demo = not any(v[k] for k in ("question_file", "gt_file", "captions_file", "reference_answers"))
     return EvalPlan(values=v, demo=demo, checkpoint=str(ck), modality=v["modality"], run_dir=str(run_dir),
-                    answers_file=v["answers_file"] or str(run_dir / "answers.jsonl"), reviews_file=str(run_dir / "reviews.jsonl"),
+                    answers_file=v["answers_file"] or str(run_dir / "answers.jsonl"),
+                    reviews_file=str(run_dir / "reviews.jsonl"),
                     source_files=sources, **files)
 
 # %% ../../nbs/71_evalrun.ipynb #63e41a17
 def checkpoint_fingerprint(folder) -> dict:
     "Manifest hash and (size, mtime) of each weight file of a checkpoint folder (cheap: weights are not read)."
     folder = Path(folder)
-    weights = [*folder.glob("*"), *folder.glob("adapter/*")]  # the folder's own files, not nested runs or step checkpoints
+    # the folder's own files, not nested runs or step checkpoints
+    weights = [*folder.glob("*"), *folder.glob("adapter/*")]
     out = {str(p.relative_to(folder)): [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(weights)
            if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt")}
     for name in ("qllava_manifest.json", "config.json", "adapter/adapter_config.json"):
@@ -177,7 +202,8 @@ def prepare_run_dir(plan:EvalPlan) -> list:
     "Move answers/reviews made with another checkpoint aside (`*.stale-<time>`); returns what was moved."
     fp_file = Path(plan.run_dir) / "checkpoint_fingerprint.json"
     fp = {"checkpoint": str(Path(plan.checkpoint).resolve()), "files": checkpoint_fingerprint(plan.checkpoint),
-          "blank_media": plan.values["blank_media"], "template": plan.values["template"], "max_new_tokens": plan.values["max_new_tokens"]}
+          "blank_media": plan.values["blank_media"], "template": plan.values["template"],
+          "max_new_tokens": plan.values["max_new_tokens"]}
     moved = []
     if fp_file.exists() and json.loads(fp_file.read_text()) != fp:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -203,10 +229,13 @@ def run_answers(plan:EvalPlan, # from `plan_eval`
     v = plan.values
     import warnings
     try:
-        with warnings.catch_warnings():  # tqdm.auto, imported on the way, warns about missing widgets in a saved notebook
+        # tqdm.auto, imported on the way, warns about missing widgets in a saved notebook
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="IProgress not found")
-            return answer_questions(plan.checkpoint, plan.question_file, plan.media_folder, plan.answers_file, batch_size=v["batch_size"],
-                                    max_new_tokens=v["max_new_tokens"], template=v["template"] or None, blank_media=v["blank_media"],
+            return answer_questions(plan.checkpoint, plan.question_file, plan.media_folder, plan.answers_file,
+                                    batch_size=v["batch_size"],
+                                    max_new_tokens=v["max_new_tokens"], template=v["template"] or None,
+                                    blank_media=v["blank_media"],
                                     progress=tick)
     finally:
         if bar is not None: bar.close()
@@ -219,21 +248,25 @@ def answers_table(plan:EvalPlan, n:int|None=None):
     gt = {g["id"]: g for g in read_json_records(plan.gt_file)}
     return pd.DataFrame([{"question_id": q["question_id"], "question": q["text"], "answer": ans.get(q["question_id"]),
                           "ground truth": gt_answer(gt[q["question_id"]]) if q["question_id"] in gt else None,
-                          "type": gt.get(q["question_id"], {}).get("answer_type")} for q in qs]).set_index("question_id")
+                          "type": gt.get(q["question_id"],
+                                         {}).get("answer_type")} for q in qs]).set_index("question_id")
 
 def run_metrics(plan:EvalPlan) -> dict:
     "`qllava.evaluation.metrics` on the answers; Quilt's yes_no_answer rule when every closed record has one."
     ids = {q["question_id"] for q in read_questions(plan.question_file)}
     gt = [g for g in read_json_records(plan.gt_file) if g.get("id") in ids]
-    pred = [r for r in read_answers(plan.answers_file, repair=False) if r["question_id"] in ids]  # this plan's questions only
+    # this plan's questions only
+    pred = [r for r in read_answers(plan.answers_file, repair=False) if r["question_id"] in ids]
     kw = dict(gt_file=plan.gt_file, pred_file=plan.answers_file)
     if gt and not any("answer_type" in g for g in gt): return choice_metrics(gt, pred, **kw)
     closed = [g for g in gt if g.get("answer_type") == "CLOSED"]
     quilt = bool(closed) and all(g.get("yes_no_answer") is not None for g in closed)
     return vqa_metrics(gt, pred, quilt=quilt, **kw)
 
-_METRIC_NAMES = {"yes_no_accuracy": "closed: yes/no accuracy", "yes_no_accuracy_strict": "closed: yes/no accuracy (strict rule)",
-                 "exact_match": "open: exact match", "f1": "open: F1", "precision": "open: precision", "recall": "open: recall",
+_METRIC_NAMES = {"yes_no_accuracy": "closed: yes/no accuracy",
+                 "yes_no_accuracy_strict": "closed: yes/no accuracy (strict rule)",
+                 "exact_match": "open: exact match", "f1": "open: F1", "precision": "open: precision",
+                 "recall": "open: recall",
                  "bleu": "open: BLEU", "bleu_1": "open: BLEU-1", "bleu_2": "open: BLEU-2", "bleu_3": "open: BLEU-3",
                  "choice_accuracy": "multiple choice: accuracy"}
 
@@ -248,11 +281,12 @@ def metrics_table(m:dict):
 LOCAL_JUDGE_NAME = "local stand-in judge (word overlap with the reference answer; not GPT-4)"
 
 def reference_overlap_judge(content:str) -> str:
-    "A deterministic stand-in judge: the reference scores 10; the model's answer 1 + 9 x its word F1 with the reference."
+    ("A deterministic stand-in judge: the reference scores 10; the model's answer 1 + 9 x its word F1 with the "
+     "reference.")
     s = split_content(content)
     f1 = f1_precision_recall(s["answer2"], s["answer1"])[0]
-    return (f"10 {1 + round(9 * f1)}\nLocal stand-in judge, not GPT-4: Assistant 1 is the reference answer (10 by definition); "
-            f"Assistant 2 scores 1 + 9 x the word-overlap F1 of its answer with the reference ({f1:.2f}).")
+    return (f"10 {1 + round(9 * f1)}\nLocal stand-in judge, not GPT-4: Assistant 1 is the reference answer (10 by "
+            f"definition); Assistant 2 scores 1 + 9 x the word-overlap F1 of its answer with the reference ({f1:.2f}).")
 
 def judge_setup(values:dict) -> dict:
     "Which judge the review uses: {'kind': 'local'|'openai'|'azure'|'endpoint', 'base_url', 'model', 'label'}."
@@ -273,27 +307,33 @@ def judge_setup(values:dict) -> dict:
 def run_review(plan:EvalPlan, # from `plan_eval`
                judge:dict|None=None, # from `judge_setup`; default: from the plan's values
                ) -> dict: # {"judge", "counts", "summary"}
-    "Review the answers against the reference answers with the judge (a local stand-in when there is no key); summarise."
+    ("Review the answers against the reference answers with the judge (a local stand-in when there is no key); "
+     "summarise.")
     judge = judge or judge_setup(plan.values)
     v = plan.values
-    kw = dict(model=judge["model"], concurrency=v["judge_concurrency"], timeout=v["judge_timeout"], max_retries=v["judge_max_retries"],
+    kw = dict(model=judge["model"], concurrency=v["judge_concurrency"], timeout=v["judge_timeout"],
+              max_retries=v["judge_max_retries"],
               redo_flagged=v["judge_redo_flagged"], log=print)  # the openai client's own per-call timeout and retries
     if judge["kind"] == "local":
         with LocalJudge(reply=reference_overlap_judge) as server:
-            counts = review(plan.question_file, plan.captions_file, plan.reference_answers, plan.answers_file, plan.reviews_file,
+            counts = review(plan.question_file, plan.captions_file, plan.reference_answers, plan.answers_file,
+                            plan.reviews_file,
                             base_url=server.url, **kw)
     else:
-        counts = review(plan.question_file, plan.captions_file, plan.reference_answers, plan.answers_file, plan.reviews_file,
+        counts = review(plan.question_file, plan.captions_file, plan.reference_answers, plan.answers_file,
+                        plan.reviews_file,
                         base_url=judge["base_url"], **kw)
     ids = {q["question_id"] for q in read_questions(plan.question_file)}
     reviews = [r for r in load_reviews(plan.reviews_file) if r["question_id"] in ids]  # this plan's questions only
-    return {"judge": judge, "counts": dict(counts), "summary": summarize_reviews(reviews, read_json_records(plan.captions_file), file=plan.reviews_file)}
+    return {"judge": judge, "counts": dict(counts),
+            "summary": summarize_reviews(reviews, read_json_records(plan.captions_file), file=plan.reviews_file)}
 
 def review_warnings(plan:EvalPlan, # from `plan_eval`
                     result:dict, # from `run_review`
                     show:int=5, # question_ids listed per note
                    ) -> list[str]:
-    "Markdown notes on reviews without scores (failed calls, flagged replies, with their question_ids) and on reviews asked again."
+    ("Markdown notes on reviews without scores (failed calls, flagged replies, with their question_ids) and on reviews "
+     "asked again.")
     v, c = plan.values, result["counts"]
     ids = {q["question_id"] for q in read_questions(plan.question_file)}
     recs = [r for r in load_reviews(plan.reviews_file) if r["question_id"] in ids]  # this plan's questions only
@@ -304,15 +344,19 @@ def review_warnings(plan:EvalPlan, # from `plan_eval`
     (nf, f_ids), (ng, g_ids) = qids("failed"), qids("flagged")
     if nf:
         r = v["judge_max_retries"]
-        out.append(f"**{nf} judge {'call' if nf == 1 else 'calls'} failed** after {r} {'retry' if r == 1 else 'retries'} each (judge_timeout "
-                   f"{v['judge_timeout']} s; question_ids {f_ids}; recorded in `{plan.reviews_file}`): they are left out of the scores "
-                   "(the table's `failed` column). Fix: run the notebook again to retry them (answers and finished reviews are kept); "
-                   "raise `judge_timeout` or `judge_max_retries` if the judge is slow or overloaded.")
+        out.append(f"**{nf} judge {'call' if nf == 1 else 'calls'} failed** after {r} "
+                   f"{'retry' if r == 1 else 'retries'} each (judge_timeout {v['judge_timeout']} s; question_ids "
+                   f"{f_ids}; recorded in `{plan.reviews_file}`): they are left out of the scores "
+                   "(the table's `failed` column). Fix: run the notebook again to retry them (answers and finished "
+                   "reviews are kept); raise `judge_timeout` or `judge_max_retries` if the judge is slow or "
+                   "overloaded.")
     if ng:
-        out.append(f"**{ng} judge {'reply' if ng == 1 else 'replies'} had no readable score line** (flagged; question_ids {g_ids}; in "
-                   f"`{plan.reviews_file}`): left out of the scores. Fix: `-p judge_redo_flagged True` asks the judge again for them.")
+        out.append(f"**{ng} judge {'reply' if ng == 1 else 'replies'} had no readable score line** (flagged; "
+                   f"question_ids {g_ids}; in `{plan.reviews_file}`): left out of the scores. Fix: `-p "
+                   "judge_redo_flagged True` asks the judge again for them.")
     if c.get("stale"):
-        out.append(f"{c['stale']} earlier reviews in `{plan.reviews_file}` were made with other answers, judge or prompt, and were asked again.")
+        out.append(f"{c['stale']} earlier reviews in `{plan.reviews_file}` were made with other answers, judge or "
+                   "prompt, and were asked again.")
     return out
 
 def review_chart(result:dict):
@@ -371,8 +415,10 @@ def record_eval(plan:EvalPlan, metrics:dict, review_result:dict|None=None, noteb
     if review_result:
         judge = {k: review_result["judge"][k] for k in ("kind", "model", "label")}
         a = review_result["summary"].get("all", {})
-        flat |= {"review_judge": "local" if judge["kind"] == "local" else judge["model"], "review_score1": a.get("score1"),
-                 "review_score2": a.get("score2"), "review_relative": a.get("relative"), "review_flagged": a.get("flagged"), "review_failed": a.get("failed")}
+        flat |= {"review_judge": "local" if judge["kind"] == "local" else judge["model"],
+                 "review_score1": a.get("score1"),
+                 "review_score2": a.get("score2"), "review_relative": a.get("relative"),
+                 "review_flagged": a.get("flagged"), "review_failed": a.get("failed")}
     ck = Path(plan.checkpoint)
     files = [*plan.source_files, plan.question_file, plan.gt_file, plan.answers_file, plan.reviews_file,
              *[str(ck / n) for n in ("qllava_manifest.json", "config.json")]]

@@ -36,19 +36,24 @@ TRAIN_PARAMETERS = dict(
     num_train_epochs=0.0, lora_r=0, lora_alpha=0, model_max_length=0, blank_media_control=True, extra_args="",
     run_name="", runs_dir="runs", seed=42)
 ALLOWED_PARAMETERS = frozenset(TRAIN_PARAMETERS)
-TRAIN_FILES = {"data_path": ("file", DataError), "image_folder": ("folder", DataError), "eval_data_path": ("file", DataError),
+TRAIN_FILES = {"data_path": ("file", DataError), "image_folder": ("folder", DataError),
+               "eval_data_path": ("file", DataError),
                "pretrain_mm_mlp_adapter": ("path", ConfigError)}  # path parameters that must exist when given
 _FILE_FIX = {
     "data_path": "pass -p data_path with a LLaVA-format JSON or JSONL file of records (empty: the demo data)",
     "image_folder": "pass -p image_folder with the folder the records' media paths are relative to",
-    "eval_data_path": "pass -p eval_data_path with a held-out JSON or JSONL file of records, or leave it empty (no eval loss)",
-    "pretrain_mm_mlp_adapter": "pass -p pretrain_mm_mlp_adapter with a stage-1 mm_projector.bin (or the folder holding it): "
-                               "run -p stage pretrain first, or use a published projector; empty on the demo makes one",
+    "eval_data_path": "pass -p eval_data_path with a held-out JSON or JSONL file of records, or leave it empty (no "
+                      "eval loss)",
+    "pretrain_mm_mlp_adapter": "pass -p pretrain_mm_mlp_adapter with a stage-1 mm_projector.bin (or the folder holding "
+                               "it): run -p stage pretrain first, or use a published projector; empty on the demo "
+                               "makes one",
 }
 
 _DEMO_STAGE = {  # stage -> overrides for the embedded demo (tiny random model, a few hundred records)
     "pretrain": dict(global_batch_size=16, learning_rate=2e-3, num_train_epochs=4, model_max_length=512),
-    "finetune": dict(global_batch_size=16, learning_rate=1e-3, num_train_epochs=10, model_max_length=512),  # 2026-12-05: 464 overlapping training tiles (was 135 x 2 views at 24 epochs: nuclei 89-92 %); nuclei 95.8 % at 10 epochs over seeds 42, 1, 2 (12: 95.8-100 %, 18 s more, over the 3-minute budget on a slow run)
+    # 2026-12-05: 464 overlapping training tiles (was 135 x 2 views at 24 epochs: nuclei 89-92 %); nuclei 95.8 % at 10
+    # epochs over seeds 42, 1, 2 (12: 95.8-100 %, 18 s more, over the 3-minute budget on a slow run)
+    "finetune": dict(global_batch_size=16, learning_rate=1e-3, num_train_epochs=10, model_max_length=512),
     "lora": dict(global_batch_size=16, learning_rate=2e-3, mm_projector_lr=1e-3, num_train_epochs=12, lora_r=16,
                  lora_alpha=32, model_max_length=512),
     "qlora": dict(global_batch_size=16, learning_rate=2e-3, mm_projector_lr=1e-3, num_train_epochs=12, lora_r=16,
@@ -58,20 +63,25 @@ _DEMO_STAGE = {  # stage -> overrides for the embedded demo (tiny random model, 
 # steps; measured here (2026-12-04, no control): 12 epochs leave the activity answers at chance; 40 name the activity
 # (92.5 %) but leave the yes / no questions at chance (55 %); 80: 82.5 %; 120: activity 97.5 %, yes / no 90 %.
 SENSOR_EPOCHS = 120
-_DEMO_MODALITY = {"sensor": {"finetune": dict(num_train_epochs=SENSOR_EPOCHS), "lora": dict(num_train_epochs=SENSOR_EPOCHS),
+_DEMO_MODALITY = {"sensor": {"finetune": dict(num_train_epochs=SENSOR_EPOCHS),
+                             "lora": dict(num_train_epochs=SENSOR_EPOCHS),
                              "qlora": dict(num_train_epochs=SENSOR_EPOCHS)}}
 DEMO_PROFILE = {(st, mod): {**base, **_DEMO_MODALITY.get(mod, {}).get(st, {})}  # (stage, modality) -> demo overrides
                 for st, base in _DEMO_STAGE.items() for mod in DEMO_DATA}
-RUN_HYPERPARAMETERS = ("learning_rate", "mm_projector_lr", "num_train_epochs", "global_batch_size", "lora_r", "lora_alpha")
-_USER_FLAGS = RUN_HYPERPARAMETERS + ("model_max_length",)  # parameters whose 0 means "the demo profile's, else the stage preset's"
+RUN_HYPERPARAMETERS = ("learning_rate", "mm_projector_lr", "num_train_epochs", "global_batch_size", "lora_r",
+                       "lora_alpha")
+# parameters whose 0 means "the demo profile's, else the stage preset's"
+_USER_FLAGS = RUN_HYPERPARAMETERS + ("model_max_length",)
 
 def _local_path(spec:str) -> bool: return spec.startswith(("/", "./", "../", "~"))
 
 def check_train_files(values:dict) -> dict:
-    "Raise `DataError` / `ConfigError` for a given data, media, eval or projector path (or DeepSpeed JSON, model folder) that does not exist."
+    ("Raise `DataError` / `ConfigError` for a given data, media, eval or projector path (or DeepSpeed JSON, model "
+     "folder) that does not exist.")
     for k, (kind, err) in TRAIN_FILES.items():
         if not values.get(k): continue
-        if k in ("data_path", "eval_data_path"): resolve_records_path(values[k], k, _FILE_FIX[k])  # a file, or a hub dataset
+        # a file, or a hub dataset
+        if k in ("data_path", "eval_data_path"): resolve_records_path(values[k], k, _FILE_FIX[k])
         else: need_path(values[k], k, kind, err, _FILE_FIX[k] + ".")
     ds = values.get("deepspeed", "zero2")
     if ds not in ("", "none", *DEEPSPEED_PRESETS):
@@ -82,29 +92,41 @@ def check_train_files(values:dict) -> dict:
     for k in ("model", "encoder", "tokenizer"):
         spec = values.get(k) or ""
         if spec.startswith("preset:") and k != "tokenizer" and spec[7:] not in preset_names():
-            raise ConfigError(f"{k} {spec!r}: no such preset. Fix: use one of {', '.join('preset:' + n for n in preset_names())}, a hub id or a folder.")
-        if _local_path(spec): need_path(spec, k, "path", ConfigError, f"pass -p {k} with an existing folder, a hub id, or preset:NAME.")
+            raise ConfigError(f"{k} {spec!r}: no such preset. Fix: use one of "
+                              f"{', '.join('preset:' + n for n in preset_names())}, a hub id or a folder.")
+        if _local_path(spec):
+            need_path(spec, k, "path", ConfigError, f"pass -p {k} with an existing folder, a hub id, or preset:NAME.")
     return values
 
 def check_parameters(values:dict, # parameter name -> value, as the notebook holds them
                      injected:set=frozenset()) -> dict: # names papermill injected that the parameters cell lacks
-    "Refuse secrets, unknown names, wrong types, unknown choices, negative values and missing files; returns the values."
+    ("Refuse secrets, unknown names, wrong types, unknown choices, negative values and missing files; returns the "
+     "values.")
     check_against_defaults(values, TRAIN_PARAMETERS, injected)  # secrets first, then unknown names and types
     load_plugins()  # a modality registered in $QLLAVA_PLUGINS is a choice too
-    choices = {"stage": tuple(STAGE_PRESETS), "modality": tuple(MODALITIES), "launcher": ("deepspeed", "torchrun", "slurm")}
+    choices = {"stage": tuple(STAGE_PRESETS), "modality": tuple(MODALITIES),
+               "launcher": ("deepspeed", "torchrun", "slurm")}
     for k, ok in choices.items():
-        if k in values and values[k] not in ok: raise ConfigError(f"{k} {values[k]!r} is not one of {', '.join(ok)}. Fix: -p {k} {ok[0]}.")
-    if values.get("stage") == "qlora" and importlib.util.find_spec("bitsandbytes") is None:  # else each rank would find out, after the launch
+        if k in values and values[k] not in ok:
+            raise ConfigError(f"{k} {values[k]!r} is not one of {', '.join(ok)}. Fix: -p {k} {ok[0]}.")
+    # else each rank would find out, after the launch
+    if values.get("stage") == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("stage 'qlora' (4-bit) needs bitsandbytes, which is not installed here. "
                           "Fix: pip install 'qllava[train]' (or bitsandbytes; it runs on CPU too), or -p stage lora.")
     if "projector" in values and not re.fullmatch(r"linear|identity|mlp[1-9]\d*x_gelu", values["projector"]):
-        raise ConfigError(f"projector {values['projector']!r} is not a projector kind. Fix: use linear, mlpNx_gelu (e.g. mlp2x_gelu, LLaVA-1.5's) or identity.")
-    for k in ("global_batch_size", "learning_rate", "mm_projector_lr", "num_train_epochs", "lora_r", "lora_alpha", "model_max_length", "seed"):
-        if values.get(k, 0) < 0: raise ConfigError(f"parameter {k}={values[k]!r} is negative. Fix: a positive value, or 0 for the preset's.")
+        raise ConfigError(f"projector {values['projector']!r} is not a projector kind. Fix: use linear, mlpNx_gelu "
+                          "(e.g. mlp2x_gelu, LLaVA-1.5's) or identity.")
+    for k in ("global_batch_size", "learning_rate", "mm_projector_lr", "num_train_epochs", "lora_r", "lora_alpha",
+              "model_max_length", "seed"):
+        if values.get(k, 0) < 0:
+            raise ConfigError(f"parameter {k}={values[k]!r} is negative. Fix: a positive value, or 0 for the preset's.")
     for k in ("num_gpus", "num_nodes"):
-        if values.get(k, 1) < 1: raise ConfigError(f"parameter {k}={values[k]!r} must be at least 1. Fix: -p {k} 1 (num_gpus: ranks per node; CPU ranks without a GPU).")
+        if values.get(k, 1) < 1:
+            raise ConfigError(f"parameter {k}={values[k]!r} must be at least 1. Fix: -p {k} 1 (num_gpus: ranks per "
+                              "node; CPU ranks without a GPU).")
     try: shlex.split(values.get("extra_args", ""))
-    except ValueError as e: raise ConfigError(f"extra_args {values['extra_args']!r}: {e}. Fix: close the quote.") from None
+    except ValueError as e:
+        raise ConfigError(f"extra_args {values['extra_args']!r}: {e}. Fix: close the quote.") from None
     return check_train_files(values)
 
 # %% ../../nbs/70_runs.ipynb #d4c0ec34
@@ -130,7 +152,8 @@ class TrainPlan:
     def table(self):
         "The plan as a table: stage, folder, reason, flags."
         import pandas as pd
-        return pd.DataFrame([dict(stage=s.name, output_dir=s.output_dir, reason=s.reason, flags=" ".join(s.flags)) for s in self.stages])
+        return pd.DataFrame([dict(stage=s.name, output_dir=s.output_dir, reason=s.reason,
+                                  flags=" ".join(s.flags)) for s in self.stages])
 
 def _flags(d:dict) -> list:
     out = []
@@ -142,9 +165,11 @@ def _flags(d:dict) -> list:
 def vqa_to_records(questions, # VQA question JSONL (question_id, image|sensor, text)
                    gt, # ground truth JSON list (id, answer, ...)
                    out, # where the LLaVA-format records go
-                   references=None, # optional reference-answer JSONL (question_id, text): the full answers the model is taught to give
+                   # optional reference-answer JSONL (question_id, text): the full answers the model is taught to give
+                   references=None,
                   ) -> Path:
-    "Held-out VQA questions + ground truth (or reference answers) as LLaVA conversation records, for an eval loss during training."
+    ("Held-out VQA questions + ground truth (or reference answers) as LLaVA conversation records, for an eval loss "
+     "during training.")
     answers = {g["id"]: g["answer"] for g in read_json_records(gt)}
     # a short "yes" scored against a model taught to answer "The DAB staining is strong: 85 % ..., so yes." measures
     # the format, not what the model saw: the reference answer, where there is one, is the target of the held-out loss
@@ -152,8 +177,8 @@ def vqa_to_records(questions, # VQA question JSONL (question_id, image|sensor, t
     recs = []
     for q in read_json_records(questions):
         mod, text = question_modality(q), question_text(q)
-        rec = {"id": str(q["question_id"]), "conversations": [{"from": "human", "value": text},
-                                                                {"from": "gpt", "value": str(answers[q["question_id"]])}]}
+        rec = {"id": str(q["question_id"]), "conversations": [
+            {"from": "human", "value": text}, {"from": "gpt", "value": str(answers[q["question_id"]])}]}
         if mod: rec[MODALITIES[mod].record_key] = record_media(q, mod)
         recs.append(rec)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +193,8 @@ def is_demo(values:dict) -> bool:
 def stage_overrides(values:dict, # the train notebook's parameters
                     stage:str, # the stage to launch
                     asked:bool=True) -> dict: # False: a stage planned on the user's behalf (the shared demo stage 1)
-    "The hyperparameter flags a stage gets before its stage preset fills the rest: the demo profile (on the demo), then the user's non-zero values."
+    ("The hyperparameter flags a stage gets before its stage preset fills the rest: the demo profile (on the demo), "
+     "then the user's non-zero values.")
     v = {**TRAIN_PARAMETERS, **values}
     prof = DEMO_PROFILE[(stage, v["modality"])] if is_demo(v) else {}
     # the user's rates / epochs / batch are for the stage asked; the shared demo stage 1 keeps the demo profile
@@ -184,56 +210,83 @@ def stage_template_note(v:dict) -> str:
            else "LLaVA-1.5's, for a LLaMA / Vicuna vocabulary without a chat template")
     return f"Stage 2 conversation template: {name} ({why})."
 
+# %% ../../nbs/70_runs.ipynb #84fb09ec
+def _stage_encoder(v:dict) -> str:
+    "The encoder the stages train with: the `encoder` parameter, else the modality's default (refused without one)."
+    mod = v["modality"]
+    encoder = v["encoder"] or get_modality(mod).default_encoder
+    if not encoder:
+        raise ConfigError(f"modality {mod!r} has no default encoder. Fix: pass -p encoder SPEC (a registered encoder "
+                          "kind).")
+    return encoder
+
+# %% ../../nbs/70_runs.ipynb #3597fe48
+def _stage_data(plan:TrainPlan, run_dir:Path) -> tuple:
+    "(media folder, held-out records, stage-1 data, stage-2 data): the demo's (eval files set on `plan`), else yours."
+    v, mod = plan.values, plan.values["modality"]
+    if plan.demo and mod not in DEMO_DATA:
+        raise ConfigError(f"modality {mod!r} has no demo data. Fix: pass -p data_path RECORDS.json -p image_folder "
+                          "DIR.")
+    if plan.demo:
+        dp = demo_paths(DEMO_DATA[mod])
+        folder = str(dp["media_folder"])
+        plan.eval_questions, plan.eval_gt, plan.media_folder = str(dp["eval_questions"]), str(dp["eval_gt"]), folder
+        eval_records = str(vqa_to_records(dp["eval_questions"], dp["eval_gt"], run_dir / "eval_records.json",
+                                          dp["eval_reference_answers"]))
+        return folder, eval_records, str(dp["pretrain"]), str(dp["finetune"])
+    if not v["data_path"]:
+        raise ConfigError("data_path is empty and the model is not a tiny preset. Fix: pass -p data_path "
+                          "RECORDS.json -p image_folder DIR.")
+    return v["image_folder"], v["eval_data_path"], v["data_path"], v["data_path"]
+
+# %% ../../nbs/70_runs.ipynb #a0c6b295
+def _stage1_adapter(plan:TrainPlan, stage_flags, data:str, folder:str) -> str:
+    "Stage 2's projector: the one given, else the demo's stage-1 one (stage 1 planned first while it is not there)."
+    v, stage, mod = plan.values, plan.values["stage"], plan.values["modality"]
+    if v["pretrain_mm_mlp_adapter"]: return v["pretrain_mm_mlp_adapter"]
+    if not plan.demo:
+        raise ConfigError(f"stage {stage} starts from a stage-1 projector. Fix: pass -p pretrain_mm_mlp_adapter "
+                          "PATH/mm_projector.bin (yours, or a published one), or run -p stage pretrain first.")
+    s1 = Path(v["runs_dir"]) / f"demo-pretrain-{mod}"
+    adapter = str(s1 / "mm_projector.bin")
+    if not Path(adapter).exists():
+        plan.stages.append(StagePlan("pretrain", str(s1),
+                                     stage_flags("pretrain", data, folder, s1, {}, asked=False),
+                                     f"no stage-1 projector for the demo yet ({adapter}): stage 1 runs first"))
+    return adapter
+
+# %% ../../nbs/70_runs.ipynb #520ccbb4
 def plan_training(values:dict) -> TrainPlan:
     "Resolve the train notebook's parameters into the stages to launch (demo profile, stage 1 first, control run)."
     v = {**TRAIN_PARAMETERS, **check_parameters(dict(values))}
     stage, mod = v["stage"], v["modality"]
     demo = is_demo(v)
-    runs = Path(v["runs_dir"])
-    run_dir = runs / (v["run_name"] or f"{stage}-{mod}")
+    run_dir = Path(v["runs_dir"]) / (v["run_name"] or f"{stage}-{mod}")
     plan = TrainPlan(values=v, demo=demo, run_dir=str(run_dir))
-    encoder = v["encoder"] or get_modality(mod).default_encoder
-    if not encoder: raise ConfigError(f"modality {mod!r} has no default encoder. Fix: pass -p encoder SPEC (a registered encoder kind).")
-    if demo and mod not in DEMO_DATA:
-        raise ConfigError(f"modality {mod!r} has no demo data. Fix: pass -p data_path RECORDS.json -p image_folder DIR.")
+    encoder = _stage_encoder(v)
     common = dict(model_name_or_path=v["model"], vision_tower=encoder, tokenizer=v["tokenizer"],
                   mm_projector_type=v["projector"], deepspeed=v["deepspeed"], seed=v["seed"])
     def stage_flags(st:str, data:str, folder:str, out:Path, extra:dict, asked:bool=True):
-        return _flags({"stage": st, **common, "data_path": data, "image_folder": folder, **stage_overrides(v, st, asked),
+        return _flags({"stage": st, **common, "data_path": data, "image_folder": folder,
+                       **stage_overrides(v, st, asked),
                        **extra, "output_dir": str(out)}) + shlex.split(v["extra_args"])
-    if demo:
-        dp = demo_paths(DEMO_DATA[mod])
-        folder = str(dp["media_folder"])
-        plan.eval_questions, plan.eval_gt, plan.media_folder = str(dp["eval_questions"]), str(dp["eval_gt"]), folder
-        eval_records = str(vqa_to_records(dp["eval_questions"], dp["eval_gt"], run_dir / "eval_records.json", dp["eval_reference_answers"]))
-        data = {"pretrain": str(dp["pretrain"])}
-        data2 = str(dp["finetune"])
-    else:
-        if not v["data_path"]: raise ConfigError("data_path is empty and the model is not a tiny preset. Fix: pass -p data_path RECORDS.json -p image_folder DIR.")
-        folder, eval_records, data2 = v["image_folder"], v["eval_data_path"], v["data_path"]
-        data = {"pretrain": v["data_path"]}
+    folder, eval_records, data1, data2 = _stage_data(plan, run_dir)
     if stage == "pretrain":
-        plan.stages.append(StagePlan("pretrain", str(run_dir), stage_flags("pretrain", data["pretrain"], folder, run_dir, {}), "stage 1 as asked"))
+        plan.stages.append(StagePlan("pretrain", str(run_dir), stage_flags("pretrain", data1, folder,
+                                                                           run_dir, {}), "stage 1 as asked"))
         return plan
-    adapter = v["pretrain_mm_mlp_adapter"]
-    if not adapter:
-        if not demo:
-            raise ConfigError(f"stage {stage} starts from a stage-1 projector. Fix: pass -p pretrain_mm_mlp_adapter PATH/mm_projector.bin "
-                              "(yours, or a published one), or run -p stage pretrain first.")
-        s1 = runs / f"demo-pretrain-{mod}"
-        adapter = str(s1 / "mm_projector.bin")
-        if not Path(adapter).exists():
-            plan.stages.append(StagePlan("pretrain", str(s1), stage_flags("pretrain", data["pretrain"], folder, s1, {}, asked=False),
-                                         f"no stage-1 projector for the demo yet ({adapter}): stage 1 runs first"))
-    plan.notes.append(stage_template_note(v))  # before any launch: a model with no template of its own and no --version stops here
+    adapter = _stage1_adapter(plan, stage_flags, data1, folder)
+    # before any launch: a model with no template of its own and no --version stops here
+    plan.notes.append(stage_template_note(v))
     extra = {"pretrain_mm_mlp_adapter": adapter, "eval_data_path": eval_records}
     if demo and v["deepspeed"] not in ("zero3", "zero3_offload"):  # held-out accuracy in the curves as training goes
         extra.update(eval_questions=plan.eval_questions, eval_gt=plan.eval_gt, eval_steps=50)
-    plan.stages.append(StagePlan(stage, str(run_dir), stage_flags(stage, data2, folder, run_dir, extra), f"stage 2 ({stage}) as asked"))
+    plan.stages.append(StagePlan(stage, str(run_dir), stage_flags(stage, data2, folder, run_dir, extra),
+                                 f"stage 2 ({stage}) as asked"))
     if v["blank_media_control"] and not (demo or eval_records):
-        plan.notes.append("The media-blanked control is not trained: on your data it has nothing to be compared on (no held-out "
-                          "records). Fix: -p eval_data_path HELDOUT.json to train it and compare held-out losses, or "
-                          "-p blank_media_control False to silence this note.")
+        plan.notes.append("The media-blanked control is not trained: on your data it has nothing to be compared on (no "
+                          "held-out records). Fix: -p eval_data_path HELDOUT.json to train it and compare held-out "
+                          "losses, or -p blank_media_control False to silence this note.")
     elif v["blank_media_control"]:
         ctrl = run_dir / "control-blank-media"
         plan.stages.append(StagePlan(f"{stage} (media blanked)", str(ctrl),
@@ -248,12 +301,14 @@ def heldout_accuracy(run_dir, # a stage-2 run folder
                      batch_size:int=16, max_new_tokens:int=64) -> dict:  # room for the reasoning before the verdict
     "Greedy answers to the held-out questions, scored: closed yes/no accuracy and one-word open-answer accuracy (%)."
     model, tok = load_trained(run_dir)
-    return vqa_accuracy(model, tok, questions, gt, media_folder, blank=blank, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return vqa_accuracy(model, tok, questions, gt, media_folder, blank=blank, batch_size=batch_size,
+                        max_new_tokens=max_new_tokens)
 
 def accuracy_by_kind(acc:dict, # `heldout_accuracy` with the media
                      control:dict|None=None, # `heldout_accuracy` of the media-blanked control, if one ran
                     ) -> "pd.DataFrame":
-    "Held-out accuracy (%) per question kind (each closed question, each one-word one), with media and blanked, and how many were asked."
+    ("Held-out accuracy (%) per question kind (each closed question, each one-word one), with media and blanked, and "
+     "how many were asked.")
     import pandas as pd
     def per(a):
         df = pd.DataFrame([x for x in a["answers"] if x["hit"] is not None], columns=["text", "hit"])
@@ -286,13 +341,16 @@ def planned_config(stage:StagePlan, values:dict):
     v = {**TRAIN_PARAMETERS, **values}
     cfg = resolve_config(parse_config(stage.flags))
     world = max(1, v["num_gpus"]) * max(1, v["num_nodes"])
-    pd_, ga, gb = resolve_batch(cfg.global_batch_size, world, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
-    return dataclasses.replace(cfg, per_device_train_batch_size=pd_, gradient_accumulation_steps=ga, global_batch_size=gb)
+    pd_, ga, gb = resolve_batch(cfg.global_batch_size, world, cfg.per_device_train_batch_size,
+                                cfg.gradient_accumulation_steps)
+    return dataclasses.replace(cfg, per_device_train_batch_size=pd_, gradient_accumulation_steps=ga,
+                               global_batch_size=gb)
 
 def planned_hyperparameters(plan:TrainPlan):
     "One table: each planned stage's resolved hyperparameters, plus the published row of each stage kind."
     import pandas as pd, dataclasses
-    tables = [hyperparameter_table(dataclasses.asdict(planned_config(s, plan.values)), name=s.name) for s in plan.stages]
+    tables = [hyperparameter_table(dataclasses.asdict(planned_config(s, plan.values)),
+                                   name=s.name) for s in plan.stages]
     t = pd.concat(tables)
     return t[~t.index.duplicated()]
 
@@ -317,9 +375,12 @@ def stage_results(plan:TrainPlan):
 
 # %% ../../nbs/70_runs.ipynb #4740a9fc
 def resolved_hyperparameters(values:dict) -> dict:
-    "The rates, epochs, batch and LoRA rank / alpha the asked stage trains with, as `qllava.training.train` resolves them: yours where non-zero, else the demo profile's (on the demo), else the stage preset's; `mm_projector_lr` None = the projector trains at `learning_rate`."
+    ("The rates, epochs, batch and LoRA rank / alpha the asked stage trains with, as `qllava.training.train` resolves "
+     "them: yours where non-zero, else the demo profile's (on the demo), else the stage preset's; `mm_projector_lr` "
+     "None = the projector trains at `learning_rate`.")
     v = {**TRAIN_PARAMETERS, **values}
-    cfg = resolve_config(parse_config(_flags({"stage": v["stage"], **stage_overrides(v, v["stage"])}) + shlex.split(v["extra_args"])))
+    cfg = resolve_config(parse_config(_flags({"stage": v["stage"],
+                                              **stage_overrides(v, v["stage"])}) + shlex.split(v["extra_args"])))
     return {k: getattr(cfg, k) for k in RUN_HYPERPARAMETERS}
 
 # %% ../../nbs/70_runs.ipynb #46490023
@@ -334,7 +395,8 @@ def launch_stage(stage:StagePlan, values:dict, hang_timeout:float|None=1800.0):
     on_slurm = v["launcher"] == "slurm"
     slurm = SlurmSpec(job_name=f"qllava-{Path(stage.output_dir).name}", requeue=True) if on_slurm else None
     if slurm is not None: spec.gpus_per_node = v["num_gpus"]
-    return launch(["-m", "qllava.training.train", *stage.flags], stage.output_dir, spec=spec, slurm=slurm, hang_timeout=hang_timeout)
+    return launch(["-m", "qllava.training.train", *stage.flags], stage.output_dir, spec=spec, slurm=slurm,
+                  hang_timeout=hang_timeout)
 
 def run_plan(plan:TrainPlan, log=print) -> list:
     "Launch every stage of the plan in order (stage 1 first when planned); returns what each launch returned."
@@ -354,14 +416,16 @@ def stage_summary(output_dir) -> dict:
 def record_run(plan:TrainPlan, metrics:dict|None=None, notebook:str|None=None) -> Path:
     "Write `run.json` (parameters, stages, metrics, provenance) into the plan's run folder."
     run_dir = Path(plan.run_dir); run_dir.mkdir(parents=True, exist_ok=True)
-    stages = [{"name": s.name, "output_dir": s.output_dir, "reason": s.reason, "flags": s.flags, **stage_summary(s.output_dir)}
+    stages = [{"name": s.name, "output_dir": s.output_dir, "reason": s.reason, "flags": s.flags,
+               **stage_summary(s.output_dir)}
               for s in plan.stages]
     files = {f for s in stages for f in (s["config"].get("data_path"), s["config"].get("eval_data_path")) if f}
     files |= {f for f in (plan.eval_questions, plan.eval_gt) if f}
     rec = {"kind": "train", "parameters": plan.values, "demo": plan.demo, "stages": stages, "metrics": metrics or {},
            "notebook": notebook, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "provenance": provenance(sorted(files), seed=plan.values.get("seed"),
-                                    command=[sys.executable, "-m", "qllava.training.train", *plan.stages[-1].flags] if plan.stages else None)}
+                                    command=[sys.executable, "-m", "qllava.training.train",
+                                             *plan.stages[-1].flags] if plan.stages else None)}
     (run_dir / "run.json").write_text(json.dumps(rec, indent=1, default=str))
     return run_dir / "run.json"
 
@@ -373,14 +437,18 @@ def list_runs(runs_dir="runs"):
         r = json.loads(f.read_text())
         last = (r.get("stages") or [{}])[-1].get("summary", {}) if r.get("kind") == "train" else {}
         cfg = (r.get("stages") or [{}])[-1].get("config", {}) if r.get("kind") == "train" else {}
-        rows.append({"run": str(f.parent.relative_to(runs_dir)), "kind": r.get("kind"), "stage": r.get("parameters", {}).get("stage"),
+        rows.append({"run": str(f.parent.relative_to(runs_dir)), "kind": r.get("kind"),
+                     "stage": r.get("parameters", {}).get("stage"),
                      "modality": r.get("parameters", {}).get("modality"),
-                     **{k: cfg.get(k) for k in RUN_HYPERPARAMETERS},  # as the last stage resolved them (what a sweep varies)
+                     # as the last stage resolved them (what a sweep varies)
+                     **{k: cfg.get(k) for k in RUN_HYPERPARAMETERS},
                      "final_loss": last.get("final_loss"),
-                     "eval_loss": last.get("eval_loss"), **{k: v for k, v in (r.get("metrics") or {}).items() if not isinstance(v, (dict, list))},
+                     "eval_loss": last.get("eval_loss"),
+                     **{k: v for k, v in (r.get("metrics") or {}).items() if not isinstance(v, (dict, list))},
                      "finished": r.get("finished")})
     df = pd.DataFrame(rows)
-    return df[[c for c in df if c != "finished"] + ["finished"]] if len(df) else df  # the time last, whatever metrics a run has
+    # the time last, whatever metrics a run has
+    return df[[c for c in df if c != "finished"] + ["finished"]] if len(df) else df
 
 RUNS_COLUMNS = {"run": "run", "stage": "stage", "modality": "mod", "learning_rate": "lr", "num_train_epochs": "ep",
                 "final_loss": "loss", "closed_accuracy": "closed %", "control_closed_accuracy": "blanked %",
@@ -394,7 +462,9 @@ def _cut_middle(s:str, n:int) -> str:
 def runs_table(df, # `list_runs`' table
                wide:bool=False, # every column, under its own name
                width:int=100) -> str: # the longest line allowed when not `wide`
-    "`list_runs`' table as text with `-` for a missing value: every column when `wide`, else the `RUNS_COLUMNS` that hold a value, under short headers, within `width` characters (long run names cut in the middle, then the last columns dropped)."
+    ("`list_runs`' table as text with `-` for a missing value: every column when `wide`, else the `RUNS_COLUMNS` that "
+     "hold a value, under short headers, within `width` characters (long run names cut in the middle, then the last "
+     "columns dropped).")
     def show(t) -> str:  # run names left-aligned, numbers to 4 significant digits
         w = int(t["run"].str.len().max())
         t = t.assign(run=t["run"].str.ljust(w)).rename(columns={"run": "run".ljust(w)})
@@ -431,7 +501,8 @@ def notebooks_cli(argv:list[str]|None=None) -> int:
     a = p.parse_args(argv)
     out = Path(a.dir); out.mkdir(parents=True, exist_ok=True)
     there = [n for n in RUN_NOTEBOOKS if (out / n).exists()]
-    if there and not a.force: raise ConfigError(f"{out} already holds {', '.join(there)}. Fix: pass --force to replace them.")
+    if there and not a.force:
+        raise ConfigError(f"{out} already holds {', '.join(there)}. Fix: pass --force to replace them.")
     for n in RUN_NOTEBOOKS: shutil.copyfile(run_notebook(n), out / n)
     print(f"wrote {', '.join(str(out / n) for n in RUN_NOTEBOOKS)}; run one with: papermill {out / 'train.ipynb'} "
           "runs/train.ipynb -p stage finetune")

@@ -14,7 +14,8 @@ from .evalrun import check_eval_files, check_eval_parameters
 from .bench import compare_benchmark, read_scores_file, signed_interval
 from ..cluster.launch import SlurmSpec, sbatch_header
 from ..evaluation.report import headless_matplotlib
-from ..cluster.slurm import SlurmTask, check_tasks, last_log_lines, slurm_seconds, submit as submit_script, wait_job
+from ..cluster.slurm import (SlurmTask, check_tasks, last_log_lines, slurm_seconds, submit as submit_script,
+                                  wait_job)
 from ..core import LaunchError
 
 # %% auto #0
@@ -35,7 +36,8 @@ SWEEP_PARAMETERS = dict(
     slurm_parallel=0, slurm_wait=True, slurm_submit=True)
 SWEPT = ("stage", "modality", "learning_rate", "mm_projector_lr", "num_train_epochs", "lora_r")
 SWEEP_OWNS = ("run_name", "runs_dir", "pretrain_mm_mlp_adapter")  # train parameters the sweep sets itself
-METRICS = {"closed_accuracy": "max", "open_accuracy": "max", "judge_score": "max", "eval_loss": "min", "final_loss": "min"}
+METRICS = {"closed_accuracy": "max", "open_accuracy": "max", "judge_score": "max", "eval_loss": "min",
+           "final_loss": "min"}
 EVAL_OWNS = ("checkpoint", "modality", "run_dir")  # eval-notebook parameters the sweep sets per run
 LAUNCHERS = ("local-sequential", "local-parallel", "slurm")
 LORA_STAGES = ("lora", "qlora")
@@ -51,7 +53,9 @@ def lora_alpha_for(rule, # "2*r", "r", "16" or an int
 
 # %% ../../nbs/73_sweep.ipynb #51ce9ccb
 def trained_values(p:dict) -> dict:
-    "A combination's train parameters with the rates, epochs and LoRA rank / alpha its run trains with (0 resolved from the demo profile or stage preset; the projector's rate is the LLM's unless separate); as given when its train notebook would refuse them."
+    ("A combination's train parameters with the rates, epochs and LoRA rank / alpha its run trains with (0 resolved "
+     "from the demo profile or stage preset; the projector's rate is the LLM's unless separate); as given when its "
+     "train notebook would refuse them.")
     try: r = resolved_hyperparameters(check_types(dict(p), TRAIN_PARAMETERS))
     except (QllavaError, KeyError): return p  # check_sweep then refuses the run, naming it
     return {**p, **r, "mm_projector_lr": r["mm_projector_lr"] or r["learning_rate"]}
@@ -76,7 +80,7 @@ def combinations(values:dict) -> list[dict]:
         lora = p["stage"] in LORA_STAGES
         p["lora_r"] = p["lora_r"] if lora else 0
         p["lora_alpha"] = lora_alpha_for(v["lora_alpha"], p["lora_r"]) if lora else 0
-        p["num_train_epochs"], p["learning_rate"], p["mm_projector_lr"] = (float(p[k]) for k in ("num_train_epochs", "learning_rate", "mm_projector_lr"))
+        for k in ("num_train_epochs", "learning_rate", "mm_projector_lr"): p[k] = float(p[k])
         name = run_slug({**trained_values({**fixed, **p}), "_swept_extra": {k: p[k] for k in extra}})
         if name in seen: continue
         seen.add(name)
@@ -93,61 +97,94 @@ def _with_dot(s:str) -> str:
     m, _, e = s.lower().partition("e")
     return f"{m if '.' in m else m + '.0'}{'e' + e if e else ''}"
 
-def check_sweep(values:dict, # sweep parameter name -> value, as the notebook holds them
-                injected:set=frozenset()) -> dict: # names papermill injected that the parameters cell lacks
-    "Refuse secrets, unknown names, wrong types, malformed lists, unknown metrics / launchers, and every combination the train notebook would refuse (unknown stage, negative rate, missing file); returns the values."
-    check_against_defaults(values, SWEEP_PARAMETERS, injected, "sweep parameter", untyped=("lora_alpha",))  # alpha: a rule or an int
+# %% ../../nbs/73_sweep.ipynb #5c9862f2
+def _check_swept_lists(values:dict):
+    "Refuse a swept parameter that is not a non-empty list of its train-notebook type (YAML's dotless floats named)."
     for k in SWEPT:
         v = values.get(k, SWEEP_PARAMETERS[k])
         if not isinstance(v, (list, tuple)) or not v:
-            raise ConfigError(f"sweep parameter {k}={v!r} should be a non-empty list, e.g. {k} = {SWEEP_PARAMETERS[k]!r}.")
+            raise ConfigError(f"sweep parameter {k}={v!r} should be a non-empty list, e.g. {k} = "
+                              f"{SWEEP_PARAMETERS[k]!r}.")
         want = type(TRAIN_PARAMETERS[k])
         for x in v:
             if not (isinstance(x, want) or (want is float and isinstance(x, int) and not isinstance(x, bool))):
                 yaml_text = want is float and isinstance(x, str) and _is_number(x)  # PyYAML reads 1e-4 (no dot) as text
                 raise ConfigError(f"sweep parameter {k} holds {x!r}; its values should be of type {want.__name__}. "
-                                  + (f"YAML reads {x} as text (it needs a dot in the mantissa). Fix: write {float(x)!r} or {_with_dot(x)}."
+                                  + (f"YAML reads {x} as text (it needs a dot in the mantissa). Fix: write "
+                                     f"{float(x)!r} or {_with_dot(x)}."
                                      if yaml_text else f"Fix: -y \"{k}: {json.dumps(SWEEP_PARAMETERS[k])}\""))
-    tp = values.get("train_parameters", {})
+
+# %% ../../nbs/73_sweep.ipynb #d4c5da98
+def _check_train_parameter_names(tp:dict):
+    "Refuse train_parameters that are no train-notebook parameter or that the sweep sets itself (naming a close one)."
     free = sorted(set(TRAIN_PARAMETERS) - set(SWEPT) - set(SWEEP_OWNS) - {"lora_alpha"})
     bad = sorted(set(tp) - set(TRAIN_PARAMETERS) | (set(tp) & (set(SWEPT) | set(SWEEP_OWNS) | {"lora_alpha"})))
     if bad:
         import difflib
         hint = "".join(f" ({b}: did you mean {m[0]}?)" for b in bad if (m := difflib.get_close_matches(b, free, 1)))
-        raise ConfigError(f"train_parameters {bad}: not train-notebook parameters the sweep leaves to you{hint}. Fix: sweep "
-                          f"{', '.join(SWEPT)} with their own lists; other names: {', '.join(free)}.")
-    ep = values.get("eval_parameters", {})
+        raise ConfigError(f"train_parameters {bad}: not train-notebook parameters the sweep leaves to you{hint}. Fix: "
+                          f"sweep {', '.join(SWEPT)} with their own lists; other names: {', '.join(free)}.")
+
+# %% ../../nbs/73_sweep.ipynb #f6074589
+def _check_sweep_eval_parameters(ep:dict):
+    "Refuse eval_parameters the sweep sets for each run, and any the eval notebook would refuse."
     if set(ep) & set(EVAL_OWNS):
-        raise ConfigError(f"eval_parameters {sorted(set(ep) & set(EVAL_OWNS))}: the sweep sets {', '.join(EVAL_OWNS)} for each run. Fix: drop them.")
-    try: check_eval_files({**check_eval_parameters(dict(ep)), "checkpoint": "."})  # names, types, files (not the runs' checkpoints)
+        raise ConfigError(f"eval_parameters {sorted(set(ep) & set(EVAL_OWNS))}: the sweep sets {', '.join(EVAL_OWNS)} "
+                          "for each run. Fix: drop them.")
+    # names, types, files (not the runs' checkpoints)
+    try: check_eval_files({**check_eval_parameters(dict(ep)), "checkpoint": "."})
     except ConfigError as e: raise ConfigError(f"eval_parameters: {e}") from None
-    if values.get("metric") == "judge_score" and not values.get("evaluate"):
-        raise ConfigError("metric judge_score comes from the eval notebook's review. Fix: set evaluate True (or rank by another metric).")
-    if tp.get("launcher") == "slurm":
-        raise ConfigError("train_parameters launcher slurm would submit a job from inside each run. Fix: set the sweep's launcher "
-                          "to slurm (one job array) and leave the runs' launcher at deepspeed or torchrun.")
-    if values.get("metric", "closed_accuracy") not in METRICS:
-        raise ConfigError(f"metric {values['metric']!r}: use one of {', '.join(METRICS)}.")
-    if values.get("launcher", "local-sequential") not in LAUNCHERS:
-        raise ConfigError(f"launcher {values['launcher']!r}: use one of {', '.join(LAUNCHERS)}.")
-    if int(values.get("parallel", 1)) < 1: raise ConfigError(f"parallel={values['parallel']} must be at least 1. Fix: -p parallel 1")
-    if values.get("slurm_parallel", 0) < 0:
-        raise ConfigError(f"slurm_parallel={values['slurm_parallel']} is negative. "
-                          "Fix: 0 (no limit) or the array tasks at once.")
-    if values.get("slurm_gpus", 0) < 0: raise ConfigError(f"slurm_gpus={values['slurm_gpus']} is negative. Fix: -p slurm_gpus 0 (CPU ranks) or the GPUs per task.")
-    lora_alpha_for(values.get("lora_alpha", "2*r"), 8)  # the rule parses
-    if values.get("train_notebook"): train_notebook_path(values["train_notebook"])
+
+# %% ../../nbs/73_sweep.ipynb #88d9dcde
+def _check_each_run(values:dict):
+    "Refuse the sweep when its train notebook would refuse a combination's parameters (the shared projector included)."
     adapter = values.get("pretrain_mm_mlp_adapter", "")
     for c in combinations(values):   # each run's parameters, checked as its train notebook will check them
         try: check_parameters({**c, **({"pretrain_mm_mlp_adapter": adapter} if adapter else {})})
         except QllavaError as e:
-            msg = (f"run {c['run_name']} would be refused by its train notebook: {e} (In a sweep, swept values are lists "
-                   "and the other train-notebook parameters go in train_parameters, e.g. -y \"train_parameters: {data_path: FILE}\".)")
+            msg = (f"run {c['run_name']} would be refused by its train notebook: {e} (In a sweep, swept values are "
+                   "lists and the other train-notebook parameters go in train_parameters, e.g. -y \"train_parameters: "
+                   "{data_path: FILE}\".)")
             raise (DataError(msg) if isinstance(e, DataError) else ConfigError(msg)) from None
+
+# %% ../../nbs/73_sweep.ipynb #2afdcdf2
+def check_sweep(values:dict, # sweep parameter name -> value, as the notebook holds them
+                injected:set=frozenset()) -> dict: # names papermill injected that the parameters cell lacks
+    ("Refuse secrets, unknown names, wrong types, malformed lists, unknown metrics / launchers, and every combination "
+     "the train notebook would refuse (unknown stage, negative rate, missing file); returns the values.")
+    # alpha: a rule or an int
+    check_against_defaults(values, SWEEP_PARAMETERS, injected, "sweep parameter", untyped=("lora_alpha",))
+    _check_swept_lists(values)
+    tp = values.get("train_parameters", {})
+    _check_train_parameter_names(tp)
+    _check_sweep_eval_parameters(values.get("eval_parameters", {}))
+    if values.get("metric") == "judge_score" and not values.get("evaluate"):
+        raise ConfigError("metric judge_score comes from the eval notebook's review. Fix: set evaluate True (or rank "
+                          "by another metric).")
+    if tp.get("launcher") == "slurm":
+        raise ConfigError("train_parameters launcher slurm would submit a job from inside each run. Fix: set the "
+                          "sweep's launcher to slurm (one job array) and leave the runs' launcher at deepspeed or "
+                          "torchrun.")
+    if values.get("metric", "closed_accuracy") not in METRICS:
+        raise ConfigError(f"metric {values['metric']!r}: use one of {', '.join(METRICS)}.")
+    if values.get("launcher", "local-sequential") not in LAUNCHERS:
+        raise ConfigError(f"launcher {values['launcher']!r}: use one of {', '.join(LAUNCHERS)}.")
+    if int(values.get("parallel", 1)) < 1:
+        raise ConfigError(f"parallel={values['parallel']} must be at least 1. Fix: -p parallel 1")
+    if values.get("slurm_parallel", 0) < 0:
+        raise ConfigError(f"slurm_parallel={values['slurm_parallel']} is negative. "
+                          "Fix: 0 (no limit) or the array tasks at once.")
+    if values.get("slurm_gpus", 0) < 0:
+        raise ConfigError(f"slurm_gpus={values['slurm_gpus']} is negative. Fix: -p slurm_gpus 0 (CPU ranks) or the "
+                          "GPUs per task.")
+    lora_alpha_for(values.get("lora_alpha", "2*r"), 8)  # the rule parses
+    if values.get("train_notebook"): train_notebook_path(values["train_notebook"])
+    _check_each_run(values)
     return values
 
 def absolute_paths(values:dict) -> dict:
-    "The sweep's values with relative paths (projector, train_parameters' files) made absolute: each run's notebook executes in its own folder."
+    ("The sweep's values with relative paths (projector, train_parameters' files) made absolute: each run's notebook "
+     "executes in its own folder.")
     v = dict(values)
     tp = dict(v.get("train_parameters", {}))
     for k in ("data_path", "image_folder", "eval_data_path", "deepspeed", "model", "encoder", "tokenizer"):
@@ -167,16 +204,19 @@ def sweep_dir_of(values:dict) -> Path:
 def read_sweep(sweep_dir) -> dict:
     "The sweep record (`sweep.json`) of a sweep folder."
     p = Path(sweep_dir) / "sweep.json"
-    if not p.is_file(): raise ConfigError(f"{p}: no sweep record. Fix: run the sweep notebook (or `qllava sweep`) first.")
+    if not p.is_file():
+        raise ConfigError(f"{p}: no sweep record. Fix: run the sweep notebook (or `qllava sweep`) first.")
     return json.loads(p.read_text())
 
 def write_sweep(sweep_dir, rec:dict) -> Path:
     "Write `sweep.json` atomically and the per-index table `tasks.tsv` beside it."
     d = Path(sweep_dir); d.mkdir(parents=True, exist_ok=True)
     tmp = d / "sweep.json.tmp"; tmp.write_text(json.dumps(rec, indent=1, default=str)); tmp.replace(d / "sweep.json")
-    keys = list(SWEPT) + ["lora_alpha"] + sorted({k for r in rec["runs"] for k in r["parameters"]} - set(SWEPT) - {"lora_alpha", "run_name"})
+    keys = list(SWEPT) + ["lora_alpha"] + sorted({k for r in rec["runs"]
+                                                  for k in r["parameters"]} - set(SWEPT) - {"lora_alpha", "run_name"})
     rows = ["\t".join(["index", "run_name", *keys])]
-    rows += ["\t".join([str(r["index"]), r["name"], *(str(r["parameters"].get(k, "")) for k in keys)]) for r in rec["runs"]]
+    rows += ["\t".join([str(r["index"]), r["name"],
+                        *(str(r["parameters"].get(k, "")) for k in keys)]) for r in rec["runs"]]
     (d / "tasks.tsv").write_text("\n".join(rows) + "\n")
     return d / "sweep.json"
 
@@ -186,7 +226,8 @@ def plan_sweep(values:dict) -> dict:
     d = sweep_dir_of(v)
     old = {r["name"]: r for r in (read_sweep(d)["runs"] if (d / "sweep.json").is_file() else [])}
     runs = [{"index": i, "name": c["run_name"], "parameters": c, "status": "pending", "metrics": {},
-             **{k: old[c["run_name"]][k] for k in ("status", "metrics", "seconds", "error", "final_loss") if c["run_name"] in old and k in old[c["run_name"]]}}
+             **{k: old[c["run_name"]][k] for k in ("status", "metrics", "seconds", "error",
+                                                   "final_loss") if c["run_name"] in old and k in old[c["run_name"]]}}
             for i, c in enumerate(combinations(v))]
     return {"kind": "sweep", "sweep_dir": str(d), "parameters": v, "metric": v["metric"], "runs": runs}
 
@@ -203,8 +244,9 @@ def stage1_plans(rec:dict) -> dict:
         plan = plan_training({**base, "stage": "pretrain", "modality": mod, "runs_dir": rec["sweep_dir"],
                                    "run_name": f"demo-pretrain-{mod}"})
         if not plan.demo:
-            raise ConfigError("the sweep's runs need a stage-1 projector. Fix: set pretrain_mm_mlp_adapter to an mm_projector.bin "
-                              "(run the train notebook with -p stage pretrain once, or use a published one).")
+            raise ConfigError("the sweep's runs need a stage-1 projector. Fix: set pretrain_mm_mlp_adapter to an "
+                              "mm_projector.bin (run the train notebook with -p stage pretrain once, or use a "
+                              "published one).")
         adapter = Path(plan.run_dir) / "mm_projector.bin"
         out[mod] = (str(adapter), None if adapter.is_file() else plan)
     return out
@@ -224,11 +266,13 @@ def ensure_stage1(rec:dict, log=print) -> dict:
 def train_notebook_path(path:str="") -> Path:
     "The train notebook to execute: `path`, else the one qllava ships (`nbs/train.ipynb` in a clone)."
     p = Path(path) if path else run_notebook("train.ipynb")
-    if not p.is_file(): raise ConfigError(f"train notebook {p} not found. Fix: set train_notebook to the path of nbs/train.ipynb.")
+    if not p.is_file():
+        raise ConfigError(f"train notebook {p} not found. Fix: set train_notebook to the path of nbs/train.ipynb.")
     return p
 
 def _same(a, b) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool): return math.isclose(a, b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b)
     return a == b
 
 def _executed(nb_path) -> bool:
@@ -239,7 +283,8 @@ def _executed(nb_path) -> bool:
 def run_finished(run_dir, # a combination's run folder
                  parameters:dict|None=None, # the combination's train parameters (checked against run.json)
                  evaluate:bool=False) -> bool: # also require the executed eval notebook and its eval.json
-    "Whether the run folder holds a complete record (run.json for these parameters + an executed notebook without error)."
+    ("Whether the run folder holds a complete record (run.json for these parameters + an executed notebook without "
+     "error).")
     d = Path(run_dir)
     try: rec = json.loads((d / "run.json").read_text())
     except (OSError, ValueError): return False
@@ -271,14 +316,17 @@ def run_combination(sweep_dir, # the sweep folder (holds sweep.json)
     try:
         if not run_finished(run_dir, run["parameters"], evaluate=False):
             log(f"== run {index} {run['name']}: executing the train notebook")
-            pm.execute_notebook(str(train_notebook_path(rec["parameters"].get("train_notebook", ""))), str(run_dir / "train.ipynb"),
+            pm.execute_notebook(str(train_notebook_path(rec["parameters"].get("train_notebook", ""))),
+                                str(run_dir / "train.ipynb"),
                                 parameters=params, progress_bar=False, cwd=str(run_dir))
         if rec["parameters"].get("evaluate"):
             log(f"== run {index} {run['name']}: executing the eval notebook")
-            pm.execute_notebook(str(train_notebook_path(rec["parameters"].get("train_notebook", "")).with_name("eval.ipynb")),
+            pm.execute_notebook(str(train_notebook_path(rec["parameters"].get("train_notebook",
+                                                                              "")).with_name("eval.ipynb")),
                                 str(run_dir / "eval.ipynb"), progress_bar=False, cwd=str(run_dir),
                                 parameters={**rec["parameters"].get("eval_parameters", {}), "checkpoint": str(run_dir),
-                                            "modality": run["parameters"]["modality"], "run_dir": str(run_dir / "eval")})
+                                            "modality": run["parameters"]["modality"],
+                                            "run_dir": str(run_dir / "eval")})
         res = {"status": "finished"}
     except pm.PapermillExecutionError as e:
         res = {"status": "failed", "error": last_lines(f"{e.ename}: {e.evalue}")}
@@ -317,7 +365,8 @@ def sweep_array_script(sweep_dir, # the sweep folder on the cluster's file syste
     "The sbatch script of the sweep's job array: task i executes the train notebook for combination i."
     slurm = slurm or SlurmSpec(job_name="qllava-sweep")
     o = sbatch_header(slurm, 1, gpus_per_node, f"{sweep_dir}/slurm-%A_%a.out", n_tasks)
-    o += ["# written by qllava.workflows.sweep: task i runs combination i of tasks.tsv", "set -euo pipefail", *slurm.setup]
+    o += ["# written by qllava.workflows.sweep: task i runs combination i of tasks.tsv", "set -euo pipefail",
+          *slurm.setup]
     o += ["export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}",
           f'{shlex.quote(python)} -m qllava.workflows.sweep task {shlex.quote(str(sweep_dir))} "$SLURM_ARRAY_TASK_ID"']
     return "\n".join(o) + "\n"
@@ -328,7 +377,8 @@ def stage1_script(sweep_dir, slurm=None, gpus_per_node:int=0, python:str="python
     slurm = replace(slurm or SlurmSpec(), job_name="qllava-sweep-stage1", array_parallel=None)
     o = sbatch_header(slurm, 1, gpus_per_node, f"{sweep_dir}/slurm-stage1-%j.out")
     o += ["# written by qllava.workflows.sweep: stage 1 once for the whole sweep", "set -euo pipefail", *slurm.setup]
-    o += ["export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}", f"{shlex.quote(python)} -m qllava.workflows.sweep stage1 {shlex.quote(str(sweep_dir))}"]
+    o += ["export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}",
+          f"{shlex.quote(python)} -m qllava.workflows.sweep stage1 {shlex.quote(str(sweep_dir))}"]
     return "\n".join(o) + "\n"
 
 # %% ../../nbs/73_sweep.ipynb #d72b3488
@@ -405,11 +455,13 @@ def run_metrics(run_dir) -> dict:
     r = json.loads(p.read_text())
     last = (r.get("stages") or [{}])[-1].get("summary", {})
     m = {k: last.get(k) for k in ("final_loss", "eval_loss") if last.get(k) is not None}
-    m.update({k: x for k, x in (r.get("metrics") or {}).items() if isinstance(x, (int, float)) and not isinstance(x, bool)})
+    m.update({k: x for k,
+              x in (r.get("metrics") or {}).items() if isinstance(x, (int, float)) and not isinstance(x, bool)})
     e = Path(run_dir) / "eval" / "eval.json"
     if e.is_file():  # the eval notebook's record: its metrics, and the judge's relative score as judge_score
         em = json.loads(e.read_text()).get("metrics") or {}
-        m.update({f"eval_{k}" if k in m else k: x for k, x in em.items() if isinstance(x, (int, float)) and not isinstance(x, bool)})
+        m.update({f"eval_{k}" if k in m else k: x for k,
+                  x in em.items() if isinstance(x, (int, float)) and not isinstance(x, bool)})
         if em.get("review_relative") is not None: m["judge_score"] = em["review_relative"]
     return m
 
@@ -433,11 +485,15 @@ def results_table(rec:dict, metric:str|None=None):
     import pandas as pd
     metric = metric or rec["metric"]
     swept = varied_parameters(rec)
-    rows = [{"run": r["name"], "status": r["status"], metric: r["metrics"].get(metric), "final_loss": r["metrics"].get("final_loss"),
-             **{k: r["parameters"].get(k) for k in swept}, "seconds": r.get("seconds"), "index": r["index"]} for r in rec["runs"]]
+    rows = [{"run": r["name"], "status": r["status"], metric: r["metrics"].get(metric),
+             "final_loss": r["metrics"].get("final_loss"),
+             **{k: r["parameters"].get(k) for k in swept}, "seconds": r.get("seconds"),
+             "index": r["index"]} for r in rec["runs"]]
     df = pd.DataFrame(rows)
-    by = [metric] + (["final_loss"] if metric != "final_loss" else [])  # ties (e.g. equal accuracies) go to the lower loss
-    df = df.sort_values(by, ascending=[METRICS.get(metric, "max") == "min", True][:len(by)], na_position="last", kind="stable")
+    # ties (e.g. equal accuracies) go to the lower loss
+    by = [metric] + (["final_loss"] if metric != "final_loss" else [])
+    df = df.sort_values(by, ascending=[METRICS.get(metric, "max") == "min", True][:len(by)], na_position="last",
+                        kind="stable")
     df.insert(0, "rank", range(1, len(df) + 1))
     return df.set_index("rank")
 
@@ -451,7 +507,8 @@ def varied_parameters(rec:dict) -> list[str]:
 def paired_vs_best(rec:dict, # a sweep record (`collect`, `run_sweep`)
                    metric:str|None=None, # closed_accuracy or open_accuracy (default: the sweep's metric)
                    n_resamples:int=1000, seed:int=0):
-    "Every finished run against the best on the same held-out questions: difference, 95 % interval, McNemar's p (None if n/a)."
+    ("Every finished run against the best on the same held-out questions: difference, 95 % interval, McNemar's p (None "
+     "if n/a).")
     import pandas as pd
     metric = metric or rec["metric"]
     if metric not in ("closed_accuracy", "open_accuracy"): return None
@@ -467,8 +524,10 @@ def paired_vs_best(rec:dict, # a sweep record (`collect`, `run_sweep`)
     return pd.DataFrame(rows).set_index("run") if rows else None
 
 # %% ../../nbs/73_sweep.ipynb #e72ed732
-METRIC_LABELS = {"closed_accuracy": "closed accuracy (%)", "open_accuracy": "open accuracy (%)", "final_loss": "final training loss",
-                 "eval_loss": "held-out loss", "judge_score": "judge score (% of the reference's)"}  # axis labels, with units
+METRIC_LABELS = {"closed_accuracy": "closed accuracy (%)", "open_accuracy": "open accuracy (%)",
+                 "final_loss": "final training loss",
+                 # axis labels, with units
+                 "eval_loss": "held-out loss", "judge_score": "judge score (% of the reference's)"}
 CHANCE = {"closed_accuracy": 50.0}  # a metric's value at chance: yes/no questions answered by a coin
 
 def metric_label(metric:str) -> str:
@@ -481,7 +540,9 @@ def figure_metrics(rec:dict, metric:str) -> list[str]:
     return [m for m in rows if m == metric or any(r["metrics"].get(m) is not None for r in rec["runs"])]
 
 def plot_metric(rec:dict, metric:str|None=None):
-    "The ranking metric, the other accuracy and the final loss (one row each, with units) against each swept parameter (one column each, at the values the runs trained with; log axis for rates spanning a decade); a dashed line marks chance on a yes/no accuracy, hollow grey dots the media-blanked control. Returns the figure."
+    ("The ranking metric, the other accuracy and the final loss (one row each, with units) against each swept "
+     "parameter (one column each, at the values the runs trained with; log axis for rates spanning a decade); a dashed "
+     "line marks chance on a yes/no accuracy, hollow grey dots the media-blanked control. Returns the figure.")
     headless_matplotlib()
     import matplotlib.pyplot as plt
     metric = metric or rec["metric"]
@@ -494,7 +555,8 @@ def plot_metric(rec:dict, metric:str|None=None):
             num = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
             xs = xs if num else [str(x) for x in xs]
             ax.scatter(xs, [r["metrics"][m] for r in done], label="with media")
-            ctl = [(x, r["metrics"].get(f"control_{m}")) for x, r in zip(xs, done) if r["metrics"].get(f"control_{m}") is not None]
+            ctl = [(x, r["metrics"].get(f"control_{m}")) for x,
+                   r in zip(xs, done) if r["metrics"].get(f"control_{m}") is not None]
             if ctl: ax.scatter(*zip(*ctl), facecolors="none", edgecolors="grey", label="media blanked")
             if m in CHANCE: ax.axhline(CHANCE[m], ls="--", c="grey", lw=1, label="chance")
             if m.endswith("accuracy"): ax.set_ylim(-4, 104)
@@ -516,7 +578,8 @@ def run_sweep(values:dict, log=print) -> dict:
         if run_finished(d / r["name"], r["parameters"], v["evaluate"]): r["status"] = "finished"
         elif r["status"] == "finished": r["status"] = "pending"
     write_sweep(d, rec)
-    todo = [r["index"] for r in rec["runs"] if r["status"] == "pending" or (r["status"] == "failed" and v["retry_failed"])]
+    todo = [r["index"] for r in rec["runs"] if r["status"] == "pending"
+            or (r["status"] == "failed" and v["retry_failed"])]
     skipped = len(rec["runs"]) - len(todo)
     log(f"sweep {d}: {len(rec['runs'])} combinations, {skipped} finished or kept, {len(todo)} to run ({v['launcher']})")
     if v["launcher"] == "slurm":
@@ -534,11 +597,13 @@ def run_sweep(values:dict, log=print) -> dict:
     else:
         for i in todo:
             st = run_combination(d, i, log=log)
-            log(f"== run {i} {rec['runs'][i]['name']}: {st['status']}" + (f" ({st['seconds']} s)" if "seconds" in st else ""))
+            log(f"== run {i} {rec['runs'][i]['name']}: {st['status']}"
+                + (f" ({st['seconds']} s)" if "seconds" in st else ""))
     out = collect(d)
     out["executed"] = todo
     for r in out["runs"]:
-        if r["status"] == "failed": log(f"!! run {r['index']} {r['name']} failed; its last lines:\n    " + "\n    ".join(r.get("error") or []))
+        if r["status"] == "failed":
+            log(f"!! run {r['index']} {r['name']} failed; its last lines:\n    " + "\n    ".join(r.get("error") or []))
     return out
 
 def stage1_for_sweep(sweep_dir, log=print) -> dict:
@@ -555,9 +620,11 @@ def sweep_cli(argv:list[str]|None=None) -> int:
     p = ArgumentParser(prog="qllava sweep", description="Hyperparameter sweeps over the train notebook.")
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("run", help="run a sweep from a JSON file of sweep parameters"); a.add_argument("params")
-    a = sub.add_parser("task", help="run one combination (Slurm array task)"); a.add_argument("sweep_dir"); a.add_argument("index", type=int)
+    a = sub.add_parser("task", help="run one combination (Slurm array task)")
+    a.add_argument("sweep_dir"); a.add_argument("index", type=int)
     a = sub.add_parser("stage1", help="make the sweep's stage-1 projector(s)"); a.add_argument("sweep_dir")
-    a = sub.add_parser("status", help="collect and print the ranked table"); a.add_argument("sweep_dir"); a.add_argument("--json", action="store_true")
+    a = sub.add_parser("status", help="collect and print the ranked table")
+    a.add_argument("sweep_dir"); a.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     try:
         if a.cmd == "run":
@@ -577,4 +644,5 @@ def sweep_cli(argv:list[str]|None=None) -> int:
         print(f"qllava sweep: error: {e}", file=sys.stderr); return 2
 
 # %% ../../nbs/73_sweep.ipynb #8287ce28
-if __name__ == "__main__" and not hasattr(sys, "ps1") and "ipykernel" not in sys.modules: sys.exit(sweep_cli(sys.argv[1:]))
+if __name__ == "__main__" and not hasattr(sys, "ps1") and "ipykernel" not in sys.modules:
+    sys.exit(sweep_cli(sys.argv[1:]))
