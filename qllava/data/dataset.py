@@ -8,7 +8,7 @@ import json, logging, os
 from fastcore.basics import patch
 from pathlib import Path
 from ..core import DataError, ConfigError
-from .modality import MODALITIES, placeholders
+from .modality import MODALITIES, media_lists, placeholders, record_media
 from .conversation import render, spans_text, find_placeholders, get_template
 from .tokenize import IGNORE_INDEX, tokenize_conversation
 
@@ -186,16 +186,12 @@ def media_files(rec:dict, # one record
                 file=None, record:int|None=None, # where it came from (messages)
                ) -> dict:
     "modality -> list of the media paths (as written) of record `rec`."
-    out = {}
-    for mod in MODALITIES.values():  # the record key of each registered modality (qllava.data.modality)
-        m, v = mod.name, rec.get(mod.record_key)
-        if v is None: continue
-        vals = v if isinstance(v, list) else [v]
+    out = media_lists(rec)
+    for m, vals in out.items():
         if not vals or not all(isinstance(x, str) and x.strip() for x in vals):
-            raise DataError(f'"{m}" is {json.dumps(v)[:60]}, not a file path or a list of file paths.', file=file,
-                            record=record, record_id=rec.get("id"),
+            raise DataError(f'"{m}" is {json.dumps(record_media(rec, m))[:60]}, not a file path or a list of file '
+                            'paths.', file=file, record=record, record_id=rec.get("id"),
                             fix=f'write "{m}": "relative/path" or a list of such paths.')
-        out[m] = vals
     return out
 
 def resolve_media_path(value:str, # the path as written in the record

@@ -14,8 +14,8 @@ from .media import ImageProcessor, SensorProcessor
 
 # %% auto #0
 __all__ = ['MODALITIES', 'IMAGE_SUFFIXES', 'ASPECT_RATIOS', 'Modality', 'register_modality', 'get_modality', 'placeholders',
-           'placeholder_re', 'record_modalities', 'record_media', 'is_item_of', 'default_encoders', 'media_options',
-           'batch_media', 'image_options']
+           'placeholder_re', 'record_modalities', 'record_media', 'media_lists', 'is_item_of', 'default_encoders',
+           'media_options', 'batch_media', 'image_options']
 
 # %% ../../nbs/11_modality.ipynb #05c5d69f
 @dataclass(frozen=True)
@@ -80,6 +80,11 @@ def record_media(record:dict, modality:str):
     ("The media `record` gives for `modality` (a path as written, or a list of them), read under that modality's "
      "record key; None without.")
     return record.get(get_modality(modality).record_key)
+
+def media_lists(record:dict) -> dict[str, list]:
+    ("modality -> the media `record` gives for it, as a list (one path becomes a list of one), for every registered "
+     "modality whose record key it has: the one reading of a record's media, shared by training and validation.")
+    return {m: v if isinstance(v, list) else [v] for m in MODALITIES if (v := record_media(record, m)) is not None}
 
 def is_item_of(x, modality:str) -> bool:
     "Whether media item `x` (a path, or an in-memory PIL image / array) is of `modality`, by its suffix or type."

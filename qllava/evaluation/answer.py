@@ -18,9 +18,9 @@ from ..cluster.launch import gpu_count, run, progress_line
 
 # %% auto #0
 __all__ = ['CONV_MODES', 'short_uuid', 'read_questions', 'question_modality', 'get_chunk', 'repair_tail', 'read_answers',
-           'append_answers', 'resolve_template', 'question_text', 'check_media', 'load_batch_media',
-           'model_name_from_path', 'load_answering_model', 'answer_questions', 'merge_chunks', 'answer_sharded',
-           'answer_cli', 'vqa_accuracy']
+           'append_answers', 'resolve_template', 'question_text', 'question_media_path', 'check_media',
+           'load_batch_media', 'model_name_from_path', 'load_answering_model', 'answer_questions', 'merge_chunks',
+           'answer_sharded', 'answer_cli', 'vqa_accuracy']
 
 # %% ../../nbs/45_answer.ipynb #039a3eba
 _ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
@@ -144,6 +144,15 @@ def question_text(q:dict) -> str:
     return f"{get_modality(m).placeholder}\n{text}"
 
 # %% ../../nbs/45_answer.ipynb #509aa5f9
+def question_media_path(q:dict, # one question, with media of modality `m`
+                        m:str, # its modality
+                        media_folder, # folder the media paths are relative to (None: "."), or modality -> folder
+                        question_file=None, i:int|None=None) -> Path: # where the question is (messages)
+    "The media file question `q` names, under its modality's folder; `DataError` when the path leaves the folder."
+    folder = media_folder if isinstance(media_folder, dict) else Path(media_folder or ".")
+    return resolve_media_path(record_media(q, m), folder, file=question_file, record=i, record_id=q["question_id"],
+                              modality=m)
+
 def check_media(questions:list[dict], # questions to answer
                 media_folder, # folder the media paths are relative to
                 encoders, # the model's encoders (modality -> module)
@@ -151,7 +160,6 @@ def check_media(questions:list[dict], # questions to answer
                 ):
     ("Raise a DataError naming the question_id of the first missing media file (or ConfigError for a modality the "
      "model lacks).")
-    folder = media_folder if isinstance(media_folder, dict) else Path(media_folder or ".")
     for i, q in enumerate(questions):
         m = question_modality(q)
         if m is None: continue
@@ -159,8 +167,7 @@ def check_media(questions:list[dict], # questions to answer
             raise ConfigError(f"question {q['question_id']!r} in {question_file} has {m} media but the model has only "
                               f"{', '.join(encoders) or 'no'} encoder(s). Fix: answer it with a model that has a {m} "
                               "encoder.")
-        p = resolve_media_path(record_media(q, m), folder, file=question_file, record=i, record_id=q["question_id"],
-                               modality=m)
+        p = question_media_path(q, m, media_folder, question_file, i)
         if not p.is_file():
             raise DataError(f"{m} file {str(p)!r} not found.", file=question_file, record=i, record_id=q["question_id"],
                             fix="check --image-folder and the path in the question (it is relative to that folder).")
@@ -171,9 +178,7 @@ def load_batch_media(model, questions:list[dict], media_folder, blank:bool=False
     for i, q in enumerate(questions):
         m = question_modality(q)
         if m is None: out.append(None); continue
-        folder = media_folder if isinstance(media_folder, dict) else Path(media_folder or ".")
-        path = resolve_media_path(record_media(q, m), folder, file=question_file, record=i, record_id=q["question_id"],
-                                  modality=m)
+        path = question_media_path(q, m, media_folder, question_file, i)
         try: x = model.encoders[m].processor(path)
         except DataError as e:
             raise DataError(f"{m} file {str(path)!r}: {e.problem}", file=question_file, record_id=q["question_id"],

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..core import DataError, ConfigError, ArgumentParser, resolve_records_path
 from ..data.dataset import load_records, resolve_media_path
 from ..data.conversation import get_template
-from ..data.modality import MODALITIES, default_encoders, get_modality, placeholders
+from ..data.modality import MODALITIES, default_encoders, get_modality, media_lists, placeholders
 from ..data.presets import get_preset, load_tokenizer, demo_paths
 from ..modeling.encoders import (ENCODER_KINDS, SELECT_FEATURES, encoder_modality, encoder_num_tokens,
                                       encoder_processor)
@@ -19,9 +19,9 @@ from ..data.tokenize import (IGNORE_INDEX, prepare_tokenizer, tokenize_conversat
                                   media_token_id)
 
 # %% auto #0
-__all__ = ['KINDS', 'Problem', 'ValidationReport', 'read_records', 'media_refs', 'check_structure', 'resolve_media',
-           'preset_spec', 'media_encoders', 'default_media_tokens', 'default_processors', 'check_media_files',
-           'validate_data', 'raise_if_invalid', 'label_runs', 'render_labels', 'show_labels', 'validate_data_cli']
+__all__ = ['KINDS', 'Problem', 'ValidationReport', 'read_records', 'check_structure', 'resolve_media', 'preset_spec',
+           'media_encoders', 'default_media_tokens', 'default_processors', 'check_media_files', 'validate_data',
+           'raise_if_invalid', 'label_runs', 'render_labels', 'show_labels', 'validate_data_cli']
 
 # %% ../../nbs/50_validate.ipynb #d474ebc4
 KINDS = {
@@ -219,14 +219,6 @@ def read_records(path, # a JSON list or JSONL file of records
                                                                                             list) and data
                 else "the file holds no records")
         report.add(Problem(f, None, None, "empty_file", what))
-    return out
-
-# %% ../../nbs/50_validate.ipynb #1ddca79c
-def media_refs(rec:dict) -> dict:
-    "modality -> list of media values of record `rec` (a string value becomes a list of one)."
-    out = {}
-    for m in MODALITIES.values():  # read under each modality's record key
-        if (v := rec.get(m.record_key)) is not None: out[m.name] = v if isinstance(v, list) else [v]
     return out
 
 # %% ../../nbs/50_validate.ipynb #6b8bb2c0
@@ -440,7 +432,7 @@ def _record_problems(records, file:str, folder:Path, check_media:bool):
                                           f"id {rid!r} is also used by record {seen[key]}"))
             else: seen[key] = i
         if not any(p.kind == "bad_media_field" for p in probs):
-            for m, vals in media_refs(rec).items():
+            for m, vals in media_lists(rec).items():
                 for v in vals:
                     full, why = resolve_media(v, folder, m)
                     if why: per_rec[i].append(Problem(file, i, rid, "media_path_escapes", why))
@@ -611,27 +603,27 @@ def show_labels(data_path, # a JSON list or JSONL file of records
     return "\n".join(out)
 
 # %% ../../nbs/50_validate.ipynb #36e106b2
-def _parse_media_tokens(items:list) -> dict:
+def _modality_flags(items:list, # the flag's values, e.g. ["image=576", "sensor=120"]
+                    flag:str, what:str, example:str, # for the message: --FLAG MODALITY=WHAT, e.g. EXAMPLE
+                    ok=bool, # whether a value is well formed
+                    split:bool=False) -> dict: # a value may hold several, comma-separated
+    "`--FLAG MODALITY=VALUE` flags -> {modality: value}, each modality registered; `ConfigError` naming the flag."
     out = {}
-    for it in items:
-        for kv in it.split(","):
-            k, sep, v = kv.partition("=")
-            if not sep or not v.strip().isdigit() or k.strip() not in placeholders():
-                raise ConfigError(f"--n-media-tokens {kv!r}: expected MODALITY=N with MODALITY one of "
-                                  f"{', '.join(placeholders())}, e.g. image=576.")
-            out[k.strip()] = int(v)
-    return out
-
-def _parse_encoders(items:list) -> dict:
-    "`--encoder MODALITY=SPEC` flags -> {modality: spec}, each modality registered."
-    out = {}
-    for it in items:
-        k, sep, v = it.partition("=")
-        if not sep or not v.strip() or k.strip() not in MODALITIES:
-            raise ConfigError(f"--encoder {it!r}: expected MODALITY=SPEC with MODALITY one of {', '.join(MODALITIES)}, "
-                              "e.g. image=preset:tiny-clip.")
+    for kv in (kv for it in items for kv in (it.split(",") if split else [it])):
+        k, sep, v = kv.partition("=")
+        if not sep or not ok(v.strip()) or k.strip() not in MODALITIES:
+            raise ConfigError(f"--{flag} {kv!r}: expected MODALITY={what} with MODALITY one of "
+                              f"{', '.join(MODALITIES)}, e.g. {example}.")
         out[k.strip()] = v.strip()
     return out
+
+def _parse_media_tokens(items:list) -> dict:
+    "`--n-media-tokens MODALITY=N[,...]` flags -> {modality: tokens per placeholder}."
+    return {m: int(v) for m, v in _modality_flags(items, "n-media-tokens", "N", "image=576", str.isdigit, True).items()}
+
+def _parse_encoders(items:list) -> dict:
+    "`--encoder MODALITY=SPEC` flags -> {modality: spec}."
+    return _modality_flags(items, "encoder", "SPEC", "image=preset:tiny-clip")
 
 def _demo_jobs(modality:str) -> list:
     "(data file, media folder, template) for each file of the shipped demo data of `modality`."
