@@ -78,6 +78,7 @@ NEEDS = {
     "make-demo": [("skimage", "demo"), ("aeon", "demo")],
 }
 
+# %% ../nbs/90_cli.ipynb #721ab52b
 def usage() -> str:
     "The top-level help text listing every subcommand."
     width = max(map(len, SUBCOMMANDS))
@@ -86,12 +87,14 @@ def usage() -> str:
     lines += ["", "Run `qllava <command> --help` for the options of one command."]
     return "\n".join(lines)
 
+# %% ../nbs/90_cli.ipynb #38114efc
 def resolve(name:str):
     "The function behind subcommand `name`, imported on demand."
     if name not in SUBCOMMANDS: raise ConfigError(f"unknown command {name!r}.\n\n{usage()}")
     mod, fn = SUBCOMMANDS[name][0].split(":")
     return getattr(importlib.import_module(mod), fn)
 
+# %% ../nbs/90_cli.ipynb #98c673e0
 def check_extras(name:str):
     "Refuse subcommand `name` before any work when a module it needs is missing, naming the extra to install."
     missing = [(m, x) for m, x in NEEDS.get(name, []) if importlib.util.find_spec(m) is None]
@@ -100,6 +103,7 @@ def check_extras(name:str):
         raise ConfigError(f"qllava {name} needs {', '.join(m for m, _ in missing)}, which is not installed. "
                           f"Fix: pip install 'qllava[{extras}]' (or pip install -e '.[{extras}]' in a clone).")
 
+# %% ../nbs/90_cli.ipynb #d24e1d9c
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `qllava` console script."
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -172,6 +172,7 @@ CHOICES = {"evaluation_strategy": ("no", "steps", "epoch", None), "save_strategy
            "attn_implementation": (None, "sdpa", "eager", "flash_attention_2")}
 REPORTERS = ("tensorboard", "wandb")  # --report_to targets besides metrics.jsonl (`all` = both)
 
+# %% ../nbs/01_config.ipynb #20de6f09
 def infer_stage(cfg:TrainConfig) -> str:
     "The stage the original flags describe when `--stage` is not given (the original scripts never pass it)."
     if cfg.stage is not None: return cfg.stage
@@ -179,6 +180,7 @@ def infer_stage(cfg:TrainConfig) -> str:
     if cfg.lora_enable: return "qlora" if cfg.bits == 4 else "lora"
     return "finetune"
 
+# %% ../nbs/01_config.ipynb #40a5974c
 def report_targets(report_to:str) -> list[str]:
     "The reporters `--report_to` names (`none` -> [], `all` -> every one); unknown names are refused."
     names = [s.strip() for s in str(report_to or "none").replace(",", " ").split()]
@@ -190,6 +192,7 @@ def report_targets(report_to:str) -> list[str]:
                           f"{', '.join(REPORTERS)}.")
     return names
 
+# %% ../nbs/01_config.ipynb #7939853f
 def resolve_config(cfg:TrainConfig) -> TrainConfig:
     "Fill every `None` from the stage preset; reject unknown stages and contradictory settings."
     cfg = dataclasses.replace(cfg, stage=infer_stage(cfg))
@@ -278,6 +281,7 @@ def _to_bool(s) -> bool:
     if str(s).lower() in ("0", "false", "no", "n", "off"): return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
 
+# %% ../nbs/01_config.ipynb #7b46f8ac
 def _json_dict(s) -> dict:
     "A dict flag's value: JSON text (or already a dict)."
     if isinstance(s, dict): return s
@@ -288,6 +292,7 @@ def _json_dict(s) -> dict:
                                          f"{s!r}")
     return d
 
+# %% ../nbs/01_config.ipynb #52e614a5
 def _parse_type(hint):
     "The argparse `type` for a field annotation (`int`, `float|None`, `bool|None`, ...): its first non-None member."
     union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
@@ -298,6 +303,7 @@ def _parse_type(hint):
 # flags of the original scripts that name a TrainConfig field differently: alias -> field
 FLAG_ALIASES = {"eval_strategy": "evaluation_strategy"}
 
+# %% ../nbs/01_config.ipynb #039da89f
 def config_parser() -> argparse.ArgumentParser:
     ("An argparse parser with one `--flag` per `TrainConfig` field (also `--dashed-spelling`), helped by the field's "
      "comment and default.")
@@ -328,6 +334,7 @@ FLAG_SHORTHANDS = {"lr": "learning_rate", "epochs": "num_train_epochs", "bs": "p
                    "encoder": "vision_tower",
                    "projector": "mm_projector_type", "template": "version", "rank": "lora_r", "alpha": "lora_alpha"}
 
+# %% ../nbs/01_config.ipynb #223af4a4
 def suggest_flag(flag:str) -> str|None:
     "The training flag an unknown one most likely meant: a common shorthand (--lr), else the closest spelling."
     import difflib
@@ -336,6 +343,7 @@ def suggest_flag(flag:str) -> str|None:
     m = difflib.get_close_matches(name, [f.name for f in fields(TrainConfig)], 1)
     return m[0] if m else None
 
+# %% ../nbs/01_config.ipynb #502798eb
 def parse_config(argv:list[str]|None=None) -> TrainConfig:
     "A `TrainConfig` from command-line flags (the original flag names)."
     ns, unknown = config_parser().parse_known_args(argv)

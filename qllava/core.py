@@ -20,12 +20,14 @@ __all__ = ['RUN_NOTEBOOKS', 'OFFLINE_ENV', 'PLUGINS_ENV', 'SECRET_VALUE', 'OUTPU
 class QllavaError(Exception):
     "Base of every error a user can fix; the message says what is wrong, where, and how to fix it."
 
+# %% ../nbs/00_core.ipynb #bb81ff67
 def _where(file=None, record=None, record_id=None) -> str:
     parts = [str(file)] if file is not None else []
     if record is not None: parts.append(f"record {record}")
     if record_id is not None: parts.append(f"id {record_id!r}")
     return ", ".join(parts)
 
+# %% ../nbs/00_core.ipynb #83c4a188
 class DataError(QllavaError, ValueError):
     "A problem in a data file or media file, located by file, record index and record id."
     def __init__(self, problem:str, # what is wrong
@@ -37,12 +39,15 @@ class DataError(QllavaError, ValueError):
         where = _where(file, record, record_id)
         super().__init__((f"{where}: " if where else "") + problem + (f" Fix: {fix}" if fix else ""))
 
+# %% ../nbs/00_core.ipynb #faa5a0f4
 class ConfigError(QllavaError, ValueError):
     "A bad or contradictory setting (unknown template, impossible batch arithmetic, ...)."
 
+# %% ../nbs/00_core.ipynb #ee3640a9
 class CheckpointError(QllavaError, OSError):
     "A checkpoint that cannot be read, or does not hold what was asked of it."
 
+# %% ../nbs/00_core.ipynb #af044959
 class LaunchError(QllavaError, RuntimeError):
     "A launched child process failed; the message carries its exit code and last lines."
 
@@ -52,6 +57,7 @@ def assets_dir() -> Path:
     import qllava  # resolves the installed package, also when this runs inside the notebook
     return Path(qllava.__file__).resolve().parent / "assets"
 
+# %% ../nbs/00_core.ipynb #c8bc2d6d
 def asset(*parts:str) -> Path:
     "Path to a shipped asset; raises `QllavaError` naming the missing file."
     p = assets_dir().joinpath(*parts)
@@ -119,11 +125,13 @@ _SECRET_WORD = re.compile(r"(api|access|private|secret|client|auth|ssh|signing|l
                           r"|\w*secret\w*|\w*passw\w*|pass|passphrase|\w*credential\w*|o?auth|authori[sz]ation"
                           r"|authentication|bearer|\w*cookie\w*", re.I)
 
+# %% ../nbs/00_core.ipynb #f688b211
 def name_words(name:str) -> list[str]:
     "The lower-case words of an identifier, split at `_ - .` and at camelCase: `openaiApiKey` -> openai, api, key."
     return [w.lower() for part in re.split(r"[^A-Za-z0-9]+", str(name))
             for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", part)]
 
+# %% ../nbs/00_core.ipynb #2ec0395f
 def is_secret_name(name:str) -> bool:
     ("Whether a parameter's, flag's or environment variable's name says it holds a secret (key, token, secret, "
      "password, credential, auth, bearer, cookie).")
@@ -139,6 +147,7 @@ SECRET_VALUE = re.compile(
 _NAME_AT = re.compile(r"(?<![\w.-])-{0,2}([A-Za-z][\w.-]*)")
 _VALUE_AFTER = re.compile(r"[\"']?\s*(?:=|:|\s)\s*[\"']?([^\s\"'&;,)}\]]+)")
 
+# %% ../nbs/00_core.ipynb #4c5d8f39
 def high_entropy(s:str, # a candidate token
                  min_len:int=16) -> bool: # shorter strings never count as random
     ("Whether `s` looks like a random token: long, one word of key characters, letters and digits, >= 3 bits of "
@@ -150,6 +159,7 @@ def high_entropy(s:str, # a candidate token
         return False
     return -sum(c / len(s) * math.log2(c / len(s)) for c in Counter(s).values()) >= 3.0
 
+# %% ../nbs/00_core.ipynb #9974d9ee
 def named_tokens(text:str) -> list[tuple[str,int,int]]:
     ("(name, start, end) of each long random token given to a key-named flag or field in `text` (`--hub_token X`, "
      "`token=X`, `\"api_key\": \"X\"`).")
@@ -159,6 +169,7 @@ def named_tokens(text:str) -> list[tuple[str,int,int]]:
         if v and is_secret_name(m.group(1)) and high_entropy(v.group(1)): out.append((m.group(1), v.start(1), v.end(1)))
     return out
 
+# %% ../nbs/00_core.ipynb #07ba8e4e
 def secret_env_values(env:dict|None=None, # default `os.environ`
                       min_len:int=8, # shorter values are not looked for (they match too much by chance)
                       paths:bool=False) -> dict: # also values that are absolute paths (SSH_AUTH_SOCK ...)
@@ -171,6 +182,7 @@ def secret_env_values(env:dict|None=None, # default `os.environ`
 _KIND = {"token": "an API key or access token (sk-, hf_, ghp_ ...)", "assign": "an api_key= assignment",
          "bearer": "a Bearer authorization header"}
 
+# %% ../nbs/00_core.ipynb #8d1e32c0
 def find_secret(value, # a value: str, number, list or dict (searched inside; a dict's keys count as names)
                 name:str="", # its name
                 # environment whose secret values are looked for (default os.environ)
@@ -193,6 +205,7 @@ def find_secret(value, # a value: str, number, list or dict (searched inside; a 
         if s in value: return name, f"by its value: it holds the value of the environment variable {k}"
     return None
 
+# %% ../nbs/00_core.ipynb #c98efb22
 def secret_masker(env:dict|None=None, # environment whose secret-named variables' values are masked (default os.environ)
                   mask:str="***"): # what replaces a secret
     ("A function that masks, in a line of text, the values of `env`'s secret variables and anything shaped like a key "
@@ -210,6 +223,7 @@ def secret_masker(env:dict|None=None, # environment whose secret-named variables
         return line
     return masked
 
+# %% ../nbs/00_core.ipynb #0173162c
 def mask_command(argv:list, # a command line, one argument per item
                  env:dict|None=None) -> list[str]: # environment whose secret values are masked (default os.environ)
     ("`argv` with secrets masked: key-shaped arguments, secret environment values, and any value given to a key-named "
@@ -228,6 +242,7 @@ OUTPUT_NOTEBOOK_NOTE = ("The output notebook already holds the value: papermill 
 SECRET_ENV_HINT = ("OPENAI_API_KEY or AZURE_OPENAI_API_KEY for the judge, HF_TOKEN for the Hugging Face hub, "
                    "WANDB_API_KEY for wandb")
 
+# %% ../nbs/00_core.ipynb #67535fee
 def refuse_secrets(values:dict, # name -> value
                    what:str="parameter", # what the values are, for the message
                    note:str="", # a sentence on where the value already is (e.g. `OUTPUT_NOTEBOOK_NOTE`)
@@ -242,6 +257,7 @@ def refuse_secrets(values:dict, # name -> value
                               f"where qllava reads it, and drop the {what}.")
     return values
 
+# %% ../nbs/00_core.ipynb #27903607
 def injected_names(history:list) -> set:
     "Names assigned by papermill's injected `# Parameters` cell(s), read from the kernel's input history (`In`)."
     import ast
@@ -253,6 +269,7 @@ def injected_names(history:list) -> set:
                 if isinstance(t, ast.Name): names.add(t.id)
     return names
 
+# %% ../nbs/00_core.ipynb #a7679cf6
 def notebook_parameters(namespace:dict, # the kernel's `globals()`
                         history:list) -> dict: # the kernel's input history `In`
     ("Name -> value of every name assigned at top level by the cells run so far (the `parameters` cell and papermill's "
@@ -268,6 +285,7 @@ def notebook_parameters(namespace:dict, # the kernel's `globals()`
                 if isinstance(t, ast.Name) and t.id in namespace: out[t.id] = namespace[t.id]
     return out
 
+# %% ../nbs/00_core.ipynb #a6c50f58
 def refuse_secret_parameters(namespace:dict, # the kernel's `globals()`
                              history:list) -> dict: # the kernel's input history `In`
     ("The first check of every run notebook: refuse a parameter that looks like a secret, saying that the output "
@@ -287,6 +305,7 @@ def unknown_parameters(names, # the names given (also those papermill injected)
                                                          h in hints.items())
                        + f". Fix: use one of {', '.join(sorted(allowed))}.")
 
+# %% ../nbs/00_core.ipynb #8e8a10e0
 def check_types(values:dict, # name -> value
                 defaults:dict, # name -> default value, whose type each value must have (an int is a fine float)
                 what:str="parameter") -> dict:
@@ -303,6 +322,7 @@ def check_types(values:dict, # name -> value
             raise ConfigError(f"{what} {k}={v!r} is a {type(v).__name__}, not a {want.__name__}. Fix: pass {ex}.")
     return values
 
+# %% ../nbs/00_core.ipynb #2fa1b4a5
 def check_against_defaults(values:dict, # name -> value, as the run notebook holds them
                            # the notebook's table of name -> default (`TRAIN_PARAMETERS`, `EVAL_PARAMETERS`,
                            # `SWEEP_PARAMETERS`)
@@ -345,13 +365,16 @@ HUB_RECORD_FILES = {  # published training sets: hub id -> the records file a ba
     "wisdomik/QUILT-LLaVA-Instruct-107K": "quilt_instruct_107k.json"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+# %% ../nbs/00_core.ipynb #854be57d
 def _hub_offline() -> bool: return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
+# %% ../nbs/00_core.ipynb #e240fa4c
 def hub_cache() -> str:
     "The hub cache folder as the environment names it now (huggingface_hub reads it once, at import)."
     from huggingface_hub import constants
     return os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
 
+# %% ../nbs/00_core.ipynb #07168ddd
 def hub_snapshot(repo_id:str, # "ORG/NAME"
                  repo_type:str="dataset", # "dataset" or "model"
                  revision:str|None=None, # a commit, branch or tag; None = what the cache's refs/main names
@@ -384,6 +407,7 @@ def _hub_spec(spec:str) -> tuple[str, str]|None:
     if len(parts) == 2 and (not _HUB_ID.match(spec) or Path(spec).suffix in (".json", ".jsonl")): return None
     return "/".join(parts[:2]), "/".join(parts[2:])
 
+# %% ../nbs/00_core.ipynb #6d282d1a
 def resolve_records_path(spec, # a local JSON / JSONL file, or ORG/NAME (a hub dataset), or ORG/NAME/FILE.json
                          param:str="data_path", # the parameter that gave it, named in messages
                          fix:str|None=None, # what to do about a missing local file (default: give an existing one)
@@ -406,6 +430,7 @@ def resolve_records_path(spec, # a local JSON / JSONL file, or ORG/NAME (a hub d
     raise DataError(f"{param}: hub dataset {repo} holds {len(found)} JSON / JSONL files: {', '.join(found) or 'none'}.",
                     fix=f"name one, e.g. {repo}/{found[0] if found else 'FILE.json'}.")
 
+# %% ../nbs/00_core.ipynb #5f61bba0
 def _json_files(snap:Path) -> list[str]:
     return sorted(str(p.relative_to(snap)) for p in snap.rglob("*") if p.suffix in (".json", ".jsonl") and p.is_file())
 

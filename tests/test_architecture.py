@@ -133,6 +133,19 @@ def test_no_line_is_wider_than_120_columns():
                  if len(l) > WIDTH and i not in generated]
     assert LIBRARY_NOTEBOOKS and not wide, "\n".join(wide)
 
+def test_one_function_or_class_per_export_cell():
+    "Each export cell of a library notebook defines at most one function or class, so prose and examples sit between."
+    import json
+    crowded = []
+    for nb in LIBRARY_NOTEBOOKS:
+        for i, c in enumerate(json.loads(nb.read_text())["cells"]):
+            src = "".join(c["source"])
+            if c["cell_type"] != "code" or not src.startswith("#| export"): continue
+            defs = [n.name for n in ast.parse(src).body
+                    if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+            if len(defs) > 1: crowded.append(f"{nb.name} cell {i}: {', '.join(defs)}")
+    assert not crowded, "\n".join(crowded)
+
 # Where the names of the shipped modalities may be written (issue 22): their registrations, and code that is about
 # them by nature. Everywhere else a modality is whatever the registry says, so a modality registered in a notebook
 # goes through validation, conversion, training and answering like these two.

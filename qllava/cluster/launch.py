@@ -26,12 +26,14 @@ PROGRESS_PREFIX = "QLLAVA_PROGRESS"     # a progress line is this prefix, a spac
 RUN_DIR_ENV = "QLLAVA_RUN_DIR"          # the run folder, exported to every rank by the launcher
 BACKEND_ENV = "QLLAVA_DIST_BACKEND"     # 'gloo' when the launcher fell back to CPU ranks
 
+# %% ../../nbs/03_launch.ipynb #0e98c951
 def progress_line(step:int, # steps done so far
                   total:int, # steps in the whole run
                   **metrics) -> str: # e.g. loss=2.3, lr=2e-5, epoch=0.4
     "The machine-readable progress line for `step` of `total` with `metrics` (see the protocol above)."
     return f"{PROGRESS_PREFIX} " + json.dumps({"step": int(step), "total": int(total), **metrics})
 
+# %% ../../nbs/03_launch.ipynb #a96bd9a8
 def parse_progress(line:str) -> dict|None:
     "The record carried by a progress line (also behind a launcher's prefix), or None for any other line."
     i = line.find(PROGRESS_PREFIX + " {")
@@ -45,6 +47,7 @@ def env_rank() -> int:
     "This process's global rank as the launcher set it (`RANK`), 0 when launched alone."
     return int(os.environ.get("RANK", "0") or 0)
 
+# %% ../../nbs/03_launch.ipynb #d1ecd9fe
 def report_progress(step:int, # steps done so far
                     total:int, # steps in the whole run
                     **metrics) -> str|None:
@@ -54,6 +57,7 @@ def report_progress(step:int, # steps done so far
     print(readable_line(line) if sys.stdout.isatty() else line, flush=True)  # a launcher / log reads the record
     return line
 
+# %% ../../nbs/03_launch.ipynb #2fa11d6d
 def heartbeat(phase:str, # what this rank is doing or waiting for now, e.g. 'forward', 'all_reduce', 'save'
               step:int|None=None, # the training step, when there is one
               run_dir=None, # run folder; default `$QLLAVA_RUN_DIR` (no-op when neither is set)
@@ -74,6 +78,7 @@ def heartbeat(phase:str, # what this rank is doing or waiting for now, e.g. 'for
     except OSError: return None  # a full or read-only disk must not stop training; the watchdog will say so
     return p
 
+# %% ../../nbs/03_launch.ipynb #2967c331
 def read_heartbeats(run_dir) -> dict[int,dict]:
     "The latest heartbeat of every rank that wrote one, by rank."
     out = {}
@@ -83,6 +88,7 @@ def read_heartbeats(run_dir) -> dict[int,dict]:
         out[int(rec.get("rank", p.stem[4:]))] = rec
     return out
 
+# %% ../../nbs/03_launch.ipynb #2bb243c1
 def dist_backend() -> str:
     "The torch.distributed backend a rank should use: `$QLLAVA_DIST_BACKEND`, else nccl with CUDA, else gloo."
     if os.environ.get(BACKEND_ENV): return os.environ[BACKEND_ENV]
@@ -145,6 +151,7 @@ def free_port(host:str="127.0.0.1") -> int:
         s.bind((host, 0))
         return s.getsockname()[1]
 
+# %% ../../nbs/03_launch.ipynb #baacdfdc
 def gpu_count() -> int:
     "GPUs torch can see here (0 without CUDA, or when torch is missing)."
     try:
@@ -152,6 +159,7 @@ def gpu_count() -> int:
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception: return 0
 
+# %% ../../nbs/03_launch.ipynb #5b04ef5f
 def resolve_spec(spec:LaunchSpec, # what the user asked for
                  local:bool=True) -> LaunchSpec: # False for a job that runs elsewhere (Slurm): nothing is probed here
     "A copy of `spec` with GPUs and port filled in, after checking that its settings fit together."
@@ -197,19 +205,23 @@ def resolve_spec(spec:LaunchSpec, # what the user asked for
 class ShellVar(str):
     "An argument that is a shell expression (e.g. `$SLURM_NODEID`), expanded by the shell, not quoted away."
 
+# %% ../../nbs/03_launch.ipynb #9a1edfdb
 def _s(x) -> str:
     "`x` as an argument string, keeping a `ShellVar` one."
     return x if isinstance(x, str) else str(x)
 
+# %% ../../nbs/03_launch.ipynb #c67187a4
 def _cat(*parts) -> str:
     "Join parts into one argument, keeping it a `ShellVar` when any part is one."
     s = "".join(map(str, parts))
     return ShellVar(s) if any(isinstance(p, ShellVar) for p in parts) else s
 
+# %% ../../nbs/03_launch.ipynb #042bc3c6
 def shell_join(cmd:list) -> str:
     "One shell line for `cmd`: plain arguments quoted, `ShellVar`s inside double quotes so they expand."
     return " ".join(f'"{a}"' if isinstance(a, ShellVar) else shlex.quote(str(a)) for a in cmd)
 
+# %% ../../nbs/03_launch.ipynb #2f334efc
 def split_entry(entry_args:list[str]) -> tuple[bool,str,list[str]]:
     "(is_module, module or script, its arguments) from python-style entry arguments."
     entry_args = [str(a) for a in entry_args]
@@ -229,6 +241,7 @@ def hostfile_text(hosts:list[str], # machine names, node 0 first
     "A deepspeed (MPI-style) hostfile: one `host slots=N` line per machine."
     return "".join(f"{h} slots={slots}\n" for h in hosts)
 
+# %% ../../nbs/03_launch.ipynb #ce645fb0
 def build_command(spec:LaunchSpec, # a resolved spec (see `resolve_spec`)
                   # what would follow `python`, e.g. ['-m', 'qllava.training.train', ...]
                   entry_args:list[str]) -> list[str]:
@@ -291,6 +304,7 @@ class SlurmSpec:
     requeue:bool=False                # SIGUSR1 / preemption: the ranks save at the next step, the job requeues itself
     signal_s:int=120                  # requeue: SIGUSR1 comes this many seconds before the time limit
 
+# %% ../../nbs/03_launch.ipynb #4187c1d6
 def _slurm_launch_line(spec:LaunchSpec, entry_args:list[str], hostfile:str) -> str:
     "The srun line that starts one launcher per node for `entry_args` (or, for launcher 'srun', one task per rank)."
     # each task reads its rank from Slurm's variables (`qllava.cluster.slurm.ranks_from_slurm`)
@@ -305,6 +319,7 @@ def _slurm_launch_line(spec:LaunchSpec, entry_args:list[str], hostfile:str) -> s
         cmd = "bash -c " + shlex.quote(cmd)
     return "srun --kill-on-bad-exit=1 " + cmd
 
+# %% ../../nbs/03_launch.ipynb #329a7ce5
 def sbatch_header(slurm:SlurmSpec, # sbatch options
                   nodes:int, # --nodes (one task per node)
                   gpus_per_node:int|None, # --gpus-per-node (0 or None: none asked)
@@ -323,12 +338,14 @@ def sbatch_header(slurm:SlurmSpec, # sbatch options
     if array: o.append(f"#SBATCH --array=0-{array - 1}" + (f"%{slurm.array_parallel}" if slurm.array_parallel else ""))
     return o + [f"#SBATCH {x}" for x in slurm.extra]
 
+# %% ../../nbs/03_launch.ipynb #b5b81a54
 def requeue_lines() -> list[str]:
     "The end of a requeueing job script: a run that saved on a signal (exit PREEMPTED_EXIT) requeues its job."
     return [f'if [ "$rc" -eq {PREEMPTED_EXIT} ]; then',
             '  echo "qllava: the run saved a resumable checkpoint on a signal; requeueing job $SLURM_JOB_ID"',
             '  scontrol requeue "$SLURM_JOB_ID"', "fi", 'exit "$rc"']
 
+# %% ../../nbs/03_launch.ipynb #6b1bcdff
 def sbatch_script(spec:LaunchSpec, # launcher, nodes, gpus_per_node (explicit), env
                   slurm:SlurmSpec, # sbatch options
                   entries:list[list[str]], # one entry -> one job; several -> a job array, task i runs entries[i]
@@ -377,6 +394,7 @@ class SlurmJob:
     job_id:str|None=None # Slurm's job id, None when not submitted here
     tasks:list[SlurmTask]=field(default_factory=list) # how it ended, when it was waited for
 
+# %% ../../nbs/03_launch.ipynb #017d14e6
 def submit_sbatch(script, # path of an sbatch script
                   submit:bool=True) -> SlurmJob: # False: only print the command that submits it
     "Submit `script` with sbatch (a LaunchError naming the script where sbatch is missing or refuses it)."
@@ -408,6 +426,7 @@ def readable_line(line:str) -> str:
                      for k, v in rec.items() if k not in ("step", "total"))
     return f"step {rec['step']}/{rec['total']}" + (f": {more}" if more else "")
 
+# %% ../../nbs/03_launch.ipynb #50a9fc99
 def launch_slurm(entry_args:list[str], # what would follow `python`
                  run_dir:Path, # the run folder, on the cluster's shared file system
                  spec:LaunchSpec, # launcher, nodes, gpus_per_node (explicit), env
@@ -448,6 +467,7 @@ def kill_tree(pid:int, # the child started in its own session
     except (ProcessLookupError, PermissionError): pass
     psutil.wait_procs(alive, timeout=grace)
 
+# %% ../../nbs/03_launch.ipynb #009a6772
 def hung_ranks(beats:dict[int,dict], # from `read_heartbeats`
                now:float, # time.time()
                hang_timeout:float, # seconds without a heartbeat that make a rank hung
@@ -463,6 +483,7 @@ def hung_ranks(beats:dict[int,dict], # from `read_heartbeats`
                  "silent": now - started} for r in range(expect_ranks) if r not in beats]
     return sorted(out, key=lambda b: -b["silent"])
 
+# %% ../../nbs/03_launch.ipynb #27d7fc39
 def _describe_hang(hung:list[dict], beats:dict, now:float, hang_timeout:float) -> str:
     "One paragraph naming the hung ranks, what they last reported, and where the others are."
     def what(b): 
@@ -501,6 +522,7 @@ def signal_name(n:int) -> str:
     try: return signal.Signals(n).name
     except ValueError: return f"signal {n}"
 
+# %% ../../nbs/03_launch.ipynb #fc505c8c
 def exit_status(pid:int) -> dict|None:
     ("How process `pid` ended, read from /proc while it is a zombie (ended, not yet reaped): `{'signal': n}` or "
      "`{'exit_code': n}`; None while it runs or once it is gone.")
@@ -511,6 +533,7 @@ def exit_status(pid:int) -> dict|None:
     st = int(f[49])
     return {"signal": st & 0x7f} if st & 0x7f else {"exit_code": (st >> 8) & 0xff}
 
+# %% ../../nbs/03_launch.ipynb #4df1969b
 def describe_exit(status:dict|None) -> str:
     "How a process ended, in words: 'was killed by SIGKILL (signal 9)', 'exited with exit code 3'."
     if not status: return "ended (how is not known)"
@@ -606,11 +629,13 @@ class LauncherReport:
             self.return_code = int(m.group(1))
         if (m := re.match(r"\s*rank\s*:\s*(\d+)", bare)) and self.rank is None: self.rank = int(m.group(1))
 
+# %% ../../nbs/03_launch.ipynb #d1f121ff
 def _status_of(rc:int) -> dict: return {"signal": -rc} if rc < 0 else {"exit_code": rc}
 
 # what a launcher or scheduler sends to stop ranks: a consequence more often than a cause
 _STOP_SIGNALS = ("SIGTERM", "SIGINT")
 
+# %% ../../nbs/03_launch.ipynb #5d0547fc
 def first_cause(failures:list[dict], # `RankWatch.failures()`, first first
                 # seconds after the first failure in which a killed rank is still taken as the cause
                 window:float=2.0) -> dict:
@@ -623,6 +648,7 @@ def first_cause(failures:list[dict], # `RankWatch.failures()`, first first
     # a peer of a killed rank ends with gloo's / NCCL's error a moment later, or in the same look
     return killed[0] if killed else first
 
+# %% ../../nbs/03_launch.ipynb #d6c508e9
 def rank_failure(failures:list[dict], # `RankWatch.failures()`: the ranks seen to fail, first first
                  report:LauncherReport|None=None) -> tuple[dict,str,str]|None: # what the launcher printed
     ("(the rank that failed first, what happened, the fix), by rank and signal or exit code; None when nothing names "
@@ -658,10 +684,12 @@ _LOG_RECORD = re.compile(r"(?:\[(?:rank|default)?\d+\]:\s*)?(?:"  # torchrun may
                          r"|DeepSpeed \S+ built successfully)")  # DeepSpeed's op loader
 _WARNING = re.compile(r"\S+\.py:\d+: \w*Warning: ")
 
+# %% ../../nbs/03_launch.ipynb #c0367f07
 def is_launcher_chatter(line:str) -> bool:
     "Whether `line` is a DeepSpeed / torch log record below ERROR (kept in launch.log, not echoed to the notebook)."
     return bool(_LOG_RECORD.match(line))
 
+# %% ../../nbs/03_launch.ipynb #ad266818
 class LauncherChatter:
     ("Follows a stream of lines: True for launcher chatter and for the indented lines that continue an open `{` of one "
      "(DeepSpeed's config dump).")
@@ -686,6 +714,7 @@ class _LineSink:
         if s: print(s, flush=True)
     def flush(self): pass
 
+# %% ../../nbs/03_launch.ipynb #732f12e1
 def progress_bar(total:int, # steps in the run
                  every:float=5.0): # seconds between redraws when drawn as plain lines
     ("A tqdm bar and a function printing a line above it: a widget in Jupyter with ipywidgets, a live bar in a "
@@ -703,6 +732,7 @@ def progress_bar(total:int, # steps in the run
     bar = std.tqdm(total=total, unit="step", desc="train", file=_LineSink(), mininterval=every, ncols=100, ascii=" #")
     return bar, lambda line: print(line, flush=True)
 
+# %% ../../nbs/03_launch.ipynb #05c586d1
 def _failure(msg:str, code, tail, log:Path, fix:str, first:list[str]|None=None) -> LaunchError:
     "A LaunchError whose message shows the first traceback and the last lines of the child, also as attributes."
     tail, first = list(tail), list(first or [])
@@ -714,6 +744,7 @@ def _failure(msg:str, code, tail, log:Path, fix:str, first:list[str]|None=None) 
     e.exit_code, e.tail, e.first_error, e.log = code, tail, first, log
     return e
 
+# %% ../../nbs/03_launch.ipynb #d93e1681
 class _Output:
     ("What `run` does with each line of the child: mask secrets, log it, turn progress lines into a bar and "
      "progress.jsonl, keep the tail and the first traceback, echo the rest.")
@@ -742,6 +773,7 @@ class _Output:
     def close(self):
         if self.bar is not None: self.bar.close()
 
+# %% ../../nbs/03_launch.ipynb #22f7c70e
 def _start_child(command:list, child_env:dict, cwd):
     "Start `command` in its own session with its output piped as text lines; `LaunchError` when it cannot start."
     import subprocess
@@ -754,6 +786,7 @@ def _start_child(command:list, child_env:dict, cwd):
                           "(for a virtualenv give its python, e.g. LaunchSpec(python='/path/.venv/bin/python')) "
                           "and that cwd exists.") from None
 
+# %% ../../nbs/03_launch.ipynb #b3d5affd
 def _follow(proc, # the child, from `_start_child`
             out:_Output, # takes each line
             run_dir:Path, started:float, grace:float, hang_timeout, expect_ranks, startup_timeout) -> str|None:
@@ -786,6 +819,7 @@ def _follow(proc, # the child, from `_start_child`
                 kill_tree(proc.pid, grace)
                 return hung
 
+# %% ../../nbs/03_launch.ipynb #a20691bf
 def _raise_if_failed(code:int, # the launcher's exit code
                      hung:str|None, # from `_follow`
                      failed, # from `rank_failure`
@@ -813,6 +847,7 @@ def _raise_if_failed(code:int, # the launcher's exit code
                        or "the cause is in the lines above (the first error printed by a rank is usually the real "
                           "one).", first)
 
+# %% ../../nbs/03_launch.ipynb #874a5260
 def _fresh_run_dir(run_dir, clear_heartbeats:bool) -> Path:
     "`run_dir`, created; without an earlier launch's heartbeats when asked (they must not look alive or hung)."
     run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
@@ -820,6 +855,7 @@ def _fresh_run_dir(run_dir, clear_heartbeats:bool) -> Path:
         for p in (run_dir/"heartbeat").glob("rank*.json"): p.unlink(missing_ok=True)
     return run_dir
 
+# %% ../../nbs/03_launch.ipynb #7da4392c
 def run(command:list[str], # the command, e.g. from build_command
         run_dir, # run folder: launch.log, progress.jsonl, heartbeat/ and launch.json go here
         env:dict|None=None, # variables added to this process's environment for the child (names logged, values never)
@@ -888,6 +924,7 @@ def launch_env(spec:LaunchSpec) -> dict:
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.ranks_per_node)))
     return env
 
+# %% ../../nbs/03_launch.ipynb #747f076c
 # what would follow `python`, e.g. ['-m', 'qllava.training.train', '--stage', 'finetune']
 def launch(entry_args:list[str],
            run_dir, # the run folder
@@ -918,6 +955,7 @@ def launch(entry_args:list[str],
     finally:
         if one: release_shm_buffers(spec.master_port)
 
+# %% ../../nbs/03_launch.ipynb #b960be09
 def release_shm_buffers(port, # the launch's master port, part of each buffer's name
                         folder="/dev/shm") -> int:
     ("Remove the all-reduce buffers DeepSpeed's CPU comm op leaves in shared memory after a launch on `port`; returns "

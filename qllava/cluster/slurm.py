@@ -55,11 +55,13 @@ def parse_scontrol(text:str) -> list[dict]:
     "The records of `scontrol show job -o` output (one `Key=Value ...` line each)."
     return [dict(re.findall(r"(\S+?)=(\S*)", line)) for line in text.splitlines() if line.startswith("JobId=")]
 
+# %% ../../nbs/02_slurm.ipynb #8fc7e2a4
 def _exit(code:str) -> tuple[int|None, int]:
     "(exit code, signal) from Slurm's `3:0` form."
     a, _, b = (code or "").partition(":")
     return (int(a) if a.isdigit() else None), (int(b) if b.isdigit() else 0)
 
+# %% ../../nbs/02_slurm.ipynb #c512dd9e
 def scontrol_task(rec:dict) -> SlurmTask:
     "A `SlurmTask` from one `parse_scontrol` record."
     arr, task = rec.get("ArrayJobId"), rec.get("ArrayTaskId")
@@ -87,6 +89,7 @@ def _cmd(args:list[str], timeout:float=60) -> subprocess.CompletedProcess:
         raise LaunchError(f"`{' '.join(args)}` did not answer in {timeout:.0f} s: the Slurm controller is not "
                           "responding. Fix: try again later, or ask the cluster's admins (`scontrol ping`).") from None
 
+# %% ../../nbs/02_slurm.ipynb #97d1c0a0
 def job_tasks(job_id:str) -> list[SlurmTask]:
     "The job's tasks (one, or one per array task) from `scontrol`, else from `sacct`."
     p = _cmd(["scontrol", "show", "job", "-o", str(job_id)])
@@ -126,6 +129,7 @@ def _stuck(tasks:list[SlurmTask]) -> list[SlurmTask]:
     "Pending tasks whose reason means they will never start."
     return [t for t in tasks if t.state == "PENDING" and t.reason in NEVER_STARTS]
 
+# %% ../../nbs/02_slurm.ipynb #1757a415
 def wait_job(job_id:str, # the job (or job array) id sbatch printed
              timeout:float, # seconds to wait in all, pending time included
              poll:float=2.0, # seconds between two looks
@@ -158,6 +162,7 @@ def last_log_lines(path, n:int=20) -> list[str]:
     p = Path(path) if path else None
     return p.read_text(errors="replace").splitlines()[-n:] if p and p.is_file() else []
 
+# %% ../../nbs/02_slurm.ipynb #e84af069
 def check_tasks(tasks:list[SlurmTask]) -> list[SlurmTask]:
     "The tasks, when all ended well; otherwise a LaunchError naming each failed one and its log's last lines."
     bad = [t for t in tasks if not t.ok]

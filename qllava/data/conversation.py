@@ -90,6 +90,7 @@ def get_template(name:str|Template, # a registered name, an alias, "auto", or a 
 # %% ../../nbs/12_conversation.ipynb #b87863c4
 _MARK = "\ue000{}\ue001"   # private-use sentinels standing for message contents while a chat template renders
 
+# %% ../../nbs/12_conversation.ipynb #12c426e7
 def _jinja_render(t:Template, contents:list[str], add_generation_prompt:bool) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
     msgs = [{"role": ("user", "assistant")[i % 2], "content": c} for i, c in enumerate(contents)]
@@ -100,6 +101,7 @@ def _jinja_render(t:Template, contents:list[str], add_generation_prompt:bool) ->
                           "Fix: pass a named template (--version llama_3, qwen_2, ...).") from None
     return out[0]
 
+# %% ../../nbs/12_conversation.ipynb #1d960cc2
 def _jinja_pieces(t:Template, n:int, add_generation_prompt:bool) -> list[str]:
     "The template's own texts around `n` message contents (n + 1 pieces)."
     import re
@@ -115,6 +117,7 @@ def _adds_bos(tokenizer) -> bool:
     bos = getattr(tokenizer, "bos_token_id", None)
     return bos is not None and tokenizer("", add_special_tokens=True).input_ids[:1] == [bos]
 
+# %% ../../nbs/12_conversation.ipynb #2d9c606b
 def _common_tokens(tokenizer, a:str, b:str) -> str:
     "The longest common start of `a` and `b` that ends on a token boundary of both (`<|end|>\\n<|` is not one)."
     ea, eb = (tokenizer(s, add_special_tokens=False, return_offsets_mapping=True) for s in (a, b))
@@ -122,6 +125,7 @@ def _common_tokens(tokenizer, a:str, b:str) -> str:
     while n < min(len(ea.input_ids), len(eb.input_ids)) and ea.input_ids[n] == eb.input_ids[n]: n += 1
     return a[:ea.offset_mapping[n - 1][1]] if n else ""
 
+# %% ../../nbs/12_conversation.ipynb #457604e8
 def auto_template(tokenizer, # a transformers tokenizer that ships a chat template
                  ) -> Template:
     "The tokenizer's own chat template as a `Template` (style `jinja`), with its end-of-turn text found by a probe."
@@ -151,6 +155,7 @@ class Span:
     supervised:bool # True for assistant replies and their terminator
     role:str = "" # "system", "human" or "gpt" (for display, e.g. `--show-labels`)
 
+# %% ../../nbs/12_conversation.ipynb #a64d462f
 def spans_text(spans:list[Span]) -> str:
     "The full prompt text: the span texts concatenated."
     return "".join(s.text for s in spans)
@@ -194,6 +199,7 @@ def _media_first(value:str) -> str:
     if len(phs) != 1: return value
     return (phs[0] + "\n" + value.replace(phs[0], "").strip()).strip()
 
+# %% ../../nbs/12_conversation.ipynb #b52f1cd4
 def _frame(value:str, use_im_start_end:bool) -> str:
     "Wrap every placeholder as <im_start>ph<im_end> when asked."
     return placeholder_re().sub(lambda m: IM_START + m.group(0) + IM_END, value) if use_im_start_end else value
@@ -206,6 +212,7 @@ def _render_two(t, turns):
         if i + 1 < len(turns): out.append(Span(" " + turns[i+1] + t.sep2, True, "gpt"))
     return out
 
+# %% ../../nbs/12_conversation.ipynb #683b2c7d
 def _render_llama_2(t, turns):
     out = []
     for i in range(0, len(turns), 2):
@@ -215,6 +222,7 @@ def _render_llama_2(t, turns):
         if i + 1 < len(turns): out.append(Span(f" {turns[i+1]} {t.sep2}", True, "gpt"))
     return out
 
+# %% ../../nbs/12_conversation.ipynb #eaaf77e5
 def _render_mpt(t, turns):
     end = t.sep if t.sep2 is None else t.sep2   # what closes an answer: the separator, or its own (Mistral's </s>)
     out = [Span(t.system + t.sep, False, "system")]
@@ -223,15 +231,18 @@ def _render_mpt(t, turns):
         if i + 1 < len(turns): out.append(Span(turns[i+1] + end, True, "gpt"))
     return out
 
+# %% ../../nbs/12_conversation.ipynb #61c1a9bb
 def _render_plain(t, turns):
     out = [Span(t.system + turns[0], False, "human")]  # turns[0] = the placeholders only (see `render`)
     if len(turns) > 1: out.append(Span(turns[1] + t.sep, True, "gpt"))
     return out
 
+# %% ../../nbs/12_conversation.ipynb #3ced4865
 def _render_chat(t, turns):
     out = _render_mpt(t, turns)
     return out if t.system else out[1:]
 
+# %% ../../nbs/12_conversation.ipynb #044cf393
 def _jinja_contents(t, turns, pieces, gen):
     "The contents as the template prints them: as given, or stripped (Llama-3's template trims); else an error."
     full = _jinja_render(t, turns, gen)
@@ -240,6 +251,7 @@ def _jinja_contents(t, turns, pieces, gen):
     raise ConfigError("the model's chat template changes message text beyond stripping it, so the answer spans cannot "
                       "be found. Fix: pass a named template (--version llama_3, qwen_2, ...).")
 
+# %% ../../nbs/12_conversation.ipynb #c1b1fbb9
 def _render_jinja(t, turns):
     gen = len(turns) % 2 == 1
     pieces = _jinja_pieces(t, len(turns), gen)
@@ -341,6 +353,7 @@ def _auto_chat_template(t:Template, use_im_start_end:bool) -> str:
     if not t.special.get("bos_token"): prelude += "{%- set bos_token = '' -%}"   # the tokenizer adds the BOS itself
     return prelude + t.jinja
 
+# %% ../../nbs/12_conversation.ipynb #dc8b5ab5
 def chat_template(template:str|Template, # template name or `Template`
                   use_im_start_end:bool=False, # frame each image as <im_start><image><im_end>
                  ) -> str:

@@ -43,12 +43,14 @@ def _pick_prompt(prompts, key:str) -> str:
 
 TABLE_KINDS = {"caption": "pretrain", "qa": "finetune"}  # table kind -> the stage its records train (and the file name)
 
+# %% ../../nbs/17_convert.ipynb #69be355a
 def table_kind(df, question:str="question", answer:str="answer", kind:str|None=None) -> str:
     "`caption` or `qa`: as asked, else `qa` when the table has a question or an answer column."
     if kind is not None and kind not in TABLE_KINDS:
         raise ConfigError(f"unknown table kind {kind!r}. Fix: use one of {', '.join(TABLE_KINDS)}.")
     return kind or ("qa" if question in df.columns or answer in df.columns else "caption")
 
+# %% ../../nbs/17_convert.ipynb #732f353a
 def _columns(df, file, wanted:dict) -> dict:
     "`wanted` (role -> column name) checked against the table; `ConfigError` names the missing ones and what there is."
     missing = {role: col for role, col in wanted.items() if col not in df.columns}
@@ -131,11 +133,13 @@ def split_by_media(records:list, # `records_from_table`'s records
     held = set(np.random.default_rng(seed).permutation(files)[:round(eval_fraction * len(files))].tolist())
     return [r for r in records if key(r) not in held], [r for r in records if key(r) in held]
 
+# %% ../../nbs/17_convert.ipynb #aee2a80e
 def _closed(answer:str) -> str|None:
     "'yes' / 'no' when the answer is just that (punctuation and case aside), else None."
     a = answer.strip().strip(".!").lower()
     return a if a in ("yes", "no") else None
 
+# %% ../../nbs/17_convert.ipynb #641bc3bf
 def write_vqa_files(records:list, # held-out conversations
                     # folder for eval_questions.jsonl, eval_gt.json, eval_reference_answers.jsonl, eval_captions.jsonl
                     out,
@@ -194,6 +198,7 @@ def make_records(table, # CSV / TSV / JSON / JSONL / Parquet: media column + cap
 RECORDING_SUFFIXES = (".npy", ".csv", ".tsv")
 TIME_COLUMNS = ("time", "timestamp", "t", "seconds", "ms")  # CSV columns that are not channels
 
+# %% ../../nbs/17_convert.ipynb #9ed4a2e8
 def load_recording(path, # .npy (time, channels) or CSV / TSV with one column per channel
                    # channel columns to use, in order (CSV); default: every numeric one but time
                    columns:list|None=None) -> "np.ndarray":
@@ -232,6 +237,7 @@ def load_recording(path, # .npy (time, channels) or CSV / TSV with one column pe
                         fix="fill or cut the gaps (e.g. pandas interpolate) before windowing.")
     return a.astype(np.float32)
 
+# %% ../../nbs/17_convert.ipynb #2196b4aa
 def resample(a:"np.ndarray", # (time, channels)
              rate:float, target_rate:float) -> "np.ndarray":
     "`a` sampled at `rate` Hz, linearly interpolated to `target_rate` Hz over the same duration."
@@ -242,6 +248,7 @@ def resample(a:"np.ndarray", # (time, channels)
     # one call per channel, not per step
     return np.stack([np.interp(tn, t, a[:, c]) for c in range(a.shape[1])], axis=1).astype(a.dtype)
 
+# %% ../../nbs/17_convert.ipynb #1c99cc54
 def cut_windows(a:"np.ndarray", # (time, channels)
                 window:int, stride:int) -> "np.ndarray":
     "(n, window, channels) windows of `a` every `stride` steps (a tail shorter than `window` is dropped)."
@@ -328,6 +335,7 @@ def make_records_cli(argv:list[str]|None=None) -> int:
           f"{res['gt']}, {res['references']}, {res['captions']}" if res["held_out_records"] else ""))
     return 0
 
+# %% ../../nbs/17_convert.ipynb #67120ed4
 def make_windows_cli(argv:list[str]|None=None) -> int:
     ("`qllava make-windows`: IMU recordings (a folder per label) -> .npy windows and windows.csv for `qllava "
      "make-records`.")

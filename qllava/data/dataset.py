@@ -194,6 +194,7 @@ def media_files(rec:dict, # one record
                             fix=f'write "{m}": "relative/path" or a list of such paths.')
     return out
 
+# %% ../../nbs/15_dataset.ipynb #36add764
 def resolve_media_path(value:str, # the path as written in the record
                        media_folder, # the folder media paths are relative to, or modality -> folder
                        file=None, record:int|None=None, record_id=None,
@@ -231,6 +232,7 @@ def _text_chars(rec:dict) -> tuple:
         if isinstance(v, str): n += len(v) - sum(v.count(ph) * len(ph) for ph in placeholders().values())
     return len(conv), n
 
+# %% ../../nbs/15_dataset.ipynb #70354f1c
 def fit_length_model(records:list, # a sample of records (dicts)
                      tokenizer, template, # as given to the dataset
                      use_im_start_end:bool=False) -> tuple:
@@ -331,22 +333,26 @@ def _scan(self:MultimodalDataset):
                     ", ".join(map(str, no_id[:5])), " ..." if len(no_id) > 5 else "")
     return self._stats
 
+# %% ../../nbs/15_dataset.ipynb #88919217
 def _safe_iter(records, start, n, ds):
     "Records start..n-1 one by one; a broken one yields None and is recorded in `ds.skipped`."
     for k in range(start, n):
         try: yield records[k]
         except DataError as e: ds.skipped[k] = str(e); yield None
 
+# %% ../../nbs/15_dataset.ipynb #f4960991
 @patch(as_prop=True)
 def lengths(self:MultimodalDataset) -> list:
     "Estimated length (tokens, media included) of every sample."
     return self._scan()[0].tolist()
 
+# %% ../../nbs/15_dataset.ipynb #311c708f
 @patch(as_prop=True)
 def modalities(self:MultimodalDataset) -> list:
     "Modality group of every sample: 'image', 'sensor', 'image+sensor' or 'text'."
     return list(self._scan()[1])
 
+# %% ../../nbs/15_dataset.ipynb #84236b6e
 @patch(as_prop=True)
 def modality_lengths(self:MultimodalDataset) -> list:
     "LLaVA's convention: +length for samples with media, -length for text-only samples."
@@ -393,9 +399,11 @@ def _load(self:MultimodalDataset, i:int) -> dict:
         out[key] = torch.stack(tensors) if tensors else None
     return out
 
+# %% ../../nbs/15_dataset.ipynb #1352cf63
 class _Dropped(DataError):
     "A well-formed sample with nothing left to learn from (counted apart from broken ones)."
 
+# %% ../../nbs/15_dataset.ipynb #a76e2993
 @patch
 def __getitem__(self:MultimodalDataset, i:int) -> dict:
     "Sample `i`: input_ids, labels, images (k,3,S,S) or None, sensors (k,T,C) or None."
@@ -424,12 +432,11 @@ def __getitem__(self:MultimodalDataset, i:int) -> dict:
                     f"({len(self.skipped)} skipped, {len(self.dropped)} dropped).", file=self.file,
                     fix="run `qllava validate-data` on the file and fix the records it lists.")
 
+# %% ../../nbs/15_dataset.ipynb #47f84ad9
 @patch
 def report(self:MultimodalDataset) -> dict:
     "Counts of the samples this process skipped (bad data) and dropped (no supervision left)."
     return {"n": len(self), "skipped": len(self.skipped), "dropped": len(self.dropped)}
-
-
 
 # %% ../../nbs/15_dataset.ipynb #98ff24d8
 class DataCollator:
@@ -459,6 +466,7 @@ class DataCollator:
             if parts: batch[key] = torch.cat(parts)
         return batch
 
+# %% ../../nbs/15_dataset.ipynb #729ab903
 @patch
 def collator(self:MultimodalDataset, **kw) -> DataCollator:
     "The DataCollator that batches this dataset's samples (its tokenizer's pad id)."
@@ -474,6 +482,7 @@ def _step_sizes(n:int, R:int, B:int) -> list:
         tot = M + sizes[-1]; sizes[-2:] = [tot - tot // 2, tot // 2]
     return sizes
 
+# %% ../../nbs/15_dataset.ipynb #e4522e61
 def _n_pad(n:int, R:int, B:int) -> int:
     "Samples to repeat so a group of `n` fills steps that give every rank at least one sample."
     if n < R: return R - n
@@ -546,12 +555,14 @@ def _plan(self:ModalityLengthGroupedSampler, epoch:int) -> list:
     order = np.concatenate([[first], order[order != first]])
     return [steps[k] for k in order]
 
+# %% ../../nbs/15_dataset.ipynb #de2a49f7
 @patch
 def batches(self:ModalityLengthGroupedSampler, epoch:int|None=None) -> list:
     "This rank's batches of `epoch` (default: the current one), as lists of indices."
     R = self.num_replicas
     return [s[self.rank::R].tolist() for s in self._plan(self.epoch if epoch is None else epoch)]
 
+# %% ../../nbs/15_dataset.ipynb #fb9ec8b8
 @patch
 def __iter__(self:ModalityLengthGroupedSampler):
     batches = self.batches()
@@ -560,6 +571,7 @@ def __iter__(self:ModalityLengthGroupedSampler):
         self._pos = k + 1
         yield batches[k]
 
+# %% ../../nbs/15_dataset.ipynb #6edee1e2
 @patch
 def set_epoch(self:ModalityLengthGroupedSampler, epoch:int):
     ("Use the order of `epoch`; a new epoch starts from its first batch (the epoch restored by `load_state_dict` "
@@ -567,6 +579,7 @@ def set_epoch(self:ModalityLengthGroupedSampler, epoch:int):
     if int(epoch) != self.epoch: self._start = self._pos = 0
     self.epoch = int(epoch)
 
+# %% ../../nbs/15_dataset.ipynb #7426e1f6
 @patch
 def state_dict(self:ModalityLengthGroupedSampler, consumed:int|None=None) -> dict:
     ("Where this rank is: epoch and batches done in it (`consumed`: pass your loop's count when the DataLoader "
@@ -575,6 +588,7 @@ def state_dict(self:ModalityLengthGroupedSampler, consumed:int|None=None) -> dic
             "num_replicas": self.num_replicas, "batch_size": self.batch_size, "n_samples": len(self.lengths),
             "group_by_modality": self.group_by_modality, "megabatch_steps": self.megabatch_steps}
 
+# %% ../../nbs/15_dataset.ipynb #7275ad1d
 @patch
 def load_state_dict(self:ModalityLengthGroupedSampler, state:dict):
     "Continue from `state`: the next iteration yields the batches after `position` in epoch `epoch`."
@@ -588,5 +602,3 @@ def load_state_dict(self:ModalityLengthGroupedSampler, state:dict):
                             "and seed.")
     self.epoch, self._start = int(state["epoch"]), int(state["position"])
     self._pos = self._start
-
-

@@ -24,6 +24,7 @@ def _rgb(im) -> "PIL.Image.Image":
         im = Image.fromarray(a.round().astype(np.uint8), mode="L")
     return im if im.mode == "RGB" else im.convert("RGB")
 
+# %% ../../nbs/10_media.ipynb #e4aac89d
 def load_image(path, # image file (any format PIL reads)
               ) -> "PIL.Image.Image":
     ("Open and fully decode `path` as an RGB PIL image; `DataError` names the file if it is missing, unreadable, "

@@ -55,6 +55,7 @@ def register_modality(m:Modality) -> Modality:
     placeholder_re.cache_clear()
     return m
 
+# %% ../../nbs/11_modality.ipynb #d7625f40
 def get_modality(name:str) -> Modality:
     "The registered modality `name`; a ConfigError naming the registered ones otherwise."
     if name not in MODALITIES:
@@ -67,35 +68,42 @@ def placeholders() -> dict[str, str]:
     "modality -> placeholder text, for every registered modality."
     return {m.name: m.placeholder for m in MODALITIES.values()}
 
+# %% ../../nbs/11_modality.ipynb #987cf666
 @functools.lru_cache(maxsize=1)
 def placeholder_re() -> re.Pattern:
     "A regex matching any registered placeholder (rebuilt when a modality is registered)."
     return re.compile("|".join(re.escape(p) for p in placeholders().values()))
 
+# %% ../../nbs/11_modality.ipynb #431671ca
 def record_modalities(record:dict) -> list[str]:
     "The modalities whose record key `record` (a training record or a VQA question) has, in registry order."
     return [m.name for m in MODALITIES.values() if record.get(m.record_key) not in (None, "", [])]
 
+# %% ../../nbs/11_modality.ipynb #05eaafba
 def record_media(record:dict, modality:str):
     ("The media `record` gives for `modality` (a path as written, or a list of them), read under that modality's "
      "record key; None without.")
     return record.get(get_modality(modality).record_key)
 
+# %% ../../nbs/11_modality.ipynb #d150864d
 def media_lists(record:dict) -> dict[str, list]:
     ("modality -> the media `record` gives for it, as a list (one path becomes a list of one), for every registered "
      "modality whose record key it has: the one reading of a record's media, shared by training and validation.")
     return {m: v if isinstance(v, list) else [v] for m in MODALITIES if (v := record_media(record, m)) is not None}
 
+# %% ../../nbs/11_modality.ipynb #2f545e82
 def is_item_of(x, modality:str) -> bool:
     "Whether media item `x` (a path, or an in-memory PIL image / array) is of `modality`, by its suffix or type."
     m = get_modality(modality)
     if m.item_types and isinstance(x, m.item_types): return True
     return bool(m.suffixes) and isinstance(x, (str, Path)) and str(x).lower().endswith(m.suffixes)
 
+# %% ../../nbs/11_modality.ipynb #56331368
 def default_encoders() -> dict[str, str]:
     "modality -> its default encoder spec, for the registered modalities that declare one."
     return {m.name: m.default_encoder for m in MODALITIES.values() if m.default_encoder}
 
+# %% ../../nbs/11_modality.ipynb #cc6d234d
 def media_options(settings, # a `TrainConfig`, or a model's config: the attributes the modalities' `options` read
                   modalities, # the modalities of the model's encoders
                  ) -> dict:
@@ -103,6 +111,7 @@ def media_options(settings, # a `TrainConfig`, or a model's config: the attribut
      "says.")
     return {m: o(settings) for m in modalities if (o := get_modality(m).options) is not None}
 
+# %% ../../nbs/11_modality.ipynb #d99b172d
 def batch_media(batch:dict) -> dict:
     ("The media inputs of a batch or keyword dict, by modality: {'image': tensor, ...} from its batch keys (others "
      "ignored).")

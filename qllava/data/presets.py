@@ -16,11 +16,13 @@ __all__ = ['SHIPPED_TOKENIZERS', 'SPM_PREFIX', 'DEMO_MODALITIES', 'DEMO_DATA', '
 # llama2-spm: the real LLaMA-2 / Vicuna v1.5 vocabulary
 SHIPPED_TOKENIZERS = ("llama-demo", "bytebpe-demo", "llama2-spm")
 
+# %% ../../nbs/13_presets.ipynb #531fee85
 def default_tokenizer(llm:str, # the LLM: `preset:NAME`, a hub id or a folder
                      ) -> str:
     "The tokenizer an LLM trains with unless told otherwise: its own; the shipped demo one for `preset:` LLMs."
     return "llama-demo" if str(llm).startswith("preset:") else str(llm)
 
+# %% ../../nbs/13_presets.ipynb #e6d0ed2f
 def _missing_tokenizer_packages(folder:str) -> list[str]:
     "Packages a SentencePiece-only folder (tokenizer.model, no tokenizer.json) needs that are not installed."
     import importlib
@@ -32,6 +34,7 @@ def _missing_tokenizer_packages(folder:str) -> list[str]:
         except ImportError: missing.append(pkg)
     return missing
 
+# %% ../../nbs/13_presets.ipynb #e6017200
 def _tokenizer_config(folder:str) -> dict:
     "The tokenizer_config.json of a local folder or a cached hub id ({} when there is none)."
     p = Path(folder) / "tokenizer_config.json"
@@ -45,6 +48,7 @@ def _tokenizer_config(folder:str) -> dict:
     try: return json.loads(Path(p).read_text())
     except (OSError, json.JSONDecodeError): return {}
 
+# %% ../../nbs/13_presets.ipynb #49fba8c7
 def load_tokenizer(name_or_path:str="llama-demo", # a shipped name, a local tokenizer folder, or a hub id
                    **kwargs, # passed on to `AutoTokenizer.from_pretrained`
                   ):
@@ -84,6 +88,7 @@ def load_tokenizer(name_or_path:str="llama-demo", # a shipped name, a local toke
 # that starts with a space a prefix "▁" too, a `tokenizers` Metaspace does not (`tokenize.encode_chunked` adds it)
 SPM_PREFIX = "qllava_sentencepiece_prefix"
 
+# %% ../../nbs/13_presets.ipynb #61d34299
 def _tokenizer_file(folder:str, name:str) -> Path|None:
     "`name` inside a local folder or a cached hub repo, if it is there."
     p = Path(folder) / name
@@ -95,6 +100,7 @@ def _tokenizer_file(folder:str, name:str) -> Path|None:
     except Exception: return None  # not a hub id in the cache
     return Path(f) if f else None
 
+# %% ../../nbs/13_presets.ipynb #c29d4726
 def _merges_by_score(tok, spm_file:Path):
     ("Rank a SentencePiece BPE's merges by piece score, as SentencePiece does (transformers 5 converts them by piece "
      "id).")
@@ -145,6 +151,7 @@ def preset_names() -> list[str]:
     folder = assets_dir() / "presets"
     return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
 
+# %% ../../nbs/13_presets.ipynb #a066cdda
 def get_preset(name:str, # a shipped preset name (see `preset_names()`) or a path to a preset JSON file
               ) -> dict:
     "The preset `name` as a dict: {'name', 'kind', 'config': kwargs of the config class, ...}."

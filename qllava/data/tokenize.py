@@ -26,6 +26,7 @@ def _add_special(tokenizer, tokens:list[str]) -> int:
     new = [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False) for t in tokens if t not in have]
     return tokenizer.add_tokens(new, special_tokens=True) if new else 0
 
+# %% ../../nbs/14_tokenize.ipynb #4dee6381
 def _atomic_terminators(tokenizer, t:Template) -> list[str]:
     "Add each stop string of `t` that is not yet an added token of `tokenizer` as one (non-special) added token."
     from tokenizers import AddedToken
@@ -34,6 +35,7 @@ def _atomic_terminators(tokenizer, t:Template) -> list[str]:
     if split: tokenizer.add_tokens([AddedToken(s, special=False, normalized=False) for s in split])
     return split
 
+# %% ../../nbs/14_tokenize.ipynb #5755b6bf
 def prepare_tokenizer(tokenizer, # a transformers fast tokenizer (changed in place)
                       use_im_start_end:bool=False, # also add <im_start> / <im_end>
                       use_im_patch_token:bool=False, # also add <im_patch>
@@ -148,6 +150,7 @@ def _dummy_prefix(tokenizer) -> bool:
     parts = d.get("pretokenizers", [d])
     return any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never" for p in parts)
 
+# %% ../../nbs/14_tokenize.ipynb #bd224665
 def encode_chunked(tokenizer, # fast tokenizer passed through `prepare_tokenizer`
                    texts:list[str], # prompt texts with media placeholders
                   ) -> list[tuple]: # [(ids, offsets, special_tokens_mask)] per text
@@ -198,6 +201,7 @@ def _finish(text, ids, labels, counts, dropped, truncated, max_length, require_s
                         fix="add the gpt answer.")
     return TokenizedSample(ids, labels, counts, n_sup, truncated, dropped, text)
 
+# %% ../../nbs/14_tokenize.ipynb #fe11fe46
 def tokenize_conversation(conversations:list[dict], # LLaVA turns [{"from": "human"|"gpt", "value": str}, ...]
                           tokenizer, # fast tokenizer passed through `prepare_tokenizer`
                           template:str|Template, # conversation template or its name

@@ -58,6 +58,7 @@ def read_questions(path, # question JSONL: question_id, text, image | sensor
         seen[qid] = ln
     return qs
 
+# %% ../../nbs/45_answer.ipynb #e96877c2
 def question_modality(q:dict) -> str|None:
     "The modality of the question's media file (`image`, `sensor`, any registered one), or None (a text-only question)."
     return next(iter(record_modalities(q)), None)
@@ -94,6 +95,7 @@ def repair_tail(path) -> int:
         f.truncate(keep); f.flush(); os.fsync(f.fileno())
     return size - keep
 
+# %% ../../nbs/45_answer.ipynb #0be4b4b1
 def read_answers(path, # an answers JSONL (may not exist yet)
                  repair:bool=True, # drop a cut-off last line from the file itself
                  ) -> list[dict]:
@@ -119,6 +121,7 @@ def read_answers(path, # an answers JSONL (may not exist yet)
         recs.append(r)
     return recs
 
+# %% ../../nbs/45_answer.ipynb #e7c90f72
 def append_answers(f, # a file opened for appending (text)
                    records:list[dict]):
     "Append records as JSON lines, then flush and fsync so they survive a kill or a power cut."
@@ -130,6 +133,7 @@ def append_answers(f, # a file opened for appending (text)
 CONV_MODES = {"llava_v1": "vicuna_v1", "vicuna_v1": "vicuna_v1", "v1": "vicuna_v1", "llava_llama_2": "llava_llama_2",
               "mistral_instruct": "mistral_instruct", "chatml_direct": "chatml", "plain": "plain"}
 
+# %% ../../nbs/45_answer.ipynb #ebe7f92d
 def resolve_template(name:str|None, # a template or original conv-mode name; None/"" = the model's
                      model_template:str, # `model.config.template`
                      ) -> str:
@@ -137,6 +141,7 @@ def resolve_template(name:str|None, # a template or original conv-mode name; Non
     if not name or name == "default": name = model_template
     return "auto" if name == "auto" else get_template(CONV_MODES.get(name, name)).name
 
+# %% ../../nbs/45_answer.ipynb #bd8197c4
 def question_text(q:dict) -> str:
     "The question with its media placeholder in front when it has media and no placeholder (as `model_vqa`)."
     m, text = question_modality(q), q["text"]
@@ -153,6 +158,7 @@ def question_media_path(q:dict, # one question, with media of modality `m`
     return resolve_media_path(record_media(q, m), folder, file=question_file, record=i, record_id=q["question_id"],
                               modality=m)
 
+# %% ../../nbs/45_answer.ipynb #c115d739
 def check_media(questions:list[dict], # questions to answer
                 media_folder, # folder the media paths are relative to
                 encoders, # the model's encoders (modality -> module)
@@ -172,6 +178,7 @@ def check_media(questions:list[dict], # questions to answer
             raise DataError(f"{m} file {str(p)!r} not found.", file=question_file, record=i, record_id=q["question_id"],
                             fix="check --image-folder and the path in the question (it is relative to that folder).")
 
+# %% ../../nbs/45_answer.ipynb #98f9a214
 def load_batch_media(model, questions:list[dict], media_folder, blank:bool=False, question_file=None) -> list:
     "Per question: None or {modality: tensor}, processed by the model's encoders (zeros when `blank`)."
     out = []
@@ -192,6 +199,7 @@ def model_name_from_path(path) -> str:
     parts = str(path).rstrip("/").split("/")
     return f"{parts[-2]}_{parts[-1]}" if parts[-1].startswith("checkpoint-") and len(parts) > 1 else parts[-1]
 
+# %% ../../nbs/45_answer.ipynb #a329bef3
 def _lock(f, path):
     try: import fcntl
     except ImportError: return
@@ -200,6 +208,7 @@ def _lock(f, path):
         raise ConfigError(f"{path} is being written by another run. Fix: wait for it, or write to another "
                           "--answers-file.") from None
 
+# %% ../../nbs/45_answer.ipynb #289a90d4
 def load_answering_model(model_dir, device=None) -> tuple:
     "(model, tokenizer) of a checkpoint or LoRA run folder, in eval mode on `device` (CUDA when there is one)."
     import torch
@@ -211,6 +220,7 @@ def load_answering_model(model_dir, device=None) -> tuple:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tok
 
+# %% ../../nbs/45_answer.ipynb #5acea357
 def answer_questions(model_dir, # qllava checkpoint (or LoRA run) folder
                      question_file, # question JSONL: question_id, image | sensor, text
                      media_folder, # folder the media paths are relative to
@@ -289,6 +299,7 @@ def merge_chunks(answers_file, # the merged answers JSONL to write
         for i in range(num_chunks): Path(f"{answers_file}.chunk{i}").unlink(missing_ok=True)
     return answers_file
 
+# %% ../../nbs/45_answer.ipynb #fe28f046
 def _seed_chunks(answers_file:Path, questions:list[dict], num_chunks:int):
     "Hand answers already in the merged file to the shard files that own them (so shards skip them)."
     old = {r["question_id"]: r for r in read_answers(answers_file)}
@@ -300,6 +311,7 @@ def _seed_chunks(answers_file:Path, questions:list[dict], num_chunks:int):
                                                         i) if q["question_id"] in old and q["question_id"] not in have]
         with open(part, "a", encoding="utf-8") as f: append_answers(f, add)
 
+# %% ../../nbs/45_answer.ipynb #23564eac
 def answer_sharded(model_dir, question_file, media_folder, answers_file, # as `answer_questions`
                    num_gpus:int|None=None, # processes: one per GPU; None = the GPUs here, else 2 CPU processes
                    echo:bool=False, # stream the shards' output here
@@ -392,6 +404,7 @@ def answer_cli(argv:list[str]|None=None) -> int:
           f"({r['seconds']} s)", file=sys.stderr)
     return 0
 
+# %% ../../nbs/45_answer.ipynb #f4f9eb58
 def _main(argv=None) -> int:
     "`python -m qllava.evaluation.answer`: `answer_cli` with qllava errors as one clear line and exit code 2."
     try: return answer_cli(argv)

@@ -54,7 +54,7 @@ class Benchmark:
 
 BENCHMARKS: dict[str, Benchmark] = {}
 
-
+# %% ../../nbs/46_benchmarks.ipynb #bc52b072
 def register_benchmark(b: Benchmark) -> Benchmark:
     "Add (or replace) a benchmark in the registry."
     if b.kind not in ("vqa", "choice"):
@@ -62,7 +62,7 @@ def register_benchmark(b: Benchmark) -> Benchmark:
     BENCHMARKS[b.name] = b
     return b
 
-
+# %% ../../nbs/46_benchmarks.ipynb #27bce16b
 def get_benchmark(name: str) -> Benchmark:
     "The registered benchmark `name`; ConfigError listing the known ones otherwise."
     if name not in BENCHMARKS:
@@ -74,13 +74,13 @@ def get_benchmark(name: str) -> Benchmark:
 # %% ../../nbs/46_benchmarks.ipynb #f88bd3f2
 _VERDICT = re.compile(r"^\W*(yes|no)\b", re.I)
 
-
+# %% ../../nbs/46_benchmarks.ipynb #3504ab5b
 def yes_no_verdict(answer: str) -> str | None:
     "The leading yes / no of a closed answer ('Yes, the nuclei are ...' -> 'yes'), or None when it has none."
     m = _VERDICT.match(str(answer))
     return m.group(1).lower() if m else None
 
-
+# %% ../../nbs/46_benchmarks.ipynb #089c618f
 def vqa_question(row: dict, i: int, name: str) -> dict:
     "Quilt-VQA style rows (question, answer, answer_type OPEN / CLOSED) as a question."
     kind = str(row["answer_type"]).upper()
@@ -95,13 +95,13 @@ def vqa_question(row: dict, i: int, name: str) -> dict:
         q["yes_no_answer"] = yes_no_verdict(row["answer"])
     return q
 
-
+# %% ../../nbs/46_benchmarks.ipynb #f83caf66
 def path_vqa_question(row: dict, i: int, name: str) -> dict:
     "PathVQA rows (question, answer): closed when the answer is yes or no, as Quilt-LLaVA's converter does."
     closed = str(row["answer"]).strip().lower() in ("yes", "no")
     return vqa_question({**row, "answer_type": "CLOSED" if closed else "OPEN"}, i, name)
 
-
+# %% ../../nbs/46_benchmarks.ipynb #85998200
 def choice_question(row: dict, i: int, name: str) -> dict:
     "PMC-VQA rows: the question and its four options on separate lines (as the original converter), letter answers."
     options = "\n".join(str(row[f"Choice {c}"]).strip() for c in "ABCD")
@@ -191,7 +191,7 @@ def quiet_datasets():
             if bars:
                 datasets.enable_progress_bars()
 
-
+# %% ../../nbs/46_benchmarks.ipynb #46a47a00
 def _load_split(b: Benchmark, snap: Path):
     kw = {"data_files": str(snap / b.data_files)} if b.data_files else {}
     kw["cache_dir"] = os.environ.get(
@@ -210,7 +210,7 @@ def _load_split(b: Benchmark, snap: Path):
             f"(`hf download --repo-type dataset {b.hub_id}`), or register the benchmark with its split.",
         ) from None
 
-
+# %% ../../nbs/46_benchmarks.ipynb #03d7726c
 def load_benchmark_rows(
     b: Benchmark | str,  # a benchmark or its name
     limit: int = 0,  # the first N rows only (0: all)
@@ -243,7 +243,7 @@ def prompt_text(b: Benchmark, q: dict, yes_no_prompt: bool = False) -> str:
         suffix = suffix or PATHVQA_CLOSED_SUFFIX
     return q["text"] + suffix
 
-
+# %% ../../nbs/46_benchmarks.ipynb #f7369e0d
 def gt_record(q: dict) -> dict:
     "The ground-truth record of a question (Quilt-VQA's format; the letter for multiple choice)."
     rec = {"id": q["question_id"], "answer": q["answer"], "answer_type": q["answer_type"], "category": q["category"]}
@@ -254,17 +254,17 @@ def gt_record(q: dict) -> dict:
 # %% ../../nbs/46_benchmarks.ipynb #ec259fd5
 _SUFFIXES = {b"\xff\xd8": ".jpg", b"\x89PNG": ".png", b"GIF8": ".gif", b"BM": ".bmp", b"RIFF": ".webp"}
 
-
+# %% ../../nbs/46_benchmarks.ipynb #b868b071
 def image_suffix(data: bytes) -> str:
     "The file suffix of encoded image bytes, from their magic number (.jpg, .png, ...; .img when unknown)."
     return next((s for magic, s in _SUFFIXES.items() if data.startswith(magic)), ".img")
 
-
+# %% ../../nbs/46_benchmarks.ipynb #e16dc0ba
 def _zip_members(snap: Path, b: Benchmark) -> tuple[zipfile.ZipFile, dict]:
     z = zipfile.ZipFile(snap / b.media[4:])
     return z, {Path(n).name: n for n in z.namelist() if not n.endswith("/")}
 
-
+# %% ../../nbs/46_benchmarks.ipynb #b2fde593
 def media_bytes(b: Benchmark, row: dict, zipped=None) -> bytes:
     "The published bytes of a row's image: the parquet's Image bytes, or the member of the benchmark's zip."
     if not b.media.startswith("zip:"):
@@ -283,7 +283,7 @@ def _snapshot_of(b: Benchmark) -> Path:
         b.hub_id, revision=b.revision, allow_patterns=list(b.allow_patterns), what=f"benchmark {b.name}: dataset"
     )
 
-
+# %% ../../nbs/46_benchmarks.ipynb #4e5f2083
 def _manifest(b: Benchmark, snap: Path, n: int, limit: int, yes_no_prompt: bool) -> dict:
     return {
         "benchmark": b.name,
@@ -297,7 +297,7 @@ def _manifest(b: Benchmark, snap: Path, n: int, limit: int, yes_no_prompt: bool)
         "prompt_suffix": b.prompt_suffix,
     }
 
-
+# %% ../../nbs/46_benchmarks.ipynb #0e6fa044
 def materialize(
     b: Benchmark | str,  # a benchmark or its name
     out_dir,  # folder to write questions.jsonl, gt.json, images/ and benchmark.json into
@@ -316,7 +316,7 @@ def materialize(
     done.write_text(json.dumps(man, indent=1))
     return _paths(out, man)
 
-
+# %% ../../nbs/46_benchmarks.ipynb #aa20319e
 def _paths(out: Path, man: dict) -> dict:
     return {
         **man,
@@ -326,7 +326,7 @@ def _paths(out: Path, man: dict) -> dict:
         "media_folder": str(out),
     }
 
-
+# %% ../../nbs/46_benchmarks.ipynb #fdaffec5
 def _write_files(b: Benchmark, ds, snap: Path, out: Path, yes_no_prompt: bool):
     (out / "images").mkdir(parents=True, exist_ok=True)
     zipped = _zip_members(snap, b) if b.media.startswith("zip:") else None
@@ -357,7 +357,7 @@ def _strict(gt: list[dict], answers: list[dict]) -> dict:
         if g.get("answer_type") == "OPEN"
     }
 
-
+# %% ../../nbs/46_benchmarks.ipynb #f79b4f41
 def item_scores(
     b: Benchmark, gt: list[dict], answers: list[dict], anchor: list[dict] | None = None
 ) -> tuple[list, list]:
@@ -379,11 +379,11 @@ def item_scores(
 # %% ../../nbs/46_benchmarks.ipynb #3d649bcb
 METRIC_NAMES = {"vqa": OPEN_METRICS + ("strict_match",) + CLOSED_METRICS, "choice": ("choice_accuracy",)}
 
-
+# %% ../../nbs/46_benchmarks.ipynb #0c15e1a7
 def _interval_dicts(rows: list[dict], names: tuple, n_resamples: int, seed: int) -> dict:
     return {k: v.as_dict() for k, v in intervals(item_columns(rows, names), n_resamples, seed).items() if v is not None}
 
-
+# %% ../../nbs/46_benchmarks.ipynb #1cfd199c
 def score_benchmark(
     b: Benchmark | str,  # a benchmark or its name
     gt: list[dict],  # its ground truth (gt.json)
@@ -434,7 +434,7 @@ def paper_numbers(
 def _fmt(iv: dict | None) -> str:
     return "" if not iv else f"{iv['value']:.2f} [{iv['low']:.2f}, {iv['high']:.2f}]"
 
-
+# %% ../../nbs/46_benchmarks.ipynb #4829dc4c
 def comparison_table(
     result: dict,  # from `score_benchmark`
     paper: dict | None = None,  # from `paper_numbers`
@@ -469,7 +469,7 @@ def _tile_jpegs(n: int) -> list[bytes]:
         out.append(buf.getvalue())
     return out
 
-
+# %% ../../nbs/46_benchmarks.ipynb #d6ad96ca
 def _closed_open(i: int) -> tuple[str, str, str]:
     "(question, answer, answer_type) of stand-in row i: mostly closed with a verdict, some open, one closed without."
     if i % 3 == 2:
@@ -494,7 +494,7 @@ def _quilt_columns(n: int) -> dict:
         "context": ["A tile of a stained section."] * n,
     }
 
-
+# %% ../../nbs/46_benchmarks.ipynb #c14f3d9c
 def _path_vqa_columns(n: int) -> dict:
     qs = [_closed_open(i) for i in range(n)]
     short = lambda a, t: a if t == "OPEN" else ("yes" if a.startswith("Yes") else "no")
@@ -504,7 +504,7 @@ def _path_vqa_columns(n: int) -> dict:
         "answer": [short(a, t) for _, a, t in qs],
     }
 
-
+# %% ../../nbs/46_benchmarks.ipynb #a305d014
 def _card(columns: dict, split: str, n: int, size: int) -> str:
     "A dataset card's YAML header in the hub's format: configs and dataset_info features."
     feats = "".join(f"  - name: {c}\n    dtype: {'image' if c == 'image' else 'string'}\n" for c in columns)
@@ -515,7 +515,7 @@ def _card(columns: dict, split: str, n: int, size: int) -> str:
         f"  download_size: {size}\n  dataset_size: {size}\n---\n"
     )
 
-
+# %% ../../nbs/46_benchmarks.ipynb #065a7453
 def _parquet_repo(columns: dict, split: str) -> dict:
     "Files of a parquet dataset repository: the card and one shard in the real schema."
     buf = io.BytesIO()
@@ -574,7 +574,7 @@ def _training_set_repos() -> dict:
         "wisdomik/QUILT-LLaVA-Instruct-107K": {"quilt_instruct_107k.json": dp["finetune"], "README.md": "stand-in\n"},
     }
 
-
+# %% ../../nbs/46_benchmarks.ipynb #a8a967ea
 def write_benchmark_cache(
     cache,  # the hub cache folder (what HF_HUB_CACHE names)
     names=None,  # benchmarks to write (default: every one with a stand-in)

@@ -61,6 +61,7 @@ def normalize_answer(text:str, # an answer, any case
 def _words(text:str) -> Counter:
     return Counter(text.lower().split())
 
+# %% ../../nbs/40_metrics.ipynb #bf0ca8af
 def exact_match(pred:str, # model answer
                 gt:str, # ground-truth answer
                ) -> float:
@@ -69,6 +70,7 @@ def exact_match(pred:str, # model answer
     total = sum(p.values())
     return sum(1 for w in g if w in p) / total if total else 0.0
 
+# %% ../../nbs/40_metrics.ipynb #cf473126
 def f1_precision_recall(pred:str, # model answer
                         gt:str, # ground-truth answer
                        ) -> tuple[float, float, float]:
@@ -86,6 +88,7 @@ def f1_precision_recall(pred:str, # model answer
 def _ngrams(words:list, n:int) -> Counter:
     return Counter(tuple(words[i:i+n]) for i in range(len(words) - n + 1))
 
+# %% ../../nbs/40_metrics.ipynb #f421ef9e
 def sentence_bleu(reference:list[str], # reference tokens
                   hypothesis:list[str], # hypothesis tokens
                   weights:tuple=(0.25, 0.25, 0.25, 0.25), # weight of each n-gram order
@@ -113,14 +116,17 @@ def closed_hit(pred:str, # model answer (raw or normalised)
      "`gt`.")
     return _negation_rule(normalize_answer(pred.lower()), gt)
 
+# %% ../../nbs/40_metrics.ipynb #616ad769
 def _negation_rule(norm:str, gt:str) -> int:   # on an already normalised answer
     words = norm.replace(",", "").split(" ")
     return int(("no" if ("no" in words or "not" in words) else "yes") == gt)
 
+# %% ../../nbs/40_metrics.ipynb #c03a47e2
 def _strict_rule(norm:str, gt:str) -> int:     # on an already normalised answer
     words = norm.split()
     return int(("yes" in words or "no" in words) and gt in words)
 
+# %% ../../nbs/40_metrics.ipynb #98233eb9
 def closed_hit_strict(pred:str, # model answer (raw or normalised)
                       gt:str, # "yes" or "no"
                      ) -> int:
@@ -152,6 +158,7 @@ def gt_answer(rec:dict) -> str:
         raise DataError("ground-truth record has no answer.", record_id=rec.get("id"),
                         fix="give it an `answer`, or `conversations` whose second turn holds the answer.") from None
 
+# %% ../../nbs/40_metrics.ipynb #7695d35e
 def join_by_id(gt:list[dict], # ground-truth records with `id`
                pred:list[dict], # predictions with `question_id`
                gt_file=None, pred_file=None) -> list[tuple[dict, dict]]:
@@ -180,6 +187,7 @@ def join_by_id(gt:list[dict], # ground-truth records with `id`
 # the reference's order of operations, to the last bit
 def _pct(xs:list): return sum(xs) / len(xs) * 100 if xs else None
 
+# %% ../../nbs/40_metrics.ipynb #3d110c6f
 def _anchor_texts(gt:list[dict], anchor:list[dict]|None, anchor_file=None) -> dict|None:
     "Anchor answer text by question id (every ground-truth id must have one)."
     if anchor is None: return None
@@ -188,11 +196,13 @@ def _anchor_texts(gt:list[dict], anchor:list[dict]|None, anchor_file=None) -> di
 OPEN_METRICS = ("exact_match", "f1", "precision", "recall", *BLEU_WEIGHTS)
 CLOSED_METRICS = ("yes_no_accuracy", "yes_no_accuracy_strict")
 
+# %% ../../nbs/40_metrics.ipynb #0737ba61
 def _open_scores(pred_value:str, gt_value:str) -> dict:
     f1, prec, rec = f1_precision_recall(pred_value, gt_value)
     out = {"exact_match": exact_match(pred_value, gt_value), "f1": f1, "precision": prec, "recall": rec}
     return out | {name: sentence_bleu(gt_value.split(), pred_value.split(), w) for name, w in BLEU_WEIGHTS.items()}
 
+# %% ../../nbs/40_metrics.ipynb #877006b5
 def _closed_truth(g:dict, gt_value:str, quilt:bool, gt_file) -> str:
     if quilt and "yes_no_answer" not in g:
         raise DataError("closed question without yes_no_answer.", file=gt_file, record_id=g["id"],
@@ -204,6 +214,7 @@ def _closed_truth(g:dict, gt_value:str, quilt:bool, gt_file) -> str:
                         fix="fix the record, set answer_type to OPEN, or pass --quilt to use `yes_no_answer`.")
     return answer
 
+# %% ../../nbs/40_metrics.ipynb #40f91814
 def vqa_item_scores(gt:list[dict], # ground-truth records
                     pred:list[dict], # answer records
                     quilt:bool=False, # closed ground truth from `yes_no_answer` (Quilt-VQA)
@@ -222,11 +233,13 @@ def vqa_item_scores(gt:list[dict], # ground-truth records
                          "yes_no_accuracy_strict": _strict_rule(pred_value, answer)})
     return rows
 
+# %% ../../nbs/40_metrics.ipynb #55772f37
 def item_columns(rows:list[dict], # from `vqa_item_scores` / `choice_item_scores`
                  names:tuple) -> dict: # metric names
     "Metric name -> the list of its per-item scores, over the items it applies to."
     return {k: [r[k] for r in rows if k in r] for k in names}
 
+# %% ../../nbs/40_metrics.ipynb #7d36cf84
 def vqa_metrics(gt:list[dict], # ground-truth records
                 pred:list[dict], # answer records
                 quilt:bool=False, # closed ground truth from `yes_no_answer` (Quilt-VQA)
@@ -239,6 +252,7 @@ def vqa_metrics(gt:list[dict], # ground-truth records
     out["n_open"], out["n_closed"] = len(scores["f1"]), len(scores["yes_no_accuracy"])
     return out
 
+# %% ../../nbs/40_metrics.ipynb #8492f953
 def choice_metrics(gt:list[dict], pred:list[dict], # ground truth with the option letter as answer; answers
                    options:tuple=("A", "B", "C", "D"), # the option letters
                    anchor:list[dict]|None=None, # answers whose (raw) lengths cut the predictions
@@ -248,6 +262,7 @@ def choice_metrics(gt:list[dict], pred:list[dict], # ground truth with the optio
     return {"choice_accuracy": _pct([r["choice_accuracy"] for r in rows]), "n": len(rows),
             "unparsed": sum(r["parsed"] == "FAILED" for r in rows)}
 
+# %% ../../nbs/40_metrics.ipynb #5c38e886
 def choice_item_scores(gt:list[dict], pred:list[dict], # as `choice_metrics`
                        options:tuple=("A", "B", "C", "D"), anchor:list[dict]|None=None,
                        gt_file=None, pred_file=None, anchor_file=None) -> list[dict]:
@@ -274,12 +289,14 @@ def evaluate_files(gt_file, # ground truth (JSON list or JSONL)
     kw = dict(anchor=anchor, gt_file=gt_file, pred_file=pred_file, anchor_file=anchor_file)
     return choice_metrics(gt, pred, **kw) if choice else vqa_metrics(gt, pred, quilt=quilt, **kw)
 
+# %% ../../nbs/40_metrics.ipynb #fc50c166
 def format_metrics(m:dict) -> str:
     "A two-column text table of a metrics dict."
     rows = [(k, "n/a" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))) for k,v in m.items()]
     width = max(len(k) for k,_ in rows)
     return "\n".join(f"{k:<{width}}  {v:>8}" for k,v in rows)
 
+# %% ../../nbs/40_metrics.ipynb #d5780e7a
 def metrics_cli(argv:list[str]|None=None) -> int:
     "`qllava metrics`: VQA metrics of an answers file against ground truth."
     ap = ArgumentParser(prog="qllava metrics",

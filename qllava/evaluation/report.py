@@ -53,6 +53,7 @@ def read_metrics(run_dir) -> "pd.DataFrame":
     if not p.exists(): return pd.DataFrame(columns=["step", "loss", "lr"])
     return pd.DataFrame([json.loads(l) for l in p.read_text().splitlines() if l.strip()])
 
+# %% ../../nbs/44_report.ipynb #afab8866
 def plot_curves(metrics, title:str=""):
     "Loss (train and held-out), learning-rate and (when logged) held-out accuracy curves; returns the figure."
     headless_matplotlib()
@@ -77,6 +78,7 @@ def plot_curves(metrics, title:str=""):
     fig.tight_layout()
     return fig
 
+# %% ../../nbs/44_report.ipynb #a4f02a8d
 # `qllava.workflows.runs.accuracy_by_kind`: a row per question, "with media (%)", "media blanked (%)", "n"
 def plot_accuracy_by_kind(table,
                           title:str="held-out accuracy per question"):
@@ -123,6 +125,7 @@ def sha256(path, chunk:int=1<<20) -> str:
         for b in iter(lambda: f.read(chunk), b""): h.update(b)
     return h.hexdigest()
 
+# %% ../../nbs/44_report.ipynb #a8ee8f36
 def git_commit(repo=".") -> str:
     "`<sha>` of HEAD, with `+dirty` when the work tree has changes; `unknown` outside git."
     try:
@@ -133,6 +136,7 @@ def git_commit(repo=".") -> str:
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError): return "unknown"
 
+# %% ../../nbs/44_report.ipynb #f24ff936
 def package_versions(names=("qllava", "torch", "transformers", "deepspeed", "peft", "open_clip_torch", "tokenizers",
                             "accelerate")) -> dict:
     "Installed versions of the packages that decide a run's numbers."
@@ -143,6 +147,7 @@ def package_versions(names=("qllava", "torch", "transformers", "deepspeed", "pef
         except PackageNotFoundError: out[n] = "not installed"
     return out
 
+# %% ../../nbs/44_report.ipynb #0d97f674
 def provenance(files:list=(), # data / evaluation files to checksum
                seed:int|None=None, command:list|str|None=None, repo=".") -> dict:
     "A provenance record: git commit, package versions, file checksums, seed, command line."
@@ -151,6 +156,7 @@ def provenance(files:list=(), # data / evaluation files to checksum
             "files": {str(f): sha256(f) for f in files if f and Path(f).is_file()}, "seed": seed, "command": cmd,
             "host": platform.node(), "platform": platform.platform()}
 
+# %% ../../nbs/44_report.ipynb #361236d5
 def provenance_table(prov:dict):
     "The provenance record as a two-column table for a notebook."
     import pandas as pd
@@ -162,6 +168,7 @@ def provenance_table(prov:dict):
 # %% ../../nbs/44_report.ipynb #26f91836
 IMU_CHANNELS = ("acc x", "acc y", "acc z", "gyro x", "gyro y", "gyro z")
 
+# %% ../../nbs/44_report.ipynb #e1a69318
 def plot_sensor(window, # (T, C) array or a .npy path
                 ax=None, title:str=""):
     "Plot an IMU window's channels over time; returns the axes."
@@ -175,6 +182,7 @@ def plot_sensor(window, # (T, C) array or a .npy path
     ax.set_xlabel("time step"); ax.set_title(title); ax.legend(fontsize=6, ncol=2)
     return ax
 
+# %% ../../nbs/44_report.ipynb #9dad02c7
 def show_media(path, ax=None, title:str=""):
     "Show an image file or plot a .npy sensor window; returns the axes."
     headless_matplotlib()

@@ -28,6 +28,7 @@ On the first line write only the two scores, Assistant 1's then Assistant 2's, s
 (for example: 7 5). From the second line on, explain your grades. Judge the content alone: neither the order in \
 which the answers are shown nor their length should change your grades."""
 
+# %% ../../nbs/42_review.ipynb #d1f83460
 @dataclass
 class ReviewPrompt:
     "The judge's instructions: system message, rule text, and the name the two answers go by."
@@ -35,6 +36,7 @@ class ReviewPrompt:
     rule:str=DEFAULT_RULE # the grading rule placed after the answers
     role:str="Assistant" # sections are called "[<role> 1]" and "[<role> 2]"
 
+# %% ../../nbs/42_review.ipynb #cdcad6a9
 def load_prompt(path=None, # None for ours; a .json (system / rule / role) or a text file holding the rule
                ) -> ReviewPrompt:
     "The review prompt: ours, or one read from a file."
@@ -55,6 +57,7 @@ def load_prompt(path=None, # None for ours; a .json (system / rule / role) or a 
                         rule=spec.get("rule", spec.get("prompt", DEFAULT_RULE)),
                         role=spec.get("role", "Assistant"))
 
+# %% ../../nbs/42_review.ipynb #bd1e733a
 def build_content(context:str, # caption describing the image
                   question:str, # the user's question
                   answer1:str, # reference answer (Assistant 1)
@@ -91,8 +94,10 @@ def _by_qid(records:list[dict], path, what:str) -> dict:
         out[r["question_id"]] = r
     return out
 
+# %% ../../nbs/42_review.ipynb #ce23a7ad
 def _digest(*texts:str) -> str: return hashlib.sha256("\x1f".join(texts).encode("utf-8")).hexdigest()[:16]
 
+# %% ../../nbs/42_review.ipynb #3c3e045d
 def review_items(question_file, # questions JSONL: question_id, text, category
                  context_file, # captions JSONL: question_id, text
                  answer1_file, # reference answers JSONL (Assistant 1)
@@ -135,6 +140,7 @@ def review_fingerprint(item:dict, # from `review_items`
     "What a review depends on: the judge model, and the digests of the prompt, caption, question and both answers."
     return {"judge_model": model, **item["digests"]}
 
+# %% ../../nbs/42_review.ipynb #5c6510e5
 def changed_parts(rec:dict, # a stored review
                   fingerprint:dict, # `review_fingerprint` of the item it would stand for now
                  ) -> list[str]:
@@ -146,20 +152,24 @@ def changed_parts(rec:dict, # a stored review
 # %% ../../nbs/42_review.ipynb #b9d57541
 KEY_VARS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY")
 
+# %% ../../nbs/42_review.ipynb #98950d05
 def redact(text:str|None) -> str|None:
     ("`text` with secrets masked by the project's one rule (`core.secret_masker`): the environment's key values, read "
      "now, and key-shaped tokens.")
     return None if text is None else secret_masker()(text)
 
+# %% ../../nbs/42_review.ipynb #10572146
 def _is_local(url:str|None) -> bool:
     from urllib.parse import urlparse
     return bool(url) and (urlparse(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
 
+# %% ../../nbs/42_review.ipynb #2ff19944
 def _refuse_key():
     raise ConfigError("an API key was passed as an argument; keys are read from the environment only (OPENAI_API_KEY, "
                       "or AZURE_OPENAI_API_KEY for Azure) so that they never reach a notebook, a log or a shell "
                       "history. Fix: export the key in the environment and drop the argument.")
 
+# %% ../../nbs/42_review.ipynb #3097f662
 def make_client(base_url:str|None=None, # any OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; None = OpenAI
                 azure_endpoint:str|None=None, # an Azure OpenAI endpoint (or env AZURE_OPENAI_ENDPOINT)
                 api_version:str|None=None, # Azure API version (or env OPENAI_API_VERSION)
@@ -207,6 +217,7 @@ def review_status(rec:dict, # a review record
 _REVIEW_FIX = ("a reviews file holds one review per line (`qllava review` writes them; the published review files work "
                "too): check that this is a reviews file and not an answers or questions file.")
 
+# %% ../../nbs/42_review.ipynb #7349ac2a
 def load_reviews(path, # a reviews JSONL
                  keep_failed:bool=True, # keep records of failed calls
                  strict:bool=False, # raise on a line that is not JSON, instead of dropping it
@@ -236,6 +247,7 @@ def load_reviews(path, # a reviews JSONL
         by_qid.pop(rec["question_id"], None); by_qid[rec["question_id"]] = rec
     return list(by_qid.values())
 
+# %% ../../nbs/42_review.ipynb #1ba442f1
 def write_reviews(path, records:list[dict]):
     "Atomically rewrite `path` with `records`, sorted by id."
     path = Path(path); tmp = path.with_name(path.name + ".tmp")
@@ -243,6 +255,7 @@ def write_reviews(path, records:list[dict]):
         for r in sorted(records, key=lambda r: (r.get("id") is None, r.get("id") or 0)): f.write(json.dumps(r) + "\n")
     os.replace(tmp, path)
 
+# %% ../../nbs/42_review.ipynb #2846d80e
 def check_output(output, # the reviews JSONL to write
                  inputs:tuple=(), # the files the review reads
                 ) -> Path:
@@ -273,6 +286,7 @@ def review_record(item:dict, # from `review_items`
     rec |= {"content": redact(reply), "tuple": scores}
     return rec if scores is not None else rec | {"flagged": True}
 
+# %% ../../nbs/42_review.ipynb #bdae543c
 async def _judge(client, item:dict, model:str, temperature:float, max_tokens:int, output=None) -> dict:
     import openai
     try:
@@ -287,8 +301,10 @@ async def _judge(client, item:dict, model:str, temperature:float, max_tokens:int
     except (openai.APIError, IndexError, AttributeError) as e:
         return review_record(item, error=f"{type(e).__name__}: {e}")
 
+# %% ../../nbs/42_review.ipynb #74200de2
 def _plural(n:int, one:str, many:str) -> str: return f"{n} {one if n == 1 else many}"
 
+# %% ../../nbs/42_review.ipynb #1dd909d2
 def plan_resume(items:list[dict], # from `review_items`
                 old:list[dict], # `load_reviews` of the output
                 model:str, # judge model
@@ -311,6 +327,7 @@ def plan_resume(items:list[dict], # from `review_items`
         counts["skipped"] += 1
     return keep, todo, counts, changed
 
+# %% ../../nbs/42_review.ipynb #1582e6d4
 def _stale_note(output, counts:Counter, changed:Counter) -> str|None:
     notes, bare = [], changed["fingerprint"]
     if counts["stale"] - bare:
@@ -327,6 +344,7 @@ def _stale_note(output, counts:Counter, changed:Counter) -> str|None:
     if notes: notes[-1] += f" {counts['skipped']} kept."
     return " ".join(notes) or None
 
+# %% ../../nbs/42_review.ipynb #c48d6453
 async def review_async(items:list[dict], # from `review_items`
                        output, # reviews JSONL, appended to
                        client, # from `make_client`
@@ -371,6 +389,7 @@ async def review_async(items:list[dict], # from `review_items`
     write_reviews(output, load_reviews(output))     # one line per question, in question order
     return counts
 
+# %% ../../nbs/42_review.ipynb #c6cf5a64
 def _run_sync(coro):
     "Run a coroutine from plain code or from inside Jupyter's running event loop."
     try: asyncio.get_running_loop()
@@ -378,6 +397,7 @@ def _run_sync(coro):
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(1) as ex: return ex.submit(asyncio.run, coro).result()
 
+# %% ../../nbs/42_review.ipynb #7c20d5cb
 def review(question_file, context_file, answer1_file, answer2_file, # inputs, joined by question_id
            output, # reviews JSONL (resumed when it exists)
            model:str="gpt-4", # judge model (Azure: deployment name)
@@ -414,6 +434,7 @@ def review(question_file, context_file, answer1_file, answer2_file, # inputs, jo
 # %% ../../nbs/42_review.ipynb #af175585
 _SECTION = re.compile(r"\[(Context|Question|\w+ 1|\w+ 2)\]\n(.*?)(?=\n\n\[)", re.S)
 
+# %% ../../nbs/42_review.ipynb #8f497466
 def split_content(content:str) -> dict:
     "The context, question, answer1 and answer2 sections of a judge prompt built by `build_content`."
     parts = {k: v for k,v in _SECTION.findall(content)}
@@ -421,6 +442,7 @@ def split_content(content:str) -> dict:
     return {"context": parts.get("Context", ""), "question": parts.get("Question", ""), "answer1": get(" 1"),
             "answer2": get(" 2")}
 
+# %% ../../nbs/42_review.ipynb #6b8caa21
 def overlap_judge(content:str) -> str:
     "A deterministic stand-in judge: each answer scores 1-10 by the share of its words found in the context."
     s = split_content(content)
@@ -432,6 +454,7 @@ def overlap_judge(content:str) -> str:
     return (f"{s1} {s2}\nLocal word-overlap judge: the scores are the share of each answer's words that the context "
             "contains, on a 1-10 scale.")
 
+# %% ../../nbs/42_review.ipynb #54625d55
 def replay_judge(questions_file, answers2_file, reviews_file, fallback=overlap_judge):
     "A reply function returning the published review for the same question text and Assistant 2 answer."
     qs = {r["question_id"]: r["text"] for r in read_json_records(questions_file)}
@@ -443,6 +466,7 @@ def replay_judge(questions_file, answers2_file, reviews_file, fallback=overlap_j
         return table.get((s["question"].strip(), s["answer2"].strip())) or fallback(content)
     return reply
 
+# %% ../../nbs/42_review.ipynb #7489f113
 class LocalJudge:
     "An OpenAI-compatible chat-completions server on 127.0.0.1 with scripted replies, latency and faults."
     def __init__(self, reply=None, # callable(user content) -> reply text; default `overlap_judge`
@@ -573,6 +597,7 @@ def review_cli(argv:list[str]|None=None) -> int:
 
 _TRANSIENT = {"APITimeoutError", "APIConnectionError", "RateLimitError", "InternalServerError"}
 
+# %% ../../nbs/42_review.ipynb #d98e0930
 def review_notes(output, # a reviews JSONL
                  max_retries:int|None=None, # the retries each failed call had, for the message
                  show:int=5, # question_ids listed per kind

@@ -38,7 +38,7 @@ class Interval:
     def as_dict(self) -> dict:
         return asdict(self)
 
-
+# %% ../../nbs/41_stats.ipynb #0af82f0f
 def _percentiles(stats: np.ndarray, level: float) -> tuple[float, float]:
     lo, hi = np.percentile(stats, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return float(lo), float(hi)
@@ -85,7 +85,7 @@ def _paired_arrays(a, b) -> tuple[np.ndarray, np.ndarray]:
         )
     return a, b
 
-
+# %% ../../nbs/41_stats.ipynb #ee82b335
 def paired_bootstrap(
     a,
     b,  # per-item scores of run A and run B, item i the same question in both

@@ -23,6 +23,7 @@ def _group_stats(kind:str, recs:list[dict]) -> dict:
     return out | {"score1": 10 * m1, "score2": 10 * m2, "relative": 100 * m2 / m1 if m1 else None, "mean1": m1,
                   "mean2": m2}
 
+# %% ../../nbs/43_summarize.ipynb #76df9523
 def summarize_reviews(reviews:list[dict], # review records (id, question_id, category, tuple, ...)
                       captions:list[dict]|None=None, # caption records with question_id and type (subspecialty)
                       file=None, # the reviews file, for error messages
@@ -50,6 +51,7 @@ def summarize_reviews(reviews:list[dict], # review records (id, question_id, cat
 # %% ../../nbs/43_summarize.ipynb #df561f33
 def _pub(x, scale): return None if x is None else round(round(x, 3) * scale, 1)
 
+# %% ../../nbs/43_summarize.ipynb #0c111f9f
 def summary_table(summary:dict, # from `summarize_reviews`
                  ):
     "A pandas DataFrame, one row per group, rounded as the published summary."
@@ -61,6 +63,7 @@ def summary_table(summary:dict, # from `summarize_reviews`
                      "reference (x10)": _pub(s["mean1"], 10), "model (x10)": _pub(s["mean2"], 10), "relative (%)": rel})
     return pd.DataFrame(rows).set_index("name")
 
+# %% ../../nbs/43_summarize.ipynb #1fe6f904
 def plot_summary(summary:dict, # from `summarize_reviews`
                  title:str="LLM-judge review", # figure title
                  labels:tuple=("reference", "model"), # names of the two answers
@@ -92,6 +95,7 @@ def summarize_files(reviews_file, # reviews JSONL
     reviews = load_reviews(reviews_file, strict=True)   # a line that is not a review: DataError with the file and line
     return summarize_reviews(reviews, read_json_records(captions_file) if captions_file else None, file=reviews_file)
 
+# %% ../../nbs/43_summarize.ipynb #8a77eca1
 def summarize_cli(argv:list[str]|None=None) -> int:
     "`qllava summarize`: judge-review summary per category, subspecialty and overall."
     ap = ArgumentParser(prog="qllava summarize",

@@ -53,12 +53,14 @@ def load_folder_weights(folder) -> dict:
 MANIFEST = "qllava_manifest.json"
 COMPONENTS = ("llm", "encoders", "projectors")
 
+# %% ../../nbs/36_checkpoint.ipynb #548cec38
 def _version() -> str:
     try:
         import qllava
         return getattr(qllava, "__version__", "0")
     except Exception: return "0"
 
+# %% ../../nbs/36_checkpoint.ipynb #196b8ff9
 def make_manifest(model, # a QllavaForCausalLM
                   stage:str|None, # e.g. "pretrain", "finetune", "import"
                   components:list, # which of COMPONENTS the weights hold
@@ -73,6 +75,7 @@ def make_manifest(model, # a QllavaForCausalLM
             "media_token_ids": dict(c.media_token_ids or {}),
             "template": c.template, "stop_strings": list(c.stop_strings or []), "seed": c.seed, "files": sorted(files)}
 
+# %% ../../nbs/36_checkpoint.ipynb #dbf4e5f9
 def read_manifest(folder) -> dict:
     "The manifest of a qllava checkpoint; a clear `CheckpointError` for anything else."
     folder = Path(folder)
@@ -101,21 +104,25 @@ def projector_modality(model, modality:str|None=None) -> str:
     "`modality`, or the model's first projector's when None (a sensor-only LLaSA model has just `sensor`)."
     return modality or next(iter(model.projectors))
 
+# %% ../../nbs/36_checkpoint.ipynb #10fae766
 def projector_prefix(model, modality:str|None=None) -> str:
     "Original key prefix of `modality`'s projector (`model.mm_projector.` for the first / image modality)."
     mods, modality = list(model.projectors), projector_modality(model, modality)
     if modality not in mods: raise ConfigError(f"the model has no {modality} projector (it has {mods}).")
     return "model.mm_projector." if modality == "image" or modality == mods[0] else f"model.{modality}_projector."
 
+# %% ../../nbs/36_checkpoint.ipynb #9a304ad5
 def _to_original_keys(sd:dict, kind:str) -> dict:
     if kind == "linear" and all(k.startswith("0.") for k in sd): return {k[2:]: v for k, v in sd.items()}
     return dict(sd)
 
+# %% ../../nbs/36_checkpoint.ipynb #ec42a087
 def _from_original_keys(sd:dict, ours:list) -> dict:
     if set(sd) == set(ours): return sd
     if all(k.startswith("0.") for k in ours): return {f"0.{k}": v for k, v in sd.items()}
     return sd
 
+# %% ../../nbs/36_checkpoint.ipynb #1e487da0
 def projector_state_dict(model, modality:str|None=None, include_embed_tokens:bool|None=None) -> dict:
     "The projector's tensors under their original LLaVA names (+ `model.embed_tokens.weight` with im_start/end)."
     modality = projector_modality(model, modality)
@@ -126,6 +133,7 @@ def projector_state_dict(model, modality:str|None=None, include_embed_tokens:boo
         sd["model.embed_tokens.weight"] = model.get_input_embeddings().weight.detach().cpu().clone()
     return sd
 
+# %% ../../nbs/36_checkpoint.ipynb #8da0f341
 def save_projector(model, # a QllavaForCausalLM
                    folder, # output folder
                    modality:str|None=None, # whose projector; None = the model's first
@@ -140,6 +148,7 @@ def save_projector(model, # a QllavaForCausalLM
     save_file(sd, str(folder / f"{stem}.safetensors"), metadata={"format": "pt"})
     return [f"{stem}.bin", f"{stem}.safetensors"]
 
+# %% ../../nbs/36_checkpoint.ipynb #3fad30dc
 def load_projector(model, # a QllavaForCausalLM (changed in place)
                    path, # a .bin / .safetensors projector file, or a folder holding one
                    modality:str|None=None): # whose projector; None = the model's first
@@ -176,6 +185,7 @@ def load_projector(model, # a QllavaForCausalLM (changed in place)
 # %% ../../nbs/36_checkpoint.ipynb #ffa43ee0
 def _component_of(key:str) -> str: return key.split(".", 1)[0]  # "llm" | "encoders" | "projectors"
 
+# %% ../../nbs/36_checkpoint.ipynb #b9f3cb02
 def save_checkpoint(model, # a QllavaForCausalLM
                     folder, # output folder
                     tokenizer=None, # saved inside when given
@@ -199,11 +209,13 @@ def save_checkpoint(model, # a QllavaForCausalLM
                                               indent=1))
     return folder
 
+# %% ../../nbs/36_checkpoint.ipynb #99b976bb
 def load_tokenizer_from(folder):
     "The tokenizer saved inside a checkpoint folder."
     register_auto_classes()  # its config.json says `qllava`
     return AutoTokenizer.from_pretrained(str(folder))
 
+# %% ../../nbs/36_checkpoint.ipynb #39ee8ce9
 def _quiet_from_pretrained(folder, text_config, dtype, attn, **kw):
     ("transformers' own loading of the LLM in `folder` (for layouts it converts); CheckpointError when tensors are "
      "missing.")
@@ -306,6 +318,7 @@ def load_checkpoint(folder, # a qllava checkpoint folder
     if device is not None: model = model.to(device)
     return model.eval()
 
+# %% ../../nbs/36_checkpoint.ipynb #aa9dfa30
 def load_model(folder, **kwargs) -> tuple:
     "(model, tokenizer) of a qllava checkpoint folder that holds its tokenizer."
     if not read_manifest(folder).get("tokenizer"):
@@ -320,11 +333,13 @@ def register_auto_classes():
     try: AutoModelForCausalLM.register(QllavaConfig, QllavaForCausalLM)
     except ValueError: pass  # already registered
 
+# %% ../../nbs/36_checkpoint.ipynb #86062f43
 @patch
 def save_pretrained(self:QllavaForCausalLM, save_directory, tokenizer=None, stage:str|None=None, **kwargs):
     "Save config + safetensors weights + `qllava_manifest.json` (+ the tokenizer when given), as `save_checkpoint`."
     return save_checkpoint(self, save_directory, tokenizer=tokenizer, stage=stage, **kwargs)
 
+# %% ../../nbs/36_checkpoint.ipynb #e4e719f1
 @patch(cls_method=True)
 def from_pretrained(cls:QllavaForCausalLM, pretrained_model_name_or_path, *args, **kwargs):
     ("Load a qllava checkpoint folder, as `load_checkpoint`: what is inside is read from its manifest, never guessed "
@@ -339,12 +354,14 @@ def quantization_config(cfg:TrainConfig, compute_dtype=None):
                               llm_int8_has_fp16_weight=False, bnb_4bit_compute_dtype=compute_dtype or torch.float32,
                               bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_quant_type=cfg.quant_type)
 
+# %% ../../nbs/36_checkpoint.ipynb #cdaa6c20
 def run_encoders(cfg:TrainConfig) -> dict:
     ("modality -> encoder spec a run builds: `--encoders`, else `--vision_tower` under its encoder's modality (none: "
      "text only).")
     if cfg.encoders: return dict(cfg.encoders)
     return {encoder_modality(cfg.vision_tower): cfg.vision_tower} if cfg.vision_tower else {}
 
+# %% ../../nbs/36_checkpoint.ipynb #139df027
 def load_base_model(cfg:TrainConfig, dtype=None, ds_config:dict|None=None):
     ("The model a run trains (and a LoRA run's adapters belong to): a preset / hub LLM with a fresh projector, or a "
      "qllava checkpoint folder.")
@@ -361,6 +378,7 @@ def load_base_model(cfg:TrainConfig, dtype=None, ds_config:dict|None=None):
                        use_im_start_end=cfg.mm_use_im_start_end, dtype=dtype, ds_config=ds_config,
                        quantization_config=quantization_config(cfg, dtype))
 
+# %% ../../nbs/36_checkpoint.ipynb #c54046ba
 def load_lora_run(run_dir, # output_dir of a LoRA / QLoRA run
                   full_precision:bool=False, # load a QLoRA run's base unquantised (for merging), not in its 4 / 8 bits
                  ) -> tuple:
@@ -383,6 +401,7 @@ def load_lora_run(run_dir, # output_dir of a LoRA / QLoRA run
                               "nothing in it was run. Fix: use an adapter_model.safetensors you trust.") from None
     return model.eval(), tok
 
+# %% ../../nbs/36_checkpoint.ipynb #469cc391
 def merge_lora(run_dir, # output_dir of a LoRA run
                out_dir): # where the merged full checkpoint goes
     "Fold a LoRA run's adapters into its base LLM (a QLoRA base read unquantised) and save a full checkpoint."
@@ -391,6 +410,7 @@ def merge_lora(run_dir, # output_dir of a LoRA run
     save_checkpoint(model, out_dir, tokenizer=tok, stage="lora-merged")
     return model
 
+# %% ../../nbs/36_checkpoint.ipynb #4c9d6bd5
 def merge_lora_cli(argv:list[str]|None=None) -> int:
     "`qllava merge-lora RUN_DIR OUT_DIR`"
     p = ArgumentParser(prog="qllava merge-lora", description="Merge a LoRA run's adapters into a full checkpoint.")
@@ -399,11 +419,11 @@ def merge_lora_cli(argv:list[str]|None=None) -> int:
     merge_lora(a.run_dir, a.out_dir); print(f"merged checkpoint written to {a.out_dir}")
     return 0
 
+# %% ../../nbs/36_checkpoint.ipynb #dc506674
 def load_trained(run_dir):
     "(model, tokenizer) from a stage-2 run folder: a full checkpoint or a LoRA run (adapters attached)."
     run_dir = Path(run_dir)
     return load_lora_run(run_dir) if (run_dir / "adapter").is_dir() else load_model(run_dir)
-
 
 # %% ../../nbs/36_checkpoint.ipynb #c74e4b22
 LLAVA_LLM_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_mixtral": "mixtral",
@@ -413,6 +433,7 @@ _LLAVA_ONLY_FIELDS = {"architectures", "auto_map", "_name_or_path", "transformer
                       "tune_mm_mlp_adapter",
                       "freeze_mm_mlp_adapter", "use_mm_proj", "unfreeze_mm_vision_tower", "s2", "s2_scales"}
 
+# %% ../../nbs/36_checkpoint.ipynb #a907afbe
 def read_llava_config(folder) -> dict:
     "The `config.json` of an original LLaVA checkpoint (CheckpointError when it is not one)."
     p = Path(folder) / "config.json"
@@ -422,6 +443,7 @@ def read_llava_config(folder) -> dict:
         raise CheckpointError(f"{p}: no mm_vision_tower / mm_projector_type fields; not an original LLaVA checkpoint.")
     return cfg
 
+# %% ../../nbs/36_checkpoint.ipynb #0880fb81
 def llava_text_config(cfg:dict) -> dict:
     "The LLM's own config kwargs inside an original LLaVA config (mm_* and LLaVA-only fields dropped)."
     mt = cfg.get("model_type", "llava")
@@ -429,6 +451,7 @@ def llava_text_config(cfg:dict) -> dict:
     out["model_type"] = LLAVA_LLM_TYPES.get(mt, mt)
     return out
 
+# %% ../../nbs/36_checkpoint.ipynb #86f57fde
 def _encoder_spec(tower:str) -> str:
     ("qllava spec for an original `mm_vision_tower` value: a local folder the encoder registry recognises by its files "
      "becomes `KIND:FOLDER`.")
@@ -438,6 +461,7 @@ def _encoder_spec(tower:str) -> str:
         except ConfigError: pass  # no encoder kind recognises it: building the encoder says so
     return tower
 
+# %% ../../nbs/36_checkpoint.ipynb #f3f66075
 def split_llava_state_dict(sd:dict) -> tuple:
     "(llm, projector, vision tower) tensors of an original LLaVA state dict, each with its prefix removed."
     llm, proj, tower = {}, {}, {}
@@ -477,6 +501,7 @@ def _load_into(module:nn.Module, sd:dict, what:str, where, allow_missing=()):
         raise CheckpointError(f"{where}: the {what} tensors do not match: missing {missing[:4]}, unexpected "
                               f"{unexpected[:4]}.")
 
+# %% ../../nbs/36_checkpoint.ipynb #99e8d519
 def _load_clip_tower(encoder, tower_sd:dict, where):
     "Put original `vision_tower` tensors into an HF-CLIP encoder (keys with or without `vision_model.`)."
     hf = encoder.as_hf_clip() if hasattr(encoder, "as_hf_clip") else None
@@ -625,11 +650,13 @@ def _export_probes(template:str, use_im_start_end:bool) -> list[str]:
         conv += [{"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]
     return out + [spans_text(render(template, conv, use_im_start_end=use_im_start_end))]
 
+# %% ../../nbs/36_checkpoint.ipynb #686ed2f9
 def _ids_ours(tokenizer, texts:list[str], n:int) -> list[list[int]]:
     "Our training / answering ids of `texts`, each image placeholder repeated `n` times."
     mid = tokenizer.convert_tokens_to_ids("<image>")
     return [[t for i in ids for t in ([i] * n if i == mid else [i])] for ids, _, _ in encode_chunked(tokenizer, texts)]
 
+# %% ../../nbs/36_checkpoint.ipynb #ee573f8b
 def _ids_whole(tokenizer, texts:list[str], n:int) -> list[list[int]]:
     "What transformers' Llava processor gives: each placeholder repeated `n` times, the whole text tokenised at once."
     return tokenizer([t.replace("<image>", "<image>" * n) for t in texts], add_special_tokens=True).input_ids
@@ -642,6 +669,7 @@ def stop_token_ids(tokenizer, template:str) -> list[int]:
                                       if s in tokenizer.get_added_vocab() or s == tokenizer.eos_token]
     return list(dict.fromkeys(i for i in ids if i is not None))
 
+# %% ../../nbs/36_checkpoint.ipynb #33f153b5
 def save_llava_processor(model, clip, tokenizer, out_dir:Path):
     "The `LlavaProcessor` of an export: padding image processor, the tokenizer aligned to training, the chat template."
     enc, c = model.encoders["image"], model.config
@@ -697,6 +725,7 @@ def llava_hf_state_dict(model, clip) -> dict:
         sd[f"model.language_model.{k[len(base) + 1:]}" if k.startswith(base + ".") else k] = v
     return sd
 
+# %% ../../nbs/36_checkpoint.ipynb #5cc310e0
 def export_hf(model, # a QllavaForCausalLM with one CLIP-family image encoder and an mlp2x_gelu projector
               out_dir, # output folder
               tokenizer=None, # when given, a LlavaProcessor is saved too
@@ -732,7 +761,6 @@ def export_hf(model, # a QllavaForCausalLM with one CLIP-family image encoder an
     if tokenizer is not None: save_llava_processor(model, clip, tokenizer, out_dir)
     return out_dir
 
-
 # %% ../../nbs/36_checkpoint.ipynb #66a3c526
 def import_llava_cli(argv:list[str]|None=None) -> int:
     "qllava import-llava: convert an original LLaVA checkpoint folder into a qllava checkpoint."
@@ -750,6 +778,7 @@ def import_llava_cli(argv:list[str]|None=None) -> int:
           f"{model.config.encoders['image']}, projector {model.config.projector}")
     return 0
 
+# %% ../../nbs/36_checkpoint.ipynb #c841fc01
 def _checkpoint_out_parser(prog:str, description:str, out_help:str) -> ArgumentParser:
     "The parser of a command that reads a qllava checkpoint folder and writes into an output folder."
     ap = ArgumentParser(prog=prog, description=description)
@@ -757,6 +786,7 @@ def _checkpoint_out_parser(prog:str, description:str, out_help:str) -> ArgumentP
     ap.add_argument("out_dir", help=out_help)
     return ap
 
+# %% ../../nbs/36_checkpoint.ipynb #4f438402
 def export_hf_cli(argv:list[str]|None=None) -> int:
     "qllava export-hf: write a qllava checkpoint as a transformers LlavaForConditionalGeneration folder."
     a = _checkpoint_out_parser("qllava export-hf", export_hf.__doc__,
@@ -767,6 +797,7 @@ def export_hf_cli(argv:list[str]|None=None) -> int:
     print(f"wrote {a.out_dir} (LlavaForConditionalGeneration{' + LlavaProcessor' if man.get('tokenizer') else ''})")
     return 0
 
+# %% ../../nbs/36_checkpoint.ipynb #0965ef35
 def extract_projector_cli(argv:list[str]|None=None) -> int:
     "qllava extract-projector: write mm_projector.bin/.safetensors (original key names) from a qllava checkpoint."
     ap = _checkpoint_out_parser("qllava extract-projector", extract_projector_cli.__doc__,

@@ -59,6 +59,7 @@ class EncoderKind:
 ENCODER_KINDS: dict[str, EncoderKind] = {}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
+# %% ../../nbs/30_encoders.ipynb #5a68a0fa
 # the spec prefix (letters, digits, '_', '-', '.'); registering a name again replaces that kind
 def register_encoder_kind(name:str,
                           build:Callable, # (target, spec, select_layer, select_feature, **options) -> Encoder
@@ -84,8 +85,10 @@ def register_encoder_kind(name:str,
     ENCODER_KINDS[name] = kind
     return kind
 
+# %% ../../nbs/30_encoders.ipynb #a1882e42
 def _spec_help() -> str: return "use one of " + ", ".join(k.syntax for k in ENCODER_KINDS.values())
 
+# %% ../../nbs/30_encoders.ipynb #9889b176
 def resolve_spec(spec:str, # e.g. "preset:tiny-clip", "openai/clip-vit-large-patch14-336", "wisdomik/QuiltNet-B-32"
                 ) -> tuple[str, str]:
     ("Split an encoder spec into `(kind, target)`: `KIND:TARGET` of a registered kind, or a bare spec a kind "
@@ -113,10 +116,12 @@ def resolve_spec(spec:str, # e.g. "preset:tiny-clip", "openai/clip-vit-large-pat
                           f"(e.g. open_clip_config.json, or the config.json of a CLIP model). Fix: {_spec_help()}.")
     raise ConfigError(f"unknown encoder spec {spec!r}. Fix: {_spec_help()}.")
 
+# %% ../../nbs/30_encoders.ipynb #0e45a1e2
 def encoder_kind(spec:str) -> EncoderKind:
     "The registered kind of the encoder `spec` names."
     return ENCODER_KINDS[resolve_spec(spec)[0]]
 
+# %% ../../nbs/30_encoders.ipynb #315cdcc2
 def encoder_modality(spec:str) -> str:
     "The modality of the encoder `spec` names (\"image\", \"sensor\", ...), from its kind: nothing is built."
     kind, target = resolve_spec(spec)
@@ -135,6 +140,7 @@ def _unwrap_state_dict(obj, path) -> dict:
     if all(k.startswith("module.") for k in tensors): tensors = {k[len("module."):]: v for k, v in tensors.items()}
     return tensors
 
+# %% ../../nbs/30_encoders.ipynb #3c8e1c18
 def load_weights_file(path, # a .safetensors file, or a .bin/.pt/.pth/.ckpt pickle of tensors
                      ) -> dict[str, torch.Tensor]:
     "Read a state dict on CPU; pickles only through `torch.load(weights_only=True)`, refusing anything that needs more."
@@ -172,11 +178,13 @@ def load_weights_file(path, # a .safetensors file, or a .bin/.pt/.pth/.ckpt pick
 # %% ../../nbs/30_encoders.ipynb #3af8cea3
 SELECT_FEATURES = ("patch", "cls_patch")
 
+# %% ../../nbs/30_encoders.ipynb #81de6ad5
 def vit_num_tokens(grid:int, # patches per side (image_size // patch_size)
                    select_feature:str) -> int:
     "Tokens a square ViT gives per image: one per patch, and the CLS token too for `cls_patch`."
     return grid ** 2 + (select_feature == "cls_patch")
 
+# %% ../../nbs/30_encoders.ipynb #f1faeffa
 def check_select(select_layer:int, # index into [embeddings, block 1, ..., block n_blocks]
                  select_feature:str, # "patch" or "cls_patch"
                  n_blocks:int, # number of transformer blocks in the tower
@@ -337,6 +345,7 @@ def _check_open_clip_vit(visual, spec:str=""):
         raise ConfigError(f"{spec}: only open_clip ViT image towers are supported here (got {type(visual).__name__}). "
                           f"Fix: choose a ViT architecture such as ViT-B-32 (QuiltNet-B-32).")
 
+# %% ../../nbs/30_encoders.ipynb #4a1084d0
 def open_clip_hidden_state(visual, # an open_clip VisionTransformer (model.visual)
                            x:torch.Tensor, # (B, 3, S, S) normalised pixels
                            n_blocks:int, # run this many blocks (0 = embeddings after ln_pre)
@@ -388,6 +397,7 @@ def _hf_act_name(act:nn.Module) -> str:
     raise ConfigError(f"open_clip activation {name} has no transformers CLIP equivalent. Fix: export only towers using "
                       "GELU or QuickGELU.")
 
+# %% ../../nbs/30_encoders.ipynb #c6871ed4
 def open_clip_to_hf_config(visual, # open_clip VisionTransformer
                           ):
     "The `transformers.CLIPVisionConfig` describing an open_clip ViT (refuses features CLIP lacks)."
@@ -444,6 +454,7 @@ def convert_open_clip_to_hf_clip(open_clip_visual,
 # %% ../../nbs/30_encoders.ipynb #d36e764d
 LIMU_BERT_LLASA = dict(feature_num=6, hidden=72, hidden_ff=144, n_layers=4, n_heads=4, seq_len=120, emb_norm=True)
 
+# %% ../../nbs/30_encoders.ipynb #bc851dad
 class _LimuEmbed(nn.Module):
     def __init__(self, feature_num, hidden, seq_len, emb_norm):
         super().__init__()
@@ -454,6 +465,7 @@ class _LimuEmbed(nn.Module):
         if self.emb_norm: e = self.norm(e)
         return self.norm(e + self.pos_embed.weight[: x.shape[1]])
 
+# %% ../../nbs/30_encoders.ipynb #79e002de
 class _LimuAttention(nn.Module):
     def __init__(self, hidden, n_heads):
         super().__init__()
@@ -465,6 +477,7 @@ class _LimuAttention(nn.Module):
         q, k, v = (p(h).view(B, T, self.n_heads, -1).transpose(1, 2) for p in (self.proj_q, self.proj_k, self.proj_v))
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, H)
 
+# %% ../../nbs/30_encoders.ipynb #d1174143
 class _LimuFeedForward(nn.Module):
     def __init__(self, hidden, hidden_ff):
         super().__init__()
@@ -567,37 +580,45 @@ def seeded(seed:int):
         torch.manual_seed(seed)
         yield
 
+# %% ../../nbs/30_encoders.ipynb #34b52834
 def _layer(select_layer:int|None, default:int) -> int: return default if select_layer is None else select_layer
 
+# %% ../../nbs/30_encoders.ipynb #7f70e082
 def _preset_mean_std(p:dict) -> tuple[tuple, tuple]:
     pre = p.get("preprocessing", {})
     return tuple(pre.get("mean") or OPENAI_CLIP_MEAN), tuple(pre.get("std") or OPENAI_CLIP_STD)
 
+# %% ../../nbs/30_encoders.ipynb #11a04ad0
 def _vit_tokens(image_size:int, patch_size:int, n_blocks:int, select_layer, select_feature:str, spec:str,
                 default_layer:int=-2) -> int:
     "`vit_num_tokens` after the same layer / feature check the tower makes when it is built."
     check_select(_layer(select_layer, default_layer), select_feature, n_blocks, spec)
     return vit_num_tokens(image_size // patch_size, select_feature)
 
+# %% ../../nbs/30_encoders.ipynb #9f6d5d9b
 # clip_vision presets: CLIPVisionConfig kwargs
 def _clip_preset_config(p:dict):
     from transformers import CLIPVisionConfig
     return CLIPVisionConfig(**p.get("config", {}))
 
+# %% ../../nbs/30_encoders.ipynb #b76ecb7f
 def _clip_from_preset(p:dict, spec:str, select_layer=None, select_feature:str="patch") -> Encoder:
     from transformers import CLIPVisionModel
     with seeded(p.get("seed", 0)): tower = CLIPVisionModel(_clip_preset_config(p))
     return HFClipEncoder(tower.eval(), spec, _layer(select_layer, -2), select_feature, *_preset_mean_std(p))
 
+# %% ../../nbs/30_encoders.ipynb #4aec2e02
 def _clip_preset_tokens(p:dict, select_layer=None, select_feature:str="patch") -> int:
     c = _clip_preset_config(p)
     return _vit_tokens(c.image_size, c.patch_size, c.num_hidden_layers, select_layer, select_feature,
                        f"preset:{p.get('name')}")
 
+# %% ../../nbs/30_encoders.ipynb #aa651f52
 def _clip_preset_media(p:dict) -> dict:
     mean, std = _preset_mean_std(p)
     return dict(image_size=_clip_preset_config(p).image_size, image_mean=mean, image_std=std)
 
+# %% ../../nbs/30_encoders.ipynb #c19995fb
 # open_clip presets: open_clip VisionTransformer kwargs (+ quick_gelu)
 def _open_clip_from_preset(p:dict, spec:str, select_layer=None, select_feature:str="patch") -> Encoder:
     from open_clip.transformer import VisionTransformer, QuickGELU
@@ -608,32 +629,39 @@ def _open_clip_from_preset(p:dict, spec:str, select_layer=None, select_feature:s
     visual.preprocess_cfg = dict(mean=mean, std=std)
     return OpenClipEncoder(visual.eval(), spec, _layer(select_layer, -2), select_feature)
 
+# %% ../../nbs/30_encoders.ipynb #ba4b0b14
 def _open_clip_preset_tokens(p:dict, select_layer=None, select_feature:str="patch") -> int:
     c = p["config"]
     return _vit_tokens(c["image_size"], c["patch_size"], c["layers"], select_layer, select_feature,
                        f"preset:{p.get('name')}")
 
+# %% ../../nbs/30_encoders.ipynb #018187d7
 def _open_clip_preset_media(p:dict) -> dict:
     mean, std = _preset_mean_std(p)
     return dict(image_size=int(p["config"]["image_size"]), image_mean=mean, image_std=std)
 
+# %% ../../nbs/30_encoders.ipynb #2644943a
 # limu_bert presets: LimuBert kwargs
 def _limu_preset_config(p:dict) -> dict: return {**LIMU_BERT_LLASA, **p.get("config", {})}
 
+# %% ../../nbs/30_encoders.ipynb #ff18c477
 def _limu_from_preset(p:dict, spec:str, select_layer=None, select_feature:str="patch") -> Encoder:
     pre = p.get("preprocessing", {})
     with seeded(p.get("seed", 0)): limu = LimuBert(**p.get("config", {}))
     return LimuBertEncoder(limu.eval(), spec, _layer(select_layer, -1), select_feature, pre.get("mean"), pre.get("std"))
 
+# %% ../../nbs/30_encoders.ipynb #52336443
 def _limu_preset_tokens(p:dict, select_layer=None, select_feature:str="patch") -> int:
     c = _limu_preset_config(p)
     check_select(_layer(select_layer, -1), select_feature, c["n_layers"], f"preset:{p.get('name')}")
     return c["seq_len"]
 
+# %% ../../nbs/30_encoders.ipynb #4c8ce00e
 def _limu_preset_media(p:dict) -> dict:
     c, pre = _limu_preset_config(p), p.get("preprocessing", {})
     return dict(window=c["seq_len"], channels=c["feature_num"], mean=pre.get("mean"), std=pre.get("std"))
 
+# %% ../../nbs/30_encoders.ipynb #57a3f8bd
 def preset_encoder_kind(name:str, # shipped preset name (e.g. "tiny-clip") or path of a preset JSON file
                        ) -> tuple[EncoderKind, dict]:
     "(the encoder kind whose towers preset `name` describes, the preset): the preset's `kind` decides."
@@ -645,6 +673,7 @@ def preset_encoder_kind(name:str, # shipped preset name (e.g. "tiny-clip") or pa
                           f"{', '.join(kinds)} (e.g. tiny-clip, tiny-limu, bench-vit-b32, limu-bert).")
     return k, p
 
+# %% ../../nbs/30_encoders.ipynb #de13c7c6
 def build_preset_encoder(name:str, # shipped preset name (e.g. "tiny-clip") or path of a preset JSON file
                          select_layer:int|None=None, select_feature:str="patch") -> Encoder:
     "A randomly initialised tower described by preset `name`, identical on every call."
@@ -696,10 +725,12 @@ OPEN_CLIP_HUB_IDS = ("wisdomik/QuiltNet-B-32", "wisdomik/QuiltNet-B-16", "wisdom
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 CLIP_MODEL_TYPES = ("clip", "clip_vision_model")  # config.json `model_type`s transformers' CLIPVisionModel loads
 
+# %% ../../nbs/30_encoders.ipynb #c5bf3113
 def _hub_id(spec:str) -> bool:
     "Whether `spec` reads as a hub id ORG/NAME and is not a local path."
     return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec)) and not Path(spec).expanduser().exists()
 
+# %% ../../nbs/30_encoders.ipynb #42c10a10
 def _cached_hub_file(repo_id:str, filename:str) -> Path|None:
     "A file of a hub repository if the local hub cache holds it (no network)."
     try:
@@ -708,15 +739,18 @@ def _cached_hub_file(repo_id:str, filename:str) -> Path|None:
     except Exception: return None
     return Path(f) if isinstance(f, str) and Path(f).is_file() else None
 
+# %% ../../nbs/30_encoders.ipynb #6ff6d6a6
 def _read_json(path) -> dict|None:
     try: return json.loads(Path(path).read_text())
     except Exception: return None
 
+# %% ../../nbs/30_encoders.ipynb #e4d512ba
 def is_clip_config(cfg:dict|None, # a config.json's content
                   ) -> bool:
     "Whether a transformers config.json describes a CLIP model (a full CLIPModel or a CLIPVisionModel)."
     return isinstance(cfg, dict) and cfg.get("model_type") in CLIP_MODEL_TYPES
 
+# %% ../../nbs/30_encoders.ipynb #d2ddfca5
 # ---- open_clip
 def _open_clip_recognise(spec:str) -> str|None:
     if spec.startswith(("hf-hub:", "local-dir:")): return spec   # open_clip's own names of a model
@@ -726,6 +760,7 @@ def _open_clip_recognise(spec:str) -> str|None:
         return f"hf-hub:{spec}"
     return None
 
+# %% ../../nbs/30_encoders.ipynb #bce49e13
 def _open_clip_config(target:str) -> dict|None:
     ("open_clip's config of a target ({'model_cfg': ..., 'preprocess_cfg': ...}) from its open_clip_config.json or "
      "open_clip's own table.")
@@ -737,6 +772,7 @@ def _open_clip_config(target:str) -> dict|None:
     cfg = open_clip.get_model_config(target.partition("@")[0])
     return {"model_cfg": cfg} if cfg else None
 
+# %% ../../nbs/30_encoders.ipynb #6b8854e9
 def _open_clip_vision(target:str):
     ("open_clip's CLIPVisionCfg of a target when it is a plain square ViT the config files describe (else None: "
      "building tells why).")
@@ -749,13 +785,16 @@ def _open_clip_vision(target:str):
     if not isinstance(v.image_size, int) and len(set(v.image_size)) != 1: return None
     return v
 
+# %% ../../nbs/30_encoders.ipynb #ecd0a7a7
 def _open_clip_size(v) -> int: return v.image_size if isinstance(v.image_size, int) else v.image_size[0]
 
+# %% ../../nbs/30_encoders.ipynb #7dbc8728
 def _open_clip_tokens(target:str, select_layer=None, select_feature:str="patch") -> int|None:
     v = _open_clip_vision(target)
     return None if v is None else _vit_tokens(_open_clip_size(v), v.patch_size, v.layers, select_layer, select_feature,
                                               f"open_clip:{target}")
 
+# %% ../../nbs/30_encoders.ipynb #c0e451e9
 def _open_clip_media(target:str) -> dict|None:
     # a pretrained tag may bring its own normalisation: built
     if not target.startswith(("hf-hub:", "local-dir:")): return None
@@ -766,9 +805,11 @@ def _open_clip_media(target:str) -> dict|None:
           **((_open_clip_config(target) or {}).get("preprocess_cfg") or {})}
     return dict(image_size=int(_open_clip_size(v)), image_mean=tuple(pp["mean"]), image_std=tuple(pp["std"]))
 
+# %% ../../nbs/30_encoders.ipynb #ecdf628c
 def _build_open_clip(target:str, spec:str, select_layer=None, select_feature:str="patch", **_) -> Encoder:
     return OpenClipEncoder(load_open_clip_visual(target), spec, _layer(select_layer, -2), select_feature)
 
+# %% ../../nbs/30_encoders.ipynb #c4478f83
 # ---- transformers CLIP
 def _hf_clip_recognise(spec:str) -> str|None:
     p = Path(spec).expanduser()
@@ -776,8 +817,10 @@ def _hf_clip_recognise(spec:str) -> str|None:
     if _hub_id(spec) and (f := _cached_hub_file(spec, "config.json")) and is_clip_config(_read_json(f)): return spec
     return None
 
+# %% ../../nbs/30_encoders.ipynb #97d35a1b
 def _hf_clip_fallback(spec:str) -> str|None: return spec if _hub_id(spec) else None
 
+# %% ../../nbs/30_encoders.ipynb #68d9c368
 def _hf_clip_config(target:str):
     "The CLIPVisionConfig of a hub id or folder, from its config.json alone (None when that cannot be read here)."
     from transformers import CLIPVisionConfig
@@ -788,17 +831,20 @@ def _hf_clip_config(target:str):
     except Exception: return None
     finally: hf_logging.set_verbosity(old)
 
+# %% ../../nbs/30_encoders.ipynb #a79aae22
 def _hf_clip_tokens(target:str, select_layer=None, select_feature:str="patch") -> int|None:
     c = _hf_clip_config(target)
     return None if c is None else _vit_tokens(c.image_size, c.patch_size, c.num_hidden_layers, select_layer,
                                               select_feature, f"hf-clip:{target}")
 
+# %% ../../nbs/30_encoders.ipynb #b14d5af1
 def _hf_clip_media(target:str) -> dict|None:
     c = _hf_clip_config(target)
     if c is None: return None
     mean, std = read_clip_preprocessing(target, c.image_size)
     return dict(image_size=c.image_size, image_mean=tuple(mean), image_std=tuple(std))
 
+# %% ../../nbs/30_encoders.ipynb #487429af
 def _build_hf_clip(target:str, spec:str, select_layer=None, select_feature:str="patch", **_) -> Encoder:
     tower = load_hf_clip(target)
     mean, std = read_clip_preprocessing(target, tower.config.image_size)
@@ -807,6 +853,7 @@ def _build_hf_clip(target:str, spec:str, select_layer=None, select_feature:str="
 # ---- LIMU-BERT
 LIMU_ARCH_KEYS = ("n_layers", "n_heads", "emb_norm")  # what a LIMU-BERT checkpoint cannot tell
 
+# %% ../../nbs/30_encoders.ipynb #b762c596
 def _tensor_names(p:Path, max_pickle_bytes:int=256 << 20) -> list|None:
     "Tensor names of a weights file (a safetensors header, or a small pickle read safely); None when unreadable."
     try:
@@ -816,6 +863,7 @@ def _tensor_names(p:Path, max_pickle_bytes:int=256 << 20) -> list|None:
         return list(load_weights_file(p)) if p.stat().st_size <= max_pickle_bytes else None
     except Exception: return None
 
+# %% ../../nbs/30_encoders.ipynb #e719c455
 def is_limu_bert_names(names) -> bool:
     ("Whether tensor names hold exactly one LIMU-BERT encoder (one `embed.lin.weight`, with its "
      "`embed.pos_embed.weight`).")
@@ -823,12 +871,14 @@ def is_limu_bert_names(names) -> bool:
     anchors = [k for k in names if k == "embed.lin.weight" or k.endswith(".embed.lin.weight")]
     return len(anchors) == 1 and anchors[0][: -len("lin.weight")] + "pos_embed.weight" in names
 
+# %% ../../nbs/30_encoders.ipynb #02bd8f3d
 def _limu_recognise(spec:str) -> str|None:
     p = Path(spec).expanduser()
     if not (p.suffix in WEIGHT_SUFFIXES and p.is_file()): return None
     names = _tensor_names(p)
     return str(p.resolve()) if names and is_limu_bert_names(names) else None
 
+# %% ../../nbs/30_encoders.ipynb #66b83c50
 def _limu_shape(target:str) -> tuple[int, int]:
     "(window, channels) of a LIMU-BERT checkpoint, from its tensors."
     sd = limu_bert_state_dict(load_weights_file(target), target)
@@ -837,15 +887,18 @@ def _limu_shape(target:str) -> tuple[int, int]:
         raise CheckpointError(f"{target}: LIMU-BERT tensor {e} is missing. Fix: pass a complete LIMU-BERT "
                               "checkpoint.") from None
 
+# %% ../../nbs/30_encoders.ipynb #e268f9da
 def _limu_tokens(target:str, select_layer=None, select_feature:str="patch") -> int:
     # the feature only: the passes depend on `arch`, which the file cannot tell
     check_select(0, select_feature, 0, f"limu-bert:{target}")
     return _limu_shape(target)[0]
 
+# %% ../../nbs/30_encoders.ipynb #ceedcd07
 def _limu_media(target:str) -> dict:
     T, C = _limu_shape(target)
     return dict(window=T, channels=C, mean=None, std=None)
 
+# %% ../../nbs/30_encoders.ipynb #b8886eba
 def _build_limu_bert(target:str, spec:str, select_layer=None, select_feature:str="patch", arch:dict|None=None,
                      **_) -> Encoder:
     unknown = set(arch or {}) - set(LIMU_ARCH_KEYS)
@@ -854,17 +907,21 @@ def _build_limu_bert(target:str, spec:str, select_layer=None, select_feature:str
                           f"{', '.join(LIMU_ARCH_KEYS)}.")
     return LimuBertEncoder(load_limu_bert(target, **(arch or {})), spec, _layer(select_layer, -1), select_feature)
 
+# %% ../../nbs/30_encoders.ipynb #2e739ace
 # ---- presets: the preset's kind decides
 def _preset_modality(target:str) -> str: return preset_encoder_kind(target)[0].modality
 
+# %% ../../nbs/30_encoders.ipynb #ab666a71
 def _preset_tokens(target:str, select_layer=None, select_feature:str="patch") -> int|None:
     k, p = preset_encoder_kind(target)
     return k.preset_tokens(p, select_layer, select_feature) if k.preset_tokens else None
 
+# %% ../../nbs/30_encoders.ipynb #8c306d5c
 def _preset_media(target:str) -> dict|None:
     k, p = preset_encoder_kind(target)
     return k.preset_media(p) if k.preset_media else None
 
+# %% ../../nbs/30_encoders.ipynb #24918a86
 def _build_preset(target:str, spec:str, select_layer=None, select_feature:str="patch", **_) -> Encoder:
     return build_preset_encoder(target, select_layer, select_feature)
 
@@ -915,6 +972,7 @@ def encoder_num_tokens(spec:str, # an encoder spec
     n = k.num_tokens(target, select_layer, select_feature) if k.num_tokens else None
     return build_encoder(spec, select_layer, select_feature).num_tokens if n is None else n
 
+# %% ../../nbs/30_encoders.ipynb #3c297c29
 def encoder_media(spec:str) -> dict:
     ("The preprocessing settings (`Encoder.media`) of the encoder `spec` names, without building it where its kind can "
      "tell.")
@@ -923,6 +981,7 @@ def encoder_media(spec:str) -> dict:
     m = k.media(target) if k.media else None
     return dict(build_encoder(spec).media if m is None else m)
 
+# %% ../../nbs/30_encoders.ipynb #aede4e6d
 def encoder_processor(spec:str):
     "The `qllava.data.media` processor turning a file into the input of the encoder `spec` names (as its `processor`)."
     return make_processor(encoder_modality(spec), encoder_media(spec))

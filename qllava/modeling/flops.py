@@ -48,8 +48,10 @@ def _linear_weights(module) -> int:
     import torch.nn as nn
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
+# %% ../../nbs/35_flops.ipynb #0d50976d
 def _is_lora(name:str) -> bool: return "lora_" in name
 
+# %% ../../nbs/35_flops.ipynb #397908c3
 def _medium_flops(model, modality:str) -> float:
     "FLOPs of one medium through its encoder and projector (forward measured; x3 for a part that trains)."
     from torch.utils.flop_counter import FlopCounterMode

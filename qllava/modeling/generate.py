@@ -18,6 +18,7 @@ def _wrap_all(p:str, config) -> str:
     for m in config.media_token_ids: p = p.replace(f"<{m}>", f"<im_start><{m}><im_end>")
     return p
 
+# %% ../../nbs/34_generate.ipynb #07702b5f
 def expand_media_tokens(ids:torch.Tensor, # (L,) token ids of one prompt
                         n_tokens:dict, # media token id -> N copies
                         ) -> torch.Tensor:
@@ -26,6 +27,7 @@ def expand_media_tokens(ids:torch.Tensor, # (L,) token ids of one prompt
     for tid, n in n_tokens.items(): counts[ids == tid] = n
     return ids.repeat_interleave(counts)
 
+# %% ../../nbs/34_generate.ipynb #8eddb6df
 def encode_prompts(tokenizer, # tokenizer prepared with the media tokens
                    prompts:list, # prompt texts with `<image>` / `<sensor>` placeholders
                    config, # the model's QllavaConfig
@@ -57,6 +59,7 @@ def media_modality(x, # a media item: a tensor, a file path, a PIL image, an arr
                           "Fix: give that prompt's media as {modality: item}.")
     return hits[0]
 
+# %% ../../nbs/34_generate.ipynb #34799467
 def collect_media(model, # a QllavaForCausalLM
                   media:list, # per prompt: None, an item, a list of items or {modality: item(s)}
                   prompts:list|None=None, # prompt texts, to check media counts against placeholders
@@ -102,6 +105,7 @@ def generation_config(tokenizer, # the model's tokenizer
                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                             bos_token_id=tokenizer.bos_token_id, stop_strings=stops or None, **kw)
 
+# %% ../../nbs/34_generate.ipynb #64a610e3
 def cut_at_stop(text:str, stop_strings:list|None) -> str:
     "The text before the first stop string, stripped."
     for s in stop_strings or []:
@@ -149,6 +153,7 @@ def _held_back(text:str, stops:list) -> int:
     "How many trailing characters of `text` could be the beginning of a stop string."
     return max([k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])] + [0])
 
+# %% ../../nbs/34_generate.ipynb #63fd1af8
 def _emit(text:str, stops:list, final:bool) -> tuple[str, bool]:
     "(the part of the generated text that is surely in the answer, whether a stop string was met)."
     if final: return cut_at_stop(text, stops), True

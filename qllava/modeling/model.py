@@ -68,10 +68,12 @@ def get_encoder(spec:str, # encoder spec, e.g. `preset:tiny-clip`
     return build_encoder(spec, select_layer=select_layer, select_feature=select_feature, trainable=trainable,
                          media=media)
 
+# %% ../../nbs/33_model.ipynb #6c1d010f
 def get_projector(kind:str, in_dim:int, out_dim:int) -> nn.Module:
     "A projector from `qllava.modeling.projector.build_projector` (original LLaVA key layout)."
     return build_projector(kind, in_dim, out_dim)
 
+# %% ../../nbs/33_model.ipynb #668d8c50
 def get_llm_preset(name:str) -> dict:
     "LLM config kwargs (with `model_type`) of a shipped preset."
     p = dict(get_preset(name))
@@ -79,6 +81,7 @@ def get_llm_preset(name:str) -> dict:
     cfg.setdefault("model_type", p.get("kind", "llama"))
     return cfg
 
+# %% ../../nbs/33_model.ipynb #bfc4d3cd
 def get_tokenizer(tokenizer="llama-demo", # a tokenizer object, a shipped name, a folder or a hub id
                   use_im_start_end:bool=False, # also add <im_start>/<im_end>
                   template=None): # conversation template: its answer terminator becomes one token if it is not yet
@@ -87,6 +90,7 @@ def get_tokenizer(tokenizer="llama-demo", # a tokenizer object, a shipped name, 
         tokenizer = load_tokenizer(str(tokenizer))
     return prepare_tokenizer(tokenizer, use_im_start_end=use_im_start_end, template=template)
 
+# %% ../../nbs/33_model.ipynb #50a98750
 def media_token_id(tokenizer, modality:str) -> int:
     "Token id of the placeholder of `modality` (`<image>` / `<sensor>`)."
     return _mid(tokenizer, modality)
@@ -137,12 +141,14 @@ def _dummy_input(encoder:nn.Module, device, dtype) -> torch.Tensor:
     "One zero input of the shape `encoder` expects (its modality's `input_shape`), in the tower's dtype."
     return encoder.dummy_input(1).to(device=device)
 
+# %% ../../nbs/33_model.ipynb #4b521611
 def _media_args(media:dict|None, kwargs:dict) -> tuple[dict, dict]:
     ("Split a call's keywords into the media mapping (`media=` and any registered batch key, e.g. a collator's "
      "`images=`) and the rest.")
     keys = {m.batch_key for m in MODALITIES.values()}
     return {**batch_media(kwargs), **(media or {})}, {k: v for k, v in kwargs.items() if k not in keys}
 
+# %% ../../nbs/33_model.ipynb #b74c6ab0
 def _frozen(module:nn.Module) -> bool:
     return not any(p.requires_grad for p in module.parameters())
 
@@ -274,10 +280,12 @@ def _weights_folder(llm:str) -> Path|None:
         return None
     return p
 
+# %% ../../nbs/33_model.ipynb #ef586da0
 def _rank_device():
     "This rank's device for a quantised load: its GPU (LOCAL_RANK), or the CPU (bitsandbytes quantises there too)."
     return int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else "cpu"
 
+# %% ../../nbs/33_model.ipynb #663b3b35
 def _hub_llm(llm:str, attn:str, dtype, ds_config:dict|None, quantization_config):
     ("A hub / folder LLM: built empty, each tensor read once into place (cast as read; under ZeRO-3 by rank 0 into "
      "every rank's share).")
@@ -299,6 +307,7 @@ def _hub_llm(llm:str, attn:str, dtype, ds_config:dict|None, quantization_config)
                                                    "locally.") from None
     return llm_model, switch
 
+# %% ../../nbs/33_model.ipynb #ccd9808b
 def build_llm(llm:str, tokenizer, attn:str, dtype, ds_config:dict|None=None, quantization_config=None) -> tuple:
     ("(the causal LM, transformers' ZeRO-3 switch): a preset with random weights (from torch's current seed), or a hub "
      "id / folder; embeddings grown to the tokenizer.")
@@ -315,6 +324,7 @@ def build_llm(llm:str, tokenizer, attn:str, dtype, ds_config:dict|None=None, qua
     with whole_models(): llm_model = grow(AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype))
     return llm_model, hf_zero3(ds_config)
 
+# %% ../../nbs/33_model.ipynb #76aa2680
 def _build_encoders(encoders:dict, select_layer, select_feature:str, train:bool, media_options:dict|None, dtype,
                     seed:int) -> dict:
     "modality -> its encoder, built seeded and cast to `dtype`; `ConfigError` for an encoder of another modality."
@@ -327,6 +337,7 @@ def _build_encoders(encoders:dict, select_layer, select_feature:str, train:bool,
             raise ConfigError(f"encoder {encoders[m]!r} is a {e.modality} encoder but was given for {m!r}.")
     return encs
 
+# %% ../../nbs/33_model.ipynb #440facbc
 def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a local folder of a causal LM
                 encoders:dict|None=None, # modality -> encoder spec, e.g. {"image": "preset:tiny-clip"}
                 projector:str="mlp2x_gelu", # projector kind (`linear`, `mlpNx_gelu`, `identity`)
@@ -377,6 +388,7 @@ def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a loca
     model.config.text_config = llm_model.config
     return model.eval(), tokenizer
 
+# %% ../../nbs/33_model.ipynb #847df8d7
 def _check_quantizable(llm:str, zero3:bool):
     "Refuse a quantised base that cannot be built: a preset (random weights, no file to quantise from) or ZeRO-3."
     if llm.startswith("preset:"):
@@ -387,6 +399,7 @@ def _check_quantizable(llm:str, zero3:bool):
         raise ConfigError("a 4- / 8-bit base LLM cannot be partitioned by ZeRO-3 (bitsandbytes weights). Fix: use "
                           "--deepspeed zero2, as the original QLoRA scripts do.")
 
+# %% ../../nbs/33_model.ipynb #6fa4b7ab
 def _zero_init(ds_config):
     "DeepSpeed's `zero.Init` for a ZeRO-3 config (modules built inside are sharded at birth), else a no-op."
     if zero_stage(ds_config) != 3: return contextlib.nullcontext()

@@ -30,24 +30,29 @@ def zero_stage(ds_config:dict|None) -> int:
     "ZeRO stage of a DeepSpeed config dict (0 without one)."
     return int(((ds_config or {}).get("zero_optimization") or {}).get("stage", 0) or 0)
 
+# %% ../../nbs/32_weights.ipynb #7f9a8f1e
 def ds_param_dtype(ds_config:dict|None) -> torch.dtype:
     ("The dtype DeepSpeed keeps module parameters in under `ds_config`: bf16, fp16 or fp32 (its optimiser keeps fp32 "
      "masters).")
     on = lambda k: ((ds_config or {}).get(k) or {}).get("enabled") is True
     return torch.bfloat16 if on("bf16") else torch.float16 if on("fp16") else torch.float32
 
+# %% ../../nbs/32_weights.ipynb #df72f6e1
 def is_partitioned(p:torch.Tensor) -> bool:
     "Whether `p` is a ZeRO-3 parameter, its values sharded over the ranks (`p.ds_tensor` is this rank's share)."
     return hasattr(p, "ds_id")
 
+# %% ../../nbs/32_weights.ipynb #7ecb34ad
 def full_numel(p:torch.Tensor) -> int:
     "Elements of a parameter as the model sees it, partitioned or not."
     return int(p.ds_numel) if is_partitioned(p) else p.numel()
 
+# %% ../../nbs/32_weights.ipynb #d3b97016
 def full_shape(p:torch.Tensor) -> tuple:
     "Shape of a parameter as the model sees it, partitioned or not."
     return tuple(p.ds_shape) if is_partitioned(p) else tuple(p.shape)
 
+# %% ../../nbs/32_weights.ipynb #fdbc3d33
 def gathered(params, # parameters (partitioned or not)
              modifier_rank:int|None=0): # the rank whose in-place writes are kept (None: read only)
     "A context in which partitioned `params` are whole on every rank; a no-op for ordinary tensors."
@@ -56,6 +61,7 @@ def gathered(params, # parameters (partitioned or not)
     import deepspeed
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
+# %% ../../nbs/32_weights.ipynb #aa1788c7
 def cast_params(module:nn.Module, dtype) -> nn.Module:
     ("Cast the floating parameters of `module` that are not partitioned to `dtype` (buffers keep theirs, as DeepSpeed "
      "does).")
@@ -64,6 +70,7 @@ def cast_params(module:nn.Module, dtype) -> nn.Module:
             p.data = p.data.to(dtype)
     return module
 
+# %% ../../nbs/32_weights.ipynb #426a9eef
 def partition(module:nn.Module, ds_config:dict|None) -> nn.Module:
     ("Under a ZeRO-3 config, shard every parameter of `module` not yet sharded (cast first to DeepSpeed's dtype); else "
      "a no-op.")
@@ -74,6 +81,7 @@ def partition(module:nn.Module, ds_config:dict|None) -> nn.Module:
     deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
     return module
 
+# %% ../../nbs/32_weights.ipynb #67486aa5
 def hf_zero3(ds_config:dict|None):
     "transformers' ZeRO-3 switch for `ds_config` (an `HfDeepSpeedConfig`; keep it alive as long as the model), or None."
     if zero_stage(ds_config) != 3: return None
@@ -87,6 +95,7 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.
                       "I64": torch.int64,
                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
+# %% ../../nbs/32_weights.ipynb #50f926b0
 def _drop_pages(view:torch.Tensor):
     "Let the kernel drop the file pages wholly under `view`, a copy-on-write view of a file (read again if ever used)."
     import ctypes, mmap, sys
@@ -98,6 +107,7 @@ def _drop_pages(view:torch.Tensor):
     try: ctypes.CDLL(None).madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4)  # MADV_DONTNEED
     except (OSError, AttributeError): pass
 
+# %% ../../nbs/32_weights.ipynb #715a8980
 class WeightReader:
     ("The tensors of a transformers-style weights folder (one file or index-sharded; safetensors or .bin), read one at "
      "a time.")
@@ -172,6 +182,7 @@ class WeightReader:
         return (tuple(self._handle(f).get_slice(key).get_shape()) if f.endswith(".safetensors")
                 else tuple(self._bin_file(f)[key].shape))
 
+# %% ../../nbs/32_weights.ipynb #a6eed2c0
 def whole_models():
     "A context in which transformers builds models whole even while a ZeRO-3 switch (`HfDeepSpeedConfig`) is alive."
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -179,6 +190,7 @@ def whole_models():
     from transformers.modeling_utils import set_zero3_state  # what transformers itself sets inside its own zero.Init
     return set_zero3_state()
 
+# %% ../../nbs/32_weights.ipynb #ac874380
 @contextlib.contextmanager
 def empty_weights():
     "Build modules with every parameter on the meta device (no memory, no random init); buffers stay real."
@@ -188,6 +200,7 @@ def empty_weights():
     # nothing to initialise on meta
     with init_empty_weights(include_buffers=False), whole_models(), no_init_weights(): yield
 
+# %% ../../nbs/32_weights.ipynb #356482c0
 def meta_names(module:nn.Module) -> list:
     "Names of the parameters of `module` that have no values yet (still on the meta device)."
     return [n for n, p in module.named_parameters() if p.device.type == "meta"]
@@ -201,9 +214,11 @@ def release_memory():
     try: ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError): pass
 
+# %% ../../nbs/32_weights.ipynb #3b768b27
 def _shape(reader, key) -> tuple:
     return tuple(reader.shape(key)) if hasattr(reader, "shape") else tuple(reader[key].shape)
 
+# %% ../../nbs/32_weights.ipynb #ac408d41
 def _persistent(sub:nn.Module):
     return [(n, b) for n, b in sub._buffers.items() if b is not None and n not in sub._non_persistent_buffers_set]
 
@@ -315,6 +330,7 @@ def load_weights(module:nn.Module, # built under `empty_weights()`, or an ordina
     _load_buffers(module, found, value, zero3)
     return module
 
+# %% ../../nbs/32_weights.ipynb #4da978e6
 def llm_from_weights(text_config, # the LLM's config (vocabulary as in the weights)
                      reader:WeightReader, # where its tensors are
                      prefix:str="", # the LLM's keys in the reader start with this (e.g. `llm.`)
@@ -347,6 +363,7 @@ def _grown(w:torch.Tensor, n:int) -> torch.Tensor:
         if n > len(w): out[len(w):] = w.mean(0, keepdim=True)
     return out
 
+# %% ../../nbs/32_weights.ipynb #9a9ad77b
 def resize_embeddings(llm:nn.Module, # a transformers causal LM (partitioned under ZeRO-3 or not)
                       n:int): # new vocabulary size (len(tokenizer))
     ("Resize the LLM's input/output embeddings to `n` rows; new rows are the mean of the old ones (deterministic, no "
@@ -378,6 +395,7 @@ def resize_embeddings(llm:nn.Module, # a transformers causal LM (partitioned und
     if tied: llm.tie_weights()
     return llm
 
+# %% ../../nbs/32_weights.ipynb #4c785bc7
 def resolve_dtype(dtype) -> torch.dtype:
     "A torch dtype from a dtype, its name (`bfloat16`, `bf16`, `float16`, `fp16`, `float32`) or None (float32)."
     if dtype is None or isinstance(dtype, torch.dtype): return dtype or torch.float32
@@ -387,4 +405,3 @@ def resolve_dtype(dtype) -> torch.dtype:
     if not isinstance(d, torch.dtype):
         raise ConfigError(f"dtype {dtype!r} is not a torch dtype. Fix: use bfloat16, float16 or float32.")
     return d
-

@@ -57,7 +57,7 @@ def set_media(
     self.modality = media_modality(item, self.model.encoders)
     self.media = self.model.encoders[self.modality].processor(item)  # read and processed once, for every turn
 
-
+# %% ../../nbs/60_chat.ipynb #e54c88f3
 @patch
 def prompt(self: Chat, question: str) -> str:
     "The full prompt for `question`: the conversation so far, the medium's placeholder in its first question."
@@ -95,13 +95,13 @@ def stream(
         {"from": "gpt", "value": "".join(pieces)},
     ]
 
-
+# %% ../../nbs/60_chat.ipynb #30897c85
 @patch
 def _first(self: Chat, question: str) -> str:
     ph = get_modality(self.modality).placeholder if self.modality else None
     return question if ph is None or ph in question else f"{ph}\n{question}"
 
-
+# %% ../../nbs/60_chat.ipynb #8946511b
 @patch
 def ask(
     self: Chat,
@@ -131,7 +131,7 @@ def _upload_to_item(upload: dict):
         return np.load(io.BytesIO(data), allow_pickle=False)
     return Image.open(io.BytesIO(data)).convert("RGB")
 
-
+# %% ../../nbs/60_chat.ipynb #fe45c1b9
 def chat_widget(chat: Chat):  # a `Chat`
     "An ipywidgets UI over a `Chat`: upload, ask, see the streamed answer and the conversation, clear."
     import ipywidgets as w
@@ -202,7 +202,7 @@ def chat_loop(chat: Chat, lines, out=sys.stdout, roles=("USER", "ASSISTANT")):
             print(piece, end="", file=out, flush=True)
         print(file=out, flush=True)
 
-
+# %% ../../nbs/60_chat.ipynb #4cf5c3d1
 def _prompts(role: str):
     "Lines typed at a `ROLE: ` prompt (a pipe gets no prompt text)."
     while True:
@@ -211,7 +211,7 @@ def _prompts(role: str):
         except EOFError:
             return
 
-
+# %% ../../nbs/60_chat.ipynb #012a7128
 def chat_cli(argv: list[str] | None = None) -> int:
     "`qllava chat`: a multi-turn conversation with a checkpoint in the terminal, answers streamed."
     ap = ArgumentParser(prog="qllava chat", description=chat_cli.__doc__)

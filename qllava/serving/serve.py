@@ -39,7 +39,7 @@ class ServeConfig:
     media_folder: str = ""  # local media paths are allowed only inside this folder; empty: none
     api_key_env: str = ""  # name of the environment variable holding the key clients must send; empty: no key
 
-
+# %% ../../nbs/61_serve.ipynb #6d1c3535
 class APIError(Exception):
     "An error the server answers in OpenAI's error shape."
 
@@ -100,7 +100,7 @@ def _local_media(path: str, folder: str):
         raise APIError(400, f"{path}: no such media file in the allowed folder.", param="messages")
     return p
 
-
+# %% ../../nbs/61_serve.ipynb #f252b6a2
 def _part_media(part: dict, cfg: ServeConfig):
     url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
     if not isinstance(url, str):
@@ -111,7 +111,7 @@ def _part_media(part: dict, cfg: ServeConfig):
         else _local_media(url, cfg.media_folder)
     )
 
-
+# %% ../../nbs/61_serve.ipynb #bd997473
 def message_parts(content, cfg: ServeConfig) -> tuple[str, list]:
     "(text, media items) of one message's content: a string, or a list of text and image_url parts."
     if isinstance(content, str):
@@ -154,7 +154,7 @@ def conversation(
         raise APIError(400, "the last message must be the user's.", param="messages")
     return system, turns[:-1], turns[-1]["value"], media
 
-
+# %% ../../nbs/61_serve.ipynb #91f70220
 def _modality(x, model) -> str:
     try:
         m = media_modality(x, model.encoders)
@@ -175,7 +175,7 @@ class GenSettings:
     top_p: float | None = None
     stop: tuple = ()
 
-
+# %% ../../nbs/61_serve.ipynb #f6733eb7
 @dataclass
 class _Job:
     prompt: str
@@ -230,7 +230,7 @@ async def answer(self: BatchEngine, prompt: str, media: list, settings: GenSetti
     await self.queue.put(_Job(prompt, media, settings, fut))
     return await fut
 
-
+# %% ../../nbs/61_serve.ipynb #cc0f648e
 @patch
 async def _gather(self: BatchEngine, first: _Job) -> list:
     ("`first` and the jobs with its settings that keep arriving, each within the wait window of the last (others "
@@ -250,7 +250,7 @@ async def _gather(self: BatchEngine, first: _Job) -> list:
         self.queue.put_nowait(job)
     return jobs
 
-
+# %% ../../nbs/61_serve.ipynb #a777ca65
 @patch
 async def _work(self: BatchEngine):
     "The worker task: gather a batch, answer it in a thread, resolve each request."
@@ -314,7 +314,7 @@ def _settings(body: dict, cfg: ServeConfig) -> GenSettings:
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
     return GenSettings(n, float(t), body.get("top_p") if t else None, stop)
 
-
+# %% ../../nbs/61_serve.ipynb #66c9405d
 def _check_key(request, cfg: ServeConfig):
     if not cfg.api_key_env:
         return
@@ -327,7 +327,7 @@ def _check_key(request, cfg: ServeConfig):
             "invalid_api_key",
         )
 
-
+# %% ../../nbs/61_serve.ipynb #f1692b05
 async def _read_body(request, cfg: ServeConfig) -> dict:
     "The JSON body, read no further than the size limit (413 past it)."
     limit, chunks, size = int(cfg.max_body_mb * 2**20), [], 0
@@ -357,7 +357,7 @@ def _completion(model: str, text: str, finish: str, usage: dict) -> dict:
         "usage": usage,
     }
 
-
+# %% ../../nbs/61_serve.ipynb #b119a9e3
 def _chunk(cid: str, model: str, delta: dict, finish: str | None = None) -> str:
     obj = {
         "id": cid,
@@ -368,7 +368,7 @@ def _chunk(cid: str, model: str, delta: dict, finish: str | None = None) -> str:
     }
     return f"data: {json.dumps(obj)}\n\n"
 
-
+# %% ../../nbs/61_serve.ipynb #f3021b25
 def _usage(engine: BatchEngine, prompt: str, text: str, s: GenSettings) -> tuple[dict, str]:
     "Token counts (the prompt with its media tokens) and the finish reason: length when the answer used every token."
     tok, model = engine.chat.tokenizer, engine.chat.model
@@ -402,7 +402,7 @@ def _prepare(body: dict, engine: BatchEngine, cfg: ServeConfig, name: str) -> tu
         raise APIError(400, str(e), param="messages") from None
     return prompt, media, settings
 
-
+# %% ../../nbs/61_serve.ipynb #22575bb3
 def _sse(engine: BatchEngine, prompt: str, media: list, s: GenSettings, name: str):
     async def events():
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -491,7 +491,7 @@ def free_port(host: str = "127.0.0.1") -> int:  # the address the server will bi
         s.bind((host, 0))
         return s.getsockname()[1]
 
-
+# %% ../../nbs/61_serve.ipynb #457b591a
 def wait_until_up(
     url: str,  # a page of the starting server, e.g. http://127.0.0.1:8000/health
     proc=None,  # the server's `subprocess.Popen`: its exit ends the wait with its output

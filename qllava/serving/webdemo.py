@@ -41,7 +41,7 @@ def _session(state, shared: Chat) -> Chat:
         )
     )
 
-
+# %% ../../nbs/62_webdemo.ipynb #fd7ba16b
 def on_media(item, state, shared: Chat):
     "A new medium (image, or a window file path): a new conversation; for a window, its plot."
     chat = _session(state, shared)
@@ -51,7 +51,7 @@ def on_media(item, state, shared: Chat):
         plot = show_media(item).figure
     return chat, [], "", plot
 
-
+# %% ../../nbs/62_webdemo.ipynb #b2807f7f
 def on_ask(question: str, messages: list, state, shared: Chat):
     "Stream the answer to `question`: yields (conversation, last answer, session, question box)."
     chat = _session(state, shared)

@@ -32,6 +32,7 @@ def write_json(obj, path:str|Path, # output file (parents created)
     path.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
 
+# %% ../../nbs/21_demo.ipynb #24a6cf92
 def write_jsonl(rows:list[dict], path:str|Path):
     "Write `rows` as JSON lines (one compact object a line)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -330,6 +331,7 @@ def sensor_stats(X) -> tuple[list, list]:
     flat = np.asarray(X, dtype=np.float64).reshape(-1, X.shape[-1])
     return [round(float(v), 6) for v in flat.mean(0)], [round(float(v), 6) for v in flat.std(0)]
 
+# %% ../../nbs/21_demo.ipynb #a370e4db
 def build_presets(out:str|Path, # the assets folder; presets go to out/presets/<name>.json
                   llama_vocab:int, # base vocabulary of the llama-demo tokenizer
                   sensor_mean:list, sensor_std:list, # statistics of the demo IMU training windows
@@ -350,11 +352,13 @@ TRAIN_X = ((0, 96), (256, 512))  # training regions (x ranges, full height)
 CLEAR_MARGIN = 0.05
 PATHO_SEED = 0
 
+# %% ../../nbs/21_demo.ipynb #24d83b6e
 def ihc_image():
     "scikit-image's immunohistochemistry image (512, 512, 3) uint8, read from the installed package."
     from skimage import data
     return data.immunohistochemistry()
 
+# %% ../../nbs/21_demo.ipynb #a52a2c83
 def stain_masks(img) -> dict:
     "Boolean masks of hematoxylin- and DAB-stained pixels (density above the channel's Otsu threshold over `img`)."
     from skimage.color import rgb2hed
@@ -363,26 +367,31 @@ def stain_masks(img) -> dict:
     h, d = hed[..., 0], hed[..., 2]
     return {"hema": h > threshold_otsu(h), "dab": d > threshold_otsu(d)}
 
+# %% ../../nbs/21_demo.ipynb #907c2d2e
 def tile_origins(x_ranges, # ((x0, x1), ...) regions a tile must lie inside
                  stride:int, size:int=TILE, height:int=512) -> list[tuple[int, int]]:
     "Top-left (y, x) of every `size` tile inside the regions, row-major."
     xs = [x for x0, x1 in x_ranges for x in range(x0, x1 - size + 1, stride)]
     return [(y, x) for y in range(0, height - size + 1, stride) for x in xs]
 
+# %% ../../nbs/21_demo.ipynb #e4b2aa60
 def tile_measures(masks:dict, origins, size:int=TILE) -> list[dict]:
     "Stained-area fractions per tile: [{'y','x','dab','hema'}] (fractions of the tile's pixels, 0-1)."
     return [{"y": y, "x": x, "dab": float(masks["dab"][y:y+size, x:x+size].mean()),
              "hema": float(masks["hema"][y:y+size, x:x+size].mean())} for y, x in origins]
 
+# %% ../../nbs/21_demo.ipynb #6df84162
 def tertile_cuts(values) -> tuple[float, float]:
     "Cut points between low, moderate and high that put exactly n//3 values below the first and above the second."
     v = sorted(float(x) for x in values); k = len(v) // 3
     return (v[k-1] + v[k]) / 2, (v[-k-1] + v[-k]) / 2
 
+# %% ../../nbs/21_demo.ipynb #66d7d86a
 def level_of(v:float, cuts:tuple) -> str:
     "low / moderate / high of `v` against tertile `cuts`."
     return "low" if v < cuts[0] else "high" if v > cuts[1] else "moderate"
 
+# %% ../../nbs/21_demo.ipynb #894af7c5
 def is_clear(v:float, cuts:tuple, margin:float=CLEAR_MARGIN) -> bool:
     ("Whether `v` lies at least `margin` from both tertile `cuts` (its level is plain to the eye, not a rounding of "
      "the cut).")
@@ -395,6 +404,7 @@ def tile_values(m:dict, cuts:dict) -> dict:
     return dict(dab_level=dl, Dab_level=dl.capitalize(), dab_pct=round(100 * m["dab"]), h_level=hl,
                 h_pct=round(100 * m["hema"]))
 
+# %% ../../nbs/21_demo.ipynb #aa007688
 def closed_qa(key:str, vals:dict) -> tuple[str, str, str]|None:
     "(question, 'yes'|'no', full answer) of closed question `key` for a tile, or None when its level is moderate."
     q, measure, side = PATHO_CLOSED[key]
@@ -410,18 +420,21 @@ def _pick(rng, items):
     "One element of `items` chosen by `rng` (keeps Python types)."
     return items[int(rng.integers(len(items)))]
 
+# %% ../../nbs/21_demo.ipynb #30de5c77
 def _dihedral(a, k:int):
     "Element `k` (0-7) of the dihedral group applied to image array `a` (H, W, C)."
     import numpy as np
     a = np.rot90(a, k % 4)
     return np.ascontiguousarray(a[:, ::-1] if k >= 4 else a)
 
+# %% ../../nbs/21_demo.ipynb #db45282a
 def _save_png(a, path:Path):
     "Save uint8 array `a` as PNG (deterministic bytes)."
     from PIL import Image
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(a).save(path, format="PNG", optimize=False, compress_level=9)
 
+# %% ../../nbs/21_demo.ipynb #a2a0fae5
 def _tile_name(m:dict, k:int=0) -> str:
     return f"y{m['y']:03d}_x{m['x']:03d}" + (f"_d{k}" if k else "") + ".png"
 
@@ -450,6 +463,7 @@ def patho_finetune_conversation(vals:dict, rng,
         conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q}, {"from": "gpt", "value": a}]
     return conv
 
+# %% ../../nbs/21_demo.ipynb #86dc98db
 def text_only_conversation(qas:list, rng) -> list[dict]:
     "A 1-2 turn conversation without media from question/answer pairs `qas`."
     idx = rng.permutation(len(qas))[: 1 + int(rng.integers(2))]
@@ -473,6 +487,7 @@ def patho_train_records(items:list, # (image name, tile values) of every trainin
                   "conversations": text_only_conversation(PATHO_TEXT_QA, rng)} for i in range(n_text)]
     return pretrain, [finetune[int(i)] for i in rng.permutation(len(finetune))], n_text
 
+# %% ../../nbs/21_demo.ipynb #154ea6f9
 def patho_eval_picks(evals:list, # measured evaluation tiles with their `vals`
                      cuts:dict, rng, n_closed_each:int, n_open:int) -> list[tuple[dict, str]]:
     ("(tile, question key) pairs: balanced yes / no for each asked closed question on clear tiles, then open "
@@ -490,6 +505,7 @@ def patho_eval_picks(evals:list, # measured evaluation tiles with their `vals`
             questions += [(m, key) for m in take(pool, n_closed_each)]
     return questions + [(m, "describe") for m in take(evals, n_open)]
 
+# %% ../../nbs/21_demo.ipynb #2b3cccd7
 def patho_eval_rows(qid:str, image:str, vals:dict, key:str) -> tuple[dict, dict, dict, dict]:
     ("The question, ground truth, judge caption and reference answer of one evaluation question (`key`: a closed "
      "question or `describe`).")
@@ -502,6 +518,7 @@ def patho_eval_rows(qid:str, image:str, vals:dict, key:str) -> tuple[dict, dict,
             {"question_id": qid, "prompt": q, "text": full, "answer_id": f"reference-{qid}", "model_id": "reference",
              "metadata": {}})
 
+# %% ../../nbs/21_demo.ipynb #703c6b68
 def build_pathology(out:str|Path, # the demo folder; files go to out/pathology/
                     seed:int=PATHO_SEED, # seed of every random choice
                     # eval: yes tiles (and as many no tiles) per closed question (the strip has 16 clear low-nuclei
@@ -553,23 +570,27 @@ def build_pathology(out:str|Path, # the demo folder; files go to out/pathology/
 # %% ../../nbs/21_demo.ipynb #2c557f2f
 IMU_SEED = 0
 
+# %% ../../nbs/21_demo.ipynb #7665cf10
 def imu_measures(X) -> list[dict]:
     "Motion statistics per window of X (n, T, 6): std over time of the acceleration and rotation magnitudes."
     import numpy as np
     acc, gyr = np.linalg.norm(X[..., :3], axis=-1), np.linalg.norm(X[..., 3:], axis=-1)
     return [{"acc": float(a), "gyr": float(g)} for a, g in zip(acc.std(1), gyr.std(1))]
 
+# %% ../../nbs/21_demo.ipynb #ce85e17a
 def imu_values(activity:str, m:dict, cuts:tuple) -> dict:
     "Template values of one window."
     return dict(activity=activity, phrase=ACTIVITY_PHRASES[activity], intensity=level_of(m["acc"], cuts),
                 acc_std=f"{m['acc']:.2f}", gyr_std=f"{m['gyr']:.2f}")
 
+# %% ../../nbs/21_demo.ipynb #34db9e56
 def imu_activity_qa(vals:dict, asked:str) -> tuple[str, str, str]:
     "(question, 'yes'|'no', full answer) for 'Is the person <asked activity>?'."
     yes = asked == vals["activity"]
     return (IMU_ACTIVITY_Q.format(phrase=ACTIVITY_PHRASES[asked]), "yes" if yes else "no",
             f"{'Yes' if yes else 'No'}, the person is {vals['phrase']}.")
 
+# %% ../../nbs/21_demo.ipynb #d07eca6d
 def imu_intensity_qa(vals:dict, high:bool) -> tuple[str, str, str]|None:
     "(question, 'yes'|'no', full answer) for 'Is the motion intensity high/low?', None for moderate windows."
     if vals["intensity"] == "moderate": return None

@@ -28,6 +28,7 @@ GGUF_SHA256 = "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69"
 # Meta's tokenizer.model
 LLAMA2_TOKENIZER_MODEL_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
 
+# %% ../../nbs/22_testbed.ipynb #a6ea6778
 def sha256_file(path) -> str:
     "Hex sha256 of a file."
     h = hashlib.sha256()
@@ -35,6 +36,7 @@ def sha256_file(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
     return h.hexdigest()
 
+# %% ../../nbs/22_testbed.ipynb #ace32552
 def fetch_llama_vocab_gguf(dest, # folder to write ggml-vocab-llama-spm.gguf (and its .inp/.out test files) into
                            version:str=LLAMA_CPP_PYTHON_VERSION, # llama-cpp-python sdist version
                            # refuse a file whose sha256 differs from the recorded one (set False for another version)
@@ -127,6 +129,7 @@ VICUNA_SPECIAL_TOKENS_MAP = {"bos_token": _added("<s>", False), "eos_token": _ad
                              "unk_token": _added("<unk>", False)}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
+# %% ../../nbs/22_testbed.ipynb #94a25fe9
 def write_llama2_tokenizer(gguf_path, # the LLaMA vocabulary GGUF (see `fetch_llama_vocab_gguf`)
                            folder, # output folder (created)
                           ) -> Path:
@@ -138,6 +141,7 @@ def write_llama2_tokenizer(gguf_path, # the LLaMA vocabulary GGUF (see `fetch_ll
     (folder/"special_tokens_map.json").write_bytes(hf_json(VICUNA_SPECIAL_TOKENS_MAP))
     return folder
 
+# %% ../../nbs/22_testbed.ipynb #cc632804
 def llama2_tokenizer_dir() -> Path:
     "The shipped LLaMA 2 / Vicuna v1.5 tokenizer folder (`assets/tokenizers/llama2-spm`)."
     return asset("tokenizers", "llama2-spm")
@@ -174,17 +178,20 @@ def varied_strings(n:int=300, # how many strings
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".model", ".gguf", ".msgpack", ".h5", ".onnx",
                 ".parquet", ".zip")
 
+# %% ../../nbs/22_testbed.ipynb #ae2ccf62
 def testbed_revision(repo_id:str, # e.g. "lmsys/vicuna-7b-v1.5"
                      salt:str="qllava-testbed-1", # change to get other revisions
                     ) -> str:
     "A fixed 40-hex commit id for a testbed repository."
     return hashlib.sha1(f"{salt}/{repo_id}".encode()).hexdigest()
 
+# %% ../../nbs/22_testbed.ipynb #76668226
 def blob_name(filename:str, data:bytes) -> str:
     "The hub's etag for a file: sha256 for LFS-tracked kinds (weights, tokenizer.model), git's blob sha1 otherwise."
     if filename.endswith(LFS_SUFFIXES): return hashlib.sha256(data).hexdigest()
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
+# %% ../../nbs/22_testbed.ipynb #0996c183
 def hub_repo_dir(cache, # the hub cache folder (what HF_HUB_CACHE names)
                  repo_id:str, # "ORG/NAME"
                  repo_type:str="model", # "model" or "dataset"
@@ -195,6 +202,7 @@ def hub_repo_dir(cache, # the hub cache folder (what HF_HUB_CACHE names)
     if repo_type not in ("model", "dataset"): raise ConfigError(f"repo_type {repo_type!r}: use model or dataset.")
     return Path(cache)/(f"{repo_type}s--" + repo_id.replace("/", "--"))
 
+# %% ../../nbs/22_testbed.ipynb #18c821a6
 def write_hub_repo(cache, # the hub cache folder
                    repo_id:str, # "ORG/NAME"
                    files:dict, # file name (may hold '/') -> bytes, str or a Path to copy
@@ -242,11 +250,13 @@ def random_state_dict(module, # a torch module (may live on the meta device) giv
         out[name] = v.to(dtype or (t.dtype if t.dtype.is_floating_point else torch.float32)).contiguous()
     return out
 
+# %% ../../nbs/22_testbed.ipynb #15e8f431
 def safetensors_bytes(sd:dict) -> bytes:
     "A state dict as the bytes of a `.safetensors` file (`format: pt` metadata, as transformers writes)."
     from safetensors.torch import save
     return save(sd, metadata={"format": "pt"})
 
+# %% ../../nbs/22_testbed.ipynb #06bfbddf
 def _readme(repo_id:str, seed:int, what:str) -> str:
     return (f"# {repo_id} (qllava testbed)\n\nA stand-in built by `qllava.testing.testbed` for offline tests: {what}\n"
             f"Random weights (seed {seed}); the real repository's file names, configuration keys and preprocessing. "
@@ -411,6 +421,7 @@ def testbed_env(cache, # the hub cache built by `build_testbed`
     "Environment variables that make a new process read the testbed cache and never the network."
     return {"HF_HUB_CACHE": str(Path(cache).resolve()), **OFFLINE_ENV}
 
+# %% ../../nbs/22_testbed.ipynb #3e9f1af8
 def run_with_testbed(cache, # the hub cache built by `build_testbed`
                      code:str, # Python source to run
                      timeout:float=600, # seconds
@@ -423,6 +434,7 @@ def run_with_testbed(cache, # the hub cache built by `build_testbed`
 
 CHECK_MARK = "QLLAVA_TESTBED_CHECKS "
 
+# %% ../../nbs/22_testbed.ipynb #317e51fb
 def testbed_checks() -> dict:
     "Load each testbed repository by hub id in this process (the env must already point at the cache) and measure it."
     import torch
@@ -453,6 +465,7 @@ def testbed_checks() -> dict:
     out["clip_l336"] = dict(cls=type(vis).__name__, last_hidden_state=list(h.shape))
     return out
 
+# %% ../../nbs/22_testbed.ipynb #e304f75e
 def check_testbed(cache, # the hub cache built by `build_testbed`
                   timeout:float=600) -> dict:
     "`testbed_checks()` run in a fresh process pointed at `cache` with `testbed_env`; returns its measurements."

@@ -66,11 +66,13 @@ _QWEN25 = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>"
            "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
            "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
 
+# %% ../../nbs/20_vocab.ipynb #f5b3e056
 def _qwen_specials(extra:tuple=()) -> dict:
     "Qwen2.5's added tokens (+ `extra`, Qwen3's); the tool / think tags are added but not special, as the hub's."
     toks = _QWEN25 + list(extra)
     return {151643 + i: dict(content=t, special=t.startswith("<|")) for i, t in enumerate(toks)}
 
+# %% ../../nbs/20_vocab.ipynb #abf2c38b
 def _phi35_specials() -> dict:
     out = {0: dict(content="<unk>"), 1: dict(content="<s>"), 2: dict(content="</s>", special=False, rstrip=True)}
     roles = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
@@ -126,11 +128,13 @@ def hf_json(d:dict) -> bytes:
     "JSON as transformers writes its config files (sorted keys, indent 2, trailing newline)."
     return (json.dumps(d, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
+# %% ../../nbs/20_vocab.ipynb #34273062
 def _added_tokens(specials:dict) -> list[dict]:
     return [dict(id=i, content=s["content"], single_word=False, lstrip=False, rstrip=s.get("rstrip", False),
                  normalized=False,
                  special=s.get("special", True)) for i, s in sorted(specials.items())]
 
+# %% ../../nbs/20_vocab.ipynb #1fa92f9c
 def _post_processor(bos:str|None, bos_id:int|None) -> dict:
     "tokenizers' TemplateProcessing that puts `bos` before each sequence (as Llama-3's tokenizer.json), or nothing."
     pre = [{"SpecialToken": {"id": bos, "type_id": 0}}] if bos else []

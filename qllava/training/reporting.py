@@ -18,11 +18,13 @@ __all__ = ['NOISY_LOGGERS', 'third_party_log', 'third_party_to', 'prints_to_log'
 NOISY_LOGGERS = ("py.warnings", "bitsandbytes", "DeepSpeed", "torch.distributed", "accelerate", "peft",
                  "qllava.third_party")
 
+# %% ../../nbs/52_reporting.ipynb #6363941d
 def third_party_log(output_dir) -> Path:
     "This rank's log file of library output in `output_dir`."
     rank = os.environ.get("RANK", "0")
     return Path(output_dir) / ("third_party.log" if rank == "0" else f"third_party.rank{rank}.log")
 
+# %% ../../nbs/52_reporting.ipynb #1e07ebf7
 def _warnings_to_log(show):
     "A `warnings.showwarning` that logs other packages' warnings to `py.warnings` and shows qllava's own with `show`."
     import qllava
@@ -33,6 +35,7 @@ def _warnings_to_log(show):
         logging.getLogger("py.warnings").warning(text)
     return showwarning
 
+# %% ../../nbs/52_reporting.ipynb #0d42cf68
 @contextlib.contextmanager
 def third_party_to(path:Path):
     "While the block runs, Python warnings and the libraries' loggers write to `path` instead of the terminal."
@@ -54,6 +57,7 @@ def third_party_to(path:Path):
         for l, hs, p in saved: l.handlers, l.propagate = hs, p
         h.close()
 
+# %% ../../nbs/52_reporting.ipynb #8322353a
 @contextlib.contextmanager
 def prints_to_log():
     "Whatever the block prints (DeepSpeed's 'op built successfully') goes to the third-party log, not stdout."
@@ -82,6 +86,7 @@ def open_reporters(names:list[str], out:Path, cfg:TrainConfig|None=None) -> dict
                               "--report_to none.") from None
     return writers
 
+# %% ../../nbs/52_reporting.ipynb #377d9f25
 class RunLog:
     ("Appends JSON lines to `metrics.jsonl` (rank 0), mirrors them to the `--report_to` writers, prints the progress "
      "line.")
@@ -111,4 +116,3 @@ class RunLog:
         "Flush and close the writers."
         for name, w in self.writers.items(): w.close() if name == "tensorboard" else w.finish()
         self.writers = {}
-

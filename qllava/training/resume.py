@@ -38,6 +38,7 @@ def rng_state() -> dict:
     if torch.cuda.is_available(): s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
+# %% ../../nbs/51_resume.ipynb #40ec27c2
 def set_rng_state(s:dict):
     "Restore every RNG `rng_state` recorded."
     import numpy as np, torch
@@ -47,24 +48,27 @@ def set_rng_state(s:dict):
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
 
-
 # %% ../../nbs/51_resume.ipynb #4c6ba6ee
 CKPT_DIR = "checkpoints"
 CHECKSUMS = "checksums.json"  # in each checkpoint folder: the sha256 and size of every other file in it
 
+# %% ../../nbs/51_resume.ipynb #52431d68
 def _sha256(p:Path) -> str:
     import hashlib
     with open(p, "rb") as f: return hashlib.file_digest(f, "sha256").hexdigest()
 
+# %% ../../nbs/51_resume.ipynb #abaa8bcb
 def _files(folder:Path) -> dict:
     "Relative name -> path of every file under `folder` but its checksums."
     return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
 
+# %% ../../nbs/51_resume.ipynb #14d3efdb
 def _sha256s(paths:list) -> list[str]:
     from concurrent.futures import ThreadPoolExecutor
     # hashlib runs outside the GIL
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool: return list(pool.map(_sha256, paths))
 
+# %% ../../nbs/51_resume.ipynb #b1ecef8c
 def write_checksums(folder) -> dict:
     "Record the sha256 and size of every file under `folder` in its `checksums.json`; returns the record."
     folder = Path(folder)
@@ -73,6 +77,7 @@ def write_checksums(folder) -> dict:
     (folder / CHECKSUMS).write_text(json.dumps(rec, indent=1))
     return rec
 
+# %% ../../nbs/51_resume.ipynb #11830277
 def verify_checksums(folder, # a resumable checkpoint folder
                      hashes:bool=True): # False: only that the same files, of the same sizes, are there (instant)
     ("Refuse a checkpoint folder whose files are not exactly those recorded when it was saved, before anything "
@@ -101,6 +106,7 @@ def verify_checksums(folder, # a resumable checkpoint folder
                                   f"nothing was loaded. {fix}")
     return folder
 
+# %% ../../nbs/51_resume.ipynb #76723e27
 def _deepspeed_record_types() -> list:
     ("The plain record types DeepSpeed pickles into its optimiser files (an enum, a named tuple, loss scalers): data, "
      "no code.")
@@ -109,6 +115,7 @@ def _deepspeed_record_types() -> list:
     from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
     return [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
 
+# %% ../../nbs/51_resume.ipynb #761b9308
 def safe_load(path, # a torch pickle (DeepSpeed's model / optimiser states, an RNG state)
               map_location=None):
     ("`torch.load(weights_only=True)` allowing DeepSpeed's record types too; a file that needs anything else is "
@@ -123,6 +130,7 @@ def safe_load(path, # a torch pickle (DeepSpeed's model / optimiser states, an R
                               "run. Fix: resume from a checkpoint this run saved and nobody changed, or start "
                               "over.") from None
 
+# %% ../../nbs/51_resume.ipynb #80b4f7ed
 def use_safe_loading(engine):
     ("Make a DeepSpeed engine read its checkpoints through `safe_load` (its own loader unpickles any object, code "
      "included).")
@@ -134,6 +142,7 @@ def use_safe_loading(engine):
     ce.load = lambda path, map_location=None: safe_load(path, map_location)
     return engine
 
+# %% ../../nbs/51_resume.ipynb #0e57f71a
 def _master_pairs(opt) -> list:
     "(fp32 master share, the weights' own flat share) per parameter group of a ZeRO optimiser; [] for any other."
     import torch.distributed as dist
@@ -147,6 +156,7 @@ def _master_pairs(opt) -> list:
                     opt.real_dp_process_group)]
     return []
 
+# %% ../../nbs/51_resume.ipynb #4239428c
 def share_fp32_master(engine) -> int:
     ("Make DeepSpeed's fp32 master share the fp32 weights' own share instead of a clone of it; returns the bytes freed "
      "on this rank.")
@@ -162,6 +172,7 @@ def share_fp32_master(engine) -> int:
     if freed and hasattr(opt, "_link_all_hp_params"): opt._link_all_hp_params()
     return freed
 
+# %% ../../nbs/51_resume.ipynb #64d1a851
 def save_resumable(run, # the `qllava.training.train.Run` being trained
                    # where it is: optimiser step, epoch, micro-batches of the epoch consumed
                    step:int, epoch:int, micro:int):
@@ -181,6 +192,7 @@ def save_resumable(run, # the `qllava.training.train.Run` being trained
         for old in done[:-max(cfg.save_total_limit, 1)]: shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized(): dist.barrier()
 
+# %% ../../nbs/51_resume.ipynb #4e1cb351
 def find_resume(cfg:TrainConfig) -> Path|None:
     "The checkpoint folder to resume from: `last` finds the newest under output_dir; None when there is nothing."
     r = cfg.resume_from_checkpoint
@@ -194,6 +206,7 @@ def find_resume(cfg:TrainConfig) -> Path|None:
                           f"{CKPT_DIR}/step-N folder.")
     return p
 
+# %% ../../nbs/51_resume.ipynb #009011a8
 def load_resumable(run, # the `qllava.training.train.Run` to restore
                    path:Path) -> dict:
     ("Restore weights, optimiser, scheduler and RNG from `path` once its checksums hold; returns its client state "

@@ -54,11 +54,13 @@ def init_distributed() -> tuple[int,int]:
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     return dist.get_rank(), dist.get_world_size()
 
+# %% ../../nbs/53_train.ipynb #0d2252db
 def seed_everything(seed:int):
     "Seed python, numpy and torch (all devices)."
     import numpy as np, torch
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
 
+# %% ../../nbs/53_train.ipynb #79241365
 def hardware_precision(cfg:TrainConfig) -> dict:
     "Which of bf16 / fp16 / tf32 are actually used here; asking for one the hardware lacks is refused."
     import torch
@@ -140,6 +142,7 @@ def apply_stage(model, cfg:TrainConfig):
         model.llm.enable_input_require_grads() if hasattr(model.llm, "enable_input_require_grads") else None
     return model
 
+# %% ../../nbs/53_train.ipynb #c1f103f8
 def trainable_summary(model) -> dict:
     "Trainable and total parameter counts per part (llm / encoders / projectors); whole sizes under ZeRO-3 too."
     out = {}
@@ -149,6 +152,7 @@ def trainable_summary(model) -> dict:
                          total=sum(full_numel(p) for p in ps))
     return out
 
+# %% ../../nbs/53_train.ipynb #fec0edb2
 def param_groups(model, cfg:TrainConfig) -> list[dict]:
     "AdamW groups: decay / no-decay (biases, norms), and the projector at `mm_projector_lr` when set."
     groups = {}
@@ -161,6 +165,7 @@ def param_groups(model, cfg:TrainConfig) -> list[dict]:
         groups.setdefault((lr, decay), []).append(p)
     return [dict(params=ps, lr=lr, weight_decay=wd) for (lr, wd), ps in groups.items()]
 
+# %% ../../nbs/53_train.ipynb #69b38fb1
 def make_optimizer(groups:list, # `param_groups`
                    cfg:TrainConfig):
     ("torch's AdamW (betas 0.9 / 0.999, eps 1e-8) with the kernel `--optim` names; the fused one updates in one pass, "
@@ -174,12 +179,14 @@ def media_settings(model) -> tuple[dict, dict]:
     procs = {m: e.processor for m, e in model.encoders.items()}
     return procs, dict(model.config.encoder_num_tokens)
 
+# %% ../../nbs/53_train.ipynb #cee1fbe3
 def run_media_folders(cfg:TrainConfig):
     ("Where a run's media paths are relative to: `--image_folder`, or modality -> folder with `--media_folders` "
      "(others: it).")
     if not cfg.media_folders: return cfg.image_folder
     return {**{m: cfg.image_folder for m in MODALITIES if cfg.image_folder}, **cfg.media_folders}
 
+# %% ../../nbs/53_train.ipynb #b695ec6f
 def build_dataset(cfg:TrainConfig, path:str, model, tokenizer, rank:int=0, log=print):
     "Validate `path` (rank 0) and return (dataset, kept_indices, report_counts)."
     procs, ntok = media_settings(model)
@@ -204,6 +211,7 @@ def build_dataset(cfg:TrainConfig, path:str, model, tokenizer, rank:int=0, log=p
     keep = [i for i in range(len(ds)) if i not in set(bad)] if bad else list(range(len(ds)))
     return ds, keep, dict(records=n, skipped=len(bad), truncated=truncated)
 
+# %% ../../nbs/53_train.ipynb #2096b692
 def build_loader(ds, keep:list[int], cfg:TrainConfig, per_device:int, rank:int, world:int,
                  attn:str="sdpa"): # the LLM's attention implementation (sets the packed rows' default width)
     "(DataLoader over this rank's shard, its batch sampler): modality-pure batches when asked, length-grouped."
@@ -223,6 +231,7 @@ def build_loader(ds, keep:list[int], cfg:TrainConfig, per_device:int, rank:int, 
                         num_workers=cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     return loader, sampler
 
+# %% ../../nbs/53_train.ipynb #36e56228
 def build_eval_loader(ds, cfg:TrainConfig, rank:int, world:int):
     "A sequential, sharded loader over the held-out records (each rank a disjoint part)."
     from torch.utils.data import DataLoader, Subset
@@ -236,22 +245,26 @@ def _all_sum(x:float) -> float:
     t = torch.tensor([x], dtype=torch.float64); dist.all_reduce(t)
     return t.item()
 
+# %% ../../nbs/53_train.ipynb #275c4fa3
 def _all_mean(x:float) -> float:
     import torch, torch.distributed as dist
     if not dist.is_initialized(): return x
     t = torch.tensor([x], dtype=torch.float64); dist.all_reduce(t)
     return t.item() / dist.get_world_size()
 
+# %% ../../nbs/53_train.ipynb #f02a1358
 def _peak_memory_mb() -> float:
     import resource, torch
     if torch.cuda.is_available(): return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+# %% ../../nbs/53_train.ipynb #7a3b89fb
 def _log_ids(out:Path, rank:int, step:int, epoch:int, ids:list):
     d = out / "sample_ids"; d.mkdir(exist_ok=True)
     with open(d / f"rank{rank}.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "epoch": epoch, "records": ids}) + "\n")
 
+# %% ../../nbs/53_train.ipynb #ed3f312e
 def _to_device(batch:dict, device, blank:bool=False) -> dict:
     out = {k: v.to(device) for k, v in batch.items() if hasattr(v, "to")}
     if blank:
@@ -259,10 +272,10 @@ def _to_device(batch:dict, device, blank:bool=False) -> dict:
             if k in out: out[k] = out[k].new_zeros(out[k].shape)
     return out
 
-
 # %% ../../nbs/53_train.ipynb #3c13815d
 PUBLISHED_GLOBAL_BATCH = {st: p["global_batch_size"] for st, p in STAGE_PRESETS.items()}
 
+# %% ../../nbs/53_train.ipynb #81fdec47
 def flag_notes(cfg:TrainConfig, world:int) -> list[str]:
     "One line for each given flag that has no effect here or departs from the published recipe (logged at setup)."
     notes = []
@@ -284,6 +297,7 @@ def flag_notes(cfg:TrainConfig, world:int) -> list[str]:
                      "unless this is meant.")
     return notes
 
+# %% ../../nbs/53_train.ipynb #ee664660
 def step_schedule(cfg:TrainConfig, steps_per_epoch:int, total:int) -> tuple[int,int]:
     "(save a resumable checkpoint every N steps, evaluate every N steps) from the strategies; 0 = not before the end."
     if cfg.save_strategy == "no": save = 0
@@ -293,6 +307,7 @@ def step_schedule(cfg:TrainConfig, steps_per_epoch:int, total:int) -> tuple[int,
     ev = {"no": 0, "epoch": steps_per_epoch}.get(cfg.evaluation_strategy, cfg.eval_steps)
     return save, ev
 
+# %% ../../nbs/53_train.ipynb #2ef069e3
 def settle_template(cfg:TrainConfig, model, tokenizer):
     ("Fix the run's template (`pick_template`: named, else the tokenizer's own, else v1) on `cfg` and the model's "
      "config.")
@@ -300,6 +315,7 @@ def settle_template(cfg:TrainConfig, model, tokenizer):
     model.config.template = cfg.version
     model.config.stop_strings = list(get_template(cfg.version, tokenizer).stop_strings)
 
+# %% ../../nbs/53_train.ipynb #65e5363d
 @dataclass
 class Run:
     "Everything a training stage holds once set up (`build_run`): settings, ranks, model and engine, data, schedule."
@@ -430,6 +446,7 @@ def build_run(cfg:TrainConfig, log=print) -> Run:
                save_every=save_every, eval_every=eval_every, flops=flop_model(model),
                peak_flops=device_peak(engine.device, model))
 
+# %% ../../nbs/53_train.ipynb #cd1a6810
 def evaluate_vqa(run:Run) -> dict:
     "Held-out VQA accuracy during training: rank 0 answers greedily (weights are whole below ZeRO-3), the others wait."
     import torch.distributed as dist
@@ -444,6 +461,7 @@ def evaluate_vqa(run:Run) -> dict:
     if dist.is_initialized(): dist.barrier()
     return out
 
+# %% ../../nbs/53_train.ipynb #e27bafc2
 def evaluate_loss(run:Run) -> float:
     "Mean held-out loss over all ranks (token-weighted)."
     import torch
@@ -466,6 +484,7 @@ def device_peak(device, model) -> float:
     dtype = next((q.dtype for q in model.parameters() if q.requires_grad and q.is_floating_point()), None)
     return _all_sum(matmul_peak(device, dtype))
 
+# %% ../../nbs/53_train.ipynb #158e538e
 def throughput(p, # the loop's `Progress`
                dt:float, # seconds since `p.t0`
                peak_flops:float=0.0) -> dict: # all ranks' measured matmul FLOP/s (0: no MFU)
@@ -492,6 +511,7 @@ class Progress:
     loss:float = float("nan")
     t0:float = field(default_factory=time.time)
 
+# %% ../../nbs/53_train.ipynb #0f9c3f7d
 def resume_progress(run:Run, runlog:RunLog, log=print) -> Progress:
     ("A fresh `Progress`, or the one of the checkpoint `--resume_from_checkpoint` names (its states loaded into the "
      "engine).")
@@ -505,6 +525,7 @@ def resume_progress(run:Run, runlog:RunLog, log=print) -> Progress:
     elif cfg.resume_from_checkpoint: log("no checkpoint to resume from yet: starting from step 0")
     return p
 
+# %% ../../nbs/53_train.ipynb #9669ab14
 def optimiser_step(run:Run, p:Progress, group:list, # the accumulation group's micro-batches, on the device
                    epoch_batches:list|None, out:Path):
     "Forward / backward over one global batch and the optimiser step; `p.loss` becomes the step's loss."
@@ -535,6 +556,7 @@ def optimiser_step(run:Run, p:Progress, group:list, # the accumulation group's m
     p.step += 1; p.micro += accum
     p.loss = _all_sum(loss_sum) / max(n_all, 1)
 
+# %% ../../nbs/53_train.ipynb #d5781798
 def after_step(run:Run, p:Progress, runlog:RunLog, per_epoch:int):
     "Log the step, evaluate and save a resumable checkpoint when they are due."
     cfg, last = run.cfg, p.step == run.total_steps
@@ -548,6 +570,7 @@ def after_step(run:Run, p:Progress, runlog:RunLog, per_epoch:int):
         if cfg.eval_questions: runlog(step=p.step, **evaluate_vqa(run))
     if run.save_every and p.step % run.save_every == 0 and not last: save_here(run, p, per_epoch)
 
+# %% ../../nbs/53_train.ipynb #bf201097
 def final_metrics(run:Run, p:Progress, runlog:RunLog) -> dict:
     "The run's summary numbers, with the last held-out evaluation."
     dt = max(time.time() - p.t0, 1e-9)
@@ -565,6 +588,7 @@ def final_metrics(run:Run, p:Progress, runlog:RunLog) -> dict:
     runlog.close()
     return final
 
+# %% ../../nbs/53_train.ipynb #ca251e92
 def train_loop(run:Run, log=print) -> dict:
     "Run the optimiser steps (resuming when asked); returns the final metrics."
     cfg = run.cfg
@@ -589,10 +613,12 @@ def train_loop(run:Run, log=print) -> dict:
 class Preempted(QllavaError):
     "The run stopped on a signal after saving a resumable checkpoint."
 
+# %% ../../nbs/53_train.ipynb #9585db8b
 def stop_signals() -> tuple:
     "The signals that ask a run to save and stop: SIGUSR1; SIGTERM too as srun's tasks (Slurm's preemption)."
     return (signal.SIGUSR1, signal.SIGTERM) if os.environ.get(RANKS_ENV) == "slurm" else (signal.SIGUSR1,)
 
+# %% ../../nbs/53_train.ipynb #828584ee
 def catch_stop_signals() -> list:
     "Note each stop signal in the returned list (acted on at the next step); no handler outside the main thread."
     got = []
@@ -600,6 +626,7 @@ def catch_stop_signals() -> list:
         for s in stop_signals(): signal.signal(s, lambda num, frame: got.append(num))
     return got
 
+# %% ../../nbs/53_train.ipynb #e145f735
 def stop_requested(got:list) -> bool:
     "Whether any rank got a stop signal (every rank must call it at the same step: it is an all-reduce)."
     return _all_sum(float(bool(got))) > 0
@@ -611,6 +638,7 @@ def save_here(run:Run, p:Progress, per_epoch:int):
     done = p.micro + run.cfg.gradient_accumulation_steps > per_epoch
     save_resumable(run, p.step, p.epoch + done, 0 if done else p.micro)
 
+# %% ../../nbs/53_train.ipynb #801f24ce
 def save_and_stop(run:Run, p:Progress, runlog:RunLog, per_epoch:int):
     "Save a resumable checkpoint and stop the run with `Preempted`."
     save_here(run, p, per_epoch); runlog.close()
@@ -642,12 +670,14 @@ def save_final(run:Run) -> list[str]:
     if dist.is_initialized(): dist.barrier()
     return written
 
+# %% ../../nbs/53_train.ipynb #f3e51944
 def tokenizer_summary(tokenizer, cfg:TrainConfig) -> dict:
     "What a run record says of its tokenizer: where it came from, its size, its class and the conversation template."
     return {"name_or_path": str(tokenizer.name_or_path or cfg.tokenizer or cfg.model_name_or_path),
             "vocab_size": len(tokenizer),
             "class": type(tokenizer).__name__, "template": cfg.version or pick_template(None, tokenizer)}
 
+# %% ../../nbs/53_train.ipynb #4fa0364b
 def quantization_summary(model, cfg:TrainConfig) -> dict|None:
     "What a QLoRA run record says of its base LLM: bits, quant type, double quantisation and the quantised layers."
     if cfg.bits == 16: return None
@@ -656,6 +686,7 @@ def quantization_summary(model, cfg:TrainConfig) -> dict|None:
     return {"bits": cfg.bits, "quant_type": cfg.quant_type, "double_quant": cfg.double_quant,
             "quantized_linear_layers": n}
 
+# %% ../../nbs/53_train.ipynb #28328de4
 def fit(cfg:TrainConfig, log=print) -> dict:
     ("Train one stage end to end; writes artifacts, `metrics.jsonl`, `train_config.json` and `summary.json` to "
      "output_dir.")

@@ -184,12 +184,14 @@ class ValidationReport:
     def __str__(self): return self.summary()
     def _repr_markdown_(self): return "```\n" + self.summary() + "\n```"
 
+# %% ../../nbs/50_validate.ipynb #b3a651d6
 def _n(k:int, word:str) -> str: return f"{k} {word}" + ("" if k == 1 else "s")
 
 _NOTE = {"truncated": "are longer than max_length and are cut to it",
          "duplicate_id": "reuse an id of an earlier record",
          "missing_id": 'have no "id"'}
 
+# %% ../../nbs/50_validate.ipynb #1d1307f1
 def _jsonable(x):
     try: json.dumps(x); return x
     except TypeError: return repr(x)
@@ -321,6 +323,7 @@ def preset_spec(name:str, # a preset name, a preset JSON file, or any encoder sp
     except ConfigError: return str(name)
     return f"preset:{name}"
 
+# %% ../../nbs/50_validate.ipynb #88b45165
 # modality -> encoder spec or preset name; others: their modality's default encoder
 def media_encoders(encoders:dict|None=None,
                   ) -> dict:
@@ -335,6 +338,7 @@ def media_encoders(encoders:dict|None=None,
         out[m] = spec
     return out
 
+# %% ../../nbs/50_validate.ipynb #9699e2f5
 def default_media_tokens(encoders:dict|None=None, # modality -> encoder spec (others: their default encoder)
                          # "patch", or "cls_patch" (the CLS token too: one more token per image)
                          select_feature:str="patch",
@@ -343,11 +347,13 @@ def default_media_tokens(encoders:dict|None=None, # modality -> encoder spec (ot
      "registry.")
     return {m: encoder_num_tokens(s, None, select_feature) for m, s in media_encoders(encoders).items()}
 
+# %% ../../nbs/50_validate.ipynb #d853cc3a
 def default_processors(encoders:dict|None=None, # modality -> encoder spec (others: their default encoder)
                       ) -> dict:
     "The media processors of these encoders (default: each modality's default one): modality -> callable on a path."
     return {m: encoder_processor(s) for m, s in media_encoders(encoders).items()}
 
+# %% ../../nbs/50_validate.ipynb #43c08536
 def check_media_files(paths:dict, # (modality, path) -> anything; the files to check
                       processors:dict, # modality -> callable(path) that raises on a bad file
                       num_workers:int|None=None): # threads (default: 2 x CPUs, at most 16)
@@ -399,6 +405,7 @@ def _tokenize_all(records, idx, tok, tmpl, nmt, max_length, use_im_start_end, fi
                                                 file=file, record=i, record_id=records[i].get("id"))
             except DataError as e: yield i, e
 
+# %% ../../nbs/50_validate.ipynb #e6d38d01
 def _no_supervision_message(rec, s, tok, tmpl, nmt, max_length, use_im_start_end) -> str:
     if not s.truncated: return "the sample has no supervised token (nothing for the model to learn)"
     full = tokenize_conversation(rec["conversations"], tok, tmpl, nmt, None, use_im_start_end=use_im_start_end)
@@ -407,12 +414,14 @@ def _no_supervision_message(rec, s, tok, tmpl, nmt, max_length, use_im_start_end
             + (f" with each {media}" if media else "")
             + f" and its first answer starts at token {_first_supervised(full.labels)}")
 
+# %% ../../nbs/50_validate.ipynb #3defd52a
 def _first_supervised(labels) -> int:
     nz = (labels != IGNORE_INDEX).nonzero()
     return int(nz[0]) if len(nz) else len(labels)
 
 _TOKENIZABLE = {"empty_answer", "media_count_mismatch", "bad_media_field"}  # structural problems render() still accepts
 
+# %% ../../nbs/50_validate.ipynb #78f0793d
 def _record_problems(records, file:str, folder:Path, check_media:bool):
     ("Structure, duplicate ids and media paths of every record: (problems per record, records to tokenize, media to "
      "open).")
@@ -441,6 +450,7 @@ def _record_problems(records, file:str, folder:Path, check_media:bool):
         if all(p.kind in _TOKENIZABLE for p in probs): to_tokenize.append(i)
     return per_rec, to_tokenize, wanted
 
+# %% ../../nbs/50_validate.ipynb #109ba2cd
 def _supervision_problems(records, idx, per_rec, tok, tmpl, nmt, max_length, use_im_start_end, file):
     "Tokenize records `idx` as training does; add no_supervision / truncated / bad_conversation problems to `per_rec`."
     for i, s in _tokenize_all(records, idx, tok, tmpl, nmt, max_length, use_im_start_end, file):
@@ -457,6 +467,7 @@ def _supervision_problems(records, idx, per_rec, tok, tmpl, nmt, max_length, use
                                       f"the sample is longer than max_length {max_length}; {s.n_supervised} supervised "
                                       f"tokens are kept{cut}"))
 
+# %% ../../nbs/50_validate.ipynb #bbc16c45
 def validate_data(data_path, # a JSON list or JSONL file of LLaVA records
                   # folder the media paths are relative to, or modality -> folder (default: the data file's folder)
                   media_folder=None,
@@ -538,6 +549,7 @@ def label_runs(input_ids, # token ids of one sample
         else: runs.append((*kind, [t]))
     return [(a, b, len(c)) if a == "media" else (a, b, c) for a,b,c in runs]
 
+# %% ../../nbs/50_validate.ipynb #f5ade772
 def _decode_runs(tok, runs) -> list:
     "The text of each text run: cut from decodes of growing prefixes, so spaces at run boundaries survive."
     out, acc, prev = [], [], ""
@@ -550,6 +562,7 @@ def _decode_runs(tok, runs) -> list:
         prev = cur
     return out
 
+# %% ../../nbs/50_validate.ipynb #ddff3fdc
 def render_labels(tok, input_ids, labels, media_ids:dict, color:bool=False) -> str:
     "One sample as text: supervised runs marked `[[...]]` (or green), media blocks as `<image xN>`."
     runs = label_runs(input_ids, labels, media_ids)
@@ -617,14 +630,17 @@ def _modality_flags(items:list, # the flag's values, e.g. ["image=576", "sensor=
         out[k.strip()] = v.strip()
     return out
 
+# %% ../../nbs/50_validate.ipynb #80d17bb5
 def _parse_media_tokens(items:list) -> dict:
     "`--n-media-tokens MODALITY=N[,...]` flags -> {modality: tokens per placeholder}."
     return {m: int(v) for m, v in _modality_flags(items, "n-media-tokens", "N", "image=576", str.isdigit, True).items()}
 
+# %% ../../nbs/50_validate.ipynb #831ae6db
 def _parse_encoders(items:list) -> dict:
     "`--encoder MODALITY=SPEC` flags -> {modality: spec}."
     return _modality_flags(items, "encoder", "SPEC", "image=preset:tiny-clip")
 
+# %% ../../nbs/50_validate.ipynb #de0ed0ea
 def _demo_jobs(modality:str) -> list:
     "(data file, media folder, template) for each file of the shipped demo data of `modality`."
     d = demo_paths(modality)

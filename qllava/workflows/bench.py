@@ -43,7 +43,7 @@ class BenchConfig:
     n_resamples: int = 1000  # bootstrap resamples for every interval
     seed: int = 0  # bootstrap seed
 
-
+# %% ../../nbs/72_bench.ipynb #0bc92868
 def check_bench_config(cfg: BenchConfig) -> BenchConfig:
     "Refuse unknown benchmarks, a missing checkpoint or anchor run and impossible numbers, in a moment."
     for name in cfg.benchmarks:
@@ -72,11 +72,11 @@ def prepare_benchmarks(cfg: BenchConfig) -> dict:  # benchmark name -> its files
     check_bench_config(cfg)
     return {name: materialize(name, Path(cfg.out_dir) / name, cfg.limit, cfg.yes_no_prompt) for name in cfg.benchmarks}
 
-
+# %% ../../nbs/72_bench.ipynb #88acb714
 def _answer_kwargs(cfg: BenchConfig) -> dict:
     return dict(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, template=cfg.template or None)
 
-
+# %% ../../nbs/72_bench.ipynb #1b698909
 def answer_benchmarks(cfg: BenchConfig, prepared: dict, log=print) -> dict:  # name -> answers file
     "Greedy answers to every benchmark (resumed by question id): one loaded model here, or one process per GPU."
     out, model = {}, None
@@ -117,7 +117,7 @@ def _anchor(cfg: BenchConfig, name: str) -> list | None:
         raise DataError(f"the anchor run has no answers for {name}.", file=f, fix="bench the anchor model on it first.")
     return read_answers(f)
 
-
+# %% ../../nbs/72_bench.ipynb #f53867a1
 def score_benchmarks(cfg: BenchConfig, prepared: dict) -> dict:  # name -> result (see `benchmarks.score_benchmark`)
     "Score every benchmark's answers with intervals; write each one's scores.jsonl and result.json."
     results = {}
@@ -136,7 +136,7 @@ def score_benchmarks(cfg: BenchConfig, prepared: dict) -> dict:  # name -> resul
         results[name] = res
     return results
 
-
+# %% ../../nbs/72_bench.ipynb #53082336
 def record_bench(cfg: BenchConfig, results: dict) -> Path:
     "Write `bench.json`: the settings, the checkpoint's fingerprint and every result."
     rec = {
@@ -151,7 +151,7 @@ def record_bench(cfg: BenchConfig, results: dict) -> Path:
     out.write_text(json.dumps(rec, indent=1))
     return out
 
-
+# %% ../../nbs/72_bench.ipynb #e017b0db
 def run_bench(cfg: BenchConfig, log=print) -> dict:  # name -> result
     "Prepare (every benchmark checked first), answer, score and record."
     prepared = prepare_benchmarks(cfg)
@@ -181,7 +181,7 @@ def bench_tables(results: dict, model_name: str = "this model") -> dict:  # name
     "Per benchmark: our metrics with intervals beside the paper's numbers."
     return {name: comparison_table(res, paper_numbers(name), model_name) for name, res in results.items()}
 
-
+# %% ../../nbs/72_bench.ipynb #e3e0775f
 def bench_notes(results: dict) -> list[str]:
     "What a reader of the tables must know: unscored questions, and benchmarks without transcribed paper numbers."
     notes = [
@@ -196,7 +196,7 @@ def bench_notes(results: dict) -> list[str]:
         notes.append(f"{', '.join(bare)}: no paper numbers transcribed yet ({paper_numbers(bare[0])['source']})")
     return notes
 
-
+# %% ../../nbs/72_bench.ipynb #e8389bea
 def forest_plot(
     rows: list[tuple[str, dict]],  # (label, interval dict with value / low / high) per line
     title: str = "",  # figure title
@@ -219,7 +219,7 @@ def forest_plot(
     ax.set_title(title)
     return fig
 
-
+# %% ../../nbs/72_bench.ipynb #3effc68d
 def results_forest(results: dict):
     "The headline metrics of every benchmark with their 95 % intervals."
     rows = [
@@ -240,12 +240,12 @@ BINARY_METRICS = (
     "open_accuracy",
 )  # 0 / 1 per question: McNemar
 
-
+# %% ../../nbs/72_bench.ipynb #7e95b668
 def read_scores_file(path) -> dict:  # question id -> score row; {} when the file does not exist
     "Per-question score rows (a bench run's scores.jsonl, a training run's heldout_scores.jsonl) by question id."
     return {r["id"]: r for r in read_json_records(path)} if Path(path).is_file() else {}
 
-
+# %% ../../nbs/72_bench.ipynb #089fd63f
 def read_scores(run_dir, name: str) -> dict:  # question id -> score row
     "The per-question scores a bench run wrote for one benchmark."
     f = Path(run_dir) / name / "scores.jsonl"
@@ -253,7 +253,7 @@ def read_scores(run_dir, name: str) -> dict:  # question id -> score row
         raise DataError(f"no scores for {name}.", file=f, fix=f"run qllava bench on {name} into {run_dir} first.")
     return read_scores_file(f)
 
-
+# %% ../../nbs/72_bench.ipynb #ed193aa6
 def compare_benchmark(
     a: dict,
     b: dict,  # per-question score rows of run A and run B (from `read_scores`)
@@ -272,7 +272,7 @@ def compare_benchmark(
         out[k] = test(xa, xb, n_resamples, seed, scale=100).as_dict()
     return out
 
-
+# %% ../../nbs/72_bench.ipynb #74903efd
 def compare_runs(
     run_a,
     run_b,  # two bench run folders
@@ -285,7 +285,7 @@ def compare_runs(
         raise DataError(f"{run_a} and {run_b} share no benchmark.", fix="bench both models on the same benchmarks.")
     return {n: compare_benchmark(read_scores(run_a, n), read_scores(run_b, n), n_resamples, seed) for n in names}
 
-
+# %% ../../nbs/72_bench.ipynb #45b96cc9
 def _run_benchmarks(run_dir) -> list[str]:
     d = Path(run_dir)
     if not d.is_dir():
@@ -297,7 +297,7 @@ def signed_interval(iv: dict) -> str:  # an interval dict (value, low, high)
     "A difference with its interval, signs shown: '+1.25 [-0.50, +2.96]'."
     return f"{iv['value']:+.2f} [{iv['low']:+.2f}, {iv['high']:+.2f}]"
 
-
+# %% ../../nbs/72_bench.ipynb #4a608597
 def comparison_frame(
     cmp: dict,  # from `compare_runs`
     names: tuple = ("A", "B"),
@@ -321,7 +321,7 @@ def comparison_frame(
     ]
     return pd.DataFrame(rows).set_index(["benchmark", "metric"])
 
-
+# %% ../../nbs/72_bench.ipynb #faa721aa
 def comparison_forest(
     cmp: dict, names: tuple = ("A", "B"), metrics: tuple = ("recall", "yes_no_accuracy", "choice_accuracy")
 ):
@@ -340,7 +340,7 @@ PUBLISHED_REVIEWS = {
 }
 _TABLES = ("questions.jsonl", "captions.jsonl", "answers-gpt4-reference.jsonl")
 
-
+# %% ../../nbs/72_bench.ipynb #1caadd16
 def check_review_tables(tables) -> Path:
     "The published review tables folder, checked for its three inputs."
     d = Path(tables or "")
@@ -353,7 +353,7 @@ def check_review_tables(tables) -> Path:
         )
     return d
 
-
+# %% ../../nbs/72_bench.ipynb #487f1690
 def published_summaries(tables, ids: set, captions: list) -> dict:  # model -> summary
     "The published reviews' summaries, on the questions in `ids`."
     out = {}
@@ -372,7 +372,7 @@ def _judged_review(d: Path, answers: Path, judge: dict, questions: Path, tables:
     with LocalJudge(reply=reference_overlap_judge) as server:
         return review(*args, base_url=server.url, **kw)
 
-
+# %% ../../nbs/72_bench.ipynb #eddd8379
 def review_published(
     cfg: BenchConfig,  # model, out_dir, limit, batch size, template
     tables,  # quilt-llava's llava/eval/table folder
@@ -402,7 +402,7 @@ def review_published(
     (d / "review.json").write_text(json.dumps(out, indent=1))
     return out
 
-
+# %% ../../nbs/72_bench.ipynb #e3345e89
 def review_table(result: dict):  # from `review_published`
     "Relative scores (model / reference x 100) per group: ours beside each published model's."
     t = summary_table(result["summary"])[["n", "relative (%)"]].rename(
@@ -446,7 +446,7 @@ def _bench_parser() -> ArgumentParser:
     ap.add_argument("--list", action="store_true", help="list the registered benchmarks")
     return ap
 
-
+# %% ../../nbs/72_bench.ipynb #3faaded2
 def _config(a) -> BenchConfig:
     names = tuple(n.strip() for n in a.benchmarks.split(",") if n.strip())
     return BenchConfig(
@@ -475,7 +475,7 @@ def _show(obj, as_json: bool, frames):
         for f in frames:
             print(f.to_string(), end="\n\n")
 
-
+# %% ../../nbs/72_bench.ipynb #ea6ad9e4
 def bench_cli(argv: list[str] | None = None) -> int:
     "`qllava bench`: the published benchmarks with intervals beside the paper, paired comparisons, the GPT review."
     a = _bench_parser().parse_args(argv)

@@ -40,6 +40,7 @@ EVAL_FILES = {"question_file": ("file", "question file (JSONL of question_id, im
               "captions_file": ("file", "captions file (question_id, text)"),
               "reference_answers": ("file", "reference answers JSONL")}
 
+# %% ../../nbs/71_evalrun.ipynb #dbfedf2a
 def benchmark_names(value, # a list of names, or a string: a JSON list or comma-separated names (`-p benchmarks ...`)
                    ) -> list[str]:
     "The registered benchmark names a parameter asks for; ConfigError naming an unknown one."
@@ -53,6 +54,7 @@ def benchmark_names(value, # a list of names, or a string: a JSON list or comma-
     for name in value: get_benchmark(name)
     return list(value)
 
+# %% ../../nbs/71_evalrun.ipynb #8a14c77e
 def check_eval_parameters(values:dict, # allowed parameter name -> value, as the notebook holds them
                           # name -> value of what papermill injected (`injected_names` + globals)
                           injected:dict|None=None,
@@ -87,6 +89,7 @@ def check_eval_parameters(values:dict, # allowed parameter name -> value, as the
                           "local, or \"\" (OpenAI with a key).")
     return values
 
+# %% ../../nbs/71_evalrun.ipynb #9c82b58b
 def check_eval_files(values:dict) -> dict:
     ("Raise `CheckpointError` / `DataError` at once for a checkpoint folder or a given evaluation file that does not "
      "exist.")
@@ -126,9 +129,11 @@ class EvalPlan:
                                                  "reference_answers", "run_dir", "answers_file", "reviews_file")]
         return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
 
+# %% ../../nbs/71_evalrun.ipynb #66f18150
 def _need(path, what:str, param:str) -> str:
     return str(need_path(path, param, "path", fix=f"pass -p {param} with an existing {what} (\"\" = the demo's file)."))
 
+# %% ../../nbs/71_evalrun.ipynb #209dded7
 def _subset(src, dst:Path, ids:set, key:str):
     "Write the records of `src` (JSON list or JSONL) whose `key` is in `ids` to `dst`, same format."
     recs = [r for r in read_json_records(src) if r.get(key) in ids]
@@ -136,6 +141,7 @@ def _subset(src, dst:Path, ids:set, key:str):
     dst.write_text(json.dumps(recs) if text.startswith("[") else "".join(json.dumps(r) + "\n" for r in recs))
     return str(dst)
 
+# %% ../../nbs/71_evalrun.ipynb #042db33b
 def eval_run_dir(values:dict) -> Path:
     ("The evaluation's run folder: `run_dir`, else runs/eval-NAME (NAME the checkpoint folder's, -blank with "
      "blank_media).")
@@ -143,12 +149,14 @@ def eval_run_dir(values:dict) -> Path:
     return Path(v["run_dir"]
                 or Path("runs") / f"eval-{Path(v['checkpoint']).resolve().name}{'-blank' if v['blank_media'] else ''}")
 
+# %% ../../nbs/71_evalrun.ipynb #1d173579
 def wants_question_file(values:dict) -> bool:
     ("Whether the notebook answers a question file (given, or the demo's): not when only published benchmarks are "
      "asked for.")
     return not values.get("benchmarks") or any(values.get(k) for k in ("question_file", "gt_file", "captions_file",
                                                                        "reference_answers"))
 
+# %% ../../nbs/71_evalrun.ipynb #c2669d7a
 def plan_eval(values:dict) -> EvalPlan:
     "Resolve the eval notebook's parameters into files to read and write (demo files for empty paths)."
     v = {**EVAL_PARAMETERS, **check_eval_files(check_eval_parameters(dict(values)))}  # in a second, before torch loads
@@ -198,6 +206,7 @@ def checkpoint_fingerprint(folder) -> dict:
         if (folder / name).is_file(): out[name] = sha256(folder / name)
     return out
 
+# %% ../../nbs/71_evalrun.ipynb #a45510f5
 def prepare_run_dir(plan:EvalPlan) -> list:
     "Move answers/reviews made with another checkpoint aside (`*.stale-<time>`); returns what was moved."
     fp_file = Path(plan.run_dir) / "checkpoint_fingerprint.json"
@@ -240,6 +249,7 @@ def run_answers(plan:EvalPlan, # from `plan_eval`
     finally:
         if bar is not None: bar.close()
 
+# %% ../../nbs/71_evalrun.ipynb #4c3af416
 def answers_table(plan:EvalPlan, n:int|None=None):
     "Question, answer and ground truth side by side (first `n` rows)."
     import pandas as pd
@@ -251,6 +261,7 @@ def answers_table(plan:EvalPlan, n:int|None=None):
                           "type": gt.get(q["question_id"],
                                          {}).get("answer_type")} for q in qs]).set_index("question_id")
 
+# %% ../../nbs/71_evalrun.ipynb #fa4221b0
 def run_metrics(plan:EvalPlan) -> dict:
     "`qllava.evaluation.metrics` on the answers; Quilt's yes_no_answer rule when every closed record has one."
     ids = {q["question_id"] for q in read_questions(plan.question_file)}
@@ -270,6 +281,7 @@ _METRIC_NAMES = {"yes_no_accuracy": "closed: yes/no accuracy",
                  "bleu": "open: BLEU", "bleu_1": "open: BLEU-1", "bleu_2": "open: BLEU-2", "bleu_3": "open: BLEU-3",
                  "choice_accuracy": "multiple choice: accuracy"}
 
+# %% ../../nbs/71_evalrun.ipynb #cbc17848
 def metrics_table(m:dict):
     "The metrics as a table: percentages rounded to 2 decimals, question counts."
     import pandas as pd
@@ -280,6 +292,7 @@ def metrics_table(m:dict):
 # %% ../../nbs/71_evalrun.ipynb #3165fcb6
 LOCAL_JUDGE_NAME = "local stand-in judge (word overlap with the reference answer; not GPT-4)"
 
+# %% ../../nbs/71_evalrun.ipynb #a99e732e
 def reference_overlap_judge(content:str) -> str:
     ("A deterministic stand-in judge: the reference scores 10; the model's answer 1 + 9 x its word F1 with the "
      "reference.")
@@ -288,6 +301,7 @@ def reference_overlap_judge(content:str) -> str:
     return (f"10 {1 + round(9 * f1)}\nLocal stand-in judge, not GPT-4: Assistant 1 is the reference answer (10 by "
             f"definition); Assistant 2 scores 1 + 9 x the word-overlap F1 of its answer with the reference ({f1:.2f}).")
 
+# %% ../../nbs/71_evalrun.ipynb #ff194188
 def judge_setup(values:dict) -> dict:
     "Which judge the review uses: {'kind': 'local'|'openai'|'azure'|'endpoint', 'base_url', 'model', 'label'}."
     url = values.get("judge_base_url", "")
@@ -328,6 +342,7 @@ def run_review(plan:EvalPlan, # from `plan_eval`
     return {"judge": judge, "counts": dict(counts),
             "summary": summarize_reviews(reviews, read_json_records(plan.captions_file), file=plan.reviews_file)}
 
+# %% ../../nbs/71_evalrun.ipynb #9c76dd0c
 def review_warnings(plan:EvalPlan, # from `plan_eval`
                     result:dict, # from `run_review`
                     show:int=5, # question_ids listed per note
@@ -359,6 +374,7 @@ def review_warnings(plan:EvalPlan, # from `plan_eval`
                    "prompt, and were asked again.")
     return out
 
+# %% ../../nbs/71_evalrun.ipynb #b6ef5dcb
 def review_chart(result:dict):
     "The summary bar chart, titled with the judge that produced it."
     local = result["judge"]["kind"] == "local"
@@ -408,6 +424,7 @@ def _package_dir() -> Path:
     import qllava
     return Path(qllava.__file__).resolve().parent
 
+# %% ../../nbs/71_evalrun.ipynb #55a37a6b
 def record_eval(plan:EvalPlan, metrics:dict, review_result:dict|None=None, notebook:str|None=None) -> Path:
     "Write `run_dir/eval.json` (kind 'eval'): parameters, judge, metrics, review summary, provenance."
     flat = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}

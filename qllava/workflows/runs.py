@@ -73,8 +73,10 @@ RUN_HYPERPARAMETERS = ("learning_rate", "mm_projector_lr", "num_train_epochs", "
 # parameters whose 0 means "the demo profile's, else the stage preset's"
 _USER_FLAGS = RUN_HYPERPARAMETERS + ("model_max_length",)
 
+# %% ../../nbs/70_runs.ipynb #e9700a61
 def _local_path(spec:str) -> bool: return spec.startswith(("/", "./", "../", "~"))
 
+# %% ../../nbs/70_runs.ipynb #c0ec4bc3
 def check_train_files(values:dict) -> dict:
     ("Raise `DataError` / `ConfigError` for a given data, media, eval or projector path (or DeepSpeed JSON, model "
      "folder) that does not exist.")
@@ -98,6 +100,7 @@ def check_train_files(values:dict) -> dict:
             need_path(spec, k, "path", ConfigError, f"pass -p {k} with an existing folder, a hub id, or preset:NAME.")
     return values
 
+# %% ../../nbs/70_runs.ipynb #fd810911
 def check_parameters(values:dict, # parameter name -> value, as the notebook holds them
                      injected:set=frozenset()) -> dict: # names papermill injected that the parameters cell lacks
     ("Refuse secrets, unknown names, wrong types, unknown choices, negative values and missing files; returns the "
@@ -138,6 +141,7 @@ class StagePlan:
     flags: list
     reason: str = ""
 
+# %% ../../nbs/70_runs.ipynb #3d2ec37a
 @dataclass
 class TrainPlan:
     "Everything a train notebook launches and evaluates, resolved from its parameters."
@@ -155,6 +159,7 @@ class TrainPlan:
         return pd.DataFrame([dict(stage=s.name, output_dir=s.output_dir, reason=s.reason,
                                   flags=" ".join(s.flags)) for s in self.stages])
 
+# %% ../../nbs/70_runs.ipynb #e47c1b6f
 def _flags(d:dict) -> list:
     out = []
     for k, v in d.items():
@@ -162,6 +167,7 @@ def _flags(d:dict) -> list:
         out += [f"--{k}", str(v)]
     return out
 
+# %% ../../nbs/70_runs.ipynb #23eb196b
 def vqa_to_records(questions, # VQA question JSONL (question_id, image|sensor, text)
                    gt, # ground truth JSON list (id, answer, ...)
                    out, # where the LLaVA-format records go
@@ -185,11 +191,13 @@ def vqa_to_records(questions, # VQA question JSONL (question_id, image|sensor, t
     Path(out).write_text(json.dumps(recs, indent=1))
     return Path(out)
 
+# %% ../../nbs/70_runs.ipynb #5b669534
 def is_demo(values:dict) -> bool:
     "Whether the train parameters ask for the embedded demo: a tiny preset model and no data of one's own."
     v = {**TRAIN_PARAMETERS, **values}
     return v["model"].startswith("preset:tiny") and not v["data_path"]
 
+# %% ../../nbs/70_runs.ipynb #6dec50be
 def stage_overrides(values:dict, # the train notebook's parameters
                     stage:str, # the stage to launch
                     asked:bool=True) -> dict: # False: a stage planned on the user's behalf (the shared demo stage 1)
@@ -201,6 +209,7 @@ def stage_overrides(values:dict, # the train notebook's parameters
     mine = {k: v[k] for k in _USER_FLAGS if v[k] and (asked or k == "model_max_length")}
     return {**prof, **mine}
 
+# %% ../../nbs/70_runs.ipynb #a642dac0
 def stage_template_note(v:dict) -> str:
     "Which conversation template stage 2 will use (`pick_template` on the model's tokenizer), said before the launch."
     args = shlex.split(v.get("extra_args", ""))
@@ -304,6 +313,7 @@ def heldout_accuracy(run_dir, # a stage-2 run folder
     return vqa_accuracy(model, tok, questions, gt, media_folder, blank=blank, batch_size=batch_size,
                         max_new_tokens=max_new_tokens)
 
+# %% ../../nbs/70_runs.ipynb #e9c43bc8
 def accuracy_by_kind(acc:dict, # `heldout_accuracy` with the media
                      control:dict|None=None, # `heldout_accuracy` of the media-blanked control, if one ran
                     ) -> "pd.DataFrame":
@@ -346,6 +356,7 @@ def planned_config(stage:StagePlan, values:dict):
     return dataclasses.replace(cfg, per_device_train_batch_size=pd_, gradient_accumulation_steps=ga,
                                global_batch_size=gb)
 
+# %% ../../nbs/70_runs.ipynb #f444db86
 def planned_hyperparameters(plan:TrainPlan):
     "One table: each planned stage's resolved hyperparameters, plus the published row of each stage kind."
     import pandas as pd, dataclasses
@@ -354,8 +365,10 @@ def planned_hyperparameters(plan:TrainPlan):
     t = pd.concat(tables)
     return t[~t.index.duplicated()]
 
+# %% ../../nbs/70_runs.ipynb #cf2a440a
 def _pct(x): return None if x is None else round(100 * x, 1)
 
+# %% ../../nbs/70_runs.ipynb #c38f0831
 def stage_results(plan:TrainPlan):
     "Per stage: steps, first and final loss, held-out loss, throughput, peak memory, time, artifacts."
     import pandas as pd
@@ -398,6 +411,7 @@ def launch_stage(stage:StagePlan, values:dict, hang_timeout:float|None=1800.0):
     return launch(["-m", "qllava.training.train", *stage.flags], stage.output_dir, spec=spec, slurm=slurm,
                   hang_timeout=hang_timeout)
 
+# %% ../../nbs/70_runs.ipynb #8871a6b0
 def run_plan(plan:TrainPlan, log=print) -> list:
     "Launch every stage of the plan in order (stage 1 first when planned); returns what each launch returned."
     out = []
@@ -413,6 +427,7 @@ def stage_summary(output_dir) -> dict:
     read = lambda n: json.loads((d / n).read_text()) if (d / n).exists() else {}
     return {"summary": read("summary.json"), "config": read("train_config.json")}
 
+# %% ../../nbs/70_runs.ipynb #3bd6df55
 def record_run(plan:TrainPlan, metrics:dict|None=None, notebook:str|None=None) -> Path:
     "Write `run.json` (parameters, stages, metrics, provenance) into the plan's run folder."
     run_dir = Path(plan.run_dir); run_dir.mkdir(parents=True, exist_ok=True)
@@ -429,6 +444,7 @@ def record_run(plan:TrainPlan, metrics:dict|None=None, notebook:str|None=None) -
     (run_dir / "run.json").write_text(json.dumps(rec, indent=1, default=str))
     return run_dir / "run.json"
 
+# %% ../../nbs/70_runs.ipynb #1698eded
 def list_runs(runs_dir="runs"):
     "Every run folder's record under `runs_dir` as one table (parameters, final loss, evaluation metrics)."
     import pandas as pd
@@ -455,10 +471,12 @@ RUNS_COLUMNS = {"run": "run", "stage": "stage", "modality": "mod", "learning_rat
                 "open_accuracy": "open %"}  # `qllava runs`' default columns, most useful first -> their short headers
 RUNS_LEGEND = "closed / open %: held-out accuracy; blanked %: closed accuracy, media blanked; --wide: all columns"
 
+# %% ../../nbs/70_runs.ipynb #7f70689c
 def _cut_middle(s:str, n:int) -> str:
     "`s` in at most `n` characters, its middle replaced by `...`."
     return s if len(s) <= n else s[:(n - 3 + 1) // 2] + "..." + s[len(s) - (n - 3) // 2:]
 
+# %% ../../nbs/70_runs.ipynb #d52dd170
 def runs_table(df, # `list_runs`' table
                wide:bool=False, # every column, under its own name
                width:int=100) -> str: # the longest line allowed when not `wide`
@@ -479,6 +497,7 @@ def runs_table(df, # `list_runs`' table
         text = show(t)
     return text
 
+# %% ../../nbs/70_runs.ipynb #52b93412
 def runs_cli(argv:list[str]|None=None) -> int:
     "`qllava runs [RUNS_DIR] [--wide] [--json]`: list and compare run folders."
     p = ArgumentParser(prog="qllava runs", description="List and compare the runs under a folder.")

@@ -60,6 +60,7 @@ def trained_values(p:dict) -> dict:
     except (QllavaError, KeyError): return p  # check_sweep then refuses the run, naming it
     return {**p, **r, "mm_projector_lr": r["mm_projector_lr"] or r["learning_rate"]}
 
+# %% ../../nbs/73_sweep.ipynb #ac171254
 def run_slug(p:dict) -> str:
     "A folder name from a combination's values (see `trained_values`), e.g. `finetune-sensor-lr0.002-plr0.002-ep120`."
     s = f"{p['stage']}-{p['modality']}-lr{p['learning_rate']:g}-plr{p['mm_projector_lr']:g}-ep{p['num_train_epochs']:g}"
@@ -67,6 +68,7 @@ def run_slug(p:dict) -> str:
     for k, v in sorted(p.get("_swept_extra", {}).items()): s += f"-{k}{v}"
     return re.sub(r"[^A-Za-z0-9._+-]", "_", s)
 
+# %% ../../nbs/73_sweep.ipynb #dea1ad4d
 def combinations(values:dict) -> list[dict]:
     "Every combination of the swept lists as train-notebook parameters (with `run_name`), duplicates dropped."
     v = {**SWEEP_PARAMETERS, **values}
@@ -92,6 +94,7 @@ def _is_number(s:str) -> bool:
     try: float(s); return True
     except ValueError: return False
 
+# %% ../../nbs/73_sweep.ipynb #ca5e94d1
 def _with_dot(s:str) -> str:
     "'1e-4' -> '1.0e-4': the spelling YAML 1.1 reads as a float."
     m, _, e = s.lower().partition("e")
@@ -182,6 +185,7 @@ def check_sweep(values:dict, # sweep parameter name -> value, as the notebook ho
     _check_each_run(values)
     return values
 
+# %% ../../nbs/73_sweep.ipynb #a701cabf
 def absolute_paths(values:dict) -> dict:
     ("The sweep's values with relative paths (projector, train_parameters' files) made absolute: each run's notebook "
      "executes in its own folder.")
@@ -201,6 +205,7 @@ def sweep_dir_of(values:dict) -> Path:
     v = {**SWEEP_PARAMETERS, **values}
     return (Path(v["runs_dir"]) / v["sweep_name"]).resolve()
 
+# %% ../../nbs/73_sweep.ipynb #6523ed13
 def read_sweep(sweep_dir) -> dict:
     "The sweep record (`sweep.json`) of a sweep folder."
     p = Path(sweep_dir) / "sweep.json"
@@ -208,6 +213,7 @@ def read_sweep(sweep_dir) -> dict:
         raise ConfigError(f"{p}: no sweep record. Fix: run the sweep notebook (or `qllava sweep`) first.")
     return json.loads(p.read_text())
 
+# %% ../../nbs/73_sweep.ipynb #331bddd2
 def write_sweep(sweep_dir, rec:dict) -> Path:
     "Write `sweep.json` atomically and the per-index table `tasks.tsv` beside it."
     d = Path(sweep_dir); d.mkdir(parents=True, exist_ok=True)
@@ -220,6 +226,7 @@ def write_sweep(sweep_dir, rec:dict) -> Path:
     (d / "tasks.tsv").write_text("\n".join(rows) + "\n")
     return d / "sweep.json"
 
+# %% ../../nbs/73_sweep.ipynb #b038fd4b
 def plan_sweep(values:dict) -> dict:
     "The sweep record for these values, keeping the status and metrics of runs an earlier sweep already holds."
     v = absolute_paths({**SWEEP_PARAMETERS, **check_sweep(dict(values))})
@@ -234,6 +241,7 @@ def plan_sweep(values:dict) -> dict:
 # %% ../../nbs/73_sweep.ipynb #42162bde
 STAGE1_KEYS = ("model", "encoder", "tokenizer", "projector", "num_gpus", "num_nodes", "deepspeed", "seed")
 
+# %% ../../nbs/73_sweep.ipynb #13e59dc5
 def stage1_plans(rec:dict) -> dict:
     "modality -> (adapter path, the stage-1 `TrainPlan` or None when the projector is given or already made)."
     v, out = rec["parameters"], {}
@@ -251,6 +259,7 @@ def stage1_plans(rec:dict) -> dict:
         out[mod] = (str(adapter), None if adapter.is_file() else plan)
     return out
 
+# %% ../../nbs/73_sweep.ipynb #66221cc5
 def ensure_stage1(rec:dict, log=print) -> dict:
     "Run stage 1 once per modality where its projector is missing; returns modality -> adapter path."
     out = {}
@@ -270,16 +279,19 @@ def train_notebook_path(path:str="") -> Path:
         raise ConfigError(f"train notebook {p} not found. Fix: set train_notebook to the path of nbs/train.ipynb.")
     return p
 
+# %% ../../nbs/73_sweep.ipynb #b07fa129
 def _same(a, b) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return math.isclose(a, b)
     return a == b
 
+# %% ../../nbs/73_sweep.ipynb #b4032fc1
 def _executed(nb_path) -> bool:
     try: nb = json.loads(Path(nb_path).read_text())
     except (OSError, ValueError): return False
     return not nb.get("metadata", {}).get("papermill", {}).get("exception")
 
+# %% ../../nbs/73_sweep.ipynb #47d1565e
 def run_finished(run_dir, # a combination's run folder
                  parameters:dict|None=None, # the combination's train parameters (checked against run.json)
                  evaluate:bool=False) -> bool: # also require the executed eval notebook and its eval.json
@@ -295,6 +307,7 @@ def run_finished(run_dir, # a combination's run folder
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
+# %% ../../nbs/73_sweep.ipynb #b98c966e
 def last_lines(text:str, n:int=15) -> list[str]:
     "The last `n` non-empty lines of `text`, terminal colour codes removed."
     return [l for l in _ANSI.sub("", text).splitlines() if l.strip()][-n:]
@@ -342,6 +355,7 @@ def _task_status(run_dir, proc) -> dict:
     if p.is_file(): return json.loads(p.read_text())
     return {"status": "failed", "error": last_lines(proc.stdout or "", 15) or [f"exit code {proc.returncode}"]}
 
+# %% ../../nbs/73_sweep.ipynb #72db3fae
 def run_parallel(sweep_dir, indices:list, parallel:int=1, log=print) -> dict:
     "Run the combinations `indices`, `parallel` at a time, each in its own process; returns index -> status."
     from concurrent.futures import ThreadPoolExecutor
@@ -371,6 +385,7 @@ def sweep_array_script(sweep_dir, # the sweep folder on the cluster's file syste
           f'{shlex.quote(python)} -m qllava.workflows.sweep task {shlex.quote(str(sweep_dir))} "$SLURM_ARRAY_TASK_ID"']
     return "\n".join(o) + "\n"
 
+# %% ../../nbs/73_sweep.ipynb #c3d9541b
 def stage1_script(sweep_dir, slurm=None, gpus_per_node:int=0, python:str="python") -> str:
     "The sbatch script of the job that makes the sweep's stage-1 projector(s) before the array starts."
     from dataclasses import replace
@@ -388,6 +403,7 @@ def _slurm_spec(v:dict) -> SlurmSpec:
                      setup=[l for l in v["slurm_setup"].split(";") if l.strip()],
                      array_parallel=v["slurm_parallel"] or None)
 
+# %% ../../nbs/73_sweep.ipynb #a72d2286
 def submit_slurm(rec:dict, log=print) -> dict:
     "Write the array script (and the stage-1 job when needed) and submit them (slurm_submit False: print the commands)."
     v, d = rec["parameters"], Path(rec["sweep_dir"])
@@ -437,6 +453,7 @@ def wait_sweep(sl:dict, # `submit_slurm`'s record
     tasks = wait_job(sl["array_job"], limit * waves + 3600, log=log)
     return {int(t.job_id.rpartition("_")[2]): t for t in tasks if t.job_id.rpartition("_")[2].isdigit()}
 
+# %% ../../nbs/73_sweep.ipynb #ae8d2617
 def slurm_failures(rec:dict, tasks:dict) -> dict:
     "Mark runs whose array task ended badly, with no status of their own, as failed, with their log's last lines."
     for r in rec["runs"]:
@@ -465,6 +482,7 @@ def run_metrics(run_dir) -> dict:
         if em.get("review_relative") is not None: m["judge_score"] = em["review_relative"]
     return m
 
+# %% ../../nbs/73_sweep.ipynb #cf53e77a
 def collect(sweep_dir, log=None) -> dict:
     "Refresh every run's status and metrics from its folder (after local runs or Slurm tasks) and rewrite sweep.json."
     rec = read_sweep(sweep_dir)
@@ -480,6 +498,7 @@ def collect(sweep_dir, log=None) -> dict:
     write_sweep(sweep_dir, rec)
     return rec
 
+# %% ../../nbs/73_sweep.ipynb #0328ec44
 def results_table(rec:dict, metric:str|None=None):
     "The runs ranked by the metric (best first, ties by final loss; failed and pending runs last), with swept values."
     import pandas as pd
@@ -497,6 +516,7 @@ def results_table(rec:dict, metric:str|None=None):
     df.insert(0, "rank", range(1, len(df) + 1))
     return df.set_index("rank")
 
+# %% ../../nbs/73_sweep.ipynb #cd5f41e4
 def varied_parameters(rec:dict) -> list[str]:
     "The train parameters whose value differs between the sweep's combinations."
     ps = [r["parameters"] for r in rec["runs"]]
@@ -530,15 +550,18 @@ METRIC_LABELS = {"closed_accuracy": "closed accuracy (%)", "open_accuracy": "ope
                  "eval_loss": "held-out loss", "judge_score": "judge score (% of the reference's)"}
 CHANCE = {"closed_accuracy": 50.0}  # a metric's value at chance: yes/no questions answered by a coin
 
+# %% ../../nbs/73_sweep.ipynb #5f7df493
 def metric_label(metric:str) -> str:
     "A metric's axis label with its unit, e.g. `closed accuracy (%)`."
     return METRIC_LABELS.get(metric, metric.replace("_", " "))
 
+# %% ../../nbs/73_sweep.ipynb #f06479c2
 def figure_metrics(rec:dict, metric:str) -> list[str]:
     "The sweep figure's rows: the ranking metric, then the held-out accuracies and the final loss that some run has."
     rows = [metric] + [m for m in ("closed_accuracy", "open_accuracy", "final_loss") if m != metric]
     return [m for m in rows if m == metric or any(r["metrics"].get(m) is not None for r in rec["runs"])]
 
+# %% ../../nbs/73_sweep.ipynb #9b2917e8
 def plot_metric(rec:dict, metric:str|None=None):
     ("The ranking metric, the other accuracy and the final loss (one row each, with units) against each swept "
      "parameter (one column each, at the values the runs trained with; log axis for rates spanning a decade); a dashed "
@@ -606,6 +629,7 @@ def run_sweep(values:dict, log=print) -> dict:
             log(f"!! run {r['index']} {r['name']} failed; its last lines:\n    " + "\n    ".join(r.get("error") or []))
     return out
 
+# %% ../../nbs/73_sweep.ipynb #f47c939d
 def stage1_for_sweep(sweep_dir, log=print) -> dict:
     "Make the sweep's missing stage-1 projector(s) (the Slurm stage-1 job); returns modality -> adapter path."
     rec = read_sweep(sweep_dir)
