@@ -511,6 +511,7 @@ LAYERS = {
     "answers and summaries": ("evaluation.answer", "evaluation.summarize"),
     "published sets": ("evaluation.benchmarks",),
     "checks and run records": ("training.validate", "training.resume", "training.reporting"),
+    "stage set-up": ("training.setup",),
     "training": ("training.train",),
     "conversations with a model": ("serving.chat",),
     "serving": ("serving.serve", "serving.webdemo"),

@@ -40,7 +40,7 @@ def _notebooks():
 
 
 def _page(nb):
-    "`index.ipynb` -> `index.html`, `53_train.ipynb` -> `train.html`, the run notebook `train.ipynb` -> `run-train.html`"
+    "`index.ipynb` -> `index.html`, `54_train.ipynb` -> `train.html`, the run notebook `train.ipynb` -> `run-train.html`"
     if nb.stem in RUN_NOTEBOOKS: return f'run-{nb.stem}.html'
     return re.sub(r'^\d+[a-zA-Z0-9]*_', '', nb.stem).lower() + '.html'
 
@@ -97,7 +97,7 @@ def test_each_library_page_has_the_api_docs_of_its_module(site):
         page = pages[_page(nb)]
         missing = [n for n in names if f'id="{n.lower()}"' not in page]
         assert not missing, f'{_page(nb)} has no API docs for {missing}'
-    for page, name in [('train.html', 'make_optimizer'), ('train.html', 'param_groups'), ('model.html', 'QllavaConfig')]:
+    for page, name in [('setup.html', 'make_optimizer'), ('setup.html', 'param_groups'), ('model.html', 'QllavaConfig')]:
         assert re.search(rf'<h3 id="{name.lower()}">{name}</h3>\s*<div class="highlight"><pre>.*\b{name}\b',
                          pages[page], re.S), f'{page}: no signature for {name}'
 

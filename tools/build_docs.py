@@ -243,7 +243,7 @@ def readme_page(rnd, site_dir):
 
 
 def page_name(nb_path):
-    "nbdev's page for a notebook (`53_train.ipynb` -> `train.html`); a run notebook's is `run-train.html`, as `train.html` is the module's"
+    "nbdev's page for a notebook (`54_train.ipynb` -> `train.html`); a run notebook's is `run-train.html`, as `train.html` is the module's"
     from nbdev.doclinks import _nbpath2html
     p = Path(nb_path)
     return f'run-{p.stem}.html' if p.stem in RUN_NOTEBOOKS else _nbpath2html(p).name
