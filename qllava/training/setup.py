@@ -368,7 +368,6 @@ def _ds_config(cfg:TrainConfig, world:int, precision:dict, hidden_size:int|None=
 # %% ../../nbs/53_setup.ipynb #81e95a04
 def _load_model(cfg:TrainConfig, precision:dict, ds_cfg:dict, log=print) -> tuple:
     "(model, tokenizer) in the training dtype, template settled, projector loaded if given, stage applied."
-    import torch
     dtype = torch.bfloat16 if precision["bf16"] else torch.float16 if precision["fp16"] else torch.float32
     # in the training dtype (4 / 8 bit: quantised); partitioned at birth under ZeRO-3
     model, tok = load_base_model(cfg, dtype, ds_cfg)
@@ -420,7 +419,7 @@ def build_run(cfg:TrainConfig, log=print) -> Run:
     import deepspeed  # noqa: F401  (first, as before: a missing DeepSpeed fails before any other check)
     cfg = _resolve_data_paths(resolve_config(cfg))
     rank, world = init_distributed()   # after the checks a missing file fails, so that fails before any rendezvous
-    # in a moment, before the model is built
+    # a damaged resumable checkpoint is refused now (its file list; the hashes later), before the model is built
     if (resume := find_resume(cfg)) is not None: verify_checksums(resume, hashes=False)
     precision = hardware_precision(cfg)
     per_device, accum, global_bs = resolve_batch(cfg.global_batch_size, world, cfg.per_device_train_batch_size,
