@@ -12,7 +12,7 @@ from .core import ConfigError, ArgumentParser
 # %% auto #0
 __all__ = ['FIELD_GROUPS', 'STAGE_PRESETS', 'OPTIMIZERS', 'CHOICES', 'REPORTERS', 'DEEPSPEED_PRESETS', 'FLAG_ALIASES',
            'FLAG_SHORTHANDS', 'TrainConfig', 'infer_stage', 'report_targets', 'resolve_config', 'resolve_batch',
-           'config_parser', 'suggest_flag', 'parse_config']
+           'value_type', 'field_types', 'config_parser', 'suggest_flag', 'given_flags', 'parse_config', 'config_flags']
 
 # %% ../nbs/01_config.ipynb #07e1271e
 @dataclass
@@ -293,15 +293,25 @@ def _json_dict(s) -> dict:
     return d
 
 # %% ../nbs/01_config.ipynb #52e614a5
-def _parse_type(hint):
-    "The argparse `type` for a field annotation (`int`, `float|None`, `bool|None`, ...): its first non-None member."
+def value_type(hint) -> type:
+    "The type a field annotation holds besides None (`int`, `float|None` -> float, `bool|None` -> bool ...)."
     union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
-    t = args[0]
-    return _to_bool if t is bool else _json_dict if t is dict else t
+    return [a for a in typing.get_args(hint) if a is not type(None)][0] if union else hint
 
 # flags of the original scripts that name a TrainConfig field differently: alias -> field
 FLAG_ALIASES = {"eval_strategy": "evaluation_strategy"}
+
+# %% ../nbs/01_config.ipynb #d6a6c8db
+def _parse_type(hint):
+    "The argparse `type` for a field annotation: its `value_type`, read from text (True / False; dicts as JSON)."
+    t = value_type(hint)
+    return _to_bool if t is bool else _json_dict if t is dict else t
+
+# %% ../nbs/01_config.ipynb #17f26c99
+def field_types() -> dict:
+    "`TrainConfig` field -> the type it holds besides None: what a run notebook holds a `-p` value of that name to."
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: value_type(hints[f.name]) for f in fields(TrainConfig)}
 
 # %% ../nbs/01_config.ipynb #039da89f
 def config_parser() -> argparse.ArgumentParser:
@@ -344,12 +354,34 @@ def suggest_flag(flag:str) -> str|None:
     return m[0] if m else None
 
 # %% ../nbs/01_config.ipynb #502798eb
-def parse_config(argv:list[str]|None=None) -> TrainConfig:
-    "A `TrainConfig` from command-line flags (the original flag names)."
+def given_flags(argv:list[str]|None=None) -> dict:
+    "The `TrainConfig` fields a command line gives, field -> value; an unknown flag is refused with the likely one."
     ns, unknown = config_parser().parse_known_args(argv)
     if unknown:
         hints = [f"{u} (did you mean --{m}?)" if (m := suggest_flag(u)) else u for u in unknown
                  if u.startswith("-")] or unknown
         raise ConfigError(f"unknown training flag(s) {', '.join(hints)}. Fix: see `qllava train --help` for the flags.")
-    given = {k: v for k, v in vars(ns).items() if v is not None and k != "local_rank"}
-    return TrainConfig(**given)
+    return {k: v for k, v in vars(ns).items() if v is not None and k != "local_rank"}
+
+# %% ../nbs/01_config.ipynb #a59f1949
+def parse_config(argv:list[str]|None=None) -> TrainConfig:
+    "A `TrainConfig` from command-line flags (the original flag names)."
+    return TrainConfig(**given_flags(argv))
+
+# %% ../nbs/01_config.ipynb #eaf31e00
+def _flag_value(v) -> str:
+    "A field's value as `parse_config` reads it back: dicts as JSON, the rest as `str` (True / False, 2e-05)."
+    return json.dumps(v) if isinstance(v, dict) else str(v)
+
+# %% ../nbs/01_config.ipynb #68014511
+def config_flags(cfg:TrainConfig) -> list[str]:
+    "The command line `parse_config` reads back into `cfg`: `--field value` for each field that is not at its default."
+    out = []
+    for f in fields(TrainConfig):
+        v = getattr(cfg, f.name)
+        if v == f.default: continue
+        if v is None:
+            raise ConfigError(f"{f.name} is None, which no flag can say (its default is {f.default!r}). Fix: set it to "
+                              "a value, or leave it at its default.")
+        out += [f"--{f.name}", _flag_value(v)]
+    return out

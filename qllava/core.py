@@ -308,11 +308,13 @@ def unknown_parameters(names, # the names given (also those papermill injected)
 # %% ../nbs/00_core.ipynb #8e8a10e0
 def check_types(values:dict, # name -> value
                 defaults:dict, # name -> default value, whose type each value must have (an int is a fine float)
-                what:str="parameter") -> dict:
+                what:str="parameter", # for the message
+                types:dict|None=None) -> dict: # name -> type, for a default of None (which may then stay None)
     ("Raise `ConfigError` for the first value whose type is not its default's (e.g. `-p num_gpus two`); returns the "
      "values.")
     for k, v in values.items():
-        d = defaults[k]; want = type(d)
+        d = defaults[k]; want = (types or {}).get(k) or type(d)
+        if v is None and d is None: continue  # left at its default
         if want is float and isinstance(v, int) and not isinstance(v, bool): continue
         if not isinstance(v, want) or (want is int and isinstance(v, bool)):
             ex = {int: f"an integer, e.g. -p {k} {d or 1}", float: f"a number, e.g. -p {k} {d or 2e-5}",
@@ -332,12 +334,13 @@ def check_against_defaults(values:dict, # name -> value, as the run notebook hol
                            injected=(),
                            what:str="parameter", # for the messages, e.g. "sweep parameter"
                            untyped=(), # names whose type the caller checks itself (e.g. a rule or a number)
+                           types:dict|None=None, # name -> type where the default is None (`check_types`)
                           ) -> dict:
     ("The checks every run notebook starts with: secrets first (no later message may repeat one), then unknown names "
      "(with the closest known one), then types against the defaults; returns `values`.")
     refuse_secrets({**injected, **values} if isinstance(injected, dict) else values)
     unknown_parameters(set(injected) | set(values), defaults, what)
-    check_types({k: v for k, v in values.items() if k not in untyped}, defaults, what)
+    check_types({k: v for k, v in values.items() if k not in untyped}, defaults, what, types)
     return values
 
 # %% ../nbs/00_core.ipynb #5dd36f51

@@ -57,6 +57,7 @@ def runs(hub, tmp_path_factory):
     # answers
     tiles, windows = demo_subset("pathology", work / "tiles.json", 16), demo_subset("imu", work / "windows.json", 16)
     common = dict(runs_dir=runs, global_batch_size=16, model_max_length=512, blank_media_control=False, num_gpus=2)
+    # the short names of earlier versions (model, encoder: now model_name_or_path, vision_tower) still run the notebook
     quilt = dict(common, model=LLAMA3, encoder=TOWER, image_folder=p["media_folder"])
     papermill(env, work / "pre.ipynb", stage="pretrain", data_path=tiles, learning_rate=1e-3, run_name="pre", **quilt)
     papermill(env, work / "ft.ipynb", stage="finetune", data_path=tiles, learning_rate=5e-3, num_train_epochs=40,

@@ -1,5 +1,5 @@
-"""The README's Quilt-LLaVA recipe on hub ids, offline: `papermill nbs/train.ipynb ... -p model lmsys/vicuna-7b-v1.5
--p encoder wisdomik/QuiltNet-B-32` against a local Hugging Face cache in the real hub layout (`qllava.testing.testbed`: the
+"""The README's Quilt-LLaVA recipe on hub ids, offline: `papermill nbs/train.ipynb ... -p model_name_or_path lmsys/vicuna-7b-v1.5
+-p vision_tower wisdomik/QuiltNet-B-32` against a local Hugging Face cache in the real hub layout (`qllava.testing.testbed`: the
 real LLaMA-2 / Vicuna v1.5 tokenizer, a shrunken LLaMA and a shrunken QuiltNet-B-32 with random weights), through the
 real DeepSpeed launcher with 2 CPU ranks: stage 1, stage 2 full and LoRA, then `qllava answer` and `qllava metrics`.
 
@@ -43,7 +43,7 @@ def recipe(hub, tmp_path_factory):
     cache, env = hub
     d, work = demo_paths("pathology"), tmp_path_factory.mktemp("recipe")
     runs = work / "runs"
-    common = dict(model=LLM, encoder=TOWER, image_folder=d["media_folder"], runs_dir=runs, global_batch_size=16,
+    common = dict(model_name_or_path=LLM, vision_tower=TOWER, image_folder=d["media_folder"], runs_dir=runs, global_batch_size=16,
                   num_train_epochs=1, model_max_length=512, blank_media_control=False, num_gpus=2)
     papermill(env, work / "pre.ipynb", stage="pretrain", data_path=d["pretrain"], learning_rate=1e-3, run_name="pre", **common)
     adapter = runs / "pre" / "mm_projector.bin"

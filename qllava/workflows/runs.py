@@ -5,14 +5,14 @@
 # %% ../../nbs/70_runs.ipynb #835022a9
 from __future__ import annotations
 import importlib.util, json, os, re, shlex, shutil, sys, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from ..core import (ConfigError, load_plugins, DataError, ArgumentParser, need_path, resolve_records_path,
     check_against_defaults, read_json_records, RUN_NOTEBOOKS, run_notebook)
 from ..data.presets import preset_names
-from ..config import DEEPSPEED_PRESETS, STAGE_PRESETS, parse_config, resolve_config, resolve_batch
-from ..data.modality import MODALITIES, record_media
-from ..data.modality import MODALITIES, get_modality
+from ..config import (DEEPSPEED_PRESETS, STAGE_PRESETS, TrainConfig, config_flags, field_types, given_flags,
+                           resolve_config, resolve_batch)
+from ..data.modality import MODALITIES, get_modality, record_media
 from ..data.presets import DEMO_DATA, default_tokenizer, demo_paths, load_tokenizer
 from ..data.tokenize import pick_template
 from ..evaluation.answer import question_modality, question_text, vqa_accuracy
@@ -21,31 +21,81 @@ from ..evaluation.report import hyperparameter_table, read_metrics, provenance
 from ..cluster.launch import LaunchSpec, SlurmSpec, launch, gpu_count
 
 # %% auto #0
-__all__ = ['TRAIN_PARAMETERS', 'ALLOWED_PARAMETERS', 'TRAIN_FILES', 'SENSOR_EPOCHS', 'DEMO_PROFILE', 'RUN_HYPERPARAMETERS',
-           'HELDOUT_SCORES', 'RUNS_COLUMNS', 'RUNS_LEGEND', 'check_train_files', 'check_parameters', 'StagePlan',
-           'TrainPlan', 'vqa_to_records', 'is_demo', 'stage_overrides', 'stage_template_note', 'plan_training',
-           'heldout_accuracy', 'accuracy_by_kind', 'write_heldout_scores', 'planned_config', 'planned_hyperparameters',
-           'stage_results', 'resolved_hyperparameters', 'launch_stage', 'run_plan', 'stage_summary', 'record_run',
-           'list_runs', 'runs_table', 'runs_cli', 'notebooks_cli']
+__all__ = ['NOTEBOOK_FIELDS', 'NOTEBOOK_NOTES', 'CONFIG_FIELDS', 'TRAIN_PARAMETERS', 'PARAMETER_ALIASES', 'PARAMETER_TYPES',
+           'ALLOWED_PARAMETERS', 'PLAN_SETS', 'TRAIN_FILES', 'SENSOR_EPOCHS', 'DEMO_PROFILE', 'RUN_HYPERPARAMETERS',
+           'HELDOUT_SCORES', 'RUNS_COLUMNS', 'RUNS_LEGEND', 'RunOptions', 'parameters_cell', 'check_train_files',
+           'canonical_parameters', 'check_parameters', 'StagePlan', 'TrainPlan', 'vqa_to_records', 'is_demo',
+           'stage_overrides', 'stage_config', 'stage_template_note', 'plan_training', 'heldout_accuracy',
+           'accuracy_by_kind', 'write_heldout_scores', 'planned_config', 'planned_hyperparameters', 'stage_results',
+           'resolved_hyperparameters', 'launch_stage', 'run_plan', 'stage_summary', 'record_run', 'list_runs',
+           'runs_table', 'runs_cli', 'notebooks_cli']
 
-# %% ../../nbs/70_runs.ipynb #8c090adc
-TRAIN_PARAMETERS = dict(
-    stage="finetune", modality="image", model="preset:tiny-llama", encoder="", tokenizer="", data_path="",
-    image_folder="", eval_data_path="", pretrain_mm_mlp_adapter="", projector="mlp2x_gelu", launcher="deepspeed",
-    num_gpus=2, num_nodes=1, deepspeed="zero2", global_batch_size=0, learning_rate=0.0, mm_projector_lr=0.0,
-    num_train_epochs=0.0, lora_r=0, lora_alpha=0, model_max_length=0, blank_media_control=True, extra_args="",
-    run_name="", runs_dir="runs", seed=42)
-ALLOWED_PARAMETERS = frozenset(TRAIN_PARAMETERS)
+# %% ../../nbs/70_runs.ipynb #a4257051
+@dataclass
+class RunOptions:
+    "How and where a train notebook runs its stages: its parameters that are not `TrainConfig` fields."
+    modality: str = "image" # image (pathology demo) | sensor (IMU demo) | any registered modality
+    launcher: str = "deepspeed" # deepspeed | torchrun | slurm
+    num_gpus: int = 2 # ranks per node (2 CPU ranks over gloo when there is no GPU)
+    num_nodes: int = 1 # nodes (hostfile / Slurm / torchrun rendezvous)
+    blank_media_control: bool = True # also train the recipe with every media input blanked (the control run)
+    extra_args: str = "" # more `qllava train` flags, read last, e.g. "--packing True"
+    run_name: str = "" # the run folder's name under runs_dir; empty: STAGE-MODALITY
+    runs_dir: str = "runs" # where run folders go
+
+# %% ../../nbs/70_runs.ipynb #08da5ebf
+def _parameter_line(name:str, default, annotation:str, comment:str) -> str:
+    "One line of a parameters cell: `name: type = default  # comment`."
+    value = json.dumps(default) if isinstance(default, str) else repr(default)
+    return f"{name}: {annotation.replace(' ', '')} = {value}  # {comment}"
+
+# %% ../../nbs/70_runs.ipynb #a9248214
+# the `TrainConfig` fields the parameters cell shows, in its order (any other field is a -p parameter too)
+NOTEBOOK_FIELDS = ("model_name_or_path", "vision_tower", "tokenizer", "data_path", "image_folder", "eval_data_path",
+                   "pretrain_mm_mlp_adapter", "mm_projector_type", "deepspeed", "global_batch_size", "learning_rate",
+                   "mm_projector_lr", "num_train_epochs", "lora_r", "lora_alpha", "model_max_length", "seed")
+# where the notebook gives a field another default (the run folder is named by its stage; the encoder follows the
+# modality) or the demo gives None another meaning: field -> (default, the cell's comment)
+NOTEBOOK_NOTES = {
+    "stage": ("finetune", "pretrain | finetune | lora | qlora"),
+    "vision_tower": (None, "encoder spec; None: the modality's demo encoder (preset:tiny-clip / preset:tiny-limu)"),
+    "data_path": (None, "LLaVA-format records; None: the shipped demo data of the stage and modality"),
+    "image_folder": (None, "the folder data_path's media paths are relative to; None: the demo's"),
+    "eval_data_path": (None, "held-out records for an eval loss; None: none (the demo uses its held-out split)"),
+    "pretrain_mm_mlp_adapter": (None, "stage-1 projector; None: the demo's (stage 1 runs first if missing)"),
+    "global_batch_size": (None, "samples per optimiser step; None: the stage preset (256 / 128), or the demo's 16"),
+    "num_train_epochs": (None, "None: the stage preset (1), or the demo's"),
+}
+CONFIG_FIELDS = tuple(f.name for f in fields(TrainConfig))
+_RUN_DEFAULTS = {f.name: f.default for f in fields(RunOptions)}
+_NOTEBOOK_DEFAULT = {k: NOTEBOOK_NOTES[k][0] if k in NOTEBOOK_NOTES else TrainConfig.__dataclass_fields__[k].default
+                     for k in ("stage", *NOTEBOOK_FIELDS)}
+# the parameters cell, name -> default: the stage, the run's options, then the common `TrainConfig` fields
+TRAIN_PARAMETERS = {"stage": _NOTEBOOK_DEFAULT["stage"], **_RUN_DEFAULTS,
+                    **{k: _NOTEBOOK_DEFAULT[k] for k in NOTEBOOK_FIELDS}}
+# the names older train notebooks used -> the `TrainConfig` field
+PARAMETER_ALIASES = {"model": "model_name_or_path", "encoder": "vision_tower", "projector": "mm_projector_type"}
+# name -> the type a given value must have (None stays allowed where the default is None)
+PARAMETER_TYPES = {**field_types(), **{f.name: type(f.default) for f in fields(RunOptions)}}
+PARAMETER_TYPES |= {a: PARAMETER_TYPES[k] for a, k in PARAMETER_ALIASES.items()}
+# every name a train notebook takes -> its default
+ALLOWED_PARAMETERS = {**{k: TrainConfig.__dataclass_fields__[k].default for k in CONFIG_FIELDS}, **TRAIN_PARAMETERS,
+                      **{a: TRAIN_PARAMETERS[k] for a, k in PARAMETER_ALIASES.items()}}
+# fields the plan sets for each stage (your value of the first five feeds it): never passed on as given
+PLAN_SETS = ("stage", "data_path", "image_folder", "eval_data_path", "pretrain_mm_mlp_adapter", "vision_tower",
+             "output_dir", "blank_media")
+
+# %% ../../nbs/70_runs.ipynb #1b1e258b
 TRAIN_FILES = {"data_path": ("file", DataError), "image_folder": ("folder", DataError),
                "eval_data_path": ("file", DataError),
                "pretrain_mm_mlp_adapter": ("path", ConfigError)}  # path parameters that must exist when given
 _FILE_FIX = {
-    "data_path": "pass -p data_path with a LLaVA-format JSON or JSONL file of records (empty: the demo data)",
+    "data_path": "pass -p data_path with a LLaVA-format JSON or JSONL file of records (left out: the demo data)",
     "image_folder": "pass -p image_folder with the folder the records' media paths are relative to",
-    "eval_data_path": "pass -p eval_data_path with a held-out JSON or JSONL file of records, or leave it empty (no "
+    "eval_data_path": "pass -p eval_data_path with a held-out JSON or JSONL file of records, or leave it out (no "
                       "eval loss)",
     "pretrain_mm_mlp_adapter": "pass -p pretrain_mm_mlp_adapter with a stage-1 mm_projector.bin (or the folder holding "
-                               "it): run -p stage pretrain first, or use a published projector; empty on the demo "
+                               "it): run -p stage pretrain first, or use a published projector; left out on the demo "
                                "makes one",
 }
 
@@ -70,8 +120,24 @@ DEMO_PROFILE = {(st, mod): {**base, **_DEMO_MODALITY.get(mod, {}).get(st, {})}  
                 for st, base in _DEMO_STAGE.items() for mod in DEMO_DATA}
 RUN_HYPERPARAMETERS = ("learning_rate", "mm_projector_lr", "num_train_epochs", "global_batch_size", "lora_r",
                        "lora_alpha")
-# parameters whose 0 means "the demo profile's, else the stage preset's"
+# the hyperparameters a stage takes from you where given, else from the demo profile (on the demo), else its preset
 _USER_FLAGS = RUN_HYPERPARAMETERS + ("model_max_length",)
+
+# %% ../../nbs/70_runs.ipynb #f80bc699
+def parameters_cell() -> str:
+    ("The train notebook's `parameters` cell, written from `TrainConfig` and `RunOptions` (their comments, the "
+     "notebook's notes): the one definition of its names, types and defaults.")
+    from fastcore.docments import docments
+    docs, run_docs = docments(TrainConfig, full=False), docments(RunOptions, full=False)
+    note = lambda k: NOTEBOOK_NOTES[k][1] if k in NOTEBOOK_NOTES else docs[k].splitlines()[-1]
+    line = lambda k, ann, doc: _parameter_line(k, TRAIN_PARAMETERS[k], ann, doc)
+    return "\n".join(["# -- the run: its stage, and how and where it runs (`qllava.workflows.runs.RunOptions`)",
+                      line("stage", TrainConfig.__annotations__["stage"], note("stage")),
+                      *[line(f.name, f.type, run_docs[f.name]) for f in fields(RunOptions)],
+                      "# -- `TrainConfig` fields under their `qllava train` names, None: the stage preset's (any "
+                      "other field is",
+                      "# a parameter too, e.g. -p packing True)",
+                      *[line(k, TrainConfig.__annotations__[k], note(k)) for k in NOTEBOOK_FIELDS]])
 
 # %% ../../nbs/70_runs.ipynb #e9700a61
 def _local_path(spec:str) -> bool: return spec.startswith(("/", "./", "../", "~"))
@@ -91,7 +157,7 @@ def check_train_files(values:dict) -> dict:
         need_path(ds, "deepspeed", "file", ConfigError, fix)
         try: json.loads(Path(ds).read_text())
         except ValueError as e: raise ConfigError(f"deepspeed {ds!r}: not valid JSON ({e}). Fix: {fix}") from None
-    for k in ("model", "encoder", "tokenizer"):
+    for k in ("model_name_or_path", "vision_tower", "tokenizer"):
         spec = values.get(k) or ""
         if spec.startswith("preset:") and k != "tokenizer" and spec[7:] not in preset_names():
             raise ConfigError(f"{k} {spec!r}: no such preset. Fix: use one of "
@@ -100,46 +166,87 @@ def check_train_files(values:dict) -> dict:
             need_path(spec, k, "path", ConfigError, f"pass -p {k} with an existing folder, a hub id, or preset:NAME.")
     return values
 
-# %% ../../nbs/70_runs.ipynb #fd810911
-def check_parameters(values:dict, # parameter name -> value, as the notebook holds them
-                     injected:set=frozenset()) -> dict: # names papermill injected that the parameters cell lacks
-    ("Refuse secrets, unknown names, wrong types, unknown choices, negative values and missing files; returns the "
-     "values.")
-    check_against_defaults(values, TRAIN_PARAMETERS, injected)  # secrets first, then unknown names and types
+# %% ../../nbs/70_runs.ipynb #ae47ba01
+def _legacy_default(name:str, value):
+    "None where an older notebook wrote \"the default\" (`0` for a hyperparameter, `\"\"` for a field); else the value."
+    if name in _USER_FLAGS and value == 0 and not isinstance(value, bool): return None
+    return None if value == "" and name in CONFIG_FIELDS else value
+
+# %% ../../nbs/70_runs.ipynb #666f9f96
+def canonical_parameters(values:dict) -> dict:
+    ("The parameters under their `TrainConfig` names (`model` -> `model_name_or_path`, ...), an older spelling of "
+     "\"the default\" read as None; an old name wins over its new one left at the default.")
+    out = {k: _legacy_default(k, v) for k, v in values.items() if k not in PARAMETER_ALIASES}
+    for old, new in PARAMETER_ALIASES.items():
+        if old not in values: continue
+        if out.get(new, TRAIN_PARAMETERS[new]) != TRAIN_PARAMETERS[new] and out[new] != values[old]:
+            raise ConfigError(f"{old} and {new} name the same parameter and differ ({values[old]!r}, {out[new]!r}). "
+                              f"Fix: pass only -p {new}.")
+        out[new] = _legacy_default(new, values[old])
+    return out
+
+# %% ../../nbs/70_runs.ipynb #6c20f185
+def _check_choices(v:dict):
+    "Refuse an unknown stage, modality, launcher or projector kind, a plan-set field, and QLoRA without bitsandbytes."
     load_plugins()  # a modality registered in $QLLAVA_PLUGINS is a choice too
     choices = {"stage": tuple(STAGE_PRESETS), "modality": tuple(MODALITIES),
                "launcher": ("deepspeed", "torchrun", "slurm")}
     for k, ok in choices.items():
-        if k in values and values[k] not in ok:
-            raise ConfigError(f"{k} {values[k]!r} is not one of {', '.join(ok)}. Fix: -p {k} {ok[0]}.")
+        if k in v and v[k] not in ok:
+            raise ConfigError(f"{k} {v[k]!r} is not one of {', '.join(ok)}. Fix: -p {k} {ok[0]}.")
+    for k in ("output_dir", "blank_media"):
+        if k in v:
+            raise ConfigError(f"{k} is set by the plan for each stage. Fix: drop -p {k}; name the run folder with -p "
+                              "runs_dir / -p run_name, and the media-blanked run with -p blank_media_control.")
     # else each rank would find out, after the launch
-    if values.get("stage") == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+    if v.get("stage") == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("stage 'qlora' (4-bit) needs bitsandbytes, which is not installed here. "
                           "Fix: pip install 'qllava[train]' (or bitsandbytes; it runs on CPU too), or -p stage lora.")
-    if "projector" in values and not re.fullmatch(r"linear|identity|mlp[1-9]\d*x_gelu", values["projector"]):
-        raise ConfigError(f"projector {values['projector']!r} is not a projector kind. Fix: use linear, mlpNx_gelu "
-                          "(e.g. mlp2x_gelu, LLaVA-1.5's) or identity.")
+    if v.get("mm_projector_type") and not re.fullmatch(r"linear|identity|mlp[1-9]\d*x_gelu", v["mm_projector_type"]):
+        raise ConfigError(f"mm_projector_type {v['mm_projector_type']!r} is not a projector kind. Fix: use linear, "
+                          "mlpNx_gelu (e.g. mlp2x_gelu, LLaVA-1.5's) or identity.")
+
+# %% ../../nbs/70_runs.ipynb #0fe5815a
+def _check_ranges(v:dict):
+    "Refuse negative rates, epochs, batch, LoRA rank / alpha, length or seed, under one rank, and bad `extra_args`."
     for k in ("global_batch_size", "learning_rate", "mm_projector_lr", "num_train_epochs", "lora_r", "lora_alpha",
               "model_max_length", "seed"):
-        if values.get(k, 0) < 0:
-            raise ConfigError(f"parameter {k}={values[k]!r} is negative. Fix: a positive value, or 0 for the preset's.")
+        if (v.get(k) or 0) < 0:
+            raise ConfigError(f"parameter {k}={v[k]!r} is negative. Fix: a positive value, or leave it out for the "
+                              "preset's.")
     for k in ("num_gpus", "num_nodes"):
-        if values.get(k, 1) < 1:
-            raise ConfigError(f"parameter {k}={values[k]!r} must be at least 1. Fix: -p {k} 1 (num_gpus: ranks per "
+        if v.get(k, 1) < 1:
+            raise ConfigError(f"parameter {k}={v[k]!r} must be at least 1. Fix: -p {k} 1 (num_gpus: ranks per "
                               "node; CPU ranks without a GPU).")
-    try: shlex.split(values.get("extra_args", ""))
+    try: given_flags(shlex.split(v.get("extra_args") or ""))
     except ValueError as e:
-        raise ConfigError(f"extra_args {values['extra_args']!r}: {e}. Fix: close the quote.") from None
-    return check_train_files(values)
+        raise ConfigError(f"extra_args {v['extra_args']!r}: {e}. Fix: close the quote.") from None
+    except ConfigError as e: raise ConfigError(f"extra_args: {e}") from None
+
+# %% ../../nbs/70_runs.ipynb #e411c643
+def check_parameters(values:dict, # parameter name -> value, as the notebook holds them
+                     injected:set=frozenset()) -> dict: # names papermill injected that the parameters cell lacks
+    ("Refuse secrets, unknown names, wrong types, unknown choices, negative values and missing files; returns every "
+     "parameter under its `TrainConfig` name (`TRAIN_PARAMETERS`' defaults for those not given).")
+    # secrets first, then unknown names and types
+    check_against_defaults(values, ALLOWED_PARAMETERS, injected, types=PARAMETER_TYPES)
+    v = canonical_parameters(values)
+    _check_choices(v)
+    _check_ranges(v)
+    return {**TRAIN_PARAMETERS, **check_train_files(v)}
 
 # %% ../../nbs/70_runs.ipynb #d4c0ec34
 @dataclass
 class StagePlan:
-    "One training stage to launch: its name, output folder, `qllava.training.train` flags and why it runs."
+    "One training stage to launch: its name, output folder, `TrainConfig` and why it runs."
     name: str
     output_dir: str
-    flags: list
+    config: TrainConfig
     reason: str = ""
+    @property
+    def flags(self) -> list:
+        "The `qllava.training.train` command line of the stage (`config_flags`)."
+        return config_flags(self.config)
 
 # %% ../../nbs/70_runs.ipynb #3d2ec37a
 @dataclass
@@ -158,14 +265,6 @@ class TrainPlan:
         import pandas as pd
         return pd.DataFrame([dict(stage=s.name, output_dir=s.output_dir, reason=s.reason,
                                   flags=" ".join(s.flags)) for s in self.stages])
-
-# %% ../../nbs/70_runs.ipynb #e47c1b6f
-def _flags(d:dict) -> list:
-    out = []
-    for k, v in d.items():
-        if v is None or v == "": continue
-        out += [f"--{k}", str(v)]
-    return out
 
 # %% ../../nbs/70_runs.ipynb #23eb196b
 def vqa_to_records(questions, # VQA question JSONL (question_id, image|sensor, text)
@@ -195,38 +294,48 @@ def vqa_to_records(questions, # VQA question JSONL (question_id, image|sensor, t
 def is_demo(values:dict) -> bool:
     "Whether the train parameters ask for the embedded demo: a tiny preset model and no data of one's own."
     v = {**TRAIN_PARAMETERS, **values}
-    return v["model"].startswith("preset:tiny") and not v["data_path"]
+    return v["model_name_or_path"].startswith("preset:tiny") and not v["data_path"]
 
 # %% ../../nbs/70_runs.ipynb #6dec50be
 def stage_overrides(values:dict, # the train notebook's parameters
                     stage:str, # the stage to launch
                     asked:bool=True) -> dict: # False: a stage planned on the user's behalf (the shared demo stage 1)
-    ("The hyperparameter flags a stage gets before its stage preset fills the rest: the demo profile (on the demo), "
-     "then the user's non-zero values.")
+    ("The hyperparameters a stage gets before its stage preset fills the rest: the demo profile (on the demo), then "
+     "those you gave.")
     v = {**TRAIN_PARAMETERS, **values}
     prof = DEMO_PROFILE[(stage, v["modality"])] if is_demo(v) else {}
     # the user's rates / epochs / batch are for the stage asked; the shared demo stage 1 keeps the demo profile
-    mine = {k: v[k] for k in _USER_FLAGS if v[k] and (asked or k == "model_max_length")}
+    mine = {k: v[k] for k in _USER_FLAGS if v[k] is not None and (asked or k == "model_max_length")}
     return {**prof, **mine}
+
+# %% ../../nbs/70_runs.ipynb #2dda303b
+def stage_config(v:dict, # the checked parameters (`check_parameters`)
+                 stage:str, # the stage to build
+                 planned:dict, # what the plan sets: data, media folder, encoder, output folder ...
+                 asked:bool=True) -> TrainConfig: # False: a stage planned on the user's behalf (the demo's stage 1)
+    ("One stage's `TrainConfig`: the fields you gave, the stage, the demo profile and your hyperparameters "
+     "(`stage_overrides`), what the plan sets, then `extra_args` (read last, as on a command line).")
+    given = {k: v[k] for k in CONFIG_FIELDS if v.get(k) is not None and k not in PLAN_SETS + _USER_FLAGS}
+    extra = given_flags(shlex.split(v.get("extra_args") or ""))
+    return TrainConfig(**{**given, "stage": stage, **stage_overrides(v, stage, asked), **planned, **extra})
 
 # %% ../../nbs/70_runs.ipynb #a642dac0
 def stage_template_note(v:dict) -> str:
     "Which conversation template stage 2 will use (`pick_template` on the model's tokenizer), said before the launch."
-    args = shlex.split(v.get("extra_args", ""))
-    asked = next((args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--version", "--template")), None)
-    name = pick_template(asked, load_tokenizer(v["tokenizer"] or default_tokenizer(v["model"])))
+    asked = given_flags(shlex.split(v.get("extra_args") or "")).get("version", v.get("version"))
+    name = pick_template(asked, load_tokenizer(v["tokenizer"] or default_tokenizer(v["model_name_or_path"])))
     why = ("as asked" if asked else "the model's own chat template" if name == "auto"
            else "LLaVA-1.5's, for a LLaMA / Vicuna vocabulary without a chat template")
     return f"Stage 2 conversation template: {name} ({why})."
 
 # %% ../../nbs/70_runs.ipynb #84fb09ec
 def _stage_encoder(v:dict) -> str:
-    "The encoder the stages train with: the `encoder` parameter, else the modality's default (refused without one)."
+    "The encoder the stages train with: `vision_tower` when given, else the modality's default (refused without one)."
     mod = v["modality"]
-    encoder = v["encoder"] or get_modality(mod).default_encoder
+    encoder = v["vision_tower"] or get_modality(mod).default_encoder
     if not encoder:
-        raise ConfigError(f"modality {mod!r} has no default encoder. Fix: pass -p encoder SPEC (a registered encoder "
-                          "kind).")
+        raise ConfigError(f"modality {mod!r} has no default encoder. Fix: pass -p vision_tower SPEC (a registered "
+                          "encoder kind).")
     return encoder
 
 # %% ../../nbs/70_runs.ipynb #3597fe48
@@ -249,7 +358,7 @@ def _stage_data(plan:TrainPlan, run_dir:Path) -> tuple:
     return v["image_folder"], v["eval_data_path"], v["data_path"], v["data_path"]
 
 # %% ../../nbs/70_runs.ipynb #a0c6b295
-def _stage1_adapter(plan:TrainPlan, stage_flags, data:str, folder:str) -> str:
+def _stage1_adapter(plan:TrainPlan, build, data:str, folder:str) -> str:
     "Stage 2's projector: the one given, else the demo's stage-1 one (stage 1 planned first while it is not there)."
     v, stage, mod = plan.values, plan.values["stage"], plan.values["modality"]
     if v["pretrain_mm_mlp_adapter"]: return v["pretrain_mm_mlp_adapter"]
@@ -260,37 +369,34 @@ def _stage1_adapter(plan:TrainPlan, stage_flags, data:str, folder:str) -> str:
     adapter = str(s1 / "mm_projector.bin")
     if not Path(adapter).exists():
         plan.stages.append(StagePlan("pretrain", str(s1),
-                                     stage_flags("pretrain", data, folder, s1, {}, asked=False),
+                                     build("pretrain", data, folder, s1, {}, asked=False),
                                      f"no stage-1 projector for the demo yet ({adapter}): stage 1 runs first"))
     return adapter
 
 # %% ../../nbs/70_runs.ipynb #520ccbb4
 def plan_training(values:dict) -> TrainPlan:
     "Resolve the train notebook's parameters into the stages to launch (demo profile, stage 1 first, control run)."
-    v = {**TRAIN_PARAMETERS, **check_parameters(dict(values))}
+    v = check_parameters(dict(values))
     stage, mod = v["stage"], v["modality"]
     demo = is_demo(v)
     run_dir = Path(v["runs_dir"]) / (v["run_name"] or f"{stage}-{mod}")
     plan = TrainPlan(values=v, demo=demo, run_dir=str(run_dir))
     encoder = _stage_encoder(v)
-    common = dict(model_name_or_path=v["model"], vision_tower=encoder, tokenizer=v["tokenizer"],
-                  mm_projector_type=v["projector"], deepspeed=v["deepspeed"], seed=v["seed"])
-    def stage_flags(st:str, data:str, folder:str, out:Path, extra:dict, asked:bool=True):
-        return _flags({"stage": st, **common, "data_path": data, "image_folder": folder,
-                       **stage_overrides(v, st, asked),
-                       **extra, "output_dir": str(out)}) + shlex.split(v["extra_args"])
+    def build(st:str, data:str, folder:str, out:Path, extra:dict, asked:bool=True) -> TrainConfig:
+        planned = {"vision_tower": encoder, "data_path": data, "image_folder": folder, **extra, "output_dir": str(out)}
+        return stage_config(v, st, planned, asked)
     folder, eval_records, data1, data2 = _stage_data(plan, run_dir)
     if stage == "pretrain":
-        plan.stages.append(StagePlan("pretrain", str(run_dir), stage_flags("pretrain", data1, folder,
-                                                                           run_dir, {}), "stage 1 as asked"))
+        plan.stages.append(StagePlan("pretrain", str(run_dir), build("pretrain", data1, folder, run_dir, {}),
+                                     "stage 1 as asked"))
         return plan
-    adapter = _stage1_adapter(plan, stage_flags, data1, folder)
+    adapter = _stage1_adapter(plan, build, data1, folder)
     # before any launch: a model with no template of its own and no --version stops here
     plan.notes.append(stage_template_note(v))
-    extra = {"pretrain_mm_mlp_adapter": adapter, "eval_data_path": eval_records}
+    extra = {"pretrain_mm_mlp_adapter": adapter, **({"eval_data_path": eval_records} if eval_records else {})}
     if demo and v["deepspeed"] not in ("zero3", "zero3_offload"):  # held-out accuracy in the curves as training goes
         extra.update(eval_questions=plan.eval_questions, eval_gt=plan.eval_gt, eval_steps=50)
-    plan.stages.append(StagePlan(stage, str(run_dir), stage_flags(stage, data2, folder, run_dir, extra),
+    plan.stages.append(StagePlan(stage, str(run_dir), build(stage, data2, folder, run_dir, extra),
                                  f"stage 2 ({stage}) as asked"))
     if v["blank_media_control"] and not (demo or eval_records):
         plan.notes.append("The media-blanked control is not trained: on your data it has nothing to be compared on (no "
@@ -299,7 +405,7 @@ def plan_training(values:dict) -> TrainPlan:
     elif v["blank_media_control"]:
         ctrl = run_dir / "control-blank-media"
         plan.stages.append(StagePlan(f"{stage} (media blanked)", str(ctrl),
-                                     stage_flags(stage, data2, folder, ctrl, {**extra, "blank_media": True}),
+                                     build(stage, data2, folder, ctrl, {**extra, "blank_media": True}),
                                      "control: the same recipe with every media input blanked"))
     return plan
 
@@ -349,7 +455,7 @@ def planned_config(stage:StagePlan, values:dict):
     "The `TrainConfig` a planned stage resolves to, with the batch split for the planned world size."
     import dataclasses
     v = {**TRAIN_PARAMETERS, **values}
-    cfg = resolve_config(parse_config(stage.flags))
+    cfg = resolve_config(stage.config)
     world = max(1, v["num_gpus"]) * max(1, v["num_nodes"])
     pd_, ga, gb = resolve_batch(cfg.global_batch_size, world, cfg.per_device_train_batch_size,
                                 cfg.gradient_accumulation_steps)
@@ -389,11 +495,10 @@ def stage_results(plan:TrainPlan):
 # %% ../../nbs/70_runs.ipynb #4740a9fc
 def resolved_hyperparameters(values:dict) -> dict:
     ("The rates, epochs, batch and LoRA rank / alpha the asked stage trains with, as `qllava.training.train` resolves "
-     "them: yours where non-zero, else the demo profile's (on the demo), else the stage preset's; `mm_projector_lr` "
+     "them: yours where given, else the demo profile's (on the demo), else the stage preset's; `mm_projector_lr` "
      "None = the projector trains at `learning_rate`.")
-    v = {**TRAIN_PARAMETERS, **values}
-    cfg = resolve_config(parse_config(_flags({"stage": v["stage"],
-                                              **stage_overrides(v, v["stage"])}) + shlex.split(v["extra_args"])))
+    v = {**TRAIN_PARAMETERS, **canonical_parameters(values)}
+    cfg = resolve_config(stage_config(v, v["stage"], {}))
     return {k: getattr(cfg, k) for k in RUN_HYPERPARAMETERS}
 
 # %% ../../nbs/70_runs.ipynb #46490023

@@ -8,8 +8,9 @@ import itertools, json, math, os, re, shlex, shutil, subprocess, sys, time
 from pathlib import Path
 from ..core import (ConfigError, DataError, QllavaError, ArgumentParser, check_types, check_against_defaults,
                          run_notebook)
-from .runs import (TRAIN_PARAMETERS, HELDOUT_SCORES, check_parameters, plan_training, record_run,
-                         resolved_hyperparameters, run_plan)
+from .runs import (TRAIN_PARAMETERS, ALLOWED_PARAMETERS, PARAMETER_TYPES, HELDOUT_SCORES,
+                                   canonical_parameters, check_parameters, plan_training, record_run,
+                                   resolved_hyperparameters, run_plan)
 from .evalrun import check_eval_files, check_eval_parameters
 from .bench import compare_benchmark, read_scores_file, signed_interval
 from ..cluster.launch import SlurmSpec, sbatch_header
@@ -56,7 +57,7 @@ def trained_values(p:dict) -> dict:
     ("A combination's train parameters with the rates, epochs and LoRA rank / alpha its run trains with (0 resolved "
      "from the demo profile or stage preset; the projector's rate is the LLM's unless separate); as given when its "
      "train notebook would refuse them.")
-    try: r = resolved_hyperparameters(check_types(dict(p), TRAIN_PARAMETERS))
+    try: r = resolved_hyperparameters(check_types(dict(p), ALLOWED_PARAMETERS, types=PARAMETER_TYPES))
     except (QllavaError, KeyError): return p  # check_sweep then refuses the run, naming it
     return {**p, **r, "mm_projector_lr": r["mm_projector_lr"] or r["learning_rate"]}
 
@@ -108,7 +109,7 @@ def _check_swept_lists(values:dict):
         if not isinstance(v, (list, tuple)) or not v:
             raise ConfigError(f"sweep parameter {k}={v!r} should be a non-empty list, e.g. {k} = "
                               f"{SWEEP_PARAMETERS[k]!r}.")
-        want = type(TRAIN_PARAMETERS[k])
+        want = PARAMETER_TYPES[k]
         for x in v:
             if not (isinstance(x, want) or (want is float and isinstance(x, int) and not isinstance(x, bool))):
                 yaml_text = want is float and isinstance(x, str) and _is_number(x)  # PyYAML reads 1e-4 (no dot) as text
@@ -121,12 +122,14 @@ def _check_swept_lists(values:dict):
 def _check_train_parameter_names(tp:dict):
     "Refuse train_parameters that are no train-notebook parameter or that the sweep sets itself (naming a close one)."
     free = sorted(set(TRAIN_PARAMETERS) - set(SWEPT) - set(SWEEP_OWNS) - {"lora_alpha"})
-    bad = sorted(set(tp) - set(TRAIN_PARAMETERS) | (set(tp) & (set(SWEPT) | set(SWEEP_OWNS) | {"lora_alpha"})))
+    bad = sorted(set(tp) - set(ALLOWED_PARAMETERS) | (set(tp) & (set(SWEPT) | set(SWEEP_OWNS) | {"lora_alpha"})))
     if bad:
         import difflib
         hint = "".join(f" ({b}: did you mean {m[0]}?)" for b in bad if (m := difflib.get_close_matches(b, free, 1)))
         raise ConfigError(f"train_parameters {bad}: not train-notebook parameters the sweep leaves to you{hint}. Fix: "
-                          f"sweep {', '.join(SWEPT)} with their own lists; other names: {', '.join(free)}.")
+                          f"sweep {', '.join(SWEPT)} with their own lists; other names: {', '.join(free)} (or any "
+                          "`qllava train` "
+                          "flag's name).")
 
 # %% ../../nbs/73_sweep.ipynb #f6074589
 def _check_sweep_eval_parameters(ep:dict):
@@ -239,7 +242,9 @@ def plan_sweep(values:dict) -> dict:
     return {"kind": "sweep", "sweep_dir": str(d), "parameters": v, "metric": v["metric"], "runs": runs}
 
 # %% ../../nbs/73_sweep.ipynb #42162bde
-STAGE1_KEYS = ("model", "encoder", "tokenizer", "projector", "num_gpus", "num_nodes", "deepspeed", "seed")
+# the train parameters the shared stage 1 takes from train_parameters (also under the older names)
+STAGE1_KEYS = ("model_name_or_path", "vision_tower", "tokenizer", "mm_projector_type", "model", "encoder", "projector",
+               "num_gpus", "num_nodes", "deepspeed", "seed")
 
 # %% ../../nbs/73_sweep.ipynb #13e59dc5
 def stage1_plans(rec:dict) -> dict:
@@ -302,8 +307,9 @@ def run_finished(run_dir, # a combination's run folder
     except (OSError, ValueError): return False
     if not rec.get("finished") or not _executed(d / "train.ipynb"): return False
     if evaluate and not ((d / "eval" / "eval.json").is_file() and _executed(d / "eval.ipynb")): return False
-    got = rec.get("parameters", {})
-    return all(_same(got.get(k), x) for k, x in (parameters or {}).items())
+    # both under the `TrainConfig` names (a run.json of an earlier version holds the short ones)
+    got = canonical_parameters(rec.get("parameters", {}))
+    return all(_same(got.get(k), x) for k, x in canonical_parameters(parameters or {}).items())
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
