@@ -12,7 +12,7 @@ P = one full fp32 copy of the model's parameters (bytes).
 1. Construction and training (`--worker`, launched with `qllava.cluster.launch` on 2 CPU ranks over gloo, as tests/test_train.py
    does), for ZeRO-2, ZeRO-3 and ZeRO-3 offload (the shipped presets) x fp32 and bf16 weights. Each rank: the fixed
    overhead first (the same path on `preset:tiny-llama`: imports, DeepSpeed, tokenizer, tiny parts), then
-   `qllava.modeling.model.build_model(folder, dtype=..., ds_config=qllava.training.train.deepspeed_config(preset, ...))` (peak RSS after
+   `qllava.modeling.model.build_model(folder, placement=Placement(dtype, ds_config=qllava.training.train.deepspeed_config(preset, ...))` (peak RSS after
    construction), then the stage-2 setup of `qllava.training.train.build_run` (`apply_stage` finetune, `partition`,
    `make_optimizer` over `param_groups`, `deepspeed.initialize` with the config's `auto` buckets sized from the LLM's
    width as `build_run` does, `share_fp32_master`) and 3 optimiser steps on a fixed text-only batch (1 x 64 tokens; the
@@ -79,7 +79,7 @@ if not (folder / "model.safetensors").exists():
     AutoModelForCausalLM.from_config(AutoConfig.for_model(**llm_config(layers))).save_pretrained(folder)
     load_tokenizer("llama-demo").save_pretrained(folder)
 if not (ck / "qllava_manifest.json").exists():  # a qllava checkpoint of the same model, for the loaders
-    from qllava.modeling.model import build_model
+    from qllava.modeling.model import Placement, build_model
     from qllava.modeling.checkpoint import save_checkpoint
     model, tok = build_model(str(folder), {"image": "preset:tiny-clip"}, tokenizer="llama-demo")
     save_checkpoint(model, ck, tokenizer=tok, stage="finetune")
@@ -98,7 +98,7 @@ def make_llm(folder:Path, layers:int, ck:Path) -> int:
 def worker(a) -> None:
     import torch
     import deepspeed  # noqa: F401 (imported before measuring: part of the overhead)
-    from qllava.modeling.model import build_model
+    from qllava.modeling.model import Placement, build_model
     from qllava.modeling.weights import full_numel, partition, release_memory
     from qllava.config import TrainConfig, resolve_config
     from qllava.training.train import apply_stage, deepspeed_config, init_distributed, make_optimizer, param_groups, share_fp32_master
@@ -106,11 +106,11 @@ def worker(a) -> None:
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     ds = deepspeed_config(a.zero, 1, 1, world, bf16=a.dtype == "bf16")
     rec = {"rank": rank, "world": world, "zero": a.zero, "dtype": a.dtype, "after_imports": status()}
-    tiny, _ = build_model("preset:tiny-llama", {"image": "preset:tiny-clip"}, tokenizer="llama-demo", dtype=dtype, ds_config=ds)
+    tiny, _ = build_model("preset:tiny-llama", {"image": "preset:tiny-clip"}, tokenizer="llama-demo", placement=Placement(dtype, ds_config=ds))
     del tiny; gc.collect(); release_memory()
     rec["overhead"] = status()
     t = time.perf_counter()
-    model, tok = build_model(a.llm, {"image": "preset:tiny-clip"}, tokenizer="llama-demo", dtype=dtype, ds_config=ds)
+    model, tok = build_model(a.llm, {"image": "preset:tiny-clip"}, tokenizer="llama-demo", placement=Placement(dtype, ds_config=ds))
     rec["construct_s"], rec["construct"] = time.perf_counter() - t, status()
     rec["params"] = sum(full_numel(p) for p in model.parameters())
     rec["share"] = sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) for p in model.parameters())
@@ -143,15 +143,15 @@ def worker(a) -> None:
 def qlora_worker(a) -> None:
     "One process: build the LLM in bf16 or 4 bits, measure, then 3 LoRA steps; writes a JSON record."
     import torch
-    from qllava.modeling.model import build_model
+    from qllava.modeling.model import Placement, build_model
     from qllava.config import TrainConfig, resolve_config
     from qllava.modeling.checkpoint import quantization_config
     from qllava.training.train import apply_stage, make_optimizer, param_groups
     cfg = resolve_config(TrainConfig(stage="qlora" if a.bits == 4 else "lora", lora_r=8, lora_alpha=16, learning_rate=1e-4))
     rec = {"bits": a.bits, "before": status()}
     t = time.perf_counter()
-    model, tok = build_model(a.llm, {"image": "preset:tiny-clip"}, tokenizer="llama-demo", dtype=torch.bfloat16,
-                             quantization_config=quantization_config(cfg, torch.bfloat16) if a.bits == 4 else None)
+    model, tok = build_model(a.llm, {"image": "preset:tiny-clip"}, tokenizer="llama-demo", placement=Placement(
+        torch.bfloat16, quantization_config=quantization_config(cfg, torch.bfloat16) if a.bits == 4 else None))
     rec["construct_s"], rec["construct"] = time.perf_counter() - t, status()
     qs = [m.weight.quant_state for m in model.llm.modules() if hasattr(getattr(m, "weight", None), "quant_state")]
     consts = sum(sum(v.numel() * v.element_size() for v in [q.absmax, *(getattr(q.state2, "absmax", None),

@@ -12,7 +12,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
-from qllava.evaluation.review import LocalJudge, replay_judge, review  # noqa: E402
+from qllava.evaluation.review import JudgeSpec, LocalJudge, ReviewInputs, replay_judge, review  # noqa: E402
 
 SHARED = Path(os.environ.get("QLLAVA_SHARED", REPO.parent / "shared")) / "data" / "quilt_gpt"
 
@@ -49,7 +49,8 @@ def timed_run(files, replay, n, concurrency, latency, folder: Path, tag: str) ->
     try:
         url = parent.recv()
         t0 = time.perf_counter()
-        counts = review(*files, out, model="local-judge", base_url=url, concurrency=concurrency, limit=n, timeout=30)
+        counts = review(ReviewInputs(*files), out, JudgeSpec("local-judge", base_url=url, concurrency=concurrency, timeout=30),
+                        limit=n)
         dt = time.perf_counter() - t0
     finally:
         parent.send("stop"); server.join(10)

@@ -251,7 +251,7 @@ def training_batch(tokenizer, n_tokens:int, processor, batch:int, seed:int=0) ->
 
 
 def build_bench_model():
-    from qllava.modeling.model import build_model
+    from qllava.modeling.model import MediaSetup, Placement, build_model
     from qllava.modeling.weights import resize_embeddings
     t = time.perf_counter()
     model, tok = build_model(llm="preset:bench-llama", encoders={"image": "preset:bench-vit-b32"}, tokenizer="llama-demo")
@@ -523,11 +523,12 @@ def run_side(side:str, mode:str, rep:int, paths:dict, data:dict, args, venv:Path
 
 def side_flop_model(paths:dict):
     "qllava's `flop_model` of the bench-size model as stage 2 trains it, shared by both sides' model FLOPs (see `batch_model_flops`)."
-    from qllava.modeling.model import build_model
+    from qllava.modeling.model import MediaSetup, Placement, build_model
     from qllava.modeling.flops import flop_model
     from qllava.config import TrainConfig, resolve_config
     from qllava.training.train import apply_stage
-    model, tok = build_model(llm=str(paths["llm"]), encoders={"image": str(paths["clip"])}, projector="mlp2x_gelu", select_layer=-2)
+    model, tok = build_model(llm=str(paths["llm"]), encoders={"image": str(paths["clip"])}, projector="mlp2x_gelu",
+                             media=MediaSetup(select_layer=-2))
     model = apply_stage(model, resolve_config(TrainConfig(stage="finetune")))
     fm = flop_model(model)
     return fm, dict(llm_params=sum(p.numel() for p in model.llm.parameters()), encoder_params=sum(p.numel() for p in model.encoders.parameters()),

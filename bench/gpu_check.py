@@ -161,13 +161,13 @@ def write_presets(folder:Path, shapes:dict) -> tuple[str, str]:
 
 def build(ctx:dict, attn:str):
     "A fresh QllavaForCausalLM + tokenizer, made by qllava.modeling.model.build_model directly on the device in the run dtype."
-    from qllava.modeling.model import build_model
+    from qllava.modeling.model import Placement, build_model
     dev, dtype = ctx["device"], ctx["dtype"]
     t = time.perf_counter()
     with (torch.device(dev) if dev != "cpu" else contextlib.nullcontext()):  # parameters are created on the GPU
         model, tok = build_model(ctx["llm_spec"], {"image": ctx["vision_spec"]}, projector="mlp2x_gelu",
                                  tokenizer=ctx["shapes"]["tokenizer"], seed=0, template="vicuna_v1",
-                                 attn_implementation=attn, dtype=dtype if dtype != torch.float32 else None)
+                                 placement=Placement(dtype if dtype != torch.float32 else None, attn))
     # the LLM is already in `dtype`; cast only the tower and the projector (a whole-model .to() would also round
     # the LLM's fp32 rotary inv_freq buffer)
     model.encoders.to(device=dev, dtype=dtype); model.projectors.to(device=dev, dtype=dtype); model.llm.to(dev)
@@ -390,22 +390,21 @@ QUESTIONS = ["What type of tissue is shown in this image?", "Describe the histol
 def answers_phase(ctx:dict) -> dict:
     "32 prompts (one image each) answered greedily one at a time and in one batch by qllava.modeling.generate.answer_batch."
     from qllava.data.conversation import generation_prompt
-    from qllava.modeling.generate import answer_batch
+    from qllava.modeling.generate import answer_batch, Decoding
     dev, n, max_new = ctx["device"], ctx["shapes"]["answers"], ctx["shapes"]["max_new"]
     model, tok = build(ctx, None)  # qllava's default attention: flash_attention_2 when importable on CUDA, else sdpa
     model.eval()
     g = torch.Generator().manual_seed(7)
     prompts = [generation_prompt("vicuna_v1", "<image>\n" + QUESTIONS[i % len(QUESTIONS)]) for i in range(n)]
     media = [torch.randn(*model.encoders["image"].input_shape, generator=g) for _ in range(n)]
-    kw = dict(max_new_tokens=max_new)
     free(dev)
-    answer_batch(model, tok, prompts[:2], media[:2], batch_size=2, **kw)  # warm-up
+    answer_batch(model, tok, prompts[:2], media[:2], Decoding(max_new_tokens=max_new, batch_size=2))  # warm-up
     sync(dev); t = time.perf_counter()
-    batched = answer_batch(model, tok, prompts, media, batch_size=n, **kw)
+    batched = answer_batch(model, tok, prompts, media, Decoding(max_new_tokens=max_new, batch_size=n))
     sync(dev); tb = time.perf_counter() - t
     single, t = [], time.perf_counter()
     for p, m in zip(prompts, media):  # one at a time (what batch_size=1 does), watching the time budget
-        single += answer_batch(model, tok, [p], [m], batch_size=1, **kw)
+        single += answer_batch(model, tok, [p], [m], Decoding(max_new_tokens=max_new, batch_size=1))
         if len(single) < n and time.monotonic() > ctx["deadline"] + GRACE_S: break
     sync(dev); t1 = time.perf_counter() - t
     k = len(single)
@@ -432,7 +431,7 @@ def vllm_phase(ctx:dict) -> dict:
     from PIL import Image
     from qllava.modeling.checkpoint import export_hf
     from qllava.data.conversation import generation_prompt
-    from qllava.modeling.generate import answer_batch
+    from qllava.modeling.generate import answer_batch, Decoding
     n, max_new = min(8, ctx["shapes"]["answers"]), ctx["shapes"]["max_new"]
     model, tok = build(ctx, None)
     model.eval()
@@ -440,7 +439,7 @@ def vllm_phase(ctx:dict) -> dict:
     side = model.encoders["image"].input_shape[-1]
     images = [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(n)]
     prompts = [generation_prompt("vicuna_v1", "<image>\n" + QUESTIONS[i % len(QUESTIONS)]) for i in range(n)]
-    ours = answer_batch(model, tok, prompts, images, max_new_tokens=max_new, batch_size=n)
+    ours = answer_batch(model, tok, prompts, images, Decoding(max_new_tokens=max_new, batch_size=n))
     out = Path(tempfile.mkdtemp(prefix="qllava-vllm-"))
     export_hf(model, out, tokenizer=tok)
     del model; free(ctx["device"])

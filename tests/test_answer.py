@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from qllava.evaluation.answer import answer_questions, answer_sharded, read_answers, get_chunk, read_questions
+from qllava.modeling.generate import Decoding
 from qllava.core import CheckpointError, DataError
 
 pytestmark = pytest.mark.timeout(900)
@@ -55,7 +56,7 @@ def cli_cmd(*args):
 
 def test_answers_file_has_the_original_format(ckpt, data, tmp_path):
     out = tmp_path / "answers.jsonl"
-    r = answer_questions(ckpt, data / "questions.jsonl", data / "img", out, batch_size=4, max_new_tokens=6)
+    r = answer_questions(ckpt, data / "questions.jsonl", data / "img", out, Decoding(max_new_tokens=6, batch_size=4))
     assert (r["total"], r["answered"], r["skipped"]) == (N_QUESTIONS, N_QUESTIONS, 0)
     lines = out.read_text().splitlines()
     recs = [json.loads(l) for l in lines]
@@ -75,9 +76,8 @@ def test_answers_file_has_the_original_format(ckpt, data, tmp_path):
 def test_batched_answers_equal_one_at_a_time(ckpt, data, tmp_path):
     qf = tmp_path / "q.jsonl"
     qf.write_text("".join((data / "questions.jsonl").read_text().splitlines(keepends=True)[:14]))
-    kw = dict(max_new_tokens=12)
-    answer_questions(ckpt, qf, data / "img", tmp_path / "b8.jsonl", batch_size=8, **kw)
-    answer_questions(ckpt, qf, data / "img", tmp_path / "b1.jsonl", batch_size=1, **kw)
+    answer_questions(ckpt, qf, data / "img", tmp_path / "b8.jsonl", Decoding(max_new_tokens=12, batch_size=8))
+    answer_questions(ckpt, qf, data / "img", tmp_path / "b1.jsonl", Decoding(max_new_tokens=12, batch_size=1))
     b8 = [(r["question_id"], r["text"]) for r in read_answers(tmp_path / "b8.jsonl")]
     b1 = [(r["question_id"], r["text"]) for r in read_answers(tmp_path / "b1.jsonl")]
     assert len(b8) == 14 and b8 == b1
@@ -114,7 +114,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(ckpt, data, tmp_path):
     assert after[:len(before)] == before                                            # earlier answers kept as written
     # and the answers are those of an uninterrupted run (greedy decoding is deterministic)
     ref = tmp_path / "ref.jsonl"
-    answer_questions(ckpt, data / "questions.jsonl", data / "img", ref, batch_size=8, max_new_tokens=32)
+    answer_questions(ckpt, data / "questions.jsonl", data / "img", ref, Decoding(max_new_tokens=32, batch_size=8))
     assert [json.loads(l)["text"] for l in after] == [r["text"] for r in read_answers(ref)]
     # a third run has nothing left to do
     r = subprocess.run(cli_cmd(*args), env=ENV, capture_output=True, text=True)
@@ -123,13 +123,14 @@ def test_killed_run_resumes_without_loss_or_duplicates(ckpt, data, tmp_path):
 
 def test_two_shards_merge_to_the_single_run(ckpt, data, tmp_path):
     single, sharded = tmp_path / "single.jsonl", tmp_path / "sharded.jsonl"
-    answer_questions(ckpt, data / "questions.jsonl", data / "img", single, batch_size=8, max_new_tokens=10)
+    answer_questions(ckpt, data / "questions.jsonl", data / "img", single, Decoding(max_new_tokens=10, batch_size=8))
     # a shard killed earlier left half its answers behind: they are kept and not answered again
     qs = read_questions(data / "questions.jsonl")
     chunk1 = {q["question_id"] for q in get_chunk(qs, 2, 1)}
     early = [r for r in read_answers(single) if r["question_id"] in chunk1][:5]
     Path(f"{sharded}.chunk1").write_text("".join(json.dumps(r) + "\n" for r in early))
-    r = answer_sharded(ckpt, data / "questions.jsonl", data / "img", sharded, num_gpus=2, batch_size=8, max_new_tokens=10)
+    r = answer_sharded(ckpt, data / "questions.jsonl", data / "img", sharded, num_gpus=2,
+                       decoding=Decoding(max_new_tokens=10, batch_size=8))
     assert r["shards"] == 2
     a, b = read_answers(single), read_answers(sharded)
     assert [(x["question_id"], x["text"]) for x in b] == [(x["question_id"], x["text"]) for x in a]

@@ -9,7 +9,7 @@ import pytest, torch
 from torch import nn
 from qllava.core import CheckpointError
 from qllava.modeling.model import build_model, QllavaForCausalLM
-from qllava.modeling.generate import answer_batch, encode_prompts
+from qllava.modeling.generate import answer_batch, encode_prompts, Decoding
 from qllava.modeling.checkpoint import (MANIFEST, read_manifest, save_checkpoint, load_checkpoint, load_model, save_projector,
                                load_projector, projector_state_dict, load_state_file, import_llava, export_hf,
                                import_llava_cli, export_hf_cli, extract_projector_cli)
@@ -226,7 +226,7 @@ def test_export_hf_identical_logits_and_greedy(mm, tmp_path):
     prompts = ["USER: <image>\nWhat is shown? ASSISTANT:", "USER: <image>\nDescribe the tissue, please. ASSISTANT:",
                "USER: hello ASSISTANT:", "USER: <image>\nbrown? ASSISTANT:"]
     media = [_img(model, 1, 10)[0], _img(model, 1, 11)[0], None, _img(model, 1, 12)[0]]
-    answers = answer_batch(model, tok, prompts, media, max_new_tokens=10, stop_strings=[])
+    answers = answer_batch(model, tok, prompts, media, Decoding(max_new_tokens=10, stop_strings=[]))
     ids, mask = encode_prompts(tok, prompts, model.config)
     with torch.no_grad():
         out = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.stack([m for m in media if m is not None]),

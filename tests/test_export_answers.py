@@ -26,7 +26,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from qllava.modeling.model import build_model
 from qllava.modeling.checkpoint import export_hf
 from qllava.data.conversation import generation_prompt, get_template
-from qllava.modeling.generate import answer_batch, encode_prompts
+from qllava.modeling.generate import answer_batch, encode_prompts, Decoding
 SETUPS = json.loads(%r)
 QS = ["What is shown?", " Describe the tissue.", "Is it stained?\n", "nuclei?", "What stain is used?",
       "Name the organ.", "Is there necrosis?", "What colour dominates?", "Count the glands."]
@@ -41,7 +41,7 @@ for name, (llm, tower, templates) in SETUPS.items():
         ours_text = [generation_prompt(get_template(t, tok), "<image>\n" + q) for q in qs]
         ours_ids = [encode_prompts(tok, [p], model.config)[0][0].tolist() for p in ours_text]
         ours_ans = answer_batch(model, tok, ours_text, [model.encoders["image"].processor(p) for p in PILS[:len(qs)]],
-                                max_new_tokens=6)
+                                Decoding(max_new_tokens=6))
         with tempfile.TemporaryDirectory() as d:
             export_hf(model, d, tokenizer=tok)
             proc = AutoProcessor.from_pretrained(d, use_fast=False)

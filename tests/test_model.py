@@ -7,7 +7,7 @@ import pytest, torch
 from qllava.core import DataError
 from qllava.modeling.model import build_model
 from qllava.data.modality import MODALITIES
-from qllava.modeling.generate import answer_batch, cut_at_stop
+from qllava.modeling.generate import answer_batch, cut_at_stop, Decoding
 
 IGNORE = -100
 
@@ -215,22 +215,23 @@ def _prompt_media(model):
 def test_batched_greedy_equals_one_by_one(mm):
     model, tok = mm
     media = _prompt_media(model)
-    batched = answer_batch(model, tok, PROMPTS, media, max_new_tokens=12, stop_strings=[])
-    alone = [answer_batch(model, tok, [p], [m], max_new_tokens=12, stop_strings=[])[0] for p, m in zip(PROMPTS, media)]
+    dec = Decoding(max_new_tokens=12, stop_strings=[])
+    batched = answer_batch(model, tok, PROMPTS, media, dec)
+    alone = [answer_batch(model, tok, [p], [m], dec)[0] for p, m in zip(PROMPTS, media)]
     assert len(PROMPTS) >= 8 and len({len(tok(p).input_ids) for p in PROMPTS}) >= 8
     assert batched == alone
     assert sum(bool(a) for a in batched) >= 8  # real answers, not empty strings
     # batch size smaller than the number of prompts: same answers
-    assert answer_batch(model, tok, PROMPTS, media, max_new_tokens=12, stop_strings=[], batch_size=3) == batched
+    assert answer_batch(model, tok, PROMPTS, media, Decoding(max_new_tokens=12, stop_strings=[], batch_size=3)) == batched
 
 
 def test_stop_strings_per_sequence(mm):
     "Stopping one sequence early on its stop string leaves the others' answers as they were."
     model, tok = mm
     media = _prompt_media(model)
-    free = answer_batch(model, tok, PROMPTS, media, max_new_tokens=12, stop_strings=[])
+    free = answer_batch(model, tok, PROMPTS, media, Decoding(max_new_tokens=12, stop_strings=[]))
     stop = next(a.split()[1] for a in free if len(a.split()) > 2)  # a word that occurs mid-answer somewhere
-    stopped = answer_batch(model, tok, PROMPTS, media, max_new_tokens=12, stop_strings=[stop])
+    stopped = answer_batch(model, tok, PROMPTS, media, Decoding(max_new_tokens=12, stop_strings=[stop]))
     for f, s in zip(free, stopped):
         assert s == cut_at_stop(f, [stop])
     assert any(stop in f for f in free) and any(stop not in f and f for f in free)
@@ -239,8 +240,9 @@ def test_stop_strings_per_sequence(mm):
 def test_sampling_and_beams_pass_through(mm):
     model, tok = mm
     media = _prompt_media(model)[:3]
-    torch.manual_seed(0); a = answer_batch(model, tok, PROMPTS[:3], media, max_new_tokens=6, temperature=0.9, top_p=0.9)
-    torch.manual_seed(0); b = answer_batch(model, tok, PROMPTS[:3], media, max_new_tokens=6, temperature=0.9, top_p=0.9)
+    sample = Decoding(max_new_tokens=6, temperature=0.9, top_p=0.9)
+    torch.manual_seed(0); a = answer_batch(model, tok, PROMPTS[:3], media, sample)
+    torch.manual_seed(0); b = answer_batch(model, tok, PROMPTS[:3], media, sample)
     assert a == b and len(a) == 3
-    beams = answer_batch(model, tok, PROMPTS[:3], media, max_new_tokens=6, num_beams=3)
+    beams = answer_batch(model, tok, PROMPTS[:3], media, Decoding(max_new_tokens=6, num_beams=3))
     assert len(beams) == 3 and all(isinstance(x, str) for x in beams)

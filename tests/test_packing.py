@@ -6,7 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMER
 import pytest, torch
 from qllava.core import DataError
 from qllava.data.dataset import DataCollator, MultimodalDataset, load_records
-from qllava.modeling.model import build_model
+from qllava.modeling.model import Placement, build_model
 from qllava.data.packing import PackingCollator, batch_counts
 from qllava.data.presets import demo_paths
 from qllava.data.tokenize import IGNORE_INDEX
@@ -25,7 +25,7 @@ def demo_samples(model, tok, modality, n):
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
 def setup(request):
     model, tok = build_model("preset:tiny-llama", {"image": "preset:tiny-clip", "sensor": "preset:tiny-limu"}, seed=0,
-                             attn_implementation=request.param, template="vicuna_v1")
+                             template="vicuna_v1", placement=Placement(attn_implementation=request.param))
     model.train()  # dropout is 0 in the presets: train mode changes nothing but the path taken
     samples = demo_samples(model, tok, "pathology", N - 3) + demo_samples(model, tok, "imu", 3)
     return model, tok, samples
@@ -164,7 +164,7 @@ def test_a_4_bit_base_with_lora_gives_the_same_loss_and_adapter_gradients_packed
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.float32)
     model, tok = build_model(str(tmp_path / "llm"), {"image": "preset:tiny-clip"}, seed=0, template="vicuna_v1",
-                             quantization_config=q)
+                             placement=Placement(quantization_config=q))
     assert any(type(m).__name__ == "Linear4bit" for m in model.llm.modules())
     model.llm = get_peft_model(model.llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     samples = demo_samples(model, tok, "pathology", N)

@@ -4,7 +4,8 @@ import json, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 from qllava.core import ConfigError
-from qllava.evaluation.review import LocalJudge, replay_judge, review, review_cli, load_reviews, make_client
+from qllava.evaluation.review import (LocalJudge, replay_judge, review, review_cli, load_reviews, make_client, JudgeSpec,
+                                      ReviewInputs)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("QLLAVA_SHARED", REPO.parents[0] / "shared"))
@@ -20,8 +21,8 @@ def jl(path):
 
 
 def quilt_inputs():
-    return dict(question_file=QG / "questions.jsonl", context_file=QG / "captions.jsonl",
-                answer1_file=QG / "answers-gpt4-reference.jsonl", answer2_file=QG / "answers" / "quilt-llava-v1.5-7b-gpteval.jsonl")
+    return ReviewInputs(question_file=QG / "questions.jsonl", context_file=QG / "captions.jsonl",
+                        answer1_file=QG / "answers-gpt4-reference.jsonl", answer2_file=QG / "answers" / "quilt-llava-v1.5-7b-gpteval.jsonl")
 
 
 def quilt_replay():
@@ -30,7 +31,7 @@ def quilt_replay():
 
 def cli_args(out, url, *extra):
     i = quilt_inputs()
-    return ["-q", str(i["question_file"]), "-c", str(i["context_file"]), "-a", str(i["answer1_file"]), str(i["answer2_file"]),
+    return ["-q", str(i.question_file), "-c", str(i.context_file), "-a", str(i.answer1_file), str(i.answer2_file),
             "-o", str(out), "-m", "gpt-4", "--base-url", url, *extra]
 
 
@@ -45,13 +46,13 @@ def test_faults_end_with_every_item_reviewed_or_flagged(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     questions = jl(QG / "questions.jsonl")
     published = {r["question_id"]: r for r in jl(QG / "reviews" / "Qreview-gpt4.jsonl")}
-    answers = {r["question_id"]: r["text"] for r in jl(quilt_inputs()["answer2_file"])}
+    answers = {r["question_id"]: r["text"] for r in jl(quilt_inputs().answer2_file)}
     q = lambda i: answers[questions[i]["question_id"]]   # the model's answer text is unique to its question
     faults = {q(3): ["429", "429", "500"], q(10): ["500"], q(20): ["timeout"], q(30): ["429", "timeout"],
               q(40): ["garbage"], q(50): ["echo"], q(60): ["500", "500"], q(70): ["429"]}
     with LocalJudge(reply=quilt_replay(), faults=faults, hang=4.0) as judge:
-        counts = review(**quilt_inputs(), output=tmp_path / "reviews.jsonl", model="gpt-4", base_url=judge.url,
-                        concurrency=16, max_retries=4, timeout=2.0)
+        counts = review(quilt_inputs(), tmp_path / "reviews.jsonl",
+                        JudgeSpec(model="gpt-4", base_url=judge.url, concurrency=16, max_retries=4, timeout=2.0))
         stats = dict(judge.stats)
     recs = jl(tmp_path / "reviews.jsonl")
     # none lost, none duplicated, in question order, ids as published
@@ -79,15 +80,15 @@ def test_failed_calls_are_recorded_then_retried_on_rerun(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     questions = jl(QG / "questions.jsonl")[:12]
     target = questions[5]
-    marker = {r["question_id"]: r["text"] for r in jl(quilt_inputs()["answer2_file"])}[target["question_id"]]
+    marker = {r["question_id"]: r["text"] for r in jl(quilt_inputs().answer2_file)}[target["question_id"]]
     with LocalJudge(reply=quilt_replay(), faults={marker: ["500"] * 4}) as judge:
         out = tmp_path / "r.jsonl"
-        counts = review(**quilt_inputs(), output=out, base_url=judge.url, max_retries=2, concurrency=4, limit=12)
+        counts = review(quilt_inputs(), out, JudgeSpec(base_url=judge.url, max_retries=2, concurrency=4), limit=12)
         assert counts["failed"] == 1 and counts["reviewed"] == 11
         rec = [r for r in jl(out) if r["question_id"] == target["question_id"]][0]
         assert rec["failed"] is True and rec["tuple"] is None and "InternalServerError" in rec["error"]
         before = judge.stats["requests"]
-        counts = review(**quilt_inputs(), output=out, base_url=judge.url, max_retries=2, concurrency=4, limit=12)
+        counts = review(quilt_inputs(), out, JudgeSpec(base_url=judge.url, max_retries=2, concurrency=4), limit=12)
         assert counts == {"skipped": 11, "reviewed": 1}
         assert judge.stats["requests"] - before == 2        # one 500 left, then the review
     recs = jl(out)
@@ -140,14 +141,15 @@ def test_key_sent_from_environment_and_server_sees_it(tmp_path, monkeypatch):
         def _handle(self, h):
             seen.append(h.headers.get("Authorization")); return super()._handle(h)
     with Judge() as judge:
-        counts = review(*_tiny_inputs(tmp_path), tmp_path / "out.jsonl", model="judge-x", base_url=judge.url)
+        counts = review(ReviewInputs(*_tiny_inputs(tmp_path)), tmp_path / "out.jsonl", JudgeSpec("judge-x", base_url=judge.url))
     assert counts["reviewed"] == 6 and set(seen) == {f"Bearer {SECRET}"}
     assert_no_secret(tmp_path)
 
 
 def test_key_as_argument_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="environment only"):
-        review(*_tiny_inputs(tmp_path), tmp_path / "o.jsonl", base_url="http://127.0.0.1:9/v1", api_key="sk-x")
+        review(ReviewInputs(*_tiny_inputs(tmp_path)), tmp_path / "o.jsonl", JudgeSpec(base_url="http://127.0.0.1:9/v1"),
+               api_key="sk-x")
     with pytest.raises(ConfigError, match="environment only"):
         review_cli(["-q", "a", "-c", "b", "-a", "c", "d", "-o", "e", "--api-key", "sk-x"])
     with pytest.raises(ConfigError, match="environment only"):
@@ -157,18 +159,18 @@ def test_key_as_argument_is_refused(tmp_path):
 def test_no_key_for_a_remote_judge_is_a_clear_error(tmp_path, monkeypatch):
     for v in ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT"): monkeypatch.delenv(v, raising=False)
     with pytest.raises(ConfigError, match="no API key"):
-        review(*_tiny_inputs(tmp_path), tmp_path / "o.jsonl", base_url="https://judge.example.com/v1")
+        review(ReviewInputs(*_tiny_inputs(tmp_path)), tmp_path / "o.jsonl", JudgeSpec(base_url="https://judge.example.com/v1"))
 
 
 def test_rejected_key_stops_the_run(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    inputs = _tiny_inputs(tmp_path)
+    inputs = ReviewInputs(*_tiny_inputs(tmp_path))
     with LocalJudge(faults={"slide 2?": ["401"]}) as judge:
         with pytest.raises(ConfigError, match="refused"):
-            review(*inputs, tmp_path / "o.jsonl", base_url=judge.url, concurrency=1)
+            review(inputs, tmp_path / "o.jsonl", JudgeSpec(base_url=judge.url, concurrency=1))
         # what was reviewed before the refusal is kept and skipped next time
         done = load_reviews(tmp_path / "o.jsonl")
-        counts = review(*inputs, tmp_path / "o.jsonl", base_url=judge.url)
+        counts = review(inputs, tmp_path / "o.jsonl", JudgeSpec(base_url=judge.url))
     assert counts["skipped"] == len(done) and len(load_reviews(tmp_path / "o.jsonl")) == 6
 
 
@@ -179,7 +181,8 @@ def test_prompt_file_replaces_our_prompt(tmp_path, monkeypatch):
         seen.append(content); return "6 4\nfine"
     (tmp_path / "rule.txt").write_text("Score the two helpers from 1 to 10, scores first.")
     with LocalJudge(reply=reply) as judge:
-        review(*_tiny_inputs(tmp_path), tmp_path / "o.jsonl", base_url=judge.url, prompt_file=tmp_path / "rule.txt", limit=2)
+        review(ReviewInputs(*_tiny_inputs(tmp_path), prompt_file=tmp_path / "rule.txt"), tmp_path / "o.jsonl",
+               JudgeSpec(base_url=judge.url), limit=2)
     assert len(seen) == 2 and all(c.rstrip().endswith("Score the two helpers from 1 to 10, scores first.") for c in seen)
     assert all(r["tuple"] == [6.0, 4.0] for r in jl(tmp_path / "o.jsonl"))
 
@@ -192,8 +195,9 @@ def test_azure_client_against_local_server(tmp_path, monkeypatch):
         def _handle(self, h):
             paths.append((h.path, h.headers.get("api-key"))); return super()._handle(h)
     with Judge() as judge:
-        counts = review(*_tiny_inputs(tmp_path), tmp_path / "o.jsonl", model="my-gpt4-deployment",
-                        azure_endpoint=judge.url.removesuffix("/v1"), api_version="2024-06-01", limit=2)
+        counts = review(ReviewInputs(*_tiny_inputs(tmp_path)), tmp_path / "o.jsonl",
+                        JudgeSpec("my-gpt4-deployment", azure_endpoint=judge.url.removesuffix("/v1"),
+                                  api_version="2024-06-01"), limit=2)
     assert counts["reviewed"] == 2
     assert all(p.startswith("/openai/deployments/my-gpt4-deployment/chat/completions") and k == SECRET for p, k in paths)
     assert_no_secret(tmp_path)
@@ -203,10 +207,10 @@ def test_review_called_from_a_running_event_loop(tmp_path, monkeypatch):
     "Inside Jupyter an event loop is already running; `review` must still work (it runs its own loop in a thread)."
     import asyncio
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    inputs = _tiny_inputs(tmp_path)
+    inputs = ReviewInputs(*_tiny_inputs(tmp_path))
     async def notebook_cell():
         with LocalJudge() as judge:
-            return review(*inputs, tmp_path / "o.jsonl", base_url=judge.url)
+            return review(inputs, tmp_path / "o.jsonl", JudgeSpec(base_url=judge.url))
     counts = asyncio.run(notebook_cell())
     assert counts["reviewed"] == 6 and len(load_reviews(tmp_path / "o.jsonl")) == 6
 
@@ -254,12 +258,12 @@ def test_rerun_with_other_answers_model_or_prompt_reviews_again(tmp_path, monkey
 def test_reviews_without_fingerprint_are_reviewed_again(tmp_path, monkeypatch):
     "A file written by the original scripts (or an older qllava) cannot prove what it judged: it is reviewed again."
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    inputs = _tiny_inputs(tmp_path)
+    inputs = ReviewInputs(*_tiny_inputs(tmp_path))
     out = tmp_path / "r.jsonl"
     out.write_text("".join(json.dumps({"id": i + 1, "question_id": f"q{i}", "answer1_id": f"q{i}", "answer2_id": f"x{i}",
                                        "category": "detail", "content": "8 2\nold", "tuple": [8.0, 2.0]}) + "\n" for i in range(6)))
     with LocalJudge() as judge:
-        counts = review(*inputs, out, base_url=judge.url)
+        counts = review(inputs, out, JudgeSpec(base_url=judge.url))
     assert counts["stale"] == 6 and counts["reviewed"] == 6 and judge.stats["requests"] == 6
     assert all("fingerprint" in r and r["content"] != "8 2\nold" for r in jl(out))
 
@@ -328,7 +332,7 @@ def test_failures_name_their_question_ids_and_the_fix(tmp_path, monkeypatch, cap
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     with LocalJudge(faults={"slide 4?": ["401"]}) as judge:
         with pytest.raises(ConfigError) as e:
-            review(q, c, a1, a2, tmp_path / "o2.jsonl", base_url=judge.url, concurrency=1)
+            review(ReviewInputs(q, c, a1, a2), tmp_path / "o2.jsonl", JudgeSpec(base_url=judge.url, concurrency=1))
     assert "'q4'" in str(e.value) and str(tmp_path / "o2.jsonl") in str(e.value) and "Fix:" in str(e.value)
     assert SECRET not in str(e.value)
 
@@ -338,4 +342,4 @@ def test_question_file_without_question_id_is_named(tmp_path):
     q.write_text(q.read_text() + json.dumps({"text": "orphan?"}) + "\n")
     from qllava.core import DataError
     with pytest.raises(DataError, match=r"q.jsonl, record 6: .*no question_id.*Fix:"):
-        review(q, c, a1, a2, tmp_path / "o.jsonl", base_url="http://127.0.0.1:9/v1")
+        review(ReviewInputs(q, c, a1, a2), tmp_path / "o.jsonl", JudgeSpec(base_url="http://127.0.0.1:9/v1"))

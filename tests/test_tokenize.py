@@ -16,7 +16,7 @@ from qllava.core import DataError, ConfigError
 from qllava.data.conversation import TEMPLATES, get_template, render, spans_text, generation_prompt
 from qllava.data.presets import load_tokenizer
 from qllava.data.modality import placeholders
-from qllava.data.tokenize import (IGNORE_INDEX, IM_START, IM_END, prepare_tokenizer, media_token_id,
+from qllava.data.tokenize import (IGNORE_INDEX, IM_START, IM_END, RecordSource, prepare_tokenizer, media_token_id,
                              tokenize_conversation, tokenize_conversations)
 
 FAMILIES = ["llama-demo", "bytebpe-demo"]
@@ -306,7 +306,7 @@ def test_sensor_record_llasa_style(family):
     assert at == list(range(at[0], at[0] + 5)) and s.media_counts == {"sensor": 1}
     assert [t.lstrip(" ") for t in supervised_texts(tok, s)] == ["Running.</s>"]
     with pytest.raises(DataError, match="no sensor encoder"):
-        tokenize_conversation(conv, tok, "vicuna_v1", {"image": 5}, None, file="imu.json", record=4)
+        tokenize_conversation(conv, tok, "vicuna_v1", {"image": 5}, None, source=RecordSource("imu.json", 4))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -344,7 +344,7 @@ def test_truncation_never_cuts_a_media_block(family):
         assert s.truncated and len(s) == start and img not in s.input_ids.tolist()
         assert s.media_counts == {"image": 0} and s.media_dropped == {"image": 1} and s.n_supervised == 0
     with pytest.raises(DataError, match=r"train.json, record 5: no supervised token left after truncation to max_length=%d.*Fix: raise model_max_length" % (start + 1)):
-        sample(family, "vicuna_v1", max_length=start + 1, require_supervision=True, file="train.json", record=5)
+        sample(family, "vicuna_v1", max_length=start + 1, require_supervision=True, source=RecordSource("train.json", 5))
 
 
 def test_truncation_im_start_not_left_dangling():
@@ -380,7 +380,7 @@ def test_batched_equals_single(family):
         assert b.input_ids.tolist() == one.input_ids.tolist() and b.labels.tolist() == one.labels.tolist()
         assert (b.media_counts, b.truncated, b.n_supervised) == (one.media_counts, one.truncated, one.n_supervised)
     with pytest.raises(DataError, match="d.json, record 11: turn 0 has unknown role 'user'"):
-        tokenize_conversations([CHAT, [{"from": "user", "value": "x"}]], tok, "v1", {"image": 1}, 9, file="d.json", record_offset=10)
+        tokenize_conversations([CHAT, [{"from": "user", "value": "x"}]], tok, "v1", {"image": 1}, 9, source=RecordSource("d.json", 10))
 
 
 def test_pad_token_choice():
@@ -405,7 +405,7 @@ def test_terminator_made_atomic_for_bytebpe():
 def test_errors_name_file_and_record():
     tok = tokenizer("llama-demo")
     with pytest.raises(DataError, match="a.json, record 2, id 'x': the conversation starts with a gpt turn"):
-        tokenize_conversation(CHAT[1:], tok, "v1", {"image": 1}, 99, file="a.json", record=2, record_id="x")
+        tokenize_conversation(CHAT[1:], tok, "v1", {"image": 1}, 99, source=RecordSource("a.json", 2, "x"))
     with pytest.raises(ConfigError, match="unknown conversation template"):
         tokenize_conversation(CHAT, tok, "vicuna", {"image": 1}, 99)
     with pytest.raises(ConfigError, match="prepare_tokenizer"):

@@ -8,7 +8,7 @@ from PIL import Image
 
 from qllava.core import ConfigError, DataError, set_offline
 from qllava.training.validate import (KINDS, Problem, ValidationReport, validate_data, raise_if_invalid, show_labels,
-                             validate_data_cli, default_processors)
+                             TokenizeSettings, validate_data_cli, default_processors)
 
 set_offline()
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def test_shipped_demo_data_is_clean(modality):
     jobs = _demo_jobs(modality)
     assert {t for _, _, t in jobs} == {"plain", "vicuna_v1"}
     for path, folder, template in jobs:
-        rep = validate_data(path, folder, template=template)
+        rep = validate_data(path, folder, TokenizeSettings(template=template))
         assert rep.ok and rep.n_records > 0 and rep.n_warnings == 0, rep.summary()
 
 
@@ -255,14 +255,14 @@ def test_truncation_leaves_no_supervision(tmp_path, media):
     recs = [rec(i, q="Hi?", a="Yes.") for i in range(5)]
     recs[2] = rec(2, image="ok.png", q="<image>\nDescribe the staining of this tile in detail.")
     f = write(tmp_path, recs)
-    assert validate_data(f, media, max_length=96, n_media_tokens={"image": 4}).ok
-    check_one(f, media, "no_supervision", max_length=96, n_media_tokens={"image": 80},
+    assert validate_data(f, media, TokenizeSettings(max_length=96, n_media_tokens={"image": 4})).ok
+    check_one(f, media, "no_supervision", settings=TokenizeSettings(max_length=96, n_media_tokens={"image": 80}),
               contains=["max_length 96", "<image> = 80 tokens"])
 
 def test_truncated_but_supervised_is_a_warning(tmp_path, media):
     recs = [rec(i, q="Hi?", a="Yes.") for i in range(3)]
     recs[1] = rec(1, q="Hi?", a="Yes. " * 60)
-    rep = validate_data(write(tmp_path, recs), media, max_length=64)
+    rep = validate_data(write(tmp_path, recs), media, TokenizeSettings(max_length=64))
     assert [(p.kind, p.record, p.severity) for p in rep.problems] == [("truncated", 1, "warning")]
     assert rep.ok
 
@@ -290,14 +290,14 @@ def test_truncated_records_are_counted_and_named_for_training(tmp_path, media, c
     recs = [rec(i, q="Hi?", a="Yes.") for i in range(8)]
     for i in (1, 4, 6): recs[i] = rec(i, q="Hi?", a="Yes. " * 60)
     f = write(tmp_path, recs)
-    rep = validate_data(f, media, max_length=64)
+    rep = validate_data(f, media, TokenizeSettings(max_length=64))
     assert rep.truncation(2) == {"count": 3, "max_length": 64, "first_records": [1, 4], "first_ids": ["r1", "r4"]}
     assert rep.truncation()["first_ids"] == ["r1", "r4", "r6"]
     (note,) = rep.notes()
     assert note.startswith(f"warning: 3 of 8 records of {f} are longer than max_length and are cut to it "
                            "(record 1 (id 'r1'), 4 (id 'r4'), 6 (id 'r6')). Fix: raise --max-length"), note
     many = validate_data(write(tmp_path, [rec(i, q="Hi?", a="Yes. " * 60) for i in range(40)], "many.json"), media,
-                         max_length=64, max_problems=5)   # the count and the first records also past max_problems
+                         TokenizeSettings(max_length=64), max_problems=5)   # the count and the first records also past max_problems
     assert many.truncation()["count"] == 40 and many.truncation()["first_ids"] == ["r0", "r1", "r2", "r3", "r4"]
     assert validate_data_cli([str(f), "--media-folder", str(media), "--max-length", "64", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
@@ -306,7 +306,7 @@ def test_truncated_records_are_counted_and_named_for_training(tmp_path, media, c
 
 def test_plain_template_refuses_multi_turn(tmp_path, media):
     r = rec(2, image="ok.png"); r["conversations"] += [{"from": "human", "value": "More?"}, {"from": "gpt", "value": "No."}]
-    p = check_one(dataset_with(tmp_path, r), media, "bad_conversation", template="plain", contains=["plain"])
+    p = check_one(dataset_with(tmp_path, r), media, "bad_conversation", settings=TokenizeSettings(template="plain"), contains=["plain"])
 
 
 # ---------------------------------------------------------------- the whole report
@@ -342,7 +342,7 @@ def test_show_labels_marks_only_the_answer(tmp_path, media):
             {"id": "r1", "conversations": [{"from": "human", "value": "First question?"}, {"from": "gpt", "value": "First answer."},
                                           {"from": "human", "value": "Second question?"}, {"from": "gpt", "value": "Second answer."}]}]
     f = write(tmp_path, recs)
-    txt = show_labels(f, 2, n_media_tokens={"image": 7}, color=False)
+    txt = show_labels(f, 2, TokenizeSettings(n_media_tokens={"image": 7}), color=False)
     # the space before an answer belongs to its first token ("▁The"), which is supervised: shown as the model learns it
     sup = [seg.split("]]")[0].strip() for seg in txt.split("[[")[2:]]
     assert sup == ["The DAB stain is brown.</s>", "First answer.</s>", "Second answer.</s>"], txt
@@ -351,7 +351,7 @@ def test_show_labels_marks_only_the_answer(tmp_path, media):
         for seg in txt.split("[[")[1:]: assert human not in seg.split("]]")[0]
     assert "<image x7>" in txt and "<image>" not in txt.replace("<image x7>", "")
     assert f"{f}:0 (id 'r0')" in txt
-    col = show_labels(f, 1, n_media_tokens={"image": 7}, color=True)
+    col = show_labels(f, 1, TokenizeSettings(n_media_tokens={"image": 7}), color=True)
     assert "\x1b[" in col and "[[" not in col
 
 def test_show_labels_names_records_it_cannot_render(tmp_path, media):
@@ -362,7 +362,7 @@ def test_show_labels_names_records_it_cannot_render(tmp_path, media):
 
 def test_show_labels_plain_template(tmp_path, media):
     f = write(tmp_path, [rec(0, image="ok.png", q="<image>\nDescribe.", a="A brown tile.")])
-    txt = show_labels(f, 1, template="plain", n_media_tokens={"image": 5}, color=False)
+    txt = show_labels(f, 1, TokenizeSettings(template="plain", n_media_tokens={"image": 5}), color=False)
     assert [seg.split("]]")[0].strip() for seg in txt.split("[[")[2:]] == ["A brown tile."], txt
     assert "Describe." not in txt and "<image x5>" in txt
 
@@ -390,15 +390,15 @@ def test_media_tokens_and_processors_come_from_the_encoder_registry(tmp_path, me
     for feat in ("patch", "cls_patch"):
         want = {"image": build_encoder("preset:tiny-clip", select_feature=feat).num_tokens,
                 "sensor": build_encoder("preset:tiny-limu", select_feature=feat).num_tokens}
-        assert validate_data(f, media, select_feature=feat).settings["media_tokens"] == want
+        assert validate_data(f, media, TokenizeSettings(select_feature=feat)).settings["media_tokens"] == want
     assert want == {"image": 17, "sensor": 100}
     assert validate_data_cli([str(f), "--media-folder", str(media), "--select-feature", "cls_patch", "--image-preset", "bench-vit-b32",
                               "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["settings"]["media_tokens"] == {"image": 50, "sensor": 100}
-    assert validate_data(f, media, encoders={"image": "hf-clip:" + str(ROOT / "tests/parity/llava_model/clip-vit-tiny")},
+    assert validate_data(f, media, TokenizeSettings(encoders={"image": "hf-clip:" + str(ROOT / "tests/parity/llava_model/clip-vit-tiny")}),
                          check_media=False).settings["media_tokens"]["image"] == 16   # any encoder spec: 56 px, patch 14
     with pytest.raises(ConfigError, match="gives sensor features, not image ones"):
-        validate_data(f, media, encoders={"image": "tiny-limu"})
+        validate_data(f, media, TokenizeSettings(encoders={"image": "tiny-limu"}))
 
 def test_cli_demo(capsys):
     assert validate_data_cli(["--demo", "pathology", "--show-labels", "1"]) == 0

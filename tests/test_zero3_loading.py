@@ -6,7 +6,7 @@
 - a ZeRO-3 run started from a stage-1 projector file holds that file's values (gathered and compared), LoRA adapters
   start as LoRA does (B = 0) and alike on every rank, and the parameter counts of the log and summary.json equal
   ZeRO-2's;
-- `build_model(dtype=torch.bfloat16)` gives bf16 parameters without ever holding the fp32 model (peak RSS);
+- `build_model(placement=Placement(torch.bfloat16))` gives bf16 parameters without ever holding the fp32 model (peak RSS);
 - `load_checkpoint` / `import_llava` never run a random initialiser: every aten op that fills a real (not meta)
   tensor with random numbers is recorded while they run (TorchDispatchMode observes; nothing is patched).
 """
@@ -44,11 +44,11 @@ def _python(code:str, *args) -> dict:
 def test_bf16_build_never_materialises_fp32(llm_folder):
     out = _python("""
         import json, resource, sys, torch
-        from qllava.modeling.model import build_model
+        from qllava.modeling.model import Placement, build_model
         peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         build_model(tokenizer="llama-demo")  # imports, tokenizer and tiny parts: the fixed overhead
         before = peak()
-        model, _ = build_model(sys.argv[1], tokenizer="llama-demo", dtype=torch.bfloat16)
+        model, _ = build_model(sys.argv[1], tokenizer="llama-demo", placement=Placement(torch.bfloat16))
         print(json.dumps({"grew": peak() - before, "llm_dtypes": sorted({str(p.dtype) for p in model.llm.parameters()}),
                           "all_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
                           "numel": sum(p.numel() for p in model.llm.parameters())}))
@@ -79,7 +79,7 @@ def _random_fills(fn):
 
 
 def test_load_checkpoint_and_import_llava_never_run_a_random_init(tmp_path):
-    from qllava.modeling.model import build_model
+    from qllava.modeling.model import Placement, build_model
     from qllava.modeling.checkpoint import save_checkpoint, load_checkpoint, import_llava
     from qllava.data.presets import load_tokenizer
     from test_checkpoint import _write_original
@@ -111,15 +111,15 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 import deepspeed
 from qllava.config import parse_config
 from qllava.training.train import init_distributed, deepspeed_config, build_run, trainable_summary
-from qllava.modeling.model import build_model
+from qllava.modeling.model import Placement, build_model
 from qllava.modeling.weights import full_numel, is_partitioned
 from qllava.modeling.checkpoint import load_state_file
 rank, world = init_distributed()
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 res = {"rank": rank}
-build_model(tokenizer="llama-demo", ds_config=deepspeed_config("zero3", 1, 1, world))  # imports, tiny parts: the fixed overhead
+build_model(tokenizer="llama-demo", placement=Placement(ds_config=deepspeed_config("zero3", 1, 1, world)))  # imports, tiny parts: the fixed overhead
 before = peak()
-model, _ = build_model(llm_folder, tokenizer="llama-demo", ds_config=deepspeed_config("zero3", 1, 1, world))
+model, _ = build_model(llm_folder, tokenizer="llama-demo", placement=Placement(ds_config=deepspeed_config("zero3", 1, 1, world)))
 res["grew"] = peak() - before
 ps = list(model.parameters())
 res["n_params"], res["all_partitioned"] = len(ps), all(is_partitioned(p) for p in ps)
@@ -157,7 +157,7 @@ def data(tmp_path_factory):
     "Eight red / blue tiles with yes / no answers, and a stage-1 projector file for the run's base (seed 3)."
     import numpy as np
     from PIL import Image
-    from qllava.modeling.model import build_model
+    from qllava.modeling.model import Placement, build_model
     from qllava.modeling.checkpoint import save_projector
     d = tmp_path_factory.mktemp("data"); (d / "img").mkdir()
     rng, recs = np.random.default_rng(0), []
@@ -176,7 +176,7 @@ def data(tmp_path_factory):
 
 def _reference_counts(stage):
     "What ZeRO-2 counts: the same model built whole (ZeRO-2 never partitions parameters)."
-    from qllava.modeling.model import build_model
+    from qllava.modeling.model import Placement, build_model
     from qllava.config import TrainConfig, resolve_config
     from qllava.training.train import apply_stage, trainable_summary
     kw = dict(lora_r=4, lora_alpha=8) if stage == "lora" else {}

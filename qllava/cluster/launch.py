@@ -18,8 +18,8 @@ __all__ = ['PROGRESS_PREFIX', 'RUN_DIR_ENV', 'BACKEND_ENV', 'LAUNCHERS', 'DEFAUL
            'SlurmSpec', 'sbatch_header', 'requeue_lines', 'sbatch_script', 'SlurmJob', 'submit_sbatch',
            'resumable_entry', 'readable_line', 'launch_slurm', 'kill_tree', 'hung_ranks', 'FirstTraceback',
            'signal_name', 'exit_status', 'describe_exit', 'RankWatch', 'LauncherReport', 'first_cause', 'rank_failure',
-           'is_launcher_chatter', 'LauncherChatter', 'progress_bar', 'run', 'launch_env', 'launch',
-           'release_shm_buffers', 'launch_cli']
+           'is_launcher_chatter', 'LauncherChatter', 'progress_bar', 'Watchdog', 'ChildOutput', 'run', 'launch_env',
+           'launch', 'release_shm_buffers', 'launch_cli']
 
 # %% ../../nbs/03_launch.ipynb #d5f0dfea
 PROGRESS_PREFIX = "QLLAVA_PROGRESS"     # a progress line is this prefix, a space, then one JSON object
@@ -855,28 +855,40 @@ def _fresh_run_dir(run_dir, clear_heartbeats:bool) -> Path:
         for p in (run_dir/"heartbeat").glob("rank*.json"): p.unlink(missing_ok=True)
     return run_dir
 
+# %% ../../nbs/03_launch.ipynb #c9e28f0e
+@dataclass
+class Watchdog:
+    "When `run` calls a rank hung, and how it stops the child."
+    hang_timeout:float|None = None # seconds without a heartbeat after which a rank counts as hung; None: no watchdog
+    expect_ranks:int|None = None # ranks 0..n-1 must send a first heartbeat within startup_timeout
+    # seconds from the start to a rank's first heartbeat; default max(hang_timeout, 120)
+    startup_timeout:float|None = None
+    grace:float = 5.0 # seconds between SIGTERM and SIGKILL when stopping the child
+
+# %% ../../nbs/03_launch.ipynb #01e3de44
+@dataclass
+class ChildOutput:
+    "What `run` shows and keeps of the child's output."
+    # print the child's lines here (live in a notebook), but for launcher chatter (`LauncherChatter`)
+    echo:bool = True
+    progress:bool = True # draw a progress bar from QLLAVA_PROGRESS lines (and record them in progress.jsonl)
+    tail:int = 40 # lines of output a LaunchError shows
+    log:str|None = None # log path; default run_dir/{name}.log
+    name:str = "launch" # base name of the log and of the run record {name}.json
+
 # %% ../../nbs/03_launch.ipynb #7da4392c
 def run(command:list[str], # the command, e.g. from build_command
         run_dir, # run folder: launch.log, progress.jsonl, heartbeat/ and launch.json go here
         env:dict|None=None, # variables added to this process's environment for the child (names logged, values never)
-        hang_timeout:float|None=None, # seconds without a heartbeat after which a rank counts as hung; None: no watchdog
-        expect_ranks:int|None=None, # ranks 0..n-1 must send a first heartbeat within startup_timeout
-        # seconds from the start to a rank's first heartbeat; default max(hang_timeout, 120)
-        startup_timeout:float|None=None,
-        # print the child's lines here (live in a notebook), but for launcher chatter (`LauncherChatter`)
-        echo:bool=True,
-        progress:bool=True, # draw a progress bar from QLLAVA_PROGRESS lines (and record them in progress.jsonl)
-        tail:int=40, # lines of output a LaunchError shows
-        log=None, # log path; default run_dir/{name}.log
-        name:str="launch", # base name of the log and of the run record {name}.json
+        watchdog:Watchdog|None=None, # hang and startup timeouts, grace (default: no watchdog)
+        output:ChildOutput|None=None, # what is shown and kept of the output (default: `ChildOutput()`)
         clear_heartbeats:bool=True, # forget heartbeats of an earlier launch in run_dir (not when other nodes share it)
         cwd=None, # working directory of the child
-        grace:float=5.0, # seconds between SIGTERM and SIGKILL when stopping the child
         record:dict|None=None) -> Path: # extra fields for run_dir/launch.json
     "Run `command` in its own process group, streaming its output; return `run_dir`, or raise `LaunchError`."
     import datetime
-    run_dir = _fresh_run_dir(run_dir, clear_heartbeats)
-    log = Path(log) if log else run_dir/f"{name}.log"
+    run_dir, wd, shown = _fresh_run_dir(run_dir, clear_heartbeats), watchdog or Watchdog(), output or ChildOutput()
+    log = Path(shown.log) if shown.log else run_dir/f"{shown.name}.log"
     env = {k: str(v) for k, v in (env or {}).items()}
     child_env = {**os.environ, **env, RUN_DIR_ENV: str(run_dir.resolve()), "PYTHONUNBUFFERED": "1"}
     started = time.time()
@@ -888,10 +900,10 @@ def run(command:list[str], # the command, e.g. from build_command
         flog.flush()
         proc = _start_child(command, child_env, cwd)
         watch = RankWatch(proc.pid)  # which rank ends first, and how (exit code or signal), read as it ends
-        out = _Output(flog, fprog, secret_masker(child_env), tail, echo, progress)
-        try: hung = _follow(proc, out, run_dir, started, grace, hang_timeout, expect_ranks, startup_timeout)
+        out = _Output(flog, fprog, secret_masker(child_env), shown.tail, shown.echo, shown.progress)
+        try: hung = _follow(proc, out, run_dir, started, wd.grace, wd.hang_timeout, wd.expect_ranks, wd.startup_timeout)
         except BaseException:  # KeyboardInterrupt from the notebook, or our own bug: never leave ranks behind
-            kill_tree(proc.pid, grace); watch.stop()
+            kill_tree(proc.pid, wd.grace); watch.stop()
             raise
         finally: out.close()
         code = proc.wait()
@@ -902,7 +914,7 @@ def run(command:list[str], # the command, e.g. from build_command
         rec.update(exit_code=code, seconds=round(time.time() - started, 2), hung=hung,
                    failed_rank=failed[0] if failed else None)
         flog.write(f"# exit code {code} after {rec['seconds']} s\n")
-    (run_dir/f"{name}.json").write_text(json.dumps(rec, indent=1))
+    (run_dir/f"{shown.name}.json").write_text(json.dumps(rec, indent=1))
     _raise_if_failed(code, hung, failed, out, log)
     return run_dir
 
@@ -931,7 +943,9 @@ def launch(entry_args:list[str],
            spec:LaunchSpec|None=None, # how to launch; default: deepspeed on this machine (GPUs, else 2 CPU ranks)
            slurm:SlurmSpec|None=None, # given: write run_dir/job.sbatch and submit it instead of running here
            hang_timeout:float|None=None, # see `run`
-           **kwargs) -> Path|SlurmJob: # more options of `run` (echo, progress, tail, cwd ...), or of `launch_slurm`
+           # more options: `Watchdog`'s and `ChildOutput`'s (startup_timeout, grace, echo, progress, tail), cwd, or
+           # `launch_slurm`'s
+           **kwargs) -> Path|SlurmJob:
     "Launch `entry_args` as `spec` says: here (streamed; returns the run folder) or as a Slurm job."
     run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
     spec, submit = spec or LaunchSpec(), kwargs.pop("submit", True)
@@ -948,10 +962,12 @@ def launch(entry_args:list[str],
     one = spec.nodes == 1  # with many nodes the run folder may be shared (one launcher per node): per-node log names
     name = ("launch" if one else f"launch.node{spec.node_rank}" if spec.node_rank is not None
             else f"launch.{socket.gethostname()}")
-    try:
-        return run(cmd, run_dir, env=launch_env(spec), hang_timeout=hang_timeout,
-                   expect_ranks=spec.ranks_per_node if one else None,
-                   log=spec.log, name=name, clear_heartbeats=one, record={"spec": spec.describe()}, **kwargs)
+    wd = Watchdog(hang_timeout, spec.ranks_per_node if one else None, kwargs.pop("startup_timeout", None),
+                  kwargs.pop("grace", 5.0))
+    shown = ChildOutput(**{k: kwargs.pop(k) for k in ("echo", "progress", "tail") if k in kwargs}, log=spec.log,
+                        name=name)
+    try: return run(cmd, run_dir, launch_env(spec), wd, shown, clear_heartbeats=one, record={"spec": spec.describe()},
+                    **kwargs)
     finally:
         if one: release_shm_buffers(spec.master_port)
 

@@ -5,6 +5,7 @@
 # %% ../../nbs/17_convert.ipynb #82c4c24f
 from __future__ import annotations
 import hashlib, json
+from dataclasses import dataclass
 from pathlib import Path
 from ..core import ArgumentParser, ConfigError, DataError
 from .modality import MODALITIES, get_modality, record_media, record_modalities
@@ -12,8 +13,8 @@ from .dataset import resolve_media_path
 
 # %% auto #0
 __all__ = ['TABLE_FORMATS', 'TABLE_KINDS', 'RECORDING_SUFFIXES', 'TIME_COLUMNS', 'read_table', 'table_kind', 'caption_prompts',
-           'records_from_table', 'split_by_media', 'write_vqa_files', 'make_records', 'load_recording', 'resample',
-           'cut_windows', 'windows_from_recordings', 'make_records_cli', 'make_windows_cli']
+           'TableColumns', 'records_from_table', 'split_by_media', 'write_vqa_files', 'make_records', 'load_recording',
+           'resample', 'cut_windows', 'Windowing', 'windows_from_recordings', 'make_records_cli', 'make_windows_cli']
 
 # %% ../../nbs/17_convert.ipynb #7e53e414
 TABLE_FORMATS = {".csv": ("read_csv", dict(dtype=str, keep_default_na=False)),
@@ -70,24 +71,31 @@ def caption_prompts(modality:str, # a registered modality
                                                                         f"Write a short caption for this {modality}.",
                                              f"What does this {modality} show? Answer in one sentence.")
 
+# %% ../../nbs/17_convert.ipynb #5d2f3628
+@dataclass
+class TableColumns:
+    "Which column of a table holds what (`records_from_table`; `qllava make-records --media-column` ...)."
+    media: str|None = None # media paths (default: the modality's name)
+    caption: str = "caption" # captions: stage-1 records ...
+    question: str = "question" # ... or question / answer pairs: stage-2 conversations
+    answer: str = "answer"
+    id: str = "id" # record ids (optional; default: the media path, without its suffix)
+
 # %% ../../nbs/17_convert.ipynb #dc9aed43
 def records_from_table(df, # `read_table`'s DataFrame: one row per caption, or per question / answer pair
                        file=None, # the table's path, named in errors
                        # a registered modality: its record key and placeholder (default: the first)
                        modality:str|None=None,
-                       media:str|None=None, # column of media paths (default: the modality's name)
-                       caption:str="caption", # column of captions: stage-1 records ...
-                       # ... or of question / answer pairs: stage-2 conversations
-                       question:str="question", answer:str="answer",
-                       id:str="id", # column of record ids (optional; default: the media path, without its suffix)
+                       columns:TableColumns|None=None, # which column holds what (default: `TableColumns()`)
                        kind:str|None=None, # caption | qa (default: qa when the table has a question or answer column)
                        media_folder=None, # the folder media paths are relative to; given: every file must exist there
                        prompts:tuple|None=None, # caption instructions (default: `caption_prompts(modality)`)
                       ) -> list[dict]:
     ("LLaVA-format records from a table: captions (two turns each) or question / answer pairs (one conversation per "
      "media file).")
-    mod = get_modality(modality or next(iter(MODALITIES)))
-    media, ph, key = media or mod.name, mod.placeholder, mod.record_key   # records name the file under the record key
+    mod, c = get_modality(modality or next(iter(MODALITIES))), columns or TableColumns()
+    caption, question, answer, id = c.caption, c.question, c.answer, c.id
+    media, ph, key = c.media or mod.name, mod.placeholder, mod.record_key   # records name the file under the record key
     qa = table_kind(df, question, answer, kind) == "qa"
     cols = _columns(df, file,
                     dict(media=media, **(dict(question=question, answer=answer) if qa else dict(caption=caption))))
@@ -181,12 +189,13 @@ def make_records(table, # CSV / TSV / JSON / JSONL / Parquet: media column + cap
                  kind:str|None=None, # caption | qa (default: from the columns)
                  eval_fraction:float=0.0, # share of media files held out as VQA files (0: none)
                  seed:int=0, # seed of the held-out draw
-                 **columns) -> dict: # column names for `records_from_table` (media, caption, question, answer, id)
+                 columns:TableColumns|None=None) -> dict: # which column holds what (default: `TableColumns()`)
     ("Table -> `pretrain.json` (captions) or `finetune.json` (question / answer pairs), + held-out VQA files, in "
      "`out`; returns paths and counts.")
     df = read_table(table)
-    kind = table_kind(df, columns.get("question", "question"), columns.get("answer", "answer"), kind)
-    recs = records_from_table(df, table, modality=modality, media_folder=media_folder, kind=kind, **columns)
+    c = columns or TableColumns()
+    kind = table_kind(df, c.question, c.answer, kind)
+    recs = records_from_table(df, table, modality, c, kind, media_folder)
     train, held = split_by_media(recs, eval_fraction, seed)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     res = {"data": out / f"{TABLE_KINDS[kind]}.json", "records": len(train), "held_out_records": len(held)}
@@ -256,14 +265,19 @@ def cut_windows(a:"np.ndarray", # (time, channels)
     if len(a) < window: return np.empty((0, window, a.shape[1]), a.dtype)
     return np.lib.stride_tricks.sliding_window_view(a, window, axis=0)[::stride].transpose(0, 2, 1)
 
+# %% ../../nbs/17_convert.ipynb #9856bc4d
+@dataclass
+class Windowing:
+    "How recordings are cut into windows (`windows_from_recordings`, `qllava make-windows`)."
+    window:int = 120 # steps per window (LIMU-BERT: 120)
+    stride:int|None = None # steps between window starts (default: window, no overlap)
+    rate:float|None = None # the recordings' sampling rate in Hz ...
+    target_rate:float|None = None # ... and the encoder's (LIMU-BERT: 20); both given: resampled first
+
 # %% ../../nbs/17_convert.ipynb #efb285d6
 def windows_from_recordings(folder, # recordings (.npy / .csv / .tsv), one sub-folder per label: folder/walking/s01.csv
                             out, # output folder: windows/<label>/<recording>_<k>.npy and windows.csv
-                            window:int=120, # steps per window (LIMU-BERT: 120)
-                            stride:int|None=None, # steps between window starts (default: window, no overlap)
-                            rate:float|None=None, # the recordings' sampling rate in Hz ...
-                            # ... and the encoder's (LIMU-BERT: 20); both given: resampled first
-                            target_rate:float|None=None,
+                            windowing:Windowing|None=None, # window, stride and rates (default: `Windowing()`)
                             columns:list|None=None, # CSV channel columns, in order
                             question:str="What activity is this?", # the question of each window's question / answer row
                             caption:str="{label}", # each window's caption, formatted with its label
@@ -271,12 +285,12 @@ def windows_from_recordings(folder, # recordings (.npy / .csv / .tsv), one sub-f
     ("Cut every recording under `folder` into `.npy` windows; write and return their table (sensor, label, recording, "
      "start, caption, question, answer).")
     import numpy as np, pandas as pd
-    folder, out = Path(folder), Path(out)
+    folder, out, cut = Path(folder), Path(out), windowing or Windowing()
     files = sorted(p for p in folder.rglob("*") if p.suffix in RECORDING_SUFFIXES and p.is_file())
     if not files:
         raise DataError(f"no recordings ({', '.join(RECORDING_SUFFIXES)}) under it.", file=folder,
                         fix="put one file per session in a folder per label.")
-    if (rate is None) != (target_rate is None):
+    if (cut.rate is None) != (cut.target_rate is None):
         raise ConfigError("give both rate and target_rate (to resample), or neither.")
     rows, channels = [], None
     for f in files:
@@ -285,17 +299,17 @@ def windows_from_recordings(folder, # recordings (.npy / .csv / .tsv), one sub-f
         elif a.shape[1] != channels[0]:
             raise DataError(f"has {a.shape[1]} channels, {channels[1]} has {channels[0]}.", file=f,
                             fix="give every recording the same channels (columns= picks them by name).")
-        if rate: a = resample(a, rate, target_rate)
+        if cut.rate: a = resample(a, cut.rate, cut.target_rate)
         label = f.parent.relative_to(folder).as_posix() if f.parent != folder else ""
         rel = f.relative_to(folder).with_suffix("")
-        for k, w in enumerate(cut_windows(a, window, stride or window)):
+        for k, w in enumerate(cut_windows(a, cut.window, cut.stride or cut.window)):
             name = Path("windows") / rel.parent / f"{rel.name}_{k:04d}.npy"
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             np.save(out / name, np.ascontiguousarray(w))
             rows.append({"sensor": name.as_posix(), "label": label, "recording": f.relative_to(folder).as_posix(),
-                         "start": k * (stride or window)})
+                         "start": k * (cut.stride or cut.window)})
     if not rows:
-        raise DataError(f"every recording is shorter than the window of {window} steps.", file=folder,
+        raise DataError(f"every recording is shorter than the window of {cut.window} steps.", file=folder,
                         fix="lower window, or record longer sessions.")
     df = pd.DataFrame(rows)
     df["caption"] = [caption.format(label=l) for l in df["label"]]
@@ -327,9 +341,9 @@ def make_records_cli(argv:list[str]|None=None) -> int:
         ap.add_argument(f"--{role}-column", default=None,
                         help=f"column of the {role} (default: {'the modality name' if role == 'media' else role})")
     a = ap.parse_args(argv)
-    cols = {r: getattr(a, f"{r}_column") for r in ("media", "caption", "question", "answer",
-                                                   "id") if getattr(a, f"{r}_column")}
-    res = make_records(a.table, a.out, a.media_folder, a.modality, a.kind, a.eval_fraction, a.seed, **cols)
+    cols = TableColumns(**{r: getattr(a, f"{r}_column") for r in ("media", "caption", "question", "answer", "id")
+                           if getattr(a, f"{r}_column")})
+    res = make_records(a.table, a.out, a.media_folder, a.modality, a.kind, a.eval_fraction, a.seed, cols)
     print(f"wrote {res['data']} ({res['records']} records)"
           + (f"; held out {res['held_out_records']} records as {res['questions']}, "
           f"{res['gt']}, {res['references']}, {res['captions']}" if res["held_out_records"] else ""))
@@ -356,7 +370,7 @@ def make_windows_cli(argv:list[str]|None=None) -> int:
                     help="question asked of each window (its answer is the label)")
     ap.add_argument("--caption", default="{label}", help="caption of each window, formatted with {label}")
     a = ap.parse_args(argv)
-    df = windows_from_recordings(a.folder, a.out, a.window, a.stride, a.rate, a.target_rate,
+    df = windows_from_recordings(a.folder, a.out, Windowing(a.window, a.stride, a.rate, a.target_rate),
                                  a.columns.split(",") if a.columns else None, a.question, a.caption)
     print(f"wrote {len(df)} windows from {df['recording'].nunique()} recordings "
           f"({', '.join(f'{k}: {v}' for k, v in df.groupby('label').size().items())}) and "

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..core import DataError, ConfigError
 from .modality import MODALITIES, media_lists, placeholders, record_media
 from .conversation import render, spans_text, find_placeholders, get_template
-from .tokenize import IGNORE_INDEX, tokenize_conversation
+from .tokenize import IGNORE_INDEX, RecordSource, tokenize_conversation
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +375,7 @@ def _load(self:MultimodalDataset, i:int) -> dict:
                               f"n_media_tokens for {m}.")
     s = tokenize_conversation(rec.get("conversations"), self.tokenizer, self.template, self.n_media_tokens,
                               self.max_length,
-                              use_im_start_end=self.use_im_start_end, **where)
+                              use_im_start_end=self.use_im_start_end, source=RecordSource(**where))
     if s.n_supervised == 0:
         why = (f"no supervised token left after truncation to max_length={self.max_length} (media tokens included)"
                if s.truncated else "no supervised token (the conversation has no assistant text)")

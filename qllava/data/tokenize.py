@@ -14,7 +14,7 @@ from .presets import SPM_PREFIX
 
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'prepare_tokenizer', 'pick_template', 'media_token_id', 'TokenizedSample', 'encode_chunked',
-           'tokenize_conversation', 'tokenize_conversations']
+           'RecordSource', 'tokenize_conversation', 'tokenize_conversations']
 
 # %% ../../nbs/14_tokenize.ipynb #1e3c327d
 IGNORE_INDEX = -100  # label of a position the loss skips
@@ -201,6 +201,14 @@ def _finish(text, ids, labels, counts, dropped, truncated, max_length, require_s
                         fix="add the gpt answer.")
     return TokenizedSample(ids, labels, counts, n_sup, truncated, dropped, text)
 
+# %% ../../nbs/14_tokenize.ipynb #5e1c0a72
+@dataclass
+class RecordSource:
+    "Where a record came from: the file, index and id every `DataError` about it names."
+    file:str|None=None    # the data file (str or Path)
+    record:int|None=None  # 0-based index of the record in the file (a batch: of its first record, None meaning 0)
+    record_id:object=None # the record's `id` field, when known (a batch: a list, one id per record)
+
 # %% ../../nbs/14_tokenize.ipynb #fe11fe46
 def tokenize_conversation(conversations:list[dict], # LLaVA turns [{"from": "human"|"gpt", "value": str}, ...]
                           tokenizer, # fast tokenizer passed through `prepare_tokenizer`
@@ -209,10 +217,11 @@ def tokenize_conversation(conversations:list[dict], # LLaVA turns [{"from": "hum
                           max_length:int|None, # maximum length counted after media expansion (None: no limit)
                           use_im_start_end:bool=False, # frame each placeholder as <im_start>ph<im_end>
                           require_supervision:bool=False, # raise DataError when no supervised token is left
-                          file=None, record:int|None=None, record_id=None, # where the record came from (messages)
+                          source:RecordSource|None=None, # where the record came from (messages)
                          ) -> TokenizedSample:
     "Render, tokenize once with offsets, label from spans, expand media placeholders and truncate safely."
-    where = dict(file=file, record=record, record_id=record_id)
+    src = source or RecordSource()
+    where = dict(file=src.file, record=src.record, record_id=src.record_id)
     spans = render(template, conversations, use_im_start_end=use_im_start_end, **where)
     text = spans_text(spans)
     ids, offsets, special = encode_chunked(tokenizer, [text])[0]
@@ -228,11 +237,12 @@ def tokenize_conversations(conversations:list[list[dict]], # one list of turns p
                            max_length:int|None, # maximum length counted after media expansion
                            use_im_start_end:bool=False, # frame each placeholder as <im_start>ph<im_end>
                            require_supervision:bool=False, # raise DataError when a record has no supervised token left
-                           file=None, record_offset:int=0, # file and index of the first record (messages)
-                           record_ids:list|None=None, # the records' `id` fields (messages), if known
+                           source:RecordSource|None=None, # file, first record's index, the records' ids (messages)
                           ) -> list[TokenizedSample]:
     "`tokenize_conversation` for many records with one batched tokenizer call."
-    rid = (lambda i: None) if record_ids is None else record_ids.__getitem__
+    src = source or RecordSource()
+    file, record_offset = src.file, src.record or 0
+    rid = (lambda i: None) if src.record_id is None else src.record_id.__getitem__
     all_spans = [render(template, c, use_im_start_end=use_im_start_end, file=file, record=record_offset + i,
                         record_id=rid(i))
                  for i, c in enumerate(conversations)]

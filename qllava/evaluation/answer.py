@@ -5,6 +5,7 @@
 # %% ../../nbs/45_answer.ipynb #d16c035f
 from __future__ import annotations
 import argparse, json, math, os, sys, time, uuid
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from ..core import (CheckpointError, ConfigError, DataError, QllavaError, ArgumentParser, load_plugins,
                          read_json_records)
@@ -13,14 +14,14 @@ from ..data.conversation import get_template, generation_prompt
 from ..data.modality import get_modality, record_media, record_modalities
 from ..modeling.checkpoint import load_trained
 from .metrics import closed_hit, normalize_answer
-from ..modeling.generate import answer_batch
-from ..cluster.launch import gpu_count, run, progress_line
+from ..modeling.generate import answer_batch, Decoding
+from ..cluster.launch import ChildOutput, gpu_count, run, progress_line
 
 # %% auto #0
 __all__ = ['CONV_MODES', 'short_uuid', 'read_questions', 'question_modality', 'get_chunk', 'repair_tail', 'read_answers',
            'append_answers', 'resolve_template', 'question_text', 'question_media_path', 'check_media',
-           'load_batch_media', 'model_name_from_path', 'load_answering_model', 'answer_questions', 'merge_chunks',
-           'answer_sharded', 'answer_cli', 'vqa_accuracy']
+           'load_batch_media', 'model_name_from_path', 'load_answering_model', 'AnswerOptions', 'answer_questions',
+           'merge_chunks', 'answer_sharded', 'answer_cli', 'vqa_accuracy']
 
 # %% ../../nbs/45_answer.ipynb #039a3eba
 _ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
@@ -220,48 +221,50 @@ def load_answering_model(model_dir, device=None) -> tuple:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tok
 
+# %% ../../nbs/45_answer.ipynb #c0c92482
+@dataclass
+class AnswerOptions:
+    "What a run of `answer_questions` takes besides its `Decoding`: template, shard, record id, blank-media control."
+    template:str|None=None # conversation template / conv-mode; None = the model's
+    num_chunks:int=1 # shards of the question list
+    chunk_idx:int=0 # which shard this run answers
+    model_id:str|None=None # written into every record; None = the folder name
+    blank_media:bool=False # zero every media input (control)
+
 # %% ../../nbs/45_answer.ipynb #5acea357
 def answer_questions(model_dir, # qllava checkpoint (or LoRA run) folder
                      question_file, # question JSONL: question_id, image | sensor, text
                      media_folder, # folder the media paths are relative to
                      answers_file, # answers JSONL; appended to, resumed by question_id
-                     batch_size:int=16, # questions per generate call
-                     max_new_tokens:int=128, # answer length limit
-                     temperature:float=0, # 0 = greedy
-                     num_beams:int=1, # beam width
-                     template:str|None=None, # conversation template / conv-mode; None = the model's
-                     num_chunks:int=1, # shards of the question list
-                     chunk_idx:int=0, # which shard this run answers
-                     model_id:str|None=None, # written into every record; None = the folder name
-                     blank_media:bool=False, # zero every media input (control)
-                     top_p:float|None=None, # nucleus sampling when temperature > 0
+                     decoding:Decoding|None=None, # batch size (questions per generate call), length, sampling, beams
+                     options:AnswerOptions|None=None, # template, shard, model_id, blank media; None: `AnswerOptions()`
                      model=None, # an already loaded (model, tokenizer), instead of loading model_dir
                      progress=None, # callable(done, total) after every batch
                      ) -> dict: # {"answers_file", "total", "skipped", "answered", "seconds"}
     ("Answer the questions not yet in `answers_file` in batches, appending and fsyncing each batch (the original "
      "model_vqa).")
-    t0 = time.time()
-    questions = get_chunk(read_questions(question_file), num_chunks, chunk_idx)
+    t0, dec, opt = time.time(), decoding or Decoding(), options or AnswerOptions()
+    questions = get_chunk(read_questions(question_file), opt.num_chunks, opt.chunk_idx)
     answers_file = Path(answers_file)
     answers_file.parent.mkdir(parents=True, exist_ok=True)
     model, tok = model if model is not None else load_answering_model(model_dir)
-    tmpl = resolve_template(template, model.config.template)
+    tmpl = resolve_template(opt.template, model.config.template)
     conv = get_template(tmpl, tok)   # once: `auto` reads the tokenizer's template with a probe rendering
-    model_id = model_id or model_name_from_path(Path(model_dir).resolve() if model_dir else "model")
-    meta = {"template": tmpl, "temperature": temperature, "num_beams": num_beams, "max_new_tokens": max_new_tokens}
-    if blank_media: meta["blank_media"] = True
+    model_id = opt.model_id or model_name_from_path(Path(model_dir).resolve() if model_dir else "model")
+    meta = {"template": tmpl, "temperature": dec.temperature, "num_beams": dec.num_beams,
+            "max_new_tokens": dec.max_new_tokens}
+    if opt.blank_media: meta["blank_media"] = True
     with open(answers_file, "a+", encoding="utf-8") as f:
         _lock(f, answers_file)
         done = {r["question_id"] for r in read_answers(answers_file)}
         todo = [q for q in questions if q["question_id"] not in done]
         check_media(todo, media_folder, model.encoders, question_file)
-        for b in range(0, len(todo), batch_size):
-            batch = todo[b:b + batch_size]
+        for b in range(0, len(todo), dec.batch_size):
+            batch = todo[b:b + dec.batch_size]
             prompts = [generation_prompt(conv, question_text(q), use_im_start_end=bool(model.config.use_im_start_end))
                        for q in batch]
-            media = load_batch_media(model, batch, media_folder, blank_media, question_file)
-            texts = answer_batch(model, tok, prompts, media, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, num_beams=num_beams, batch_size=len(batch))
+            media = load_batch_media(model, batch, media_folder, opt.blank_media, question_file)
+            texts = answer_batch(model, tok, prompts, media, dec)
             append_answers(f,
                            [{"question_id": q["question_id"], "prompt": q["text"], "text": t, "answer_id": short_uuid(),
                                 "model_id": model_id, "metadata": dict(meta)} for q, t in zip(batch, texts)])
@@ -311,29 +314,46 @@ def _seed_chunks(answers_file:Path, questions:list[dict], num_chunks:int):
                                                         i) if q["question_id"] in old and q["question_id"] not in have]
         with open(part, "a", encoding="utf-8") as f: append_answers(f, add)
 
+# %% ../../nbs/45_answer.ipynb #80644129
+_CLI_FLAGS = {"batch_size": "--batch-size", "max_new_tokens": "--max_new_tokens", "temperature": "--temperature",
+              "num_beams": "--num_beams", "template": "--conv-mode", "model_id": "--model-id",
+              "blank_media": "--blank-media",
+              "top_p": "--top_p"}
+
+def _shard_flags(decoding:Decoding|None, options:AnswerOptions|None) -> list:
+    "The `qllava answer` flags that give every shard process these settings (those left at their defaults: none)."
+    dec, opt = decoding or Decoding(), options or AnswerOptions()
+    if dec.stop_strings is not None:
+        raise ConfigError("answer_sharded cannot hand stop_strings to its shard processes. Fix: leave "
+                          "decoding.stop_strings None (the model's stop strings).")
+    if (opt.num_chunks, opt.chunk_idx) != (1, 0):
+        raise ConfigError("answer_sharded splits the questions itself. Fix: leave options.num_chunks / chunk_idx "
+                          "at 1 / 0, or drop num_gpus.")
+    flags, given, default = [], {**asdict(dec), **asdict(opt)}, {**asdict(Decoding()), **asdict(AnswerOptions())}
+    for k, flag in _CLI_FLAGS.items():
+        v = given[k]
+        if v is None or v is False or v == default[k]: continue
+        flags += [flag] + ([] if v is True else [str(v)])
+    return flags
+
 # %% ../../nbs/45_answer.ipynb #23564eac
 def answer_sharded(model_dir, question_file, media_folder, answers_file, # as `answer_questions`
                    num_gpus:int|None=None, # processes: one per GPU; None = the GPUs here, else 2 CPU processes
                    echo:bool=False, # stream the shards' output here
-                   **kwargs, # batch_size, max_new_tokens, temperature, num_beams, template, model_id, blank_media
+                   decoding:Decoding|None=None, # as `answer_questions` (stop_strings: the model's)
+                   options:AnswerOptions|None=None, # as `answer_questions`, but the shards are set here
                    ) -> dict: # {"answers_file", "total", "shards", "seconds"}
     "Answer with one process per GPU (or CPU process), each writing `ANSWERS.chunk{i}`, then merge and verify."
     import threading
     t0, answers_file = time.time(), Path(answers_file)
     questions = read_questions(question_file)
-    gpus = gpu_count()
+    flags, gpus = _shard_flags(decoding, options), gpu_count()
     n = num_gpus if num_gpus is not None else (gpus or 2)
     if n < 1: raise ConfigError(f"num_gpus={n}: need at least 1 process.")
     if not Path(model_dir).is_dir():
         raise CheckpointError(f"{model_dir}: no such checkpoint folder. Fix: check --model-path.")
     answers_file.parent.mkdir(parents=True, exist_ok=True)
     _seed_chunks(answers_file, questions, n)
-    flags = []
-    for k, v in kwargs.items():
-        if k not in _CLI_FLAGS:
-            raise ConfigError(f"answer_sharded got an unknown option {k!r}. Fix: use one of {', '.join(_CLI_FLAGS)}.")
-        if v is None or v is False: continue
-        flags += [_CLI_FLAGS[k]] + ([] if v is True else [str(v)])
     errors, threads = {}, []
     def shard(i):
         env = {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {"OMP_NUM_THREADS": str(max(1, (os.cpu_count()
@@ -342,7 +362,7 @@ def answer_sharded(model_dir, question_file, media_folder, answers_file, # as `a
                "--question-file", str(question_file),
                "--image-folder", str(media_folder or ""), "--answers-file", f"{answers_file}.chunk{i}",
                "--num-chunks", str(n), "--chunk-idx", str(i), *flags]
-        try: run(cmd, Path(f"{answers_file}.shards") / f"chunk{i}", env=env, echo=echo, progress=True)
+        try: run(cmd, Path(f"{answers_file}.shards") / f"chunk{i}", env=env, output=ChildOutput(echo=echo))
         except Exception as e: errors[i] = e
     for i in range(n):
         t = threading.Thread(target=shard, args=(i,), daemon=True); t.start(); threads.append(t)
@@ -354,11 +374,6 @@ def answer_sharded(model_dir, question_file, media_folder, answers_file, # as `a
     merge_chunks(answers_file, question_file, n)
     return {"answers_file": str(answers_file), "total": len(questions), "shards": n,
             "seconds": round(time.time() - t0, 2)}
-
-_CLI_FLAGS = {"batch_size": "--batch-size", "max_new_tokens": "--max_new_tokens", "temperature": "--temperature",
-              "num_beams": "--num_beams", "template": "--conv-mode", "model_id": "--model-id",
-              "blank_media": "--blank-media",
-              "top_p": "--top_p"}
 
 # %% ../../nbs/45_answer.ipynb #f2f4d425
 def answer_cli(argv:list[str]|None=None) -> int:
@@ -386,20 +401,20 @@ def answer_cli(argv:list[str]|None=None) -> int:
     ap.add_argument("--num-gpus", type=int, default=None,
                     help="run one process per GPU (or N CPU processes) and merge the shards")
     a = ap.parse_args(argv)
-    kw = dict(batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-              num_beams=a.num_beams,
-              template=a.conv_mode, model_id=a.model_id, blank_media=a.blank_media, top_p=a.top_p)
+    dec = Decoding(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, num_beams=a.num_beams,
+                   batch_size=a.batch_size)
+    opt = AnswerOptions(template=a.conv_mode, model_id=a.model_id, blank_media=a.blank_media)
     if a.num_gpus is not None:
         if a.num_chunks != 1:
             raise ConfigError("--num-gpus shards by itself. Fix: drop --num-chunks/--chunk-idx, or drop --num-gpus.")
         r = answer_sharded(a.model_path, a.question_file, a.image_folder, a.answers_file, num_gpus=a.num_gpus,
-                           echo=True, **kw)
+                           echo=True, decoding=dec, options=opt)
         print(f"{r['answers_file']}: {r['total']} answers merged from {r['shards']} shards ({r['seconds']} s)",
               file=sys.stderr)
         return 0
     def progress(done, total): print(progress_line(done, total), file=sys.stderr, flush=True)
-    r = answer_questions(a.model_path, a.question_file, a.image_folder, a.answers_file, num_chunks=a.num_chunks,
-                         chunk_idx=a.chunk_idx, progress=progress, **kw)
+    r = answer_questions(a.model_path, a.question_file, a.image_folder, a.answers_file, dec,
+                         replace(opt, num_chunks=a.num_chunks, chunk_idx=a.chunk_idx), progress=progress)
     print(f"{r['answers_file']}: answered {r['answered']}, already there {r['skipped']}, of {r['total']} "
           f"({r['seconds']} s)", file=sys.stderr)
     return 0
@@ -425,7 +440,8 @@ def vqa_accuracy(model, tokenizer, # a QllavaForCausalLM and its tokenizer
     qs, truth = read_questions(questions), {g["id"]: g for g in read_json_records(gt, "ground-truth file")}
     media = load_batch_media(model, qs, media_folder, blank, questions)
     prompts = [generation_prompt(tmpl, question_text(q)) for q in qs]
-    preds = answer_batch(model, tokenizer, prompts, media, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    preds = answer_batch(model, tokenizer, prompts, media, Decoding(max_new_tokens=max_new_tokens,
+                                                                    batch_size=batch_size))
     answers = []
     for q, p in zip(qs, preds):
         g = truth[q["question_id"]]

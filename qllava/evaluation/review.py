@@ -13,8 +13,9 @@ from ..core import DataError, ConfigError, ArgumentParser, secret_masker, read_j
 # %% auto #0
 __all__ = ['DEFAULT_SYSTEM', 'DEFAULT_RULE', 'KEY_VARS', 'ReviewPrompt', 'load_prompt', 'build_content', 'parse_scores',
            'review_items', 'review_fingerprint', 'changed_parts', 'redact', 'make_client', 'review_status',
-           'load_reviews', 'write_reviews', 'check_output', 'review_record', 'plan_resume', 'review_async', 'review',
-           'split_content', 'overlap_judge', 'replay_judge', 'LocalJudge', 'review_cli', 'review_notes']
+           'load_reviews', 'write_reviews', 'check_output', 'review_record', 'plan_resume', 'JudgeSpec', 'review_async',
+           'ReviewInputs', 'review', 'split_content', 'overlap_judge', 'replay_judge', 'LocalJudge', 'review_cli',
+           'review_notes']
 
 # %% ../../nbs/42_review.ipynb #45bd6c98
 DEFAULT_SYSTEM = "You are an impartial expert reviewer who grades answers to questions about medical images."
@@ -344,22 +345,32 @@ def _stale_note(output, counts:Counter, changed:Counter) -> str|None:
     if notes: notes[-1] += f" {counts['skipped']} kept."
     return " ".join(notes) or None
 
+# %% ../../nbs/42_review.ipynb #9c8b4b10
+@dataclass
+class JudgeSpec:
+    "The judge model, where it is served, and how it is called."
+    model:str="gpt-4" # judge model (Azure: deployment name)
+    base_url:str|None=None # OpenAI-compatible endpoint; None = OpenAI (or Azure from the environment)
+    azure_endpoint:str|None=None # Azure OpenAI endpoint
+    api_version:str|None=None # Azure API version
+    concurrency:int=16 # calls in flight at once (16 gives >= 12x over one at a time against a 200 ms judge)
+    max_retries:int=5 # retries per call on 429 / 5xx / timeouts
+    timeout:float=60.0 # seconds per call
+    temperature:float=0.2 # judge sampling temperature
+    max_tokens:int=1024 # longest reply
+
 # %% ../../nbs/42_review.ipynb #c48d6453
 async def review_async(items:list[dict], # from `review_items`
                        output, # reviews JSONL, appended to
                        client, # from `make_client`
-                       model:str, # judge model (Azure: deployment name)
-                       # calls in flight at once (16 gives >= 12x over one at a time against a 200 ms judge)
-                       concurrency:int=16,
-                       temperature:float=0.2, # judge sampling temperature
-                       max_tokens:int=1024, # longest reply
+                       judge:JudgeSpec, # its model, concurrency, temperature and max_tokens are used here
                        progress=None, # callable(done:int, total:int, counts:Counter) or None
                        redo_flagged:bool=False, # also ask again for replies that had no readable scores
                        log=None, # callable(message:str) for what is dropped or asked again, or None
                       ) -> Counter:
     ("Review the items without a matching review in `output`; return counts of reviewed / flagged / failed / skipped / "
      "stale / redo.")
-    output = check_output(output)
+    output, model = check_output(output), judge.model
     notes = []
     old = load_reviews(output, notes=notes)
     keep, todo, counts, changed = plan_resume(items, old, model, redo_flagged)
@@ -372,10 +383,10 @@ async def review_async(items:list[dict], # from `review_items`
         raise ConfigError(f"{output}: cannot be written ({e.strerror or e}). Fix: choose an output path in a folder "
                           "you can write to.") from None
     fps = {it["question_id"]: review_fingerprint(it, model) for it in todo}
-    sem = asyncio.Semaphore(max(1, concurrency))
+    sem = asyncio.Semaphore(max(1, judge.concurrency))
     with open(output, "a", encoding="utf-8") as f:
         async def one(item):
-            async with sem: rec = await _judge(client, item, model, temperature, max_tokens, output)
+            async with sem: rec = await _judge(client, item, model, judge.temperature, judge.max_tokens, output)
             # one line per review, written as soon as it arrives
             f.write(json.dumps(rec | {"fingerprint": fps[item["question_id"]]}) + "\n"); f.flush()
             counts["failed" if rec.get("failed") else "flagged" if rec.get("flagged") else "reviewed"] += 1
@@ -397,18 +408,27 @@ def _run_sync(coro):
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(1) as ex: return ex.submit(asyncio.run, coro).result()
 
+# %% ../../nbs/42_review.ipynb #31c412dd
+@dataclass
+class ReviewInputs:
+    "The files a review reads: four JSONL joined by question_id, and the prompt file."
+    question_file:str|Path # questions JSONL: question_id, text, category
+    context_file:str|Path # captions JSONL: question_id, text
+    answer1_file:str|Path # reference answers JSONL (Assistant 1)
+    answer2_file:str|Path # model answers JSONL (Assistant 2)
+    prompt_file:str|Path|None=None # replaces our prompt (.json with system / rule / role, or text = rule)
+
+    @property
+    def files(self) -> tuple: return (self.question_file, self.context_file, self.answer1_file, self.answer2_file,
+                                      self.prompt_file)
+    def items(self) -> list[dict]:
+        "`review_items` of these files, with the prompt from `prompt_file`."
+        return review_items(*self.files[:4], load_prompt(self.prompt_file))
+
 # %% ../../nbs/42_review.ipynb #7c20d5cb
-def review(question_file, context_file, answer1_file, answer2_file, # inputs, joined by question_id
+def review(inputs:ReviewInputs, # the four files joined by question_id, and the prompt file
            output, # reviews JSONL (resumed when it exists)
-           model:str="gpt-4", # judge model (Azure: deployment name)
-           base_url:str|None=None, # OpenAI-compatible endpoint; None = OpenAI (or Azure from the environment)
-           azure_endpoint:str|None=None, # Azure OpenAI endpoint
-           api_version:str|None=None, # Azure API version
-           concurrency:int=16, # calls in flight at once (16 gives >= 12x over one at a time against a 200 ms judge)
-           max_retries:int=5, # retries per call on 429 / 5xx / timeouts
-           timeout:float=60.0, # seconds per call
-           prompt_file=None, # replaces our prompt
-           temperature:float=0.2, max_tokens:int=1024,
+           judge:JudgeSpec|None=None, # the judge and how it is called; None = `JudgeSpec()` (gpt-4 on OpenAI)
            limit:int|None=None, # review only the first `limit` questions
            progress=None, # callable(done, total, counts)
            redo_flagged:bool=False, # also ask again for replies that had no readable scores
@@ -417,18 +437,18 @@ def review(question_file, context_file, answer1_file, answer2_file, # inputs, jo
           ) -> Counter:
     "Review every question of the inputs into `output`, keeping the reviews whose fingerprint still matches."
     if api_key is not None: _refuse_key()
-    for name, v, ok, want in (("timeout", timeout, timeout > 0, "more than 0 seconds"),
-                              ("max_retries", max_retries, max_retries >= 0, "0 or more"),
-                              ("concurrency", concurrency, concurrency >= 1, "at least 1")):
+    j = judge or JudgeSpec()
+    for name, v, ok, want in (("timeout", j.timeout, j.timeout > 0, "more than 0 seconds"),
+                              ("max_retries", j.max_retries, j.max_retries >= 0, "0 or more"),
+                              ("concurrency", j.concurrency, j.concurrency >= 1, "at least 1")):
         if not ok:
             raise ConfigError(f"{name}={v!r}: must be {want}. Fix: pass --{name.replace('_', '-')} with such a value.")
-    check_output(output, (question_file, context_file, answer1_file, answer2_file, prompt_file))
-    items = review_items(question_file, context_file, answer1_file, answer2_file, load_prompt(prompt_file))[:limit]
+    check_output(output, inputs.files)
+    items = inputs.items()[:limit]
     async def go():
-        client = make_client(base_url, azure_endpoint, api_version, timeout=timeout, max_retries=max_retries)
+        client = make_client(j.base_url, j.azure_endpoint, j.api_version, timeout=j.timeout, max_retries=j.max_retries)
         async with client:
-            return await review_async(items, output, client, model, concurrency, temperature, max_tokens, progress,
-                                      redo_flagged, log)
+            return await review_async(items, output, client, j, progress, redo_flagged, log)
     return _run_sync(go())
 
 # %% ../../nbs/42_review.ipynb #af175585
@@ -581,12 +601,11 @@ def review_cli(argv:list[str]|None=None) -> int:
         if done == total or done % 25 == 0:
             print(f"reviewed {done}/{total} (flagged {counts['flagged']}, failed {counts['failed']})", file=sys.stderr,
                   flush=True)
-    counts = review(args.question, args.context, *args.answer_list, args.output, model=args.model,
-                    base_url=args.base_url,
-                    azure_endpoint=args.azure_endpoint, api_version=args.api_version, concurrency=args.concurrency,
-                    max_retries=args.max_retries, timeout=args.timeout, prompt_file=args.prompt_file,
-                    temperature=args.temperature,
-                    max_tokens=args.max_tokens, limit=args.limit, progress=progress, redo_flagged=args.redo_flagged,
+    judge = JudgeSpec(model=args.model, base_url=args.base_url, azure_endpoint=args.azure_endpoint,
+                      api_version=args.api_version, concurrency=args.concurrency, max_retries=args.max_retries,
+                      timeout=args.timeout, temperature=args.temperature, max_tokens=args.max_tokens)
+    counts = review(ReviewInputs(args.question, args.context, *args.answer_list, args.prompt_file), args.output, judge,
+                    limit=args.limit, progress=progress, redo_flagged=args.redo_flagged,
                     log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"{args.output}: {counts['reviewed']} scored, {counts['flagged']} flagged, {counts['failed']} failed, "
           f"{counts['skipped']} already done"

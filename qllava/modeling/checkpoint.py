@@ -8,7 +8,6 @@ import contextlib, copy, json, pickle, re, types
 from pathlib import Path
 import torch
 from torch import nn
-from fastcore.basics import patch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaImageProcessor, LlavaProcessor, PreTrainedModel)
 from ..core import CheckpointError, ConfigError, QllavaError, ArgumentParser
@@ -22,8 +21,8 @@ from .weights import (WeightReader, cast_params, default_attn_implementation, ds
                             hf_zero3, llm_from_weights, load_weights, meta_names, partition, resize_embeddings,
                                      resolve_dtype,
                             zero_stage)
-from .model import (QllavaConfig, QllavaForCausalLM, build_model, get_encoder, get_tokenizer,
-                                   media_token_id)
+from .model import (CHECKPOINT_IO, MediaSetup, Placement, QllavaConfig, QllavaForCausalLM, build_model,
+                                   get_encoder, get_tokenizer, media_token_id)
 from ..data.tokenize import encode_chunked, prepare_tokenizer
 
 # %% auto #0
@@ -268,12 +267,11 @@ def _model_from_base(folder:Path, man:dict, config, dtype, ds_config:dict|None) 
     if not config.base_llm:
         raise CheckpointError(f"{folder}: the manifest has no LLM weights and no base_llm to rebuild from.")
     tok = load_tokenizer_from(folder) if man.get("tokenizer") else default_tokenizer(config.base_llm)
+    media = MediaSetup(config.select_layer, config.select_feature, config.use_im_start_end,
+                       media_options=config.media_options)
     model, _ = build_model(config.base_llm, config.encoders, config.projector, tokenizer=tok, seed=config.seed or 0,
-                           template=config.template, stop_strings=config.stop_strings,
-                           select_layer=config.select_layer,
-                           select_feature=config.select_feature, use_im_start_end=config.use_im_start_end,
-                           dtype=dtype, ds_config=ds_config,
-                           media_options=config.media_options)
+                           template=config.template, media=media, placement=Placement(dtype, ds_config=ds_config))
+    if config.stop_strings is not None: model.config.stop_strings = list(config.stop_strings)  # as saved
     model.config.projectors, switch = config.projectors, model._zero3_switch
     return model, switch
 
@@ -333,18 +331,9 @@ def register_auto_classes():
     try: AutoModelForCausalLM.register(QllavaConfig, QllavaForCausalLM)
     except ValueError: pass  # already registered
 
-# %% ../../nbs/36_checkpoint.ipynb #86062f43
-@patch
-def save_pretrained(self:QllavaForCausalLM, save_directory, tokenizer=None, stage:str|None=None, **kwargs):
-    "Save config + safetensors weights + `qllava_manifest.json` (+ the tokenizer when given), as `save_checkpoint`."
-    return save_checkpoint(self, save_directory, tokenizer=tokenizer, stage=stage, **kwargs)
-
-# %% ../../nbs/36_checkpoint.ipynb #e4e719f1
-@patch(cls_method=True)
-def from_pretrained(cls:QllavaForCausalLM, pretrained_model_name_or_path, *args, **kwargs):
-    ("Load a qllava checkpoint folder, as `load_checkpoint`: what is inside is read from its manifest, never guessed "
-     "from the name.")
-    return load_checkpoint(pretrained_model_name_or_path, **kwargs)
+# %% ../../nbs/36_checkpoint.ipynb #6cba8b87
+# what QllavaForCausalLM.save_pretrained / .from_pretrained call
+CHECKPOINT_IO.update(save=save_checkpoint, load=load_checkpoint)
 
 # %% ../../nbs/36_checkpoint.ipynb #bd3add10
 def quantization_config(cfg:TrainConfig, compute_dtype=None):
@@ -370,13 +359,11 @@ def load_base_model(cfg:TrainConfig, dtype=None, ds_config:dict|None=None):
         model, tok = load_model(p, dtype=dtype, ds_config=ds_config)
         return model, prepare_tokenizer(tok, use_im_start_end=cfg.mm_use_im_start_end)
     encoders = run_encoders(cfg)
+    media = MediaSetup(cfg.mm_vision_select_layer, cfg.mm_vision_select_feature, cfg.mm_use_im_start_end,
+                       media_options=media_options(cfg, encoders))
+    at = Placement(dtype, cfg.attn_implementation, ds_config, quantization_config(cfg, dtype))
     return build_model(llm=cfg.model_name_or_path, encoders=encoders, projector=cfg.mm_projector_type,
-                       media_options=media_options(cfg, encoders),
-                       attn_implementation=cfg.attn_implementation,
-                       tokenizer=cfg.tokenizer, seed=cfg.seed, template=cfg.version,
-                       select_layer=cfg.mm_vision_select_layer, select_feature=cfg.mm_vision_select_feature,
-                       use_im_start_end=cfg.mm_use_im_start_end, dtype=dtype, ds_config=ds_config,
-                       quantization_config=quantization_config(cfg, dtype))
+                       tokenizer=cfg.tokenizer, seed=cfg.seed, template=cfg.version, media=media, placement=at)
 
 # %% ../../nbs/36_checkpoint.ipynb #c54046ba
 def load_lora_run(run_dir, # output_dir of a LoRA / QLoRA run

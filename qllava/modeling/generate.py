@@ -5,13 +5,14 @@
 # %% ../../nbs/34_generate.ipynb #fadeaf83
 from __future__ import annotations
 import torch
+from dataclasses import dataclass
 from ..core import ConfigError, DataError
 from ..data.modality import get_modality, is_item_of
 from ..data.tokenize import encode_chunked
 
 # %% auto #0
 __all__ = ['expand_media_tokens', 'encode_prompts', 'media_modality', 'collect_media', 'generation_config', 'cut_at_stop',
-           'answer_batch', 'stream_answer']
+           'Decoding', 'answer_batch', 'stream_answer']
 
 # %% ../../nbs/34_generate.ipynb #8bb71dc6
 def _wrap_all(p:str, config) -> str:
@@ -112,32 +113,39 @@ def cut_at_stop(text:str, stop_strings:list|None) -> str:
         if s and s in text: text = text[:text.index(s)]
     return text.strip()
 
+# %% ../../nbs/34_generate.ipynb #fc4ffe5a
+@dataclass
+class Decoding:
+    "How answers are generated: their length, sampling or beam search, stop strings, and prompts per generate call."
+    max_new_tokens:int=128 # answer length limit
+    temperature:float=0.0 # 0 = greedy
+    top_p:float|None=None # nucleus sampling
+    num_beams:int=1 # beam search width
+    stop_strings:list|None=None # strings that end an answer; None: the model config's stop strings
+    batch_size:int=16 # prompts per generate call
+
 # %% ../../nbs/34_generate.ipynb #1009cb9c
 @torch.no_grad()
 def answer_batch(model, # a QllavaForCausalLM
                  tokenizer, # its tokenizer
                  prompts:list, # full prompt texts (see `qllava.data.conversation.generation_prompt`)
                  media:list|None=None, # per prompt: None, an item, a list or {modality: item(s)}
-                 max_new_tokens:int=128, # answer length limit
-                 temperature:float=0.0, # 0 = greedy
-                 top_p:float|None=None, # nucleus sampling
-                 num_beams:int=1, # beam search width
-                 stop_strings:list|None=None, # default: the model config's stop strings
-                 batch_size:int=16, # prompts per generate call
+                 decoding:Decoding|None=None, # length, sampling, beams, stops, batch size; None: `Decoding()` (greedy)
                  ) -> list: # one answer string per prompt
     "Answer prompts in left-padded batches; identical to answering each alone under greedy decoding."
     prompts = list(prompts)
     media = list(media) if media is not None else [None] * len(prompts)
     if len(media) != len(prompts):
         raise ConfigError(f"{len(prompts)} prompts but {len(media)} media entries; give one (or None) per prompt.")
-    stops = list(stop_strings if stop_strings is not None else (model.config.stop_strings or []))
-    gc = generation_config(tokenizer, max_new_tokens, temperature, top_p, num_beams, stops)
+    d = decoding or Decoding()
+    stops = list(d.stop_strings if d.stop_strings is not None else (model.config.stop_strings or []))
+    gc = generation_config(tokenizer, d.max_new_tokens, d.temperature, d.top_p, d.num_beams, stops)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     answers = []
-    for b in range(0, len(prompts), batch_size):
-        ps, ms = prompts[b:b + batch_size], media[b:b + batch_size]
+    for b in range(0, len(prompts), d.batch_size):
+        ps, ms = prompts[b:b + d.batch_size], media[b:b + d.batch_size]
         ids, mask = encode_prompts(tokenizer, ps, model.config)
         media_in = {k: v.to(device) for k, v in collect_media(model, ms, ps).items()}
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), media=media_in,
@@ -167,7 +175,7 @@ def _emit(text:str, stops:list, final:bool) -> tuple[str, bool]:
 def stream_answer(model, tokenizer, # a QllavaForCausalLM and its tokenizer
                   prompt:str, # one full prompt (see `qllava.data.conversation.generation_prompt`)
                   media=None, # None, an item, a list or {modality: item(s)}
-                  max_new_tokens:int=128, temperature:float=0.0, top_p:float|None=None, # as `answer_batch`
+                  max_new_tokens:int=128, temperature:float=0.0, top_p:float|None=None, # as in `Decoding`
                   stop_strings:list|None=None, # default: the model config's stop strings
                  ):
     "Yield the answer to one prompt in pieces as it is generated; the pieces join to `answer_batch`'s answer."

@@ -5,6 +5,7 @@
 # %% ../../nbs/33_model.ipynb #5dcb3465
 from __future__ import annotations
 import contextlib, copy, json, os
+from dataclasses import dataclass
 # named by the `__init__` transformers generates for `QllavaConfig`: lets its signature resolve (show_doc)
 from typing import Literal
 from pathlib import Path
@@ -23,9 +24,9 @@ from ..data.modality import MODALITIES, batch_media, default_encoders
 from .weights import *
 
 # %% auto #0
-__all__ = ['QllavaConfig', 'get_encoder', 'get_projector', 'get_llm_preset', 'get_tokenizer', 'media_token_id', 'merge_media',
-           'position_ids_from_mask', 'packed_rows', 'packed_llm_inputs', 'QllavaForCausalLM', 'build_llm',
-           'build_model']
+__all__ = ['CHECKPOINT_IO', 'QllavaConfig', 'get_encoder', 'get_projector', 'get_llm_preset', 'get_tokenizer', 'media_token_id',
+           'merge_media', 'position_ids_from_mask', 'packed_rows', 'packed_llm_inputs', 'QllavaForCausalLM',
+           'build_llm', 'MediaSetup', 'Placement', 'build_model']
 
 # %% ../../nbs/33_model.ipynb #843344b2
 class QllavaConfig(PreTrainedConfig):
@@ -152,6 +153,11 @@ def _media_args(media:dict|None, kwargs:dict) -> tuple[dict, dict]:
 def _frozen(module:nn.Module) -> bool:
     return not any(p.requires_grad for p in module.parameters())
 
+# %% ../../nbs/33_model.ipynb #daade6fb
+# how a model is saved and read: "save" / "load" -> function. `qllava.modeling.checkpoint` registers them; it builds
+# models, so it sits above this module, and `qllava.modeling` imports it with the package, so they are always there
+CHECKPOINT_IO = {}
+
 # %% ../../nbs/33_model.ipynb #079d3e39
 class QllavaForCausalLM(PreTrainedModel, GenerationMixin):
     "A causal LM whose media placeholder embeddings are replaced by projected encoder features."
@@ -263,6 +269,17 @@ class QllavaForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is None: attention_mask = torch.ones_like(input_ids)
         return self.llm.generate(input_ids=input_ids, inputs_embeds=emb, attention_mask=attention_mask, **kwargs)
 
+    # transformers' entry points, with the model; `qllava.modeling.checkpoint` does the work (`CHECKPOINT_IO`)
+    def save_pretrained(self, save_directory, tokenizer=None, stage:str|None=None, **kwargs):
+        "Save config + safetensors weights + `qllava_manifest.json` (+ the tokenizer when given), as `save_checkpoint`."
+        return CHECKPOINT_IO["save"](self, save_directory, tokenizer=tokenizer, stage=stage, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        ("Load a qllava checkpoint folder, as `load_checkpoint`: what is inside is read from its manifest, never "
+         "guessed from the name.")
+        return CHECKPOINT_IO["load"](pretrained_model_name_or_path, **kwargs)
+
 # %% ../../nbs/33_model.ipynb #8f89bc1e
 def _weights_folder(llm:str) -> Path|None:
     "The local folder holding `llm`'s weights (a folder, or a hub id's cached snapshot), or None."
@@ -337,6 +354,26 @@ def _build_encoders(encoders:dict, select_layer, select_feature:str, train:bool,
             raise ConfigError(f"encoder {encoders[m]!r} is a {e.modality} encoder but was given for {m!r}.")
     return encs
 
+# %% ../../nbs/33_model.ipynb #14277b20
+@dataclass
+class MediaSetup:
+    "How each medium becomes LLM tokens: the encoder layer and features, their framing, preprocessing, training."
+    select_layer:int|None = None # encoder hidden layer (None: tower default, -2 image, -1 IMU)
+    select_feature:str = "patch" # `patch` or `cls_patch`
+    use_im_start_end:bool = False # wrap media in <im_start> ... <im_end>
+    train_encoders:bool = False # unfreeze the encoders
+    media_options:dict|None = None # modality -> preprocessing overrides (`qllava.data.modality.media_options`)
+
+# %% ../../nbs/33_model.ipynb #c5c396a2
+@dataclass
+class Placement:
+    "How the model's weights are held and computed: dtype, attention kernel, ZeRO-3 partitioning, quantisation."
+    # weight dtype of every part; the LLM is loaded straight in it, never via fp32 (default float32)
+    dtype:object = None
+    attn_implementation:str|None = None # default: flash_attention_2 on CUDA when installed, else sdpa
+    ds_config:dict|None = None # the run's DeepSpeed config: under ZeRO-3 the model is built partitioned over the ranks
+    quantization_config:object = None # transformers' `BitsAndBytesConfig`: a 4- / 8-bit base LLM (QLoRA; GPU or CPU)
+
 # %% ../../nbs/33_model.ipynb #440facbc
 def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a local folder of a causal LM
                 encoders:dict|None=None, # modality -> encoder spec, e.g. {"image": "preset:tiny-clip"}
@@ -345,45 +382,34 @@ def build_model(llm:str="preset:tiny-llama", # `preset:NAME`, a hub id or a loca
                 tokenizer=None,
                 seed:int=0, # seed for every randomly initialised part
                 template:str|None=None, # conversation template name (None: `pick_template` chooses from the tokenizer)
-                stop_strings:list|None=None, # answer stop strings (default: the template's)
-                select_layer:int|None=None, # encoder hidden layer (None: tower default, -2 image, -1 IMU)
-                select_feature:str="patch", # `patch` or `cls_patch`
-                use_im_start_end:bool=False, # wrap media in <im_start> ... <im_end>
-                attn_implementation:str|None=None, # default: flash_attention_2 on CUDA when installed, else sdpa
-                # weight dtype of every part; the LLM is loaded straight in it, never via fp32 (default float32)
-                dtype=None,
-                train_encoders:bool=False, # unfreeze the encoders
-                # the run's DeepSpeed config: under ZeRO-3 the model is built partitioned over the ranks
-                ds_config:dict|None=None,
-                # transformers' `BitsAndBytesConfig`: a 4- / 8-bit base LLM (QLoRA; GPU or CPU)
-                quantization_config=None,
-                # modality -> preprocessing overrides (`qllava.data.modality.media_options`)
-                media_options:dict|None=None,
+                media:MediaSetup|None=None, # how media become tokens (default: `MediaSetup()`)
+                placement:Placement|None=None, # dtype, attention, ZeRO-3, quantisation (default: `Placement()`)
                 ) -> tuple: # (model, tokenizer)
     ("Build a `QllavaForCausalLM` and its prepared tokenizer, offline for presets and local folders; the caller's "
      "random state is left as it was.")
     encoders = dict(encoders if encoders is not None else list(default_encoders().items())[:1])  # the first modality's
+    m, at = media or MediaSetup(), placement or Placement()
     tokenizer = get_tokenizer(default_tokenizer(llm) if tokenizer is None else tokenizer,
-                              use_im_start_end=use_im_start_end)
+                              use_im_start_end=m.use_im_start_end)
     template = pick_template(template, tokenizer)
-    prepare_tokenizer(tokenizer, use_im_start_end=use_im_start_end, template=template)
-    attn = attn_implementation or default_attn_implementation()
-    dtype, zero3 = resolve_dtype(dtype), zero_stage(ds_config) == 3
-    if zero3: dtype = ds_param_dtype(ds_config)  # the dtype DeepSpeed trains in (it does not cast partitioned weights)
-    if quantization_config is not None: _check_quantizable(llm, zero3)
-    with seeded(seed): llm_model, switch = build_llm(llm, tokenizer, attn, dtype, ds_config, quantization_config)
-    if stop_strings is None: stop_strings = list(get_template(template, tokenizer).stop_strings)
-    encs = _build_encoders(encoders, select_layer, select_feature, train_encoders, media_options, dtype, seed)
+    prepare_tokenizer(tokenizer, use_im_start_end=m.use_im_start_end, template=template)
+    attn = at.attn_implementation or default_attn_implementation()
+    dtype, zero3 = resolve_dtype(at.dtype), zero_stage(at.ds_config) == 3
+    if zero3: dtype = ds_param_dtype(at.ds_config)  # the dtype DeepSpeed trains in (it casts no partitioned weight)
+    if at.quantization_config is not None: _check_quantizable(llm, zero3)
+    with seeded(seed): llm_model, switch = build_llm(llm, tokenizer, attn, dtype, at.ds_config, at.quantization_config)
+    encs = _build_encoders(encoders, m.select_layer, m.select_feature, m.train_encoders, m.media_options, dtype, seed)
     config = QllavaConfig(text_config=llm_model.config.to_dict(), encoders=encoders, projector=projector,
-                          media_token_ids={m: media_token_id(tokenizer, m) for m in encoders},
-                          use_im_start_end=use_im_start_end, template=template, stop_strings=stop_strings,
-                          select_layer=select_layer, select_feature=select_feature, base_llm=llm,
-                          train_encoders=train_encoders, seed=seed, attn_implementation=attn,
-                          media_options=media_options)
-    with seeded(seed), _zero_init(ds_config):  # the projector is born sharded under ZeRO-3
+                          media_token_ids={k: media_token_id(tokenizer, k) for k in encoders},
+                          use_im_start_end=m.use_im_start_end, template=template,
+                          stop_strings=list(get_template(template, tokenizer).stop_strings),
+                          select_layer=m.select_layer, select_feature=m.select_feature, base_llm=llm,
+                          train_encoders=m.train_encoders, seed=seed, attn_implementation=attn,
+                          media_options=m.media_options)
+    with seeded(seed), _zero_init(at.ds_config):  # the projector is born sharded under ZeRO-3
         model = QllavaForCausalLM(config, llm=llm_model, encoders=encs)
     cast_params(model.projectors, dtype)
-    partition(model, ds_config)  # under ZeRO-3: what was built whole (a preset LLM, the encoders) is sharded now
+    partition(model, at.ds_config)  # under ZeRO-3: what was built whole (a preset LLM, the encoders) is sharded now
     model._zero3_switch = switch  # transformers treats the model as ZeRO-3 while it lives
     model.config.text_config = llm_model.config
     return model.eval(), tokenizer

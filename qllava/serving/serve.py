@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..core import ArgumentParser, ConfigError, DataError, QllavaError
 from ..data.conversation import generation_prompt
 from ..data.modality import get_modality, is_item_of
-from ..modeling.generate import answer_batch, encode_prompts, media_modality, stream_answer
+from ..modeling.generate import answer_batch, Decoding, encode_prompts, media_modality, stream_answer
 from ..evaluation.answer import model_name_from_path
 from .chat import Chat
 
@@ -212,11 +212,7 @@ class BatchEngine:
                 self.chat.tokenizer,
                 [j.prompt for j in jobs],
                 media,
-                s.max_new_tokens,
-                s.temperature,
-                s.top_p,
-                stop_strings=self._stops(s),
-                batch_size=len(jobs),
+                Decoding(s.max_new_tokens, s.temperature, s.top_p, stop_strings=self._stops(s), batch_size=len(jobs)),
             )
 
 # %% ../../nbs/61_serve.ipynb #f457e317

@@ -17,7 +17,7 @@ from ..modeling.model import QllavaForCausalLM
 from ..data.dataset import load_records, MultimodalDataset, DataCollator, ModalityLengthGroupedSampler
 from ..data.packing import PackingCollator, row_budget
 from ..modeling.flops import FlopModel, flop_model, matmul_peak
-from .validate import validate_data, raise_if_invalid
+from .validate import TokenizeSettings, validate_data, raise_if_invalid
 from ..cluster.slurm import RANKS_ENV, ranks_from_slurm
 from ..modeling.checkpoint import load_base_model, run_encoders, load_projector
 from ..data.tokenize import IGNORE_INDEX, pick_template
@@ -188,9 +188,9 @@ def build_dataset(cfg:TrainConfig, path:str, model, tokenizer, rank:int=0, log=p
     procs, ntok = media_settings(model)
     verdict = None
     if rank == 0:
-        report = validate_data(path, run_media_folders(cfg), tokenizer=tokenizer, template=cfg.version,
-                               max_length=cfg.model_max_length, n_media_tokens=ntok,
-                               use_im_start_end=cfg.mm_use_im_start_end, processors=procs)
+        report = validate_data(path, run_media_folders(cfg),
+                               TokenizeSettings(tokenizer, cfg.version, cfg.model_max_length, n_media_tokens=ntok,
+                                                use_im_start_end=cfg.mm_use_im_start_end), processors=procs)
         try: bad = raise_if_invalid(report, skip_bad_records=cfg.skip_bad_records)
         except DataError as e: verdict = ("error", str(e))
         else:  # the validator's fix names its own CLI flag; here it is the training flag

@@ -15,13 +15,13 @@ from ..data.modality import MODALITIES, default_encoders, get_modality, media_li
 from ..data.presets import get_preset, load_tokenizer, demo_paths
 from ..modeling.encoders import (ENCODER_KINDS, SELECT_FEATURES, encoder_modality, encoder_num_tokens,
                                       encoder_processor)
-from ..data.tokenize import (IGNORE_INDEX, prepare_tokenizer, tokenize_conversation, tokenize_conversations,
-                                  media_token_id)
+from ..data.tokenize import (IGNORE_INDEX, RecordSource, prepare_tokenizer, tokenize_conversation,
+                                  tokenize_conversations, media_token_id)
 
 # %% auto #0
 __all__ = ['KINDS', 'Problem', 'ValidationReport', 'read_records', 'check_structure', 'resolve_media', 'preset_spec',
-           'media_encoders', 'default_media_tokens', 'default_processors', 'check_media_files', 'validate_data',
-           'raise_if_invalid', 'label_runs', 'render_labels', 'show_labels', 'validate_data_cli']
+           'media_encoders', 'default_media_tokens', 'default_processors', 'check_media_files', 'TokenizeSettings',
+           'validate_data', 'raise_if_invalid', 'label_runs', 'render_labels', 'show_labels', 'validate_data_cli']
 
 # %% ../../nbs/50_validate.ipynb #d474ebc4
 KINDS = {
@@ -376,15 +376,30 @@ def check_media_files(paths:dict, # (modality, path) -> anything; the files to c
     if n <= 1 or len(keys) < 4: return {k: one(k) for k in keys}
     with ThreadPoolExecutor(n) as ex: return dict(zip(keys, ex.map(one, keys)))
 
+# %% ../../nbs/50_validate.ipynb #7c3e51d0
+@dataclass
+class TokenizeSettings:
+    "How records are tokenized, as training will: tokenizer, template, truncation and media tokens."
+    tokenizer:object="llama-demo"  # tokenizer name / folder, or a tokenizer
+    template:object="vicuna_v1"    # conversation template name (or a Template)
+    max_length:int=2048            # model_max_length: samples are truncated to it
+    n_media_tokens:dict|None=None  # tokens per placeholder, e.g. {"image": 576} (default: the presets')
+    use_im_start_end:bool=False    # wrap media in <im_start>/<im_end> (as training will)
+    # modality -> encoder spec or preset: its processor and media tokens (others: the default)
+    encoders:dict|None=None
+    # the encoders' feature selection: "cls_patch" adds the CLS token to each image's tokens
+    select_feature:str="patch"
+
 # %% ../../nbs/50_validate.ipynb #a67fedbe
-def _setup(tokenizer, template, n_media_tokens, use_im_start_end, encoders=None, select_feature="patch"):
+def _setup(s:TokenizeSettings):
+    tokenizer = s.tokenizer
     name = tokenizer if isinstance(tokenizer, (str, Path)) else getattr(tokenizer, "name_or_path",
                                                                         type(tokenizer).__name__)
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(str(tokenizer))
-    tok = prepare_tokenizer(tokenizer, use_im_start_end=use_im_start_end)
-    tmpl = get_template(template, tok)
-    nmt = {**default_media_tokens(encoders, select_feature), **(n_media_tokens or {})}
+    tok = prepare_tokenizer(tokenizer, use_im_start_end=s.use_im_start_end)
+    tmpl = get_template(s.template, tok)
+    nmt = {**default_media_tokens(s.encoders, s.select_feature), **(s.n_media_tokens or {})}
     return tok, tmpl, nmt, str(name)
 
 # %% ../../nbs/50_validate.ipynb #fdc19a95
@@ -395,14 +410,14 @@ def _tokenize_all(records, idx, tok, tmpl, nmt, max_length, use_im_start_end, fi
         try:
             yield from zip(part, tokenize_conversations([records[i]["conversations"] for i in part], tok, tmpl, nmt,
                                                         max_length,
-                                                        use_im_start_end=use_im_start_end, file=file))
+                                                        use_im_start_end=use_im_start_end, source=RecordSource(file)))
             continue
         except DataError: pass
         for i in part:
             try:
                 yield i, tokenize_conversation(records[i]["conversations"], tok, tmpl, nmt, max_length,
                                                use_im_start_end=use_im_start_end,
-                                                file=file, record=i, record_id=records[i].get("id"))
+                                                source=RecordSource(file, i, records[i].get("id")))
             except DataError as e: yield i, e
 
 # %% ../../nbs/50_validate.ipynb #e6d38d01
@@ -471,19 +486,11 @@ def _supervision_problems(records, idx, per_rec, tok, tmpl, nmt, max_length, use
 def validate_data(data_path, # a JSON list or JSONL file of LLaVA records
                   # folder the media paths are relative to, or modality -> folder (default: the data file's folder)
                   media_folder=None,
-                  tokenizer="llama-demo", # tokenizer name / folder, or a tokenizer
-                  template="vicuna_v1", # conversation template name (or a Template)
-                  max_length:int=2048, # model_max_length: samples are truncated to it
-                  n_media_tokens:dict|None=None, # tokens per placeholder, e.g. {"image": 576} (default: the presets')
-                  use_im_start_end:bool=False, # wrap media in <im_start>/<im_end> (as training will)
+                  settings:TokenizeSettings|None=None, # tokenizer, template, max_length, media tokens (None: defaults)
                   check_media:bool=True, # open and decode every media file (False: only check the paths)
                   max_problems:int|None=None, # keep at most this many problems in the report (all are counted)
                   processors:dict|None=None, # modality -> media processor (default: the encoder presets')
                   num_workers:int|None=None, # threads decoding media
-                  # modality -> encoder spec or preset: its processor and media tokens (others: the default)
-                  encoders:dict|None=None,
-                  # the encoders' feature selection: "cls_patch" adds the CLS token to each image's tokens
-                  select_feature:str="patch",
                  ) -> ValidationReport:
     "Scan the whole data set and report every problem, with its file, record, id and fix."
     path, f = Path(data_path), str(data_path)
@@ -492,8 +499,9 @@ def validate_data(data_path, # a JSON list or JSONL file of LLaVA records
                         fix="pass the path of a JSON or JSONL file of records.")
     if isinstance(media_folder, dict): folder = {m: Path(f).resolve() for m, f in media_folder.items()}
     else: folder = Path(media_folder if media_folder is not None else path.parent).resolve()
-    tok, tmpl, nmt, tok_name = _setup(tokenizer, template, n_media_tokens, use_im_start_end, encoders, select_feature)
-    rep = ValidationReport(f, tmpl.name, dict(tokenizer=tok_name, max_length=max_length, media_tokens=nmt,
+    settings = settings or TokenizeSettings()
+    tok, tmpl, nmt, tok_name = _setup(settings)
+    rep = ValidationReport(f, tmpl.name, dict(tokenizer=tok_name, max_length=settings.max_length, media_tokens=nmt,
                                               media_folder=str(folder), check_media=check_media),
                            max_problems=max_problems)
     read = ValidationReport(f)
@@ -503,9 +511,10 @@ def validate_data(data_path, # a JSON list or JSONL file of LLaVA records
     for p in read.problems:
         if p.record is None: rep.add(p)
         else: per_rec[p.record].insert(0, p)
-    _supervision_problems(records, to_tokenize, per_rec, tok, tmpl, nmt, max_length, use_im_start_end, f)
+    _supervision_problems(records, to_tokenize, per_rec, tok, tmpl, nmt, settings.max_length, settings.use_im_start_end,
+                          f)
     if wanted:
-        procs = processors if processors is not None else default_processors(encoders)
+        procs = processors if processors is not None else default_processors(settings.encoders)
         for key, res in check_media_files(wanted, procs, num_workers).items():
             for i in wanted[key] if res else (): per_rec[i].append(Problem(f, i, records[i].get("id"), *res))
     for probs in per_rec:
@@ -530,8 +539,8 @@ def raise_if_invalid(report:ValidationReport, # from `validate_data`
                                                              if report.n_errors > n_listed else "")
     if report.file_error:
         fix = "correct the file so it parses (records cannot be skipped when the file itself is unreadable)."
-    else: fix = ("correct the records, or pass --skip_bad_records to training (in the train notebook: -p extra_args "
-                 "--skip_bad_records) to leave them out; the counts are reported.")
+    else: fix = ("correct the records, or pass --skip_bad_records to training (in the train notebook: -p "
+                 "skip_bad_records True) to leave them out; the counts are reported.")
     what = "the file cannot be read" if report.file_error else (f"{len(report.bad_records)} of {report.n_records} "
                                                                 "records have errors")
     raise DataError(f"{what} ({counts}):\n{listed}\n", file=report.file, fix=fix)
@@ -578,19 +587,13 @@ def render_labels(tok, input_ids, labels, media_ids:dict, color:bool=False) -> s
 # %% ../../nbs/50_validate.ipynb #73920cca
 def show_labels(data_path, # a JSON list or JSONL file of records
                 n:int=3, # how many samples to show
-                tokenizer="llama-demo", # tokenizer name / folder, or a tokenizer
-                template="vicuna_v1", # conversation template
-                max_length:int=2048, # truncation as in training
-                n_media_tokens:dict|None=None, # tokens per placeholder (default: the tiny presets')
-                use_im_start_end:bool=False, # wrap media in <im_start>/<im_end>
+                settings:TokenizeSettings|None=None, # tokenizer, template, max_length, media tokens (None: defaults)
                 start:int=0, # index of the first record shown
                 color:bool|None=None, # ANSI colours (default: when stdout is a terminal)
-                # modality -> encoder spec or preset: its processor and media tokens (others: the default)
-                encoders:dict|None=None,
-                select_feature:str="patch", # "cls_patch" adds the CLS token to each image's tokens
                 ) -> str:
     "`n` samples rendered from their actual token labels, supervised text marked, media shown as `<image xN>`."
-    tok, tmpl, nmt, _ = _setup(tokenizer, template, n_media_tokens, use_im_start_end, encoders, select_feature)
+    settings = settings or TokenizeSettings()
+    tok, tmpl, nmt, _ = _setup(settings)
     color = sys.stdout.isatty() if color is None else color
     media_ids = {media_token_id(tok, m): m for m in placeholders()}
     rep = ValidationReport(str(data_path))
@@ -607,8 +610,8 @@ def show_labels(data_path, # a JSON list or JSONL file of records
                                             str(data_path)) if p.severity == "error" and p.kind not in _TOKENIZABLE]
         if probs: out += [head + " ---", f"(cannot render: {probs[0].message})"]; continue
         try:
-            s = tokenize_conversation(rec["conversations"], tok, tmpl, nmt, max_length,
-                                      use_im_start_end=use_im_start_end)
+            s = tokenize_conversation(rec["conversations"], tok, tmpl, nmt, settings.max_length,
+                                      use_im_start_end=settings.use_im_start_end)
         except DataError as e: out += [head + " ---", f"(cannot render: {e.problem})"]; continue
         out.append(f"{head}: {len(s.input_ids)} tokens, {s.n_supervised} supervised"
                    + (", truncated" if s.truncated else "") + " ---")
@@ -700,13 +703,10 @@ def validate_data_cli(argv:list[str]|None=None) -> int:
     jobs = _validate_jobs(a)
     reports, texts = [], []
     for path, folder, tmpl in jobs:
-        rep = validate_data(path, folder, tokenizer=a.tokenizer, template=tmpl, max_length=a.max_length,
-                            n_media_tokens=nmt, use_im_start_end=a.im_start_end, check_media=not a.no_media_check,
-                            encoders=encs, select_feature=a.select_feature)
-        labels = show_labels(path, a.show_labels, tokenizer=a.tokenizer, template=tmpl, max_length=a.max_length,
-                             n_media_tokens=nmt,
-                             use_im_start_end=a.im_start_end, color=False if a.json else None,
-                             encoders=encs, select_feature=a.select_feature) if a.show_labels else None
+        settings = TokenizeSettings(a.tokenizer, tmpl, a.max_length, n_media_tokens=nmt,
+                                    use_im_start_end=a.im_start_end, encoders=encs, select_feature=a.select_feature)
+        rep = validate_data(path, folder, settings, check_media=not a.no_media_check)
+        labels = show_labels(path, a.show_labels, settings, color=False if a.json else None) if a.show_labels else None
         reports.append(rep)
         if a.json: texts.append(dict(rep.to_dict(), **({"show_labels": labels} if labels else {})))
         else:

@@ -13,8 +13,9 @@ from ..evaluation.benchmarks import (BENCHMARKS, get_benchmark, materialize, sco
                                           comparison_table)
 from ..evaluation.stats import mcnemar, paired_bootstrap
 from ..evaluation.answer import (answer_questions, answer_sharded, load_answering_model, read_answers,
-                                      read_questions)
-from ..evaluation.review import LocalJudge, review, load_reviews
+                                      read_questions, AnswerOptions)
+from ..modeling.generate import Decoding
+from ..evaluation.review import LocalJudge, JudgeSpec, ReviewInputs, review, load_reviews
 from ..evaluation.summarize import summarize_reviews, summary_table
 from .evalrun import checkpoint_fingerprint, judge_setup, reference_overlap_judge
 
@@ -74,7 +75,8 @@ def prepare_benchmarks(cfg: BenchConfig) -> dict:  # benchmark name -> its files
 
 # %% ../../nbs/72_bench.ipynb #88acb714
 def _answer_kwargs(cfg: BenchConfig) -> dict:
-    return dict(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, template=cfg.template or None)
+    return dict(decoding=Decoding(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size),
+                options=AnswerOptions(template=cfg.template or None))
 
 # %% ../../nbs/72_bench.ipynb #1b698909
 def answer_benchmarks(cfg: BenchConfig, prepared: dict, log=print) -> dict:  # name -> answers file
@@ -365,12 +367,12 @@ def published_summaries(tables, ids: set, captions: list) -> dict:  # model -> s
 
 # %% ../../nbs/72_bench.ipynb #2e2fa293
 def _judged_review(d: Path, answers: Path, judge: dict, questions: Path, tables: Path, concurrency: int):
-    kw = dict(model=judge["model"], concurrency=concurrency)
-    args = (questions, tables / "captions.jsonl", tables / "answers-gpt4-reference.jsonl", answers, d / "reviews.jsonl")
+    spec = lambda url: JudgeSpec(model=judge["model"], base_url=url, concurrency=concurrency)
+    inputs = ReviewInputs(questions, tables / "captions.jsonl", tables / "answers-gpt4-reference.jsonl", answers)
     if judge["kind"] != "local":
-        return review(*args, base_url=judge["base_url"], **kw)
+        return review(inputs, d / "reviews.jsonl", spec(judge["base_url"]))
     with LocalJudge(reply=reference_overlap_judge) as server:
-        return review(*args, base_url=server.url, **kw)
+        return review(inputs, d / "reviews.jsonl", spec(server.url))
 
 # %% ../../nbs/72_bench.ipynb #eddd8379
 def review_published(

@@ -13,10 +13,12 @@ from ..evaluation.metrics import read_json_records, gt_answer, vqa_metrics, choi
 from ..modeling.checkpoint import read_manifest
 from ..data.presets import DEMO_DATA, demo_paths
 from ..data.modality import get_modality
-from ..evaluation.answer import read_questions, answer_questions, read_answers, question_modality
+from ..evaluation.answer import read_questions, answer_questions, read_answers, question_modality, AnswerOptions
+from ..modeling.generate import Decoding
 from ..data.modality import record_media
 from ..evaluation.report import sha256, show_media, provenance
 from ..evaluation.review import split_content, LocalJudge, review, load_reviews, review_status
+from ..evaluation.review import JudgeSpec, ReviewInputs
 from ..evaluation.summarize import summarize_reviews, plot_summary
 from ..evaluation.benchmarks import get_benchmark
 
@@ -242,9 +244,8 @@ def run_answers(plan:EvalPlan, # from `plan_eval`
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="IProgress not found")
             return answer_questions(plan.checkpoint, plan.question_file, plan.media_folder, plan.answers_file,
-                                    batch_size=v["batch_size"],
-                                    max_new_tokens=v["max_new_tokens"], template=v["template"] or None,
-                                    blank_media=v["blank_media"],
+                                    Decoding(max_new_tokens=v["max_new_tokens"], batch_size=v["batch_size"]),
+                                    AnswerOptions(template=v["template"] or None, blank_media=v["blank_media"]),
                                     progress=tick)
     finally:
         if bar is not None: bar.close()
@@ -325,18 +326,16 @@ def run_review(plan:EvalPlan, # from `plan_eval`
      "summarise.")
     judge = judge or judge_setup(plan.values)
     v = plan.values
-    kw = dict(model=judge["model"], concurrency=v["judge_concurrency"], timeout=v["judge_timeout"],
-              max_retries=v["judge_max_retries"],
-              redo_flagged=v["judge_redo_flagged"], log=print)  # the openai client's own per-call timeout and retries
+    # timeout and max_retries: the openai client's own per-call timeout and retries
+    spec = lambda url: JudgeSpec(model=judge["model"], base_url=url, concurrency=v["judge_concurrency"],
+                                 timeout=v["judge_timeout"], max_retries=v["judge_max_retries"])
+    inputs = ReviewInputs(plan.question_file, plan.captions_file, plan.reference_answers, plan.answers_file)
+    kw = dict(redo_flagged=v["judge_redo_flagged"], log=print)
     if judge["kind"] == "local":
         with LocalJudge(reply=reference_overlap_judge) as server:
-            counts = review(plan.question_file, plan.captions_file, plan.reference_answers, plan.answers_file,
-                            plan.reviews_file,
-                            base_url=server.url, **kw)
+            counts = review(inputs, plan.reviews_file, spec(server.url), **kw)
     else:
-        counts = review(plan.question_file, plan.captions_file, plan.reference_answers, plan.answers_file,
-                        plan.reviews_file,
-                        base_url=judge["base_url"], **kw)
+        counts = review(inputs, plan.reviews_file, spec(judge["base_url"]), **kw)
     ids = {q["question_id"] for q in read_questions(plan.question_file)}
     reviews = [r for r in load_reviews(plan.reviews_file) if r["question_id"] in ids]  # this plan's questions only
     return {"judge": judge, "counts": dict(counts),
