@@ -4,7 +4,7 @@
 
 # %% ../../nbs/33_model.ipynb #5dcb3465
 from __future__ import annotations
-import contextlib, copy, json, os
+import contextlib, copy, importlib, json, os
 from dataclasses import dataclass
 # named by the `__init__` transformers generates for `QllavaConfig`: lets its signature resolve (show_doc)
 from typing import Literal
@@ -25,8 +25,8 @@ from .weights import *
 
 # %% auto #0
 __all__ = ['CHECKPOINT_IO', 'QllavaConfig', 'get_encoder', 'get_projector', 'get_llm_preset', 'get_tokenizer', 'media_token_id',
-           'merge_media', 'position_ids_from_mask', 'packed_rows', 'packed_llm_inputs', 'QllavaForCausalLM',
-           'build_llm', 'MediaSetup', 'Placement', 'build_model']
+           'merge_media', 'position_ids_from_mask', 'packed_rows', 'packed_llm_inputs', 'checkpoint_io',
+           'QllavaForCausalLM', 'build_llm', 'MediaSetup', 'Placement', 'build_model']
 
 # %% ../../nbs/33_model.ipynb #843344b2
 class QllavaConfig(PreTrainedConfig):
@@ -154,9 +154,16 @@ def _frozen(module:nn.Module) -> bool:
     return not any(p.requires_grad for p in module.parameters())
 
 # %% ../../nbs/33_model.ipynb #daade6fb
-# how a model is saved and read: "save" / "load" -> function. `qllava.modeling.checkpoint` registers them; it builds
-# models, so it sits above this module, and `qllava.modeling` imports it with the package, so they are always there
+# how a model is saved and read: "save" / "load" -> function, registered by `qllava.modeling.checkpoint` (it builds
+# models, so it sits above this module)
 CHECKPOINT_IO = {}
+
+# %% ../../nbs/33_model.ipynb #620d8636
+def checkpoint_io(kind:str): # "save" or "load"
+    ("The function `qllava.modeling.checkpoint` registered for `kind`, that module imported on first use (by name: the "
+     "one place this layer reaches up, so that `qllava.modeling.encoders` stays light and a model can always save).")
+    if kind not in CHECKPOINT_IO: importlib.import_module(f"{__package__ or 'qllava.modeling'}.checkpoint")
+    return CHECKPOINT_IO[kind]
 
 # %% ../../nbs/33_model.ipynb #079d3e39
 class QllavaForCausalLM(PreTrainedModel, GenerationMixin):
@@ -269,16 +276,16 @@ class QllavaForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is None: attention_mask = torch.ones_like(input_ids)
         return self.llm.generate(input_ids=input_ids, inputs_embeds=emb, attention_mask=attention_mask, **kwargs)
 
-    # transformers' entry points, with the model; `qllava.modeling.checkpoint` does the work (`CHECKPOINT_IO`)
+    # transformers' entry points, with the model; `qllava.modeling.checkpoint` does the work (`checkpoint_io`)
     def save_pretrained(self, save_directory, tokenizer=None, stage:str|None=None, **kwargs):
         "Save config + safetensors weights + `qllava_manifest.json` (+ the tokenizer when given), as `save_checkpoint`."
-        return CHECKPOINT_IO["save"](self, save_directory, tokenizer=tokenizer, stage=stage, **kwargs)
+        return checkpoint_io("save")(self, save_directory, tokenizer=tokenizer, stage=stage, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         ("Load a qllava checkpoint folder, as `load_checkpoint`: what is inside is read from its manifest, never "
          "guessed from the name.")
-        return CHECKPOINT_IO["load"](pretrained_model_name_or_path, **kwargs)
+        return checkpoint_io("load")(pretrained_model_name_or_path, **kwargs)
 
 # %% ../../nbs/33_model.ipynb #8f89bc1e
 def _weights_folder(llm:str) -> Path|None:
