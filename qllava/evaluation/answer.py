@@ -391,11 +391,12 @@ def answer_cli(argv:list[str]|None=None) -> int:
                     help="conversation template (default: the model's; llava_v1 = vicuna_v1)")
     ap.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many shards")
     ap.add_argument("--chunk-idx", type=int, default=0, help="the shard this run answers")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top_p", type=float, default=None)
-    ap.add_argument("--num_beams", type=int, default=1)
-    ap.add_argument("--max_new_tokens", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
+    # the defaults are `Decoding`'s: `_shard_flags` leaves a setting at its default off the shards' command line
+    ap.add_argument("--temperature", type=float, default=Decoding.temperature, help="0 = greedy")
+    ap.add_argument("--top_p", type=float, default=Decoding.top_p)
+    ap.add_argument("--num_beams", type=int, default=Decoding.num_beams)
+    ap.add_argument("--max_new_tokens", type=int, default=Decoding.max_new_tokens)
+    ap.add_argument("--batch-size", type=int, default=Decoding.batch_size, help="questions per generate call")
     ap.add_argument("--model-id", default=None, help="model_id in the records (default: the folder name)")
     ap.add_argument("--blank-media", action="store_true", help="zero every media input (control run)")
     ap.add_argument("--num-gpus", type=int, default=None,
